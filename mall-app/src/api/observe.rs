@@ -1,0 +1,72 @@
+//! One middleware for what every request gets: a request id, metrics, and a log line when it
+//! is slow or failed.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+
+use crate::state::AppState;
+
+const REQUEST_ID: &str = "x-request-id";
+
+pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    // Keep a caller's (or the sidecar's) id so one request can be followed across hops.
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| v.len() <= 128 && v.to_str().is_ok_and(|s| !s.is_empty()))
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    let span = tracing::info_span!("request", request_id = request_id.to_str().unwrap_or(""), method = %method, route = %route);
+
+    let mut response = next.run(req).instrument(span.clone()).await;
+    response.headers_mut().insert(REQUEST_ID, request_id);
+
+    let elapsed = start.elapsed();
+    let status = response.status();
+    let m = &state.metrics;
+    m.http_requests
+        .with_label_values(&[method.as_str(), &route, status.as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[method.as_str(), &route])
+        .observe(elapsed.as_secs_f64());
+    let _enter = span.enter();
+    if elapsed >= Duration::from_millis(state.config.args.slow_request_ms) {
+        m.slow_requests.inc();
+        tracing::warn!(
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "slow request"
+        );
+    } else if status.is_server_error() {
+        tracing::warn!(
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request failed"
+        );
+    } else {
+        tracing::debug!(
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request"
+        );
+    }
+    response
+}
+
+fn new_request_id() -> HeaderValue {
+    let id: u128 = rand::random();
+    HeaderValue::from_str(&format!("{id:032x}")).expect("hex is a valid header value")
+}

@@ -1,0 +1,50 @@
+//! Health, readiness and metrics for Kubernetes probes and Prometheus.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use crate::state::AppState;
+
+/// The process is alive and serving HTTP.
+pub async fn health() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// Ready for traffic: the database answers, migrations are applied (done before listening) and
+/// the cache warm-up finished. Not ready while shutting down, so load balancers drain us first.
+pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let database = match tokio::time::timeout(Duration::from_secs(2), state.db.ping()).await {
+        Ok(Ok(())) => "ok".to_string(),
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => "error: timed out after 2s".to_string(),
+    };
+    let warmup = if state.readiness.is_warmed_up() {
+        "ok"
+    } else {
+        "in progress"
+    };
+    let shutting_down = state.readiness.is_shutting_down();
+    let ready = database == "ok" && warmup == "ok" && !shutting_down;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": { "database": database, "migrations": "ok", "warmup": warmup, "shutting_down": shutting_down },
+    });
+    (status, [(header::CACHE_CONTROL, "no-store")], axum::Json(body))
+}
+
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state.db.observe_pools();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,153 @@
+//! The catalog: cached reads any proxy may store, admin writes that invalidate every cache.
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::cursor;
+use crate::auth::Admin;
+use crate::cache::Key;
+use crate::error::{AppError, AppResult};
+use crate::extract::{Json, Path, Query};
+use crate::state::AppState;
+use crate::store::products::{self, Filter, NewProduct, Product, ProductPatch, Projection, FIELDS, STATUSES};
+
+/// Catalog reads may be stored by shared caches (the sidecar) this long. Short, because stock
+/// changes with every order; the app's own cache is invalidated on write instead.
+const CATALOG_CACHE_CONTROL: HeaderValue = HeaderValue::from_static("public, max-age=5");
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    category: Option<String>,
+    status: Option<String>,
+    min_price: Option<i64>,
+    max_price: Option<i64>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+    fields: Option<String>,
+}
+
+pub async fn list(State(state): State<AppState>, Query(p): Query<ListParams>) -> AppResult<Response> {
+    let limit = cursor::limit(p.limit)?;
+    let after = p.cursor.as_deref().map(cursor::decode).transpose()?.unwrap_or(0);
+    let projection = Projection::parse(p.fields.as_deref().unwrap_or(&FIELDS.join(",")))?;
+    let status = p.status.unwrap_or_else(|| "active".into());
+    if !STATUSES.contains(&status.as_str()) {
+        return Err(AppError::bad_request(format!(
+            "status: must be one of {}",
+            STATUSES.join(", ")
+        )));
+    }
+    if let (Some(lo), Some(hi)) = (p.min_price, p.max_price) {
+        if lo > hi {
+            return Err(AppError::bad_request("min_price: must not exceed max_price"));
+        }
+    }
+    let filter = Filter {
+        category: p.category,
+        status: Some(status),
+        min_price: p.min_price,
+        max_price: p.max_price,
+    };
+    let mut rows = products::list(&state.db, &filter, after, limit, &projection).await?;
+    let next_cursor = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last()
+            .and_then(|r| r.get("id"))
+            .and_then(|v| v.as_i64())
+            .map(cursor::encode)
+    } else {
+        None
+    };
+    if !projection.contains("id") {
+        for r in &mut rows {
+            r.remove("id");
+        }
+    }
+    let body = json!({ "items": rows, "next_cursor": next_cursor });
+    Ok(([(header::CACHE_CONTROL, CATALOG_CACHE_CONTROL)], Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct OneParams {
+    fields: Option<String>,
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Query(p): Query<OneParams>,
+) -> AppResult<Response> {
+    let projection = p.fields.as_deref().map(Projection::parse).transpose()?;
+    let db = state.db.clone();
+    let body = state
+        .cache
+        .get_or_load(Key::product(id), || async move {
+            let product = products::get(&db, id, false).await?;
+            Ok(product.map(|p| Bytes::from(serde_json::to_vec(&p).expect("products serialize"))))
+        })
+        .await?
+        .ok_or_else(|| AppError::not_found(format!("product {id} does not exist")))?;
+    let body = match projection {
+        // The cached bytes are the response: no decode, no encode.
+        None => body,
+        Some(projection) => {
+            let product: Product =
+                serde_json::from_slice(&body).map_err(|e| AppError::Internal(format!("cached product: {e}")))?;
+            Bytes::from(serde_json::to_vec(&projection.apply(&product)).expect("maps serialize"))
+        }
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::CACHE_CONTROL, CATALOG_CACHE_CONTROL),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Json(p): Json<NewProduct>,
+) -> AppResult<impl IntoResponse> {
+    let product = products::create(&state.db, &p).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::CACHE_CONTROL, super::PRIVATE)],
+        Json(product),
+    ))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<i64>,
+    Json(patch): Json<ProductPatch>,
+) -> AppResult<impl IntoResponse> {
+    let product = products::update(&state.db, id, &patch).await?;
+    state.cache.invalidate(vec![Key::product(id)]).await;
+    Ok(([(header::CACHE_CONTROL, super::PRIVATE)], Json(product)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StockChange {
+    /// Units to add (positive) or remove (negative).
+    delta: i64,
+}
+
+pub async fn adjust_stock(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<i64>,
+    Json(change): Json<StockChange>,
+) -> AppResult<impl IntoResponse> {
+    let product = products::adjust_stock(&state.db, id, change.delta).await?;
+    state.cache.invalidate(vec![Key::product(id)]).await;
+    Ok(([(header::CACHE_CONTROL, super::PRIVATE)], Json(product)))
+}

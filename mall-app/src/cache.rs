@@ -1,0 +1,342 @@
+//! Two-level cache: L1 in-process (moka, bounded in bytes, TTL per category) and optional L2
+//! Redis shared by every instance.
+//!
+//! - Concurrent misses on one key are coalesced: the loader (L2, then the database) runs once.
+//! - Writes call [`Cache::invalidate`] after commit: L1 and L2 drop the key and every instance is
+//!   told over Redis pub/sub. A second, delayed invalidation closes the window where a read that
+//!   started before the commit puts the old row back ("delayed double delete").
+//! - When Redis is down the cache serves from L1 and the database; when the subscription comes
+//!   back, L1 is cleared, because invalidations may have been missed meanwhile.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use moka::future::Cache as Moka;
+use moka::Expiry;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+use crate::error::{AppError, AppResult};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Category {
+    Product,
+    Order,
+    User,
+}
+
+impl Category {
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::Product => "product",
+            Category::Order => "order",
+            Category::User => "user",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Category> {
+        [Category::Product, Category::Order, Category::User]
+            .into_iter()
+            .find(|c| c.name() == name)
+    }
+}
+
+/// `scope` separates entries visible to different users (an order is cached under its owner).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub category: Category,
+    pub scope: i64,
+    pub id: i64,
+}
+
+impl Key {
+    pub fn product(id: i64) -> Key {
+        Key {
+            category: Category::Product,
+            scope: 0,
+            id,
+        }
+    }
+
+    pub fn order(user_id: i64, id: i64) -> Key {
+        Key {
+            category: Category::Order,
+            scope: user_id,
+            id,
+        }
+    }
+
+    fn redis_key(&self, prefix: &str) -> String {
+        format!("{prefix}:{}:{}:{}", self.category.name(), self.scope, self.id)
+    }
+
+    fn parse_redis_key(prefix: &str, s: &str) -> Option<Key> {
+        let mut parts = s.strip_prefix(prefix)?.strip_prefix(':')?.split(':');
+        let category = Category::from_name(parts.next()?)?;
+        let scope = parts.next()?.parse().ok()?;
+        let id = parts.next()?.parse().ok()?;
+        Some(Key { category, scope, id })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Ttls {
+    pub product: Duration,
+    pub order: Duration,
+    pub user: Duration,
+}
+
+impl Ttls {
+    fn of(&self, category: Category) -> Duration {
+        match category {
+            Category::Product => self.product,
+            Category::Order => self.order,
+            Category::User => self.user,
+        }
+    }
+}
+
+struct PerCategoryTtl(Ttls);
+
+impl Expiry<Key, Bytes> for PerCategoryTtl {
+    fn expire_after_create(&self, key: &Key, _: &Bytes, _: Instant) -> Option<Duration> {
+        Some(self.0.of(key.category))
+    }
+    fn expire_after_update(&self, key: &Key, _: &Bytes, _: Instant, _: Option<Duration>) -> Option<Duration> {
+        Some(self.0.of(key.category))
+    }
+}
+
+pub struct CacheSettings {
+    pub l1_bytes: u64,
+    pub ttls: Ttls,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub redis_timeout: Duration,
+}
+
+struct L2 {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    channel: String,
+}
+
+pub struct Cache {
+    l1: Moka<Key, Bytes>,
+    l2: Option<L2>,
+    ttls: Ttls,
+    metrics: Arc<Metrics>,
+}
+
+/// Why a load produced no value: nothing there, or it failed.
+#[derive(Debug)]
+enum LoadOutcome {
+    Missing,
+    Failed(AppError),
+}
+
+impl Cache {
+    pub fn new(settings: CacheSettings, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Cache>> {
+        let l1 = Moka::builder()
+            // Weigh entries by their encoded size (plus the key and bookkeeping), so the budget is bytes.
+            .weigher(|_: &Key, v: &Bytes| (v.len() + 64).min(u32::MAX as usize) as u32)
+            .max_capacity(settings.l1_bytes)
+            .expire_after(PerCategoryTtl(settings.ttls))
+            .build();
+        let l2 = match settings.redis_url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(|e| anyhow::anyhow!("MALL_REDIS_URL: {e}"))?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(settings.redis_timeout))
+                    .set_response_timeout(Some(settings.redis_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(2));
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    .map_err(|e| anyhow::anyhow!("MALL_REDIS_URL: {e}"))?;
+                let channel = format!("{}:invalidate", settings.redis_prefix);
+                Some(L2 {
+                    client,
+                    conn,
+                    prefix: settings.redis_prefix,
+                    timeout: settings.redis_timeout,
+                    channel,
+                })
+            }
+            None => None,
+        };
+        Ok(Arc::new(Cache {
+            l1,
+            l2,
+            ttls: settings.ttls,
+            metrics,
+        }))
+    }
+
+    pub fn has_l2(&self) -> bool {
+        self.l2.is_some()
+    }
+
+    /// The cached value, else the loader's (which runs once however many callers miss together).
+    /// `Ok(None)` means the loader found nothing; that is not cached.
+    pub async fn get_or_load<F, Fut>(&self, key: Key, load: F) -> AppResult<Option<Bytes>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = AppResult<Option<Bytes>>>,
+    {
+        let category = key.category.name();
+        if let Some(v) = self.l1.get(&key).await {
+            self.metrics.cache_hits.with_label_values(&["l1", category]).inc();
+            return Ok(Some(v));
+        }
+        self.metrics.cache_misses.with_label_values(&["l1", category]).inc();
+        let result = self
+            .l1
+            .try_get_with(key.clone(), async {
+                if let Some(v) = self.l2_get(&key).await {
+                    return Ok(v);
+                }
+                match load().await {
+                    Ok(Some(v)) => {
+                        self.l2_set(&key, &v).await;
+                        Ok(v)
+                    }
+                    Ok(None) => Err(LoadOutcome::Missing),
+                    Err(e) => Err(LoadOutcome::Failed(e)),
+                }
+            })
+            .await;
+        match result {
+            Ok(v) => Ok(Some(v)),
+            Err(outcome) => match &*outcome {
+                LoadOutcome::Missing => Ok(None),
+                LoadOutcome::Failed(e) => Err(e.clone()),
+            },
+        }
+    }
+
+    /// Drops `keys` everywhere, now and once more shortly after (see the module comment).
+    pub async fn invalidate(self: &Arc<Self>, keys: Vec<Key>) {
+        if keys.is_empty() {
+            return;
+        }
+        self.invalidate_everywhere(&keys).await;
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            this.invalidate_everywhere(&keys).await;
+        });
+    }
+
+    async fn invalidate_everywhere(&self, keys: &[Key]) {
+        for key in keys {
+            self.l1.invalidate(key).await;
+        }
+        self.metrics
+            .cache_invalidations
+            .with_label_values(&["local"])
+            .inc_by(keys.len() as u64);
+        let Some(l2) = &self.l2 else { return };
+        let redis_keys: Vec<String> = keys.iter().map(|k| k.redis_key(&l2.prefix)).collect();
+        let mut pipe = redis::pipe();
+        pipe.del(&redis_keys).ignore();
+        for k in &redis_keys {
+            pipe.publish(&l2.channel, k).ignore();
+        }
+        let mut conn = l2.conn.clone();
+        match tokio::time::timeout(l2.timeout, pipe.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => {}
+            _ => self.metrics.cache_errors.with_label_values(&["l2", "invalidate"]).inc(),
+        }
+    }
+
+    async fn l2_get(&self, key: &Key) -> Option<Bytes> {
+        let l2 = self.l2.as_ref()?;
+        let category = key.category.name();
+        let mut conn = l2.conn.clone();
+        let got: Result<Result<Option<Vec<u8>>, _>, _> =
+            tokio::time::timeout(l2.timeout, conn.get(key.redis_key(&l2.prefix))).await;
+        match got {
+            Ok(Ok(Some(v))) => {
+                self.metrics.cache_hits.with_label_values(&["l2", category]).inc();
+                Some(Bytes::from(v))
+            }
+            Ok(Ok(None)) => {
+                self.metrics.cache_misses.with_label_values(&["l2", category]).inc();
+                None
+            }
+            _ => {
+                self.metrics.cache_errors.with_label_values(&["l2", "get"]).inc();
+                None
+            }
+        }
+    }
+
+    async fn l2_set(&self, key: &Key, value: &Bytes) {
+        let Some(l2) = &self.l2 else { return };
+        let mut conn = l2.conn.clone();
+        let ttl = self.ttls.of(key.category).as_secs().max(1);
+        let set = conn.set_ex::<_, _, ()>(key.redis_key(&l2.prefix), value.as_ref(), ttl);
+        if !matches!(tokio::time::timeout(l2.timeout, set).await, Ok(Ok(()))) {
+            self.metrics.cache_errors.with_label_values(&["l2", "set"]).inc();
+        }
+    }
+
+    /// Applies other instances' invalidations to L1, reconnecting forever. Does nothing without L2.
+    pub async fn follow_invalidations(self: Arc<Self>) {
+        let Some(l2) = &self.l2 else { return };
+        let mut first = true;
+        loop {
+            match l2.client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.subscribe(&l2.channel).await {
+                    Ok(()) => {
+                        if !first {
+                            // Messages sent while we were away are lost: start L1 afresh.
+                            self.l1.invalidate_all();
+                            self.metrics.cache_invalidations.with_label_values(&["reconnect"]).inc();
+                            tracing::info!("cache invalidation channel reconnected; L1 cleared");
+                        }
+                        let mut messages = pubsub.into_on_message();
+                        while let Some(msg) = messages.next().await {
+                            let Ok(payload) = msg.get_payload::<String>() else {
+                                continue;
+                            };
+                            if let Some(key) = Key::parse_redis_key(&l2.prefix, &payload) {
+                                self.l1.invalidate(&key).await;
+                                self.metrics.cache_invalidations.with_label_values(&["remote"]).inc();
+                            }
+                        }
+                        tracing::warn!("cache invalidation channel lost; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot subscribe to cache invalidations"),
+                },
+                Err(e) => {
+                    self.metrics.cache_errors.with_label_values(&["l2", "subscribe"]).inc();
+                    tracing::debug!(error = %e, "redis unavailable for invalidations");
+                }
+            }
+            // Any L1 entry may go stale from here on; the next subscription clears L1.
+            first = false;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_keys_round_trip() {
+        let k = Key::order(42, 7_000_000_000);
+        let s = k.redis_key("mall");
+        assert_eq!(s, "mall:order:42:7000000000");
+        assert_eq!(Key::parse_redis_key("mall", &s), Some(k));
+        assert_eq!(Key::parse_redis_key("other", &s), None);
+        assert_eq!(Key::parse_redis_key("mall", "mall:bogus:1:2"), None);
+    }
+}

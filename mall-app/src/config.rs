@@ -1,0 +1,359 @@
+//! Typed configuration: command-line flags, each with an `MALL_*` environment variable.
+//!
+//! `mall-app serve --help` lists every setting with its default. Values left unset are derived
+//! from the container's limits by [`crate::tuning`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::tuning::{self, Resources, Tuning};
+
+#[derive(Debug, Parser)]
+#[command(name = "mall-app", version, about = "The bundled mall: catalog, cart and orders.")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Without a subcommand, `mall-app` serves with these settings.
+    #[command(flatten)]
+    pub serve: Box<ServeArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (the default when no subcommand is given).
+    Serve(Box<ServeArgs>),
+    /// Apply migrations and seed products and users idempotently, then exit.
+    Seed {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        seed: SeedArgs,
+    },
+    /// Apply migrations, then exit.
+    Migrate {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Primary database URL (postgres://, mysql://, sqlite://). Unset: SQLite in --data-dir.
+    #[arg(long, env = "MALL_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Read replicas, comma-separated. Reads go round-robin over the healthy ones.
+    #[arg(long, env = "MALL_DATABASE_REPLICA_URLS", value_delimiter = ',')]
+    pub replica_urls: Vec<String>,
+    /// Where the embedded SQLite database lives when no URL is given.
+    #[arg(long, env = "MALL_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Primary pool size. Default: 10 per CPU, 10..=150 (seed 000: 150 open).
+    #[arg(long, env = "MALL_DB_MAX_CONNECTIONS")]
+    pub db_max_connections: Option<u32>,
+    /// Primary connections kept open while idle. Default: 2 per CPU, at most 30 (seed 000).
+    #[arg(long, env = "MALL_DB_MIN_CONNECTIONS")]
+    pub db_min_connections: Option<u32>,
+    /// Pool size per replica. Default: 8 per CPU, 8..=100 (seed 000: 100 open).
+    #[arg(long, env = "MALL_DB_REPLICA_MAX_CONNECTIONS")]
+    pub db_replica_max_connections: Option<u32>,
+    /// Replica connections kept open while idle. Default: 2 per CPU, at most 20 (seed 000).
+    #[arg(long, env = "MALL_DB_REPLICA_MIN_CONNECTIONS")]
+    pub db_replica_min_connections: Option<u32>,
+    /// How long a request waits for a pooled connection before failing with 503.
+    #[arg(long, env = "MALL_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 3000)]
+    pub db_acquire_timeout_ms: u64,
+    /// Idle connections above the minimum are closed after this long (seed 000: 30 min).
+    #[arg(long, env = "MALL_DB_IDLE_TIMEOUT_SECS", default_value_t = 1800)]
+    pub db_idle_timeout_secs: u64,
+    /// Connections are recycled after this long (seed 000: 1 h).
+    #[arg(long, env = "MALL_DB_MAX_LIFETIME_SECS", default_value_t = 3600)]
+    pub db_max_lifetime_secs: u64,
+    /// How often replicas are health-checked.
+    #[arg(long, env = "MALL_DB_REPLICA_CHECK_SECS", default_value_t = 5)]
+    pub db_replica_check_secs: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SeedArgs {
+    /// Products to seed, with ids 1..=N (seed 001's wrk script reads /api/products/{1..1000}).
+    #[arg(long, env = "MALL_SEED_PRODUCTS", default_value_t = 1000)]
+    pub products: u32,
+    /// Customers to seed: user1..userM.
+    #[arg(long, env = "MALL_SEED_USERS", default_value_t = 100)]
+    pub users: u32,
+    /// Stock each seeded product starts with.
+    #[arg(long, env = "MALL_SEED_STOCK", default_value_t = 10_000)]
+    pub stock: i64,
+    /// Password of the seeded users and of `admin`. Refused in production unless set.
+    #[arg(long, env = "MALL_SEED_PASSWORD", default_value = "mall-password")]
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "MALL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "MALL_ENV", value_enum, default_value = "development")]
+    pub env: Environment,
+    #[arg(long, env = "MALL_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Redis for the L2 cache and cross-instance invalidation. Unset: L1 only.
+    #[arg(long, env = "MALL_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel, so several malls can share one Redis.
+    #[arg(long, env = "MALL_REDIS_PREFIX", default_value = "mall")]
+    pub redis_prefix: String,
+    /// Redis operations slower than this count as misses (the database answers instead).
+    #[arg(long, env = "MALL_REDIS_TIMEOUT_MS", default_value_t = 250)]
+    pub redis_timeout_ms: u64,
+    /// L1 cache budget in bytes. Default: a quarter of the memory limit.
+    #[arg(long, env = "MALL_CACHE_BYTES")]
+    pub cache_bytes: Option<u64>,
+    /// Product TTL (seed 000: goods 10 min).
+    #[arg(long, env = "MALL_CACHE_TTL_PRODUCT_SECS", default_value_t = 600)]
+    pub cache_ttl_product_secs: u64,
+    /// Order TTL (seed 000: 5 min).
+    #[arg(long, env = "MALL_CACHE_TTL_ORDER_SECS", default_value_t = 300)]
+    pub cache_ttl_order_secs: u64,
+    /// User TTL (seed 000: 30 min).
+    #[arg(long, env = "MALL_CACHE_TTL_USER_SECS", default_value_t = 1800)]
+    pub cache_ttl_user_secs: u64,
+    /// Hottest products loaded into the cache before /ready says yes.
+    #[arg(long, env = "MALL_WARMUP_PRODUCTS", default_value_t = 200)]
+    pub warmup_products: u32,
+    /// Tokio worker threads. Default: the CPU limit, rounded down, at least 1.
+    #[arg(long, env = "MALL_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Snowflake worker id (0..=1023); must differ between instances sharing a database.
+    #[arg(long, env = "MALL_WORKER_ID", default_value_t = 0)]
+    pub worker_id: u16,
+    /// HS256 secret for tokens (at least 32 bytes). Required in production.
+    #[arg(long, env = "MALL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Token lifetime.
+    #[arg(long, env = "MALL_JWT_TTL_SECS", default_value_t = 86_400)]
+    pub jwt_ttl_secs: u64,
+    /// Largest accepted request body.
+    #[arg(long, env = "MALL_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest quantity of one product in a cart line or an order.
+    #[arg(long, env = "MALL_MAX_QUANTITY", default_value_t = 10_000)]
+    pub max_quantity: i64,
+    /// Most distinct products in one order.
+    #[arg(long, env = "MALL_MAX_ORDER_ITEMS", default_value_t = 100)]
+    pub max_order_items: usize,
+    /// Requests slower than this are logged at WARN (seed 000: 1 s).
+    #[arg(long, env = "MALL_SLOW_REQUEST_MS", default_value_t = 1000)]
+    pub slow_request_ms: u64,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    #[arg(long, env = "MALL_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20)]
+    pub shutdown_timeout_secs: u64,
+    /// Seed products and users at start (idempotent).
+    #[arg(long, env = "MALL_SEED")]
+    pub seed: bool,
+    #[command(flatten)]
+    pub seed_args: SeedArgs,
+}
+
+const DEV_JWT_SECRET: &str = "development-only-secret-do-not-use-in-production";
+
+/// Resolved settings: explicit values, else derived from the container's limits.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub args: ServeArgs,
+    pub resources: Resources,
+    pub tuning: Tuning,
+    pub jwt_secret: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Parses flags (and `MALL_*` variables) the way the `serve` command does; for tests and tools.
+    pub fn from_args<I, T>(args: I) -> Result<Config, anyhow::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let parsed = Serve::try_parse_from(std::iter::once("mall-app".into()).chain(args.into_iter().map(Into::into)))?;
+        Ok(Config::resolve(parsed.args, tuning::detect())?)
+    }
+
+    pub fn resolve(args: ServeArgs, resources: Resources) -> Result<Config, ConfigError> {
+        let mut tuning = tuning::derive(&resources);
+        let db = &args.db;
+        if let Some(n) = args.worker_threads {
+            if n == 0 {
+                return Err(invalid("MALL_WORKER_THREADS", "must be at least 1"));
+            }
+            tuning.worker_threads = n;
+        }
+        tuning.primary_pool.max = db.db_max_connections.unwrap_or(tuning.primary_pool.max);
+        tuning.primary_pool.min = db.db_min_connections.unwrap_or(tuning.primary_pool.min);
+        tuning.replica_pool.max = db.db_replica_max_connections.unwrap_or(tuning.replica_pool.max);
+        tuning.replica_pool.min = db.db_replica_min_connections.unwrap_or(tuning.replica_pool.min);
+        tuning.cache_bytes = args.cache_bytes.unwrap_or(tuning.cache_bytes);
+        for (field, pool) in [
+            ("MALL_DB_MAX_CONNECTIONS", tuning.primary_pool),
+            ("MALL_DB_REPLICA_MAX_CONNECTIONS", tuning.replica_pool),
+        ] {
+            if pool.max == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        // An explicit max below the derived min lowers the min rather than failing.
+        tuning.primary_pool.min = tuning.primary_pool.min.min(tuning.primary_pool.max);
+        tuning.replica_pool.min = tuning.replica_pool.min.min(tuning.replica_pool.max);
+        if args.worker_id > crate::ids::MAX_WORKER_ID {
+            return Err(invalid(
+                "MALL_WORKER_ID",
+                format!("must be 0..={}", crate::ids::MAX_WORKER_ID),
+            ));
+        }
+        if args.db.db_acquire_timeout_ms == 0 {
+            return Err(invalid("MALL_DB_ACQUIRE_TIMEOUT_MS", "must be greater than 0"));
+        }
+        if args.max_quantity <= 0 {
+            return Err(invalid("MALL_MAX_QUANTITY", "must be greater than 0"));
+        }
+        if args.max_order_items == 0 {
+            return Err(invalid("MALL_MAX_ORDER_ITEMS", "must be greater than 0"));
+        }
+        if args.redis_prefix.is_empty() || args.redis_prefix.contains(char::is_whitespace) {
+            return Err(invalid("MALL_REDIS_PREFIX", "must be non-empty without spaces"));
+        }
+        let jwt_secret = match (&args.jwt_secret, args.env) {
+            (Some(s), _) if s.len() >= 32 => s.clone(),
+            (Some(_), _) => return Err(invalid("MALL_JWT_SECRET", "must be at least 32 bytes")),
+            (None, Environment::Production) => {
+                return Err(invalid("MALL_JWT_SECRET", "is required when MALL_ENV=production"))
+            }
+            (None, Environment::Development) => DEV_JWT_SECRET.to_string(),
+        };
+        if args.env == Environment::Production && args.seed && args.seed_args.password == "mall-password" {
+            return Err(invalid(
+                "MALL_SEED_PASSWORD",
+                "set a real password to seed users in production",
+            ));
+        }
+        Ok(Config {
+            args,
+            resources,
+            tuning,
+            jwt_secret,
+        })
+    }
+
+    pub fn uses_dev_secret(&self) -> bool {
+        self.jwt_secret == DEV_JWT_SECRET
+    }
+
+    pub fn ttl(&self, secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resources() -> Resources {
+        Resources {
+            cpus: 2.0,
+            memory_bytes: Some(1 << 30),
+            memory_is_limit: true,
+        }
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        #[derive(Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let parsed = Serve::try_parse_from(std::iter::once("mall-app").chain(args.iter().copied())).unwrap();
+        Config::resolve(parsed.args, resources())
+    }
+
+    #[test]
+    fn production_requires_a_real_secret() {
+        let err = parse(&["--env", "production"]).unwrap_err();
+        assert_eq!(err.field, "MALL_JWT_SECRET");
+        let err = parse(&["--env", "production", "--jwt-secret", "short"]).unwrap_err();
+        assert_eq!(err.field, "MALL_JWT_SECRET");
+        let ok = parse(&["--env", "production", "--jwt-secret", &"x".repeat(32)]).unwrap();
+        assert!(!ok.uses_dev_secret());
+        assert!(parse(&[]).unwrap().uses_dev_secret());
+    }
+
+    #[test]
+    fn explicit_values_override_the_limits() {
+        let c = parse(&[
+            "--db-max-connections",
+            "7",
+            "--worker-threads",
+            "3",
+            "--cache-bytes",
+            "1000",
+        ])
+        .unwrap();
+        assert_eq!(c.tuning.primary_pool.max, 7);
+        assert_eq!(
+            c.tuning.primary_pool.min, 4,
+            "derived min 4 fits under an explicit max of 7"
+        );
+        assert_eq!(c.tuning.worker_threads, 3);
+        assert_eq!(c.tuning.cache_bytes, 1000);
+        let c = parse(&["--db-max-connections", "1"]).unwrap();
+        assert_eq!(c.tuning.primary_pool.min, 1, "min never exceeds max");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        assert_eq!(parse(&["--worker-id", "5000"]).unwrap_err().field, "MALL_WORKER_ID");
+        assert_eq!(
+            parse(&["--worker-threads", "0"]).unwrap_err().field,
+            "MALL_WORKER_THREADS"
+        );
+        assert_eq!(
+            parse(&["--db-max-connections", "0"]).unwrap_err().field,
+            "MALL_DB_MAX_CONNECTIONS"
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! The bundled mall app: catalog, cart and orders over SQLite, PostgreSQL or MySQL, with a
+//! two-level cache, read/write split, Prometheus metrics, health and readiness.
+//!
+//! [`App::start`] wires the parts together; [`api::app`] is the router the binary serves and
+//! the tests drive over a real socket.
+
+pub mod api;
+pub mod auth;
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod extract;
+pub mod ids;
+pub mod metrics;
+pub mod seed;
+pub mod state;
+pub mod store;
+pub mod tuning;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+
+use crate::cache::{Cache, CacheSettings, Key, Ttls};
+use crate::config::Config;
+use crate::db::Db;
+use crate::metrics::Metrics;
+use crate::state::{AppState, Inner, Readiness};
+
+/// A started app: migrated, background tasks running, warm-up under way.
+pub struct App {
+    pub state: AppState,
+}
+
+impl App {
+    pub async fn start(config: Config) -> anyhow::Result<App> {
+        let args = &config.args;
+        let metrics = Arc::new(Metrics::new());
+        let db = Arc::new(Db::connect(&args.db, &config.tuning, metrics.clone()).await?);
+        db.migrate().await?;
+        if args.seed {
+            let report = seed::seed(&db, &args.seed_args).await?;
+            tracing::info!(
+                products_added = report.products_added,
+                users_added = report.users_added,
+                "seeded"
+            );
+        }
+        let cache = Cache::new(
+            CacheSettings {
+                l1_bytes: config.tuning.cache_bytes,
+                ttls: Ttls {
+                    product: Duration::from_secs(args.cache_ttl_product_secs),
+                    order: Duration::from_secs(args.cache_ttl_order_secs),
+                    user: Duration::from_secs(args.cache_ttl_user_secs),
+                },
+                redis_url: args.redis_url.clone(),
+                redis_prefix: args.redis_prefix.clone(),
+                redis_timeout: Duration::from_millis(args.redis_timeout_ms),
+            },
+            metrics.clone(),
+        )?;
+        tokio::spawn(cache.clone().follow_invalidations());
+        tokio::spawn(
+            db.clone()
+                .watch_replicas(Duration::from_secs(args.db.db_replica_check_secs.max(1))),
+        );
+
+        let state = AppState::new(Inner {
+            ids: ids::Snowflake::new(args.worker_id),
+            tokens: auth::Tokens::new(&config.jwt_secret, args.jwt_ttl_secs),
+            readiness: Readiness::default(),
+            config,
+            db,
+            cache,
+            metrics,
+        });
+        tokio::spawn(warm_up(state.clone()));
+        Ok(App { state })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        api::app(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests for at most the
+    /// configured timeout.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let grace = Duration::from_secs(state.config.args.shutdown_timeout_secs);
+        let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+        let readiness_state = state.clone();
+        let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
+            shutdown.await;
+            readiness_state.readiness.set_shutting_down();
+            tracing::info!("shutting down: draining in-flight requests");
+            let _ = stopping_tx.send(true);
+        });
+        let drain_deadline = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            result = server => result?,
+            _ = drain_deadline => tracing::warn!(grace_secs = grace.as_secs(), "drain timed out; closing remaining connections"),
+        }
+        state.db.close().await;
+        Ok(())
+    }
+}
+
+/// Loads the hottest products into the cache in one query, then marks the app ready.
+async fn warm_up(state: AppState) {
+    let n = state.config.args.warmup_products;
+    let mut attempt = 0u32;
+    loop {
+        let result = async {
+            let ids = store::products::hottest_ids(&state.db, n).await?;
+            let products = store::products::get_many(&state.db, &ids).await?;
+            let count = products.len();
+            for p in products {
+                let bytes = Bytes::from(serde_json::to_vec(&p).expect("products serialize"));
+                state
+                    .cache
+                    .get_or_load(Key::product(p.id), || async move { Ok(Some(bytes)) })
+                    .await?;
+            }
+            Ok::<usize, error::AppError>(count)
+        }
+        .await;
+        match result {
+            Ok(count) => {
+                tracing::info!(products = count, "cache warmed up");
+                state.readiness.set_warmed_up();
+                return;
+            }
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "cache warm-up failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! `mall-app`: serve (default), seed or migrate. `mall-app serve --help` lists every setting.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use mall_app::config::{Cli, Command, Config, LogFormat, ServeArgs};
+use mall_app::{db::Db, metrics::Metrics, tuning, App};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve(cli.serve));
+    let result = match command {
+        Command::Serve(args) => serve(*args),
+        Command::Seed { db, seed } => {
+            init_logging(LogFormat::Text);
+            one_shot(&db, |db| async move {
+                let report = mall_app::seed::seed(&db, &seed).await?;
+                println!(
+                    "seeded: {} products and {} users added",
+                    report.products_added, report.users_added
+                );
+                Ok(())
+            })
+        }
+        Command::Migrate { db } => {
+            init_logging(LogFormat::Text);
+            one_shot(&db, |_| async { Ok(()) })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mall-app: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let config = Config::resolve(args, tuning::detect())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.tuning.worker_threads)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        if config.uses_dev_secret() {
+            tracing::warn!(
+                "MALL_JWT_SECRET is not set: using the development secret (refused when MALL_ENV=production)"
+            );
+        }
+        tracing::info!(
+            cpus = config.resources.cpus,
+            memory_bytes = config.resources.memory_bytes,
+            worker_threads = config.tuning.worker_threads,
+            primary_pool_max = config.tuning.primary_pool.max,
+            replica_pool_max = config.tuning.replica_pool.max,
+            cache_bytes = config.tuning.cache_bytes,
+            "tuning"
+        );
+        let listen = config.args.listen;
+        let app = App::start(config).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("MALL_LISTEN: cannot bind {listen}: {e}"))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(url = %format!("http://{addr}"), "mall app listening");
+        app.serve(listener, shutdown_signal()).await
+    })
+}
+
+/// Runs a database-only command on a small runtime.
+fn one_shot<F, Fut>(args: &mall_app::config::DbArgs, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(std::sync::Arc<Db>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let tuning = tuning::derive(&tuning::detect());
+        let db = std::sync::Arc::new(Db::connect(args, &tuning, std::sync::Arc::new(Metrics::new())).await?);
+        db.migrate().await?;
+        f(db.clone()).await?;
+        db.close().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MALL_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+}

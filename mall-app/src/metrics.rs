@@ -1,0 +1,148 @@
+//! Prometheus metrics of the mall app: HTTP, database pools, cache levels, orders.
+//!
+//! Names follow seed 000 (`http_requests_total`, `http_request_duration_seconds`) so the alert
+//! rules the operator generates match what the app exports.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub slow_requests: IntCounter,
+    pub db_pool: IntGaugeVec,
+    pub db_operations: IntCounterVec,
+    pub cache_hits: IntCounterVec,
+    pub cache_misses: IntCounterVec,
+    pub cache_errors: IntCounterVec,
+    pub cache_invalidations: IntCounterVec,
+    pub orders_created: IntCounter,
+    pub stock_conflicts: IntCounter,
+    pub idempotent_replays: IntCounter,
+    pub transaction_retries: IntCounter,
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(registry, IntCounter::new(name, help).expect("valid metric"))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registers once");
+        let http_duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new("http_request_duration_seconds", "HTTP request latency.").buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0,
+                ]),
+                &["method", "route"],
+            )
+            .expect("valid metric"),
+        );
+        let db_pool = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "db_pool_connections",
+                    "Database pool connections by state (idle, in_use) and configured bounds (max, min).",
+                ),
+                &["pool", "state"],
+            )
+            .expect("valid metric"),
+        );
+        Metrics {
+            http_requests: counter_vec(
+                &registry,
+                "http_requests_total",
+                "HTTP requests served.",
+                &["method", "route", "status"],
+            ),
+            http_duration,
+            slow_requests: counter(
+                &registry,
+                "http_slow_requests_total",
+                "Requests slower than the slow-request threshold.",
+            ),
+            db_pool,
+            db_operations: counter_vec(
+                &registry,
+                "db_operations_total",
+                "Database round trips started, by pool and kind (read, write).",
+                &["pool", "kind"],
+            ),
+            cache_hits: counter_vec(
+                &registry,
+                "cache_hits_total",
+                "Cache hits by level (l1, l2) and category.",
+                &["level", "category"],
+            ),
+            cache_misses: counter_vec(
+                &registry,
+                "cache_misses_total",
+                "Cache misses by level (l1, l2) and category.",
+                &["level", "category"],
+            ),
+            cache_errors: counter_vec(
+                &registry,
+                "cache_errors_total",
+                "Cache backend errors by level and operation.",
+                &["level", "op"],
+            ),
+            cache_invalidations: counter_vec(
+                &registry,
+                "cache_invalidations_total",
+                "Cache invalidations by source (local, remote, reconnect).",
+                &["source"],
+            ),
+            orders_created: counter(&registry, "orders_created_total", "Orders created."),
+            stock_conflicts: counter(
+                &registry,
+                "stock_conflicts_total",
+                "Order attempts refused for insufficient stock.",
+            ),
+            idempotent_replays: counter(
+                &registry,
+                "idempotent_replays_total",
+                "Order requests answered from an earlier request with the same Idempotency-Key.",
+            ),
+            transaction_retries: counter(
+                &registry,
+                "db_transaction_retries_total",
+                "Transactions retried after a deadlock or serialization failure.",
+            ),
+            registry,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics cannot fail");
+        String::from_utf8(buf).expect("prometheus text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

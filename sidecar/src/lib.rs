@@ -1,0 +1,1 @@
+//! The pingora sidecar. Empty until the sidecar issue (#3) lands; it claims nothing yet.

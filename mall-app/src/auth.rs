@@ -41,12 +41,17 @@ impl Tokens {
     }
 
     pub fn issue(&self, user_id: i64, role: Role) -> AppResult<String> {
-        let iat = crate::ids::now_ms() / 1000;
+        self.issue_expiring(user_id, role, crate::ids::now_ms() / 1000 + self.ttl_secs)
+    }
+
+    /// A token that expires at `exp` (Unix seconds); `issue` is this with the configured lifetime.
+    pub fn issue_expiring(&self, user_id: i64, role: Role, exp: u64) -> AppResult<String> {
+        let iat = (crate::ids::now_ms() / 1000).min(exp);
         let claims = Claims {
             sub: user_id.to_string(),
             role,
             iat,
-            exp: iat + self.ttl_secs,
+            exp,
         };
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AppError::Internal(format!("token signing: {e}")))

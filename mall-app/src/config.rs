@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -92,16 +91,16 @@ pub struct DbArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SeedArgs {
     /// Products to seed, with ids 1..=N (seed 001's wrk script reads /api/products/{1..1000}).
-    #[arg(long, env = "MALL_SEED_PRODUCTS", default_value_t = 1000)]
+    #[arg(long = "seed-products", env = "MALL_SEED_PRODUCTS", default_value_t = 1000)]
     pub products: u32,
     /// Customers to seed: user1..userM.
-    #[arg(long, env = "MALL_SEED_USERS", default_value_t = 100)]
+    #[arg(long = "seed-users", env = "MALL_SEED_USERS", default_value_t = 100)]
     pub users: u32,
     /// Stock each seeded product starts with.
-    #[arg(long, env = "MALL_SEED_STOCK", default_value_t = 10_000)]
+    #[arg(long = "seed-stock", env = "MALL_SEED_STOCK", default_value_t = 10_000)]
     pub stock: i64,
     /// Password of the seeded users and of `admin`. Refused in production unless set.
-    #[arg(long, env = "MALL_SEED_PASSWORD", default_value = "mall-password")]
+    #[arg(long = "seed-password", env = "MALL_SEED_PASSWORD", default_value = "mall-password")]
     pub password: String,
 }
 
@@ -282,10 +281,6 @@ impl Config {
 
     pub fn uses_dev_secret(&self) -> bool {
         self.jwt_secret == DEV_JWT_SECRET
-    }
-
-    pub fn ttl(&self, secs: u64) -> Duration {
-        Duration::from_secs(secs)
     }
 }
 

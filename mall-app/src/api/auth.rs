@@ -52,7 +52,7 @@ pub async fn register(State(state): State<AppState>, Json(c): Json<Credentials>)
 
 pub async fn login(State(state): State<AppState>, Json(c): Json<Credentials>) -> AppResult<impl IntoResponse> {
     let denied = || AppError::Unauthorized("invalid username or password".into());
-    let user = users::find_by_username(&state.db, &c.username, true)
+    let user = users::find_by_username(&state.db, &c.username)
         .await?
         .ok_or_else(denied)?;
     if !verify_password(c.password, user.password_hash.clone()).await? {

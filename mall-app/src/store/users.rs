@@ -50,7 +50,7 @@ pub async fn create(db: &Db, username: &str, password_hash: &str, role: Role) ->
             .execute(db.write())
             .await;
     match result {
-        Ok(_) => find_by_username(db, username, true)
+        Ok(_) => find_by_username(db, username)
             .await?
             .ok_or_else(|| AppError::Internal("user vanished after insert".into())),
         Err(e) if is_unique_violation(&e) => Err(AppError::Conflict {
@@ -61,9 +61,9 @@ pub async fn create(db: &Db, username: &str, password_hash: &str, role: Role) ->
     }
 }
 
-/// `primary`: read from the primary (right after a write) rather than a replica.
-pub async fn find_by_username(db: &Db, username: &str, primary: bool) -> AppResult<Option<User>> {
-    let pool = if primary { db.read_primary() } else { db.read() };
+/// Reads from the primary: a login right after registering must find the account.
+pub async fn find_by_username(db: &Db, username: &str) -> AppResult<Option<User>> {
+    let pool = db.read_primary();
     let row = sqlx::query(&db.sql("SELECT id, username, password_hash, role FROM users WHERE username = ?"))
         .bind(username)
         .fetch_optional(pool)

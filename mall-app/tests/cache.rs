@@ -1,0 +1,56 @@
+//! Two app instances sharing one database and one Redis: L2 hits and cross-instance
+//! invalidation.
+
+mod common;
+
+use common::{database, redis_url, spawn_app, Backend};
+use reqwest::StatusCode;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_share_l2_and_invalidate_each_other() {
+    let Some(redis) = redis_url() else { return };
+    let Some(db) = database(Backend::Postgres).await else {
+        return;
+    };
+    let prefix = format!("--redis-prefix=malltest{}", std::process::id());
+    let extra = [format!("--redis-url={redis}"), prefix];
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let a = spawn_app(&db, &extra).await;
+    let b = spawn_app(&db, &extra).await;
+
+    // Product 42 is outside the warm-up set (the first 200 ids would include it), so evict it
+    // first by changing it; then A loads it from the database into L1 and L2, and B finds it in L2.
+    let admin = a.login("admin").await;
+    a.post("/api/products/42/stock", Some(&admin), json!({"delta": 1}))
+        .await;
+    assert_eq!(a.get("/api/products/42", None).await.body["stock"], 101);
+    let l2_hits = b.metric("cache_hits_total", r#"category="product",level="l2""#).await;
+    assert_eq!(b.get("/api/products/42", None).await.body["stock"], 101);
+    assert!(
+        b.metric("cache_hits_total", r#"category="product",level="l2""#).await > l2_hits,
+        "B read A's entry from Redis"
+    );
+    // Now both hold it in L1.
+    assert_eq!(b.get("/api/products/42", None).await.body["stock"], 101);
+
+    // A write through A is visible on B's next read.
+    let r = a
+        .post("/api/products/42/stock", Some(&admin), json!({"delta": -11}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(b.get("/api/products/42", None).await.body["stock"], 90);
+    let user = b.login("user1").await;
+    let r = b
+        .post(
+            "/api/orders",
+            Some(&user),
+            json!({"items": [{"product_id": 42, "quantity": 3}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(a.get("/api/products/42", None).await.body["stock"], 87);
+    assert!(a.metric("cache_invalidations_total", r#"source="remote""#).await >= 1.0);
+    a.stop().await;
+    b.stop().await;
+}

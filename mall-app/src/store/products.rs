@@ -258,7 +258,7 @@ pub fn validate_fields(
         }
     }
     if let Some(p) = price {
-        if !(0..=1_000_000_000_00).contains(&p) {
+        if !(0..=100_000_000_000).contains(&p) {
             return Err(AppError::bad_request("price: must be 0..=100000000000 cents"));
         }
     }

@@ -74,11 +74,11 @@ pub async fn database(backend: Backend) -> Option<TestDb> {
             })
         }
         Backend::Postgres => (
-            env_or("MALL_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test"),
+            env_or("MALL_TEST_POSTGRES_URL", "postgres://mall:mall@127.0.0.1:5432/test"),
             "run scripts/test.sh, which installs and starts PostgreSQL, or set MALL_TEST_POSTGRES_URL",
         ),
         Backend::MySql => (
-            env_or("MALL_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+            env_or("MALL_TEST_MYSQL_URL", "mysql://mall:mall@127.0.0.1:3306/test"),
             "run scripts/test.sh, which installs and starts MariaDB, or set MALL_TEST_MYSQL_URL",
         ),
     };

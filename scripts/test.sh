@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against real SQLite, PostgreSQL, MariaDB and Redis.
+# Installs (Debian packages) and starts whichever of them is missing; safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/services.sh
+
+command -v cargo >/dev/null || { echo "error: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
+apt_install postgresql-client mariadb-client redis-tools
+ensure_redis
+ensure_postgres
+ensure_mariadb
+
+export MALL_TEST_POSTGRES_URL="${MALL_TEST_POSTGRES_URL:-postgres://mall:mall@127.0.0.1:5432/test}"
+export MALL_TEST_MYSQL_URL="${MALL_TEST_MYSQL_URL:-mysql://mall:mall@127.0.0.1:3306/test}"
+export MALL_TEST_REDIS_URL="${MALL_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+
+cargo test --workspace "$@"

@@ -61,6 +61,14 @@ impl Key {
         }
     }
 
+    pub fn user(id: i64) -> Key {
+        Key {
+            category: Category::User,
+            scope: 0,
+            id,
+        }
+    }
+
     pub fn order(user_id: i64, id: i64) -> Key {
         Key {
             category: Category::Order,

@@ -66,6 +66,7 @@ pub struct PoolHandle {
     pub name: String,
     pub pool: AnyPool,
     size: PoolSize,
+    timeouts: [(&'static str, Duration); 3],
     healthy: AtomicBool,
     reads: IntCounter,
     writes: IntCounter,
@@ -95,6 +96,11 @@ impl Db {
             name: name.to_string(),
             pool,
             size,
+            timeouts: [
+                ("acquire", Duration::from_millis(args.db_acquire_timeout_ms)),
+                ("idle", Duration::from_secs(args.db_idle_timeout_secs)),
+                ("max_lifetime", Duration::from_secs(args.db_max_lifetime_secs)),
+            ],
             healthy: AtomicBool::new(true),
             reads: metrics.db_operations.with_label_values(&[name, "read"]),
             writes: metrics.db_operations.with_label_values(&[name, "write"]),
@@ -220,6 +226,12 @@ impl Db {
             g.with_label_values(&[&p.name, "in_use"]).set(size - idle);
             g.with_label_values(&[&p.name, "max"]).set(p.size.max as i64);
             g.with_label_values(&[&p.name, "min"]).set(p.size.min as i64);
+            for (setting, value) in p.timeouts {
+                self.metrics
+                    .db_pool_timeouts
+                    .with_label_values(&[&p.name, setting])
+                    .set(value.as_secs_f64());
+            }
         }
     }
 

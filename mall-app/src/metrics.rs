@@ -13,6 +13,7 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub slow_requests: IntCounter,
     pub db_pool: IntGaugeVec,
+    pub db_pool_timeouts: prometheus::GaugeVec,
     pub db_operations: IntCounterVec,
     pub cache_hits: IntCounterVec,
     pub cache_misses: IntCounterVec,
@@ -82,6 +83,17 @@ impl Metrics {
                 "Requests slower than the slow-request threshold.",
             ),
             db_pool,
+            db_pool_timeouts: register(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "db_pool_timeout_seconds",
+                        "Configured pool timeouts: acquire, idle, max_lifetime.",
+                    ),
+                    &["pool", "setting"],
+                )
+                .expect("valid metric"),
+            ),
             db_operations: counter_vec(
                 &registry,
                 "db_operations_total",

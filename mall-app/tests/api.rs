@@ -152,6 +152,18 @@ async fn auth_and_bad_input(backend: Backend) {
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(app.get("/api/cart", Some(&token)).await.status, StatusCode::OK);
+    let me = app.get("/api/me", Some(&token)).await;
+    assert_eq!(
+        (me.body["username"].as_str(), me.body["role"].as_str()),
+        (Some("alice"), Some("customer"))
+    );
+    assert!(me.body.get("password_hash").is_none());
+    let hits = app.metric("cache_hits_total", r#"category="user""#).await;
+    app.get("/api/me", Some(&token)).await;
+    assert!(
+        app.metric("cache_hits_total", r#"category="user""#).await > hits,
+        "profiles come from the user cache"
+    );
 
     // Missing, forged and expired tokens.
     let r = app.get("/api/cart", None).await;

@@ -7,7 +7,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::PRIVATE;
-use crate::auth::{hash_password, verify_password};
+use crate::auth::{hash_password, verify_password, AuthUser};
+use crate::cache::Key;
 use crate::error::{AppError, AppResult};
 use crate::extract::Json;
 use crate::state::AppState;
@@ -62,5 +63,28 @@ pub async fn login(State(state): State<AppState>, Json(c): Json<Credentials>) ->
     Ok((
         [(axum::http::header::CACHE_CONTROL, PRIVATE)],
         Json(json!({ "token": token, "user": user })),
+    ))
+}
+
+/// The caller's profile, from the user cache (seed 000: users 30 min).
+pub async fn me(State(state): State<AppState>, user: AuthUser) -> AppResult<impl IntoResponse> {
+    let db = state.db.clone();
+    let body = state
+        .cache
+        .get_or_load(Key::user(user.id), || async move {
+            let found = users::get(&db, user.id).await?;
+            Ok(found.map(|u| bytes::Bytes::from(serde_json::to_vec(&u).expect("users serialize"))))
+        })
+        .await?
+        .ok_or_else(|| AppError::Unauthorized("the token's user no longer exists".into()))?;
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            ),
+            (axum::http::header::CACHE_CONTROL, PRIVATE),
+        ],
+        body,
     ))
 }

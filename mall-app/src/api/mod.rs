@@ -20,6 +20,7 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/auth/register", post(auth::register))
         .route("/auth/login", post(auth::login))
+        .route("/me", get(auth::me))
         .route("/products", get(products::list).post(products::create))
         .route("/products/{id}", get(products::get_one).patch(products::update))
         .route("/products/{id}/stock", post(products::adjust_stock))

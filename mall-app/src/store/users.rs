@@ -79,3 +79,21 @@ pub async fn find_by_username(db: &Db, username: &str) -> AppResult<Option<User>
     .transpose()
     .map_err(|e: sqlx::Error| e.into())
 }
+
+/// The public profile of a user (no password hash), for `/api/me`.
+pub async fn get(db: &Db, id: i64) -> AppResult<Option<User>> {
+    let row = sqlx::query(&db.sql("SELECT id, username, role FROM users WHERE id = ?"))
+        .bind(id)
+        .fetch_optional(db.read())
+        .await?;
+    row.map(|r| {
+        Ok(User {
+            id: int(&r, "id")?,
+            username: text(&r, "username")?,
+            password_hash: String::new(),
+            role: Role::parse(&text(&r, "role")?),
+        })
+    })
+    .transpose()
+    .map_err(|e: sqlx::Error| e.into())
+}

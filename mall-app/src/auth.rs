@@ -102,7 +102,7 @@ impl FromRequestParts<AppState> for AuthUser {
 }
 
 /// A caller with the admin role.
-pub struct Admin(#[allow(dead_code)] pub AuthUser);
+pub struct Admin;
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = AppError;
@@ -112,7 +112,7 @@ impl FromRequestParts<AppState> for Admin {
         if user.role != Role::Admin {
             return Err(AppError::Forbidden("this operation needs the admin role".into()));
         }
-        Ok(Admin(user))
+        Ok(Admin)
     }
 }
 

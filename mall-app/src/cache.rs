@@ -185,10 +185,6 @@ impl Cache {
         }))
     }
 
-    pub fn has_l2(&self) -> bool {
-        self.l2.is_some()
-    }
-
     /// The cached value, else the loader's (which runs once however many callers miss together).
     /// `Ok(None)` means the loader found nothing; that is not cached.
     pub async fn get_or_load<F, Fut>(&self, key: Key, load: F) -> AppResult<Option<Bytes>>
@@ -225,6 +221,18 @@ impl Cache {
                 LoadOutcome::Failed(e) => Err(e.clone()),
             },
         }
+    }
+
+    /// [`Cache::get_or_load`] for a value cached as its JSON encoding, which is also the response
+    /// body, so a hit is served without decoding or encoding anything.
+    pub async fn get_or_load_json<T, F, Fut>(&self, key: Key, load: F) -> AppResult<Option<Bytes>>
+    where
+        T: serde::Serialize,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = AppResult<Option<T>>>,
+    {
+        self.get_or_load(key, || async move { Ok(load().await?.map(|v| encode(&v))) })
+            .await
     }
 
     /// Drops `keys` everywhere, now and once more shortly after (see the module comment).
@@ -332,6 +340,11 @@ impl Cache {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// The JSON encoding the cache stores. Our types have string keys and no fallible `Serialize`.
+pub fn encode<T: serde::Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("cached values serialize to JSON"))
 }
 
 #[cfg(test)]

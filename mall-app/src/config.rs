@@ -173,6 +173,21 @@ pub struct ServeArgs {
     pub seed_args: SeedArgs,
 }
 
+/// Parses just the `serve` flags (and their `MALL_*` variables), without a program name.
+fn parse_serve_args<I, T>(args: I) -> Result<ServeArgs, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+    let argv = std::iter::once("mall-app".into()).chain(args.into_iter().map(Into::into));
+    Ok(Serve::try_parse_from::<_, std::ffi::OsString>(argv)?.args)
+}
+
 const DEV_JWT_SECRET: &str = "development-only-secret-do-not-use-in-production";
 
 /// Resolved settings: explicit values, else derived from the container's limits.
@@ -205,13 +220,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        #[derive(Parser)]
-        struct Serve {
-            #[command(flatten)]
-            args: ServeArgs,
-        }
-        let parsed = Serve::try_parse_from(std::iter::once("mall-app".into()).chain(args.into_iter().map(Into::into)))?;
-        Ok(Config::resolve(parsed.args, tuning::detect())?)
+        Ok(Config::resolve(parse_serve_args(args)?, tuning::detect())?)
     }
 
     pub fn resolve(args: ServeArgs, resources: Resources) -> Result<Config, ConfigError> {
@@ -297,13 +306,7 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        #[derive(Parser)]
-        struct Serve {
-            #[command(flatten)]
-            args: ServeArgs,
-        }
-        let parsed = Serve::try_parse_from(std::iter::once("mall-app").chain(args.iter().copied())).unwrap();
-        Config::resolve(parsed.args, resources())
+        Config::resolve(parse_serve_args(args.iter().copied()).unwrap(), resources())
     }
 
     #[test]

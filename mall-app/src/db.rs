@@ -115,7 +115,7 @@ impl Db {
         } else {
             let primary = handle(
                 "primary",
-                server_pool(args, &primary_url, tuning.primary_pool).await?,
+                server_pool(args, &primary_url, tuning.primary_pool)?,
                 tuning.primary_pool,
             );
             let mut replicas = Vec::new();
@@ -128,7 +128,7 @@ impl Db {
                 let name = format!("replica{i}");
                 replicas.push(handle(
                     &name,
-                    server_pool(args, url, tuning.replica_pool).await?,
+                    server_pool(args, url, tuning.replica_pool)?,
                     tuning.replica_pool,
                 ));
             }
@@ -242,7 +242,7 @@ impl Db {
     }
 }
 
-async fn server_pool(args: &DbArgs, url: &str, size: PoolSize) -> anyhow::Result<AnyPool> {
+fn server_pool(args: &DbArgs, url: &str, size: PoolSize) -> anyhow::Result<AnyPool> {
     let options: AnyConnectOptions = url.parse().map_err(|e| anyhow::anyhow!("database URL: {e}"))?;
     Ok(pool_options(args, size).connect_lazy_with(options))
 }

@@ -40,8 +40,8 @@ impl Deref for AppState {
 /// What `/ready` waits for. Migrations are applied before the server listens; warm-up runs after.
 #[derive(Default)]
 pub struct Readiness {
-    pub warmed_up: AtomicBool,
-    pub shutting_down: AtomicBool,
+    warmed_up: AtomicBool,
+    shutting_down: AtomicBool,
 }
 
 impl Readiness {

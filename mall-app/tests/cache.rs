@@ -19,8 +19,8 @@ async fn two_instances_share_l2_and_invalidate_each_other() {
     let a = spawn_app(&db, &extra).await;
     let b = spawn_app(&db, &extra).await;
 
-    // Product 42 is outside the warm-up set (the first 200 ids would include it), so evict it
-    // first by changing it; then A loads it from the database into L1 and L2, and B finds it in L2.
+    // Warm-up put product 42 in both L1s and in Redis; changing it evicts it everywhere, so A's
+    // next read loads it from the database into L1 and L2, and B then finds it in L2.
     let admin = a.login("admin").await;
     a.post("/api/products/42/stock", Some(&admin), json!({"delta": 1}))
         .await;

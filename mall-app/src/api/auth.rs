@@ -67,24 +67,12 @@ pub async fn login(State(state): State<AppState>, Json(c): Json<Credentials>) ->
 }
 
 /// The caller's profile, from the user cache (seed 000: users 30 min).
-pub async fn me(State(state): State<AppState>, user: AuthUser) -> AppResult<impl IntoResponse> {
+pub async fn me(State(state): State<AppState>, user: AuthUser) -> AppResult<axum::response::Response> {
     let db = state.db.clone();
     let body = state
         .cache
-        .get_or_load(Key::user(user.id), || async move {
-            let found = users::get(&db, user.id).await?;
-            Ok(found.map(|u| bytes::Bytes::from(serde_json::to_vec(&u).expect("users serialize"))))
-        })
+        .get_or_load_json(Key::user(user.id), || async move { users::get(&db, user.id).await })
         .await?
         .ok_or_else(|| AppError::Unauthorized("the token's user no longer exists".into()))?;
-    Ok((
-        [
-            (
-                axum::http::header::CONTENT_TYPE,
-                axum::http::HeaderValue::from_static("application/json"),
-            ),
-            (axum::http::header::CACHE_CONTROL, PRIVATE),
-        ],
-        body,
-    ))
+    Ok(super::json_body(body, PRIVATE))
 }

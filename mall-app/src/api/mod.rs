@@ -59,6 +59,21 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     r
 }
 
+/// A response whose body is already-encoded JSON (usually straight from the cache).
+pub(crate) fn json_body(body: bytes::Bytes, cache_control: HeaderValue) -> Response {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (axum::http::header::CACHE_CONTROL, cache_control),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 /// `Cache-Control` for per-user data: never stored by a shared cache.
 pub(crate) const PRIVATE: HeaderValue = HeaderValue::from_static("private, no-store");
 

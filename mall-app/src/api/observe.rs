@@ -16,11 +16,8 @@ const REQUEST_ID: &str = "x-request-id";
 pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     // Keep a caller's (or the sidecar's) id so one request can be followed across hops.
     let request_id = req
         .headers()
@@ -37,10 +34,10 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     let status = response.status();
     let m = &state.metrics;
     m.http_requests
-        .with_label_values(&[method.as_str(), &route, status.as_str()])
+        .with_label_values(&[method.as_str(), route, status.as_str()])
         .inc();
     m.http_duration
-        .with_label_values(&[method.as_str(), &route])
+        .with_label_values(&[method.as_str(), route])
         .observe(elapsed.as_secs_f64());
     let _enter = span.enter();
     if elapsed >= Duration::from_millis(state.config.args.slow_request_ms) {

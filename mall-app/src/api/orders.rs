@@ -145,24 +145,16 @@ pub async fn get_one(State(state): State<AppState>, user: AuthUser, Path(id): Pa
     let user_id = user.id;
     let body = state
         .cache
-        .get_or_load(Key::order(user_id, id), || async move {
+        .get_or_load_json(Key::order(user_id, id), || async move {
             // A replica may not have the order just placed yet; the primary has.
-            let order = match orders::get(&db, user_id, id, false).await? {
-                Some(o) => Some(o),
-                None => orders::get(&db, user_id, id, true).await?,
-            };
-            Ok(order.map(|o| Bytes::from(serde_json::to_vec(&o).expect("orders serialize"))))
+            match orders::get(&db, user_id, id, false).await? {
+                Some(o) => Ok(Some(o)),
+                None => orders::get(&db, user_id, id, true).await,
+            }
         })
         .await?
         .ok_or_else(|| AppError::not_found(format!("order {id} does not exist")))?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
-            (header::CACHE_CONTROL, PRIVATE),
-        ],
-        body,
-    )
-        .into_response())
+    Ok(super::json_body(body, PRIVATE))
 }
 
 #[derive(Deserialize)]

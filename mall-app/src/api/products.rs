@@ -3,7 +3,6 @@
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -13,7 +12,7 @@ use crate::cache::Key;
 use crate::error::{AppError, AppResult};
 use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
-use crate::store::products::{self, Filter, NewProduct, Product, ProductPatch, Projection, FIELDS, STATUSES};
+use crate::store::products::{self, Filter, NewProduct, Product, ProductPatch, Projection, STATUSES};
 
 /// Catalog reads may be stored by shared caches (the sidecar) this long. Short, because stock
 /// changes with every order; the app's own cache is invalidated on write instead.
@@ -33,7 +32,7 @@ pub struct ListParams {
 pub async fn list(State(state): State<AppState>, Query(p): Query<ListParams>) -> AppResult<Response> {
     let limit = cursor::limit(p.limit)?;
     let after = p.cursor.as_deref().map(cursor::decode).transpose()?.unwrap_or(0);
-    let projection = Projection::parse(p.fields.as_deref().unwrap_or(&FIELDS.join(",")))?;
+    let projection = p.fields.as_deref().map_or(Ok(Projection::all()), Projection::parse)?;
     let status = p.status.unwrap_or_else(|| "active".into());
     if !STATUSES.contains(&status.as_str()) {
         return Err(AppError::bad_request(format!(
@@ -85,10 +84,7 @@ pub async fn get_one(
     let db = state.db.clone();
     let body = state
         .cache
-        .get_or_load(Key::product(id), || async move {
-            let product = products::get(&db, id, false).await?;
-            Ok(product.map(|p| Bytes::from(serde_json::to_vec(&p).expect("products serialize"))))
-        })
+        .get_or_load_json(Key::product(id), || async move { products::get(&db, id, false).await })
         .await?
         .ok_or_else(|| AppError::not_found(format!("product {id} does not exist")))?;
     let body = match projection {
@@ -97,17 +93,10 @@ pub async fn get_one(
         Some(projection) => {
             let product: Product =
                 serde_json::from_slice(&body).map_err(|e| AppError::Internal(format!("cached product: {e}")))?;
-            Bytes::from(serde_json::to_vec(&projection.apply(&product)).expect("maps serialize"))
+            crate::cache::encode(&projection.apply(&product))
         }
     };
-    Ok((
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
-            (header::CACHE_CONTROL, CATALOG_CACHE_CONTROL),
-        ],
-        body,
-    )
-        .into_response())
+    Ok(super::json_body(body, CATALOG_CACHE_CONTROL))
 }
 
 pub async fn create(

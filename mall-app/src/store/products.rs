@@ -45,6 +45,11 @@ const ALL_COLUMNS: &str = "id, name, category, status, price, stock, version, cr
 pub struct Projection(Vec<&'static str>);
 
 impl Projection {
+    /// Every field, the default when `fields=` is absent.
+    pub fn all() -> Projection {
+        Projection(FIELDS.to_vec())
+    }
+
     pub fn parse(spec: &str) -> AppResult<Projection> {
         let mut chosen = Vec::new();
         for raw in spec.split(',') {

@@ -31,6 +31,17 @@ impl Role {
     }
 }
 
+const COLUMNS: &str = "id, username, password_hash, role";
+
+fn from_row(r: &sqlx::any::AnyRow) -> Result<User, sqlx::Error> {
+    Ok(User {
+        id: int(r, "id")?,
+        username: text(r, "username")?,
+        password_hash: text(r, "password_hash")?,
+        role: Role::parse(&text(r, "role")?),
+    })
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct User {
     pub id: i64,
@@ -64,36 +75,18 @@ pub async fn create(db: &Db, username: &str, password_hash: &str, role: Role) ->
 /// Reads from the primary: a login right after registering must find the account.
 pub async fn find_by_username(db: &Db, username: &str) -> AppResult<Option<User>> {
     let pool = db.read_primary();
-    let row = sqlx::query(&db.sql("SELECT id, username, password_hash, role FROM users WHERE username = ?"))
+    let row = sqlx::query(&db.sql(&format!("SELECT {COLUMNS} FROM users WHERE username = ?")))
         .bind(username)
         .fetch_optional(pool)
         .await?;
-    row.map(|r| {
-        Ok(User {
-            id: int(&r, "id")?,
-            username: text(&r, "username")?,
-            password_hash: text(&r, "password_hash")?,
-            role: Role::parse(&text(&r, "role")?),
-        })
-    })
-    .transpose()
-    .map_err(|e: sqlx::Error| e.into())
+    Ok(row.as_ref().map(from_row).transpose()?)
 }
 
 /// The public profile of a user (no password hash), for `/api/me`.
 pub async fn get(db: &Db, id: i64) -> AppResult<Option<User>> {
-    let row = sqlx::query(&db.sql("SELECT id, username, role FROM users WHERE id = ?"))
+    let row = sqlx::query(&db.sql(&format!("SELECT {COLUMNS} FROM users WHERE id = ?")))
         .bind(id)
         .fetch_optional(db.read())
         .await?;
-    row.map(|r| {
-        Ok(User {
-            id: int(&r, "id")?,
-            username: text(&r, "username")?,
-            password_hash: String::new(),
-            role: Role::parse(&text(&r, "role")?),
-        })
-    })
-    .transpose()
-    .map_err(|e: sqlx::Error| e.into())
+    Ok(row.as_ref().map(from_row).transpose()?)
 }

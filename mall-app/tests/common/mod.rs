@@ -217,16 +217,7 @@ impl TestApp {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req.send().await.expect("request reaches the app");
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap();
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Reply { status, headers, body }
+        send(req).await
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
@@ -253,34 +244,22 @@ impl TestApp {
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.json().await.unwrap_or(Value::Null);
-        Reply { status, headers, body }
+        send(req).await
     }
 
     pub async fn login(&self, username: &str) -> String {
-        let r = self
-            .post(
-                "/api/auth/login",
-                None,
-                serde_json::json!({"username": username, "password": PASSWORD}),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::OK, "login {username}: {:?}", r.body);
-        r.body["token"].as_str().unwrap().to_string()
+        self.token_from("/api/auth/login", username, StatusCode::OK).await
     }
 
     pub async fn register(&self, username: &str) -> String {
-        let r = self
-            .post(
-                "/api/auth/register",
-                None,
-                serde_json::json!({"username": username, "password": PASSWORD}),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::CREATED, "register {username}: {:?}", r.body);
+        self.token_from("/api/auth/register", username, StatusCode::CREATED)
+            .await
+    }
+
+    async fn token_from(&self, path: &str, username: &str, expected: StatusCode) -> String {
+        let credentials = serde_json::json!({"username": username, "password": PASSWORD});
+        let r = self.post(path, None, credentials).await;
+        assert_eq!(r.status, expected, "{path} as {username}: {:?}", r.body);
         r.body["token"].as_str().unwrap().to_string()
     }
 
@@ -303,6 +282,20 @@ impl TestApp {
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
             .sum()
     }
+}
+
+/// Sends a request and reads the reply; a non-JSON body is kept as a string.
+async fn send(req: reqwest::RequestBuilder) -> Reply {
+    let resp = req.send().await.expect("request reaches the app");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    Reply { status, headers, body }
 }
 
 /// Runs one async test body against each backend: `backend_tests!(name_of_async_fn);`

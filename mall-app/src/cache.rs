@@ -235,6 +235,28 @@ impl Cache {
             .await
     }
 
+    /// Fills L1, and L2 in one pipeline, with values just read from the database (warm-up).
+    /// Not counted as hits or misses: no request asked for them.
+    pub async fn preload<T: serde::Serialize>(&self, entries: impl IntoIterator<Item = (Key, T)>) {
+        let mut pipe = redis::pipe();
+        for (key, value) in entries {
+            let bytes = encode(&value);
+            if let Some(l2) = &self.l2 {
+                let ttl = self.ttls.of(key.category).as_secs().max(1);
+                pipe.set_ex(key.redis_key(&l2.prefix), bytes.as_ref(), ttl).ignore();
+            }
+            self.l1.insert(key, bytes).await;
+        }
+        let Some(l2) = &self.l2 else { return };
+        let mut conn = l2.conn.clone();
+        if !matches!(
+            tokio::time::timeout(l2.timeout, pipe.query_async::<()>(&mut conn)).await,
+            Ok(Ok(()))
+        ) {
+            self.metrics.cache_errors.with_label_values(&["l2", "set"]).inc();
+        }
+    }
+
     /// Drops `keys` everywhere, now and once more shortly after (see the module comment).
     pub async fn invalidate(self: &Arc<Self>, keys: Vec<Key>) {
         if keys.is_empty() {

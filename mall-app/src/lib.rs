@@ -22,7 +22,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::net::TcpListener;
 
 use crate::cache::{Cache, CacheSettings, Key, Ttls};
@@ -126,13 +125,10 @@ async fn warm_up(state: AppState) {
             let ids = store::products::hottest_ids(&state.db, n).await?;
             let products = store::products::get_many(&state.db, &ids).await?;
             let count = products.len();
-            for p in products {
-                let bytes = Bytes::from(serde_json::to_vec(&p).expect("products serialize"));
-                state
-                    .cache
-                    .get_or_load(Key::product(p.id), || async move { Ok(Some(bytes)) })
-                    .await?;
-            }
+            state
+                .cache
+                .preload(products.into_iter().map(|p| (Key::product(p.id), p)))
+                .await;
             Ok::<usize, error::AppError>(count)
         }
         .await;

@@ -28,7 +28,14 @@ async fn admin_token(app: &TestApp) -> String {
 async fn catalog(backend: Backend) {
     let Some((app, _db)) = start(backend).await else { return };
 
+    // Warm-up preloaded the catalog without counting misses; the first read is already a hit.
+    assert_eq!(app.metric("cache_misses_total", r#"level="l1""#).await, 0.0);
     let r = app.get("/api/products/7", None).await;
+    assert_eq!(
+        app.metric("cache_hits_total", r#"category="product",level="l1""#).await,
+        1.0
+    );
+    assert_eq!(app.metric("cache_misses_total", r#"level="l1""#).await, 0.0);
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["id"], 7);
     assert_eq!(r.body["stock"], 100);

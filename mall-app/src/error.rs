@@ -92,6 +92,11 @@ impl IntoResponse for AppError {
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         headers.insert("cache-control", HeaderValue::from_static("no-store"));
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was never read, so the server drops this connection; saying
+            // so stops the client from reusing it for its next request and failing mid-send.
+            headers.insert("connection", HeaderValue::from_static("close"));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert("retry-after", HeaderValue::from_static("1"));
         }

@@ -268,6 +268,10 @@ async fn auth_and_bad_input(backend: Backend) {
         )
         .await;
     assert_eq!((r.status, r.code()), (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"));
+    assert_eq!(
+        r.headers["connection"], "close",
+        "the unread body ends the connection; clients must not reuse it"
+    );
     let r = app
         .post(
             "/api/orders",

@@ -1,1 +1,61 @@
-//! The pingora sidecar. Empty until the sidecar issue (#3) lands; it claims nothing yet.
+//! The mall sidecar: a pingora reverse proxy in front of mall app instances that caches, compresses,
+//! rate-limits and load-balances, configured by one TOML file (see `mall-sidecar-config`).
+
+pub mod cache;
+pub mod limits;
+pub mod metrics;
+pub mod proxy;
+pub mod services;
+pub mod state;
+pub mod upstreams;
+
+use std::path::PathBuf;
+
+use mall_sidecar_config::SidecarConfig;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+
+pub use mall_sidecar_config as config;
+
+/// Builds the pingora server for `config` and runs it until SIGTERM (graceful) or SIGINT (fast).
+pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let threads = match config.server.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let conf = ServerConf {
+        threads,
+        // The Drain service exits as soon as in-flight requests finish; this is only the cap.
+        grace_period_seconds: Some(config.server.shutdown_grace_seconds),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: config.upstream.keepalive_pool_size,
+        max_retries: config.upstream.retries + 1,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+
+    let listen = config.server.listen;
+    let admin_listen = config.server.admin_listen;
+    let shared = state::Shared::new(config, config_path);
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        proxy::MallProxy { shared: shared.clone() },
+        "mall sidecar",
+    );
+    proxy.add_tcp(&listen.to_string());
+
+    let mut admin = Service::new("admin".into(), services::Admin(shared.clone()));
+    admin.add_tcp(&admin_listen.to_string());
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(background_service("upstreams", services::Upstreams(shared.clone())));
+    server.add_service(background_service("reload", services::Reloader(shared.clone())));
+    server.add_service(background_service("drain", services::Drain(shared)));
+    tracing::info!(%listen, %admin_listen, threads, "sidecar starting");
+    server.run_forever();
+}

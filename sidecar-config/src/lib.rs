@@ -1,0 +1,723 @@
+//! The sidecar's configuration: one TOML document, typed and validated here so that the sidecar
+//! (which parses it) and the operator (which renders it into a ConfigMap) share one schema without
+//! the operator pulling in pingora.
+//!
+//! Every number has a default with its reason next to it. Environment variables override any field:
+//! `SIDECAR__CACHE__MAX_BYTES=1048576` sets `cache.max_bytes` (path segments joined by `__`, values
+//! parsed as TOML and taken as a string when they do not parse).
+
+mod net;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use net::Cidr;
+
+/// The prefix of environment variables that override fields of the file.
+pub const ENV_PREFIX: &str = "SIDECAR__";
+
+/// A configuration that failed to load, naming the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid { field: field.into(), message: message.into() }
+    }
+}
+
+/// The whole sidecar configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SidecarConfig {
+    pub server: Server,
+    pub upstream: Upstream,
+    pub cache: Cache,
+    pub compression: Compression,
+    pub rate_limit: RateLimit,
+    pub access_log: AccessLog,
+}
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        SidecarConfig {
+            server: Server::default(),
+            upstream: Upstream::default(),
+            cache: Cache::default(),
+            compression: Compression::default(),
+            rate_limit: RateLimit::default(),
+            access_log: AccessLog::default(),
+        }
+    }
+}
+
+/// Listening sockets, threads, request size limits and shutdown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// `/metrics`, `/health` and `/ready`; keep it off the public Service.
+    pub admin_listen: SocketAddr,
+    /// Proxy worker threads; 0 means one per available CPU (the operator sets it from the CPU limit).
+    pub threads: usize,
+    /// In-flight requests get this long to finish on SIGTERM. Kubernetes kills at 30 s by default,
+    /// so the default leaves room for the pod's preStop and the app's own drain.
+    pub shutdown_grace_seconds: u64,
+    /// Largest request header block accepted; larger is 431.
+    pub max_request_header_bytes: usize,
+    /// Largest request body accepted; larger is 413 (the app's own default limit is 1 MiB).
+    pub max_request_body_bytes: u64,
+    /// How long an idle client keep-alive connection is kept.
+    pub keepalive_timeout_seconds: u64,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: ([0, 0, 0, 0], 8080).into(),
+            admin_listen: ([0, 0, 0, 0], 9901).into(),
+            threads: 0,
+            shutdown_grace_seconds: 20,
+            max_request_header_bytes: 16 * 1024,
+            max_request_body_bytes: 1024 * 1024,
+            keepalive_timeout_seconds: 60,
+        }
+    }
+}
+
+/// How app instances are found and chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    /// A static list of app instances. Used when `dns` is not set.
+    pub servers: Vec<UpstreamServer>,
+    /// A DNS name re-resolved periodically (a headless Service); replaces `servers` when set.
+    pub dns: Option<DnsDiscovery>,
+    pub balance: Balance,
+    /// Connecting to an instance gives up after this long (then the next instance is tried).
+    pub connect_timeout_ms: u64,
+    /// A response must start within this long; the app's slowest path (an order) is far below it.
+    pub read_timeout_ms: u64,
+    /// Idempotent requests (GET, HEAD, PUT, DELETE, OPTIONS) are retried on another instance this
+    /// many times when the connection fails.
+    pub retries: usize,
+    /// Idle keep-alive connections kept to the instances, shared by all of them.
+    pub keepalive_pool_size: usize,
+    pub health_check: HealthCheck,
+    pub passive: PassiveEjection,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            servers: vec![UpstreamServer { address: "127.0.0.1:3000".into(), weight: 1 }],
+            dns: None,
+            balance: Balance::RoundRobin,
+            connect_timeout_ms: 1_000,
+            read_timeout_ms: 30_000,
+            retries: 2,
+            keepalive_pool_size: 128,
+            health_check: HealthCheck::default(),
+            passive: PassiveEjection::default(),
+        }
+    }
+}
+
+/// One app instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamServer {
+    /// `ip:port`.
+    pub address: String,
+    /// Relative share of traffic for `weighted`, `least_connections` and `consistent_hash`.
+    #[serde(default = "one")]
+    pub weight: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Instances found through DNS: every A/AAAA record of `name`, on `port`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsDiscovery {
+    pub name: String,
+    pub port: u16,
+    /// Pods come and go; ten seconds matches the default headless-Service record TTL order.
+    #[serde(default = "ten")]
+    pub refresh_seconds: u64,
+}
+
+fn ten() -> u64 {
+    10
+}
+
+/// The balancing algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each instance in turn, weights ignored.
+    RoundRobin,
+    /// Round robin in proportion to `weight`.
+    Weighted,
+    /// Ketama hashing of the cache key, so each instance's in-process cache stays hot.
+    ConsistentHash,
+    /// The instance with the fewest requests in flight (relative to its weight).
+    LeastConnections,
+}
+
+/// Active health checks: `GET path` on every instance every `interval_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive successes before an unhealthy instance takes traffic again.
+    pub healthy_threshold: u32,
+    /// Consecutive failures before an instance stops taking traffic.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            path: "/health".into(),
+            interval_ms: 2_000,
+            timeout_ms: 1_000,
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+/// Passive ejection: an instance that refuses connections is taken out at once, without waiting
+/// for the next active check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveEjection {
+    pub enabled: bool,
+    /// Connection failures in a row that eject an instance.
+    pub failures: u32,
+    /// How long an ejected instance stays out (an active check success also brings it back).
+    pub eject_seconds: u64,
+}
+
+impl Default for PassiveEjection {
+    fn default() -> Self {
+        PassiveEjection { enabled: true, failures: 1, eject_seconds: 10 }
+    }
+}
+
+/// The response cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cache {
+    pub enabled: bool,
+    /// Bytes of headers and bodies kept in memory; the least valuable entries are evicted (TinyLFU).
+    /// Changing it needs a restart; every other cache field reloads.
+    pub max_bytes: u64,
+    /// Responses larger than this are passed through and not stored.
+    pub max_object_bytes: usize,
+    /// Concurrent misses on one key wait this long for the first one's response before going to the
+    /// upstream themselves.
+    pub lock_timeout_ms: u64,
+    /// Serve a stale entry while one background request refreshes it, for this long after expiry.
+    pub stale_while_revalidate_seconds: u32,
+    /// Serve a stale entry when the upstream fails, for this long after expiry.
+    pub stale_if_error_seconds: u32,
+    /// Request headers that select a different cached body; they are part of the key and forwarded.
+    /// Every other request header except the request id and tracing is dropped on cacheable
+    /// requests, so no unkeyed header can change a cached body.
+    pub key_headers: Vec<String>,
+    /// Per-route rules; the first whose prefix matches applies. A route with no rule is cached only
+    /// when the upstream's `Cache-Control` gives it a lifetime.
+    pub rules: Vec<CacheRule>,
+    pub purge: Purge,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            enabled: true,
+            max_bytes: 64 * 1024 * 1024,
+            max_object_bytes: 1024 * 1024,
+            lock_timeout_ms: 3_000,
+            stale_while_revalidate_seconds: 10,
+            stale_if_error_seconds: 300,
+            key_headers: Vec::new(),
+            rules: CacheRule::seed_defaults(),
+            purge: Purge::default(),
+        }
+    }
+}
+
+/// A caching rule for the routes under `path_prefix`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    pub path_prefix: String,
+    /// Lifetime when the upstream's `Cache-Control` gives none; 0 never caches the route.
+    pub ttl_seconds: u64,
+    /// Use `ttl_seconds` even when the upstream gives a lifetime (`no-store` and `private` still win).
+    #[serde(default)]
+    pub override_upstream: bool,
+    /// Cache responses to requests that carry `Authorization` or `Cookie` (shared by every caller).
+    #[serde(default)]
+    pub cache_authorized: bool,
+}
+
+impl CacheRule {
+    /// Seed 000's categories: goods 10 min, users 30 min, orders 5 min. Users and orders are per
+    /// caller and carry `Authorization`, so they are only cached if an operator says so.
+    pub fn seed_defaults() -> Vec<CacheRule> {
+        vec![CacheRule {
+            path_prefix: "/api/products".into(),
+            ttl_seconds: 600,
+            override_upstream: false,
+            cache_authorized: false,
+        }]
+    }
+}
+
+/// Who may purge: `PURGE /path` from an address in `allow_from`, or with `Authorization: Bearer
+/// <token>` matching one of `tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Purge {
+    pub allow_from: Vec<Cidr>,
+    pub tokens: Vec<String>,
+}
+
+impl Default for Purge {
+    fn default() -> Self {
+        Purge { allow_from: vec!["127.0.0.1/32".parse().expect("valid"), "::1/128".parse().expect("valid")], tokens: Vec::new() }
+    }
+}
+
+/// Response compression (gzip, brotli, zstd; the client's preference wins).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Compression {
+    pub enabled: bool,
+    /// Seed 000: compressing less than 1 KB saves little and costs a header and CPU.
+    pub min_bytes: usize,
+    /// 1 (fast) to 9 (small); 6 is gzip's own default balance.
+    pub level: u32,
+    /// Content types (prefix match, parameters ignored) worth compressing.
+    pub content_types: Vec<String>,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression {
+            enabled: true,
+            min_bytes: 1024,
+            level: 6,
+            content_types: ["application/json", "text/", "application/javascript", "image/svg+xml", "application/xml"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+/// Rate limits (GCRA, a token bucket without a refill timer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimit {
+    pub enabled: bool,
+    /// What a limit counts per: the client address, or a request header (an API key, a user id).
+    pub key: LimitKey,
+    /// `X-Forwarded-For` is believed only from these peers (the ingress, the node's proxy).
+    pub trusted_proxies: Vec<Cidr>,
+    /// The first rule whose prefix (and method, when given) matches applies; no match, no limit.
+    pub rules: Vec<LimitRule>,
+    /// Limits shared by every pod through Redis; local limits take over while Redis is down.
+    pub redis: Option<RedisLimits>,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            enabled: true,
+            key: LimitKey::ClientIp,
+            trusted_proxies: Vec::new(),
+            rules: vec![
+                LimitRule {
+                    name: "orders".into(),
+                    path_prefix: "/api/orders".into(),
+                    methods: vec!["POST".into()],
+                    requests_per_second: 20.0,
+                    burst: 40,
+                },
+                LimitRule {
+                    name: "api".into(),
+                    path_prefix: "/api/".into(),
+                    methods: Vec::new(),
+                    requests_per_second: 500.0,
+                    burst: 1000,
+                },
+            ],
+            redis: None,
+        }
+    }
+}
+
+/// The key a limit counts per.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKey {
+    ClientIp,
+    /// A request header; requests without it are counted by client address.
+    Header(String),
+}
+
+/// One limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRule {
+    /// Used in metrics and in the `RateLimit-Policy` header.
+    pub name: String,
+    pub path_prefix: String,
+    /// Empty means every method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Sustained rate per key.
+    pub requests_per_second: f64,
+    /// Requests a key may make at once above the sustained rate.
+    pub burst: u32,
+}
+
+/// Global limits through Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisLimits {
+    pub url: String,
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+    /// A Redis slower than this counts as down for that request (local limits decide).
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_redis_prefix() -> String {
+    "sidecar:rl".into()
+}
+
+fn default_redis_timeout() -> u64 {
+    50
+}
+
+/// The JSON access log on stdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLog {
+    pub enabled: bool,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog { enabled: true }
+    }
+}
+
+impl SidecarConfig {
+    /// Reads, overrides from the process environment, and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), message: e.to_string() })?;
+        Self::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses `text` (named `origin` in errors), applies `SIDECAR__*` overrides from `env`, and
+    /// validates.
+    pub fn from_toml_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
+        for (var, value) in env {
+            if let Some(path) = var.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut table, &var, path, &value)?;
+            }
+        }
+        let config: SidecarConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates without looking at the environment.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_with_env(text, "config", std::iter::empty())
+    }
+
+    /// The document the sidecar reads: what the operator writes into the ConfigMap.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config types serialise to TOML")
+    }
+
+    /// Checks what the types cannot: ranges, addresses, duplicates, cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.shutdown_grace_seconds == 0 || s.shutdown_grace_seconds >= 30 {
+            return Err(ConfigError::invalid(
+                "server.shutdown_grace_seconds",
+                "must be 1..=29: Kubernetes kills the pod 30 s after SIGTERM",
+            ));
+        }
+        if s.listen == s.admin_listen {
+            return Err(ConfigError::invalid("server.admin_listen", "must differ from server.listen"));
+        }
+        if s.max_request_header_bytes < 1024 {
+            return Err(ConfigError::invalid("server.max_request_header_bytes", "must be at least 1024"));
+        }
+        if s.max_request_body_bytes == 0 {
+            return Err(ConfigError::invalid("server.max_request_body_bytes", "must be positive"));
+        }
+
+        let u = &self.upstream;
+        match &u.dns {
+            Some(dns) => {
+                if dns.name.trim().is_empty() {
+                    return Err(ConfigError::invalid("upstream.dns.name", "must not be empty"));
+                }
+                if dns.port == 0 {
+                    return Err(ConfigError::invalid("upstream.dns.port", "must be 1..=65535"));
+                }
+                if dns.refresh_seconds == 0 {
+                    return Err(ConfigError::invalid("upstream.dns.refresh_seconds", "must be positive"));
+                }
+            }
+            None if u.servers.is_empty() => {
+                return Err(ConfigError::invalid("upstream.servers", "list at least one `ip:port`, or set upstream.dns"))
+            }
+            None => {}
+        }
+        let mut seen = HashSet::new();
+        for (i, server) in u.servers.iter().enumerate() {
+            let addr: SocketAddr = server.address.parse().map_err(|_| {
+                ConfigError::invalid(format!("upstream.servers[{i}].address"), format!("`{}` is not ip:port", server.address))
+            })?;
+            if !seen.insert(addr) {
+                return Err(ConfigError::invalid(format!("upstream.servers[{i}].address"), "listed twice"));
+            }
+            if server.weight == 0 || server.weight > 1000 {
+                return Err(ConfigError::invalid(format!("upstream.servers[{i}].weight"), "must be 1..=1000"));
+            }
+        }
+        positive("upstream.connect_timeout_ms", u.connect_timeout_ms)?;
+        positive("upstream.read_timeout_ms", u.read_timeout_ms)?;
+        if u.retries > 10 {
+            return Err(ConfigError::invalid("upstream.retries", "must be 0..=10"));
+        }
+        let h = &u.health_check;
+        if !h.path.starts_with('/') {
+            return Err(ConfigError::invalid("upstream.health_check.path", "must start with `/`"));
+        }
+        positive("upstream.health_check.interval_ms", h.interval_ms)?;
+        positive("upstream.health_check.timeout_ms", h.timeout_ms)?;
+        positive("upstream.health_check.healthy_threshold", h.healthy_threshold.into())?;
+        positive("upstream.health_check.unhealthy_threshold", h.unhealthy_threshold.into())?;
+        if u.passive.enabled {
+            positive("upstream.passive.failures", u.passive.failures.into())?;
+            positive("upstream.passive.eject_seconds", u.passive.eject_seconds)?;
+        }
+
+        let c = &self.cache;
+        if c.enabled {
+            if c.max_bytes < 1024 * 1024 {
+                return Err(ConfigError::invalid("cache.max_bytes", "must be at least 1 MiB"));
+            }
+            if c.max_object_bytes == 0 || c.max_object_bytes as u64 > c.max_bytes / 4 {
+                return Err(ConfigError::invalid("cache.max_object_bytes", "must be positive and at most max_bytes / 4"));
+            }
+            positive("cache.lock_timeout_ms", c.lock_timeout_ms)?;
+        }
+        for (i, name) in c.key_headers.iter().enumerate() {
+            if http_token(name).is_none() {
+                return Err(ConfigError::invalid(format!("cache.key_headers[{i}]"), format!("`{name}` is not a header name")));
+            }
+        }
+        for (i, rule) in c.rules.iter().enumerate() {
+            if !rule.path_prefix.starts_with('/') {
+                return Err(ConfigError::invalid(format!("cache.rules[{i}].path_prefix"), "must start with `/`"));
+            }
+        }
+        for (i, token) in c.purge.tokens.iter().enumerate() {
+            if token.len() < 16 {
+                return Err(ConfigError::invalid(format!("cache.purge.tokens[{i}]"), "must be at least 16 characters"));
+            }
+        }
+
+        let z = &self.compression;
+        if !(1..=9).contains(&z.level) {
+            return Err(ConfigError::invalid("compression.level", "must be 1..=9"));
+        }
+        if z.enabled && z.content_types.is_empty() {
+            return Err(ConfigError::invalid("compression.content_types", "must list at least one type when enabled"));
+        }
+
+        let r = &self.rate_limit;
+        if let LimitKey::Header(name) = &r.key {
+            if http_token(name).is_none() {
+                return Err(ConfigError::invalid("rate_limit.key.header", format!("`{name}` is not a header name")));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, rule) in r.rules.iter().enumerate() {
+            if rule.name.is_empty() || !rule.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].name"), "must be non-empty [A-Za-z0-9_-]"));
+            }
+            if !names.insert(rule.name.as_str()) {
+                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].name"), "used twice"));
+            }
+            if !rule.path_prefix.starts_with('/') {
+                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].path_prefix"), "must start with `/`"));
+            }
+            if !(rule.requests_per_second.is_finite() && rule.requests_per_second > 0.0) {
+                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].requests_per_second"), "must be positive"));
+            }
+            if rule.burst == 0 {
+                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].burst"), "must be at least 1"));
+            }
+            for (j, method) in rule.methods.iter().enumerate() {
+                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(ConfigError::invalid(
+                        format!("rate_limit.rules[{i}].methods[{j}]"),
+                        "must be an upper-case method such as POST",
+                    ));
+                }
+            }
+        }
+        if let Some(redis) = &r.redis {
+            if !(redis.url.starts_with("redis://") || redis.url.starts_with("rediss://")) {
+                return Err(ConfigError::invalid("rate_limit.redis.url", "must start with redis:// or rediss://"));
+            }
+            positive("rate_limit.redis.timeout_ms", redis.timeout_ms)?;
+        }
+        Ok(())
+    }
+}
+
+fn positive(field: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(ConfigError::invalid(field, "must be positive"))
+    } else {
+        Ok(())
+    }
+}
+
+/// `Some(name)` when `name` is a valid HTTP header name.
+fn http_token(name: &str) -> Option<&str> {
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    ok.then_some(name)
+}
+
+/// Sets `path` (segments separated by `__`, case-insensitive) in `table` to `raw`.
+fn apply_override(table: &mut toml::Table, var: &str, path: &str, raw: &str) -> Result<(), ConfigError> {
+    let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    if segments.iter().any(String::is_empty) {
+        return Err(ConfigError::Env { var: var.into(), message: "empty path segment".into() });
+    }
+    // `SIDECAR__X=5` is the integer 5, `[1, 2]` an array, anything that is not TOML a string.
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let (last, parents) = segments.split_last().expect("at least one segment");
+    let mut node = table;
+    for segment in parents {
+        let entry = node.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(ConfigError::Env { var: var.into(), message: format!("`{segment}` is not a section") }),
+        };
+    }
+    node.insert(last.clone(), value);
+    Ok(())
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::Weighted => "weighted",
+            Balance::ConsistentHash => "consistent_hash",
+            Balance::LeastConnections => "least_connections",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        SidecarConfig::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let config = SidecarConfig::default();
+        config.validate().unwrap();
+        let text = config.to_toml();
+        assert_eq!(SidecarConfig::from_toml(&text).unwrap(), config);
+        assert_eq!(SidecarConfig::from_toml("").unwrap(), config);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(err("[cache]\nmax_bytez = 1").contains("max_bytez"), "{}", err("[cache]\nmax_bytez = 1"));
+        assert!(err("[server]\nshutdown_grace_seconds = 300").contains("server.shutdown_grace_seconds"));
+        assert!(err("[server]\nthreads = \"two\"").contains("threads"));
+        let bad_addr = "[upstream]\nservers = [{ address = \"127.0.0.1:1\" }, { address = \"nope\" }]";
+        assert!(err(bad_addr).contains("upstream.servers[1].address"), "{}", err(bad_addr));
+        let bad_rate = "[[rate_limit.rules]]\nname = \"x\"\npath_prefix = \"/\"\nrequests_per_second = 0\nburst = 1";
+        assert!(err(bad_rate).contains("rate_limit.rules[0].requests_per_second"), "{}", err(bad_rate));
+        assert!(err("[cache.purge]\ntokens = [\"short\"]").contains("cache.purge.tokens[0]"));
+        assert!(err("[rate_limit.key]\nheader = \"bad header\"").contains("rate_limit.key.header"));
+        assert!(err("[upstream]\nbalance = \"fastest\"").contains("fastest"));
+        assert!(err("[[").contains("config"));
+    }
+
+    #[test]
+    fn environment_overrides_any_field() {
+        let env = [
+            ("SIDECAR__CACHE__MAX_BYTES".to_string(), "8388608".to_string()),
+            ("SIDECAR__UPSTREAM__BALANCE".to_string(), "least_connections".to_string()),
+            ("SIDECAR__SERVER__LISTEN".to_string(), "127.0.0.1:1234".to_string()),
+            ("SIDECAR__RATE_LIMIT__REDIS__URL".to_string(), "redis://127.0.0.1:6379".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let config = SidecarConfig::from_toml_with_env("[cache]\nmax_bytes = 9999999", "f", env).unwrap();
+        assert_eq!(config.cache.max_bytes, 8 * 1024 * 1024);
+        assert_eq!(config.upstream.balance, Balance::LeastConnections);
+        assert_eq!(config.server.listen, "127.0.0.1:1234".parse().unwrap());
+        let redis = config.rate_limit.redis.unwrap();
+        assert_eq!((redis.url.as_str(), redis.timeout_ms), ("redis://127.0.0.1:6379", 50));
+
+        let bad = SidecarConfig::from_toml_with_env("", "f", [("SIDECAR__CACHE__MAX_BYTES".into(), "lots".into())]);
+        assert!(bad.unwrap_err().to_string().contains("max_bytes"));
+    }
+}

@@ -1,0 +1,471 @@
+//! The proxy: one `ProxyHttp` whose hooks read in request order. Limits and size checks first, then
+//! the cache, then the upstream, then response headers (cache status, limits, compression), then
+//! metrics and the access log. Each concern's decisions live in its own module.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_cache::{CachePhase, CacheKey, CacheMeta, CacheOptionOverrides, RespCacheable};
+use pingora_core::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
+use pingora_core::modules::http::HttpModules;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, PurgeStatus, Session};
+
+use crate::limits::Decision;
+use crate::state::{Live, Shared};
+use crate::upstreams::Lease;
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization"];
+
+pub struct MallProxy {
+    pub shared: Arc<Shared>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    live: Arc<Live>,
+    started: Instant,
+    _in_flight: InFlight,
+    request_id: String,
+    route: String,
+    client_ip: Option<IpAddr>,
+    cacheable: bool,
+    purge: bool,
+    limit: Option<Decision>,
+    lease: Option<Lease>,
+    tried: Vec<SocketAddr>,
+    upstream_sent: Option<Instant>,
+    request_body_bytes: u64,
+    response_body_bytes: u64,
+    cache_result: &'static str,
+}
+
+/// Counts a client request from its first hook to its context being dropped.
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.in_flight.dec();
+    }
+}
+
+impl MallProxy {
+    fn is_idempotent(session: &Session) -> bool {
+        session.req_header().method.is_idempotent()
+    }
+
+    /// Writes a small JSON response of our own (never compressed, so no Vary games).
+    async fn reply(session: &mut Session, status: u16, code: &str, message: &str, extra: &[(&str, String)]) -> Result<()> {
+        if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
+            if c.is_header_phase() {
+                c.adjust_level(0);
+                c.adjust_decompression(false);
+            }
+        }
+        let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        resp.insert_header("cache-control", "no-store")?;
+        for (name, value) in extra {
+            resp.insert_header(name.to_string(), value.as_str())?;
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(Bytes::from(body)), true).await
+    }
+
+    fn label_route(live: &Live, path: &str) -> String {
+        live.routes.iter().filter(|p| path.starts_with(p.as_str())).max_by_key(|p| p.len()).cloned().unwrap_or_else(|| "other".into())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for MallProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.shared.metrics.in_flight.inc();
+        Ctx {
+            live: self.shared.live.load_full(),
+            started: Instant::now(),
+            _in_flight: InFlight(self.shared.clone()),
+            request_id: String::new(),
+            route: String::new(),
+            client_ip: None,
+            cacheable: false,
+            purge: false,
+            limit: None,
+            lease: None,
+            tried: Vec::new(),
+            upstream_sent: None,
+            request_body_bytes: 0,
+            response_body_bytes: 0,
+            cache_result: "BYPASS",
+        }
+    }
+
+    fn init_downstream_modules(&self, modules: &mut HttpModules) {
+        // Enabled with the configured level; each response then decides (min size, type).
+        let level = self.shared.live.load().config.compression.level;
+        modules.add_module(ResponseCompressionBuilder::enable(level));
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let live = ctx.live.clone();
+        let server = &live.config.server;
+        if self.shared.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(server.keepalive_timeout_seconds));
+        }
+        let req = session.req_header();
+        ctx.route = Self::label_route(&live, req.uri.path());
+        ctx.request_id = req
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_string)
+            .unwrap_or_else(crate::state::new_request_id);
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let forwarded_for = req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        ctx.client_ip = live.limiter.client_ip(peer, forwarded_for);
+
+        // Sizes: the header block, then the declared body (a chunked body is counted as it comes).
+        let header_bytes: usize =
+            req.uri.to_string().len() + req.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
+        if header_bytes > server.max_request_header_bytes {
+            session.set_keepalive(None);
+            Self::reply(session, 431, "headers_too_large", "request headers exceed server.max_request_header_bytes", &[]).await?;
+            return Ok(true);
+        }
+        let declared = req.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > server.max_request_body_bytes) {
+            session.set_keepalive(None);
+            Self::reply(session, 413, "body_too_large", "request body exceeds server.max_request_body_bytes", &[]).await?;
+            return Ok(true);
+        }
+
+        if req.method.as_str() == "PURGE" {
+            let authorization = req.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            if !live.cache.purge_allowed(peer, authorization) {
+                self.shared.metrics.cache_purges.with_label_values(&["refused"]).inc();
+                Self::reply(session, 403, "purge_forbidden", "PURGE needs an allowed source address or a purge token", &[]).await?;
+                return Ok(true);
+            }
+            ctx.purge = true;
+            return Ok(false);
+        }
+
+        let key = match live.limiter.key_header() {
+            Some(header) => req.headers.get(header).and_then(|v| v.to_str().ok()).map(|v| format!("h:{v}")),
+            None => None,
+        }
+        .or_else(|| ctx.client_ip.map(|ip| format!("ip:{ip}")))
+        .unwrap_or_else(|| "unknown".into());
+        let (method, path) = (req.method.as_str().to_string(), req.uri.path().to_string());
+        if let Some(decision) = live.limiter.check(&method, &path, &key).await {
+            if !decision.allowed {
+                let retry = decision.retry_after_secs.to_string();
+                let headers = [
+                    ("retry-after", retry.clone()),
+                    ("ratelimit-limit", decision.limit.to_string()),
+                    ("ratelimit-remaining", "0".to_string()),
+                    ("ratelimit-reset", retry),
+                    ("ratelimit-policy", decision.policy.to_string()),
+                    ("x-request-id", ctx.request_id.clone()),
+                ];
+                let message = format!("rate limit `{}` exceeded; retry after {} s", decision.rule, decision.retry_after_secs);
+                Self::reply(session, 429, "rate_limited", &message, &headers).await?;
+                return Ok(true);
+            }
+            ctx.limit = Some(decision);
+        }
+        Ok(false)
+    }
+
+    async fn request_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut Ctx) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.request_body_bytes += chunk.len() as u64;
+            if ctx.request_body_bytes > ctx.live.config.server.max_request_body_bytes {
+                return Error::e_explain(ErrorType::HTTPStatus(413), "request body exceeds server.max_request_body_bytes");
+            }
+        }
+        Ok(())
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let policy = &ctx.live.cache;
+        ctx.cacheable = policy.request_cacheable(session.req_header());
+        if ctx.cacheable || ctx.purge {
+            let mut overrides = CacheOptionOverrides::default();
+            overrides.wait_timeout = Some(policy.lock_timeout);
+            session.cache.enable(self.shared.store, None, None, Some(self.shared.cache_lock), Some(overrides));
+            session.cache.set_max_file_size_bytes(policy.max_object_bytes);
+        }
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+        Ok(ctx.live.cache.key(session.req_header()))
+    }
+
+    fn is_purge(&self, _session: &Session, ctx: &Ctx) -> bool {
+        ctx.purge
+    }
+
+    fn purge_response_filter(
+        &self,
+        _session: &Session,
+        ctx: &mut Ctx,
+        status: PurgeStatus,
+        _response: &mut std::borrow::Cow<'static, ResponseHeader>,
+    ) -> Result<()> {
+        let outcome = match status {
+            PurgeStatus::Found => "purged",
+            PurgeStatus::NotFound => "not_found",
+            _ => "error",
+        };
+        self.shared.metrics.cache_purges.with_label_values(&[outcome]).inc();
+        ctx.cache_result = "PURGE";
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let upstream = &ctx.live.config.upstream;
+        // Consistent hashing uses the cache key so a product always lands on the instance whose
+        // in-process cache already holds it.
+        let key = ctx.live.cache.key(session.req_header());
+        let lease = self.shared.pool.select(key.primary_key(), &ctx.tried);
+        let Some(lease) = lease else {
+            self.shared.metrics.no_healthy_upstream.inc();
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy upstream instance");
+        };
+        let addr = lease.instance.addr;
+        if !ctx.tried.is_empty() {
+            self.shared.metrics.upstream_retries.inc();
+        }
+        ctx.tried.push(addr);
+        ctx.lease = Some(lease);
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(Duration::from_millis(upstream.connect_timeout_ms));
+        peer.options.read_timeout = Some(Duration::from_millis(upstream.read_timeout_ms));
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(&self, session: &mut Session, peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+        if let Some(addr) = peer._address.as_inet() {
+            self.shared.pool.report_connect_failure(*addr);
+        }
+        // Nothing reached the app, so any method could be retried; we keep to idempotent ones so
+        // a half-open connection never duplicates an order.
+        let retries_left = ctx.tried.len() <= ctx.live.config.upstream.retries;
+        if Self::is_idempotent(session) && retries_left {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(addr) = peer._address.as_inet() {
+            self.shared.pool.report_connected(*addr);
+        }
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn upstream_request_filter(&self, session: &mut Session, upstream: &mut RequestHeader, ctx: &mut Ctx) -> Result<()> {
+        for name in HOP_BY_HOP {
+            upstream.remove_header(name);
+        }
+        // The sidecar owns compression: the app sends identity bytes, one cached object serves all.
+        upstream.remove_header("accept-encoding");
+        if ctx.cacheable {
+            ctx.live.cache.strip_unkeyed_headers(upstream);
+        }
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let peer_trusted = peer.is_some_and(|ip| ctx.live.config.rate_limit.trusted_proxies.iter().any(|c| c.contains(ip)));
+        let prior = upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let forwarded = match (peer, prior) {
+            (Some(ip), Some(prior)) if peer_trusted => format!("{prior}, {ip}"),
+            (Some(ip), _) => ip.to_string(),
+            (None, prior) => prior.unwrap_or_default(),
+        };
+        if !forwarded.is_empty() {
+            upstream.insert_header("x-forwarded-for", forwarded)?;
+        }
+        let proto = upstream.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let proto = match proto {
+            Some(p) if peer_trusted && (p == "https" || p == "http") => p,
+            _ => "http".to_string(),
+        };
+        upstream.insert_header("x-forwarded-proto", proto)?;
+        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    fn response_cache_filter(&self, session: &Session, resp: &ResponseHeader, ctx: &mut Ctx) -> Result<RespCacheable> {
+        Ok(ctx.live.cache.response_cacheable(session.req_header().uri.path(), resp))
+    }
+
+    fn cache_vary_filter(&self, meta: &CacheMeta, ctx: &mut Ctx, req: &RequestHeader) -> Option<pingora_cache::key::HashBinary> {
+        ctx.live.cache.variance(meta, req)
+    }
+
+    fn should_serve_stale(&self, _session: &mut Session, _ctx: &mut Ctx, error: Option<&Error>) -> bool {
+        match error {
+            // stale-while-revalidate: pingora has already checked the entry's window.
+            None => true,
+            // stale-if-error: the upstream failed or answered 5xx.
+            Some(e) => matches!(e.etype(), ErrorType::HTTPStatus(code) if *code >= 500) || e.esource() == &ErrorSource::Upstream,
+        }
+    }
+
+    async fn upstream_response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        if let (Some(sent), Some(lease)) = (ctx.upstream_sent, &ctx.lease) {
+            self.shared.metrics.upstream_latency.with_label_values(&[lease.instance.label()]).observe(sent.elapsed().as_secs_f64());
+        }
+        for name in ["connection", "keep-alive", "proxy-connection", "trailer", "upgrade"] {
+            resp.remove_header(name);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        if ctx.cache_result != "PURGE" {
+            ctx.cache_result = match session.cache.phase() {
+                CachePhase::Hit | CachePhase::Revalidated => "HIT",
+                CachePhase::Stale | CachePhase::StaleUpdating => "STALE",
+                CachePhase::Miss | CachePhase::Expired | CachePhase::RevalidatedNoCache(_) => "MISS",
+                _ => "BYPASS",
+            };
+        }
+        resp.insert_header("x-cache", ctx.cache_result)?;
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(limit) = &ctx.limit {
+            resp.insert_header("ratelimit-limit", limit.limit.to_string())?;
+            resp.insert_header("ratelimit-remaining", limit.remaining.to_string())?;
+            resp.insert_header("ratelimit-reset", limit.reset_secs.to_string())?;
+            resp.insert_header("ratelimit-policy", &*limit.policy)?;
+        }
+        if self.shared.draining.load(Ordering::Relaxed) {
+            resp.insert_header("connection", "close")?;
+        }
+
+        // Compression: pingora's module does the work; we decide whether this response qualifies.
+        let z = &ctx.live.config.compression;
+        let length = resp.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let content_type = resp.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let qualifies = z.enabled
+            && length.is_none_or(|len| len >= z.min_bytes)
+            && z.content_types.iter().any(|t| media.starts_with(t.as_str()));
+        if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
+            if c.is_header_phase() {
+                c.adjust_level(if qualifies { z.level } else { 0 });
+                c.adjust_decompression(false);
+            }
+        }
+        if qualifies {
+            // Even a client that takes identity must know the bytes depend on Accept-Encoding.
+            let vary = resp.headers.get(http::header::VARY).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            if !vary.to_ascii_lowercase().contains("accept-encoding") {
+                let value = if vary.is_empty() { "Accept-Encoding".to_string() } else { format!("{vary}, Accept-Encoding") };
+                resp.insert_header(http::header::VARY, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut Ctx) -> Result<Option<Duration>> {
+        if let Some(chunk) = body {
+            ctx.response_body_bytes += chunk.len() as u64;
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let (code, kind, message) = match e.etype() {
+            ErrorType::HTTPStatus(503) => (503, "no_healthy_upstream", "no app instance is available; retry shortly"),
+            ErrorType::HTTPStatus(413) => (413, "body_too_large", "request body exceeds server.max_request_body_bytes"),
+            ErrorType::HTTPStatus(code) if *code >= 400 => (*code, "proxy_error", "the request could not be proxied"),
+            _ => match e.esource() {
+                ErrorSource::Upstream => (502, "bad_gateway", "the app instance failed to answer"),
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => (0, "", ""),
+                    _ => (400, "bad_request", "the request could not be read"),
+                },
+                _ => (500, "internal", "the proxy failed"),
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            let retry = [("retry-after", "1".to_string()), ("x-request-id", ctx.request_id.clone())];
+            let extra: &[(&str, String)] = if code == 503 { &retry } else { &retry[1..] };
+            if let Err(err) = Self::reply(session, code, kind, message, extra).await {
+                tracing::debug!(error = %err, "could not send the error response");
+            }
+        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let m = &self.shared.metrics;
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let method = session.req_header().method.as_str().to_string();
+        m.requests.with_label_values(&[&ctx.route, &method, &status.to_string()]).inc();
+        if ctx.cacheable || ctx.cache_result != "BYPASS" {
+            m.cache_results.with_label_values(&[ctx.cache_result]).inc();
+        } else {
+            m.cache_results.with_label_values(&["BYPASS"]).inc();
+        }
+        m.bytes_in.inc_by(ctx.request_body_bytes);
+        m.bytes_out.inc_by(ctx.response_body_bytes);
+        let mut encoding = None;
+        if let Some(c) = session.downstream_modules_ctx.get::<ResponseCompression>() {
+            if let Some((algorithm, bytes_in, bytes_out, _)) = c.get_info() {
+                m.compression_saved.with_label_values(&[algorithm]).inc_by(bytes_in.saturating_sub(bytes_out) as u64);
+                encoding = Some(algorithm);
+            }
+        }
+        if ctx.live.config.access_log.enabled {
+            let req = session.req_header();
+            tracing::info!(
+                target: "access",
+                request_id = %ctx.request_id,
+                client = ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                method = %method,
+                path = req.uri.path(),
+                query = req.uri.query().unwrap_or(""),
+                status,
+                cache = ctx.cache_result,
+                upstream = ctx.lease.as_ref().map(|l| l.instance.label()).unwrap_or(""),
+                attempts = ctx.tried.len(),
+                encoding = encoding.unwrap_or("identity"),
+                bytes_out = ctx.response_body_bytes,
+                duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+                error = e.map(|e| e.to_string()).unwrap_or_default(),
+            );
+        }
+        ctx.lease = None;
+    }
+}

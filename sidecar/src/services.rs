@@ -1,0 +1,135 @@
+//! Background work, run as pingora background services: active health checks, DNS refresh,
+//! configuration reload (SIGHUP and file change), the admin endpoints, and the bounded drain on
+//! shutdown.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use http::Response;
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use crate::state::Shared;
+
+/// Health checks every `upstream.health_check.interval_ms`, DNS every `upstream.dns.refresh_seconds`.
+pub struct Upstreams(pub Arc<Shared>);
+
+#[async_trait]
+impl BackgroundService for Upstreams {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let shared = &self.0;
+        let mut next_dns = Instant::now();
+        loop {
+            let config = shared.live.load().config.upstream.clone();
+            if let Some(dns) = &config.dns {
+                if Instant::now() >= next_dns {
+                    shared.pool.resolve(&dns.name, dns.port).await;
+                    next_dns = Instant::now() + Duration::from_secs(dns.refresh_seconds);
+                }
+            }
+            shared.pool.check_health().await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(config.health_check.interval_ms)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Reloads on SIGHUP and when the file's modification time changes (a ConfigMap update swaps the
+/// file behind a symlink, which changes what `metadata` sees).
+pub struct Reloader(pub Arc<Shared>);
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let shared = &self.0;
+        let Some(path) = shared.config_path.clone() else { return };
+        let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut seen: Option<SystemTime> = stamp(&path);
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload on file change only");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading configuration");
+                    let _ = shared.reload();
+                    seen = stamp(&path);
+                }
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                    let now = stamp(&path);
+                    if now.is_some() && now != seen {
+                        seen = now;
+                        tracing::info!("configuration file changed: reloading");
+                        let _ = shared.reload();
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// On shutdown: stop being ready, let in-flight requests finish, then exit, within
+/// `server.shutdown_grace_seconds`. pingora would otherwise sleep the whole grace period even when
+/// nothing is in flight.
+pub struct Drain(pub Arc<Shared>);
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let shared = &self.0;
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+        shared.draining.store(true, Ordering::Relaxed);
+        let grace = Duration::from_secs(shared.live.load().config.server.shutdown_grace_seconds);
+        let deadline = Instant::now() + grace;
+        tracing::info!(in_flight = shared.in_flight.load(Ordering::Relaxed), grace_seconds = grace.as_secs(), "draining");
+        while shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let left = shared.in_flight.load(Ordering::Acquire);
+        tracing::info!(abandoned = left, "drained; exiting");
+        std::process::exit(0);
+    }
+}
+
+/// The admin port: `/metrics`, `/health` (the process is up), `/ready` (it can serve).
+pub struct Admin(pub Arc<Shared>);
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let shared = &self.0;
+        let (status, content_type, body) = match session.req_header().uri.path() {
+            "/metrics" => (200, "text/plain; version=0.0.4", shared.metrics.render()),
+            "/health" => (200, "text/plain", b"ok\n".to_vec()),
+            "/ready" if shared.ready() => (200, "text/plain", b"ready\n".to_vec()),
+            "/ready" if shared.draining.load(Ordering::Relaxed) => (503, "text/plain", b"draining\n".to_vec()),
+            "/ready" => (503, "text/plain", b"no healthy upstream instance\n".to_vec()),
+            "/reload" if session.req_header().method == http::Method::POST => match shared.reload() {
+                Ok(()) => (200, "text/plain", b"reloaded\n".to_vec()),
+                Err(e) => (400, "text/plain", format!("{e}\n").into_bytes()),
+            },
+            _ => (404, "text/plain", b"not found\n".to_vec()),
+        };
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .header("content-length", body.len())
+            .body(body)
+            .expect("valid response")
+    }
+}

@@ -1,0 +1,117 @@
+//! What the proxy shares across requests: the fixed parts (metrics, the instance pool, the cache
+//! storage and lock) and the reloadable parts (`Live`), swapped whole on SIGHUP or a file change
+//! so a request sees one consistent configuration from start to end.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use mall_sidecar_config::SidecarConfig;
+use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
+
+use crate::cache::store::MemoryStore;
+use crate::cache::CachePolicy;
+use crate::limits::Limiter;
+use crate::metrics::Metrics;
+use crate::upstreams::Pool;
+
+/// The reloadable configuration and what is compiled from it.
+pub struct Live {
+    pub config: SidecarConfig,
+    pub cache: CachePolicy,
+    pub limiter: Limiter,
+    /// Route prefixes used as the `route` metric label (bounded, unlike raw paths).
+    pub routes: Vec<String>,
+}
+
+impl Live {
+    pub fn new(config: SidecarConfig, metrics: Arc<Metrics>) -> Self {
+        let mut routes: Vec<String> = config.cache.rules.iter().map(|r| r.path_prefix.clone()).collect();
+        routes.extend(config.rate_limit.rules.iter().map(|r| r.path_prefix.clone()));
+        routes.sort();
+        routes.dedup();
+        Live {
+            cache: CachePolicy::new(&config.cache),
+            limiter: Limiter::new(&config.rate_limit, metrics),
+            routes,
+            config,
+        }
+    }
+}
+
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub pool: Arc<Pool>,
+    pub store: &'static MemoryStore,
+    pub cache_lock: &'static CacheKeyLockImpl,
+    pub live: ArcSwap<Live>,
+    pub config_path: Option<PathBuf>,
+    pub in_flight: AtomicUsize,
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: SidecarConfig, config_path: Option<PathBuf>) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new());
+        // The storage and lock live as long as the process: pingora-cache takes `&'static`.
+        let store: &'static MemoryStore = Box::leak(Box::new(MemoryStore::new(config.cache.max_bytes)));
+        let cache_lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(std::time::Duration::from_millis(
+            config.cache.lock_timeout_ms,
+        )));
+        Arc::new(Shared {
+            pool: Arc::new(Pool::new(&config.upstream, metrics.clone())),
+            live: ArcSwap::from_pointee(Live::new(config, metrics.clone())),
+            metrics,
+            store,
+            cache_lock,
+            config_path,
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Re-reads the file; on success swaps limits, cache rules and upstreams in place. Listening
+    /// addresses, threads and the cache size need a restart, and say so.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.config_path else { return Err("no configuration file to reload".into()) };
+        let loaded = SidecarConfig::load(path);
+        let config = match loaded {
+            Ok(config) => config,
+            Err(e) => {
+                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e, "configuration reload rejected; keeping the running configuration");
+                return Err(e.to_string());
+            }
+        };
+        let current = self.live.load();
+        if config == current.config {
+            return Ok(());
+        }
+        let old = &current.config;
+        if config.server != old.server || config.cache.max_bytes != old.cache.max_bytes || config.compression.level != old.compression.level {
+            tracing::warn!("server.*, cache.max_bytes and compression.level changes take effect after a restart");
+        }
+        self.pool.reconfigure(&config.upstream);
+        self.live.store(Arc::new(Live::new(config, self.metrics.clone())));
+        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    /// Ready: not draining and at least one instance takes traffic.
+    pub fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.pool.any_available()
+    }
+}
+
+/// A short unique id for requests that arrive without `X-Request-Id`.
+pub fn new_request_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        (nanos as u64) ^ ((std::process::id() as u64) << 40)
+    });
+    format!("{:016x}{:08x}", base, NEXT.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,392 @@
+//! The app instances behind the sidecar: who they are (a static list or a DNS name), whether they
+//! take traffic (active `/health` checks with thresholds, passive ejection on connect errors), and
+//! which one serves a request (round robin, weighted, consistent hashing from
+//! pingora-load-balancing, and least-connections, which pingora does not have).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use mall_sidecar_config::{Balance, HealthCheck, PassiveEjection, Upstream as UpstreamConfig};
+use pingora_load_balancing::selection::{BackendIter, BackendSelection, Consistent, RoundRobin, UniqueIterator};
+use pingora_load_balancing::Backend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::metrics::Metrics;
+
+/// One app instance and what the sidecar knows about it.
+pub struct Instance {
+    pub addr: SocketAddr,
+    label: String,
+    weight: AtomicUsize,
+    healthy: AtomicBool,
+    ok_streak: AtomicU32,
+    fail_streak: AtomicU32,
+    connect_failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Instance {
+    fn new(addr: SocketAddr, weight: usize) -> Self {
+        Instance {
+            addr,
+            label: addr.to_string(),
+            weight: AtomicUsize::new(weight),
+            // Optimistic: a new instance takes traffic until a check or a connect error says not.
+            healthy: AtomicBool::new(true),
+            ok_streak: AtomicU32::new(0),
+            fail_streak: AtomicU32::new(0),
+            connect_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn available(&self, now_ms: u64) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A request being served by an instance; counts towards least-connections until dropped.
+pub struct Lease {
+    pub instance: Arc<Instance>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.upstream_in_flight.with_label_values(&[&self.instance.label]).dec();
+    }
+}
+
+enum Selector {
+    RoundRobin(Arc<RoundRobin>),
+    Consistent(Arc<Consistent>),
+    LeastConnections,
+}
+
+/// One generation of the instance set, rebuilt on reload or when DNS answers change.
+struct Members {
+    list: Vec<Arc<Instance>>,
+    by_addr: HashMap<SocketAddr, Arc<Instance>>,
+    selector: Selector,
+}
+
+/// Settings that reload with the configuration.
+#[derive(Clone)]
+struct Settings {
+    balance: Balance,
+    health: HealthCheck,
+    passive: PassiveEjection,
+}
+
+pub struct Pool {
+    members: ArcSwap<Members>,
+    settings: ArcSwap<Settings>,
+    next: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+impl Pool {
+    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Self {
+        let settings = settings(config);
+        let addrs = static_addrs(config);
+        let pool = Pool {
+            members: ArcSwap::from_pointee(Members { list: Vec::new(), by_addr: HashMap::new(), selector: Selector::LeastConnections }),
+            settings: ArcSwap::from_pointee(settings),
+            next: AtomicUsize::new(0),
+            metrics,
+        };
+        pool.set_members(addrs);
+        pool
+    }
+
+    /// Applies a reloaded configuration: the static list (when DNS is off), balancing and checks.
+    /// Instances that stay keep their health and in-flight counts.
+    pub fn reconfigure(&self, config: &UpstreamConfig) {
+        self.settings.store(Arc::new(settings(config)));
+        if config.dns.is_none() {
+            self.set_members(static_addrs(config));
+        } else {
+            let current = self.members.load().list.iter().map(|i| (i.addr, i.weight.load(Ordering::Relaxed))).collect();
+            self.set_members(current);
+        }
+    }
+
+    fn set_members(&self, addrs: Vec<(SocketAddr, usize)>) {
+        let old = self.members.load();
+        let balance = self.settings.load().balance;
+        let list: Vec<Arc<Instance>> = addrs
+            .into_iter()
+            .map(|(addr, weight)| match old.by_addr.get(&addr) {
+                Some(existing) => {
+                    existing.weight.store(weight, Ordering::Relaxed);
+                    existing.clone()
+                }
+                None => Arc::new(Instance::new(addr, weight)),
+            })
+            .collect();
+        for gone in old.list.iter().filter(|i| !list.iter().any(|n| n.addr == i.addr)) {
+            let _ = self.metrics.upstream_healthy.remove_label_values(&[&gone.label]);
+        }
+        for instance in &list {
+            self.metrics.upstream_healthy.with_label_values(&[&instance.label]).set(instance.healthy.load(Ordering::Relaxed) as i64);
+        }
+        let backends = |weighted: bool| -> BTreeSet<Backend> {
+            list.iter()
+                .map(|i| {
+                    let weight = if weighted { i.weight.load(Ordering::Relaxed) } else { 1 };
+                    Backend::new_with_weight(&i.addr.to_string(), weight).expect("a SocketAddr is a valid backend")
+                })
+                .collect()
+        };
+        let selector = match balance {
+            Balance::RoundRobin => Selector::RoundRobin(Arc::new(RoundRobin::build(&backends(false)))),
+            Balance::Weighted => Selector::RoundRobin(Arc::new(RoundRobin::build(&backends(true)))),
+            Balance::ConsistentHash => Selector::Consistent(Arc::new(Consistent::build(&backends(true)))),
+            Balance::LeastConnections => Selector::LeastConnections,
+        };
+        let by_addr = list.iter().map(|i| (i.addr, i.clone())).collect();
+        self.members.store(Arc::new(Members { list, by_addr, selector }));
+    }
+
+    pub fn instances(&self) -> Vec<Arc<Instance>> {
+        self.members.load().list.clone()
+    }
+
+    /// Picks an available instance for `key` (the cache key, used by consistent hashing), skipping
+    /// `tried` ones; `None` when no instance is available.
+    pub fn select(&self, key: &[u8], tried: &[SocketAddr]) -> Option<Lease> {
+        let members = self.members.load();
+        let now = now_ms();
+        let usable = |i: &Instance| i.available(now) && !tried.contains(&i.addr);
+        let chosen = match &members.selector {
+            Selector::RoundRobin(sel) => pick(sel.iter(key), &members, usable),
+            Selector::Consistent(sel) => pick(sel.iter(key), &members, usable),
+            Selector::LeastConnections => {
+                // Fewest in flight per unit of weight; ties go round robin so idle instances share.
+                let n = members.list.len();
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|k| &members.list[(start + k) % n.max(1)])
+                    .filter(|i| usable(i))
+                    .min_by_key(|i| i.in_flight() * 1000 / i.weight.load(Ordering::Relaxed).max(1))
+                    .cloned()
+            }
+        }?;
+        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.upstream_in_flight.with_label_values(&[&chosen.label]).inc();
+        Some(Lease { instance: chosen, metrics: self.metrics.clone() })
+    }
+
+    /// Whether any instance takes traffic now.
+    pub fn any_available(&self) -> bool {
+        let now = now_ms();
+        self.members.load().list.iter().any(|i| i.available(now))
+    }
+
+    /// A connection to `addr` failed: eject it after `passive.failures` in a row.
+    pub fn report_connect_failure(&self, addr: SocketAddr) {
+        let Some(instance) = self.members.load().by_addr.get(&addr).cloned() else { return };
+        let passive = self.settings.load().passive.clone();
+        let failures = instance.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if passive.enabled && failures >= passive.failures {
+            instance.connect_failures.store(0, Ordering::Relaxed);
+            instance.ejected_until_ms.store(now_ms() + passive.eject_seconds * 1000, Ordering::Relaxed);
+            self.metrics.upstream_ejections.with_label_values(&[&instance.label, "connect_error"]).inc();
+            self.metrics.upstream_healthy.with_label_values(&[&instance.label]).set(0);
+            tracing::warn!(upstream = %instance.label, eject_seconds = passive.eject_seconds, "instance ejected after connect errors");
+        }
+    }
+
+    pub fn report_connected(&self, addr: SocketAddr) {
+        if let Some(instance) = self.members.load().by_addr.get(&addr) {
+            instance.connect_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// One round of active checks on every instance, concurrently.
+    pub async fn check_health(&self) {
+        let health = self.settings.load().health.clone();
+        let instances = self.instances();
+        let probes = instances.iter().map(|i| probe(i.addr, &health.path, Duration::from_millis(health.timeout_ms)));
+        let results = futures_util::future::join_all(probes).await;
+        for (instance, ok) in instances.iter().zip(results) {
+            self.observe(instance, ok, &health);
+        }
+    }
+
+    fn observe(&self, instance: &Instance, ok: bool, health: &HealthCheck) {
+        let was_healthy = instance.healthy.load(Ordering::Relaxed);
+        if ok {
+            instance.fail_streak.store(0, Ordering::Relaxed);
+            let streak = instance.ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
+            if !was_healthy && streak >= health.healthy_threshold {
+                instance.healthy.store(true, Ordering::Relaxed);
+                tracing::info!(upstream = %instance.label, "instance healthy again");
+            }
+            if instance.healthy.load(Ordering::Relaxed) {
+                // A passing check ends a passive ejection early: the instance is back.
+                instance.ejected_until_ms.store(0, Ordering::Relaxed);
+            }
+        } else {
+            instance.ok_streak.store(0, Ordering::Relaxed);
+            let streak = instance.fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
+            if was_healthy && streak >= health.unhealthy_threshold {
+                instance.healthy.store(false, Ordering::Relaxed);
+                self.metrics.upstream_ejections.with_label_values(&[&instance.label, "health_check"]).inc();
+                tracing::warn!(upstream = %instance.label, failures = streak, "instance failed its health checks");
+            }
+        }
+        let available = instance.available(now_ms());
+        self.metrics.upstream_healthy.with_label_values(&[&instance.label]).set(available as i64);
+    }
+
+    /// Replaces the instance set with what `name:port` resolves to, when it changed.
+    pub async fn resolve(&self, name: &str, port: u16) {
+        match tokio::net::lookup_host((name, port)).await {
+            Ok(addrs) => {
+                let mut found: Vec<SocketAddr> = addrs.collect();
+                found.sort();
+                found.dedup();
+                let mut current: Vec<SocketAddr> = self.members.load().list.iter().map(|i| i.addr).collect();
+                current.sort();
+                if found != current && !found.is_empty() {
+                    tracing::info!(name, instances = found.len(), "upstream DNS answer changed");
+                    self.set_members(found.into_iter().map(|a| (a, 1)).collect());
+                }
+            }
+            // Keep the last answer: a DNS hiccup must not empty the pool.
+            Err(e) => tracing::warn!(name, error = %e, "upstream DNS lookup failed; keeping the previous instances"),
+        }
+    }
+}
+
+fn pick<I: BackendIter>(iter: I, members: &Members, usable: impl Fn(&Instance) -> bool) -> Option<Arc<Instance>> {
+    let mut unique = UniqueIterator::new(iter, 1024);
+    while let Some(backend) = unique.get_next() {
+        let addr = backend.addr.as_inet().copied()?;
+        if let Some(instance) = members.by_addr.get(&addr) {
+            if usable(instance) {
+                return Some(instance.clone());
+            }
+        }
+    }
+    None
+}
+
+fn settings(config: &UpstreamConfig) -> Settings {
+    Settings { balance: config.balance, health: config.health_check.clone(), passive: config.passive.clone() }
+}
+
+fn static_addrs(config: &UpstreamConfig) -> Vec<(SocketAddr, usize)> {
+    if config.dns.is_some() {
+        return Vec::new();
+    }
+    config
+        .servers
+        .iter()
+        .map(|s| (s.address.parse().expect("validated as ip:port"), s.weight))
+        .collect()
+}
+
+/// `GET path` over a fresh connection; healthy means a 2xx status line within `timeout`.
+async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mall-sidecar-health\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        Ok::<bool, std::io::Error>(head.starts_with(b"HTTP/1.") && head[9] == b'2')
+    };
+    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Ok(true)))
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(balance: Balance, servers: &[(&str, usize)]) -> Pool {
+        let mut config = UpstreamConfig { balance, ..Default::default() };
+        config.servers = servers
+            .iter()
+            .map(|(a, w)| mall_sidecar_config::UpstreamServer { address: a.to_string(), weight: *w })
+            .collect();
+        Pool::new(&config, Arc::new(Metrics::new()))
+    }
+
+    fn pick_port(pool: &Pool, key: &[u8]) -> u16 {
+        pool.select(key, &[]).unwrap().instance.addr.port()
+    }
+
+    #[test]
+    fn round_robin_spreads_and_weighted_follows_weights() {
+        let rr = pool(Balance::RoundRobin, &[("127.0.0.1:1", 5), ("127.0.0.1:2", 1)]);
+        let ports: Vec<u16> = (0..100).map(|_| pick_port(&rr, b"")).collect();
+        assert_eq!(ports.iter().filter(|p| **p == 1).count(), 50);
+
+        let weighted = pool(Balance::Weighted, &[("127.0.0.1:1", 3), ("127.0.0.1:2", 1)]);
+        let ports: Vec<u16> = (0..400).map(|_| pick_port(&weighted, b"")).collect();
+        assert_eq!(ports.iter().filter(|p| **p == 1).count(), 300);
+    }
+
+    #[test]
+    fn consistent_hash_sticks_and_moves_only_when_needed() {
+        let hash = pool(Balance::ConsistentHash, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)]);
+        let first = pick_port(&hash, b"/api/products/7");
+        assert!((0..20).all(|_| pick_port(&hash, b"/api/products/7") == first));
+        // Its instance is out: the key goes elsewhere, and comes back afterwards.
+        let tried = [SocketAddr::from(([127, 0, 0, 1], first))];
+        let second = hash.select(b"/api/products/7", &tried).unwrap().instance.addr.port();
+        assert_ne!(second, first);
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idle_instance_and_leases_release() {
+        let lc = pool(Balance::LeastConnections, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)]);
+        let busy = lc.select(b"", &[]).unwrap();
+        let busy_port = busy.instance.addr.port();
+        for _ in 0..10 {
+            assert_ne!(pick_port(&lc, b""), busy_port, "the busy instance must not be chosen");
+        }
+        drop(busy);
+        assert!(lc.instances().iter().all(|i| i.in_flight() == 0));
+    }
+
+    #[test]
+    fn passive_ejection_and_thresholds() {
+        let p = pool(Balance::RoundRobin, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1)]);
+        p.report_connect_failure("127.0.0.1:1".parse().unwrap());
+        assert!((0..10).all(|_| pick_port(&p, b"") == 2));
+
+        let health = HealthCheck { healthy_threshold: 2, unhealthy_threshold: 2, ..Default::default() };
+        let two = p.instances().into_iter().find(|i| i.addr.port() == 2).unwrap();
+        p.observe(&two, false, &health);
+        assert!(p.select(b"", &[]).is_some(), "one failure is below the threshold");
+        p.observe(&two, false, &health);
+        assert!(p.select(b"", &[]).is_none(), "both out: nothing to choose");
+        p.observe(&two, true, &health);
+        assert!(p.select(b"", &[]).is_none());
+        p.observe(&two, true, &health);
+        assert_eq!(pick_port(&p, b""), 2);
+    }
+}

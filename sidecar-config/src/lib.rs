@@ -35,12 +35,15 @@ pub enum ConfigError {
 
 impl ConfigError {
     fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid { field: field.into(), message: message.into() }
+        ConfigError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
 /// The whole sidecar configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SidecarConfig {
     pub server: Server,
@@ -49,19 +52,6 @@ pub struct SidecarConfig {
     pub compression: Compression,
     pub rate_limit: RateLimit,
     pub access_log: AccessLog,
-}
-
-impl Default for SidecarConfig {
-    fn default() -> Self {
-        SidecarConfig {
-            server: Server::default(),
-            upstream: Upstream::default(),
-            cache: Cache::default(),
-            compression: Compression::default(),
-            rate_limit: RateLimit::default(),
-            access_log: AccessLog::default(),
-        }
-    }
 }
 
 /// Listening sockets, threads, request size limits and shutdown.
@@ -124,7 +114,10 @@ pub struct Upstream {
 impl Default for Upstream {
     fn default() -> Self {
         Upstream {
-            servers: vec![UpstreamServer { address: "127.0.0.1:3000".into(), weight: 1 }],
+            servers: vec![UpstreamServer {
+                address: "127.0.0.1:3000".into(),
+                weight: 1,
+            }],
             dns: None,
             balance: Balance::RoundRobin,
             connect_timeout_ms: 1_000,
@@ -220,7 +213,11 @@ pub struct PassiveEjection {
 
 impl Default for PassiveEjection {
     fn default() -> Self {
-        PassiveEjection { enabled: true, failures: 1, eject_seconds: 10 }
+        PassiveEjection {
+            enabled: true,
+            failures: 1,
+            eject_seconds: 10,
+        }
     }
 }
 
@@ -245,8 +242,8 @@ pub struct Cache {
     /// Every other request header except the request id and tracing is dropped on cacheable
     /// requests, so no unkeyed header can change a cached body.
     pub key_headers: Vec<String>,
-    /// Per-route rules; the first whose prefix matches applies. A route with no rule is cached only
-    /// when the upstream's `Cache-Control` gives it a lifetime.
+    /// Per-route rules; the first whose prefix matches applies. Routes without a rule are never
+    /// cached (and never wait on the cache lock).
     pub rules: Vec<CacheRule>,
     pub purge: Purge,
 }
@@ -272,7 +269,8 @@ impl Default for Cache {
 #[serde(deny_unknown_fields)]
 pub struct CacheRule {
     pub path_prefix: String,
-    /// Lifetime when the upstream's `Cache-Control` gives none; 0 never caches the route.
+    /// Lifetime when the upstream's `Cache-Control` gives none; 0 caches only what the upstream
+    /// gives a lifetime.
     pub ttl_seconds: u64,
     /// Use `ttl_seconds` even when the upstream gives a lifetime (`no-store` and `private` still win).
     #[serde(default)]
@@ -306,7 +304,13 @@ pub struct Purge {
 
 impl Default for Purge {
     fn default() -> Self {
-        Purge { allow_from: vec!["127.0.0.1/32".parse().expect("valid"), "::1/128".parse().expect("valid")], tokens: Vec::new() }
+        Purge {
+            allow_from: vec![
+                "127.0.0.1/32".parse().expect("valid"),
+                "::1/128".parse().expect("valid"),
+            ],
+            tokens: Vec::new(),
+        }
     }
 }
 
@@ -329,9 +333,15 @@ impl Default for Compression {
             enabled: true,
             min_bytes: 1024,
             level: 6,
-            content_types: ["application/json", "text/", "application/javascript", "image/svg+xml", "application/xml"]
-                .map(String::from)
-                .to_vec(),
+            content_types: [
+                "application/json",
+                "text/",
+                "application/javascript",
+                "image/svg+xml",
+                "application/xml",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -439,8 +449,10 @@ impl Default for AccessLog {
 impl SidecarConfig {
     /// Reads, overrides from the process environment, and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.display().to_string(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         Self::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
     }
 
@@ -451,16 +463,22 @@ impl SidecarConfig {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
         for (var, value) in env {
             if let Some(path) = var.strip_prefix(ENV_PREFIX) {
                 apply_override(&mut table, &var, path, &value)?;
             }
         }
-        let config: SidecarConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
+        let config: SidecarConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: origin.into(),
+                    message: e.to_string(),
+                })?;
         config.validate()?;
         Ok(config)
     }
@@ -485,13 +503,22 @@ impl SidecarConfig {
             ));
         }
         if s.listen == s.admin_listen {
-            return Err(ConfigError::invalid("server.admin_listen", "must differ from server.listen"));
+            return Err(ConfigError::invalid(
+                "server.admin_listen",
+                "must differ from server.listen",
+            ));
         }
         if s.max_request_header_bytes < 1024 {
-            return Err(ConfigError::invalid("server.max_request_header_bytes", "must be at least 1024"));
+            return Err(ConfigError::invalid(
+                "server.max_request_header_bytes",
+                "must be at least 1024",
+            ));
         }
         if s.max_request_body_bytes == 0 {
-            return Err(ConfigError::invalid("server.max_request_body_bytes", "must be positive"));
+            return Err(ConfigError::invalid(
+                "server.max_request_body_bytes",
+                "must be positive",
+            ));
         }
 
         let u = &self.upstream;
@@ -508,20 +535,32 @@ impl SidecarConfig {
                 }
             }
             None if u.servers.is_empty() => {
-                return Err(ConfigError::invalid("upstream.servers", "list at least one `ip:port`, or set upstream.dns"))
+                return Err(ConfigError::invalid(
+                    "upstream.servers",
+                    "list at least one `ip:port`, or set upstream.dns",
+                ))
             }
             None => {}
         }
         let mut seen = HashSet::new();
         for (i, server) in u.servers.iter().enumerate() {
             let addr: SocketAddr = server.address.parse().map_err(|_| {
-                ConfigError::invalid(format!("upstream.servers[{i}].address"), format!("`{}` is not ip:port", server.address))
+                ConfigError::invalid(
+                    format!("upstream.servers[{i}].address"),
+                    format!("`{}` is not ip:port", server.address),
+                )
             })?;
             if !seen.insert(addr) {
-                return Err(ConfigError::invalid(format!("upstream.servers[{i}].address"), "listed twice"));
+                return Err(ConfigError::invalid(
+                    format!("upstream.servers[{i}].address"),
+                    "listed twice",
+                ));
             }
             if server.weight == 0 || server.weight > 1000 {
-                return Err(ConfigError::invalid(format!("upstream.servers[{i}].weight"), "must be 1..=1000"));
+                return Err(ConfigError::invalid(
+                    format!("upstream.servers[{i}].weight"),
+                    "must be 1..=1000",
+                ));
             }
         }
         positive("upstream.connect_timeout_ms", u.connect_timeout_ms)?;
@@ -531,12 +570,18 @@ impl SidecarConfig {
         }
         let h = &u.health_check;
         if !h.path.starts_with('/') {
-            return Err(ConfigError::invalid("upstream.health_check.path", "must start with `/`"));
+            return Err(ConfigError::invalid(
+                "upstream.health_check.path",
+                "must start with `/`",
+            ));
         }
         positive("upstream.health_check.interval_ms", h.interval_ms)?;
         positive("upstream.health_check.timeout_ms", h.timeout_ms)?;
         positive("upstream.health_check.healthy_threshold", h.healthy_threshold.into())?;
-        positive("upstream.health_check.unhealthy_threshold", h.unhealthy_threshold.into())?;
+        positive(
+            "upstream.health_check.unhealthy_threshold",
+            h.unhealthy_threshold.into(),
+        )?;
         if u.passive.enabled {
             positive("upstream.passive.failures", u.passive.failures.into())?;
             positive("upstream.passive.eject_seconds", u.passive.eject_seconds)?;
@@ -548,23 +593,35 @@ impl SidecarConfig {
                 return Err(ConfigError::invalid("cache.max_bytes", "must be at least 1 MiB"));
             }
             if c.max_object_bytes == 0 || c.max_object_bytes as u64 > c.max_bytes / 4 {
-                return Err(ConfigError::invalid("cache.max_object_bytes", "must be positive and at most max_bytes / 4"));
+                return Err(ConfigError::invalid(
+                    "cache.max_object_bytes",
+                    "must be positive and at most max_bytes / 4",
+                ));
             }
             positive("cache.lock_timeout_ms", c.lock_timeout_ms)?;
         }
         for (i, name) in c.key_headers.iter().enumerate() {
             if http_token(name).is_none() {
-                return Err(ConfigError::invalid(format!("cache.key_headers[{i}]"), format!("`{name}` is not a header name")));
+                return Err(ConfigError::invalid(
+                    format!("cache.key_headers[{i}]"),
+                    format!("`{name}` is not a header name"),
+                ));
             }
         }
         for (i, rule) in c.rules.iter().enumerate() {
             if !rule.path_prefix.starts_with('/') {
-                return Err(ConfigError::invalid(format!("cache.rules[{i}].path_prefix"), "must start with `/`"));
+                return Err(ConfigError::invalid(
+                    format!("cache.rules[{i}].path_prefix"),
+                    "must start with `/`",
+                ));
             }
         }
         for (i, token) in c.purge.tokens.iter().enumerate() {
             if token.len() < 16 {
-                return Err(ConfigError::invalid(format!("cache.purge.tokens[{i}]"), "must be at least 16 characters"));
+                return Err(ConfigError::invalid(
+                    format!("cache.purge.tokens[{i}]"),
+                    "must be at least 16 characters",
+                ));
             }
         }
 
@@ -573,31 +630,57 @@ impl SidecarConfig {
             return Err(ConfigError::invalid("compression.level", "must be 1..=9"));
         }
         if z.enabled && z.content_types.is_empty() {
-            return Err(ConfigError::invalid("compression.content_types", "must list at least one type when enabled"));
+            return Err(ConfigError::invalid(
+                "compression.content_types",
+                "must list at least one type when enabled",
+            ));
         }
 
         let r = &self.rate_limit;
         if let LimitKey::Header(name) = &r.key {
             if http_token(name).is_none() {
-                return Err(ConfigError::invalid("rate_limit.key.header", format!("`{name}` is not a header name")));
+                return Err(ConfigError::invalid(
+                    "rate_limit.key.header",
+                    format!("`{name}` is not a header name"),
+                ));
             }
         }
         let mut names = HashSet::new();
         for (i, rule) in r.rules.iter().enumerate() {
-            if rule.name.is_empty() || !rule.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].name"), "must be non-empty [A-Za-z0-9_-]"));
+            if rule.name.is_empty()
+                || !rule
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ConfigError::invalid(
+                    format!("rate_limit.rules[{i}].name"),
+                    "must be non-empty [A-Za-z0-9_-]",
+                ));
             }
             if !names.insert(rule.name.as_str()) {
-                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].name"), "used twice"));
+                return Err(ConfigError::invalid(
+                    format!("rate_limit.rules[{i}].name"),
+                    "used twice",
+                ));
             }
             if !rule.path_prefix.starts_with('/') {
-                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].path_prefix"), "must start with `/`"));
+                return Err(ConfigError::invalid(
+                    format!("rate_limit.rules[{i}].path_prefix"),
+                    "must start with `/`",
+                ));
             }
             if !(rule.requests_per_second.is_finite() && rule.requests_per_second > 0.0) {
-                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].requests_per_second"), "must be positive"));
+                return Err(ConfigError::invalid(
+                    format!("rate_limit.rules[{i}].requests_per_second"),
+                    "must be positive",
+                ));
             }
             if rule.burst == 0 {
-                return Err(ConfigError::invalid(format!("rate_limit.rules[{i}].burst"), "must be at least 1"));
+                return Err(ConfigError::invalid(
+                    format!("rate_limit.rules[{i}].burst"),
+                    "must be at least 1",
+                ));
             }
             for (j, method) in rule.methods.iter().enumerate() {
                 if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -610,7 +693,10 @@ impl SidecarConfig {
         }
         if let Some(redis) = &r.redis {
             if !(redis.url.starts_with("redis://") || redis.url.starts_with("rediss://")) {
-                return Err(ConfigError::invalid("rate_limit.redis.url", "must start with redis:// or rediss://"));
+                return Err(ConfigError::invalid(
+                    "rate_limit.redis.url",
+                    "must start with redis:// or rediss://",
+                ));
             }
             positive("rate_limit.redis.timeout_ms", redis.timeout_ms)?;
         }
@@ -629,7 +715,9 @@ fn positive(field: &str, value: u64) -> Result<(), ConfigError> {
 /// `Some(name)` when `name` is a valid HTTP header name.
 fn http_token(name: &str) -> Option<&str> {
     let ok = !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     ok.then_some(name)
 }
 
@@ -637,7 +725,10 @@ fn http_token(name: &str) -> Option<&str> {
 fn apply_override(table: &mut toml::Table, var: &str, path: &str, raw: &str) -> Result<(), ConfigError> {
     let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
     if segments.iter().any(String::is_empty) {
-        return Err(ConfigError::Env { var: var.into(), message: "empty path segment".into() });
+        return Err(ConfigError::Env {
+            var: var.into(),
+            message: "empty path segment".into(),
+        });
     }
     // `SIDECAR__X=5` is the integer 5, `[1, 2]` an array, anything that is not TOML a string.
     let value = format!("v = {raw}")
@@ -648,10 +739,17 @@ fn apply_override(table: &mut toml::Table, var: &str, path: &str, raw: &str) -> 
     let (last, parents) = segments.split_last().expect("at least one segment");
     let mut node = table;
     for segment in parents {
-        let entry = node.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = node
+            .entry(segment.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         node = match entry {
             toml::Value::Table(t) => t,
-            _ => return Err(ConfigError::Env { var: var.into(), message: format!("`{segment}` is not a section") }),
+            _ => {
+                return Err(ConfigError::Env {
+                    var: var.into(),
+                    message: format!("`{segment}` is not a section"),
+                })
+            }
         };
     }
     node.insert(last.clone(), value);
@@ -688,13 +786,25 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        assert!(err("[cache]\nmax_bytez = 1").contains("max_bytez"), "{}", err("[cache]\nmax_bytez = 1"));
+        assert!(
+            err("[cache]\nmax_bytez = 1").contains("max_bytez"),
+            "{}",
+            err("[cache]\nmax_bytez = 1")
+        );
         assert!(err("[server]\nshutdown_grace_seconds = 300").contains("server.shutdown_grace_seconds"));
         assert!(err("[server]\nthreads = \"two\"").contains("threads"));
         let bad_addr = "[upstream]\nservers = [{ address = \"127.0.0.1:1\" }, { address = \"nope\" }]";
-        assert!(err(bad_addr).contains("upstream.servers[1].address"), "{}", err(bad_addr));
+        assert!(
+            err(bad_addr).contains("upstream.servers[1].address"),
+            "{}",
+            err(bad_addr)
+        );
         let bad_rate = "[[rate_limit.rules]]\nname = \"x\"\npath_prefix = \"/\"\nrequests_per_second = 0\nburst = 1";
-        assert!(err(bad_rate).contains("rate_limit.rules[0].requests_per_second"), "{}", err(bad_rate));
+        assert!(
+            err(bad_rate).contains("rate_limit.rules[0].requests_per_second"),
+            "{}",
+            err(bad_rate)
+        );
         assert!(err("[cache.purge]\ntokens = [\"short\"]").contains("cache.purge.tokens[0]"));
         assert!(err("[rate_limit.key]\nheader = \"bad header\"").contains("rate_limit.key.header"));
         assert!(err("[upstream]\nbalance = \"fastest\"").contains("fastest"));
@@ -705,9 +815,15 @@ mod tests {
     fn environment_overrides_any_field() {
         let env = [
             ("SIDECAR__CACHE__MAX_BYTES".to_string(), "8388608".to_string()),
-            ("SIDECAR__UPSTREAM__BALANCE".to_string(), "least_connections".to_string()),
+            (
+                "SIDECAR__UPSTREAM__BALANCE".to_string(),
+                "least_connections".to_string(),
+            ),
             ("SIDECAR__SERVER__LISTEN".to_string(), "127.0.0.1:1234".to_string()),
-            ("SIDECAR__RATE_LIMIT__REDIS__URL".to_string(), "redis://127.0.0.1:6379".to_string()),
+            (
+                "SIDECAR__RATE_LIMIT__REDIS__URL".to_string(),
+                "redis://127.0.0.1:6379".to_string(),
+            ),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
         let config = SidecarConfig::from_toml_with_env("[cache]\nmax_bytes = 9999999", "f", env).unwrap();

@@ -52,7 +52,11 @@ pub struct Limiter {
 }
 
 struct RedisLimiter {
-    conn: redis::aio::ConnectionManager,
+    client: redis::Client,
+    /// Created on first use: the manager needs the proxy's runtime, which does not exist yet when
+    /// the configuration is loaded.
+    conn: std::sync::OnceLock<Result<redis::aio::ConnectionManager, String>>,
+    config: redis::aio::ConnectionManagerConfig,
     prefix: String,
     timeout: Duration,
     script: redis::Script,
@@ -93,20 +97,25 @@ impl Limiter {
             .collect();
         // Idle keys go after the longest time a bucket takes to refill (at least a minute), and
         // the table is bounded so a flood of addresses cannot grow it without end.
-        let refill = rules.iter().map(|r| r.interval_ns * r.config.burst as f64).fold(60e9, f64::max);
+        let refill = rules
+            .iter()
+            .map(|r| r.interval_ns * r.config.burst as f64)
+            .fold(60e9, f64::max);
         let redis = config.redis.as_ref().and_then(|r| {
             let cfg = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_millis(r.timeout_ms.max(200))))
                 .set_response_timeout(Some(Duration::from_millis(r.timeout_ms)))
                 .set_number_of_retries(0);
-            match redis::Client::open(r.url.as_str()).map(|c| redis::aio::ConnectionManager::new_lazy_with_config(c, cfg)) {
-                Ok(Ok(conn)) => Some(RedisLimiter {
-                    conn,
+            match redis::Client::open(r.url.as_str()) {
+                Ok(client) => Some(RedisLimiter {
+                    client,
+                    conn: std::sync::OnceLock::new(),
+                    config: cfg,
                     prefix: r.key_prefix.clone(),
                     timeout: Duration::from_millis(r.timeout_ms),
                     script: redis::Script::new(GCRA_LUA),
                 }),
-                Ok(Err(e)) | Err(e) => {
+                Err(e) => {
                     tracing::error!(error = %e, "rate_limit.redis unusable; limits stay local");
                     None
                 }
@@ -117,7 +126,10 @@ impl Limiter {
             key: config.key.clone(),
             trusted: config.trusted_proxies.clone(),
             rules,
-            local: Cache::builder().max_capacity(200_000).time_to_idle(Duration::from_nanos(refill as u64)).build(),
+            local: Cache::builder()
+                .max_capacity(200_000)
+                .time_to_idle(Duration::from_nanos(refill as u64))
+                .build(),
             epoch: Instant::now(),
             redis,
             metrics,
@@ -166,7 +178,10 @@ impl Limiter {
         })?;
         let limit_ns = rule.interval_ns * rule.config.burst as f64;
         let (allowed, retry_ns, fill_ns) = match &self.redis {
-            Some(redis) => match redis.check(&rule.name, key, rule.interval_ns / 1e6, limit_ns / 1e6).await {
+            Some(redis) => match redis
+                .check(&rule.name, key, rule.interval_ns / 1e6, limit_ns / 1e6)
+                .await
+            {
                 Ok((allowed, retry_ms, fill_ms)) => (allowed, retry_ms * 1e6, fill_ms * 1e6),
                 Err(e) => {
                     self.metrics.rate_limit_redis_fallbacks.inc();
@@ -193,7 +208,9 @@ impl Limiter {
     }
 
     fn check_local(&self, rule: &Rule, key: &str, limit_ns: f64) -> (bool, f64, f64) {
-        let state = self.local.get_with(format!("{}\u{0}{key}", rule.name), || Arc::new(AtomicU64::new(0)));
+        let state = self
+            .local
+            .get_with(format!("{}\u{0}{key}", rule.name), || Arc::new(AtomicU64::new(0)));
         let now = self.epoch.elapsed().as_nanos() as f64;
         let mut current = state.load(Ordering::Acquire);
         loop {
@@ -212,8 +229,27 @@ impl Limiter {
 }
 
 impl RedisLimiter {
-    async fn check(&self, rule: &str, key: &str, interval_ms: f64, limit_ms: f64) -> redis::RedisResult<(bool, f64, f64)> {
-        let mut conn = self.conn.clone();
+    async fn check(
+        &self,
+        rule: &str,
+        key: &str,
+        interval_ms: f64,
+        limit_ms: f64,
+    ) -> redis::RedisResult<(bool, f64, f64)> {
+        let conn = self.conn.get_or_init(|| {
+            redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+                .map_err(|e| e.to_string())
+        });
+        let mut conn = match conn {
+            Ok(conn) => conn.clone(),
+            Err(e) => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "redis client",
+                    e.clone(),
+                )))
+            }
+        };
         let mut invocation = self.script.key(format!("{}:{rule}:{key}", self.prefix));
         invocation.arg(interval_ms).arg(limit_ms);
         let call = invocation.invoke_async::<(i64, String, String)>(&mut conn);
@@ -268,7 +304,10 @@ mod tests {
         // Untrusted peer: its own address, whatever it claims.
         assert_eq!(l.client_ip(Some(ip("1.2.3.4")), Some("9.9.9.9")), Some(ip("1.2.3.4")));
         // Trusted proxy: the last untrusted hop, so a spoofed leftmost entry is ignored.
-        assert_eq!(l.client_ip(Some(ip("10.0.0.1")), Some("6.6.6.6, 5.5.5.5, 10.0.0.2")), Some(ip("5.5.5.5")));
+        assert_eq!(
+            l.client_ip(Some(ip("10.0.0.1")), Some("6.6.6.6, 5.5.5.5, 10.0.0.2")),
+            Some(ip("5.5.5.5"))
+        );
         assert_eq!(l.client_ip(Some(ip("10.0.0.1")), None), Some(ip("10.0.0.1")));
     }
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use mall_sidecar_config::SidecarConfig;
 
 #[derive(Parser)]
-#[command(name = "sidecar", version, about = "Caching, compressing, rate-limiting, load-balancing proxy for the mall app")]
+#[command(
+    name = "sidecar",
+    version,
+    about = "Caching, compressing, rate-limiting, load-balancing proxy for the mall app"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -33,8 +37,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = std::env::var("SIDECAR_LOG_FORMAT").map(|f| f != "text").unwrap_or(true);
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SIDECAR_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIDECAR_LOG")
+        .unwrap_or_else(|_| "info,pingora_cache::meta=error".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
     if json {
         builder.json().flatten_event(true).init();
     } else {

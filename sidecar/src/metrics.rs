@@ -1,7 +1,8 @@
 //! The sidecar's Prometheus metrics, in one registry served on the admin port.
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -39,34 +40,56 @@ impl Metrics {
             )
             .expect("metric"),
             upstream_latency: HistogramVec::new(
-                HistogramOpts::new("upstream_response_seconds", "Time from sending to the upstream to its response header")
-                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+                HistogramOpts::new(
+                    "upstream_response_seconds",
+                    "Time from sending to the upstream to its response header",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
                 &["upstream"],
             )
             .expect("metric"),
             cache_results: IntCounterVec::new(
-                Opts::new("cache_requests_total", "Responses by cache result (HIT, MISS, STALE, BYPASS)"),
+                Opts::new(
+                    "cache_requests_total",
+                    "Responses by cache result (HIT, MISS, STALE, BYPASS)",
+                ),
                 &["result"],
             )
             .expect("metric"),
-            cache_purges: IntCounterVec::new(Opts::new("cache_purges_total", "PURGE requests by outcome"), &["outcome"])
+            cache_purges: IntCounterVec::new(
+                Opts::new("cache_purges_total", "PURGE requests by outcome"),
+                &["outcome"],
+            )
+            .expect("metric"),
+            bytes_in: IntCounter::new("request_body_bytes_total", "Request body bytes received from clients")
                 .expect("metric"),
-            bytes_in: IntCounter::new("request_body_bytes_total", "Request body bytes received from clients").expect("metric"),
-            bytes_out: IntCounter::new("response_body_bytes_total", "Response body bytes sent to clients").expect("metric"),
+            bytes_out: IntCounter::new("response_body_bytes_total", "Response body bytes sent to clients")
+                .expect("metric"),
             compression_saved: IntCounterVec::new(
-                Opts::new("compression_saved_bytes_total", "Bytes not sent thanks to compression, by algorithm"),
+                Opts::new(
+                    "compression_saved_bytes_total",
+                    "Bytes not sent thanks to compression, by algorithm",
+                ),
                 &["algorithm"],
             )
             .expect("metric"),
-            rate_limited: IntCounterVec::new(Opts::new("rate_limited_total", "Requests refused with 429, by rule"), &["rule"])
-                .expect("metric"),
+            rate_limited: IntCounterVec::new(
+                Opts::new("rate_limited_total", "Requests refused with 429, by rule"),
+                &["rule"],
+            )
+            .expect("metric"),
             rate_limit_redis_fallbacks: IntCounter::new(
                 "rate_limit_redis_fallbacks_total",
                 "Limit decisions taken locally because Redis was down or slow",
             )
             .expect("metric"),
-            upstream_healthy: IntGaugeVec::new(Opts::new("upstream_healthy", "1 when the instance takes traffic"), &["upstream"])
-                .expect("metric"),
+            upstream_healthy: IntGaugeVec::new(
+                Opts::new("upstream_healthy", "1 when the instance takes traffic"),
+                &["upstream"],
+            )
+            .expect("metric"),
             upstream_in_flight: IntGaugeVec::new(
                 Opts::new("upstream_in_flight_requests", "Requests being served by each instance"),
                 &["upstream"],
@@ -77,14 +100,24 @@ impl Metrics {
                 &["upstream", "cause"],
             )
             .expect("metric"),
-            upstream_retries: IntCounter::new("upstream_retries_total", "Requests retried on another instance").expect("metric"),
-            no_healthy_upstream: IntCounter::new("no_healthy_upstream_total", "Requests answered 503 for lack of an instance")
+            upstream_retries: IntCounter::new("upstream_retries_total", "Requests retried on another instance")
                 .expect("metric"),
-            config_reloads: IntCounterVec::new(Opts::new("config_reloads_total", "Configuration reloads by outcome"), &["outcome"])
-                .expect("metric"),
+            no_healthy_upstream: IntCounter::new(
+                "no_healthy_upstream_total",
+                "Requests answered 503 for lack of an instance",
+            )
+            .expect("metric"),
+            config_reloads: IntCounterVec::new(
+                Opts::new("config_reloads_total", "Configuration reloads by outcome"),
+                &["outcome"],
+            )
+            .expect("metric"),
             in_flight: IntGauge::new("in_flight_requests", "Client requests being served").expect("metric"),
-            cache_hit_ratio: Gauge::new("cache_hit_ratio", "Cache hits (fresh or stale) over cacheable lookups since start")
-                .expect("metric"),
+            cache_hit_ratio: Gauge::new(
+                "cache_hit_ratio",
+                "Cache hits (fresh or stale) over cacheable lookups since start",
+            )
+            .expect("metric"),
             registry,
         };
         let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
@@ -118,7 +151,9 @@ impl Metrics {
         let total = served + get("MISS");
         self.cache_hit_ratio.set(if total > 0.0 { served / total } else { 0.0 });
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding");
         out
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora_cache::{CachePhase, CacheKey, CacheMeta, CacheOptionOverrides, RespCacheable};
+use pingora_cache::{CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, RespCacheable};
 use pingora_core::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -22,8 +22,16 @@ use crate::state::{Live, Shared};
 use crate::upstreams::Lease;
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization"];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
 
 pub struct MallProxy {
     pub shared: Arc<Shared>,
@@ -44,7 +52,6 @@ pub struct Ctx {
     tried: Vec<SocketAddr>,
     upstream_sent: Option<Instant>,
     request_body_bytes: u64,
-    response_body_bytes: u64,
     cache_result: &'static str,
 }
 
@@ -64,7 +71,13 @@ impl MallProxy {
     }
 
     /// Writes a small JSON response of our own (never compressed, so no Vary games).
-    async fn reply(session: &mut Session, status: u16, code: &str, message: &str, extra: &[(&str, String)]) -> Result<()> {
+    async fn reply(
+        session: &mut Session,
+        status: u16,
+        code: &str,
+        message: &str,
+        extra: &[(&str, String)],
+    ) -> Result<()> {
         if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
             if c.is_header_phase() {
                 c.adjust_level(0);
@@ -84,7 +97,12 @@ impl MallProxy {
     }
 
     fn label_route(live: &Live, path: &str) -> String {
-        live.routes.iter().filter(|p| path.starts_with(p.as_str())).max_by_key(|p| p.len()).cloned().unwrap_or_else(|| "other".into())
+        live.routes
+            .iter()
+            .filter(|p| path.starts_with(p.as_str()))
+            .max_by_key(|p| p.len())
+            .cloned()
+            .unwrap_or_else(|| "other".into())
     }
 }
 
@@ -109,7 +127,6 @@ impl ProxyHttp for MallProxy {
             tried: Vec::new(),
             upstream_sent: None,
             request_body_bytes: 0,
-            response_body_bytes: 0,
             cache_result: "BYPASS",
         }
     }
@@ -129,7 +146,7 @@ impl ProxyHttp for MallProxy {
             session.set_keepalive(Some(server.keepalive_timeout_seconds));
         }
         let req = session.req_header();
-        ctx.route = Self::label_route(&live, req.uri.path());
+        ctx.route = Self::label_route(&live, &crate::cache::normalise_path(req.uri.path()));
         ctx.request_id = req
             .headers
             .get("x-request-id")
@@ -142,25 +159,56 @@ impl ProxyHttp for MallProxy {
         ctx.client_ip = live.limiter.client_ip(peer, forwarded_for);
 
         // Sizes: the header block, then the declared body (a chunked body is counted as it comes).
-        let header_bytes: usize =
-            req.uri.to_string().len() + req.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
+        let header_bytes: usize = req.uri.to_string().len()
+            + req
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
         if header_bytes > server.max_request_header_bytes {
             session.set_keepalive(None);
-            Self::reply(session, 431, "headers_too_large", "request headers exceed server.max_request_header_bytes", &[]).await?;
+            Self::reply(
+                session,
+                431,
+                "headers_too_large",
+                "request headers exceed server.max_request_header_bytes",
+                &[],
+            )
+            .await?;
             return Ok(true);
         }
-        let declared = req.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let declared = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|len| len > server.max_request_body_bytes) {
             session.set_keepalive(None);
-            Self::reply(session, 413, "body_too_large", "request body exceeds server.max_request_body_bytes", &[]).await?;
+            Self::reply(
+                session,
+                413,
+                "body_too_large",
+                "request body exceeds server.max_request_body_bytes",
+                &[],
+            )
+            .await?;
             return Ok(true);
         }
 
         if req.method.as_str() == "PURGE" {
-            let authorization = req.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            let authorization = req
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
             if !live.cache.purge_allowed(peer, authorization) {
                 self.shared.metrics.cache_purges.with_label_values(&["refused"]).inc();
-                Self::reply(session, 403, "purge_forbidden", "PURGE needs an allowed source address or a purge token", &[]).await?;
+                Self::reply(
+                    session,
+                    403,
+                    "purge_forbidden",
+                    "PURGE needs an allowed source address or a purge token",
+                    &[],
+                )
+                .await?;
                 return Ok(true);
             }
             ctx.purge = true;
@@ -168,12 +216,20 @@ impl ProxyHttp for MallProxy {
         }
 
         let key = match live.limiter.key_header() {
-            Some(header) => req.headers.get(header).and_then(|v| v.to_str().ok()).map(|v| format!("h:{v}")),
+            Some(header) => req
+                .headers
+                .get(header)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| format!("h:{v}")),
             None => None,
         }
         .or_else(|| ctx.client_ip.map(|ip| format!("ip:{ip}")))
         .unwrap_or_else(|| "unknown".into());
-        let (method, path) = (req.method.as_str().to_string(), req.uri.path().to_string());
+        // Limits match the normalised path: `//api/./orders` must not dodge the `/api/orders` rule.
+        let (method, path) = (
+            req.method.as_str().to_string(),
+            crate::cache::normalise_path(req.uri.path()),
+        );
         if let Some(decision) = live.limiter.check(&method, &path, &key).await {
             if !decision.allowed {
                 let retry = decision.retry_after_secs.to_string();
@@ -185,7 +241,10 @@ impl ProxyHttp for MallProxy {
                     ("ratelimit-policy", decision.policy.to_string()),
                     ("x-request-id", ctx.request_id.clone()),
                 ];
-                let message = format!("rate limit `{}` exceeded; retry after {} s", decision.rule, decision.retry_after_secs);
+                let message = format!(
+                    "rate limit `{}` exceeded; retry after {} s",
+                    decision.rule, decision.retry_after_secs
+                );
                 Self::reply(session, 429, "rate_limited", &message, &headers).await?;
                 return Ok(true);
             }
@@ -194,11 +253,20 @@ impl ProxyHttp for MallProxy {
         Ok(false)
     }
 
-    async fn request_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut Ctx) -> Result<()> {
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         if let Some(chunk) = body {
             ctx.request_body_bytes += chunk.len() as u64;
             if ctx.request_body_bytes > ctx.live.config.server.max_request_body_bytes {
-                return Error::e_explain(ErrorType::HTTPStatus(413), "request body exceeds server.max_request_body_bytes");
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body exceeds server.max_request_body_bytes",
+                );
             }
         }
         Ok(())
@@ -210,7 +278,13 @@ impl ProxyHttp for MallProxy {
         if ctx.cacheable || ctx.purge {
             let mut overrides = CacheOptionOverrides::default();
             overrides.wait_timeout = Some(policy.lock_timeout);
-            session.cache.enable(self.shared.store, None, None, Some(self.shared.cache_lock), Some(overrides));
+            session.cache.enable(
+                self.shared.store,
+                None,
+                Some(self.shared.predictor),
+                Some(self.shared.cache_lock),
+                Some(overrides),
+            );
             session.cache.set_max_file_size_bytes(policy.max_object_bytes);
         }
         Ok(())
@@ -294,18 +368,35 @@ impl ProxyHttp for MallProxy {
         Ok(())
     }
 
-    async fn upstream_request_filter(&self, session: &mut Session, upstream: &mut RequestHeader, ctx: &mut Ctx) -> Result<()> {
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         for name in HOP_BY_HOP {
             upstream.remove_header(name);
         }
         // The sidecar owns compression: the app sends identity bytes, one cached object serves all.
         upstream.remove_header("accept-encoding");
         if ctx.cacheable {
+            ctx.live.cache.normalise_request(upstream);
             ctx.live.cache.strip_unkeyed_headers(upstream);
         }
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let peer_trusted = peer.is_some_and(|ip| ctx.live.config.rate_limit.trusted_proxies.iter().any(|c| c.contains(ip)));
-        let prior = upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let peer_trusted = peer.is_some_and(|ip| {
+            ctx.live
+                .config
+                .rate_limit
+                .trusted_proxies
+                .iter()
+                .any(|c| c.contains(ip))
+        });
+        let prior = upstream
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let forwarded = match (peer, prior) {
             (Some(ip), Some(prior)) if peer_trusted => format!("{prior}, {ip}"),
             (Some(ip), _) => ip.to_string(),
@@ -314,7 +405,11 @@ impl ProxyHttp for MallProxy {
         if !forwarded.is_empty() {
             upstream.insert_header("x-forwarded-for", forwarded)?;
         }
-        let proto = upstream.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let proto = upstream
+            .headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let proto = match proto {
             Some(p) if peer_trusted && (p == "https" || p == "http") => p,
             _ => "http".to_string(),
@@ -328,7 +423,12 @@ impl ProxyHttp for MallProxy {
         Ok(ctx.live.cache.response_cacheable(session.req_header().uri.path(), resp))
     }
 
-    fn cache_vary_filter(&self, meta: &CacheMeta, ctx: &mut Ctx, req: &RequestHeader) -> Option<pingora_cache::key::HashBinary> {
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        ctx: &mut Ctx,
+        req: &RequestHeader,
+    ) -> Option<pingora_cache::key::HashBinary> {
         ctx.live.cache.variance(meta, req)
     }
 
@@ -337,13 +437,25 @@ impl ProxyHttp for MallProxy {
             // stale-while-revalidate: pingora has already checked the entry's window.
             None => true,
             // stale-if-error: the upstream failed or answered 5xx.
-            Some(e) => matches!(e.etype(), ErrorType::HTTPStatus(code) if *code >= 500) || e.esource() == &ErrorSource::Upstream,
+            Some(e) => {
+                matches!(e.etype(), ErrorType::HTTPStatus(code) if *code >= 500)
+                    || e.esource() == &ErrorSource::Upstream
+            }
         }
     }
 
-    async fn upstream_response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         if let (Some(sent), Some(lease)) = (ctx.upstream_sent, &ctx.lease) {
-            self.shared.metrics.upstream_latency.with_label_values(&[lease.instance.label()]).observe(sent.elapsed().as_secs_f64());
+            self.shared
+                .metrics
+                .upstream_latency
+                .with_label_values(&[lease.instance.label()])
+                .observe(sent.elapsed().as_secs_f64());
         }
         for name in ["connection", "keep-alive", "proxy-connection", "trailer", "upgrade"] {
             resp.remove_header(name);
@@ -374,8 +486,15 @@ impl ProxyHttp for MallProxy {
 
         // Compression: pingora's module does the work; we decide whether this response qualifies.
         let z = &ctx.live.config.compression;
-        let length = resp.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        let content_type = resp.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let length = resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let content_type = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         let qualifies = z.enabled
             && length.is_none_or(|len| len >= z.min_bytes)
@@ -388,26 +507,36 @@ impl ProxyHttp for MallProxy {
         }
         if qualifies {
             // Even a client that takes identity must know the bytes depend on Accept-Encoding.
-            let vary = resp.headers.get(http::header::VARY).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let vary = resp
+                .headers
+                .get(http::header::VARY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
             if !vary.to_ascii_lowercase().contains("accept-encoding") {
-                let value = if vary.is_empty() { "Accept-Encoding".to_string() } else { format!("{vary}, Accept-Encoding") };
+                let value = if vary.is_empty() {
+                    "Accept-Encoding".to_string()
+                } else {
+                    format!("{vary}, Accept-Encoding")
+                };
                 resp.insert_header(http::header::VARY, value)?;
             }
         }
         Ok(())
     }
 
-    fn response_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut Ctx) -> Result<Option<Duration>> {
-        if let Some(chunk) = body {
-            ctx.response_body_bytes += chunk.len() as u64;
-        }
-        Ok(None)
-    }
-
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let (code, kind, message) = match e.etype() {
-            ErrorType::HTTPStatus(503) => (503, "no_healthy_upstream", "no app instance is available; retry shortly"),
-            ErrorType::HTTPStatus(413) => (413, "body_too_large", "request body exceeds server.max_request_body_bytes"),
+            ErrorType::HTTPStatus(503) => (
+                503,
+                "no_healthy_upstream",
+                "no app instance is available; retry shortly",
+            ),
+            ErrorType::HTTPStatus(413) => (
+                413,
+                "body_too_large",
+                "request body exceeds server.max_request_body_bytes",
+            ),
             ErrorType::HTTPStatus(code) if *code >= 400 => (*code, "proxy_error", "the request could not be proxied"),
             _ => match e.esource() {
                 ErrorSource::Upstream => (502, "bad_gateway", "the app instance failed to answer"),
@@ -419,31 +548,42 @@ impl ProxyHttp for MallProxy {
             },
         };
         if code > 0 && session.response_written().is_none() {
-            let retry = [("retry-after", "1".to_string()), ("x-request-id", ctx.request_id.clone())];
+            let retry = [
+                ("retry-after", "1".to_string()),
+                ("x-request-id", ctx.request_id.clone()),
+            ];
             let extra: &[(&str, String)] = if code == 503 { &retry } else { &retry[1..] };
             if let Err(err) = Self::reply(session, code, kind, message, extra).await {
                 tracing::debug!(error = %err, "could not send the error response");
             }
         }
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let m = &self.shared.metrics;
         let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
         let method = session.req_header().method.as_str().to_string();
-        m.requests.with_label_values(&[&ctx.route, &method, &status.to_string()]).inc();
+        m.requests
+            .with_label_values(&[&ctx.route, &method, &status.to_string()])
+            .inc();
         if ctx.cacheable || ctx.cache_result != "BYPASS" {
             m.cache_results.with_label_values(&[ctx.cache_result]).inc();
         } else {
             m.cache_results.with_label_values(&["BYPASS"]).inc();
         }
         m.bytes_in.inc_by(ctx.request_body_bytes);
-        m.bytes_out.inc_by(ctx.response_body_bytes);
+        // What went on the wire, after compression.
+        m.bytes_out.inc_by(session.body_bytes_sent() as u64);
         let mut encoding = None;
         if let Some(c) = session.downstream_modules_ctx.get::<ResponseCompression>() {
             if let Some((algorithm, bytes_in, bytes_out, _)) = c.get_info() {
-                m.compression_saved.with_label_values(&[algorithm]).inc_by(bytes_in.saturating_sub(bytes_out) as u64);
+                m.compression_saved
+                    .with_label_values(&[algorithm])
+                    .inc_by(bytes_in.saturating_sub(bytes_out) as u64);
                 encoding = Some(algorithm);
             }
         }
@@ -461,7 +601,7 @@ impl ProxyHttp for MallProxy {
                 upstream = ctx.lease.as_ref().map(|l| l.instance.label()).unwrap_or(""),
                 attempts = ctx.tried.len(),
                 encoding = encoding.unwrap_or("identity"),
-                bytes_out = ctx.response_body_bytes,
+                bytes_out = session.body_bytes_sent(),
                 duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
                 error = e.map(|e| e.to_string()).unwrap_or_default(),
             );

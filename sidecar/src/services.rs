@@ -96,7 +96,11 @@ impl BackgroundService for Drain {
         shared.draining.store(true, Ordering::Relaxed);
         let grace = Duration::from_secs(shared.live.load().config.server.shutdown_grace_seconds);
         let deadline = Instant::now() + grace;
-        tracing::info!(in_flight = shared.in_flight.load(Ordering::Relaxed), grace_seconds = grace.as_secs(), "draining");
+        tracing::info!(
+            in_flight = shared.in_flight.load(Ordering::Relaxed),
+            grace_seconds = grace.as_secs(),
+            "draining"
+        );
         while shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use mall_sidecar_config::SidecarConfig;
 use pingora_cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora_cache::predictor::{CacheablePredictor, Predictor};
 
 use crate::cache::store::MemoryStore;
 use crate::cache::CachePolicy;
@@ -45,6 +46,9 @@ pub struct Shared {
     pub pool: Arc<Pool>,
     pub store: &'static MemoryStore,
     pub cache_lock: &'static CacheKeyLockImpl,
+    /// Remembers keys whose responses were not cacheable, so later requests for them skip the
+    /// cache lock instead of queueing behind each other.
+    pub predictor: &'static (dyn CacheablePredictor + Sync),
     pub live: ArcSwap<Live>,
     pub config_path: Option<PathBuf>,
     pub in_flight: AtomicUsize,
@@ -59,7 +63,9 @@ impl Shared {
         let cache_lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(std::time::Duration::from_millis(
             config.cache.lock_timeout_ms,
         )));
+        let predictor: &'static Predictor<16> = Box::leak(Box::new(Predictor::new(1024, None)));
         Arc::new(Shared {
+            predictor,
             pool: Arc::new(Pool::new(&config.upstream, metrics.clone())),
             live: ArcSwap::from_pointee(Live::new(config, metrics.clone())),
             metrics,
@@ -74,7 +80,9 @@ impl Shared {
     /// Re-reads the file; on success swaps limits, cache rules and upstreams in place. Listening
     /// addresses, threads and the cache size need a restart, and say so.
     pub fn reload(&self) -> Result<(), String> {
-        let Some(path) = &self.config_path else { return Err("no configuration file to reload".into()) };
+        let Some(path) = &self.config_path else {
+            return Err("no configuration file to reload".into());
+        };
         let loaded = SidecarConfig::load(path);
         let config = match loaded {
             Ok(config) => config,
@@ -89,7 +97,10 @@ impl Shared {
             return Ok(());
         }
         let old = &current.config;
-        if config.server != old.server || config.cache.max_bytes != old.cache.max_bytes || config.compression.level != old.compression.level {
+        if config.server != old.server
+            || config.cache.max_bytes != old.cache.max_bytes
+            || config.compression.level != old.compression.level
+        {
             tracing::warn!("server.*, cache.max_bytes and compression.level changes take effect after a restart");
         }
         self.pool.reconfigure(&config.upstream);
@@ -110,7 +121,10 @@ pub fn new_request_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let base = BASE.get_or_init(|| {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         (nanos as u64) ^ ((std::process::id() as u64) << 40)
     });
     format!("{:016x}{:08x}", base, NEXT.fetch_add(1, Ordering::Relaxed))

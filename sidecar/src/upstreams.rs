@@ -69,7 +69,10 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.upstream_in_flight.with_label_values(&[&self.instance.label]).dec();
+        self.metrics
+            .upstream_in_flight
+            .with_label_values(&[&self.instance.label])
+            .dec();
     }
 }
 
@@ -106,7 +109,11 @@ impl Pool {
         let settings = settings(config);
         let addrs = static_addrs(config);
         let pool = Pool {
-            members: ArcSwap::from_pointee(Members { list: Vec::new(), by_addr: HashMap::new(), selector: Selector::LeastConnections }),
+            members: ArcSwap::from_pointee(Members {
+                list: Vec::new(),
+                by_addr: HashMap::new(),
+                selector: Selector::LeastConnections,
+            }),
             settings: ArcSwap::from_pointee(settings),
             next: AtomicUsize::new(0),
             metrics,
@@ -122,7 +129,13 @@ impl Pool {
         if config.dns.is_none() {
             self.set_members(static_addrs(config));
         } else {
-            let current = self.members.load().list.iter().map(|i| (i.addr, i.weight.load(Ordering::Relaxed))).collect();
+            let current = self
+                .members
+                .load()
+                .list
+                .iter()
+                .map(|i| (i.addr, i.weight.load(Ordering::Relaxed)))
+                .collect();
             self.set_members(current);
         }
     }
@@ -144,7 +157,10 @@ impl Pool {
             let _ = self.metrics.upstream_healthy.remove_label_values(&[&gone.label]);
         }
         for instance in &list {
-            self.metrics.upstream_healthy.with_label_values(&[&instance.label]).set(instance.healthy.load(Ordering::Relaxed) as i64);
+            self.metrics
+                .upstream_healthy
+                .with_label_values(&[&instance.label])
+                .set(instance.healthy.load(Ordering::Relaxed) as i64);
         }
         let backends = |weighted: bool| -> BTreeSet<Backend> {
             list.iter()
@@ -161,7 +177,11 @@ impl Pool {
             Balance::LeastConnections => Selector::LeastConnections,
         };
         let by_addr = list.iter().map(|i| (i.addr, i.clone())).collect();
-        self.members.store(Arc::new(Members { list, by_addr, selector }));
+        self.members.store(Arc::new(Members {
+            list,
+            by_addr,
+            selector,
+        }));
     }
 
     pub fn instances(&self) -> Vec<Arc<Instance>> {
@@ -189,8 +209,14 @@ impl Pool {
             }
         }?;
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.metrics.upstream_in_flight.with_label_values(&[&chosen.label]).inc();
-        Some(Lease { instance: chosen, metrics: self.metrics.clone() })
+        self.metrics
+            .upstream_in_flight
+            .with_label_values(&[&chosen.label])
+            .inc();
+        Some(Lease {
+            instance: chosen,
+            metrics: self.metrics.clone(),
+        })
     }
 
     /// Whether any instance takes traffic now.
@@ -201,14 +227,24 @@ impl Pool {
 
     /// A connection to `addr` failed: eject it after `passive.failures` in a row.
     pub fn report_connect_failure(&self, addr: SocketAddr) {
-        let Some(instance) = self.members.load().by_addr.get(&addr).cloned() else { return };
+        let Some(instance) = self.members.load().by_addr.get(&addr).cloned() else {
+            return;
+        };
         let passive = self.settings.load().passive.clone();
         let failures = instance.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if passive.enabled && failures >= passive.failures {
             instance.connect_failures.store(0, Ordering::Relaxed);
-            instance.ejected_until_ms.store(now_ms() + passive.eject_seconds * 1000, Ordering::Relaxed);
-            self.metrics.upstream_ejections.with_label_values(&[&instance.label, "connect_error"]).inc();
-            self.metrics.upstream_healthy.with_label_values(&[&instance.label]).set(0);
+            instance
+                .ejected_until_ms
+                .store(now_ms() + passive.eject_seconds * 1000, Ordering::Relaxed);
+            self.metrics
+                .upstream_ejections
+                .with_label_values(&[&instance.label, "connect_error"])
+                .inc();
+            self.metrics
+                .upstream_healthy
+                .with_label_values(&[&instance.label])
+                .set(0);
             tracing::warn!(upstream = %instance.label, eject_seconds = passive.eject_seconds, "instance ejected after connect errors");
         }
     }
@@ -223,7 +259,9 @@ impl Pool {
     pub async fn check_health(&self) {
         let health = self.settings.load().health.clone();
         let instances = self.instances();
-        let probes = instances.iter().map(|i| probe(i.addr, &health.path, Duration::from_millis(health.timeout_ms)));
+        let probes = instances
+            .iter()
+            .map(|i| probe(i.addr, &health.path, Duration::from_millis(health.timeout_ms)));
         let results = futures_util::future::join_all(probes).await;
         for (instance, ok) in instances.iter().zip(results) {
             self.observe(instance, ok, &health);
@@ -248,12 +286,18 @@ impl Pool {
             let streak = instance.fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
             if was_healthy && streak >= health.unhealthy_threshold {
                 instance.healthy.store(false, Ordering::Relaxed);
-                self.metrics.upstream_ejections.with_label_values(&[&instance.label, "health_check"]).inc();
+                self.metrics
+                    .upstream_ejections
+                    .with_label_values(&[&instance.label, "health_check"])
+                    .inc();
                 tracing::warn!(upstream = %instance.label, failures = streak, "instance failed its health checks");
             }
         }
         let available = instance.available(now_ms());
-        self.metrics.upstream_healthy.with_label_values(&[&instance.label]).set(available as i64);
+        self.metrics
+            .upstream_healthy
+            .with_label_values(&[&instance.label])
+            .set(available as i64);
     }
 
     /// Replaces the instance set with what `name:port` resolves to, when it changed.
@@ -290,7 +334,11 @@ fn pick<I: BackendIter>(iter: I, members: &Members, usable: impl Fn(&Instance) -
 }
 
 fn settings(config: &UpstreamConfig) -> Settings {
-    Settings { balance: config.balance, health: config.health_check.clone(), passive: config.passive.clone() }
+    Settings {
+        balance: config.balance,
+        health: config.health_check.clone(),
+        passive: config.passive.clone(),
+    }
 }
 
 fn static_addrs(config: &UpstreamConfig) -> Vec<(SocketAddr, usize)> {
@@ -308,7 +356,9 @@ fn static_addrs(config: &UpstreamConfig) -> Vec<(SocketAddr, usize)> {
 async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mall-sidecar-health\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mall-sidecar-health\r\nConnection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await?;
         let mut head = [0u8; 12];
         stream.read_exact(&mut head).await?;
@@ -318,7 +368,10 @@ async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -326,10 +379,16 @@ mod tests {
     use super::*;
 
     fn pool(balance: Balance, servers: &[(&str, usize)]) -> Pool {
-        let mut config = UpstreamConfig { balance, ..Default::default() };
+        let mut config = UpstreamConfig {
+            balance,
+            ..Default::default()
+        };
         config.servers = servers
             .iter()
-            .map(|(a, w)| mall_sidecar_config::UpstreamServer { address: a.to_string(), weight: *w })
+            .map(|(a, w)| mall_sidecar_config::UpstreamServer {
+                address: a.to_string(),
+                weight: *w,
+            })
             .collect();
         Pool::new(&config, Arc::new(Metrics::new()))
     }
@@ -351,7 +410,10 @@ mod tests {
 
     #[test]
     fn consistent_hash_sticks_and_moves_only_when_needed() {
-        let hash = pool(Balance::ConsistentHash, &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)]);
+        let hash = pool(
+            Balance::ConsistentHash,
+            &[("127.0.0.1:1", 1), ("127.0.0.1:2", 1), ("127.0.0.1:3", 1)],
+        );
         let first = pick_port(&hash, b"/api/products/7");
         assert!((0..20).all(|_| pick_port(&hash, b"/api/products/7") == first));
         // Its instance is out: the key goes elsewhere, and comes back afterwards.
@@ -378,7 +440,11 @@ mod tests {
         p.report_connect_failure("127.0.0.1:1".parse().unwrap());
         assert!((0..10).all(|_| pick_port(&p, b"") == 2));
 
-        let health = HealthCheck { healthy_threshold: 2, unhealthy_threshold: 2, ..Default::default() };
+        let health = HealthCheck {
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            ..Default::default()
+        };
         let two = p.instances().into_iter().find(|i| i.addr.port() == 2).unwrap();
         p.observe(&two, false, &health);
         assert!(p.select(b"", &[]).is_some(), "one failure is below the threshold");

@@ -1,6 +1,9 @@
 //! What may be cached, for how long, and under which key. The proxy asks this module at each cache
 //! hook; the bytes live in [`store::MemoryStore`].
 //!
+//! - Only routes with a rule (rules say where caching happens; a `/` rule with `ttl_seconds = 0`
+//!   caches whatever the upstream gives a lifetime), so requests to other routes never queue on
+//!   the cache lock.
 //! - Only GET and HEAD, only without `Authorization` or `Cookie` unless the route's rule allows it.
 //! - Never a response with `Set-Cookie`, `Cache-Control: no-store | private | no-cache`, or `Vary: *`.
 //! - Lifetime: the upstream's `s-maxage` / `max-age`, else the route rule's `ttl_seconds`
@@ -20,7 +23,13 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 /// Request headers passed upstream on cacheable requests besides the key headers: they never change
 /// a response body.
-const PASS_THROUGH: [&str; 5] = ["x-request-id", "traceparent", "tracestate", "x-forwarded-for", "x-forwarded-proto"];
+const PASS_THROUGH: [&str; 5] = [
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+];
 
 pub struct CachePolicy {
     pub enabled: bool,
@@ -49,8 +58,10 @@ impl CachePolicy {
         }
     }
 
-    /// The rule for `path`, if any (first match by prefix).
+    /// The rule for `path`, if any (first match by prefix of the normalised path, so `//api/./x`
+    /// matches like `/api/x`).
     pub fn rule(&self, path: &str) -> Option<&CacheRule> {
+        let path = normalise_path(path);
         self.rules.iter().find(|r| path.starts_with(&r.path_prefix))
     }
 
@@ -59,8 +70,12 @@ impl CachePolicy {
         if !self.enabled || !(req.method == http::Method::GET || req.method == http::Method::HEAD) {
             return false;
         }
-        let credentials = req.headers.contains_key(http::header::AUTHORIZATION) || req.headers.contains_key(http::header::COOKIE);
-        !credentials || self.rule(req.uri.path()).is_some_and(|r| r.cache_authorized)
+        let Some(rule) = self.rule(req.uri.path()) else {
+            return false;
+        };
+        let credentials =
+            req.headers.contains_key(http::header::AUTHORIZATION) || req.headers.contains_key(http::header::COOKIE);
+        !credentials || rule.cache_authorized
     }
 
     /// The cache key: host, normalised path and query, and the key headers, framed unambiguously.
@@ -71,10 +86,30 @@ impl CachePolicy {
         push_framed(&mut primary, normalise_path(req.uri.path()).as_bytes());
         push_framed(&mut primary, normalise_query(req.uri.query()).as_bytes());
         for name in &self.key_headers {
-            let values: Vec<&[u8]> = req.headers.get_all(name.as_str()).iter().map(|v| v.as_bytes()).collect();
+            let values: Vec<&[u8]> = req
+                .headers
+                .get_all(name.as_str())
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
             push_framed(&mut primary, values.join(&b","[..]).as_slice());
         }
         CacheKey::new(primary, "")
+    }
+
+    /// The upstream is asked for exactly what the key names (normalised path, sorted query), so a
+    /// spelling the app would answer differently (`//x` as a 404) cannot be stored under `/x`.
+    pub fn normalise_request(&self, upstream: &mut RequestHeader) {
+        let path = normalise_path(upstream.uri.path());
+        let query = normalise_query(upstream.uri.query());
+        let target = if query.is_empty() {
+            path
+        } else {
+            format!("{path}?{query}")
+        };
+        if let Ok(uri) = target.parse::<http::Uri>() {
+            upstream.set_uri(uri);
+        }
     }
 
     /// Drops every request header that is not keyed or known harmless from a cacheable request.
@@ -102,10 +137,19 @@ impl CachePolicy {
         if resp.headers.contains_key(http::header::SET_COOKIE) {
             return uncacheable("set-cookie");
         }
-        if resp.headers.get_all(http::header::VARY).iter().any(|v| v.as_bytes().split(|b| *b == b',').any(|p| p.trim_ascii() == b"*")) {
+        if resp
+            .headers
+            .get_all(http::header::VARY)
+            .iter()
+            .any(|v| v.as_bytes().split(|b| *b == b',').any(|p| p.trim_ascii() == b"*"))
+        {
             return uncacheable("vary *");
         }
-        if let Some(len) = resp.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+        if let Some(len) = resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        {
             if len > self.max_object_bytes {
                 return uncacheable("too large");
             }
@@ -117,20 +161,36 @@ impl CachePolicy {
             }
         }
         let rule = self.rule(path);
-        let upstream_ttl = cc.as_ref().and_then(|cc| cc.s_maxage().ok().flatten().or(cc.max_age().ok().flatten()));
+        let upstream_ttl = cc
+            .as_ref()
+            .and_then(|cc| cc.s_maxage().ok().flatten().or(cc.max_age().ok().flatten()));
         let ttl = match (rule, upstream_ttl) {
+            (None, _) => 0,
             (Some(rule), _) if rule.override_upstream => rule.ttl_seconds,
             (_, Some(ttl)) => ttl as u64,
+            // A 404 may be a product created a second later: only the upstream may make it last.
+            (Some(_), None) if matches!(resp.status.as_u16(), 404 | 410) => 0,
             (Some(rule), None) => rule.ttl_seconds,
-            (None, None) => 0,
         };
         if ttl == 0 {
             return uncacheable("no lifetime");
         }
-        let swr = cc.as_ref().and_then(|c| c.stale_while_revalidate().ok().flatten()).unwrap_or(self.stale_while_revalidate);
-        let sie = cc.as_ref().and_then(|c| c.stale_if_error().ok().flatten()).unwrap_or(self.stale_if_error);
+        let swr = cc
+            .as_ref()
+            .and_then(|c| c.stale_while_revalidate().ok().flatten())
+            .unwrap_or(self.stale_while_revalidate);
+        let sie = cc
+            .as_ref()
+            .and_then(|c| c.stale_if_error().ok().flatten())
+            .unwrap_or(self.stale_if_error);
         let now = SystemTime::now();
-        RespCacheable::Cacheable(CacheMeta::new(now + Duration::from_secs(ttl), now, swr, sie, resp.clone()))
+        RespCacheable::Cacheable(CacheMeta::new(
+            now + Duration::from_secs(ttl),
+            now,
+            swr,
+            sie,
+            resp.clone(),
+        ))
     }
 
     /// Honours the stored response's `Vary` over the request's headers. `Accept-Encoding` is left
@@ -152,7 +212,11 @@ impl CachePolicy {
         names.sort();
         let mut builder = VarianceBuilder::new();
         for name in names {
-            let value = req.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()).unwrap_or_default();
+            let value = req
+                .headers
+                .get(name.as_str())
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default();
             builder.add_owned_name_value(name, value);
         }
         builder.finalize()
@@ -162,7 +226,11 @@ impl CachePolicy {
     pub fn purge_allowed(&self, peer: Option<std::net::IpAddr>, authorization: Option<&str>) -> bool {
         let from_allowed = peer.is_some_and(|ip| self.purge_from.iter().any(|c| c.contains(ip)));
         let token = authorization.and_then(|a| a.strip_prefix("Bearer ")).map(str::trim);
-        let token_ok = token.is_some_and(|t| self.purge_tokens.iter().any(|known| constant_time_eq(known.as_bytes(), t.as_bytes())));
+        let token_ok = token.is_some_and(|t| {
+            self.purge_tokens
+                .iter()
+                .any(|known| constant_time_eq(known.as_bytes(), t.as_bytes()))
+        });
         from_allowed || token_ok
     }
 }
@@ -179,7 +247,10 @@ fn push_framed(out: &mut Vec<u8>, part: &[u8]) {
 /// The request's host, lower-cased, without a default port.
 fn host_of(req: &RequestHeader) -> String {
     let host = req.uri.host().map(str::to_string).or_else(|| {
-        req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+        req.headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
     });
     let mut host = host.unwrap_or_default().to_ascii_lowercase();
     if let Some(stripped) = host.strip_suffix(":80") {
@@ -258,9 +329,19 @@ mod tests {
         assert_eq!(normalise_path("/a/../../b/"), "/b/");
         assert_eq!(normalise_path(""), "/");
         // An unkeyed header does not change the key (and is stripped upstream).
-        let d = p.key(&req("GET", "/api/products/1?a=1&b=2", &[("x-forwarded-host", "evil")])).primary_bin();
+        let d = p
+            .key(&req("GET", "/api/products/1?a=1&b=2", &[("x-forwarded-host", "evil")]))
+            .primary_bin();
         assert_eq!(a, d);
-        let mut up = req("GET", "/", &[("x-forwarded-host", "evil"), ("x-request-id", "1"), ("accept-encoding", "gzip")]);
+        let mut up = req(
+            "GET",
+            "/",
+            &[
+                ("x-forwarded-host", "evil"),
+                ("x-request-id", "1"),
+                ("accept-encoding", "gzip"),
+            ],
+        );
         p.strip_unkeyed_headers(&mut up);
         let left: Vec<&str> = up.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["host", "x-request-id"]);
@@ -274,19 +355,29 @@ mod tests {
         assert!(!p.request_cacheable(&req("GET", "/api/products", &[("authorization", "Bearer x")])));
         assert!(!p.request_cacheable(&req("GET", "/api/products", &[("cookie", "a=b")])));
         assert!(!p.request_cacheable(&req("POST", "/api/products", &[])));
+        assert!(!p.request_cacheable(&req("GET", "/health", &[])), "no rule, no cache");
         config.rules[0].cache_authorized = true;
-        assert!(CachePolicy::new(&config).request_cacheable(&req("GET", "/api/products", &[("authorization", "Bearer x")])));
+        assert!(CachePolicy::new(&config).request_cacheable(&req(
+            "GET",
+            "/api/products",
+            &[("authorization", "Bearer x")]
+        )));
     }
 
     #[test]
     fn lifetimes_from_upstream_and_rules() {
         let p = CachePolicy::new(&CacheConfig::default());
-        let table: [(&str, Vec<(&str, &str)>, Option<u64>); 9] = [
+        type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<u64>);
+        let table: [Case; 9] = [
             ("/api/products", vec![("cache-control", "public, max-age=5")], Some(5)),
-            ("/api/products", vec![("cache-control", "max-age=5, s-maxage=30")], Some(30)),
+            (
+                "/api/products",
+                vec![("cache-control", "max-age=5, s-maxage=30")],
+                Some(30),
+            ),
             ("/api/products", vec![], Some(600)),
             ("/other", vec![], None),
-            ("/other", vec![("cache-control", "max-age=7")], Some(7)),
+            ("/other", vec![("cache-control", "max-age=7")], None),
             ("/api/products", vec![("cache-control", "private, max-age=60")], None),
             ("/api/products", vec![("cache-control", "no-store")], None),
             ("/api/products", vec![("set-cookie", "s=1")], None),
@@ -296,6 +387,19 @@ mod tests {
             assert_eq!(ttl(&p, path, &resp(200, &headers)), want, "{path} {headers:?}");
         }
         assert_eq!(ttl(&p, "/api/products", &resp(500, &[])), None);
+        assert_eq!(
+            ttl(&p, "/api/products/999", &resp(404, &[])),
+            None,
+            "a 404 lives only as long as the upstream says"
+        );
+        assert_eq!(
+            ttl(&p, "/api/products/999", &resp(404, &[("cache-control", "max-age=3")])),
+            Some(3)
+        );
+
+        let mut up = req("GET", "/api//products/./1?b=2&a=1", &[]);
+        p.normalise_request(&mut up);
+        assert_eq!(up.uri.to_string(), "/api/products/1?a=1&b=2");
     }
 
     #[test]

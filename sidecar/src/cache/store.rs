@@ -36,7 +36,10 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new(max_bytes: u64) -> Self {
         MemoryStore {
-            objects: Cache::builder().max_capacity(max_bytes).weigher(|_, o: &Arc<Object>| o.weight()).build(),
+            objects: Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_, o: &Arc<Object>| o.weight())
+                .build(),
         }
     }
 
@@ -50,17 +53,42 @@ impl MemoryStore {
 #[async_trait]
 impl Storage for MemoryStore {
     async fn lookup(&'static self, key: &CacheKey, _trace: &SpanHandle) -> Result<Option<(CacheMeta, HitHandler)>> {
-        let Some(object) = self.objects.get(&key.combined_bin()) else { return Ok(None) };
+        let Some(object) = self.objects.get(&key.combined_bin()) else {
+            return Ok(None);
+        };
         let meta = CacheMeta::deserialize(&object.meta.0, &object.meta.1)?;
         let end = object.body.len();
-        Ok(Some((meta, Box::new(Hit { body: object.body.clone(), start: 0, end, done: false }))))
+        Ok(Some((
+            meta,
+            Box::new(Hit {
+                body: object.body.clone(),
+                start: 0,
+                end,
+                done: false,
+            }),
+        )))
     }
 
-    async fn get_miss_handler(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<MissHandler> {
-        Ok(Box::new(Miss { store: self, key: key.combined_bin(), meta: meta.serialize()?, body: BytesMut::new() }))
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        Ok(Box::new(Miss {
+            store: self,
+            key: key.combined_bin(),
+            meta: meta.serialize()?,
+            body: BytesMut::new(),
+        }))
     }
 
-    async fn purge(&'static self, target: PurgeTarget<'_>, _kind: PurgeType, _trace: &SpanHandle) -> Result<PurgeOutcome> {
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _kind: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
         // Entries carry no ids: an exact purge of an identified entry and an active purge both
         // remove what sits under the key.
         Ok(match self.objects.remove(&target.key().combined_bin()) {
@@ -71,8 +99,13 @@ impl Storage for MemoryStore {
 
     async fn update_meta(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<bool> {
         let hash = key.combined_bin();
-        let Some(old) = self.objects.get(&hash) else { return Ok(false) };
-        let updated = Arc::new(Object { meta: meta.serialize()?, body: old.body.clone() });
+        let Some(old) = self.objects.get(&hash) else {
+            return Ok(false);
+        };
+        let updated = Arc::new(Object {
+            meta: meta.serialize()?,
+            body: old.body.clone(),
+        });
         self.objects.insert(hash, updated);
         Ok(true)
     }
@@ -99,7 +132,12 @@ impl HandleHit for Hit {
         Ok(Some(self.body.slice(self.start..self.end)))
     }
 
-    async fn finish(self: Box<Self>, _storage: &'static (dyn Storage + Sync), _key: &CacheKey, _trace: &SpanHandle) -> Result<()> {
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
         Ok(())
     }
 
@@ -110,7 +148,10 @@ impl HandleHit for Hit {
     fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
         let end = end.unwrap_or(self.body.len());
         if start > end || end > self.body.len() {
-            return Err(pingora_error::Error::explain(ErrorType::InternalError, "seek out of range"));
+            return Err(pingora_error::Error::explain(
+                ErrorType::InternalError,
+                "seek out of range",
+            ));
         }
         self.start = start;
         self.end = end;
@@ -142,7 +183,10 @@ impl HandleMiss for Miss {
     }
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
-        let object = Object { meta: self.meta, body: self.body.freeze() };
+        let object = Object {
+            meta: self.meta,
+            body: self.body.freeze(),
+        };
         let size = object.weight() as usize;
         u32::try_from(size).or_err(ErrorType::InternalError, "object too large")?;
         self.store.objects.insert(self.key, Arc::new(object));

@@ -1,0 +1,313 @@
+//! Test rig: real mall app instances (the library, serving on loopback), small stub upstreams where
+//! a test needs an upstream to misbehave on purpose, and the real `sidecar` binary as a child process.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mall_app::config::Config;
+use mall_app::App;
+
+/// A mall app instance on a loopback port, with its own SQLite database.
+pub struct AppInstance {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl AppInstance {
+    pub async fn start() -> AppInstance {
+        let dir = tempfile::tempdir().unwrap();
+        let args = [
+            "--listen=127.0.0.1:0".to_string(),
+            format!("--data-dir={}", dir.path().display()),
+            "--seed".into(),
+            "--seed-products=60".into(),
+            "--seed-users=2".into(),
+            "--seed-password=test-password".into(),
+            "--log-format=text".into(),
+        ];
+        let config = Config::from_args(args).expect("valid app config");
+        let app = App::start(config).await.expect("app starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.serve(listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        let instance = AppInstance {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+            _dir: dir,
+        };
+        wait_for(&format!("http://{addr}/ready")).await;
+        instance
+    }
+
+    /// Requests the app itself counted on `route` (its own `http_requests_total`).
+    pub async fn requests(&self, route: &str) -> u64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let needle = format!("route=\"{route}\"");
+        text.lines()
+            .filter(|l| l.starts_with("http_requests_total{") && l.contains(&needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// Stops serving: the port refuses connections from now on.
+    pub async fn kill(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// A stub upstream: `/who` names it, `/slow` sleeps `slow_ms` first, `/cookie` sets a cookie on a
+/// cacheable response, `/echo` returns the request headers it received as JSON.
+pub struct Stub {
+    pub addr: SocketAddr,
+    pub name: &'static str,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl Stub {
+    pub async fn start(name: &'static str, slow_ms: u64) -> Stub {
+        use axum::routing::get;
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new()
+            .route("/who", get(move || async move { name }))
+            .route(
+                "/slow",
+                get(move || async move {
+                    tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+                    name
+                }),
+            )
+            .route(
+                "/cookie",
+                get(move || {
+                    let counter = counter.clone();
+                    async move {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        (
+                            [("set-cookie", "session=abc"), ("cache-control", "public, max-age=60")],
+                            "with a cookie",
+                        )
+                    }
+                }),
+            )
+            .route(
+                "/echo",
+                get(|headers: axum::http::HeaderMap| async move {
+                    let map: serde_json::Map<String, serde_json::Value> = headers
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.to_string(),
+                                serde_json::Value::String(v.to_str().unwrap_or("").to_string()),
+                            )
+                        })
+                        .collect();
+                    (
+                        [("cache-control", "public, max-age=60")],
+                        axum::Json(serde_json::Value::Object(map)),
+                    )
+                }),
+            )
+            .route("/health", get(|| async { "ok" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Stub { addr, name, hits }
+    }
+}
+
+/// The real sidecar binary with a TOML file written for it.
+pub struct Sidecar {
+    pub base: String,
+    pub admin: String,
+    pub config_path: std::path::PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Sidecar {
+    /// Starts the sidecar with `[server]` filled in and `body` (the rest of the TOML) appended.
+    pub async fn start(body: &str) -> Sidecar {
+        Self::start_with_env(body, &[]).await
+    }
+
+    pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> Sidecar {
+        let (port, admin_port) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("sidecar.toml");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nthreads = 2\nshutdown_grace_seconds = 5\n\n{body}"
+        );
+        std::fs::File::create(&config_path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sidecar"));
+        command
+            .args(["-c", config_path.to_str().unwrap()])
+            .env("SIDECAR_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("sidecar binary runs");
+        let sidecar = Sidecar {
+            base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            config_path,
+            child,
+            _dir: dir,
+        };
+        wait_for(&format!("{}/health", sidecar.admin)).await;
+        // The proxy port opens alongside the admin port; make sure it accepts.
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sidecar
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A counter or gauge from the admin `/metrics`, summed over series whose labels contain `labels`.
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits (up to 2 s) until `metric` satisfies `ok`: counters are bumped in the logging phase,
+    /// just after the client already has its response.
+    pub async fn metric_until(&self, name: &str, labels: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let mut value = 0.0;
+        for _ in 0..40 {
+            value = self.metric(name, labels).await;
+            if ok(value) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        value
+    }
+
+    /// Rewrites the file and sends SIGHUP.
+    pub fn reload(&self, body: &str) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let server = text.split("\n\n").next().unwrap();
+        std::fs::write(&self.config_path, format!("{server}\n\n{body}")).unwrap();
+        self.signal("HUP");
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, returning how long it took.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<Duration> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if self.child.try_wait().unwrap().is_some() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn wait_for(url: &str) {
+    for _ in 0..300 {
+        if reqwest::get(url).await.is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{url} never answered");
+}
+
+/// `[upstream]` for these instances (health checks fast, so tests need not wait).
+pub fn upstream_section(addrs: &[SocketAddr], balance: &str) -> String {
+    let servers: Vec<String> = addrs.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+    format!(
+        "[upstream]\nbalance = \"{balance}\"\nservers = [{}]\n[upstream.health_check]\ninterval_ms = 200\nunhealthy_threshold = 1\nhealthy_threshold = 1\n",
+        servers.join(", ")
+    )
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(8).build().unwrap()
+}
+
+/// Redis for the shared-limit test: required under CI, skipped loudly otherwise.
+pub async fn redis_url() -> Option<String> {
+    let url = std::env::var("MALL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = tokio::net::TcpStream::connect(url.trim_start_matches("redis://").trim_end_matches('/'))
+        .await
+        .is_ok();
+    if reachable {
+        return Some(url);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("Redis is not reachable at {url}; run scripts/test.sh, which installs and starts it");
+    }
+    eprintln!("SKIPPED: Redis not reachable at {url} (scripts/test.sh starts it)");
+    None
+}

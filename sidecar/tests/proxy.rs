@@ -1,0 +1,558 @@
+//! The sidecar proven from outside: the real binary in front of real mall app instances.
+
+mod common;
+
+use std::io::Read;
+use std::time::Duration;
+
+use common::{client, upstream_section, AppInstance, Sidecar, Stub};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn second_get_is_a_hit_and_concurrent_misses_reach_the_app_once() {
+    let app = AppInstance::start().await;
+    let sidecar = Sidecar::start(&upstream_section(&[app.addr], "round_robin")).await;
+    let http = client();
+
+    let first = http.get(sidecar.url("/api/products/1")).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    let first_body = first.text().await.unwrap();
+    let second = http.get(sidecar.url("/api/products/1")).send().await.unwrap();
+    assert_eq!(second.headers()["x-cache"], "HIT");
+    assert_eq!(second.text().await.unwrap(), first_body);
+    // The same resource by another spelling of the path and query order is the same entry.
+    let third = http.get(sidecar.url("/api//products/./1")).send().await.unwrap();
+    assert_eq!(third.headers()["x-cache"], "HIT");
+    assert_eq!(app.requests("/api/products/{id}").await, 1, "the app saw one request");
+
+    // 30 concurrent misses on a cold key: the cache lock lets one through.
+    let gets = (0..30).map(|_| http.get(sidecar.url("/api/products/2")).send());
+    for response in futures_util::future::join_all(gets).await {
+        assert_eq!(response.unwrap().status(), 200);
+    }
+    assert_eq!(
+        app.requests("/api/products/{id}").await,
+        2,
+        "one upstream request for 30 concurrent misses"
+    );
+    let hits = sidecar
+        .metric_until("sidecar_cache_requests_total", "result=\"HIT\"", |v| v >= 31.0)
+        .await;
+    assert!(hits >= 31.0, "{hits} hits");
+    assert!(sidecar.metric("sidecar_cache_hit_ratio", "").await > 0.9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credentials_and_set_cookie_are_never_cached() {
+    let app = AppInstance::start().await;
+    let stub = Stub::start("stub", 0).await;
+    // Two upstream groups are not a feature; run two sidecars.
+    let to_app = Sidecar::start(&upstream_section(&[app.addr], "round_robin")).await;
+    let to_stub = Sidecar::start(&format!(
+        "{}\n[[cache.rules]]\npath_prefix = \"/\"\nttl_seconds = 60\n",
+        upstream_section(&[stub.addr], "round_robin")
+    ))
+    .await;
+    let http = client();
+
+    for _ in 0..2 {
+        let r = http
+            .get(to_app.url("/api/products/3"))
+            .header("authorization", "Bearer whatever")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-cache"], "BYPASS");
+        let r = http
+            .get(to_app.url("/api/products/3"))
+            .header("cookie", "a=b")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-cache"], "BYPASS");
+    }
+    assert_eq!(app.requests("/api/products/{id}").await, 4);
+
+    for _ in 0..3 {
+        let r = http.get(to_stub.url("/cookie")).send().await.unwrap();
+        assert_eq!(r.headers()["set-cookie"], "session=abc");
+        assert_ne!(r.headers()["x-cache"], "HIT");
+    }
+    assert_eq!(
+        stub.hits.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "a Set-Cookie response is not stored"
+    );
+
+    // Unkeyed headers never reach the upstream on cacheable requests; forwarding headers are set.
+    let echo: serde_json::Value = http
+        .get(to_stub.url("/echo"))
+        .header("x-forwarded-host", "evil.example")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("te", "trailers")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(echo.get("x-forwarded-host").is_none(), "{echo}");
+    assert!(echo.get("te").is_none(), "{echo}");
+    assert_eq!(
+        echo["x-forwarded-for"], "127.0.0.1",
+        "an untrusted client cannot prepend addresses"
+    );
+    assert_eq!(echo["x-forwarded-proto"], "http");
+    assert!(echo["x-request-id"].as_str().is_some_and(|id| !id.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gzip_and_identity_clients_share_one_cached_object() {
+    let app = AppInstance::start().await;
+    let sidecar = Sidecar::start(&upstream_section(&[app.addr], "round_robin")).await;
+    // reqwest without the gzip feature neither asks for nor decodes gzip: we see the raw bytes.
+    let http = client();
+
+    let gz = http
+        .get(sidecar.url("/api/products?limit=50"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gz.headers()["content-encoding"], "gzip");
+    assert!(gz.headers()["vary"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase()
+        .contains("accept-encoding"));
+    let compressed = gz.bytes().await.unwrap();
+
+    let plain = http.get(sidecar.url("/api/products?limit=50")).send().await.unwrap();
+    assert!(plain.headers().get("content-encoding").is_none());
+    assert_eq!(
+        plain.headers()["x-cache"],
+        "HIT",
+        "the identity client is served from the same object"
+    );
+    let identity = plain.bytes().await.unwrap();
+
+    let mut decoded = Vec::new();
+    flate2::read::GzDecoder::new(&compressed[..])
+        .read_to_end(&mut decoded)
+        .unwrap();
+    assert_eq!(decoded, identity, "gzip decodes to the identity bytes");
+    assert!(compressed.len() < identity.len() / 2);
+    assert_eq!(app.requests("/api/products").await, 1);
+
+    // Below the 1 KB minimum nothing is compressed.
+    let small = http
+        .get(sidecar.url("/api/products?limit=1"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert!(small.headers().get("content-encoding").is_none());
+    assert!(
+        sidecar
+            .metric_until("sidecar_compression_saved_bytes_total", "gzip", |v| v > 1000.0)
+            .await
+            > 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limit_refuses_after_the_burst_and_sighup_reload_changes_it() {
+    let app = AppInstance::start().await;
+    let limits = |burst: u32| {
+        format!(
+            "{}\n[[rate_limit.rules]]\nname = \"catalog\"\npath_prefix = \"/api/products\"\nrequests_per_second = 0.5\nburst = {burst}\n",
+            upstream_section(&[app.addr], "round_robin")
+        )
+    };
+    let sidecar = Sidecar::start(&limits(3)).await;
+    let http = client();
+
+    for remaining in ["2", "1", "0"] {
+        let r = http.get(sidecar.url("/api/products/5")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["ratelimit-remaining"], remaining);
+        assert_eq!(r.headers()["ratelimit-limit"], "3");
+    }
+    let refused = http.get(sidecar.url("/api/products/5")).send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "retry after {retry}");
+    assert_eq!(refused.headers()["ratelimit-remaining"], "0");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // Other routes have no rule.
+    assert_eq!(http.get(sidecar.url("/health")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        sidecar
+            .metric_until("sidecar_rate_limited_total", "catalog", |v| v >= 1.0)
+            .await,
+        1.0
+    );
+
+    // A larger burst through SIGHUP, without restarting.
+    sidecar.reload(&limits(20));
+    let mut reloaded = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if sidecar.metric("sidecar_config_reloads_total", "ok").await >= 1.0 {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "the reload was applied");
+    for _ in 0..10 {
+        assert_eq!(
+            http.get(sidecar.url("/api/products/5")).send().await.unwrap().status(),
+            200
+        );
+    }
+
+    // A broken file is refused and the running limits stay.
+    sidecar.reload("[rate_limit]\nenabled = \"sometimes\"\n");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sidecar.metric("sidecar_config_reloads_total", "error").await >= 1.0);
+    assert_eq!(
+        http.get(sidecar.url("/api/products/5")).send().await.unwrap().status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_limits_hold_across_sidecars_and_fall_back_when_redis_is_down() {
+    let Some(redis) = common::redis_url().await else { return };
+    let app = AppInstance::start().await;
+    let prefix = format!("sidecar-test-{}", std::process::id());
+    let shared = |url: &str| {
+        format!(
+            "{}\n[[rate_limit.rules]]\nname = \"shared\"\npath_prefix = \"/api/\"\nrequests_per_second = 0.2\nburst = 4\n[rate_limit.redis]\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\ntimeout_ms = 200\n",
+            upstream_section(&[app.addr], "round_robin")
+        )
+    };
+    let a = Sidecar::start(&shared(&redis)).await;
+    let b = Sidecar::start(&shared(&redis)).await;
+    let http = client();
+    let mut allowed = 0;
+    for i in 0..10 {
+        let sidecar = if i % 2 == 0 { &a } else { &b };
+        if http.get(sidecar.url("/api/products/9")).send().await.unwrap().status() == 200 {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 4, "the burst of 4 is shared by both sidecars, not 4 each");
+    assert_eq!(a.metric("sidecar_rate_limit_redis_fallbacks_total", "").await, 0.0);
+
+    // Redis down (nothing listens on this port): local limits decide, and it is counted.
+    let down = format!("redis://127.0.0.1:{}", common::free_port());
+    let c = Sidecar::start(&shared(&down)).await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..6 {
+            v.push(
+                http.get(c.url("/api/products/9"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16(),
+            );
+        }
+        v
+    };
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    assert!(
+        c.metric_until("sidecar_rate_limit_redis_fallbacks_total", "", |v| v >= 6.0)
+            .await
+            >= 6.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_robin_spreads_consistent_hashing_sticks() {
+    let one = AppInstance::start().await;
+    let two = AppInstance::start().await;
+    let http = client();
+
+    let rr = Sidecar::start(&upstream_section(&[one.addr, two.addr], "round_robin")).await;
+    let before = (one.requests("/api/me").await, two.requests("/api/me").await);
+    for _ in 0..20 {
+        // `/api/me` without a token is a 401 from the app: never cached, so every call is proxied.
+        assert_eq!(http.get(rr.url("/api/me")).send().await.unwrap().status(), 401);
+    }
+    let spread = (
+        one.requests("/api/me").await - before.0,
+        two.requests("/api/me").await - before.1,
+    );
+    assert_eq!(spread, (10, 10), "round robin alternates");
+
+    let hash = Sidecar::start(&format!(
+        "{}\n[cache]\nenabled = false\n",
+        upstream_section(&[one.addr, two.addr], "consistent_hash")
+    ))
+    .await;
+    let before = (
+        one.requests("/api/products/{id}").await,
+        two.requests("/api/products/{id}").await,
+    );
+    for _ in 0..12 {
+        assert_eq!(
+            http.get(hash.url("/api/products/11")).send().await.unwrap().status(),
+            200
+        );
+    }
+    let after = (
+        one.requests("/api/products/{id}").await - before.0,
+        two.requests("/api/products/{id}").await - before.1,
+    );
+    assert!(after == (12, 0) || after == (0, 12), "one key, one instance: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn least_connections_favours_the_idle_instance() {
+    let busy = Stub::start("busy", 1500).await;
+    let idle = Stub::start("idle", 0).await;
+    let sidecar = Sidecar::start(&upstream_section(&[busy.addr, idle.addr], "least_connections")).await;
+    let http = client();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (http, url) = (http.clone(), sidecar.url("/slow"));
+        tasks.push(tokio::spawn(async move {
+            http.get(url).send().await.unwrap().text().await.unwrap()
+        }));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut served_by_idle = 0;
+    for t in tasks {
+        if t.await.unwrap() == "idle" {
+            served_by_idle += 1;
+        }
+    }
+    // The first request may land on the slow instance; after that it is busy and the idle one wins.
+    assert!(served_by_idle >= 9, "idle served {served_by_idle} of 10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_instance_is_ejected_and_gets_keep_succeeding() {
+    let mut one = AppInstance::start().await;
+    let mut two = AppInstance::start().await;
+    let sidecar = Sidecar::start(&format!(
+        "{}\n[cache]\nenabled = false\n",
+        upstream_section(&[one.addr, two.addr], "round_robin")
+    ))
+    .await;
+    let http = client();
+    assert_eq!(
+        http.get(sidecar.url("/api/products/1")).send().await.unwrap().status(),
+        200
+    );
+
+    one.kill().await;
+    for i in 0..20 {
+        let r = http
+            .get(sidecar.url(&format!("/api/products/{}", i + 1)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i} failed over");
+    }
+    assert!(
+        sidecar
+            .metric("sidecar_upstream_ejections_total", &one.addr.to_string())
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        sidecar.metric("sidecar_upstream_healthy", &one.addr.to_string()).await,
+        0.0
+    );
+
+    // None left: a clear 503, and not ready.
+    two.kill().await;
+    let mut last = 0;
+    for _ in 0..30 {
+        last = http
+            .get(sidecar.url("/api/products/1"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if last == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last, 503);
+    let r = http.get(sidecar.url("/api/products/1")).send().await.unwrap();
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_healthy_upstream");
+    assert_eq!(
+        http.get(format!("{}/ready", sidecar.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purge_works_with_a_token_and_is_refused_without() {
+    let app = AppInstance::start().await;
+    let token = "purge-token-0123456789";
+    let sidecar = Sidecar::start(&format!(
+        "{}\n[cache.purge]\nallow_from = []\ntokens = [\"{token}\"]\n",
+        upstream_section(&[app.addr], "round_robin")
+    ))
+    .await;
+    let http = client();
+    let purge = reqwest::Method::from_bytes(b"PURGE").unwrap();
+
+    http.get(sidecar.url("/api/products/4")).send().await.unwrap();
+    assert_eq!(
+        http.get(sidecar.url("/api/products/4")).send().await.unwrap().headers()["x-cache"],
+        "HIT"
+    );
+
+    let refused = http
+        .request(purge.clone(), sidecar.url("/api/products/4"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let wrong = http
+        .request(purge.clone(), sidecar.url("/api/products/4"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 403);
+    assert_eq!(
+        http.get(sidecar.url("/api/products/4")).send().await.unwrap().headers()["x-cache"],
+        "HIT"
+    );
+
+    let purged = http
+        .request(purge, sidecar.url("/api/products/4"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purged.status(), 200);
+    assert_eq!(
+        http.get(sidecar.url("/api/products/4")).send().await.unwrap().headers()["x-cache"],
+        "MISS"
+    );
+    assert_eq!(
+        sidecar
+            .metric_until("sidecar_cache_purges_total", "refused", |v| v >= 2.0)
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_is_served_when_the_app_is_gone() {
+    let mut app = AppInstance::start().await;
+    // max-age=5 from the app; force 1 s so the test does not wait, and keep stale-if-error.
+    let sidecar = Sidecar::start(&format!(
+        "{}\n[cache]\nstale_if_error_seconds = 60\n[[cache.rules]]\npath_prefix = \"/api/products\"\nttl_seconds = 1\noverride_upstream = true\n",
+        upstream_section(&[app.addr], "round_robin")
+    ))
+    .await;
+    let http = client();
+    let fresh = http
+        .get(sidecar.url("/api/products/6"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    app.kill().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stale = http.get(sidecar.url("/api/products/6")).send().await.unwrap();
+    assert_eq!(stale.status(), 200);
+    assert_eq!(stale.headers()["x-cache"], "STALE");
+    assert_eq!(stale.text().await.unwrap(), fresh);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_requests_are_refused_and_sigterm_drains_in_flight() {
+    let slow = Stub::start("slow", 1000).await;
+    let mut sidecar = Sidecar::start(&upstream_section(&[slow.addr], "round_robin")).await;
+    let http = client();
+
+    let big = http
+        .post(sidecar.url("/api/cart/items"))
+        .body(vec![b'x'; 2 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+    let huge_header = http
+        .get(sidecar.url("/who"))
+        .header("x-big", "y".repeat(20_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge_header.status(), 431);
+
+    let in_flight = {
+        let (http, url) = (http.clone(), sidecar.url("/slow"));
+        tokio::spawn(async move { http.get(url).send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sidecar.signal("TERM");
+    let response = in_flight.await.unwrap();
+    assert_eq!(response.status(), 200, "the in-flight request finished");
+    assert_eq!(response.text().await.unwrap(), "slow");
+    let took = tokio::task::spawn_blocking(move || sidecar.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let took = took.expect("the sidecar exited");
+    assert!(
+        took < Duration::from_secs(4),
+        "exited {took:?} after SIGTERM, not after the whole grace period"
+    );
+}
+
+#[test]
+fn check_config_names_the_bad_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[upstream]\nbalance = \"least_connections\"\n").unwrap();
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .args(["check-config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("least_connections"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[rate_limit.rules]]\nname = \"x\"\npath_prefix = \"/\"\nrequests_per_second = 5\nburst = 0\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rate_limit.rules[0].burst"));
+
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "[cache]\nttl = 5\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .args(["check-config", unknown.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `ttl`"));
+}

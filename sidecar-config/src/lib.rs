@@ -785,6 +785,19 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid_and_in_the_readme() {
+        let example = include_str!("../../sidecar/sidecar.example.toml");
+        let config = SidecarConfig::from_toml(example).unwrap();
+        assert_eq!(config.upstream.balance, Balance::LeastConnections);
+        assert_eq!(config.upstream.servers[0].weight, 2);
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains(example.trim()),
+            "README.md must show sidecar/sidecar.example.toml verbatim"
+        );
+    }
+
+    #[test]
     fn errors_name_the_field() {
         assert!(
             err("[cache]\nmax_bytez = 1").contains("max_bytez"),

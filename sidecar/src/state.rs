@@ -97,11 +97,8 @@ impl Shared {
             return Ok(());
         }
         let old = &current.config;
-        if config.server != old.server
-            || config.cache.max_bytes != old.cache.max_bytes
-            || config.compression.level != old.compression.level
-        {
-            tracing::warn!("server.*, cache.max_bytes and compression.level changes take effect after a restart");
+        if config.server != old.server || config.cache.max_bytes != old.cache.max_bytes {
+            tracing::warn!("server.* and cache.max_bytes changes take effect after a restart");
         }
         self.pool.reconfigure(&config.upstream);
         self.live.store(Arc::new(Live::new(config, self.metrics.clone())));

@@ -556,3 +556,28 @@ fn check_config_names_the_bad_field() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `ttl`"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_found_through_dns() {
+    let app = AppInstance::start().await;
+    // `localhost` stands in for a headless Service: every address it resolves to is an instance
+    // (an IPv6 answer the app does not listen on is ejected and retried past).
+    let sidecar = Sidecar::start(&format!(
+        "[upstream]\n[upstream.dns]\nname = \"localhost\"\nport = {}\nrefresh_seconds = 1\n[upstream.health_check]\ninterval_ms = 200\nunhealthy_threshold = 1\n",
+        app.addr.port()
+    ))
+    .await;
+    let http = client();
+    for _ in 0..5 {
+        assert_eq!(
+            http.get(sidecar.url("/api/products/1")).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert!(
+        sidecar
+            .metric("sidecar_upstream_healthy", &format!("127.0.0.1:{}", app.addr.port()))
+            .await
+            >= 1.0
+    );
+}

@@ -161,6 +161,7 @@ fn ten() -> u64 {
 }
 
 /// The balancing algorithm.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
@@ -265,9 +266,11 @@ impl Default for Cache {
 }
 
 /// A caching rule for the routes under `path_prefix`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheRule {
+    /// Requests whose normalised path starts with this use the rule.
     pub path_prefix: String,
     /// Lifetime when the upstream's `Cache-Control` gives none; 0 caches only what the upstream
     /// gives a lifetime.
@@ -398,11 +401,13 @@ pub enum LimitKey {
 }
 
 /// One limit.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitRule {
     /// Used in metrics and in the `RateLimit-Policy` header.
     pub name: String,
+    /// Requests whose normalised path starts with this use the rule.
     pub path_prefix: String,
     /// Empty means every method.
     #[serde(default)]

@@ -1,0 +1,305 @@
+//! Alert-driven autoscaling: Alertmanager (webhook payload version 4) posts firing and resolved
+//! alerts; those labelled `action: scale_up` multiply the mall's replica floor by `scaleFactor`
+//! within min/max, at most once per cooldown, and the floor returns to where it was once every such
+//! alert has stayed resolved for the stabilisation window. The state lives in the MallDeployment's
+//! status, so an operator restart forgets nothing. In `hpa` and `both` modes the floor is the HPA's
+//! `minReplicas` (the HPA still owns replicas); in `alerts` mode it is `spec.replicas`.
+//!
+//! The decisions are pure functions (`on_alerts`, `settle`); `handle` does the I/O.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use kube::api::{Api, Patch, PatchParams};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::controller::{apply_scale, current_floor, Context};
+use crate::crd::{AlertScaling, MallDeployment, MallDeploymentSpec, ScaleEvent};
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+pub fn rfc3339(secs: i64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(secs).map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// A replica change decided by the autoscaler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleChange {
+    pub from: i32,
+    pub to: i32,
+    pub reason: String,
+}
+
+impl ScaleChange {
+    pub fn event(&self, now: i64) -> ScaleEvent {
+        ScaleEvent { time: rfc3339(now), from: self.from, to: self.to, reason: self.reason.clone() }
+    }
+}
+
+/// The new state and the change to make, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settled {
+    pub state: AlertScaling,
+    pub change: Option<ScaleChange>,
+}
+
+/// One alert of the payload, reduced to what scaling needs.
+#[derive(Debug, Clone)]
+pub struct AlertView {
+    pub firing: bool,
+    pub fingerprint: String,
+    pub name: String,
+}
+
+/// Folds a payload's alerts for one MallDeployment into its state. `floor` is the current floor.
+pub fn on_alerts(spec: &MallDeploymentSpec, state: &AlertScaling, floor: i32, alerts: &[AlertView], now: i64) -> Settled {
+    let mut s = state.clone();
+    for a in alerts {
+        s.firing.retain(|f| f != &a.fingerprint);
+        if a.firing {
+            s.firing.push(a.fingerprint.clone());
+        }
+    }
+    s.firing.sort();
+    if s.firing.is_empty() {
+        if s.baseline.is_some() && s.resolved_since.is_none() {
+            s.resolved_since = Some(now);
+        }
+        return settle(spec, &s, floor, now);
+    }
+    s.resolved_since = None;
+    let a = &spec.autoscaling;
+    let cooled = s.last_scale_up.is_none_or(|t| now - t >= a.cooldown_seconds as i64);
+    let target = ((floor as f64) * a.scale_factor).ceil() as i32;
+    let target = target.clamp(spec.min_replicas, spec.max_replicas);
+    if !cooled || target <= floor {
+        return Settled { state: s, change: None };
+    }
+    let names: Vec<&str> = alerts.iter().filter(|a| a.firing).map(|a| a.name.as_str()).collect();
+    s.baseline = s.baseline.or(Some(floor));
+    s.floor = Some(target);
+    s.last_scale_up = Some(now);
+    Settled { state: s, change: Some(ScaleChange { from: floor, to: target, reason: format!("alerts firing: {}", names.join(", ")) }) }
+}
+
+/// Scales back to the baseline once no scale-up alert has fired for the stabilisation window.
+pub fn settle(spec: &MallDeploymentSpec, state: &AlertScaling, floor: i32, now: i64) -> Settled {
+    let mut s = state.clone();
+    let window = spec.autoscaling.stabilization_seconds as i64;
+    match (s.firing.is_empty(), s.baseline, s.resolved_since) {
+        (true, Some(baseline), Some(since)) if now - since >= window => {
+            let to = baseline.clamp(spec.min_replicas, spec.max_replicas);
+            s.baseline = None;
+            s.floor = None;
+            s.resolved_since = None;
+            let change = (to != floor).then(|| ScaleChange {
+                from: floor,
+                to,
+                reason: format!("scale-up alerts resolved for {window} s"),
+            });
+            Settled { state: s, change }
+        }
+        _ => Settled { state: s, change: None },
+    }
+}
+
+/// When the next scale-back is due, if one is pending.
+pub fn next_check(spec: &MallDeploymentSpec, state: &AlertScaling, now: i64) -> Option<Duration> {
+    match (state.firing.is_empty(), state.baseline, state.resolved_since) {
+        (true, Some(_), Some(since)) => {
+            let due = since + spec.autoscaling.stabilization_seconds as i64;
+            Some(Duration::from_secs((due - now).max(1) as u64))
+        }
+        _ => None,
+    }
+}
+
+/// Alertmanager's webhook payload, version 4 (unknown fields are Alertmanager's business).
+#[derive(Debug, Deserialize)]
+pub struct Payload {
+    pub version: String,
+    pub alerts: Vec<Alert>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Alert {
+    pub status: String,
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub fingerprint: String,
+}
+
+/// Parses and checks a payload; the error names what is wrong.
+pub fn parse(body: &[u8]) -> Result<Payload, String> {
+    let payload: Payload = serde_json::from_slice(body).map_err(|e| format!("invalid payload: {e}"))?;
+    if payload.version != "4" {
+        return Err(format!("version: expected \"4\", got {:?}", payload.version));
+    }
+    for (i, a) in payload.alerts.iter().enumerate() {
+        if a.status != "firing" && a.status != "resolved" {
+            return Err(format!("alerts[{i}].status: expected firing or resolved, got {:?}", a.status));
+        }
+    }
+    Ok(payload)
+}
+
+pub struct Webhook {
+    pub ctx: Arc<Context>,
+    pub token: String,
+}
+
+/// `POST /alerts`: 200 with what was done, 400 on a bad payload, 401 without the token.
+pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let m = &hook.ctx.metrics;
+    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|t| constant_time_eq(t.as_bytes(), hook.token.as_bytes())) {
+        m.webhook.with_label_values(&["unauthorized"]).inc();
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    }
+    let payload = match parse(&body) {
+        Ok(p) => p,
+        Err(message) => {
+            m.webhook.with_label_values(&["bad_request"]).inc();
+            return (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": message }))).into_response();
+        }
+    };
+    // Group scale-up alerts by the MallDeployment they name.
+    let mut targets: BTreeMap<(String, String), Vec<AlertView>> = BTreeMap::new();
+    for a in &payload.alerts {
+        if a.labels.get("action").map(String::as_str) != Some("scale_up") {
+            continue;
+        }
+        let (Some(ns), Some(name)) = (a.labels.get("namespace"), a.labels.get("malldeployment")) else {
+            m.webhook.with_label_values(&["unknown_target"]).inc();
+            continue;
+        };
+        let fingerprint = if a.fingerprint.is_empty() { format!("{:?}", a.labels) } else { a.fingerprint.clone() };
+        targets.entry((ns.clone(), name.clone())).or_default().push(AlertView {
+            firing: a.status == "firing",
+            fingerprint,
+            name: a.labels.get("alertname").cloned().unwrap_or_default(),
+        });
+    }
+    let mut results = Vec::new();
+    for ((ns, name), alerts) in targets {
+        match apply_alerts(&hook.ctx, &ns, &name, &alerts, now()).await {
+            Ok(Some(change)) => results.push(json!({ "target": format!("{ns}/{name}"), "from": change.from, "to": change.to })),
+            Ok(None) => results.push(json!({ "target": format!("{ns}/{name}"), "unchanged": true })),
+            Err(e) => {
+                m.webhook.with_label_values(&["error"]).inc();
+                tracing::error!(%ns, %name, error = %e, "alert scaling failed");
+                return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+            }
+        }
+    }
+    m.webhook.with_label_values(&["ok"]).inc();
+    axum::Json(json!({ "results": results })).into_response()
+}
+
+/// Applies one MallDeployment's alerts: decides, scales, persists the state. `Ok(None)` when
+/// nothing changed (or the target does not exist, which is counted and ignored).
+pub async fn apply_alerts(ctx: &Context, ns: &str, name: &str, alerts: &[AlertView], now: i64) -> Result<Option<ScaleChange>, kube::Error> {
+    let api: Api<MallDeployment> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(md) = api.get_opt(name).await? else {
+        ctx.metrics.webhook.with_label_values(&["unknown_target"]).inc();
+        tracing::info!(%ns, %name, "alert for an unknown MallDeployment ignored");
+        return Ok(None);
+    };
+    if md.spec.paused {
+        return Ok(None);
+    }
+    let state = md.status.as_ref().map(|s| s.alert_scaling.clone()).unwrap_or_default();
+    let settled = on_alerts(&md.spec, &state, current_floor(&md), alerts, now);
+    if let Some(change) = &settled.change {
+        apply_scale(&api, &md, change.to)
+            .await
+            .map_err(|e| match e {
+                crate::controller::Error::Kube(k) => k,
+                other => kube::Error::Service(other.to_string().into()),
+            })?;
+        ctx.metrics.scale_events.with_label_values(&[if change.to > change.from { "up" } else { "down" }]).inc();
+        tracing::info!(%ns, %name, from = change.from, to = change.to, reason = %change.reason, "alert-driven scale");
+    }
+    write_alert_state(&api, name, &settled.state, settled.change.as_ref().map(|c| c.event(now))).await?;
+    Ok(settled.change)
+}
+
+/// The autoscaler's part of the status, as a merge patch so the reconciler's server-side apply of
+/// the rest of the status never drops it.
+pub async fn write_alert_state(api: &Api<MallDeployment>, name: &str, state: &AlertScaling, event: Option<ScaleEvent>) -> Result<(), kube::Error> {
+    let mut status = json!({ "alertScaling": state });
+    if let Some(event) = event {
+        status["lastScale"] = serde_json::to_value(event).expect("json");
+    }
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status }))).await?;
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MallDeploymentSpec {
+        let md: MallDeployment = serde_json::from_value(json!({
+            "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
+            "metadata": {"name": "t"},
+            "spec": {"replicas": 2, "minReplicas": 2, "maxReplicas": 10,
+                     "autoscaling": {"mode": "alerts", "scaleFactor": 2.0, "cooldownSeconds": 300, "stabilizationSeconds": 600}}
+        }))
+        .unwrap();
+        md.spec
+    }
+
+    fn alert(firing: bool) -> Vec<AlertView> {
+        vec![AlertView { firing, fingerprint: "f1".into(), name: "CriticalQPS".into() }]
+    }
+
+    #[test]
+    fn fire_scale_cooldown_resolve_stabilise() {
+        let spec = spec();
+        let s0 = AlertScaling::default();
+        let up = on_alerts(&spec, &s0, 2, &alert(true), 1000);
+        assert_eq!(up.change.as_ref().map(|c| (c.from, c.to)), Some((2, 4)));
+        // Alertmanager repeats the same firing alert: no second scale within the cooldown.
+        let repeat = on_alerts(&spec, &up.state, 4, &alert(true), 1100);
+        assert_eq!(repeat.change, None);
+        // After the cooldown a still-firing alert scales again, up to max.
+        let again = on_alerts(&spec, &repeat.state, 4, &alert(true), 1400);
+        assert_eq!(again.change.as_ref().map(|c| c.to), Some(8));
+        let capped = on_alerts(&spec, &again.state, 8, &alert(true), 1800);
+        assert_eq!(capped.change.as_ref().map(|c| c.to), Some(10));
+        // Resolved: nothing until the stabilisation window has passed, then back to the baseline.
+        let resolved = on_alerts(&spec, &capped.state, 10, &alert(false), 2000);
+        assert_eq!(resolved.change, None);
+        assert_eq!(next_check(&spec, &resolved.state, 2000), Some(Duration::from_secs(600)));
+        assert_eq!(settle(&spec, &resolved.state, 10, 2599).change, None);
+        let back = settle(&spec, &resolved.state, 10, 2600);
+        assert_eq!(back.change.as_ref().map(|c| (c.from, c.to)), Some((10, 2)));
+        assert_eq!((back.state.baseline, back.state.floor, back.state.resolved_since), (None, None, None));
+        assert_eq!(back.state.last_scale_up, Some(1800), "the cooldown survives the scale-back");
+        // A firing alert during the window cancels the scale-back.
+        let refire = on_alerts(&spec, &resolved.state, 10, &alert(true), 2100);
+        assert_eq!(refire.state.resolved_since, None);
+        assert_eq!(settle(&spec, &refire.state, 10, 5000).change, None);
+    }
+
+    #[test]
+    fn payload_errors_name_the_problem() {
+        assert!(parse(b"{").unwrap_err().contains("invalid payload"));
+        assert!(parse(br#"{"version":"3","alerts":[]}"#).unwrap_err().contains("version"));
+        assert!(parse(br#"{"version":"4","alerts":[{"status":"odd","labels":{}}]}"#).unwrap_err().contains("alerts[0].status"));
+        assert!(parse(br#"{"version":"4","alerts":[{"status":"firing","labels":{"a":1}}]}"#).is_err());
+        assert_eq!(parse(br#"{"version":"4","status":"firing","alerts":[]}"#).unwrap().alerts.len(), 0);
+    }
+}

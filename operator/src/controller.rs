@@ -1,0 +1,339 @@
+//! Reconcile: compute the desired children (pure, `desired.rs`), apply what differs with
+//! server-side apply under one field manager, then write status. The controller watches every
+//! child kind it owns so drift is corrected.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
+use crate::desired::{self, Children};
+use crate::metrics::Metrics;
+use crate::{autoscale, tuning};
+
+/// The one field manager for everything the operator writes.
+pub const MANAGER: &str = "mall-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    #[error("serialisation: {0}")]
+    Serde(#[from] serde_json::Error),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
+            Error::Kube(_) => "api",
+            Error::InvalidSpec(_) => "invalid_spec",
+            Error::Serde(_) => "serde",
+        }
+    }
+}
+
+/// Shared by every reconcile and the webhook.
+pub struct Context {
+    pub client: Client,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Runs the controller until the stream ends (shutdown).
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let mds: Api<MallDeployment> = Api::all(client.clone());
+    let config = watcher::Config::default();
+    Controller::new(mds, config.clone())
+        .owns(Api::<Deployment>::all(client.clone()), config.clone())
+        .owns(Api::<Service>::all(client.clone()), config.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), config.clone())
+        .owns(Api::<HorizontalPodAutoscaler>::all(client.clone()), config.clone())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), config)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile stream");
+            }
+        })
+        .await;
+}
+
+pub fn error_policy(md: Arc<MallDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.with_label_values(&[error.metric_label()]).inc();
+    tracing::warn!(name = %md.name_any(), error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// What one reconcile wrote, for tests and logs.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Outcome {
+    pub applied: Vec<String>,
+    pub status_written: bool,
+}
+
+pub async fn reconcile(md: Arc<MallDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_once(&md, &ctx, autoscale::now()).await;
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    let outcome = match &result {
+        Ok((_, o)) if !o.applied.is_empty() || o.status_written => "changed",
+        Ok(_) => "unchanged",
+        Err(_) => "error",
+    };
+    ctx.metrics.reconciles.with_label_values(&[outcome]).inc();
+    result.map(|(action, _)| action)
+}
+
+/// One pass, at `now` (Unix seconds): returns when to look again and what it wrote.
+pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Result<(Action, Outcome), Error> {
+    let ns = desired::namespace(md);
+    let name = desired::name(md);
+    let client = &ctx.client;
+    let mds: Api<MallDeployment> = Api::namespaced(client.clone(), &ns);
+    let old_status = md.status.clone().unwrap_or_default();
+    let mut status = old_status.clone();
+    status.observed_generation = md.metadata.generation;
+    status.selector = desired::selector_string(md);
+    let mut outcome = Outcome::default();
+
+    if let Err(message) = md.validate() {
+        set_condition(&mut status, md, "Degraded", true, "InvalidSpec", &message);
+        set_condition(&mut status, md, "Ready", false, "InvalidSpec", &message);
+        outcome.status_written = write_status(&mds, &name, &old_status, &status).await?;
+        return Ok((Action::requeue(Duration::from_secs(300)), outcome));
+    }
+    let tuning = tuning::tune(&md.spec);
+    status.tuning = Some(tuning.clone());
+
+    if md.spec.paused {
+        set_condition(&mut status, md, "Paused", true, "Paused", "spec.paused is true: children are left alone");
+        outcome.status_written = write_status(&mds, &name, &old_status, &status).await?;
+        return Ok((Action::requeue(Duration::from_secs(300)), outcome));
+    }
+    set_condition(&mut status, md, "Paused", false, "Reconciling", "children follow the spec");
+
+    // Alert-driven scale-back happens on time, not only when a webhook arrives.
+    let settled = autoscale::settle(&md.spec, &status.alert_scaling, current_floor(md), now);
+    if settled.state != status.alert_scaling {
+        if let Some(change) = &settled.change {
+            apply_scale(&mds, md, change.to).await?;
+            ctx.metrics.scale_events.with_label_values(&["down"]).inc();
+            tracing::info!(%ns, %name, from = change.from, to = change.to, reason = %change.reason, "alert-driven scale back");
+        }
+        let event = settled.change.as_ref().map(|c| c.event(now));
+        autoscale::write_alert_state(&mds, &name, &settled.state, event.clone()).await?;
+        status.last_scale = event.or(status.last_scale);
+        status.alert_scaling = settled.state;
+    }
+
+    let children = desired::children(md, &tuning, status.alert_scaling.floor);
+    let Children { deployment, service, app_service, config_map, hpa, pdb, prometheus_rule, service_monitor } = children;
+    let pp = PatchParams::apply(MANAGER).force();
+    apply(client, &ns, &config_map, &pp, &mut outcome).await?;
+    apply(client, &ns, &service, &pp, &mut outcome).await?;
+    apply(client, &ns, &app_service, &pp, &mut outcome).await?;
+    apply(client, &ns, &deployment, &pp, &mut outcome).await?;
+    apply(client, &ns, &pdb, &pp, &mut outcome).await?;
+    match &hpa {
+        Some(hpa) => apply(client, &ns, hpa, &pp, &mut outcome).await?,
+        None => {
+            let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+            if api.get_opt(&name).await?.is_some_and(|h| h.owner_references().iter().any(|o| o.uid == md.uid().unwrap_or_default())) {
+                api.delete(&name, &Default::default()).await?;
+                outcome.applied.push(format!("HorizontalPodAutoscaler/{name} (deleted: autoscaling.mode is alerts)"));
+            }
+        }
+    }
+
+    status.monitoring = if monitoring_available(client).await {
+        apply_dynamic(client, &ns, &prometheus_rule, &desired::prometheus_rule_resource(), &pp, &mut outcome).await?;
+        apply_dynamic(client, &ns, &service_monitor, &desired::service_monitor_resource(), &pp, &mut outcome).await?;
+        "PrometheusRule and ServiceMonitor applied".into()
+    } else {
+        "Prometheus Operator CRDs not installed: alert rules and ServiceMonitor skipped (`operator render` prints them)".into()
+    };
+
+    // Observe the Deployment.
+    let live: Option<Deployment> = Api::<Deployment>::namespaced(client.clone(), &ns).get_opt(&name).await?;
+    let live_status = live.as_ref().and_then(|d| d.status.clone()).unwrap_or_default();
+    let want = live.as_ref().and_then(|d| d.spec.as_ref()?.replicas).unwrap_or(md.spec.replicas);
+    status.replicas = live_status.replicas.unwrap_or(0);
+    status.ready_replicas = live_status.ready_replicas.unwrap_or(0);
+    let updated = live_status.updated_replicas.unwrap_or(0);
+    let rolled = live.as_ref().is_some_and(|d| d.metadata.generation == live_status.observed_generation);
+    let progressing = !rolled || updated < want || status.replicas > want;
+    if progressing {
+        set_condition(&mut status, md, "Progressing", true, "RollingOut", &format!("{updated} of {want} pods updated"));
+    } else {
+        set_condition(&mut status, md, "Progressing", false, "Complete", "all pods run the current spec");
+    }
+    let ready_message = format!("{} of {want} pods ready", status.ready_replicas);
+    if status.ready_replicas >= want.max(1) {
+        set_condition(&mut status, md, "Ready", true, "AllReady", &ready_message);
+    } else {
+        set_condition(&mut status, md, "Ready", false, "PodsNotReady", &ready_message);
+    }
+    set_condition(&mut status, md, "Degraded", false, "Reconciled", "the children match the spec");
+
+    outcome.status_written = write_status(&mds, &name, &old_status, &status).await?;
+    if !outcome.applied.is_empty() {
+        tracing::info!(%ns, %name, applied = ?outcome.applied, "reconciled");
+    }
+    let next = autoscale::next_check(&md.spec, &status.alert_scaling, now).unwrap_or(Duration::from_secs(300));
+    Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
+}
+
+/// The replica floor alerts scale from: spec.replicas in `alerts` mode, else the HPA's floor.
+pub fn current_floor(md: &MallDeployment) -> i32 {
+    let state = md.status.as_ref().map(|s| &s.alert_scaling);
+    match md.spec.autoscaling.mode {
+        crate::crd::AutoscalingMode::Alerts => md.spec.replicas,
+        _ => state.and_then(|s| s.floor).unwrap_or(md.spec.min_replicas),
+    }
+}
+
+/// In `alerts` mode scaling writes spec.replicas (what `kubectl scale` writes too).
+pub async fn apply_scale(mds: &Api<MallDeployment>, md: &MallDeployment, replicas: i32) -> Result<(), Error> {
+    if md.spec.autoscaling.mode == crate::crd::AutoscalingMode::Alerts {
+        let patch = json!({ "spec": { "replicas": replicas } });
+        mds.patch(&md.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    }
+    Ok(())
+}
+
+async fn monitoring_available(client: &Client) -> bool {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    matches!(crds.get_opt("prometheusrules.monitoring.coreos.com").await, Ok(Some(_)))
+}
+
+/// Applies `desired` unless the live object already holds every field of it (then nothing is
+/// written, so a steady state makes no API writes and no watch events).
+async fn apply<K>(client: &Client, ns: &str, desired: &K, pp: &PatchParams, outcome: &mut Outcome) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let want = serde_json::to_value(desired)?;
+    if let Some(live) = api.get_opt(&name).await? {
+        if contains(&serde_json::to_value(&live)?, &want) {
+            return Ok(());
+        }
+    }
+    api.patch(&name, pp, &Patch::Apply(desired)).await?;
+    outcome.applied.push(format!("{}/{name}", K::kind(&K::DynamicType::default())));
+    Ok(())
+}
+
+async fn apply_dynamic(
+    client: &Client,
+    ns: &str,
+    desired: &DynamicObject,
+    resource: &kube::api::ApiResource,
+    pp: &PatchParams,
+    outcome: &mut Outcome,
+) -> Result<(), Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
+    let name = desired.name_any();
+    let want = serde_json::to_value(desired)?;
+    if let Some(live) = api.get_opt(&name).await? {
+        if contains(&serde_json::to_value(&live)?, &want) {
+            return Ok(());
+        }
+    }
+    api.patch(&name, pp, &Patch::Apply(desired)).await?;
+    outcome.applied.push(format!("{}/{name}", resource.kind));
+    Ok(())
+}
+
+/// Whether every field of `want` is in `live` with the same value (extra live fields are fine:
+/// defaults and other managers' fields).
+pub fn contains(live: &Value, want: &Value) -> bool {
+    match (live, want) {
+        (Value::Object(l), Value::Object(w)) => w.iter().all(|(k, wv)| l.get(k).is_some_and(|lv| contains(lv, wv))),
+        (Value::Array(l), Value::Array(w)) => l.len() == w.len() && l.iter().zip(w).all(|(lv, wv)| contains(lv, wv)),
+        (l, w) => l == w,
+    }
+}
+
+async fn write_status(
+    mds: &Api<MallDeployment>,
+    name: &str,
+    old: &MallDeploymentStatus,
+    new: &MallDeploymentStatus,
+) -> Result<bool, Error> {
+    // The autoscaler owns alertScaling and lastScale (merge-patched, see autoscale.rs).
+    let strip = |s: &MallDeploymentStatus| -> Result<Value, Error> {
+        let mut v = serde_json::to_value(s)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("alertScaling");
+            o.remove("lastScale");
+        }
+        Ok(v)
+    };
+    let (old, new) = (strip(old)?, strip(new)?);
+    if old == new {
+        return Ok(false);
+    }
+    let patch = json!({ "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment", "status": new });
+    mds.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(true)
+}
+
+/// Sets a condition; `lastTransitionTime` moves only when the status flips.
+pub fn set_condition(status: &mut MallDeploymentStatus, md: &MallDeployment, type_: &str, on: bool, reason: &str, message: &str) {
+    let value = if on { "True" } else { "False" };
+    let generation = md.metadata.generation;
+    match status.conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != value {
+                c.last_transition_time = autoscale::rfc3339(autoscale::now());
+            }
+            c.status = value.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
+        }
+        None => status.conditions.push(Condition {
+            type_: type_.into(),
+            status: value.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: autoscale::rfc3339(autoscale::now()),
+            observed_generation: generation,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains;
+    use serde_json::json;
+
+    #[test]
+    fn contains_ignores_extra_live_fields_but_not_changed_ones() {
+        let live = json!({"a": 1, "b": {"c": [1, {"d": 2, "e": 3}]}, "x": true});
+        assert!(contains(&live, &json!({"b": {"c": [1, {"d": 2}]}})));
+        assert!(!contains(&live, &json!({"b": {"c": [1, {"d": 3}]}})));
+        assert!(!contains(&live, &json!({"b": {"c": [1]}})));
+        assert!(!contains(&live, &json!({"missing": 1})));
+    }
+}

@@ -1,0 +1,451 @@
+//! The `MallDeployment` custom resource (mall.example.com/v1alpha1): what a platform team writes,
+//! and the status the operator reports back. Defaults and validation live in the schema so
+//! `kubectl explain` and the API server both know them.
+
+use kube::CustomResource;
+use mall_sidecar_config::{Balance, CacheRule, LimitRule};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "mall.example.com";
+
+/// A mall: the app and its sidecar, tuned from their resources, with a Service, an autoscaler, a
+/// disruption budget and Prometheus alert rules.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "mall.example.com",
+    version = "v1alpha1",
+    kind = "MallDeployment",
+    doc = "A mall: app and sidecar pods tuned from their resources, with Services, an autoscaler, a disruption budget and alert rules.",
+    namespaced,
+    shortname = "mall",
+    status = "MallDeploymentStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = "self.spec.minReplicas <= self.spec.maxReplicas",
+    validation = "self.spec.replicas >= self.spec.minReplicas && self.spec.replicas <= self.spec.maxReplicas"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MallDeploymentSpec {
+    /// The mall app container.
+    #[serde(default)]
+    pub app: Container,
+    /// The sidecar proxy container.
+    #[serde(default = "Container::sidecar")]
+    pub sidecar: Container,
+    /// Desired pods (the scale subresource: `kubectl scale` and alert-driven scaling set it).
+    #[serde(default = "defaults::replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+    /// Fewest pods the autoscalers may leave.
+    #[serde(default = "defaults::min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Most pods the autoscalers may create; the database budget is divided by this.
+    #[serde(default = "defaults::max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// The database. Without a primary, each pod uses an embedded SQLite file (demo only).
+    #[serde(default)]
+    pub database: Database,
+    /// Redis for the shared L2 cache and shared rate limits; optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<Redis>,
+    /// The sidecar's response cache.
+    #[serde(default)]
+    pub cache: CacheSpec,
+    /// The sidecar's response compression.
+    #[serde(default)]
+    pub compression: CompressionSpec,
+    /// The sidecar's rate limits.
+    #[serde(default)]
+    pub rate_limits: RateLimitSpec,
+    /// How the sidecar picks an app instance: round_robin, weighted, consistent_hash or least_connections.
+    #[serde(default = "defaults::balance")]
+    pub load_balancing: Balance,
+    /// Alert thresholds (defaults are seed 001's rules).
+    #[serde(default)]
+    pub slo: Slo,
+    /// Who changes the replica count.
+    #[serde(default)]
+    pub autoscaling: Autoscaling,
+    /// Leave every child object alone (for manual surgery); status says so.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// An image and its resources.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    /// Container image.
+    pub image: String,
+    /// CPU request and limit (Kubernetes quantities, e.g. `500m`).
+    #[serde(default)]
+    pub cpu: Quantities,
+    /// Memory request and limit (e.g. `512Mi`).
+    #[serde(default = "Quantities::memory")]
+    pub memory: Quantities,
+}
+
+impl Default for Container {
+    fn default() -> Self {
+        Container { image: defaults::APP_IMAGE.into(), cpu: Quantities::default(), memory: Quantities::memory() }
+    }
+}
+
+impl Container {
+    pub fn sidecar() -> Self {
+        Container {
+            image: defaults::SIDECAR_IMAGE.into(),
+            cpu: Quantities { request: "100m".into(), limit: "500m".into() },
+            memory: Quantities { request: "64Mi".into(), limit: "256Mi".into() },
+        }
+    }
+}
+
+/// A request and a limit.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct Quantities {
+    /// What the scheduler reserves.
+    pub request: String,
+    /// The most the container may use; tuning reads this.
+    pub limit: String,
+}
+
+impl Default for Quantities {
+    /// Seed 003's Deployment: requests 250m, limits 500m.
+    fn default() -> Self {
+        Quantities { request: "250m".into(), limit: "500m".into() }
+    }
+}
+
+impl Quantities {
+    /// Seed 003's Deployment: requests 256Mi, limits 512Mi.
+    pub fn memory() -> Self {
+        Quantities { request: "256Mi".into(), limit: "512Mi".into() }
+    }
+}
+
+/// A key of a Secret in the MallDeployment's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    pub name: String,
+    /// The key within the Secret.
+    #[serde(default = "defaults::url_key")]
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Database {
+    /// The primary's URL (postgres://, mysql://) in a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<SecretKeyRef>,
+    /// Read replicas' URLs, each in a Secret.
+    #[serde(default)]
+    pub replicas: Vec<SecretKeyRef>,
+    /// Connections the database server allows this mall in total; pools are sized so that
+    /// `maxReplicas` pods never exceed it.
+    #[serde(default = "defaults::connection_budget")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub connection_budget: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct Redis {
+    /// The Redis URL in a Secret.
+    pub url: SecretKeyRef,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CacheSpec {
+    /// Cache responses in the sidecar.
+    pub enabled: bool,
+    /// Per-route rules; routes without one are not cached by the sidecar.
+    #[serde(default = "CacheRule::seed_defaults")]
+    pub rules: Vec<CacheRule>,
+}
+
+impl Default for CacheSpec {
+    fn default() -> Self {
+        CacheSpec { enabled: true, rules: CacheRule::seed_defaults() }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CompressionSpec {
+    /// Compress responses (gzip, brotli, zstd) for clients that accept it.
+    pub enabled: bool,
+    /// Smallest body worth compressing (seed 000: 1 KB).
+    #[serde(default = "defaults::min_bytes")]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub min_bytes: u32,
+}
+
+impl Default for CompressionSpec {
+    fn default() -> Self {
+        CompressionSpec { enabled: true, min_bytes: defaults::min_bytes() }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RateLimitSpec {
+    /// Enforce rate limits in the sidecar.
+    pub enabled: bool,
+    /// Per-route limits per client address; the sidecar's defaults when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<LimitRule>>,
+    /// Share the limits across pods through `redis` (when set), so they hold as the mall scales.
+    #[serde(default = "defaults::yes")]
+    pub shared: bool,
+}
+
+impl Default for RateLimitSpec {
+    fn default() -> Self {
+        RateLimitSpec { enabled: true, rules: None, shared: true }
+    }
+}
+
+/// Alert thresholds; each alert is also labelled with the MallDeployment's name and namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Slo {
+    /// HighQPS: requests per second per pod, for 2 minutes (warning).
+    pub high_qps: f64,
+    /// CriticalQPS: requests per second per pod, for 1 minute (critical, scales up).
+    pub critical_qps: f64,
+    /// HighResponseTime: p95 in milliseconds, for 3 minutes (scales up).
+    pub p95_latency_ms: f64,
+    /// HighErrorRate: percentage of 5xx responses, for 2 minutes.
+    #[schemars(range(min = 0, max = 100))]
+    pub error_rate_percent: f64,
+    /// DatabaseConnectionsHigh: percentage of the pool in use, for 5 minutes (scales up).
+    #[schemars(range(min = 1, max = 100))]
+    pub db_connections_percent: f64,
+    /// HighMemoryUsage: percentage of the memory limit, for 5 minutes.
+    #[schemars(range(min = 1, max = 100))]
+    pub memory_percent: f64,
+    /// CacheHitRateLow: sidecar hit ratio below this percentage, for 10 minutes (seed 000: 85).
+    #[schemars(range(min = 0, max = 100))]
+    pub cache_hit_rate_percent: f64,
+}
+
+impl Default for Slo {
+    fn default() -> Self {
+        Slo {
+            high_qps: 1000.0,
+            critical_qps: 5000.0,
+            p95_latency_ms: 100.0,
+            error_rate_percent: 1.0,
+            db_connections_percent: 80.0,
+            memory_percent: 80.0,
+            cache_hit_rate_percent: 85.0,
+        }
+    }
+}
+
+/// Who changes replicas: an HPA on CPU and request rate, the operator on alerts, or both (then
+/// alerts raise the HPA's floor instead of fighting it).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalingMode {
+    Hpa,
+    Alerts,
+    Both,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Autoscaling {
+    pub mode: AutoscalingMode,
+    /// Replicas are multiplied by this on a scale-up alert (seed 001: 2).
+    #[schemars(range(min = 1.1, max = 10))]
+    pub scale_factor: f64,
+    /// Minimum seconds between two alert-driven scale-ups.
+    #[schemars(range(min = 0, max = 86400))]
+    pub cooldown_seconds: u32,
+    /// Seconds all scale-up alerts must stay resolved before scaling back.
+    #[schemars(range(min = 0, max = 86400))]
+    pub stabilization_seconds: u32,
+    /// HPA target: average CPU utilisation percentage.
+    #[schemars(range(min = 10, max = 100))]
+    pub target_cpu_percent: i32,
+    /// HPA target: requests per second per pod (needs the Prometheus adapter's
+    /// `sidecar_http_requests_per_second` pods metric).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_requests_per_second: Option<i32>,
+}
+
+impl Default for Autoscaling {
+    fn default() -> Self {
+        Autoscaling {
+            mode: AutoscalingMode::Both,
+            scale_factor: 2.0,
+            cooldown_seconds: 300,
+            stabilization_seconds: 600,
+            target_cpu_percent: 70,
+            target_requests_per_second: None,
+        }
+    }
+}
+
+/// What the operator observed and decided.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MallDeploymentStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded, Paused.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Pods the Deployment has.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pods that pass their readiness probe.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the pods (for the scale subresource).
+    #[serde(default)]
+    pub selector: String,
+    /// The sizes chosen from the resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning: Option<crate::tuning::Tuning>,
+    /// The last alert-driven scale decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale: Option<ScaleEvent>,
+    /// Alert-driven scaling state, kept here so it survives an operator restart.
+    #[serde(default)]
+    pub alert_scaling: AlertScaling,
+    /// Whether PrometheusRule and ServiceMonitor objects are managed (the Prometheus Operator's
+    /// CRDs exist).
+    #[serde(default)]
+    pub monitoring: String,
+}
+
+/// A condition, as in every Kubernetes status.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Ready, Progressing, Degraded or Paused.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    /// A CamelCase word for the cause.
+    pub reason: String,
+    /// What happened, for people.
+    pub message: String,
+    /// RFC 3339; changes only when `status` changes.
+    pub last_transition_time: String,
+    /// The spec generation the condition describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleEvent {
+    /// RFC 3339.
+    pub time: String,
+    /// The replica floor before.
+    pub from: i32,
+    /// The replica floor after.
+    pub to: i32,
+    /// Which alerts, or their resolution.
+    pub reason: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertScaling {
+    /// Scale-up alerts firing now (by fingerprint).
+    #[serde(default)]
+    pub firing: Vec<String>,
+    /// Unix seconds of the last alert-driven scale-up (the cooldown starts here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_up: Option<i64>,
+    /// Unix seconds since when no scale-up alert has fired (the stabilisation window starts here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_since: Option<i64>,
+    /// The replica floor before alerts raised it, restored when they resolve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<i32>,
+    /// The floor alerts asked for (replicas in `alerts` mode, the HPA's minReplicas otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<i32>,
+}
+
+pub mod defaults {
+    use mall_sidecar_config::Balance;
+
+    pub const APP_IMAGE: &str = "ghcr.io/mall-operator/mall-app:0.1.0";
+    pub const SIDECAR_IMAGE: &str = "ghcr.io/mall-operator/sidecar:0.1.0";
+
+    pub fn replicas() -> i32 {
+        2
+    }
+    pub fn min_replicas() -> i32 {
+        2
+    }
+    pub fn max_replicas() -> i32 {
+        10
+    }
+    pub fn connection_budget() -> u32 {
+        100
+    }
+    pub fn url_key() -> String {
+        "url".into()
+    }
+    pub fn min_bytes() -> u32 {
+        1024
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn balance() -> Balance {
+        Balance::LeastConnections
+    }
+}
+
+impl MallDeployment {
+    /// Problems the schema cannot express, named by field.
+    pub fn validate(&self) -> Result<(), String> {
+        let s = &self.spec;
+        if s.min_replicas > s.max_replicas {
+            return Err("spec.minReplicas must not exceed spec.maxReplicas".into());
+        }
+        if !(s.min_replicas..=s.max_replicas).contains(&s.replicas) {
+            return Err("spec.replicas must be within spec.minReplicas..=spec.maxReplicas".into());
+        }
+        for (field, q) in [
+            ("spec.app.cpu", &s.app.cpu),
+            ("spec.sidecar.cpu", &s.sidecar.cpu),
+        ] {
+            crate::tuning::parse_cpu_millis(&q.limit).ok_or(format!("{field}.limit: `{}` is not a CPU quantity", q.limit))?;
+            crate::tuning::parse_cpu_millis(&q.request).ok_or(format!("{field}.request: `{}` is not a CPU quantity", q.request))?;
+        }
+        for (field, q) in [("spec.app.memory", &s.app.memory), ("spec.sidecar.memory", &s.sidecar.memory)] {
+            crate::tuning::parse_bytes(&q.limit).ok_or(format!("{field}.limit: `{}` is not a memory quantity", q.limit))?;
+            crate::tuning::parse_bytes(&q.request).ok_or(format!("{field}.request: `{}` is not a memory quantity", q.request))?;
+        }
+        if s.database.connection_budget < s.max_replicas as u32 {
+            return Err("spec.database.connectionBudget must be at least spec.maxReplicas (one connection per pod)".into());
+        }
+        if s.slo.high_qps >= s.slo.critical_qps {
+            return Err("spec.slo.highQps must be below spec.slo.criticalQps".into());
+        }
+        Ok(())
+    }
+}

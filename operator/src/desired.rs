@@ -1,0 +1,417 @@
+//! What should exist for a MallDeployment, as pure functions of the spec and the tuning: the
+//! Deployment (app + sidecar), the Services, the sidecar ConfigMap, the HPA, the PDB, and the
+//! Prometheus Operator's PrometheusRule and ServiceMonitor. No I/O here; `controller.rs` applies.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior,
+    HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SecretKeySelector, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::Resource;
+use mall_sidecar_config::{Balance, DnsDiscovery, SidecarConfig};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{AutoscalingMode, MallDeployment, SecretKeyRef};
+use crate::tuning::Tuning;
+
+pub const APP_PORT: i32 = 3000;
+pub const PROXY_PORT: i32 = 8080;
+pub const ADMIN_PORT: i32 = 9901;
+pub const CONFIG_HASH: &str = "mall.example.com/config-hash";
+pub const SIDECAR_CONFIG_KEY: &str = "sidecar.toml";
+
+/// Everything the operator applies for one MallDeployment.
+pub struct Children {
+    pub deployment: Deployment,
+    pub service: Service,
+    pub app_service: Service,
+    pub config_map: ConfigMap,
+    pub hpa: Option<HorizontalPodAutoscaler>,
+    pub pdb: PodDisruptionBudget,
+    pub prometheus_rule: DynamicObject,
+    pub service_monitor: DynamicObject,
+}
+
+/// `floor`: the replica floor alert-driven scaling asked for (HPA minReplicas in `hpa`/`both`).
+pub fn children(md: &MallDeployment, tuning: &Tuning, floor: Option<i32>) -> Children {
+    let config_map = config_map(md, tuning);
+    Children {
+        deployment: deployment(md, tuning, &config_map),
+        service: service(md),
+        app_service: app_service(md),
+        hpa: hpa(md, floor),
+        pdb: pdb(md),
+        prometheus_rule: prometheus_rule(md, tuning),
+        service_monitor: service_monitor(md),
+        config_map,
+    }
+}
+
+pub fn name(md: &MallDeployment) -> String {
+    md.metadata.name.clone().unwrap_or_default()
+}
+
+pub fn namespace(md: &MallDeployment) -> String {
+    md.metadata.namespace.clone().unwrap_or_else(|| "default".into())
+}
+
+pub fn selector_labels(md: &MallDeployment) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "mall".to_string()),
+        ("app.kubernetes.io/instance".to_string(), name(md)),
+    ])
+}
+
+/// The selector string for the scale subresource's status.
+pub fn selector_string(md: &MallDeployment) -> String {
+    selector_labels(md).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn labels(md: &MallDeployment) -> BTreeMap<String, String> {
+    let mut l = selector_labels(md);
+    l.insert("app.kubernetes.io/managed-by".into(), "mall-operator".into());
+    l
+}
+
+fn owner(md: &MallDeployment) -> OwnerReference {
+    md.controller_owner_ref(&()).expect("a stored MallDeployment has a name and uid")
+}
+
+fn meta(md: &MallDeployment, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace(md)),
+        labels: Some(labels(md)),
+        owner_references: Some(vec![owner(md)]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The sidecar's configuration for this mall, in the schema the sidecar parses.
+pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning) -> SidecarConfig {
+    let s = &md.spec;
+    let mut c = SidecarConfig::default();
+    c.server.listen = ([0, 0, 0, 0], PROXY_PORT as u16).into();
+    c.server.admin_listen = ([0, 0, 0, 0], ADMIN_PORT as u16).into();
+    c.server.threads = tuning.sidecar_threads as usize;
+    // Every sidecar balances over every app instance through the headless Service, so the
+    // algorithm (consistent hashing keeps each app's L1 cache hot) works across pods.
+    c.upstream.servers = Vec::new();
+    c.upstream.dns = Some(DnsDiscovery {
+        name: format!("{}-app.{}.svc.cluster.local", name(md), namespace(md)),
+        port: APP_PORT as u16,
+        refresh_seconds: 5,
+    });
+    c.upstream.balance = s.load_balancing;
+    if s.load_balancing == Balance::Weighted {
+        // All pods are equal: weighted is round robin here.
+        c.upstream.balance = Balance::RoundRobin;
+    }
+    c.cache.enabled = s.cache.enabled;
+    c.cache.max_bytes = tuning.sidecar_cache_bytes;
+    c.cache.max_object_bytes = c.cache.max_object_bytes.min((tuning.sidecar_cache_bytes / 4) as usize);
+    c.cache.rules = s.cache.rules.clone();
+    // Purges come from inside the pod (the app, an operator's `kubectl exec`) only.
+    c.compression.enabled = s.compression.enabled;
+    c.compression.min_bytes = s.compression.min_bytes as usize;
+    c.rate_limit.enabled = s.rate_limits.enabled;
+    if let Some(rules) = &s.rate_limits.rules {
+        c.rate_limit.rules = rules.clone();
+    }
+    // Kubernetes nodes and ingress controllers sit in private ranges.
+    c.rate_limit.trusted_proxies = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"].iter().map(|c| c.parse().expect("valid")).collect();
+    c
+}
+
+fn config_map(md: &MallDeployment, tuning: &Tuning) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(md, format!("{}-sidecar", name(md))),
+        data: Some(BTreeMap::from([(SIDECAR_CONFIG_KEY.to_string(), sidecar_config(md, tuning).to_toml())])),
+        ..ConfigMap::default()
+    }
+}
+
+fn env(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.to_string()), ..EnvVar::default() }
+}
+
+fn secret_env(name: &str, r: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: r.name.clone(), key: r.key.clone(), optional: Some(false) }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn resources(c: &crate::crd::Container) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(c.cpu.request.clone())),
+            ("memory".to_string(), Quantity(c.memory.request.clone())),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(c.cpu.limit.clone())),
+            ("memory".to_string(), Quantity(c.memory.limit.clone())),
+        ])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(port), ..HTTPGetAction::default() }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn app_env(md: &MallDeployment, tuning: &Tuning) -> Vec<EnvVar> {
+    let s = &md.spec;
+    let mut e = vec![
+        env("MALL_LISTEN", format!("0.0.0.0:{APP_PORT}")),
+        env("MALL_LOG_FORMAT", "json"),
+        env("MALL_WORKER_THREADS", tuning.app_worker_threads),
+        env("MALL_DB_MAX_CONNECTIONS", tuning.db_max_connections),
+        env("MALL_DB_MIN_CONNECTIONS", tuning.db_min_connections),
+        env("MALL_DB_REPLICA_MAX_CONNECTIONS", tuning.db_replica_max_connections),
+        env("MALL_CACHE_BYTES", tuning.app_cache_bytes),
+        // The app drains in 15 s; the sidecar (20 s) outlives it, both inside Kubernetes' 30 s.
+        env("MALL_SHUTDOWN_TIMEOUT_SECS", 15),
+    ];
+    if let Some(primary) = &s.database.primary {
+        e.push(secret_env("MALL_DATABASE_URL", primary));
+    }
+    if !s.database.replicas.is_empty() {
+        let mut refs = Vec::new();
+        for (i, r) in s.database.replicas.iter().enumerate() {
+            let var = format!("MALL_REPLICA_URL_{i}");
+            e.push(secret_env(&var, r));
+            refs.push(format!("$({var})"));
+        }
+        e.push(env("MALL_DATABASE_REPLICA_URLS", refs.join(",")));
+    }
+    if let Some(redis) = &s.redis {
+        e.push(secret_env("MALL_REDIS_URL", &redis.url));
+    }
+    e
+}
+
+fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> Deployment {
+    let s = &md.spec;
+    let app_env = app_env(md, tuning);
+    let mut sidecar_env = vec![env("SIDECAR_LOG_FORMAT", "json")];
+    if let (Some(redis), true) = (&s.redis, s.rate_limits.shared) {
+        sidecar_env.push(secret_env("SIDECAR__RATE_LIMIT__REDIS__URL", &redis.url));
+    }
+    // Any change to what the pods run with (sidecar config, env, images, resources) changes the
+    // hash and so rolls the pods.
+    let mut hasher = Sha256::new();
+    hasher.update(serde_json::to_vec(&config_map.data).expect("json"));
+    hasher.update(serde_json::to_vec(&app_env).expect("json"));
+    hasher.update(serde_json::to_vec(&sidecar_env).expect("json"));
+    let hash: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+
+    let app = Container {
+        name: "app".into(),
+        image: Some(s.app.image.clone()),
+        args: Some(vec!["serve".into()]),
+        ports: Some(vec![ContainerPort { name: Some("app".into()), container_port: APP_PORT, ..ContainerPort::default() }]),
+        env: Some(app_env),
+        resources: Some(resources(&s.app)),
+        liveness_probe: Some(probe("/health", APP_PORT, 10, 3)),
+        readiness_probe: Some(probe("/ready", APP_PORT, 5, 2)),
+        ..Container::default()
+    };
+    let sidecar = Container {
+        name: "sidecar".into(),
+        image: Some(s.sidecar.image.clone()),
+        args: Some(vec!["-c".into(), format!("/etc/sidecar/{SIDECAR_CONFIG_KEY}")]),
+        ports: Some(vec![
+            ContainerPort { name: Some("http".into()), container_port: PROXY_PORT, ..ContainerPort::default() },
+            ContainerPort { name: Some("admin".into()), container_port: ADMIN_PORT, ..ContainerPort::default() },
+        ]),
+        env: Some(sidecar_env),
+        resources: Some(resources(&s.sidecar)),
+        liveness_probe: Some(probe("/health", ADMIN_PORT, 10, 3)),
+        readiness_probe: Some(probe("/ready", ADMIN_PORT, 5, 2)),
+        volume_mounts: Some(vec![VolumeMount { name: "sidecar-config".into(), mount_path: "/etc/sidecar".into(), read_only: Some(true), ..VolumeMount::default() }]),
+        ..Container::default()
+    };
+    let mut pod_labels = labels(md);
+    pod_labels.retain(|k, _| k != "app.kubernetes.io/managed-by");
+    Deployment {
+        metadata: meta(md, name(md)),
+        spec: Some(DeploymentSpec {
+            // While an HPA owns replicas the field is left out, so applying never fights it.
+            replicas: (s.autoscaling.mode == AutoscalingMode::Alerts).then_some(s.replicas),
+            selector: LabelSelector { match_labels: Some(selector_labels(md)), ..LabelSelector::default() },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::String("25%".into())),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([
+                        (CONFIG_HASH.to_string(), hash),
+                        ("prometheus.io/scrape".to_string(), "true".to_string()),
+                    ])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![app, sidecar],
+                    termination_grace_period_seconds: Some(30),
+                    volumes: Some(vec![Volume {
+                        name: "sidecar-config".into(),
+                        config_map: Some(ConfigMapVolumeSource { name: format!("{}-sidecar", name(md)), ..ConfigMapVolumeSource::default() }),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn port(name: &str, port: i32, target: i32) -> ServicePort {
+    ServicePort { name: Some(name.into()), port, target_port: Some(IntOrString::Int(target)), ..ServicePort::default() }
+}
+
+/// Clients' Service: port 80 to the sidecar; the metrics ports for the ServiceMonitor.
+fn service(md: &MallDeployment) -> Service {
+    Service {
+        metadata: meta(md, name(md)),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(md)),
+            ports: Some(vec![port("http", 80, PROXY_PORT), port("sidecar-metrics", ADMIN_PORT, ADMIN_PORT), port("app-metrics", APP_PORT, APP_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// Headless Service listing every ready app instance, for the sidecars' DNS discovery.
+fn app_service(md: &MallDeployment) -> Service {
+    Service {
+        metadata: meta(md, format!("{}-app", name(md))),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(md)),
+            ports: Some(vec![port("app", APP_PORT, APP_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn hpa(md: &MallDeployment, floor: Option<i32>) -> Option<HorizontalPodAutoscaler> {
+    let s = &md.spec;
+    let a = &s.autoscaling;
+    if a.mode == AutoscalingMode::Alerts {
+        return None;
+    }
+    let mut metrics = vec![MetricSpec {
+        type_: "Resource".into(),
+        resource: Some(ResourceMetricSource {
+            name: "cpu".into(),
+            target: MetricTarget { type_: "Utilization".into(), average_utilization: Some(a.target_cpu_percent), ..MetricTarget::default() },
+        }),
+        ..MetricSpec::default()
+    }];
+    if let Some(rps) = a.target_requests_per_second {
+        metrics.push(MetricSpec {
+            type_: "Pods".into(),
+            pods: Some(PodsMetricSource {
+                metric: MetricIdentifier { name: "sidecar_http_requests_per_second".into(), selector: None },
+                target: MetricTarget { type_: "AverageValue".into(), average_value: Some(Quantity(rps.to_string())), ..MetricTarget::default() },
+            }),
+            ..MetricSpec::default()
+        });
+    }
+    let min = s.min_replicas.max(floor.unwrap_or(0)).min(s.max_replicas);
+    Some(HorizontalPodAutoscaler {
+        metadata: meta(md, name(md)),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference { api_version: Some("apps/v1".into()), kind: "Deployment".into(), name: name(md) },
+            min_replicas: Some(min),
+            max_replicas: s.max_replicas,
+            metrics: Some(metrics),
+            behavior: Some(HorizontalPodAutoscalerBehavior {
+                scale_up: Some(HPAScalingRules {
+                    stabilization_window_seconds: Some(0),
+                    policies: Some(vec![HPAScalingPolicy { type_: "Percent".into(), value: 100, period_seconds: 30 }]),
+                    ..HPAScalingRules::default()
+                }),
+                scale_down: Some(HPAScalingRules {
+                    stabilization_window_seconds: Some(a.stabilization_seconds as i32),
+                    policies: Some(vec![HPAScalingPolicy { type_: "Percent".into(), value: 50, period_seconds: 60 }]),
+                    ..HPAScalingRules::default()
+                }),
+            }),
+        }),
+        ..HorizontalPodAutoscaler::default()
+    })
+}
+
+fn pdb(md: &MallDeployment) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(md, name(md)),
+        spec: Some(PodDisruptionBudgetSpec {
+            // One pod at a time, whatever the scale: drains proceed, capacity never halves.
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(md)), ..LabelSelector::default() }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+pub fn prometheus_rule_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PrometheusRule"), "prometheusrules")
+}
+
+pub fn service_monitor_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"), "servicemonitors")
+}
+
+fn prometheus_rule(md: &MallDeployment, tuning: &Tuning) -> DynamicObject {
+    let mut o = DynamicObject::new(&name(md), &prometheus_rule_resource()).within(&namespace(md));
+    o.metadata = meta(md, name(md));
+    o.data = json!({ "spec": crate::alerts::rule_groups(md, tuning) });
+    o
+}
+
+fn service_monitor(md: &MallDeployment) -> DynamicObject {
+    let mut o = DynamicObject::new(&name(md), &service_monitor_resource()).within(&namespace(md));
+    o.metadata = meta(md, name(md));
+    o.data = json!({ "spec": {
+        "selector": { "matchLabels": selector_labels(md) },
+        "endpoints": [
+            { "port": "sidecar-metrics", "path": "/metrics", "interval": "15s" },
+            { "port": "app-metrics", "path": "/metrics", "interval": "15s" }
+        ]
+    }});
+    o
+}

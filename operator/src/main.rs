@@ -1,0 +1,126 @@
+//! `operator run` (controller, webhook, metrics, leader election), `operator render -f FILE`,
+//! `operator crd`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use clap::{Parser, Subcommand};
+use mall_operator::autoscale::{self, Webhook};
+use mall_operator::controller::{self, Context};
+use mall_operator::leader::Elector;
+use mall_operator::metrics::Metrics;
+use mall_operator::render;
+
+#[derive(Parser)]
+#[command(name = "operator", version, about = "MallDeployment operator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller and the HTTP endpoints (/metrics, /health, /ready, POST /alerts).
+    Run {
+        #[arg(long, env = "OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// Bearer token Alertmanager presents on POST /alerts; without it the webhook is off.
+        #[arg(long, env = "OPERATOR_WEBHOOK_TOKEN")]
+        webhook_token: Option<String>,
+        /// Namespace of the leader-election Lease (the operator's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "mall-system")]
+        namespace: String,
+        /// This replica's identity in the Lease.
+        #[arg(long, env = "POD_NAME", default_value = "mall-operator")]
+        identity: String,
+    },
+    /// Print the manifests the operator would apply for the MallDeployments in FILE.
+    Render {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+    },
+    /// Print the MallDeployment CRD.
+    Crd,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Render { file } => {
+            let input = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            match render::render(&input) {
+                Ok(out) => print!("{out}"),
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    std::process::exit(2);
+                }
+            }
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", render::crd_yaml());
+            Ok(())
+        }
+        Command::Run { listen, webhook_token, namespace, identity } => run(listen, webhook_token, namespace, identity).await,
+    }
+}
+
+async fn run(listen: SocketAddr, webhook_token: Option<String>, namespace: String, identity: String) -> anyhow::Result<()> {
+    tracing_subscriber::fmt().json().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
+    let client = kube::Client::try_default().await?;
+    let ctx = Arc::new(Context { client: client.clone(), metrics: Arc::new(Metrics::new()) });
+    let leading = Arc::new(AtomicBool::new(false));
+
+    let mut app = axum::Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/metrics", get(|State(ctx): State<Arc<Context>>| async move { ctx.metrics.render() }))
+        .with_state(ctx.clone())
+        .merge(axum::Router::new().route(
+            "/ready",
+            get(|State(leading): State<Arc<AtomicBool>>| async move {
+                // Only the leader is ready, so the Service sends webhooks to it alone.
+                if leading.load(Ordering::Relaxed) { (StatusCode::OK, "leader\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "standby\n") }
+            }),
+        ).with_state(leading.clone()));
+    match webhook_token {
+        Some(token) => {
+            let hook = Arc::new(Webhook { ctx: ctx.clone(), token });
+            app = app.merge(axum::Router::new().route("/alerts", post(autoscale::handle)).with_state(hook));
+        }
+        None => tracing::warn!("OPERATOR_WEBHOOK_TOKEN unset: alert-driven scaling is off"),
+    }
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let duration = Duration::from_secs(15);
+    let elector = Elector::new(client, &namespace, "mall-operator-leader", &identity, duration);
+    loop {
+        match elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "leader election"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    leading.store(true, Ordering::Relaxed);
+    tracing::info!(%identity, "leading");
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(duration / 3).await;
+            if !matches!(elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await, Ok(true)) {
+                // Another replica may already lead: stop at once rather than reconcile twice.
+                tracing::error!("leadership lost; exiting");
+                std::process::exit(1);
+            }
+        }
+    });
+    controller::run(ctx).await;
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! `operator render -f mall.yaml`: the manifests the operator would apply, without a cluster, and
+//! the CRD YAML that `crdgen` writes.
+
+use kube::CustomResourceExt;
+use serde::Serialize;
+
+use crate::crd::MallDeployment;
+use crate::desired::{self, Children};
+use crate::tuning;
+
+pub fn crd_yaml() -> String {
+    serde_yaml::to_string(&MallDeployment::crd()).expect("the CRD serialises")
+}
+
+/// Reads MallDeployment documents (YAML, `---`-separated) and returns every child as one YAML
+/// stream, with the alert rules included even where no Prometheus Operator is installed.
+pub fn render(input: &str) -> Result<String, String> {
+    let mut out = String::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(input).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {i}: {e}"))?;
+        if value.is_null() {
+            continue;
+        }
+        let mut md: MallDeployment = serde_yaml::from_value(value).map_err(|e| format!("document {i}: {e}"))?;
+        md.validate().map_err(|e| format!("document {i}: {e}"))?;
+        // Offline there is no uid: owner references point at a placeholder the API server would fill.
+        md.metadata.uid.get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+        md.metadata.namespace.get_or_insert_with(|| "default".into());
+        let tuning = tuning::tune(&md.spec);
+        let Children { deployment, service, app_service, config_map, hpa, pdb, prometheus_rule, service_monitor } =
+            desired::children(&md, &tuning, None);
+        push(&mut out, &config_map)?;
+        push(&mut out, &service)?;
+        push(&mut out, &app_service)?;
+        push(&mut out, &deployment)?;
+        if let Some(hpa) = &hpa {
+            push(&mut out, hpa)?;
+        }
+        push(&mut out, &pdb)?;
+        push(&mut out, &prometheus_rule)?;
+        push(&mut out, &service_monitor)?;
+    }
+    Ok(out)
+}
+
+use serde::Deserialize;
+
+fn push<T: Serialize>(out: &mut String, object: &T) -> Result<(), String> {
+    out.push_str("---\n");
+    out.push_str(&serde_yaml::to_string(object).map_err(|e| e.to_string())?);
+    Ok(())
+}

@@ -40,7 +40,13 @@ pub fn rules(md: &MallDeployment, tuning: &Tuning) -> Vec<Rule> {
         }
         let mut annotations = std::collections::BTreeMap::new();
         annotations.insert("summary".to_string(), summary);
-        Rule { alert: alert.into(), expr, for_: for_.into(), labels, annotations }
+        Rule {
+            alert: alert.into(),
+            expr,
+            for_: for_.into(),
+            labels,
+            annotations,
+        }
     };
     let qps = format!("sum by (pod) (rate(sidecar_http_requests_total{{{sel}}}[1m]))");
     vec![
@@ -106,9 +112,7 @@ pub fn promtool_tests(md: &MallDeployment, tuning: &Tuning, rules_file: &str) ->
     let slo = &md.spec.slo;
     let labels = |extra: &str| format!("{{namespace=\"{ns}\",service=\"{name}\",pod=\"p1\"{extra}}}");
     // Counters growing by `per_second` every 1m sample.
-    let rate_series = |metric: &str, extra: &str, per_second: f64| {
-        json!({ "series": format!("{metric}{}", labels(extra)), "values": format!("0+{}x30", per_second * 60.0) })
-    };
+    let rate_series = |metric: &str, extra: &str, per_second: f64| json!({ "series": format!("{metric}{}", labels(extra)), "values": format!("0+{}x30", per_second * 60.0) });
     let gauge = |metric: &str, extra: &str, value: f64| json!({ "series": format!("{metric}{}", labels(extra)), "values": format!("{value}x30") });
     let alert_labels = |alert: &str, severity: &str, pod: bool, scale: bool| {
         let mut l = json!({ "alertname": alert, "severity": severity, "malldeployment": name, "namespace": ns });
@@ -120,19 +124,37 @@ pub fn promtool_tests(md: &MallDeployment, tuning: &Tuning, rules_file: &str) ->
         }
         l
     };
+    let generated = rules(md, tuning);
     let case = |series: Vec<Value>, alert: &str, fires: Option<Value>| {
+        // The summary as Prometheus expands it for pod `p1`.
+        let summary = generated
+            .iter()
+            .find(|r| r.alert == alert)
+            .map(|r| r.annotations["summary"].replace("{{ $labels.pod }}", "p1"));
+        let expected = fires
+            .map(|l| vec![json!({ "exp_labels": l, "exp_annotations": { "summary": summary } })])
+            .unwrap_or_default();
         json!({
             "interval": "1m",
             "input_series": series,
-            "alert_rule_test": [{ "eval_time": "15m", "alertname": alert, "exp_alerts": fires.map(|l| vec![json!({"exp_labels": l})]).unwrap_or_default() }]
+            "alert_rule_test": [{ "eval_time": "15m", "alertname": alert, "exp_alerts": expected }]
         })
     };
-    let lat = |le: &str, count_per_s: f64| rate_series("http_request_duration_seconds_bucket", &format!(",le=\"{le}\""), count_per_s);
+    let lat = |le: &str, count_per_s: f64| {
+        rate_series(
+            "http_request_duration_seconds_bucket",
+            &format!(",le=\"{le}\""),
+            count_per_s,
+        )
+    };
     let slow = slo.p95_latency_ms / 1000.0;
     let pool_high = (tuning.db_max_connections as f64 * slo.db_connections_percent / 100.0).floor();
     let mem_limit = parse_bytes(&md.spec.app.memory.limit).unwrap_or(512 * 1024 * 1024) as f64;
     let hits = |hit: f64, miss: f64| {
-        vec![rate_series("sidecar_cache_requests_total", ",result=\"HIT\"", hit), rate_series("sidecar_cache_requests_total", ",result=\"MISS\"", miss)]
+        vec![
+            rate_series("sidecar_cache_requests_total", ",result=\"HIT\"", hit),
+            rate_series("sidecar_cache_requests_total", ",result=\"MISS\"", miss),
+        ]
     };
     let requests = |ok: f64, err: f64| {
         vec![
@@ -141,20 +163,100 @@ pub fn promtool_tests(md: &MallDeployment, tuning: &Tuning, rules_file: &str) ->
         ]
     };
     let tests = vec![
-        case(vec![rate_series("sidecar_http_requests_total", ",status=\"200\"", slo.high_qps * 1.5)], "HighQPS", Some(alert_labels("HighQPS", "warning", true, false))),
-        case(vec![rate_series("sidecar_http_requests_total", ",status=\"200\"", slo.high_qps * 0.5)], "HighQPS", None),
-        case(vec![rate_series("sidecar_http_requests_total", ",status=\"200\"", slo.critical_qps * 1.5)], "CriticalQPS", Some(alert_labels("CriticalQPS", "critical", true, true))),
-        case(vec![rate_series("sidecar_http_requests_total", ",status=\"200\"", slo.critical_qps * 0.5)], "CriticalQPS", None),
+        case(
+            vec![rate_series(
+                "sidecar_http_requests_total",
+                ",status=\"200\"",
+                slo.high_qps * 1.5,
+            )],
+            "HighQPS",
+            Some(alert_labels("HighQPS", "warning", true, false)),
+        ),
+        case(
+            vec![rate_series(
+                "sidecar_http_requests_total",
+                ",status=\"200\"",
+                slo.high_qps * 0.5,
+            )],
+            "HighQPS",
+            None,
+        ),
+        case(
+            vec![rate_series(
+                "sidecar_http_requests_total",
+                ",status=\"200\"",
+                slo.critical_qps * 1.5,
+            )],
+            "CriticalQPS",
+            Some(alert_labels("CriticalQPS", "critical", true, true)),
+        ),
+        case(
+            vec![rate_series(
+                "sidecar_http_requests_total",
+                ",status=\"200\"",
+                slo.critical_qps * 0.5,
+            )],
+            "CriticalQPS",
+            None,
+        ),
         // Every request slower than the threshold vs every request faster.
-        case(vec![lat(&format!("{}", slow / 2.0), 0.0), lat(&format!("{}", slow * 4.0), 10.0), lat("+Inf", 10.0)], "HighResponseTime", Some(alert_labels("HighResponseTime", "warning", false, true))),
-        case(vec![lat(&format!("{}", slow / 2.0), 10.0), lat(&format!("{}", slow * 4.0), 10.0), lat("+Inf", 10.0)], "HighResponseTime", None),
-        case(requests(90.0, 10.0), "HighErrorRate", Some(alert_labels("HighErrorRate", "critical", false, false))),
+        case(
+            vec![
+                lat(&format!("{}", slow / 2.0), 0.0),
+                lat(&format!("{}", slow * 4.0), 10.0),
+                lat("+Inf", 10.0),
+            ],
+            "HighResponseTime",
+            Some(alert_labels("HighResponseTime", "warning", false, true)),
+        ),
+        case(
+            vec![
+                lat(&format!("{}", slow / 2.0), 10.0),
+                lat(&format!("{}", slow * 4.0), 10.0),
+                lat("+Inf", 10.0),
+            ],
+            "HighResponseTime",
+            None,
+        ),
+        case(
+            requests(90.0, 10.0),
+            "HighErrorRate",
+            Some(alert_labels("HighErrorRate", "critical", false, false)),
+        ),
         case(requests(100.0, 0.0), "HighErrorRate", None),
-        case(vec![gauge("db_pool_connections", ",pool=\"primary\",state=\"in_use\"", pool_high + 1.0)], "DatabaseConnectionsHigh", Some(alert_labels("DatabaseConnectionsHigh", "warning", true, true))),
-        case(vec![gauge("db_pool_connections", ",pool=\"primary\",state=\"in_use\"", (pool_high - 1.0).max(0.0))], "DatabaseConnectionsHigh", None),
-        case(vec![gauge("process_resident_memory_bytes", "", mem_limit * 0.95)], "HighMemoryUsage", Some(alert_labels("HighMemoryUsage", "warning", true, false))),
-        case(vec![gauge("process_resident_memory_bytes", "", mem_limit * 0.5)], "HighMemoryUsage", None),
-        case(hits(50.0, 50.0), "CacheHitRateLow", Some(alert_labels("CacheHitRateLow", "warning", false, false))),
+        case(
+            vec![gauge(
+                "db_pool_connections",
+                ",pool=\"primary\",state=\"in_use\"",
+                pool_high + 1.0,
+            )],
+            "DatabaseConnectionsHigh",
+            Some(alert_labels("DatabaseConnectionsHigh", "warning", true, true)),
+        ),
+        case(
+            vec![gauge(
+                "db_pool_connections",
+                ",pool=\"primary\",state=\"in_use\"",
+                (pool_high - 1.0).max(0.0),
+            )],
+            "DatabaseConnectionsHigh",
+            None,
+        ),
+        case(
+            vec![gauge("process_resident_memory_bytes", "", mem_limit * 0.95)],
+            "HighMemoryUsage",
+            Some(alert_labels("HighMemoryUsage", "warning", true, false)),
+        ),
+        case(
+            vec![gauge("process_resident_memory_bytes", "", mem_limit * 0.5)],
+            "HighMemoryUsage",
+            None,
+        ),
+        case(
+            hits(50.0, 50.0),
+            "CacheHitRateLow",
+            Some(alert_labels("CacheHitRateLow", "warning", false, false)),
+        ),
         case(hits(99.0, 1.0), "CacheHitRateLow", None),
     ];
     json!({ "rule_files": [rules_file], "evaluation_interval": "1m", "tests": tests })
@@ -176,14 +278,26 @@ mod tests {
         let names: Vec<&str> = rules.iter().map(|r| r.alert.as_str()).collect();
         assert_eq!(
             names,
-            ["HighQPS", "CriticalQPS", "HighResponseTime", "HighErrorRate", "DatabaseConnectionsHigh", "HighMemoryUsage", "CacheHitRateLow"]
+            [
+                "HighQPS",
+                "CriticalQPS",
+                "HighResponseTime",
+                "HighErrorRate",
+                "DatabaseConnectionsHigh",
+                "HighMemoryUsage",
+                "CacheHitRateLow"
+            ]
         );
         for r in &rules {
             assert_eq!(r.labels["malldeployment"], "shop");
             assert_eq!(r.labels["namespace"], "prod");
             assert!(r.expr.contains("namespace=\"prod\",service=\"shop\""), "{}", r.expr);
         }
-        let scaling: Vec<&str> = rules.iter().filter(|r| r.labels.contains_key("action")).map(|r| r.alert.as_str()).collect();
+        let scaling: Vec<&str> = rules
+            .iter()
+            .filter(|r| r.labels.contains_key("action"))
+            .map(|r| r.alert.as_str())
+            .collect();
         assert_eq!(scaling, ["CriticalQPS", "HighResponseTime", "DatabaseConnectionsHigh"]);
         assert!(rules[0].expr.ends_with("> 1000"));
         assert!(rules[2].expr.ends_with("> 0.1"));

@@ -22,11 +22,16 @@ use crate::controller::{apply_scale, current_floor, Context};
 use crate::crd::{AlertScaling, MallDeployment, MallDeploymentSpec, ScaleEvent};
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 pub fn rfc3339(secs: i64) -> String {
-    k8s_openapi::jiff::Timestamp::from_second(secs).map(|t| t.to_string()).unwrap_or_default()
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
 }
 
 /// A replica change decided by the autoscaler.
@@ -39,7 +44,12 @@ pub struct ScaleChange {
 
 impl ScaleChange {
     pub fn event(&self, now: i64) -> ScaleEvent {
-        ScaleEvent { time: rfc3339(now), from: self.from, to: self.to, reason: self.reason.clone() }
+        ScaleEvent {
+            time: rfc3339(now),
+            from: self.from,
+            to: self.to,
+            reason: self.reason.clone(),
+        }
     }
 }
 
@@ -59,7 +69,13 @@ pub struct AlertView {
 }
 
 /// Folds a payload's alerts for one MallDeployment into its state. `floor` is the current floor.
-pub fn on_alerts(spec: &MallDeploymentSpec, state: &AlertScaling, floor: i32, alerts: &[AlertView], now: i64) -> Settled {
+pub fn on_alerts(
+    spec: &MallDeploymentSpec,
+    state: &AlertScaling,
+    floor: i32,
+    alerts: &[AlertView],
+    now: i64,
+) -> Settled {
     let mut s = state.clone();
     for a in alerts {
         s.firing.retain(|f| f != &a.fingerprint);
@@ -86,7 +102,14 @@ pub fn on_alerts(spec: &MallDeploymentSpec, state: &AlertScaling, floor: i32, al
     s.baseline = s.baseline.or(Some(floor));
     s.floor = Some(target);
     s.last_scale_up = Some(now);
-    Settled { state: s, change: Some(ScaleChange { from: floor, to: target, reason: format!("alerts firing: {}", names.join(", ")) }) }
+    Settled {
+        state: s,
+        change: Some(ScaleChange {
+            from: floor,
+            to: target,
+            reason: format!("alerts firing: {}", names.join(", ")),
+        }),
+    }
 }
 
 /// Scales back to the baseline once no scale-up alert has fired for the stabilisation window.
@@ -144,7 +167,10 @@ pub fn parse(body: &[u8]) -> Result<Payload, String> {
     }
     for (i, a) in payload.alerts.iter().enumerate() {
         if a.status != "firing" && a.status != "resolved" {
-            return Err(format!("alerts[{i}].status: expected firing or resolved, got {:?}", a.status));
+            return Err(format!(
+                "alerts[{i}].status: expected firing or resolved, got {:?}",
+                a.status
+            ));
         }
     }
     Ok(payload)
@@ -158,7 +184,10 @@ pub struct Webhook {
 /// `POST /alerts`: 200 with what was done, 400 on a bad payload, 401 without the token.
 pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let m = &hook.ctx.metrics;
-    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     if !presented.is_some_and(|t| constant_time_eq(t.as_bytes(), hook.token.as_bytes())) {
         m.webhook.with_label_values(&["unauthorized"]).inc();
         return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
@@ -180,7 +209,11 @@ pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: 
             m.webhook.with_label_values(&["unknown_target"]).inc();
             continue;
         };
-        let fingerprint = if a.fingerprint.is_empty() { format!("{:?}", a.labels) } else { a.fingerprint.clone() };
+        let fingerprint = if a.fingerprint.is_empty() {
+            format!("{:?}", a.labels)
+        } else {
+            a.fingerprint.clone()
+        };
         targets.entry((ns.clone(), name.clone())).or_default().push(AlertView {
             firing: a.status == "firing",
             fingerprint,
@@ -190,7 +223,9 @@ pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: 
     let mut results = Vec::new();
     for ((ns, name), alerts) in targets {
         match apply_alerts(&hook.ctx, &ns, &name, &alerts, now()).await {
-            Ok(Some(change)) => results.push(json!({ "target": format!("{ns}/{name}"), "from": change.from, "to": change.to })),
+            Ok(Some(change)) => {
+                results.push(json!({ "target": format!("{ns}/{name}"), "from": change.from, "to": change.to }))
+            }
             Ok(None) => results.push(json!({ "target": format!("{ns}/{name}"), "unchanged": true })),
             Err(e) => {
                 m.webhook.with_label_values(&["error"]).inc();
@@ -205,7 +240,13 @@ pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: 
 
 /// Applies one MallDeployment's alerts: decides, scales, persists the state. `Ok(None)` when
 /// nothing changed (or the target does not exist, which is counted and ignored).
-pub async fn apply_alerts(ctx: &Context, ns: &str, name: &str, alerts: &[AlertView], now: i64) -> Result<Option<ScaleChange>, kube::Error> {
+pub async fn apply_alerts(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    alerts: &[AlertView],
+    now: i64,
+) -> Result<Option<ScaleChange>, kube::Error> {
     let api: Api<MallDeployment> = Api::namespaced(ctx.client.clone(), ns);
     let Some(md) = api.get_opt(name).await? else {
         ctx.metrics.webhook.with_label_values(&["unknown_target"]).inc();
@@ -218,27 +259,44 @@ pub async fn apply_alerts(ctx: &Context, ns: &str, name: &str, alerts: &[AlertVi
     let state = md.status.as_ref().map(|s| s.alert_scaling.clone()).unwrap_or_default();
     let settled = on_alerts(&md.spec, &state, current_floor(&md), alerts, now);
     if let Some(change) = &settled.change {
-        apply_scale(&api, &md, change.to)
-            .await
-            .map_err(|e| match e {
-                crate::controller::Error::Kube(k) => k,
-                other => kube::Error::Service(other.to_string().into()),
-            })?;
-        ctx.metrics.scale_events.with_label_values(&[if change.to > change.from { "up" } else { "down" }]).inc();
+        apply_scale(&api, &md, change.to).await.map_err(|e| match e {
+            crate::controller::Error::Kube(k) => k,
+            other => kube::Error::Service(other.to_string().into()),
+        })?;
+        ctx.metrics
+            .scale_events
+            .with_label_values(&[if change.to > change.from { "up" } else { "down" }])
+            .inc();
         tracing::info!(%ns, %name, from = change.from, to = change.to, reason = %change.reason, "alert-driven scale");
     }
-    write_alert_state(&api, name, &settled.state, settled.change.as_ref().map(|c| c.event(now))).await?;
+    write_alert_state(
+        &api,
+        name,
+        &settled.state,
+        settled.change.as_ref().map(|c| c.event(now)),
+    )
+    .await?;
     Ok(settled.change)
 }
 
 /// The autoscaler's part of the status, as a merge patch so the reconciler's server-side apply of
 /// the rest of the status never drops it.
-pub async fn write_alert_state(api: &Api<MallDeployment>, name: &str, state: &AlertScaling, event: Option<ScaleEvent>) -> Result<(), kube::Error> {
+pub async fn write_alert_state(
+    api: &Api<MallDeployment>,
+    name: &str,
+    state: &AlertScaling,
+    event: Option<ScaleEvent>,
+) -> Result<(), kube::Error> {
     let mut status = json!({ "alertScaling": state });
     if let Some(event) = event {
         status["lastScale"] = serde_json::to_value(event).expect("json");
     }
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status }))).await?;
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await?;
     Ok(())
 }
 
@@ -262,7 +320,11 @@ mod tests {
     }
 
     fn alert(firing: bool) -> Vec<AlertView> {
-        vec![AlertView { firing, fingerprint: "f1".into(), name: "CriticalQPS".into() }]
+        vec![AlertView {
+            firing,
+            fingerprint: "f1".into(),
+            name: "CriticalQPS".into(),
+        }]
     }
 
     #[test]
@@ -286,8 +348,15 @@ mod tests {
         assert_eq!(settle(&spec, &resolved.state, 10, 2599).change, None);
         let back = settle(&spec, &resolved.state, 10, 2600);
         assert_eq!(back.change.as_ref().map(|c| (c.from, c.to)), Some((10, 2)));
-        assert_eq!((back.state.baseline, back.state.floor, back.state.resolved_since), (None, None, None));
-        assert_eq!(back.state.last_scale_up, Some(1800), "the cooldown survives the scale-back");
+        assert_eq!(
+            (back.state.baseline, back.state.floor, back.state.resolved_since),
+            (None, None, None)
+        );
+        assert_eq!(
+            back.state.last_scale_up,
+            Some(1800),
+            "the cooldown survives the scale-back"
+        );
         // A firing alert during the window cancels the scale-back.
         let refire = on_alerts(&spec, &resolved.state, 10, &alert(true), 2100);
         assert_eq!(refire.state.resolved_since, None);
@@ -297,9 +366,19 @@ mod tests {
     #[test]
     fn payload_errors_name_the_problem() {
         assert!(parse(b"{").unwrap_err().contains("invalid payload"));
-        assert!(parse(br#"{"version":"3","alerts":[]}"#).unwrap_err().contains("version"));
-        assert!(parse(br#"{"version":"4","alerts":[{"status":"odd","labels":{}}]}"#).unwrap_err().contains("alerts[0].status"));
+        assert!(parse(br#"{"version":"3","alerts":[]}"#)
+            .unwrap_err()
+            .contains("version"));
+        assert!(parse(br#"{"version":"4","alerts":[{"status":"odd","labels":{}}]}"#)
+            .unwrap_err()
+            .contains("alerts[0].status"));
         assert!(parse(br#"{"version":"4","alerts":[{"status":"firing","labels":{"a":1}}]}"#).is_err());
-        assert_eq!(parse(br#"{"version":"4","status":"firing","alerts":[]}"#).unwrap().alerts.len(), 0);
+        assert_eq!(
+            parse(br#"{"version":"4","status":"firing","alerts":[]}"#)
+                .unwrap()
+                .alerts
+                .len(),
+            0
+        );
     }
 }

@@ -76,7 +76,10 @@ pub async fn run(ctx: Arc<Context>) {
 }
 
 pub fn error_policy(md: Arc<MallDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_errors.with_label_values(&[error.metric_label()]).inc();
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.metric_label()])
+        .inc();
     tracing::warn!(name = %md.name_any(), error = %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(15))
 }
@@ -123,11 +126,25 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     status.tuning = Some(tuning.clone());
 
     if md.spec.paused {
-        set_condition(&mut status, md, "Paused", true, "Paused", "spec.paused is true: children are left alone");
+        set_condition(
+            &mut status,
+            md,
+            "Paused",
+            true,
+            "Paused",
+            "spec.paused is true: children are left alone",
+        );
         outcome.status_written = write_status(&mds, &name, &old_status, &status).await?;
         return Ok((Action::requeue(Duration::from_secs(300)), outcome));
     }
-    set_condition(&mut status, md, "Paused", false, "Reconciling", "children follow the spec");
+    set_condition(
+        &mut status,
+        md,
+        "Paused",
+        false,
+        "Reconciling",
+        "children follow the spec",
+    );
 
     // Alert-driven scale-back happens on time, not only when a webhook arrives.
     let settled = autoscale::settle(&md.spec, &status.alert_scaling, current_floor(md), now);
@@ -144,7 +161,16 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     }
 
     let children = desired::children(md, &tuning, status.alert_scaling.floor);
-    let Children { deployment, service, app_service, config_map, hpa, pdb, prometheus_rule, service_monitor } = children;
+    let Children {
+        deployment,
+        service,
+        app_service,
+        config_map,
+        hpa,
+        pdb,
+        prometheus_rule,
+        service_monitor,
+    } = children;
     let pp = PatchParams::apply(MANAGER).force();
     apply(client, &ns, &config_map, &pp, &mut outcome).await?;
     apply(client, &ns, &service, &pp, &mut outcome).await?;
@@ -155,34 +181,78 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         Some(hpa) => apply(client, &ns, hpa, &pp, &mut outcome).await?,
         None => {
             let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
-            if api.get_opt(&name).await?.is_some_and(|h| h.owner_references().iter().any(|o| o.uid == md.uid().unwrap_or_default())) {
+            if api.get_opt(&name).await?.is_some_and(|h| {
+                h.owner_references()
+                    .iter()
+                    .any(|o| o.uid == md.uid().unwrap_or_default())
+            }) {
                 api.delete(&name, &Default::default()).await?;
-                outcome.applied.push(format!("HorizontalPodAutoscaler/{name} (deleted: autoscaling.mode is alerts)"));
+                outcome.applied.push(format!(
+                    "HorizontalPodAutoscaler/{name} (deleted: autoscaling.mode is alerts)"
+                ));
             }
         }
     }
 
     status.monitoring = if monitoring_available(client).await {
-        apply_dynamic(client, &ns, &prometheus_rule, &desired::prometheus_rule_resource(), &pp, &mut outcome).await?;
-        apply_dynamic(client, &ns, &service_monitor, &desired::service_monitor_resource(), &pp, &mut outcome).await?;
+        apply_dynamic(
+            client,
+            &ns,
+            &prometheus_rule,
+            &desired::prometheus_rule_resource(),
+            &pp,
+            &mut outcome,
+        )
+        .await?;
+        apply_dynamic(
+            client,
+            &ns,
+            &service_monitor,
+            &desired::service_monitor_resource(),
+            &pp,
+            &mut outcome,
+        )
+        .await?;
         "PrometheusRule and ServiceMonitor applied".into()
     } else {
-        "Prometheus Operator CRDs not installed: alert rules and ServiceMonitor skipped (`operator render` prints them)".into()
+        "Prometheus Operator CRDs not installed: alert rules and ServiceMonitor skipped (`operator render` prints them)"
+            .into()
     };
 
     // Observe the Deployment.
-    let live: Option<Deployment> = Api::<Deployment>::namespaced(client.clone(), &ns).get_opt(&name).await?;
+    let live: Option<Deployment> = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get_opt(&name)
+        .await?;
     let live_status = live.as_ref().and_then(|d| d.status.clone()).unwrap_or_default();
-    let want = live.as_ref().and_then(|d| d.spec.as_ref()?.replicas).unwrap_or(md.spec.replicas);
+    let want = live
+        .as_ref()
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .unwrap_or(md.spec.replicas);
     status.replicas = live_status.replicas.unwrap_or(0);
     status.ready_replicas = live_status.ready_replicas.unwrap_or(0);
     let updated = live_status.updated_replicas.unwrap_or(0);
-    let rolled = live.as_ref().is_some_and(|d| d.metadata.generation == live_status.observed_generation);
+    let rolled = live
+        .as_ref()
+        .is_some_and(|d| d.metadata.generation == live_status.observed_generation);
     let progressing = !rolled || updated < want || status.replicas > want;
     if progressing {
-        set_condition(&mut status, md, "Progressing", true, "RollingOut", &format!("{updated} of {want} pods updated"));
+        set_condition(
+            &mut status,
+            md,
+            "Progressing",
+            true,
+            "RollingOut",
+            &format!("{updated} of {want} pods updated"),
+        );
     } else {
-        set_condition(&mut status, md, "Progressing", false, "Complete", "all pods run the current spec");
+        set_condition(
+            &mut status,
+            md,
+            "Progressing",
+            false,
+            "Complete",
+            "all pods run the current spec",
+        );
     }
     let ready_message = format!("{} of {want} pods ready", status.ready_replicas);
     if status.ready_replicas >= want.max(1) {
@@ -190,7 +260,14 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     } else {
         set_condition(&mut status, md, "Ready", false, "PodsNotReady", &ready_message);
     }
-    set_condition(&mut status, md, "Degraded", false, "Reconciled", "the children match the spec");
+    set_condition(
+        &mut status,
+        md,
+        "Degraded",
+        false,
+        "Reconciled",
+        "the children match the spec",
+    );
 
     outcome.status_written = write_status(&mds, &name, &old_status, &status).await?;
     if !outcome.applied.is_empty() {
@@ -213,7 +290,8 @@ pub fn current_floor(md: &MallDeployment) -> i32 {
 pub async fn apply_scale(mds: &Api<MallDeployment>, md: &MallDeployment, replicas: i32) -> Result<(), Error> {
     if md.spec.autoscaling.mode == crate::crd::AutoscalingMode::Alerts {
         let patch = json!({ "spec": { "replicas": replicas } });
-        mds.patch(&md.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        mds.patch(&md.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
     }
     Ok(())
 }
@@ -239,7 +317,9 @@ where
         }
     }
     api.patch(&name, pp, &Patch::Apply(desired)).await?;
-    outcome.applied.push(format!("{}/{name}", K::kind(&K::DynamicType::default())));
+    outcome
+        .applied
+        .push(format!("{}/{name}", K::kind(&K::DynamicType::default())));
     Ok(())
 }
 
@@ -294,12 +374,20 @@ async fn write_status(
         return Ok(false);
     }
     let patch = json!({ "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment", "status": new });
-    mds.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    mds.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
     Ok(true)
 }
 
 /// Sets a condition; `lastTransitionTime` moves only when the status flips.
-pub fn set_condition(status: &mut MallDeploymentStatus, md: &MallDeployment, type_: &str, on: bool, reason: &str, message: &str) {
+pub fn set_condition(
+    status: &mut MallDeploymentStatus,
+    md: &MallDeployment,
+    type_: &str,
+    on: bool,
+    reason: &str,
+    message: &str,
+) {
     let value = if on { "True" } else { "False" };
     let generation = md.metadata.generation;
     match status.conditions.iter_mut().find(|c| c.type_ == type_) {

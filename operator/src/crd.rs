@@ -12,6 +12,7 @@ pub const GROUP: &str = "mall.example.com";
 /// A mall: the app and its sidecar, tuned from their resources, with a Service, an autoscaler, a
 /// disruption budget and Prometheus alert rules.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[kube(
     group = "mall.example.com",
     version = "v1alpha1",
@@ -25,7 +26,11 @@ pub const GROUP: &str = "mall.example.com";
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = "self.spec.minReplicas <= self.spec.maxReplicas",
@@ -82,6 +87,7 @@ pub struct MallDeploymentSpec {
 
 /// An image and its resources.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct Container {
     /// Container image.
@@ -96,7 +102,11 @@ pub struct Container {
 
 impl Default for Container {
     fn default() -> Self {
-        Container { image: defaults::APP_IMAGE.into(), cpu: Quantities::default(), memory: Quantities::memory() }
+        Container {
+            image: defaults::APP_IMAGE.into(),
+            cpu: Quantities::default(),
+            memory: Quantities::memory(),
+        }
     }
 }
 
@@ -104,37 +114,77 @@ impl Container {
     pub fn sidecar() -> Self {
         Container {
             image: defaults::SIDECAR_IMAGE.into(),
-            cpu: Quantities { request: "100m".into(), limit: "500m".into() },
-            memory: Quantities { request: "64Mi".into(), limit: "256Mi".into() },
+            cpu: Quantities {
+                request: "100m".into(),
+                limit: "500m".into(),
+            },
+            memory: Quantities {
+                request: "64Mi".into(),
+                limit: "256Mi".into(),
+            },
         }
     }
 }
 
 /// A request and a limit.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Quantities {
     /// What the scheduler reserves.
+    #[serde(deserialize_with = "quantity")]
+    #[schemars(schema_with = "int_or_string")]
     pub request: String,
     /// The most the container may use; tuning reads this.
+    #[serde(deserialize_with = "quantity")]
+    #[schemars(schema_with = "int_or_string")]
     pub limit: String,
+}
+
+/// Kubernetes quantities are written `cpu: 2` as often as `cpu: "2"`.
+fn quantity<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Q {
+        S(String),
+        I(i64),
+        F(f64),
+    }
+    Ok(
+        match Q::deserialize(d).map_err(|_| serde::de::Error::custom("expected a quantity such as 500m, 2 or 512Mi"))? {
+            Q::S(s) => s,
+            Q::I(i) => i.to_string(),
+            Q::F(f) => f.to_string(),
+        },
+    )
+}
+
+fn int_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "x-kubernetes-int-or-string": true })
 }
 
 impl Default for Quantities {
     /// Seed 003's Deployment: requests 250m, limits 500m.
     fn default() -> Self {
-        Quantities { request: "250m".into(), limit: "500m".into() }
+        Quantities {
+            request: "250m".into(),
+            limit: "500m".into(),
+        }
     }
 }
 
 impl Quantities {
     /// Seed 003's Deployment: requests 256Mi, limits 512Mi.
     pub fn memory() -> Self {
-        Quantities { request: "256Mi".into(), limit: "512Mi".into() }
+        Quantities {
+            request: "256Mi".into(),
+            limit: "512Mi".into(),
+        }
     }
 }
 
 /// A key of a Secret in the MallDeployment's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SecretKeyRef {
     /// The Secret's name.
     pub name: String,
@@ -143,7 +193,8 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct Database {
     /// The primary's URL (postgres://, mysql://) in a Secret.
@@ -159,13 +210,25 @@ pub struct Database {
     pub connection_budget: u32,
 }
 
+impl Default for Database {
+    fn default() -> Self {
+        Database {
+            primary: None,
+            replicas: Vec::new(),
+            connection_budget: defaults::connection_budget(),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Redis {
     /// The Redis URL in a Secret.
     pub url: SecretKeyRef,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase", default)]
 pub struct CacheSpec {
     /// Cache responses in the sidecar.
@@ -177,11 +240,15 @@ pub struct CacheSpec {
 
 impl Default for CacheSpec {
     fn default() -> Self {
-        CacheSpec { enabled: true, rules: CacheRule::seed_defaults() }
+        CacheSpec {
+            enabled: true,
+            rules: CacheRule::seed_defaults(),
+        }
     }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase", default)]
 pub struct CompressionSpec {
     /// Compress responses (gzip, brotli, zstd) for clients that accept it.
@@ -194,11 +261,15 @@ pub struct CompressionSpec {
 
 impl Default for CompressionSpec {
     fn default() -> Self {
-        CompressionSpec { enabled: true, min_bytes: defaults::min_bytes() }
+        CompressionSpec {
+            enabled: true,
+            min_bytes: defaults::min_bytes(),
+        }
     }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase", default)]
 pub struct RateLimitSpec {
     /// Enforce rate limits in the sidecar.
@@ -213,12 +284,17 @@ pub struct RateLimitSpec {
 
 impl Default for RateLimitSpec {
     fn default() -> Self {
-        RateLimitSpec { enabled: true, rules: None, shared: true }
+        RateLimitSpec {
+            enabled: true,
+            rules: None,
+            shared: true,
+        }
     }
 }
 
 /// Alert thresholds; each alert is also labelled with the MallDeployment's name and namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Slo {
     /// HighQPS: requests per second per pod, for 2 minutes (warning).
@@ -266,6 +342,7 @@ pub enum AutoscalingMode {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Autoscaling {
     pub mode: AutoscalingMode,
@@ -429,19 +506,25 @@ impl MallDeployment {
         if !(s.min_replicas..=s.max_replicas).contains(&s.replicas) {
             return Err("spec.replicas must be within spec.minReplicas..=spec.maxReplicas".into());
         }
-        for (field, q) in [
-            ("spec.app.cpu", &s.app.cpu),
-            ("spec.sidecar.cpu", &s.sidecar.cpu),
-        ] {
-            crate::tuning::parse_cpu_millis(&q.limit).ok_or(format!("{field}.limit: `{}` is not a CPU quantity", q.limit))?;
-            crate::tuning::parse_cpu_millis(&q.request).ok_or(format!("{field}.request: `{}` is not a CPU quantity", q.request))?;
+        for (field, q) in [("spec.app.cpu", &s.app.cpu), ("spec.sidecar.cpu", &s.sidecar.cpu)] {
+            crate::tuning::parse_cpu_millis(&q.limit)
+                .ok_or(format!("{field}.limit: `{}` is not a CPU quantity", q.limit))?;
+            crate::tuning::parse_cpu_millis(&q.request)
+                .ok_or(format!("{field}.request: `{}` is not a CPU quantity", q.request))?;
         }
-        for (field, q) in [("spec.app.memory", &s.app.memory), ("spec.sidecar.memory", &s.sidecar.memory)] {
-            crate::tuning::parse_bytes(&q.limit).ok_or(format!("{field}.limit: `{}` is not a memory quantity", q.limit))?;
-            crate::tuning::parse_bytes(&q.request).ok_or(format!("{field}.request: `{}` is not a memory quantity", q.request))?;
+        for (field, q) in [
+            ("spec.app.memory", &s.app.memory),
+            ("spec.sidecar.memory", &s.sidecar.memory),
+        ] {
+            crate::tuning::parse_bytes(&q.limit)
+                .ok_or(format!("{field}.limit: `{}` is not a memory quantity", q.limit))?;
+            crate::tuning::parse_bytes(&q.request)
+                .ok_or(format!("{field}.request: `{}` is not a memory quantity", q.request))?;
         }
         if s.database.connection_budget < s.max_replicas as u32 {
-            return Err("spec.database.connectionBudget must be at least spec.maxReplicas (one connection per pod)".into());
+            return Err(
+                "spec.database.connectionBudget must be at least spec.maxReplicas (one connection per pod)".into(),
+            );
         }
         if s.slo.high_qps >= s.slo.critical_qps {
             return Err("spec.slo.highQps must be below spec.slo.criticalQps".into());

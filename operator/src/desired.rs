@@ -6,12 +6,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior,
-    HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget, PodsMetricSource, ResourceMetricSource,
+    CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget,
+    PodsMetricSource, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, SecretKeySelector, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SecretKeySelector, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -76,7 +78,11 @@ pub fn selector_labels(md: &MallDeployment) -> BTreeMap<String, String> {
 
 /// The selector string for the scale subresource's status.
 pub fn selector_string(md: &MallDeployment) -> String {
-    selector_labels(md).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    selector_labels(md)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn labels(md: &MallDeployment) -> BTreeMap<String, String> {
@@ -86,7 +92,8 @@ fn labels(md: &MallDeployment) -> BTreeMap<String, String> {
 }
 
 fn owner(md: &MallDeployment) -> OwnerReference {
-    md.controller_owner_ref(&()).expect("a stored MallDeployment has a name and uid")
+    md.controller_owner_ref(&())
+        .expect("a stored MallDeployment has a name and uid")
 }
 
 fn meta(md: &MallDeployment, name: String) -> ObjectMeta {
@@ -131,27 +138,41 @@ pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning) -> SidecarConfig {
         c.rate_limit.rules = rules.clone();
     }
     // Kubernetes nodes and ingress controllers sit in private ranges.
-    c.rate_limit.trusted_proxies = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"].iter().map(|c| c.parse().expect("valid")).collect();
+    c.rate_limit.trusted_proxies = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+        .iter()
+        .map(|c| c.parse().expect("valid"))
+        .collect();
     c
 }
 
 fn config_map(md: &MallDeployment, tuning: &Tuning) -> ConfigMap {
     ConfigMap {
         metadata: meta(md, format!("{}-sidecar", name(md))),
-        data: Some(BTreeMap::from([(SIDECAR_CONFIG_KEY.to_string(), sidecar_config(md, tuning).to_toml())])),
+        data: Some(BTreeMap::from([(
+            SIDECAR_CONFIG_KEY.to_string(),
+            sidecar_config(md, tuning).to_toml(),
+        )])),
         ..ConfigMap::default()
     }
 }
 
 fn env(name: &str, value: impl ToString) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.to_string()), ..EnvVar::default() }
+    EnvVar {
+        name: name.into(),
+        value: Some(value.to_string()),
+        ..EnvVar::default()
+    }
 }
 
 fn secret_env(name: &str, r: &SecretKeyRef) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector { name: r.name.clone(), key: r.key.clone(), optional: Some(false) }),
+            secret_key_ref: Some(SecretKeySelector {
+                name: r.name.clone(),
+                key: r.key.clone(),
+                optional: Some(false),
+            }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
@@ -174,7 +195,11 @@ fn resources(c: &crate::crd::Container) -> ResourceRequirements {
 
 fn probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
     Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(port), ..HTTPGetAction::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port),
+            ..HTTPGetAction::default()
+        }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         timeout_seconds: Some(2),
@@ -232,7 +257,11 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
         name: "app".into(),
         image: Some(s.app.image.clone()),
         args: Some(vec!["serve".into()]),
-        ports: Some(vec![ContainerPort { name: Some("app".into()), container_port: APP_PORT, ..ContainerPort::default() }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("app".into()),
+            container_port: APP_PORT,
+            ..ContainerPort::default()
+        }]),
         env: Some(app_env),
         resources: Some(resources(&s.app)),
         liveness_probe: Some(probe("/health", APP_PORT, 10, 3)),
@@ -244,14 +273,27 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
         image: Some(s.sidecar.image.clone()),
         args: Some(vec!["-c".into(), format!("/etc/sidecar/{SIDECAR_CONFIG_KEY}")]),
         ports: Some(vec![
-            ContainerPort { name: Some("http".into()), container_port: PROXY_PORT, ..ContainerPort::default() },
-            ContainerPort { name: Some("admin".into()), container_port: ADMIN_PORT, ..ContainerPort::default() },
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: PROXY_PORT,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("admin".into()),
+                container_port: ADMIN_PORT,
+                ..ContainerPort::default()
+            },
         ]),
         env: Some(sidecar_env),
         resources: Some(resources(&s.sidecar)),
         liveness_probe: Some(probe("/health", ADMIN_PORT, 10, 3)),
         readiness_probe: Some(probe("/ready", ADMIN_PORT, 5, 2)),
-        volume_mounts: Some(vec![VolumeMount { name: "sidecar-config".into(), mount_path: "/etc/sidecar".into(), read_only: Some(true), ..VolumeMount::default() }]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "sidecar-config".into(),
+            mount_path: "/etc/sidecar".into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
         ..Container::default()
     };
     let mut pod_labels = labels(md);
@@ -261,7 +303,10 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
         spec: Some(DeploymentSpec {
             // While an HPA owns replicas the field is left out, so applying never fights it.
             replicas: (s.autoscaling.mode == AutoscalingMode::Alerts).then_some(s.replicas),
-            selector: LabelSelector { match_labels: Some(selector_labels(md)), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(md)),
+                ..LabelSelector::default()
+            },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
@@ -283,7 +328,10 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
                     termination_grace_period_seconds: Some(30),
                     volumes: Some(vec![Volume {
                         name: "sidecar-config".into(),
-                        config_map: Some(ConfigMapVolumeSource { name: format!("{}-sidecar", name(md)), ..ConfigMapVolumeSource::default() }),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: format!("{}-sidecar", name(md)),
+                            ..ConfigMapVolumeSource::default()
+                        }),
                         ..Volume::default()
                     }]),
                     ..PodSpec::default()
@@ -296,7 +344,12 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
 }
 
 fn port(name: &str, port: i32, target: i32) -> ServicePort {
-    ServicePort { name: Some(name.into()), port, target_port: Some(IntOrString::Int(target)), ..ServicePort::default() }
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::Int(target)),
+        ..ServicePort::default()
+    }
 }
 
 /// Clients' Service: port 80 to the sidecar; the metrics ports for the ServiceMonitor.
@@ -305,7 +358,11 @@ fn service(md: &MallDeployment) -> Service {
         metadata: meta(md, name(md)),
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(md)),
-            ports: Some(vec![port("http", 80, PROXY_PORT), port("sidecar-metrics", ADMIN_PORT, ADMIN_PORT), port("app-metrics", APP_PORT, APP_PORT)]),
+            ports: Some(vec![
+                port("http", 80, PROXY_PORT),
+                port("sidecar-metrics", ADMIN_PORT, ADMIN_PORT),
+                port("app-metrics", APP_PORT, APP_PORT),
+            ]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -318,6 +375,9 @@ fn app_service(md: &MallDeployment) -> Service {
         metadata: meta(md, format!("{}-app", name(md))),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
+            // Every pod's sidecar needs every app instance in DNS to become ready itself; the
+            // sidecars' own health checks decide which instances take traffic.
+            publish_not_ready_addresses: Some(true),
             selector: Some(selector_labels(md)),
             ports: Some(vec![port("app", APP_PORT, APP_PORT)]),
             ..ServiceSpec::default()
@@ -336,7 +396,11 @@ fn hpa(md: &MallDeployment, floor: Option<i32>) -> Option<HorizontalPodAutoscale
         type_: "Resource".into(),
         resource: Some(ResourceMetricSource {
             name: "cpu".into(),
-            target: MetricTarget { type_: "Utilization".into(), average_utilization: Some(a.target_cpu_percent), ..MetricTarget::default() },
+            target: MetricTarget {
+                type_: "Utilization".into(),
+                average_utilization: Some(a.target_cpu_percent),
+                ..MetricTarget::default()
+            },
         }),
         ..MetricSpec::default()
     }];
@@ -344,8 +408,15 @@ fn hpa(md: &MallDeployment, floor: Option<i32>) -> Option<HorizontalPodAutoscale
         metrics.push(MetricSpec {
             type_: "Pods".into(),
             pods: Some(PodsMetricSource {
-                metric: MetricIdentifier { name: "sidecar_http_requests_per_second".into(), selector: None },
-                target: MetricTarget { type_: "AverageValue".into(), average_value: Some(Quantity(rps.to_string())), ..MetricTarget::default() },
+                metric: MetricIdentifier {
+                    name: "sidecar_http_requests_per_second".into(),
+                    selector: None,
+                },
+                target: MetricTarget {
+                    type_: "AverageValue".into(),
+                    average_value: Some(Quantity(rps.to_string())),
+                    ..MetricTarget::default()
+                },
             }),
             ..MetricSpec::default()
         });
@@ -354,19 +425,31 @@ fn hpa(md: &MallDeployment, floor: Option<i32>) -> Option<HorizontalPodAutoscale
     Some(HorizontalPodAutoscaler {
         metadata: meta(md, name(md)),
         spec: Some(HorizontalPodAutoscalerSpec {
-            scale_target_ref: CrossVersionObjectReference { api_version: Some("apps/v1".into()), kind: "Deployment".into(), name: name(md) },
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: name(md),
+            },
             min_replicas: Some(min),
             max_replicas: s.max_replicas,
             metrics: Some(metrics),
             behavior: Some(HorizontalPodAutoscalerBehavior {
                 scale_up: Some(HPAScalingRules {
                     stabilization_window_seconds: Some(0),
-                    policies: Some(vec![HPAScalingPolicy { type_: "Percent".into(), value: 100, period_seconds: 30 }]),
+                    policies: Some(vec![HPAScalingPolicy {
+                        type_: "Percent".into(),
+                        value: 100,
+                        period_seconds: 30,
+                    }]),
                     ..HPAScalingRules::default()
                 }),
                 scale_down: Some(HPAScalingRules {
                     stabilization_window_seconds: Some(a.stabilization_seconds as i32),
-                    policies: Some(vec![HPAScalingPolicy { type_: "Percent".into(), value: 50, period_seconds: 60 }]),
+                    policies: Some(vec![HPAScalingPolicy {
+                        type_: "Percent".into(),
+                        value: 50,
+                        period_seconds: 60,
+                    }]),
                     ..HPAScalingRules::default()
                 }),
             }),
@@ -381,7 +464,10 @@ fn pdb(md: &MallDeployment) -> PodDisruptionBudget {
         spec: Some(PodDisruptionBudgetSpec {
             // One pod at a time, whatever the scale: drains proceed, capacity never halves.
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector { match_labels: Some(selector_labels(md)), ..LabelSelector::default() }),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(md)),
+                ..LabelSelector::default()
+            }),
             ..PodDisruptionBudgetSpec::default()
         }),
         ..PodDisruptionBudget::default()
@@ -389,11 +475,17 @@ fn pdb(md: &MallDeployment) -> PodDisruptionBudget {
 }
 
 pub fn prometheus_rule_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PrometheusRule"), "prometheusrules")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PrometheusRule"),
+        "prometheusrules",
+    )
 }
 
 pub fn service_monitor_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"), "servicemonitors")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        "servicemonitors",
+    )
 }
 
 fn prometheus_rule(md: &MallDeployment, tuning: &Tuning) -> DynamicObject {

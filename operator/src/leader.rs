@@ -18,7 +18,12 @@ pub struct Elector {
 
 impl Elector {
     pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
-        Elector { api: Api::namespaced(client, namespace), name: name.into(), identity: identity.into(), duration }
+        Elector {
+            api: Api::namespaced(client, namespace),
+            name: name.into(),
+            identity: identity.into(),
+            duration,
+        }
     }
 
     /// Takes or renews the lease; `Ok(true)` while we hold it. A lost race is `Ok(false)`.
@@ -26,7 +31,10 @@ impl Elector {
         let secs = self.duration.as_secs() as i32;
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(self.name.clone()), ..ObjectMeta::default() },
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..ObjectMeta::default()
+                },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.identity.clone()),
                     lease_duration_seconds: Some(secs),
@@ -55,7 +63,12 @@ impl Elector {
         spec.renew_time = Some(MicroTime(now));
         spec.lease_duration_seconds = Some(secs);
         // `replace` carries the resourceVersion we read: two candidates cannot both win.
-        conflict_is_false(self.api.replace(&self.name, &PostParams::default(), &lease).await.map(|_| true))
+        conflict_is_false(
+            self.api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await
+                .map(|_| true),
+        )
     }
 }
 

@@ -68,31 +68,65 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", render::crd_yaml());
             Ok(())
         }
-        Command::Run { listen, webhook_token, namespace, identity } => run(listen, webhook_token, namespace, identity).await,
+        Command::Run {
+            listen,
+            webhook_token,
+            namespace,
+            identity,
+        } => run(listen, webhook_token, namespace, identity).await,
     }
 }
 
-async fn run(listen: SocketAddr, webhook_token: Option<String>, namespace: String, identity: String) -> anyhow::Result<()> {
-    tracing_subscriber::fmt().json().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
+async fn run(
+    listen: SocketAddr,
+    webhook_token: Option<String>,
+    namespace: String,
+    identity: String,
+) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
     let client = kube::Client::try_default().await?;
-    let ctx = Arc::new(Context { client: client.clone(), metrics: Arc::new(Metrics::new()) });
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        metrics: Arc::new(Metrics::new()),
+    });
     let leading = Arc::new(AtomicBool::new(false));
 
     let mut app = axum::Router::new()
         .route("/health", get(|| async { "ok\n" }))
-        .route("/metrics", get(|State(ctx): State<Arc<Context>>| async move { ctx.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(ctx): State<Arc<Context>>| async move { ctx.metrics.render() }),
+        )
         .with_state(ctx.clone())
-        .merge(axum::Router::new().route(
-            "/ready",
-            get(|State(leading): State<Arc<AtomicBool>>| async move {
-                // Only the leader is ready, so the Service sends webhooks to it alone.
-                if leading.load(Ordering::Relaxed) { (StatusCode::OK, "leader\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "standby\n") }
-            }),
-        ).with_state(leading.clone()));
+        .merge(
+            axum::Router::new()
+                .route(
+                    "/ready",
+                    get(|State(leading): State<Arc<AtomicBool>>| async move {
+                        // Only the leader is ready, so the Service sends webhooks to it alone.
+                        if leading.load(Ordering::Relaxed) {
+                            (StatusCode::OK, "leader\n")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "standby\n")
+                        }
+                    }),
+                )
+                .with_state(leading.clone()),
+        );
     match webhook_token {
         Some(token) => {
-            let hook = Arc::new(Webhook { ctx: ctx.clone(), token });
-            app = app.merge(axum::Router::new().route("/alerts", post(autoscale::handle)).with_state(hook));
+            let hook = Arc::new(Webhook {
+                ctx: ctx.clone(),
+                token,
+            });
+            app = app.merge(
+                axum::Router::new()
+                    .route("/alerts", post(autoscale::handle))
+                    .with_state(hook),
+            );
         }
         None => tracing::warn!("OPERATOR_WEBHOOK_TOKEN unset: alert-driven scaling is off"),
     }

@@ -19,23 +19,37 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("mall_operator".into()), None).expect("valid prefix");
         let m = Metrics {
-            reconciles: IntCounterVec::new(Opts::new("reconciles_total", "Reconciles by outcome"), &["outcome"]).expect("metric"),
-            reconcile_errors: IntCounterVec::new(Opts::new("reconcile_errors_total", "Failed reconciles by reason"), &["reason"])
+            reconciles: IntCounterVec::new(Opts::new("reconciles_total", "Reconciles by outcome"), &["outcome"])
                 .expect("metric"),
+            reconcile_errors: IntCounterVec::new(
+                Opts::new("reconcile_errors_total", "Failed reconciles by reason"),
+                &["reason"],
+            )
+            .expect("metric"),
             reconcile_duration: Histogram::with_opts(
                 HistogramOpts::new("reconcile_duration_seconds", "Time per reconcile")
                     .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             )
             .expect("metric"),
-            webhook: IntCounterVec::new(Opts::new("webhook_requests_total", "Alertmanager webhook calls by outcome"), &["outcome"])
-                .expect("metric"),
-            scale_events: IntCounterVec::new(Opts::new("scale_events_total", "Alert-driven scale changes"), &["direction"])
-                .expect("metric"),
+            webhook: IntCounterVec::new(
+                Opts::new("webhook_requests_total", "Alertmanager webhook calls by outcome"),
+                &["outcome"],
+            )
+            .expect("metric"),
+            scale_events: IntCounterVec::new(
+                Opts::new("scale_events_total", "Alert-driven scale changes"),
+                &["direction"],
+            )
+            .expect("metric"),
             registry,
         };
         m.registry.register(Box::new(m.reconciles.clone())).expect("unique");
-        m.registry.register(Box::new(m.reconcile_errors.clone())).expect("unique");
-        m.registry.register(Box::new(m.reconcile_duration.clone())).expect("unique");
+        m.registry
+            .register(Box::new(m.reconcile_errors.clone()))
+            .expect("unique");
+        m.registry
+            .register(Box::new(m.reconcile_duration.clone()))
+            .expect("unique");
         m.registry.register(Box::new(m.webhook.clone())).expect("unique");
         m.registry.register(Box::new(m.scale_events.clone())).expect("unique");
         m
@@ -43,7 +57,9 @@ impl Metrics {
 
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding");
         out
     }
 }

@@ -21,14 +21,25 @@ pub fn render(input: &str) -> Result<String, String> {
         if value.is_null() {
             continue;
         }
-        let mut md: MallDeployment = serde_yaml::from_value(value).map_err(|e| format!("document {i}: {e}"))?;
+        let mut md: MallDeployment = serde_path_to_error::deserialize(value)
+            .map_err(|e| format!("document {i}: {}: {}", e.path(), e.inner()))?;
         md.validate().map_err(|e| format!("document {i}: {e}"))?;
         // Offline there is no uid: owner references point at a placeholder the API server would fill.
-        md.metadata.uid.get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+        md.metadata
+            .uid
+            .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
         md.metadata.namespace.get_or_insert_with(|| "default".into());
         let tuning = tuning::tune(&md.spec);
-        let Children { deployment, service, app_service, config_map, hpa, pdb, prometheus_rule, service_monitor } =
-            desired::children(&md, &tuning, None);
+        let Children {
+            deployment,
+            service,
+            app_service,
+            config_map,
+            hpa,
+            pdb,
+            prometheus_rule,
+            service_monitor,
+        } = desired::children(&md, &tuning, None);
         push(&mut out, &config_map)?;
         push(&mut out, &service)?;
         push(&mut out, &app_service)?;

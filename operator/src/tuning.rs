@@ -113,8 +113,14 @@ mod tests {
         }))
         .unwrap();
         md.spec.app = Container {
-            cpu: Quantities { request: cpu.into(), limit: cpu.into() },
-            memory: Quantities { request: mem.into(), limit: mem.into() },
+            cpu: Quantities {
+                request: cpu.into(),
+                limit: cpu.into(),
+            },
+            memory: Quantities {
+                request: mem.into(),
+                limit: mem.into(),
+            },
             ..Container::default()
         };
         md.spec.database.connection_budget = budget;
@@ -135,7 +141,13 @@ mod tests {
         ];
         for (cpu, mem, budget, max, want) in table {
             let t = tune(&spec(cpu, mem, budget, max));
-            let got = (t.app_worker_threads, t.db_max_connections, t.db_min_connections, t.app_cache_bytes / MIB, t.fleet_db_connections);
+            let got = (
+                t.app_worker_threads,
+                t.db_max_connections,
+                t.db_min_connections,
+                t.app_cache_bytes / MIB,
+                t.fleet_db_connections,
+            );
             assert_eq!(got, want, "{cpu} {mem} budget {budget} max {max}");
             assert!(t.fleet_db_connections <= budget, "the fleet stays within the budget");
         }

@@ -6,7 +6,8 @@ use mall_operator::crd::MallDeployment;
 
 #[test]
 fn committed_crd_is_current() {
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/malldeployment.yaml")).unwrap();
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/malldeployment.yaml")).unwrap();
     assert!(
         committed == mall_operator::render::crd_yaml(),
         "crds/malldeployment.yaml is stale: run `cargo run -p mall-operator --bin crdgen > crds/malldeployment.yaml`"

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Runs the whole test suite against real SQLite, PostgreSQL, MariaDB and Redis.
+# Runs the whole test suite against real SQLite, PostgreSQL, MariaDB and Redis, and promtool.
 # Installs (Debian packages) and starts whichever of them is missing; safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/services.sh
 
 command -v cargo >/dev/null || { echo "error: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
-apt_install postgresql-client mariadb-client redis-tools
+# cmake builds pingora's zlib-ng; prometheus provides promtool for the alert-rule tests.
+apt_install postgresql-client mariadb-client redis-tools cmake prometheus
 ensure_redis
 ensure_postgres
 ensure_mariadb

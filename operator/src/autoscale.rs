@@ -268,6 +268,18 @@ pub async fn apply_alerts(
             .with_label_values(&[if change.to > change.from { "up" } else { "down" }])
             .inc();
         tracing::info!(%ns, %name, from = change.from, to = change.to, reason = %change.reason, "alert-driven scale");
+        let what = if md.spec.autoscaling.mode == crate::crd::AutoscalingMode::Alerts {
+            "replicas"
+        } else {
+            "HPA minReplicas"
+        };
+        ctx.event(
+            &md,
+            false,
+            "ScaledUp",
+            format!("{what} {} -> {}: {}", change.from, change.to, change.reason),
+        )
+        .await;
     }
     write_alert_state(
         &api,
@@ -287,7 +299,16 @@ pub async fn write_alert_state(
     state: &AlertScaling,
     event: Option<ScaleEvent>,
 ) -> Result<(), kube::Error> {
-    let mut status = json!({ "alertScaling": state });
+    // A merge patch removes a field only when told `null`: cleared values must be sent as such.
+    let mut alert_scaling = serde_json::to_value(state).expect("json");
+    for key in ["lastScaleUp", "resolvedSince", "baseline", "floor"] {
+        alert_scaling
+            .as_object_mut()
+            .expect("object")
+            .entry(key)
+            .or_insert(serde_json::Value::Null);
+    }
+    let mut status = json!({ "alertScaling": alert_scaling });
     if let Some(event) = event {
         status["lastScale"] = serde_json::to_value(event).expect("json");
     }

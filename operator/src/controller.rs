@@ -13,6 +13,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -52,6 +53,36 @@ impl Error {
 pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(client: Client) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    /// Publishes a Kubernetes Event on the MallDeployment (`kubectl describe` shows it). Events
+    /// are best effort: a failure is logged, never fails the reconcile.
+    pub async fn event(&self, md: &MallDeployment, warning: bool, reason: &str, note: String) {
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &md.object_ref(&())).await {
+            tracing::debug!(error = %e, reason, "event not recorded");
+        }
+    }
 }
 
 /// Runs the controller until the stream ends (shutdown).
@@ -117,6 +148,13 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     let mut outcome = Outcome::default();
 
     if let Err(message) = md.validate() {
+        if !old_status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.reason == "InvalidSpec" && c.message == message)
+        {
+            ctx.event(md, true, "InvalidSpec", message.clone()).await;
+        }
         set_condition(&mut status, md, "Degraded", true, "InvalidSpec", &message);
         set_condition(&mut status, md, "Ready", false, "InvalidSpec", &message);
         outcome.status_written = write_status(&mds, &name, &old_status, &status).await?;
@@ -126,6 +164,19 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     status.tuning = Some(tuning.clone());
 
     if md.spec.paused {
+        if !old_status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Paused" && c.status == "True")
+        {
+            ctx.event(
+                md,
+                false,
+                "Paused",
+                "spec.paused is true: children are left alone".into(),
+            )
+            .await;
+        }
         set_condition(
             &mut status,
             md,
@@ -153,6 +204,13 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
             apply_scale(&mds, md, change.to).await?;
             ctx.metrics.scale_events.with_label_values(&["down"]).inc();
             tracing::info!(%ns, %name, from = change.from, to = change.to, reason = %change.reason, "alert-driven scale back");
+            ctx.event(
+                md,
+                false,
+                "ScaledDown",
+                format!("replica floor {} -> {}: {}", change.from, change.to, change.reason),
+            )
+            .await;
         }
         let event = settled.change.as_ref().map(|c| c.event(now));
         autoscale::write_alert_state(&mds, &name, &settled.state, event.clone()).await?;
@@ -272,6 +330,8 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     outcome.status_written = write_status(&mds, &name, &old_status, &status).await?;
     if !outcome.applied.is_empty() {
         tracing::info!(%ns, %name, applied = ?outcome.applied, "reconciled");
+        ctx.event(md, false, "Applied", format!("applied {}", outcome.applied.join(", ")))
+            .await;
     }
     let next = autoscale::next_check(&md.spec, &status.alert_scaling, now).unwrap_or(Duration::from_secs(300));
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))

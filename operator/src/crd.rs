@@ -21,6 +21,8 @@ pub const GROUP: &str = "mall.example.com";
     namespaced,
     shortname = "mall",
     status = "MallDeploymentStatus",
+    derive = "Default",
+    derive = "PartialEq",
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
@@ -462,6 +464,13 @@ pub struct AlertScaling {
     /// The floor alerts asked for (replicas in `alerts` mode, the HPA's minReplicas otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor: Option<i32>,
+}
+
+impl Default for MallDeploymentSpec {
+    /// Every field at its schema default (what `spec: {}` becomes).
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("every field has a default")
+    }
 }
 
 pub mod defaults {

@@ -14,7 +14,6 @@ use clap::{Parser, Subcommand};
 use mall_operator::autoscale::{self, Webhook};
 use mall_operator::controller::{self, Context};
 use mall_operator::leader::Elector;
-use mall_operator::metrics::Metrics;
 use mall_operator::render;
 
 #[derive(Parser)]
@@ -88,10 +87,7 @@ async fn run(
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let client = kube::Client::try_default().await?;
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        metrics: Arc::new(Metrics::new()),
-    });
+    let ctx = Arc::new(Context::new(client.clone()));
     let leading = Arc::new(AtomicBool::new(false));
 
     let mut app = axum::Router::new()

@@ -94,7 +94,7 @@ pub fn parse_bytes(q: &str) -> Option<u64> {
     for (suffix, factor) in units {
         if let Some(number) = q.strip_suffix(suffix) {
             if let Ok(n) = number.parse::<f64>() {
-                return (n.is_finite() && n > 0.0).then(|| (n * factor as f64) as u64);
+                return (n.is_finite() && n > 0.0).then_some((n * factor as f64) as u64);
             }
         }
     }

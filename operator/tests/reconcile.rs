@@ -1,0 +1,390 @@
+//! Reconcile against an in-memory Kubernetes API (`kube-fake-client`: no API server can run on
+//! these machines). It implements CRUD, server-side apply, the status subresource and
+//! resourceVersions, which is what these tests rely on.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use kube_fake_client::ClientBuilder;
+use mall_operator::controller::{reconcile_once, Context};
+use mall_operator::crd::MallDeployment;
+use mall_operator::desired::CONFIG_HASH;
+use serde_json::json;
+
+const NS: &str = "shop";
+
+fn mall(name: &str, spec: serde_json::Value) -> MallDeployment {
+    let mut md: MallDeployment = serde_json::from_value(json!({
+        "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
+        "metadata": { "name": name, "namespace": NS }, "spec": spec
+    }))
+    .unwrap();
+    md.metadata.generation = Some(1);
+    md
+}
+
+async fn setup(md: MallDeployment) -> (Client, Arc<Context>) {
+    let client = ClientBuilder::new()
+        .with_resource::<MallDeployment>()
+        .with_status_subresource::<MallDeployment>()
+        .with_status_subresource::<Deployment>()
+        .with_object(md)
+        .build()
+        .await
+        .unwrap();
+    let ctx = Arc::new(Context::new(client.clone()));
+    (client, ctx)
+}
+
+async fn pass(client: &Client, ctx: &Context, name: &str) -> mall_operator::controller::Outcome {
+    let md = Api::<MallDeployment>::namespaced(client.clone(), NS)
+        .get(name)
+        .await
+        .unwrap();
+    reconcile_once(&md, ctx, mall_operator::autoscale::now())
+        .await
+        .unwrap()
+        .1
+}
+
+async fn versions(client: &Client, name: &str) -> Vec<Option<String>> {
+    vec![
+        Api::<Deployment>::namespaced(client.clone(), NS)
+            .get(name)
+            .await
+            .unwrap()
+            .resource_version(),
+        Api::<Service>::namespaced(client.clone(), NS)
+            .get(name)
+            .await
+            .unwrap()
+            .resource_version(),
+        Api::<ConfigMap>::namespaced(client.clone(), NS)
+            .get(&format!("{name}-sidecar"))
+            .await
+            .unwrap()
+            .resource_version(),
+        Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
+            .get(name)
+            .await
+            .unwrap()
+            .resource_version(),
+        Api::<MallDeployment>::namespaced(client.clone(), NS)
+            .get(name)
+            .await
+            .unwrap()
+            .resource_version(),
+    ]
+}
+
+fn condition(md: &MallDeployment, type_: &str) -> (String, String, String) {
+    let c = md
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition"));
+    (c.status.clone(), c.reason.clone(), c.last_transition_time.clone())
+}
+
+#[tokio::test]
+async fn creates_children_then_a_second_pass_writes_nothing() {
+    let (client, ctx) = setup(mall("shop", json!({}))).await;
+    let first = pass(&client, &ctx, "shop").await;
+    assert!(first.status_written);
+    for kind in [
+        "ConfigMap/shop-sidecar",
+        "Service/shop",
+        "Service/shop-app",
+        "Deployment/shop",
+        "PodDisruptionBudget/shop",
+        "HorizontalPodAutoscaler/shop",
+    ] {
+        assert!(
+            first.applied.iter().any(|a| a == kind),
+            "{kind} applied: {:?}",
+            first.applied
+        );
+    }
+    let md = Api::<MallDeployment>::namespaced(client.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
+    let owner = &deployment.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("MallDeployment", "shop", Some(true))
+    );
+    let pod = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["app", "sidecar"]);
+    let status = md.status.clone().unwrap();
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(
+        status.selector,
+        "app.kubernetes.io/instance=shop,app.kubernetes.io/name=mall"
+    );
+    assert_eq!(status.tuning.as_ref().unwrap().db_max_connections, 5);
+    assert_eq!(condition(&md, "Ready").0, "False", "no pods are ready yet");
+    assert_eq!(condition(&md, "Paused").0, "False");
+    assert!(status.monitoring.contains("not installed"), "{}", status.monitoring);
+
+    // Steady state: nothing is written, no resourceVersion moves.
+    let before = versions(&client, "shop").await;
+    let second = pass(&client, &ctx, "shop").await;
+    assert_eq!(second, Default::default(), "second pass wrote {second:?}");
+    assert_eq!(versions(&client, "shop").await, before);
+}
+
+#[tokio::test]
+async fn drift_is_corrected_and_a_spec_change_rolls_the_pods() {
+    let (client, ctx) = setup(mall("shop", json!({}))).await;
+    pass(&client, &ctx, "shop").await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
+
+    // Someone edits the Deployment by hand.
+    let mut edited = deployments.get("shop").await.unwrap();
+    edited.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].image = Some("evil:latest".into());
+    deployments
+        .replace("shop", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    let outcome = pass(&client, &ctx, "shop").await;
+    assert_eq!(outcome.applied, ["Deployment/shop"]);
+    let image = deployments
+        .get("shop")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .image
+        .clone();
+    assert_eq!(image.as_deref(), Some("ghcr.io/mall-operator/mall-app:0.1.0"));
+
+    // A sidecar setting changes: the ConfigMap changes and so does the pods' config hash.
+    let hash = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH]
+            .clone()
+    };
+    let old_hash = hash(&deployments.get("shop").await.unwrap());
+    let mds = Api::<MallDeployment>::namespaced(client.clone(), NS);
+    mds.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "compression": { "enabled": false, "minBytes": 1024 } } })),
+    )
+    .await
+    .unwrap();
+    let outcome = pass(&client, &ctx, "shop").await;
+    assert!(
+        outcome.applied.contains(&"ConfigMap/shop-sidecar".to_string()),
+        "{outcome:?}"
+    );
+    assert_ne!(hash(&deployments.get("shop").await.unwrap()), old_hash, "the pods roll");
+    let toml = Api::<ConfigMap>::namespaced(client.clone(), NS)
+        .get("shop-sidecar")
+        .await
+        .unwrap()
+        .data
+        .unwrap()["sidecar.toml"]
+        .clone();
+    let config = mall_sidecar_config::SidecarConfig::from_toml(&toml).unwrap();
+    assert!(!config.compression.enabled);
+}
+
+#[tokio::test]
+async fn paused_leaves_children_alone_and_says_so() {
+    let (client, ctx) = setup(mall("shop", json!({}))).await;
+    pass(&client, &ctx, "shop").await;
+    let mds = Api::<MallDeployment>::namespaced(client.clone(), NS);
+    mds.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "paused": true, "replicas": 3 } })),
+    )
+    .await
+    .unwrap();
+    let services = Api::<Service>::namespaced(client.clone(), NS);
+    services.delete("shop-app", &Default::default()).await.unwrap();
+
+    let outcome = pass(&client, &ctx, "shop").await;
+    assert!(outcome.applied.is_empty());
+    assert!(
+        services.get_opt("shop-app").await.unwrap().is_none(),
+        "paused: the deleted child is not recreated"
+    );
+    let md = mds.get("shop").await.unwrap();
+    let (status, reason, _) = condition(&md, "Paused");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Paused"));
+
+    mds.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "paused": false } })),
+    )
+    .await
+    .unwrap();
+    pass(&client, &ctx, "shop").await;
+    assert!(
+        services.get_opt("shop-app").await.unwrap().is_some(),
+        "unpaused: recreated"
+    );
+}
+
+#[tokio::test]
+async fn the_hpa_owns_replicas_unless_alerts_alone_scale() {
+    let (client, ctx) = setup(mall(
+        "shop",
+        json!({ "replicas": 3, "minReplicas": 2, "maxReplicas": 8 }),
+    ))
+    .await;
+    pass(&client, &ctx, "shop").await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
+    let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), NS);
+    assert_eq!(
+        deployments.get("shop").await.unwrap().spec.unwrap().replicas,
+        None,
+        "the HPA sets replicas"
+    );
+    let hpa = hpas.get("shop").await.unwrap().spec.unwrap();
+    assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 8));
+    let applied: serde_json::Value = serde_json::to_value(
+        mall_operator::desired::children(
+            &mall("shop", json!({})).with_uid(),
+            &mall_operator::tuning::tune(&mall("shop", json!({})).spec),
+            None,
+        )
+        .deployment,
+    )
+    .unwrap();
+    assert!(
+        applied["spec"].get("replicas").is_none(),
+        "no replicas field while an HPA owns them"
+    );
+
+    let mds = Api::<MallDeployment>::namespaced(client.clone(), NS);
+    mds.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "autoscaling": { "mode": "alerts" } } })),
+    )
+    .await
+    .unwrap();
+    let outcome = pass(&client, &ctx, "shop").await;
+    assert!(
+        outcome
+            .applied
+            .iter()
+            .any(|a| a.starts_with("HorizontalPodAutoscaler/shop (deleted")),
+        "{outcome:?}"
+    );
+    assert!(hpas.get_opt("shop").await.unwrap().is_none());
+    assert_eq!(deployments.get("shop").await.unwrap().spec.unwrap().replicas, Some(3));
+}
+
+#[tokio::test]
+async fn conditions_move_their_transition_time_only_on_a_flip() {
+    let (client, ctx) = setup(mall("shop", json!({}))).await;
+    pass(&client, &ctx, "shop").await;
+    let mds = Api::<MallDeployment>::namespaced(client.clone(), NS);
+    let first = condition(&mds.get("shop").await.unwrap(), "Ready");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    pass(&client, &ctx, "shop").await;
+    assert_eq!(
+        condition(&mds.get("shop").await.unwrap(), "Ready"),
+        first,
+        "unchanged status keeps its time"
+    );
+
+    // The Deployment reports its pods ready: Ready flips, with a new time.
+    let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
+    let d = deployments.get("shop").await.unwrap();
+    let generation = d.metadata.generation;
+    let status = json!({ "status": { "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2, "observedGeneration": generation } });
+    deployments
+        .patch_status("shop", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    pass(&client, &ctx, "shop").await;
+    let md = mds.get("shop").await.unwrap();
+    let ready = condition(&md, "Ready");
+    assert_eq!(ready.0, "True");
+    assert_ne!(ready.2, first.2);
+    assert_eq!(condition(&md, "Progressing").0, "False");
+    assert_eq!(md.status.unwrap().ready_replicas, 2);
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_degraded_and_touches_nothing() {
+    let (client, ctx) = setup(mall(
+        "shop",
+        json!({ "maxReplicas": 200, "database": { "connectionBudget": 50 } }),
+    ))
+    .await;
+    let outcome = pass(&client, &ctx, "shop").await;
+    assert!(outcome.applied.is_empty());
+    let md = Api::<MallDeployment>::namespaced(client.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
+    let (status, reason, _) = condition(&md, "Degraded");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    assert!(md
+        .status
+        .unwrap()
+        .conditions
+        .iter()
+        .any(|c| c.message.contains("connectionBudget")));
+    assert!(Api::<Deployment>::namespaced(client.clone(), NS)
+        .get_opt("shop")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+trait WithUid {
+    fn with_uid(self) -> Self;
+}
+
+impl WithUid for MallDeployment {
+    fn with_uid(mut self) -> Self {
+        self.metadata.uid = Some("u".into());
+        self
+    }
+}
+
+#[tokio::test]
+async fn important_changes_are_recorded_as_events() {
+    let (client, ctx) = setup(mall("shop", json!({}))).await;
+    pass(&client, &ctx, "shop").await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let reasons: Vec<String> = events.items.iter().filter_map(|e| e.reason.clone()).collect();
+    assert!(reasons.contains(&"Applied".to_string()), "{reasons:?}");
+}

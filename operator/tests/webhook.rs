@@ -1,0 +1,201 @@
+//! The Alertmanager webhook over real HTTP, against the in-memory Kubernetes API
+//! (`kube-fake-client`): firing alerts scale, repeats do not, the cooldown and the state survive a
+//! restart, resolved alerts scale back after the window, bad input is refused.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use kube::api::Api;
+use kube::Client;
+use kube_fake_client::ClientBuilder;
+use mall_operator::autoscale::{self, Webhook};
+use mall_operator::controller::{reconcile_once, Context};
+use mall_operator::crd::MallDeployment;
+use serde_json::{json, Value};
+
+const NS: &str = "shop";
+const TOKEN: &str = "alertmanager-token";
+
+fn mall(name: &str, mode: &str, stabilization: u32) -> MallDeployment {
+    let mut md: MallDeployment = serde_json::from_value(json!({
+        "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
+        "metadata": { "name": name, "namespace": NS },
+        "spec": { "replicas": 2, "minReplicas": 2, "maxReplicas": 5,
+                  "autoscaling": { "mode": mode, "scaleFactor": 2.0, "cooldownSeconds": 300, "stabilizationSeconds": stabilization } }
+    }))
+    .unwrap();
+    md.metadata.generation = Some(1);
+    md
+}
+
+/// Serves the webhook on a loopback port with a fresh Context (a restarted operator).
+async fn serve(client: &Client) -> (String, Arc<Context>) {
+    let ctx = Arc::new(Context::new(client.clone()));
+    let hook = Arc::new(Webhook {
+        ctx: ctx.clone(),
+        token: TOKEN.into(),
+    });
+    let app = axum::Router::new()
+        .route("/alerts", axum::routing::post(autoscale::handle))
+        .with_state(hook);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, ctx)
+}
+
+fn payload(target: &str, status: &str) -> Value {
+    json!({
+        "version": "4", "groupKey": "{}:{alertname=\"CriticalQPS\"}", "status": status, "receiver": "mall-operator",
+        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://alertmanager", "truncatedAlerts": 0,
+        "alerts": [{
+            "status": status,
+            "labels": { "alertname": "CriticalQPS", "severity": "critical", "action": "scale_up", "malldeployment": target, "namespace": NS, "pod": "p1" },
+            "annotations": {}, "startsAt": "2026-11-22T00:00:00Z", "endsAt": "0001-01-01T00:00:00Z", "fingerprint": format!("fp-{target}")
+        }]
+    })
+}
+
+async fn post(url: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn md(client: &Client, name: &str) -> MallDeployment {
+    Api::<MallDeployment>::namespaced(client.clone(), NS)
+        .get(name)
+        .await
+        .unwrap()
+}
+
+async fn reconcile(client: &Client, ctx: &Context, name: &str) {
+    reconcile_once(&md(client, name).await, ctx, autoscale::now())
+        .await
+        .unwrap();
+}
+
+async fn hpa_min(client: &Client, name: &str) -> Option<i32> {
+    Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), NS)
+        .get(name)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .min_replicas
+}
+
+#[tokio::test]
+async fn firing_scales_repeats_do_not_and_resolved_scales_back() {
+    let client = ClientBuilder::new()
+        .with_resource::<MallDeployment>()
+        .with_status_subresource::<MallDeployment>()
+        .with_object(mall("hpa-shop", "both", 0))
+        .with_object(mall("solo", "alerts", 3600))
+        .build()
+        .await
+        .unwrap();
+    let (url, ctx) = serve(&client).await;
+    reconcile(&client, &ctx, "hpa-shop").await;
+    assert_eq!(hpa_min(&client, "hpa-shop").await, Some(2));
+
+    // `both` mode: the alert raises the HPA's floor, it does not touch replicas.
+    let (status, body) = post(&url, &payload("hpa-shop", "firing")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["to"], 4);
+    let state = md(&client, "hpa-shop").await.status.unwrap();
+    assert_eq!(state.alert_scaling.floor, Some(4));
+    assert_eq!(state.last_scale.as_ref().map(|e| (e.from, e.to)), Some((2, 4)));
+    reconcile(&client, &ctx, "hpa-shop").await;
+    assert_eq!(hpa_min(&client, "hpa-shop").await, Some(4));
+    assert_eq!(
+        md(&client, "hpa-shop").await.spec.replicas,
+        2,
+        "replicas stay the HPA's business"
+    );
+
+    // Alertmanager repeats the notification, and the operator restarts in between: the cooldown
+    // is in status, so nothing scales twice.
+    let (url, ctx) = serve(&client).await;
+    let (status, body) = post(&url, &payload("hpa-shop", "firing")).await;
+    assert_eq!((status, body["results"][0]["unchanged"].clone()), (200, json!(true)));
+    assert_eq!(
+        md(&client, "hpa-shop").await.status.unwrap().alert_scaling.floor,
+        Some(4)
+    );
+
+    // `alerts` mode: spec.replicas itself, within maxReplicas.
+    post(&url, &payload("solo", "firing")).await;
+    assert_eq!(md(&client, "solo").await.spec.replicas, 4);
+
+    // Unknown targets are ignored and counted.
+    let (status, _) = post(&url, &payload("nobody", "firing")).await;
+    assert_eq!(status, 200);
+    assert_eq!(ctx.metrics.webhook.with_label_values(&["unknown_target"]).get(), 1);
+
+    // Resolved: after the (zero-second) stabilisation window the next reconcile scales back.
+    post(&url, &payload("hpa-shop", "resolved")).await;
+    reconcile(&client, &ctx, "hpa-shop").await;
+    assert_eq!(hpa_min(&client, "hpa-shop").await, Some(2));
+    let state = md(&client, "hpa-shop").await.status.unwrap();
+    assert_eq!(state.alert_scaling.floor, None);
+    assert_eq!(state.last_scale.as_ref().map(|e| (e.from, e.to)), Some((4, 2)));
+
+    // `solo` has a one-hour window: resolved, but not yet scaled back.
+    post(&url, &payload("solo", "resolved")).await;
+    reconcile(&client, &ctx, "solo").await;
+    assert_eq!(md(&client, "solo").await.spec.replicas, 4);
+    assert!(md(&client, "solo")
+        .await
+        .status
+        .unwrap()
+        .alert_scaling
+        .resolved_since
+        .is_some());
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused() {
+    let client = ClientBuilder::new()
+        .with_resource::<MallDeployment>()
+        .with_status_subresource::<MallDeployment>()
+        .build()
+        .await
+        .unwrap();
+    let (url, ctx) = serve(&client).await;
+    let http = reqwest::Client::new();
+    let no_token = http.post(&url).json(&payload("x", "firing")).send().await.unwrap();
+    assert_eq!(no_token.status(), 401);
+    let wrong = http
+        .post(&url)
+        .bearer_auth("guess")
+        .json(&payload("x", "firing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let malformed = http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let mut old = payload("x", "firing");
+    old["version"] = json!("3");
+    let (status, body) = post(&url, &old).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("version"));
+    let mut odd = payload("x", "firing");
+    odd["alerts"][0]["status"] = json!("exploding");
+    assert_eq!(post(&url, &odd).await.0, 400);
+    assert_eq!(ctx.metrics.webhook.with_label_values(&["bad_request"]).get(), 3);
+    assert_eq!(ctx.metrics.webhook.with_label_values(&["unauthorized"]).get(), 2);
+}

@@ -142,8 +142,10 @@ pub struct ServeArgs {
     /// Tokio worker threads. Default: the CPU limit, rounded down, at least 1.
     #[arg(long, env = "MALL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
-    /// Snowflake worker id (0..=1023); must differ between instances sharing a database.
-    #[arg(long, env = "MALL_WORKER_ID", default_value_t = 0)]
+    /// Snowflake worker id (0..=1023); should differ between instances sharing a database. `auto`
+    /// derives it from the host name (a pod's name), as the operator sets it; a rare clash only
+    /// costs the clashing order a retry.
+    #[arg(long, env = "MALL_WORKER_ID", default_value = "0", value_parser = parse_worker_id)]
     pub worker_id: u16,
     /// HS256 secret for tokens (at least 32 bytes). Required in production.
     #[arg(long, env = "MALL_JWT_SECRET", hide_env_values = true)]
@@ -211,6 +213,20 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
         field,
         message: message.into(),
     }
+}
+
+/// `auto` (hash of `HOSTNAME` or /etc/hostname, mod 1024) or a number.
+fn parse_worker_id(value: &str) -> Result<u16, String> {
+    if value != "auto" {
+        return value.parse::<u16>().map_err(|_| format!("`{value}` is not `auto` or 0..=1023"));
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    // FNV-1a: stable across releases, unlike std's hasher.
+    let hash = host.trim().bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    Ok((hash % (crate::ids::MAX_WORKER_ID as u64 + 1)) as u16)
 }
 
 impl Config {
@@ -307,6 +323,15 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         Config::resolve(parse_serve_args(args.iter().copied()).unwrap(), resources())
+    }
+
+    #[test]
+    fn worker_id_is_a_number_or_auto() {
+        assert_eq!(parse_worker_id("12"), Ok(12));
+        assert!(parse_worker_id("twelve").unwrap_err().contains("auto"));
+        let auto = parse_worker_id("auto").unwrap();
+        assert!(auto <= crate::ids::MAX_WORKER_ID);
+        assert_eq!(parse_worker_id("auto").unwrap(), auto, "stable for one host");
     }
 
     #[test]

@@ -219,6 +219,8 @@ fn app_env(md: &MallDeployment, tuning: &Tuning) -> Vec<EnvVar> {
         env("MALL_CACHE_BYTES", tuning.app_cache_bytes),
         // The app drains in 15 s; the sidecar (20 s) outlives it, both inside Kubernetes' 30 s.
         env("MALL_SHUTDOWN_TIMEOUT_SECS", 15),
+        // Pods share the database: each takes its snowflake worker id from its own name.
+        env("MALL_WORKER_ID", "auto"),
     ];
     if let Some(primary) = &s.database.primary {
         e.push(secret_env("MALL_DATABASE_URL", primary));

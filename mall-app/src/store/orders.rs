@@ -213,7 +213,16 @@ async fn try_place(
     .bind(now)
     .bind(now)
     .execute(&mut *tx)
-    .await?;
+    .await
+    .map_err(|e| {
+        // Two instances configured with one worker id can mint the same id in the same
+        // millisecond; the next attempt takes a fresh one instead of failing the order.
+        if is_unique_violation(&e) {
+            Attempt::Retryable(e)
+        } else {
+            e.into()
+        }
+    })?;
     let marks = vec!["(?, ?, ?, ?, ?)"; items.len()].join(", ");
     let sql = format!("INSERT INTO order_items (order_id, product_id, name, unit_price, quantity) VALUES {marks}");
     let sql = db.sql(&sql);

@@ -9,6 +9,7 @@ command -v cargo >/dev/null || { echo "error: cargo not found: install the Rust 
 # cmake builds pingora's zlib-ng; prometheus provides promtool for the alert-rule tests.
 apt_install postgresql-client mariadb-client redis-tools cmake prometheus
 ensure_redis
+ensure_helm
 ensure_postgres
 ensure_mariadb
 

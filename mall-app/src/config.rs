@@ -218,14 +218,19 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 /// `auto` (hash of `HOSTNAME` or /etc/hostname, mod 1024) or a number.
 fn parse_worker_id(value: &str) -> Result<u16, String> {
     if value != "auto" {
-        return value.parse::<u16>().map_err(|_| format!("`{value}` is not `auto` or 0..=1023"));
+        return value
+            .parse::<u16>()
+            .map_err(|_| format!("`{value}` is not `auto` or 0..=1023"));
     }
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .unwrap_or_default();
     // FNV-1a: stable across releases, unlike std's hasher.
-    let hash = host.trim().bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let hash = host
+        .trim()
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     Ok((hash % (crate::ids::MAX_WORKER_ID as u64 + 1)) as u16)
 }
 

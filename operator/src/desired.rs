@@ -11,9 +11,9 @@ use k8s_openapi::api::autoscaling::v2::{
     PodsMetricSource, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecretKeySelector, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -268,6 +268,7 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
         resources: Some(resources(&s.app)),
         liveness_probe: Some(probe("/health", APP_PORT, 10, 3)),
         readiness_probe: Some(probe("/ready", APP_PORT, 5, 2)),
+        security_context: Some(locked_down()),
         ..Container::default()
     };
     let sidecar = Container {
@@ -290,6 +291,7 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
         resources: Some(resources(&s.sidecar)),
         liveness_probe: Some(probe("/health", ADMIN_PORT, 10, 3)),
         readiness_probe: Some(probe("/ready", ADMIN_PORT, 5, 2)),
+        security_context: Some(locked_down()),
         volume_mounts: Some(vec![VolumeMount {
             name: "sidecar-config".into(),
             mount_path: "/etc/sidecar".into(),
@@ -328,6 +330,17 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
                 spec: Some(PodSpec {
                     containers: vec![app, sidecar],
                     termination_grace_period_seconds: Some(30),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        fs_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
                     volumes: Some(vec![Volume {
                         name: "sidecar-config".into(),
                         config_map: Some(ConfigMapVolumeSource {
@@ -342,6 +355,18 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
+    }
+}
+
+/// No privilege escalation, no capabilities: neither container needs any.
+fn locked_down() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
     }
 }
 

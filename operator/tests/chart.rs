@@ -254,3 +254,41 @@ fn examples_pass_the_crd_schema_and_render_into_valid_objects() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn dockerfiles_build_workspace_binaries_as_non_root() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (file, package, dir, binary) in [
+        ("mall-app.Dockerfile", "mall-app", "mall-app", "mall-app"),
+        ("sidecar.Dockerfile", "mall-sidecar", "sidecar", "sidecar"),
+        ("operator.Dockerfile", "mall-operator", "operator", "operator"),
+    ] {
+        let text = std::fs::read_to_string(root.join("docker").join(file)).unwrap();
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("FROM ")).count(),
+            2,
+            "{file}: multi-stage"
+        );
+        assert!(
+            text.contains(&format!("-p {package} --bin {binary}")),
+            "{file} builds {package}/{binary}"
+        );
+        assert!(
+            text.contains("USER 65532:65532") && text.contains(":nonroot"),
+            "{file}: non-root"
+        );
+        assert!(
+            text.contains("org.opencontainers.image.version"),
+            "{file}: records its version"
+        );
+        let manifest = std::fs::read_to_string(root.join(dir).join("Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains(&format!("name = \"{package}\"")),
+            "{dir}/Cargo.toml is {package}"
+        );
+        assert!(
+            manifest.contains(&format!("name = \"{binary}\"")) || package == binary,
+            "{package} has a binary {binary}"
+        );
+    }
+}

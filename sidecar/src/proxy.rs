@@ -548,11 +548,14 @@ impl ProxyHttp for MallProxy {
             },
         };
         if code > 0 && session.response_written().is_none() {
-            let retry = [
+            // The connection is not reused after a failure: without keep-alive pingora says
+            // `Connection: close`, so a pooling client does not send its next request into it.
+            session.set_keepalive(None);
+            let headers = [
                 ("retry-after", "1".to_string()),
                 ("x-request-id", ctx.request_id.clone()),
             ];
-            let extra: &[(&str, String)] = if code == 503 { &retry } else { &retry[1..] };
+            let extra: &[(&str, String)] = if code == 503 { &headers } else { &headers[1..] };
             if let Err(err) = Self::reply(session, code, kind, message, extra).await {
                 tracing::debug!(error = %err, "could not send the error response");
             }

@@ -1,23 +1,72 @@
 #!/usr/bin/env bash
-# The main job: builds the mall app (release) and runs it on its embedded default (SQLite in
-# ./data, in-process cache), seeded with products 1..1000 and users user1..user100, listening on
-# http://127.0.0.1:8080 (set MALL_LISTEN to change). Any MALL_* variable is honoured; see README.
+# The main job, without a cluster: the whole data path on one machine. Builds the mall app and
+# the sidecar (release), seeds one SQLite database in ./data, starts MALL_INSTANCES (default 2)
+# app instances on it (in-process cache each) and the sidecar in front of them on
+# http://127.0.0.1:8080, prints the URLs, and on Ctrl-C (or SIGTERM) stops everything it started.
+#
+# The sidecar runs the documented example configuration (sidecar/sidecar.example.toml, the schema
+# the operator renders), with its listeners and upstreams overridden from the environment.
+# Any MALL_* variable is honoured by the app instances; SIDECAR__* variables by the sidecar.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/services.sh
+
 command -v cargo >/dev/null || { echo "error: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
-cargo build --release -p mall-app
-bin="${CARGO_TARGET_DIR:-target}/release/mall-app"
-listen="${MALL_LISTEN:-127.0.0.1:8080}"
+apt_install cmake # pingora's zlib-ng builds with it
+cargo build --release -p mall-app -p mall-sidecar
+target="${CARGO_TARGET_DIR:-target}/release"
+
+instances="${MALL_INSTANCES:-2}"
+first_port="${MALL_FIRST_PORT:-3001}"
+listen="${SIDECAR_LISTEN:-127.0.0.1:8080}"
+admin="${SIDECAR_ADMIN_LISTEN:-127.0.0.1:9901}"
+data_dir="${MALL_DATA_DIR:-./data}"
+export MALL_LOG_FORMAT="${MALL_LOG_FORMAT:-text}" SIDECAR_LOG_FORMAT="${SIDECAR_LOG_FORMAT:-text}"
+# Each instance caches products in its own memory; without Redis an order taken by one instance
+# is seen by another's cache after this long (the sidecar's own cache keeps the app's max-age=5).
+export MALL_CACHE_TTL_PRODUCT_SECS="${MALL_CACHE_TTL_PRODUCT_SECS:-5}"
+
+pids=()
+stop() {
+  trap - EXIT INT TERM
+  if [ ${#pids[@]} -gt 0 ]; then
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+  fi
+}
+trap stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+"$target/mall-app" seed --data-dir "$data_dir"
+
+servers=()
+for i in $(seq 0 $((instances - 1))); do
+  port=$((first_port + i))
+  MALL_WORKER_ID=$((i + 1)) "$target/mall-app" serve --listen "127.0.0.1:$port" --data-dir "$data_dir" "$@" &
+  pids+=($!)
+  servers+=("{ address = \"127.0.0.1:$port\" }")
+done
+upstreams="[$(IFS=,; echo "${servers[*]}")]"
+
+SIDECAR__SERVER__LISTEN="$listen" SIDECAR__SERVER__ADMIN_LISTEN="$admin" SIDECAR__UPSTREAM__SERVERS="$upstreams" \
+  "$target/sidecar" -c sidecar/sidecar.example.toml &
+pids+=($!)
+
+wait_for 30 curl -sf "http://$admin/ready" || { echo "error: the stack did not become ready" >&2; exit 1; }
 cat <<MSG
 
-  mall app: http://$listen
-    curl http://$listen/api/products/1
+  mall (through the sidecar): http://$listen   -> $instances app instances on ports $first_port..$((first_port + instances - 1))
+    curl -si http://$listen/api/products/1 | grep -i x-cache      # MISS, then HIT
+    curl -s -H 'accept-encoding: gzip' 'http://$listen/api/products?limit=50' | gunzip | head -c 200
     curl 'http://$listen/api/products?category=books&limit=5&fields=id,name,price'
-    curl http://$listen/ready
-    curl http://$listen/metrics
+  sidecar admin: http://$admin/metrics  http://$admin/ready
+  an app instance directly: http://127.0.0.1:$first_port/metrics
   log in as user1 / mall-password (admin / mall-password for admin endpoints).
-  Ctrl-C stops it.
+  Ctrl-C stops everything.
 
 MSG
-export MALL_LOG_FORMAT="${MALL_LOG_FORMAT:-text}"
-exec "$bin" --seed --listen "$listen" "$@"
+# Stop everything as soon as any part exits on its own.
+wait -n "${pids[@]}"
+echo "a process of the stack exited; stopping the rest" >&2
+exit 1

@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod seed;
 pub mod state;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tuning;
 
 use std::future::Future;

@@ -10,54 +10,26 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mall_app::config::Config;
-use mall_app::App;
+use mall_app::testing::RunningApp;
 
 /// A mall app instance on a loopback port, with its own SQLite database.
 pub struct AppInstance {
+    inner: RunningApp,
     pub addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
 }
 
 impl AppInstance {
     pub async fn start() -> AppInstance {
-        let dir = tempfile::tempdir().unwrap();
-        let args = [
-            "--listen=127.0.0.1:0".to_string(),
-            format!("--data-dir={}", dir.path().display()),
-            "--seed".into(),
-            "--seed-products=60".into(),
-            "--seed-users=2".into(),
-            "--seed-password=test-password".into(),
-            "--log-format=text".into(),
-        ];
-        let config = Config::from_args(args).expect("valid app config");
-        let app = App::start(config).await.expect("app starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            app.serve(listener, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        let instance = AppInstance {
-            addr,
-            stop: Some(tx),
-            task: Some(task),
-            _dir: dir,
-        };
-        wait_for(&format!("http://{addr}/ready")).await;
-        instance
+        let inner = RunningApp::start(&[]).await;
+        AppInstance {
+            addr: inner.addr,
+            inner,
+        }
     }
 
     /// Requests the app itself counted on `route` (its own `http_requests_total`).
     pub async fn requests(&self, route: &str) -> u64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.addr))
+        let text = reqwest::get(self.inner.url("/metrics"))
             .await
             .unwrap()
             .text()
@@ -72,12 +44,7 @@ impl AppInstance {
 
     /// Stops serving: the port refuses connections from now on.
     pub async fn kill(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.inner.kill().await;
     }
 }
 

@@ -1,0 +1,127 @@
+//! `mall-load`: seed 001's load scenarios against a running mall, with a report and an optional
+//! database check. `mall-load --help` lists everything.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use mall_loadgen::{check, run, Amount, Options, Scenario};
+
+#[derive(Parser)]
+#[command(
+    name = "mall-load",
+    version,
+    about = "Load the mall as seed 001 did, and check it stayed correct"
+)]
+struct Cli {
+    /// The mall's base URL (the sidecar, or one app instance).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    target: String,
+    #[arg(long, value_enum, default_value = "mixed")]
+    scenario: Scenario,
+    /// Concurrent connections (default: seed 001's for the scenario: 50, 30, 20, 40; 50 for products).
+    #[arg(short, long)]
+    concurrency: Option<usize>,
+    /// How long to run, in seconds (ignored with --requests).
+    #[arg(short, long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many requests instead of a duration.
+    #[arg(short = 'n', long)]
+    requests: Option<u64>,
+    /// Fixed request rate for the whole run (latency then timed from when each request was due).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Users user1..userN to spread requests over.
+    #[arg(long, default_value_t = 20)]
+    users: usize,
+    #[arg(
+        long,
+        env = "MALL_SEED_PASSWORD",
+        default_value = "mall-password",
+        hide_env_values = true
+    )]
+    password: String,
+    /// Product ids are drawn from 1..=N (seed 001's wrk script: 1000).
+    #[arg(long, default_value_t = 1000)]
+    products: u64,
+    /// Draw product ids Zipf-distributed instead of uniformly (a realistic hot set).
+    #[arg(long)]
+    zipf: bool,
+    /// After the run, check the database (e.g. sqlite://data/mall.db, postgres://...): stock consumed
+    /// = items ordered, one order per idempotency key. Nothing else may write to it meanwhile.
+    #[arg(long)]
+    check_database: Option<String>,
+    /// Print the report as JSON (for BENCHMARKS.md tooling).
+    #[arg(long)]
+    json: bool,
+    /// Fail (exit 1) when the success rate is below this percentage.
+    #[arg(long)]
+    min_success: Option<f64>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match go(cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("mall-load: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn go(cli: Cli) -> anyhow::Result<bool> {
+    let options = Options {
+        target: cli.target.trim_end_matches('/').to_string(),
+        scenario: cli.scenario,
+        concurrency: cli.concurrency,
+        amount: match cli.requests {
+            Some(n) => Amount::Requests(n),
+            None => Amount::Duration(Duration::from_secs_f64(cli.duration)),
+        },
+        rate: cli.rate,
+        users: cli.users,
+        password: cli.password,
+        products: cli.products,
+        zipf: cli.zipf,
+        progress: !cli.json,
+    };
+    let db = match &cli.check_database {
+        Some(url) => Some(check::connect(url).await?),
+        None => None,
+    };
+    let before = match &db {
+        Some(db) => Some(check::snapshot(db).await?),
+        None => None,
+    };
+    let report = run(options).await?;
+    let mut ok = cli.min_success.is_none_or(|min| report.success_rate * 100.0 >= min);
+    let verdict = match (&db, &before) {
+        (Some(db), Some(before)) => Some(check::verify(db, before, &report.ledger).await?),
+        _ => None,
+    };
+    if let Some((problems, _)) = &verdict {
+        ok &= problems.is_empty();
+    }
+    if cli.json {
+        let mut value = serde_json::to_value(&report)?;
+        value.as_object_mut().expect("object").remove("ledger");
+        if let Some((problems, passed)) = verdict {
+            value["check"] = serde_json::json!({ "problems": problems, "passed": passed });
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{report}");
+        if let Some((problems, passed)) = verdict {
+            for line in passed {
+                println!("check ok      {line}");
+            }
+            for line in problems {
+                println!("CHECK FAILED  {line}");
+            }
+        }
+    }
+    Ok(ok)
+}

@@ -1,0 +1,199 @@
+//! Counting, the progress line, and the report.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::scenario::LedgerData;
+use crate::{Amount, Options, Shared};
+
+/// Responses by HTTP status (0: no response).
+#[derive(Default, Debug, Clone)]
+pub struct Statuses(BTreeMap<u16, u64>);
+
+impl Statuses {
+    pub fn count(&mut self, status: u16) {
+        *self.0.entry(status).or_default() += 1;
+    }
+
+    pub fn merge(&mut self, other: Statuses) {
+        for (k, v) in other.0 {
+            *self.0.entry(k).or_default() += v;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusCount {
+    pub status: u16,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: crate::Scenario,
+    pub target: String,
+    pub concurrency: usize,
+    pub rate: Option<f64>,
+    pub seconds: f64,
+    pub requests: u64,
+    pub successes: u64,
+    pub qps: f64,
+    pub success_rate: f64,
+    /// Latency percentiles in milliseconds.
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub statuses: Vec<StatusCount>,
+    /// Seed 001's QPS for this scenario, and ours as a multiple of it.
+    pub seed_qps: Option<f64>,
+    pub vs_seed: Option<f64>,
+    pub ledger: LedgerData,
+}
+
+impl Report {
+    pub(crate) fn new(
+        options: &Options,
+        concurrency: usize,
+        elapsed: Duration,
+        h: &Histogram<u64>,
+        statuses: Statuses,
+        ledger: LedgerData,
+    ) -> Report {
+        let requests: u64 = statuses.0.values().sum();
+        let successes: u64 = statuses
+            .0
+            .iter()
+            .filter(|(s, _)| (200..300).contains(*s))
+            .map(|(_, c)| c)
+            .sum();
+        let seconds = elapsed.as_secs_f64().max(1e-9);
+        let qps = requests as f64 / seconds;
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let seed_qps = options.scenario.seed_qps();
+        Report {
+            scenario: options.scenario,
+            target: options.target.clone(),
+            concurrency,
+            rate: options.rate,
+            seconds,
+            requests,
+            successes,
+            qps,
+            success_rate: if requests == 0 {
+                0.0
+            } else {
+                successes as f64 / requests as f64
+            },
+            p50_ms: ms(0.50),
+            p95_ms: ms(0.95),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: h.max() as f64 / 1000.0,
+            statuses: statuses
+                .0
+                .into_iter()
+                .map(|(status, count)| StatusCount { status, count })
+                .collect(),
+            seed_qps,
+            vs_seed: seed_qps.map(|s| successes as f64 / seconds / s),
+            ledger,
+        }
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "scenario      {:?} against {}", self.scenario, self.target)?;
+        writeln!(
+            f,
+            "concurrency   {}{}",
+            self.concurrency,
+            self.rate.map(|r| format!(" at {r} req/s")).unwrap_or_default()
+        )?;
+        writeln!(
+            f,
+            "requests      {} in {:.1} s: {:.0} req/s",
+            self.requests, self.seconds, self.qps
+        )?;
+        writeln!(
+            f,
+            "success       {:.2} % ({} of {})",
+            self.success_rate * 100.0,
+            self.successes,
+            self.requests
+        )?;
+        let statuses: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|s| format!("{}: {}", s.status, s.count))
+            .collect();
+        writeln!(f, "statuses      {}", statuses.join(", "))?;
+        writeln!(
+            f,
+            "latency ms    p50 {:.2}  p95 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            self.p50_ms, self.p95_ms, self.p99_ms, self.p999_ms, self.max_ms
+        )?;
+        if let (Some(seed), Some(ratio)) = (self.seed_qps, self.vs_seed) {
+            writeln!(
+                f,
+                "vs seed 001   {ratio:.2}x its {seed:.0} QPS (successful requests per second)"
+            )?;
+        }
+        if !self.ledger.orders.is_empty() {
+            writeln!(
+                f,
+                "orders        {} made, {} replays answered with the same order, {} mismatched",
+                self.ledger.orders.len(),
+                self.ledger.replays_ok,
+                self.ledger.replays_mismatched
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Redraws one line on stderr every 250 ms until the run stops.
+pub(crate) async fn progress(shared: Arc<Shared>, started: Instant) {
+    let total = match shared.options.amount {
+        Amount::Duration(d) => Progress::Time(d),
+        Amount::Requests(n) => Progress::Count(n),
+    };
+    loop {
+        let sent = shared.sent.load(Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        let fraction = match total {
+            Progress::Time(d) => elapsed.as_secs_f64() / d.as_secs_f64(),
+            Progress::Count(n) => sent as f64 / n.max(1) as f64,
+        }
+        .clamp(0.0, 1.0);
+        let width = 30;
+        let filled = (fraction * width as f64) as usize;
+        let bar: String = "=".repeat(filled) + &" ".repeat(width - filled);
+        let rate = sent as f64 / elapsed.as_secs_f64().max(1e-3);
+        eprint!(
+            "\r[{bar}] {:>3.0} %  {sent} requests  {rate:.0} req/s ",
+            fraction * 100.0
+        );
+        let _ = std::io::stderr().flush();
+        if shared.stop.load(Ordering::Relaxed) {
+            eprintln!();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Progress {
+    Time(Duration),
+    Count(u64),
+}

@@ -1,0 +1,90 @@
+//! A real mall app on a loopback port, for other crates' tests (the sidecar's, the load
+//! generator's): its own SQLite database in a temporary directory, seeded, served by the real
+//! router, stoppable so that its port refuses connections.
+
+use std::net::SocketAddr;
+
+use crate::config::Config;
+use crate::App;
+
+/// The password of every seeded user in test apps.
+pub const PASSWORD: &str = "test-password";
+
+pub struct RunningApp {
+    pub addr: SocketAddr,
+    /// Where its SQLite database lives.
+    pub data_dir: std::path::PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl RunningApp {
+    /// Starts a seeded app (60 products, 2 users unless `extra` says otherwise) and waits until it
+    /// is ready. `extra` are more command-line flags.
+    pub async fn start(extra: &[&str]) -> RunningApp {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut args = vec![
+            "--listen=127.0.0.1:0".to_string(),
+            format!("--data-dir={}", dir.path().display()),
+            "--seed".into(),
+            "--seed-products=60".into(),
+            "--seed-users=2".into(),
+            format!("--seed-password={PASSWORD}"),
+            "--log-format=text".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let config = Config::from_args(args).expect("valid app config");
+        let app = App::start(config).await.expect("app starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.serve(listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("app serves");
+        });
+        let running = RunningApp {
+            addr,
+            data_dir: dir.path().to_path_buf(),
+            stop: Some(tx),
+            task: Some(task),
+            _dir: dir,
+        };
+        running.wait_ready().await;
+        running
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..300 {
+            if let Ok(mut stream) = tokio::net::TcpStream::connect(self.addr).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = stream
+                    .write_all(b"GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    .await;
+                let mut head = [0u8; 12];
+                if stream.read_exact(&mut head).await.is_ok() && &head[9..12] == b"200" {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("the app at {} never became ready", self.addr);
+    }
+
+    /// Stops serving: from now on its port refuses connections.
+    pub async fn kill(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}

@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# The benchmarks (not run in CI): everything side by side in one run on this machine, written to
+# BENCHMARKS.md (tables, ratios, the commands) and bench/results/ (raw outputs, SVG plot).
+#
+#   scripts/bench.sh                 # about 6 minutes; BENCH_SECONDS=N per measurement (default 10)
+#
+# 1. Proxies: the sidecar and nginx (Debian's, configured to do the same job: proxy_cache, gzip,
+#    upstream keep-alive) in front of one mall app, and a bare hyper server returning a fixed body
+#    (the machine's ceiling); wrk at fixed concurrency on the cache-hit, pass-through and gzip paths;
+#    req/s, p99 and CPU per request of the proxy process.
+# 2. The app: seed 001's four scenarios (mall-load) on SQLite, PostgreSQL, PostgreSQL + Redis.
+# 3. The caches: database queries per 1,000 catalog reads with the app cache on and off, hit
+#    ratios under a Zipf key distribution, bytes on the wire with and without gzip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/services.sh
+
+seconds="${BENCH_SECONDS:-10}"
+conns="${BENCH_CONNECTIONS:-64}"
+apt_install cmake nginx-light wrk postgresql-client redis-tools curl
+ensure_postgres
+ensure_redis
+cargo build --release -p mall-app -p mall-sidecar -p mall-loadgen
+bin="${CARGO_TARGET_DIR:-target}/release"
+out=bench/results
+mkdir -p "$out"
+rm -f "$out"/*.txt "$out"/*.json "$out"/*.jsonl
+work=$(mktemp -d)
+pids=()
+stop_all() {
+  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null || true
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap 'stop_all; rm -rf "$work"' EXIT
+log() { echo "== $*" >&2; }
+result() { echo "$1" >>"$out/results.jsonl"; }
+
+cpu_ticks() { # total user+system ticks of the given pids
+  local total=0
+  for p in "$@"; do
+    local fields
+    fields=$(sed 's/^.*) //' "/proc/$p/stat")
+    total=$((total + $(echo "$fields" | awk '{print $12 + $13}')))
+  done
+  echo "$total"
+}
+
+start_app() { # start_app NAME PORT ARGS... -> app pid in $app_pid
+  local name=$1 port=$2; shift 2
+  MALL_LOG_FORMAT=json "$bin/mall-app" serve --listen "127.0.0.1:$port" "$@" >"$work/$name.log" 2>&1 &
+  app_pid=$!
+  pids+=("$app_pid")
+  wait_for 60 curl -sf "http://127.0.0.1:$port/ready" || { echo "app $name did not start" >&2; cat "$work/$name.log" >&2; exit 1; }
+}
+
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# ---------------------------------------------------------------- 1. proxies
+log "proxies: one app, the sidecar, nginx, the hyper ceiling"
+"$bin/mall-app" seed --data-dir "$work/data" >/dev/null
+start_app proxied 3101 --data-dir "$work/data"
+
+SIDECAR__SERVER__LISTEN=127.0.0.1:8180 SIDECAR__SERVER__ADMIN_LISTEN=127.0.0.1:9180 SIDECAR__SERVER__THREADS=2 \
+  SIDECAR__UPSTREAM__SERVERS='[{ address = "127.0.0.1:3101" }]' SIDECAR__UPSTREAM__BALANCE=round_robin \
+  SIDECAR__RATE_LIMIT__ENABLED=false SIDECAR__ACCESS_LOG__ENABLED=false SIDECAR_LOG=warn \
+  "$bin/sidecar" -c sidecar/sidecar.example.toml >"$work/sidecar.log" 2>&1 &
+sidecar_pid=$!
+pids+=("$sidecar_pid")
+
+# nginx's workers run as www-data: they must reach the cache directory.
+chmod 755 "$work"
+mkdir -p "$work/nginx-cache"
+chown www-data "$work/nginx-cache"
+cat >"$work/nginx.conf" <<NGINX
+user www-data;
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  proxy_cache_path $work/nginx-cache keys_zone=mall:16m max_size=64m inactive=10m;
+  upstream app { server 127.0.0.1:3101; keepalive 64; }
+  gzip on; gzip_min_length 1024; gzip_types application/json; gzip_proxied any; gzip_vary on; gzip_comp_level 6;
+  server {
+    listen 127.0.0.1:8181;
+    location /api/products {
+      proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_cache mall; proxy_cache_lock on; proxy_cache_use_stale updating error timeout;
+      add_header X-Cache \$upstream_cache_status;
+    }
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+nginx -c "$work/nginx.conf" -p "$work" -g 'daemon on;'
+"$bin/fixed-body" 127.0.0.1:8182 >"$work/ceiling.log" 2>&1 &
+ceiling_pid=$!
+pids+=("$ceiling_pid")
+wait_for 30 curl -sf http://127.0.0.1:9180/ready
+wait_for 30 curl -sf http://127.0.0.1:8181/health
+wait_for 30 curl -sf http://127.0.0.1:8182/
+
+run_wrk() { # run_wrk TARGET PATHNAME URL PIDS... (extra header via $wrk_header)
+  local target=$1 path=$2 url=$3; shift 3
+  local before after
+  curl -s -o /dev/null ${wrk_header:+-H "$wrk_header"} "$url" # warm the cache
+  before=$(cpu_ticks "$@")
+  wrk -t2 -c"$conns" -d"${seconds}s" --latency ${wrk_header:+-H "$wrk_header"} "$url" >"$out/wrk-$target-$path.txt"
+  after=$(cpu_ticks "$@")
+  result "{\"group\":\"proxy\",\"target\":\"$target\",\"path\":\"$path\",\"cpu_ticks\":$((after - before)),\"clk_tck\":$(getconf CLK_TCK),\"file\":\"wrk-$target-$path.txt\"}"
+}
+
+nginx_pids=$(pgrep -f "nginx: worker process" | tr '\n' ' ')
+for path in hit pass gzip; do
+  case $path in
+    hit) url_path=/api/products/1; wrk_header="" ;;
+    pass) url_path=/health; wrk_header="" ;;
+    gzip) url_path='/api/products?limit=50'; wrk_header="Accept-Encoding: gzip" ;;
+  esac
+  log "wrk $path: sidecar"
+  run_wrk sidecar "$path" "http://127.0.0.1:8180$url_path" "$sidecar_pid"
+  log "wrk $path: nginx"
+  # shellcheck disable=SC2086
+  run_wrk nginx "$path" "http://127.0.0.1:8181$url_path" $nginx_pids
+done
+wrk_header=""
+log "wrk: the hyper ceiling"
+run_wrk ceiling hit "http://127.0.0.1:8182/api/products/1" "$ceiling_pid"
+
+# Bytes on the wire for a catalog page, with and without gzip, through the sidecar.
+plain=$(curl -s http://127.0.0.1:8180/api/products?limit=50 | wc -c)
+gz=$(curl -s -H 'Accept-Encoding: gzip' http://127.0.0.1:8180/api/products?limit=50 | wc -c)
+result "{\"group\":\"wire\",\"plain_bytes\":$plain,\"gzip_bytes\":$gz}"
+
+# Sidecar hit ratio under a Zipf key distribution (the app's max-age=5 bounds the entries' life).
+log "zipf through the sidecar"
+before_hits=$(curl -s http://127.0.0.1:9180/metrics | awk '/^sidecar_cache_requests_total\{result="(HIT|STALE)"\}/ {s+=$2} END {print s+0}')
+before_miss=$(curl -s http://127.0.0.1:9180/metrics | awk '/^sidecar_cache_requests_total\{result="MISS"\}/ {s+=$2} END {print s+0}')
+"$bin/mall-load" --target http://127.0.0.1:8180 --scenario products --zipf --duration "$seconds" --json >"$out/load-sidecar-zipf.json"
+after_hits=$(curl -s http://127.0.0.1:9180/metrics | awk '/^sidecar_cache_requests_total\{result="(HIT|STALE)"\}/ {s+=$2} END {print s+0}')
+after_miss=$(curl -s http://127.0.0.1:9180/metrics | awk '/^sidecar_cache_requests_total\{result="MISS"\}/ {s+=$2} END {print s+0}')
+result "{\"group\":\"sidecar_zipf\",\"hits\":$((after_hits - before_hits)),\"misses\":$((after_miss - before_miss))}"
+
+kill "$(cat "$work/nginx.pid")"
+stop_pid "$sidecar_pid"
+stop_pid "$ceiling_pid"
+stop_pid "$app_pid"
+
+# ---------------------------------------------------------------- 2. app scenarios
+app_metric() { # app_metric PORT REGEX -> sum of matching series
+  curl -s "http://127.0.0.1:$1/metrics" | awk -v re="$2" '$0 ~ re {s+=$NF} END {printf "%d\n", s+0}'
+}
+
+scenarios() { # scenarios BACKEND PORT
+  for scenario in stock cart orders mixed; do
+    log "app $1: $scenario"
+    "$bin/mall-load" --target "http://127.0.0.1:$2" --scenario "$scenario" --duration "$seconds" --json \
+      >"$out/load-$1-$scenario.json"
+  done
+}
+
+log "app on SQLite"
+rm -rf "$work/data"
+"$bin/mall-app" seed --data-dir "$work/data" >/dev/null
+start_app sqlite 3201 --data-dir "$work/data"
+scenarios sqlite 3201
+stop_pid "$app_pid"
+
+pg="postgres://mall:mall@127.0.0.1:5432/mall_bench"
+psql -q "postgres://mall:mall@127.0.0.1:5432/test" -c "DROP DATABASE IF EXISTS mall_bench" -c "CREATE DATABASE mall_bench"
+"$bin/mall-app" seed --database-url "$pg" >/dev/null
+log "app on PostgreSQL"
+start_app postgres 3202 --database-url "$pg"
+scenarios postgres 3202
+stop_pid "$app_pid"
+redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'mall-bench:*' | xargs -r redis-cli -h 127.0.0.1 -p 6379 del >/dev/null
+log "app on PostgreSQL + Redis"
+start_app postgres-redis 3203 --database-url "$pg" --redis-url redis://127.0.0.1:6379 --redis-prefix mall-bench
+scenarios postgres-redis 3203
+stop_pid "$app_pid"
+
+# ---------------------------------------------------------------- 3. the app's cache
+for cache in on off; do
+  args=(--database-url "$pg")
+  [ "$cache" = off ] && args+=(--cache-bytes 0)
+  log "catalog reads with the app cache $cache"
+  start_app "cache-$cache" 3204 "${args[@]}"
+  before=$(app_metric 3204 '^db_operations_total')
+  "$bin/mall-load" --target http://127.0.0.1:3204 --scenario products --zipf --requests 20000 --concurrency 32 --json \
+    >"$out/load-cache-$cache.json"
+  after=$(app_metric 3204 '^db_operations_total')
+  hits=$(app_metric 3204 '^cache_hits_total.*category="product"')
+  misses=$(app_metric 3204 '^cache_misses_total.*category="product"')
+  result "{\"group\":\"app_cache\",\"cache\":\"$cache\",\"requests\":20000,\"db_ops\":$((after - before)),\"hits\":$hits,\"misses\":$misses}"
+  stop_pid "$app_pid"
+done
+
+# ---------------------------------------------------------------- the report
+python3 scripts/bench/report.py "$out" \
+  --machine "$(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)" \
+  --versions "$(rustc --version); nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); PostgreSQL $(psql --version | awk '{print $3}'); Redis $(redis-cli --version | awk '{print $2}')" \
+  --seconds "$seconds" --connections "$conns" >BENCHMARKS.md
+log "wrote BENCHMARKS.md and $out/"

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Turns scripts/bench.sh's raw results (bench/results/) into BENCHMARKS.md and an SVG plot."""
+
+import argparse
+import json
+import pathlib
+import re
+
+SEED_QPS = {"stock": 1167, "cart": 1245, "orders": 2471, "mixed": 1862}
+SEED_CONCURRENCY = {"stock": 50, "cart": 30, "orders": 20, "mixed": 40}
+PATHS = {
+    "hit": "cache hit: `GET /api/products/1`",
+    "pass": "pass-through: `GET /health` (not cached)",
+    "gzip": "gzip: `GET /api/products?limit=50`, `Accept-Encoding: gzip` (cached)",
+}
+
+
+def wrk(path):
+    text = path.read_text()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    requests = int(re.search(r"(\d+) requests in", text).group(1))
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    factor = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = re.search(r"Socket errors: (.*)", text)
+    return {
+        "rps": rps,
+        "requests": requests,
+        "p99_ms": float(p99.group(1)) * factor,
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1).strip() if errors else "",
+    }
+
+
+def svg_bars(groups, title, unit):
+    """A grouped horizontal bar chart: groups = [(label, [(series, value)])]."""
+    colours = {"sidecar": "#d9480f", "nginx": "#1c7ed6", "ceiling": "#868e96"}
+    rows = sum(len(s) for _, s in groups)
+    height = 40 + rows * 22 + len(groups) * 14
+    width = 760
+    top = max((v for _, s in groups for _, v in s), default=1) or 1
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<text x="10" y="20" font-size="14" font-weight="bold">{title}</text>',
+    ]
+    y = 36
+    for label, series in groups:
+        parts.append(f'<text x="10" y="{y + 12}" font-weight="bold">{label}</text>')
+        y += 14
+        for name, value in series:
+            w = int(440 * value / top)
+            parts.append(f'<text x="20" y="{y + 12}">{name}</text>')
+            parts.append(f'<rect x="120" y="{y}" width="{w}" height="16" fill="{colours.get(name, "#495057")}"/>')
+            parts.append(f'<text x="{126 + w}" y="{y + 12}">{value:,.0f} {unit}</text>')
+            y += 22
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--machine", default="")
+    ap.add_argument("--versions", default="")
+    ap.add_argument("--seconds", default="10")
+    ap.add_argument("--connections", default="64")
+    args = ap.parse_args()
+    out = pathlib.Path(args.results)
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines() if l.strip()]
+
+    proxies = {}
+    for r in (l for l in lines if l["group"] == "proxy"):
+        w = wrk(out / r["file"])
+        cpu_ms = r["cpu_ticks"] * 1000.0 / r["clk_tck"]
+        w["cpu_us_per_req"] = 1000.0 * cpu_ms / max(w["requests"], 1)
+        proxies[(r["target"], r["path"])] = w
+
+    md = []
+    md.append("# Benchmarks\n")
+    md.append(
+        "Produced by `scripts/bench.sh` in one run on one machine; everything below was measured side by side, so "
+        "compare the ratios, not the absolute numbers (these machines are shared and noisy). Rerun it to reproduce: "
+        "it installs nginx and wrk, builds the release binaries, and rewrites this file and `bench/results/`.\n"
+    )
+    md.append(f"- Machine: {args.machine}\n- Versions: {args.versions}\n- Each measurement: {args.seconds} s\n")
+
+    md.append("\n## 1. The sidecar against nginx and the machine's ceiling\n")
+    md.append(
+        f"`wrk -t2 -c{args.connections} -d{args.seconds}s --latency URL` against each, all in front of the same mall app "
+        "(release build, SQLite). nginx 1.22 (Debian) does the sidecar's job: `proxy_cache` with `proxy_cache_lock`, "
+        "`gzip` (level 6, 1 KB minimum), upstream `keepalive 64`, 2 workers; the sidecar runs `sidecar/sidecar.example.toml` "
+        "with 2 threads, rate limits and the access log off (nginx's is off too). The ceiling is a bare hyper server "
+        "(`loadgen/src/bin/fixed_body.rs`) answering a fixed product-sized body. CPU per request is the proxy "
+        "process's user + system time over the run divided by the requests served.\n"
+    )
+    md.append("| path | proxy | req/s | p99 ms | CPU µs/req | sidecar ÷ nginx (req/s) |")
+    md.append("|---|---|---:|---:|---:|---:|")
+    for path, label in PATHS.items():
+        s, n = proxies.get(("sidecar", path)), proxies.get(("nginx", path))
+        for target, w in (("sidecar", s), ("nginx", n)):
+            if not w:
+                continue
+            ratio = f"{s['rps'] / n['rps']:.2f}×" if (s and n and target == "sidecar") else ""
+            md.append(f"| {label} | {target} | {w['rps']:,.0f} | {w['p99_ms']:.2f} | {w['cpu_us_per_req']:.1f} | {ratio} |")
+    c = proxies.get(("ceiling", "hit"))
+    if c:
+        md.append(f"| fixed body, no proxy | ceiling (hyper) | {c['rps']:,.0f} | {c['p99_ms']:.2f} | {c['cpu_us_per_req']:.1f} | |")
+        s = proxies.get(("sidecar", "hit"))
+        if s:
+            md.append(f"\nThe sidecar's cache hits reach {s['rps'] / c['rps']:.0%} of the bare hyper ceiling.\n")
+    bad = {k: v for k, v in proxies.items() if v["non2xx"] or v["socket_errors"]}
+    for (target, path), w in bad.items():
+        md.append(f"- {target} / {path}: {w['non2xx']} non-2xx, socket errors: {w['socket_errors'] or 'none'}")
+    md.append("\n![req/s by path and proxy](bench/results/proxies.svg)\n")
+    groups = []
+    for path in PATHS:
+        series = [(t, proxies[(t, path)]["rps"]) for t in ("sidecar", "nginx") if (t, path) in proxies]
+        if path == "hit" and c:
+            series.append(("ceiling", c["rps"]))
+        groups.append((path, series))
+    (out / "proxies.svg").write_text(svg_bars(groups, "Requests per second (higher is better)", "req/s"))
+
+    md.append("\n## 2. The mall app: seed 001's scenarios\n")
+    md.append(
+        f"`mall-load --scenario S --duration {args.seconds} --json` against one app instance directly (release, "
+        "2 worker threads), at seed 001's concurrency; the seed's numbers are its Go service's. Success counts 2xx only.\n"
+    )
+    md.append("| scenario (concurrency) | backend | QPS (2xx) | success | p50 ms | p99 ms | p99.9 ms | vs seed 001 |")
+    md.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    for scenario in SEED_QPS:
+        for backend in ("sqlite", "postgres", "postgres-redis"):
+            f = out / f"load-{backend}-{scenario}.json"
+            if not f.exists():
+                continue
+            r = json.loads(f.read_text())
+            ok_qps = r["successes"] / r["seconds"]
+            md.append(
+                f"| {scenario} ({SEED_CONCURRENCY[scenario]}) | {backend} | {ok_qps:,.0f} | {r['success_rate']:.1%} | "
+                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {ok_qps / SEED_QPS[scenario]:.2f}× of {SEED_QPS[scenario]:,} |"
+            )
+
+    md.append("\n## 3. The caches\n")
+    caches = {l["cache"]: l for l in lines if l["group"] == "app_cache"}
+    if "on" in caches and "off" in caches:
+        on, off = caches["on"], caches["off"]
+        per_on = 1000 * on["db_ops"] / on["requests"]
+        per_off = 1000 * off["db_ops"] / off["requests"]
+        ratio = on["hits"] / max(on["hits"] + on["misses"], 1)
+        md.append(
+            "`mall-load --scenario products --zipf --requests 20000 --concurrency 32` against one app on PostgreSQL, "
+            "with its in-process cache on and off (`--cache-bytes 0`); queries counted by the app's "
+            "`db_operations_total`.\n"
+        )
+        md.append("| app cache | DB queries per 1,000 reads | product cache hit ratio |")
+        md.append("|---|---:|---:|")
+        md.append(f"| on | {per_on:,.1f} | {ratio:.1%} |")
+        md.append(f"| off | {per_off:,.1f} | — |")
+        if per_off:
+            md.append(f"\nThe cache removes {1 - per_on / per_off:.0%} of the database queries (seed 000's target: −70 %).\n")
+    z = next((l for l in lines if l["group"] == "sidecar_zipf"), None)
+    if z:
+        total = z["hits"] + z["misses"]
+        md.append(
+            f"Through the sidecar, the same Zipf-distributed reads over 1,000 products hit its cache "
+            f"{z['hits'] / max(total, 1):.1%} of the time ({z['hits']:,} of {total:,} cacheable lookups; entries live "
+            "the app's `max-age=5`; seed targets: ≥ 85 %, phase 2 ≥ 99 %).\n"
+        )
+    wire = next((l for l in lines if l["group"] == "wire"), None)
+    if wire:
+        md.append(
+            f"A 50-product catalog page is {wire['plain_bytes']:,} bytes as identity and {wire['gzip_bytes']:,} bytes gzipped "
+            f"({1 - wire['gzip_bytes'] / wire['plain_bytes']:.0%} fewer bytes on the wire; seed target −20 %).\n"
+        )
+    md.append("\n## How to read and rerun\n")
+    md.append(
+        "Raw outputs (wrk text, mall-load JSON) are in `bench/results/`. `scripts/bench.sh` reruns everything "
+        "(`BENCH_SECONDS`, `BENCH_CONNECTIONS` adjust it); the load generator alone is `mall-load --help`.\n"
+    )
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

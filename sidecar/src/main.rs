@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mall_sidecar_config::SidecarConfig;
 
+/// pingora runs several runtimes' worker threads that all allocate per request; glibc's malloc
+/// serialises them on its arena locks (the profile showed it), mimalloc's per-thread heaps do not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sidecar",

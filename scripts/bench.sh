@@ -70,8 +70,8 @@ pids+=("$sidecar_pid")
 
 # nginx's workers run as www-data: they must reach the cache directory.
 chmod 755 "$work"
-mkdir -p "$work/nginx-cache"
-chown www-data "$work/nginx-cache"
+mkdir -p "$work/nginx-cache" "$work/nginx-temp"
+chown www-data "$work/nginx-cache" "$work/nginx-temp"
 cat >"$work/nginx.conf" <<NGINX
 user www-data;
 worker_processes 2;
@@ -80,7 +80,8 @@ error_log $work/nginx-error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  proxy_cache_path $work/nginx-cache keys_zone=mall:16m max_size=64m inactive=10m;
+  proxy_cache_path $work/nginx-cache keys_zone=mall:16m max_size=64m inactive=10m use_temp_path=off;
+  proxy_temp_path $work/nginx-temp;
   upstream app { server 127.0.0.1:3101; keepalive 64; }
   gzip on; gzip_min_length 1024; gzip_types application/json; gzip_proxied any; gzip_vary on; gzip_comp_level 6;
   server {
@@ -105,7 +106,7 @@ wait_for 30 curl -sf http://127.0.0.1:8182/
 run_wrk() { # run_wrk TARGET PATHNAME URL PIDS... (extra header via $wrk_header)
   local target=$1 path=$2 url=$3; shift 3
   local before after
-  curl -s -o /dev/null ${wrk_header:+-H "$wrk_header"} "$url" # warm the cache
+  curl -sf -o /dev/null ${wrk_header:+-H "$wrk_header"} "$url" || { echo "$target $path: $url does not answer 2xx" >&2; exit 1; } # and warm the cache
   before=$(cpu_ticks "$@")
   wrk -t2 -c"$conns" -d"${seconds}s" --latency ${wrk_header:+-H "$wrk_header"} "$url" >"$out/wrk-$target-$path.txt"
   after=$(cpu_ticks "$@")

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib/services.sh
 
 command -v cargo >/dev/null || { echo "error: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
-apt_install cmake # pingora's zlib-ng builds with it
+apt_install cmake curl # cmake builds pingora's zlib-ng; curl waits for readiness
 cargo build --release -p mall-app -p mall-sidecar
 target="${CARGO_TARGET_DIR:-target}/release"
 

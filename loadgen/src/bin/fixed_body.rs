@@ -28,11 +28,16 @@ async fn main() -> std::io::Result<()> {
                 let body = body.clone();
                 async move {
                     Ok::<_, Infallible>(
-                        Response::builder().header("content-type", "application/json").body(Full::new(body)).expect("response"),
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(body))
+                            .expect("response"),
                     )
                 }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

@@ -146,7 +146,10 @@ impl ProxyHttp for MallProxy {
             session.set_keepalive(Some(server.keepalive_timeout_seconds));
         }
         let req = session.req_header();
-        ctx.route = Self::label_route(&live, &crate::cache::normalise_path(req.uri.path()));
+        // Route labels and limits match the normalised path: `//api/./orders` must not dodge the
+        // `/api/orders` rule.
+        let path = crate::cache::normalise_path(req.uri.path());
+        ctx.route = Self::label_route(&live, &path);
         ctx.request_id = req
             .headers
             .get("x-request-id")
@@ -225,11 +228,7 @@ impl ProxyHttp for MallProxy {
         }
         .or_else(|| ctx.client_ip.map(|ip| format!("ip:{ip}")))
         .unwrap_or_else(|| "unknown".into());
-        // Limits match the normalised path: `//api/./orders` must not dodge the `/api/orders` rule.
-        let (method, path) = (
-            req.method.as_str().to_string(),
-            crate::cache::normalise_path(req.uri.path()),
-        );
+        let method = req.method.as_str().to_string();
         if let Some(decision) = live.limiter.check(&method, &path, &key).await {
             if !decision.allowed {
                 let retry = decision.retry_after_secs.to_string();
@@ -319,8 +318,14 @@ impl ProxyHttp for MallProxy {
         let upstream = &ctx.live.config.upstream;
         // Consistent hashing uses the cache key so a product always lands on the instance whose
         // in-process cache already holds it.
-        let key = ctx.live.cache.key(session.req_header());
-        let lease = self.shared.pool.select(key.primary_key(), &ctx.tried);
+        let key = match upstream.balance {
+            mall_sidecar_config::Balance::ConsistentHash => Some(ctx.live.cache.key(session.req_header())),
+            _ => None,
+        };
+        let lease = self
+            .shared
+            .pool
+            .select(key.as_ref().map_or(&[][..], |k| k.primary_key()), &ctx.tried);
         let Some(lease) = lease else {
             self.shared.metrics.no_healthy_upstream.inc();
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy upstream instance");

@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 . scripts/lib/services.sh
 
 command -v cargo >/dev/null || { echo "error: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
-# cmake builds pingora's zlib-ng; prometheus provides promtool for the alert-rule tests.
-apt_install postgresql-client mariadb-client redis-tools cmake prometheus
+# cmake builds pingora's zlib-ng; prometheus (promtool, the server) and prometheus-alertmanager run the
+# alert-rule tests and the alert -> scale end-to-end test.
+apt_install postgresql-client mariadb-client redis-tools cmake prometheus prometheus-alertmanager
 ensure_redis
 ensure_helm
 ensure_postgres

@@ -16,7 +16,7 @@ pub struct RunningApp {
     pub data_dir: std::path::PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl RunningApp {
@@ -24,9 +24,17 @@ impl RunningApp {
     /// is ready. `extra` are more command-line flags.
     pub async fn start(extra: &[&str]) -> RunningApp {
         let dir = tempfile::tempdir().expect("temporary directory");
+        let mut app = Self::start_in(dir.path(), extra).await;
+        app._dir = Some(dir);
+        app
+    }
+
+    /// Like `start`, on the SQLite database in `data_dir`, which several apps may share (the seed
+    /// is idempotent).
+    pub async fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> RunningApp {
         let mut args = vec![
             "--listen=127.0.0.1:0".to_string(),
-            format!("--data-dir={}", dir.path().display()),
+            format!("--data-dir={}", data_dir.display()),
             "--seed".into(),
             "--seed-products=60".into(),
             "--seed-users=2".into(),
@@ -48,10 +56,10 @@ impl RunningApp {
         });
         let running = RunningApp {
             addr,
-            data_dir: dir.path().to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
             stop: Some(tx),
             task: Some(task),
-            _dir: dir,
+            _dir: None,
         };
         running.wait_ready().await;
         running

@@ -581,3 +581,34 @@ async fn instances_found_through_dns() {
             >= 1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_http_gets_a_4xx_or_a_close_never_a_5xx_and_serving_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = AppInstance::start().await;
+    let sidecar = Sidecar::start(&upstream_section(&[app.addr], "round_robin")).await;
+    let addr = sidecar.base.trim_start_matches("http://").to_string();
+    let cases = [
+        ("bad chunk size", "POST /api/cart/items HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nnot hex\r\n0\r\n\r\n"),
+        ("two content lengths", "POST /api/cart/items HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+        ("not http", "GARBAGE GARBAGE GARBAGE\r\n\r\n"),
+        ("header without colon", "GET /api/products/1 HTTP/1.1\r\nHost: x\r\nBroken header line\r\n\r\n"),
+        ("bad version", "GET /api/products/1 HTTP/7.3\r\nHost: x\r\n\r\n"),
+        // Both framings: chunked wins (RFC 9112), so this is a valid empty body; `Connection: close`
+        // makes the server end the exchange after answering.
+        ("chunked and length", "POST /api/cart/items HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ];
+    for (what, raw) in cases {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(raw.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+        let text = String::from_utf8_lossy(&reply);
+        let status = text.split_whitespace().nth(1).unwrap_or("");
+        assert!(read.is_ok(), "{what}: the connection must not hang");
+        assert!(reply.is_empty() || status.starts_with('4'), "{what}: got {text}");
+    }
+    // The sidecar still serves.
+    let ok = client().get(sidecar.url("/api/products/1")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 pub use report::{Report, StatusCount};
-pub use scenario::Scenario;
+pub use scenario::{login, Scenario};
 
 /// How long or how much.
 #[derive(Debug, Clone, Copy)]
@@ -135,7 +135,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
 async fn worker(shared: Arc<Shared>, id: usize, workers: usize) -> (Histogram<u64>, report::Statuses) {
     let mut histogram = Histogram::<u64>::new(3).expect("histogram");
     let mut statuses = report::Statuses::default();
-    let mut rng = rand::rngs::StdRng::from_entropy_seeded(id);
+    let mut rng = worker_rng(id);
     let options = &shared.options;
     // At a fixed rate each worker owns an equal share of the schedule.
     let interval = options.rate.map(|r| Duration::from_secs_f64(workers as f64 / r));
@@ -181,18 +181,12 @@ async fn worker(shared: Arc<Shared>, id: usize, workers: usize) -> (Histogram<u6
     (histogram, statuses)
 }
 
-/// A small seedable RNG per worker.
-trait SeedFromWorker {
-    fn from_entropy_seeded(worker: usize) -> Self;
-}
-
-impl SeedFromWorker for rand::rngs::StdRng {
-    fn from_entropy_seeded(worker: usize) -> Self {
-        use rand::SeedableRng;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        rand::rngs::StdRng::seed_from_u64(nanos ^ (worker as u64).wrapping_mul(0x9E3779B97F4A7C15))
-    }
+/// Each worker's own RNG, seeded from the clock and its id so workers do not draw alike.
+fn worker_rng(worker: usize) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    rand::rngs::StdRng::seed_from_u64(nanos ^ (worker as u64).wrapping_mul(0x9E3779B97F4A7C15))
 }

@@ -159,6 +159,11 @@ impl Limiter {
         Some(client)
     }
 
+    /// Whether any limit applies at all.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// The header the limit counts per, when it is not the client address.
     pub fn key_header(&self) -> Option<&str> {
         match &self.key {

@@ -162,7 +162,7 @@ impl ProxyHttp for MallProxy {
         ctx.client_ip = live.limiter.client_ip(peer, forwarded_for);
 
         // Sizes: the header block, then the declared body (a chunked body is counted as it comes).
-        let header_bytes: usize = req.uri.to_string().len()
+        let header_bytes: usize = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
             + req
                 .headers
                 .iter()
@@ -218,18 +218,24 @@ impl ProxyHttp for MallProxy {
             return Ok(false);
         }
 
-        let key = match live.limiter.key_header() {
-            Some(header) => req
-                .headers
-                .get(header)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| format!("h:{v}")),
-            None => None,
-        }
-        .or_else(|| ctx.client_ip.map(|ip| format!("ip:{ip}")))
-        .unwrap_or_else(|| "unknown".into());
-        let method = req.method.as_str().to_string();
-        if let Some(decision) = live.limiter.check(&method, &path, &key).await {
+        // The limit key (a header or the client address) is only built when limits are on.
+        let decision = if live.limiter.enabled() {
+            let key = match live.limiter.key_header() {
+                Some(header) => req
+                    .headers
+                    .get(header)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| format!("h:{v}")),
+                None => None,
+            }
+            .or_else(|| ctx.client_ip.map(|ip| format!("ip:{ip}")))
+            .unwrap_or_else(|| "unknown".into());
+            let method = req.method.as_str().to_string();
+            live.limiter.check(&method, &path, &key).await
+        } else {
+            None
+        };
+        if let Some(decision) = decision {
             if !decision.allowed {
                 let retry = decision.retry_after_secs.to_string();
                 let headers = [

@@ -41,19 +41,6 @@ fn redis(port: u16) -> Proc {
     Proc(child)
 }
 
-async fn login(http: &reqwest::Client, app: &RunningApp, user: &str) -> String {
-    let r: Value = http
-        .post(app.url("/api/auth/login"))
-        .json(&json!({ "username": user, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    r["token"].as_str().unwrap().to_string()
-}
-
 async fn price(http: &reqwest::Client, app: &RunningApp, id: u32) -> (u16, i64) {
     let r = http.get(app.url(&format!("/api/products/{id}"))).send().await.unwrap();
     let status = r.status().as_u16();
@@ -105,7 +92,9 @@ async fn redis_killed_under_load_loses_no_read_and_invalidation_resumes() {
     let a = RunningApp::start_in(shared.path(), &flags).await;
     let b = RunningApp::start_in(shared.path(), &flags).await;
     let http = reqwest::Client::new();
-    let admin = login(&http, &a, "admin").await;
+    let admin = mall_loadgen::login(&http, &format!("http://{}", a.addr), "admin", PASSWORD)
+        .await
+        .unwrap();
 
     // Invalidation works: B caches product 7, A changes it, B sees the change.
     assert_eq!(price(&http, &b, 7).await.0, 200);

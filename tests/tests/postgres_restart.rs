@@ -113,16 +113,9 @@ async fn postgres_restart_fails_fast_recovers_and_loses_no_order() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let login: Value = http
-        .post(app.url("/api/auth/login"))
-        .json(&json!({"username": "user1", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let token = mall_loadgen::login(&http, &format!("http://{}", app.addr), "user1", PASSWORD)
         .await
         .unwrap();
-    let token = login["token"].as_str().unwrap().to_string();
 
     // Four clients order one unit each, again and again, each order with its own key.
     let outcomes: Arc<Mutex<BTreeMap<String, Outcome>>> = Arc::default();

@@ -1,8 +1,6 @@
 //! Test rig: real mall app instances (the library, serving on loopback), small stub upstreams where
 //! a test needs an upstream to misbehave on purpose, and the real `sidecar` binary as a child process.
 
-#![allow(dead_code)]
-
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -52,7 +50,6 @@ impl AppInstance {
 /// cacheable response, `/echo` returns the request headers it received as JSON.
 pub struct Stub {
     pub addr: SocketAddr,
-    pub name: &'static str,
     pub hits: Arc<AtomicUsize>,
 }
 
@@ -105,7 +102,7 @@ impl Stub {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Stub { addr, name, hits }
+        Stub { addr, hits }
     }
 }
 

@@ -73,6 +73,10 @@ pub struct Server {
     pub max_request_body_bytes: u64,
     /// How long an idle client keep-alive connection is kept.
     pub keepalive_timeout_seconds: u64,
+    /// A request's whole header block must arrive within this long (from the accept for a new
+    /// connection, from the request's first byte on a kept-alive one), else 408 and the
+    /// connection is closed: a slowloris client cannot hold a connection by trickling bytes.
+    pub request_header_timeout_seconds: u64,
 }
 
 impl Default for Server {
@@ -85,6 +89,7 @@ impl Default for Server {
             max_request_header_bytes: 16 * 1024,
             max_request_body_bytes: 1024 * 1024,
             keepalive_timeout_seconds: 60,
+            request_header_timeout_seconds: 10,
         }
     }
 }
@@ -519,6 +524,12 @@ impl SidecarConfig {
                 "must be at least 1024",
             ));
         }
+        if !(1..=300).contains(&s.request_header_timeout_seconds) {
+            return Err(ConfigError::invalid(
+                "server.request_header_timeout_seconds",
+                "must be 1..=300",
+            ));
+        }
         if s.max_request_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "server.max_request_body_bytes",
@@ -810,6 +821,7 @@ mod tests {
             err("[cache]\nmax_bytez = 1")
         );
         assert!(err("[server]\nshutdown_grace_seconds = 300").contains("server.shutdown_grace_seconds"));
+        assert!(err("[server]\nrequest_header_timeout_seconds = 0").contains("server.request_header_timeout_seconds"));
         assert!(err("[server]\nthreads = \"two\"").contains("threads"));
         let bad_addr = "[upstream]\nservers = [{ address = \"127.0.0.1:1\" }, { address = \"nope\" }]";
         assert!(

@@ -2,6 +2,7 @@
 //! rate-limits and load-balances, configured by one TOML file (see `mall-sidecar-config`).
 
 pub mod cache;
+pub mod header_deadline;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
@@ -10,6 +11,7 @@ pub mod state;
 pub mod upstreams;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use mall_sidecar_config::SidecarConfig;
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -45,10 +47,11 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
     let admin_listen = config.server.admin_listen;
     let shared = state::Shared::new(config, config_path);
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        proxy::MallProxy { shared: shared.clone() },
-        "mall sidecar",
+    let header_timeout = Duration::from_secs(shared.live.load().config.server.request_header_timeout_seconds);
+    let proxy_app = pingora_proxy::http_proxy(&server.configuration, proxy::MallProxy { shared: shared.clone() });
+    let mut proxy = Service::new(
+        "mall sidecar".into(),
+        header_deadline::HeaderDeadline::new(proxy_app, header_timeout, shared.metrics.header_timeouts.clone()),
     );
     proxy.add_tcp(&listen.to_string());
 

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub no_healthy_upstream: IntCounter,
     pub config_reloads: IntCounterVec,
     pub in_flight: IntGauge,
+    /// Connections closed because a request header did not arrive in time (slowloris).
+    pub header_timeouts: IntCounter,
     /// (HIT + STALE) / (HIT + STALE + MISS) since start, refreshed at scrape time so dashboards
     /// without PromQL arithmetic see it too.
     pub cache_hit_ratio: Gauge,
@@ -113,6 +115,11 @@ impl Metrics {
             )
             .expect("metric"),
             in_flight: IntGauge::new("in_flight_requests", "Client requests being served").expect("metric"),
+            header_timeouts: IntCounter::new(
+                "request_header_timeouts_total",
+                "Connections closed because a request header was not complete in time",
+            )
+            .expect("metric"),
             cache_hit_ratio: Gauge::new(
                 "cache_hit_ratio",
                 "Cache hits (fresh or stale) over cacheable lookups since start",
@@ -120,7 +127,7 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(m.requests.clone()),
             Box::new(m.upstream_latency.clone()),
             Box::new(m.cache_results.clone()),
@@ -137,6 +144,7 @@ impl Metrics {
             Box::new(m.no_healthy_upstream.clone()),
             Box::new(m.config_reloads.clone()),
             Box::new(m.in_flight.clone()),
+            Box::new(m.header_timeouts.clone()),
             Box::new(m.cache_hit_ratio.clone()),
         ];
         for c in collectors {

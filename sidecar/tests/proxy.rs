@@ -612,3 +612,95 @@ async fn malformed_http_gets_a_4xx_or_a_close_never_a_5xx_and_serving_goes_on() 
     let ok = client().get(sidecar.url("/api/products/1")).send().await.unwrap();
     assert_eq!(ok.status(), 200);
 }
+
+/// Reads one response with a `Content-Length` body from a raw connection; returns its status line.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_string();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if data.len() >= end + 4 + length {
+                return head.lines().next().unwrap_or("").to_string();
+            }
+        }
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed mid-response: {}",
+            String::from_utf8_lossy(&data)
+        );
+        data.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_slowloris_header_hits_the_deadline_while_slow_but_timely_clients_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = AppInstance::start().await;
+    let body = format!(
+        "request_header_timeout_seconds = 1\n\n{}",
+        upstream_section(&[app.addr], "round_robin")
+    );
+    let sidecar = Sidecar::start(&body).await;
+    let addr = sidecar.base.trim_start_matches("http://").to_string();
+
+    // A slowloris: a byte of header every 100 ms, far inside pingora's 60 s per-read timeout.
+    // The sidecar must answer 408 and close at the 1 s header deadline.
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let trickle = tokio::spawn(async move {
+        writer
+            .write_all(b"GET /api/products/1 HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .ok();
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if writer.write_all(b"a").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(8), reader.read_to_end(&mut reply)).await;
+    trickle.abort();
+    assert!(read.is_ok(), "a trickling header held the connection past the deadline");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 408"), "got {text:?}");
+
+    // A connection that never sends anything is let go as well, without a reply.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut nothing = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(8), silent.read_to_end(&mut nothing)).await;
+    assert!(read.is_ok(), "an idle new connection was held past the header deadline");
+    assert!(nothing.is_empty(), "got {:?}", String::from_utf8_lossy(&nothing));
+
+    // A slow client inside the deadline is served, and the idle time between two requests on a
+    // kept-alive connection does not count against the next request's header.
+    let mut patient = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    for piece in ["GET /api/products/1 HTTP/1.1\r\n", "Host: x\r\n", "Accept: */*\r\n\r\n"] {
+        patient.write_all(piece.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(read_response(&mut patient).await, "HTTP/1.1 200 OK");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    patient
+        .write_all(b"GET /api/products/2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut patient).await, "HTTP/1.1 200 OK");
+
+    let timeouts = sidecar
+        .metric_until("sidecar_request_header_timeouts_total", "", |v| v >= 2.0)
+        .await;
+    assert_eq!(timeouts, 2.0, "the slowloris and the silent connection are counted");
+}

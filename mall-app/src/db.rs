@@ -15,7 +15,7 @@ use futures_util::future::BoxFuture;
 use prometheus::IntCounter;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
-use sqlx::{Any, AnyPool, Executor, Transaction};
+use sqlx::{Any, AnyPool, Connection, Executor, Transaction};
 
 use crate::config::DbArgs;
 use crate::metrics::Metrics;
@@ -269,8 +269,23 @@ async fn sqlite_pool(args: &DbArgs, url: &str, size: PoolSize, read_only: bool) 
     Ok(pool)
 }
 
+/// A connection that sat in the pool at least this long is pinged before use.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
+
 fn pool_options(args: &DbArgs, size: PoolSize) -> AnyPoolOptions {
     AnyPoolOptions::new()
+        // sqlx pings every connection as it goes back into the pool; by default it pings again on
+        // the way out, a second round trip per request. Only a connection that has sat idle, where
+        // a restarted server or a dropped socket would show, is checked again.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_AFTER {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .max_connections(size.max)
         .min_connections(size.min)
         .acquire_timeout(Duration::from_millis(args.db_acquire_timeout_ms))

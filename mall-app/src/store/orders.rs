@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use sqlx::{Any, Transaction};
 
 use super::{int, text};
-use crate::db::{is_unique_violation, Db};
+use crate::db::{is_unique_violation, Db, Dialect};
 use crate::error::{AppError, AppResult};
 use crate::ids::{now_ms, Snowflake};
 
@@ -154,45 +154,13 @@ async fn try_place(
     lines.sort_unstable_by_key(|(product_id, _)| *product_id);
 
     let mut items = Vec::with_capacity(lines.len());
-    for (product_id, quantity) in &lines {
-        let deducted = sqlx::query(&db.sql(
-            "UPDATE products SET stock = stock - ?, version = version + 1, updated_at = ? \
-             WHERE id = ? AND stock >= ? AND status = 'active'",
-        ))
-        .bind(*quantity)
-        .bind(now)
-        .bind(*product_id)
-        .bind(*quantity)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let row = sqlx::query(&db.sql("SELECT name, price, stock, status FROM products WHERE id = ?"))
-            .bind(*product_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
-            return Err(AppError::not_found(format!("items: product {product_id} does not exist")).into());
-        };
-        if deducted == 0 {
-            let stock = int(&row, "stock")?;
-            let err = if text(&row, "status")? != "active" {
-                AppError::Conflict {
-                    code: "product_unavailable",
-                    message: format!("items: product {product_id} is not for sale"),
-                }
-            } else {
-                AppError::Conflict {
-                    code: "insufficient_stock",
-                    message: format!("items: product {product_id} has {stock} in stock, {quantity} requested"),
-                }
-            };
-            return Err(err.into());
-        }
+    for &(product_id, quantity) in &lines {
+        let (name, unit_price) = deduct(db, &mut tx, product_id, quantity, now).await?;
         items.push(OrderItem {
-            product_id: *product_id,
-            name: text(&row, "name")?,
-            unit_price: int(&row, "price")?,
-            quantity: *quantity,
+            product_id,
+            name,
+            unit_price,
+            quantity,
         });
     }
     let total = items
@@ -203,39 +171,17 @@ async fn try_place(
         .ok_or_else(|| AppError::bad_request("items: the order total is too large"))?;
 
     let order_no = format!("MO{order_id}");
-    sqlx::query(&db.sql(
-        "INSERT INTO orders (id, order_no, user_id, status, total, created_at, updated_at) VALUES (?, ?, ?, 'created', ?, ?, ?)",
-    ))
-    .bind(order_id)
-    .bind(&order_no)
-    .bind(user_id)
-    .bind(total)
-    .bind(now)
-    .bind(now)
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| {
-        // Two instances configured with one worker id can mint the same id in the same
-        // millisecond; the next attempt takes a fresh one instead of failing the order.
-        if is_unique_violation(&e) {
-            Attempt::Retryable(e)
-        } else {
-            e.into()
-        }
-    })?;
-    let marks = vec!["(?, ?, ?, ?, ?)"; items.len()].join(", ");
-    let sql = format!("INSERT INTO order_items (order_id, product_id, name, unit_price, quantity) VALUES {marks}");
-    let sql = db.sql(&sql);
-    let mut insert = sqlx::query(&sql);
-    for i in &items {
-        insert = insert
-            .bind(order_id)
-            .bind(i.product_id)
-            .bind(i.name.as_str())
-            .bind(i.unit_price)
-            .bind(i.quantity);
-    }
-    insert.execute(&mut *tx).await?;
+    insert_order(db, &mut tx, order_id, &order_no, user_id, total, now, &items)
+        .await
+        .map_err(|e| {
+            // Two instances configured with one worker id can mint the same id in the same
+            // millisecond; the next attempt takes a fresh one instead of failing the order.
+            if is_unique_violation(&e) {
+                Attempt::Retryable(e)
+            } else {
+                e.into()
+            }
+        })?;
     if matches!(source, Source::Cart) {
         sqlx::query(&db.sql("DELETE FROM cart_items WHERE user_id = ?"))
             .bind(user_id)
@@ -252,6 +198,121 @@ async fn try_place(
         items,
         created_at: now,
     })
+}
+
+/// Takes `quantity` units of a product if it has them and is for sale; returns its name and price
+/// for the order. Where the database can return rows from an UPDATE (PostgreSQL, SQLite) that is
+/// one round trip; MySQL has no `UPDATE ... RETURNING`, so it reads the row after. Each round trip
+/// saved here is time the product's row lock is not held.
+async fn deduct(
+    db: &Db,
+    tx: &mut Transaction<'static, Any>,
+    product_id: i64,
+    quantity: i64,
+    now: i64,
+) -> Result<(String, i64), Attempt> {
+    const DEDUCT: &str = "UPDATE products SET stock = stock - ?, version = version + 1, updated_at = ? \
+                          WHERE id = ? AND stock >= ? AND status = 'active'";
+    let deducted = if db.dialect == Dialect::MySql {
+        let n = sqlx::query(DEDUCT)
+            .bind(quantity)
+            .bind(now)
+            .bind(product_id)
+            .bind(quantity)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        if n == 1 {
+            sqlx::query("SELECT name, price FROM products WHERE id = ?")
+                .bind(product_id)
+                .fetch_optional(&mut **tx)
+                .await?
+        } else {
+            None
+        }
+    } else {
+        sqlx::query(&db.sql(&format!("{DEDUCT} RETURNING name, price")))
+            .bind(quantity)
+            .bind(now)
+            .bind(product_id)
+            .bind(quantity)
+            .fetch_optional(&mut **tx)
+            .await?
+    };
+    if let Some(row) = deducted {
+        return Ok((text(&row, "name")?, int(&row, "price")?));
+    }
+    // Nothing deducted: say why.
+    let row = sqlx::query(&db.sql("SELECT stock, status FROM products WHERE id = ?"))
+        .bind(product_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(row) = row else {
+        return Err(AppError::not_found(format!("items: product {product_id} does not exist")).into());
+    };
+    let err = if text(&row, "status")? != "active" {
+        AppError::Conflict {
+            code: "product_unavailable",
+            message: format!("items: product {product_id} is not for sale"),
+        }
+    } else {
+        AppError::Conflict {
+            code: "insufficient_stock",
+            message: format!(
+                "items: product {product_id} has {} in stock, {quantity} requested",
+                int(&row, "stock")?
+            ),
+        }
+    };
+    Err(err.into())
+}
+
+/// Writes the order and its lines: one statement on PostgreSQL (a data-modifying CTE; the
+/// foreign key from the lines is checked at the statement's end, when the order row exists), two
+/// elsewhere.
+#[allow(clippy::too_many_arguments)]
+async fn insert_order(
+    db: &Db,
+    tx: &mut Transaction<'static, Any>,
+    order_id: i64,
+    order_no: &str,
+    user_id: i64,
+    total: i64,
+    now: i64,
+    items: &[OrderItem],
+) -> Result<(), sqlx::Error> {
+    const ORDER: &str = "INSERT INTO orders (id, order_no, user_id, status, total, created_at, updated_at) \
+                         VALUES (?, ?, ?, 'created', ?, ?, ?)";
+    let marks = vec!["(?, ?, ?, ?, ?)"; items.len()].join(", ");
+    let lines = format!("INSERT INTO order_items (order_id, product_id, name, unit_price, quantity) VALUES {marks}");
+    type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+    fn bind_order<'q>(q: Query<'q>, id: i64, no: &'q str, user: i64, total: i64, now: i64) -> Query<'q> {
+        q.bind(id).bind(no).bind(user).bind(total).bind(now).bind(now)
+    }
+    fn bind_lines<'q>(mut q: Query<'q>, id: i64, items: &'q [OrderItem]) -> Query<'q> {
+        for i in items {
+            q = q
+                .bind(id)
+                .bind(i.product_id)
+                .bind(i.name.as_str())
+                .bind(i.unit_price)
+                .bind(i.quantity);
+        }
+        q
+    }
+    if db.dialect == Dialect::Postgres {
+        let sql = db.sql(&format!("WITH placed AS ({ORDER}) {lines}")).into_owned();
+        let query = bind_order(sqlx::query(&sql), order_id, order_no, user_id, total, now);
+        bind_lines(query, order_id, items).execute(&mut **tx).await?;
+    } else {
+        bind_order(sqlx::query(ORDER), order_id, order_no, user_id, total, now)
+            .execute(&mut **tx)
+            .await?;
+        bind_lines(sqlx::query(&lines), order_id, items)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn cart_lines(db: &Db, tx: &mut Transaction<'static, Any>, user_id: i64) -> Result<Vec<(i64, i64)>, sqlx::Error> {

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod header_deadline;
 pub mod limits;
+pub mod log_limit;
 pub mod metrics;
 pub mod proxy;
 pub mod services;

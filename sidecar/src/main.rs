@@ -5,6 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mall_sidecar_config::SidecarConfig;
+use tracing_subscriber::filter::FilterExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 /// pingora runs several runtimes' worker threads that all allocate per request; glibc's malloc
 /// serialises them on its arena locks (the profile showed it), mimalloc's per-thread heaps do not.
@@ -44,13 +48,14 @@ fn main() -> ExitCode {
     let json = std::env::var("SIDECAR_LOG_FORMAT").map(|f| f != "text").unwrap_or(true);
     let filter = tracing_subscriber::EnvFilter::try_from_env("SIDECAR_LOG")
         .unwrap_or_else(|_| "info,pingora_cache::meta=error".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+    // Library lines (pingora's per-request failures) are capped per call site; see `log_limit`.
+    let filter = filter.and(mall_sidecar::log_limit::PerCallsite::new());
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
     if json {
-        builder.json().flatten_event(true).init();
+        let layer = layer.json().flatten_event(true).with_filter(filter);
+        tracing_subscriber::registry().with(layer).init();
     } else {
-        builder.init();
+        tracing_subscriber::registry().with(layer.with_filter(filter)).init();
     }
 
     let path = match cli.command {

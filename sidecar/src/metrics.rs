@@ -27,6 +27,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Connections closed because a request header did not arrive in time (slowloris).
     pub header_timeouts: IntCounter,
+    /// Library log lines dropped by the per-call-site cap (`log_limit`), copied at scrape time.
+    pub log_lines_dropped: IntCounter,
     /// (HIT + STALE) / (HIT + STALE + MISS) since start, refreshed at scrape time so dashboards
     /// without PromQL arithmetic see it too.
     pub cache_hit_ratio: Gauge,
@@ -125,9 +127,14 @@ impl Metrics {
                 "Cache hits (fresh or stale) over cacheable lookups since start",
             )
             .expect("metric"),
+            log_lines_dropped: IntCounter::new(
+                "log_lines_dropped_total",
+                "Library log lines dropped because their call site logged too often",
+            )
+            .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(m.requests.clone()),
             Box::new(m.upstream_latency.clone()),
             Box::new(m.cache_results.clone()),
@@ -145,6 +152,7 @@ impl Metrics {
             Box::new(m.config_reloads.clone()),
             Box::new(m.in_flight.clone()),
             Box::new(m.header_timeouts.clone()),
+            Box::new(m.log_lines_dropped.clone()),
             Box::new(m.cache_hit_ratio.clone()),
         ];
         for c in collectors {
@@ -158,6 +166,9 @@ impl Metrics {
         let served = get("HIT") + get("STALE");
         let total = served + get("MISS");
         self.cache_hit_ratio.set(if total > 0.0 { served / total } else { 0.0 });
+        let dropped = crate::log_limit::DROPPED.load(std::sync::atomic::Ordering::Relaxed);
+        self.log_lines_dropped
+            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

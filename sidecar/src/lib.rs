@@ -16,13 +16,14 @@ use std::time::Duration;
 
 use mall_sidecar_config::SidecarConfig;
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::Server;
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 
 pub use mall_sidecar_config as config;
 
-/// Builds the pingora server for `config` and runs it until SIGTERM (graceful) or SIGINT (fast).
+/// Builds the pingora server for `config` and runs it until SIGTERM or SIGINT (both drain; a
+/// second SIGINT exits at once).
 pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let threads = match config.server.threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -65,5 +66,38 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
     server.add_service(background_service("reload", services::Reloader(shared.clone())));
     server.add_service(background_service("drain", services::Drain(shared)));
     tracing::info!(%listen, %admin_listen, threads, "sidecar starting");
-    server.run_forever();
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals),
+    });
+    std::process::exit(0)
+}
+
+/// SIGTERM and SIGINT both drain: the `Drain` service exits as soon as in-flight requests finish.
+/// A second SIGINT exits at once. pingora's own SIGINT "fast shutdown" stops the runtimes under
+/// the accept loops, which can then spin on the dead reactor logging `Accept() failed` without
+/// end (seen here: a process that never exited and wrote 60 GB of log). SIGQUIT keeps pingora's
+/// graceful upgrade.
+struct Signals;
+
+#[async_trait::async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => {
+                tracing::info!("SIGINT: draining like SIGTERM; a second SIGINT exits at once");
+                tokio::spawn(async move {
+                    int.recv().await;
+                    tracing::warn!("second SIGINT: exiting without waiting for in-flight requests");
+                    std::process::exit(130);
+                });
+                ShutdownSignal::GracefulTerminate
+            }
+        }
+    }
 }

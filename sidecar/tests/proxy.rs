@@ -535,6 +535,45 @@ async fn oversized_requests_are_refused_and_sigterm_drains_in_flight() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigint_drains_like_sigterm_and_a_second_sigint_exits_at_once() {
+    let slow = Stub::start("slow", 1000).await;
+    let http = client();
+
+    // One SIGINT (Ctrl-C) drains: the request in flight completes, then the process exits.
+    let mut sidecar = Sidecar::start(&upstream_section(&[slow.addr], "round_robin")).await;
+    let in_flight = {
+        let (http, url) = (http.clone(), sidecar.url("/slow"));
+        tokio::spawn(async move { http.get(url).send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sidecar.signal("INT");
+    let response = in_flight.await.unwrap();
+    assert_eq!(response.status(), 200, "the in-flight request finished");
+    let (_, status) = tokio::task::spawn_blocking(move || sidecar.wait_exit_status(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the sidecar exited after draining");
+    assert!(status.success(), "{status}");
+
+    // A second SIGINT does not wait for the request in flight.
+    let very_slow = Stub::start("very slow", 20_000).await;
+    let mut sidecar = Sidecar::start(&upstream_section(&[very_slow.addr], "round_robin")).await;
+    let url = sidecar.url("/slow");
+    let in_flight = tokio::spawn(async move { client().get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sidecar.signal("INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sidecar.signal("INT");
+    let (took, status) = tokio::task::spawn_blocking(move || sidecar.wait_exit_status(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the sidecar exited on the second SIGINT");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(status.code(), Some(130));
+    assert!(in_flight.await.unwrap().is_err(), "the request in flight was cut");
+}
+
 #[test]
 fn check_config_names_the_bad_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -219,10 +219,15 @@ impl Sidecar {
 
     /// Waits for the process to exit, returning how long it took.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<Duration> {
+        self.wait_exit_status(limit).map(|(took, _)| took)
+    }
+
+    /// Waits for the process to exit, returning how long it took and its exit status.
+    pub fn wait_exit_status(&mut self, limit: Duration) -> Option<(Duration, std::process::ExitStatus)> {
         let start = std::time::Instant::now();
         while start.elapsed() < limit {
-            if self.child.try_wait().unwrap().is_some() {
-                return Some(start.elapsed());
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some((start.elapsed(), status));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

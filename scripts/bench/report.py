@@ -123,7 +123,9 @@ def main():
     md.append("\n## 2. The mall app: seed 001's scenarios\n")
     md.append(
         f"`mall-load --scenario S --duration {args.seconds} --json` against one app instance directly (release, "
-        "2 worker threads), at seed 001's concurrency; the seed's numbers are its Go service's. Success counts 2xx only.\n"
+        "2 worker threads), at seed 001's concurrency; the seed's numbers are its Go service's. Success counts 2xx only. "
+        "PostgreSQL is reached over loopback with sqlx's default `sslmode=prefer`, so with TLS (Debian's server has it on); "
+        "load generator, app and database share the machine's two CPUs.\n"
     )
     md.append("| scenario (concurrency) | backend | QPS (2xx) | success | p50 ms | p99 ms | p99.9 ms | vs seed 001 |")
     md.append("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -170,12 +170,16 @@ scenarios sqlite 3201
 stop_pid "$app_pid"
 
 pg="postgres://mall:mall@127.0.0.1:5432/mall_bench"
-psql -q "postgres://mall:mall@127.0.0.1:5432/test" -c "DROP DATABASE IF EXISTS mall_bench" -c "CREATE DATABASE mall_bench"
-"$bin/mall-app" seed --database-url "$pg" >/dev/null
+fresh_pg() { # a newly seeded database: one backend's runs must not use up the next one's stock
+  psql -q "postgres://mall:mall@127.0.0.1:5432/test" -c "DROP DATABASE IF EXISTS mall_bench" -c "CREATE DATABASE mall_bench"
+  "$bin/mall-app" seed --database-url "$pg" >/dev/null
+}
+fresh_pg
 log "app on PostgreSQL"
 start_app postgres 3202 --database-url "$pg"
 scenarios postgres 3202
 stop_pid "$app_pid"
+fresh_pg
 redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'mall-bench:*' | xargs -r redis-cli -h 127.0.0.1 -p 6379 del >/dev/null
 log "app on PostgreSQL + Redis"
 start_app postgres-redis 3203 --database-url "$pg" --redis-url redis://127.0.0.1:6379 --redis-prefix mall-bench

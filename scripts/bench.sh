@@ -162,9 +162,12 @@ scenarios() { # scenarios BACKEND PORT
   done
 }
 
+# The stock and order scenarios take units from products 1..20 for 40 s per backend; the default
+# 10,000 each would run out (409s) as the app gets faster.
+seed_stock=1000000
 log "app on SQLite"
 rm -rf "$work/data"
-"$bin/mall-app" seed --data-dir "$work/data" >/dev/null
+"$bin/mall-app" seed --data-dir "$work/data" --seed-stock "$seed_stock" >/dev/null
 start_app sqlite 3201 --data-dir "$work/data"
 scenarios sqlite 3201
 stop_pid "$app_pid"
@@ -172,7 +175,7 @@ stop_pid "$app_pid"
 pg="postgres://mall:mall@127.0.0.1:5432/mall_bench"
 fresh_pg() { # a newly seeded database: one backend's runs must not use up the next one's stock
   psql -q "postgres://mall:mall@127.0.0.1:5432/test" -c "DROP DATABASE IF EXISTS mall_bench" -c "CREATE DATABASE mall_bench"
-  "$bin/mall-app" seed --database-url "$pg" >/dev/null
+  "$bin/mall-app" seed --database-url "$pg" --seed-stock "$seed_stock" >/dev/null
 }
 fresh_pg
 log "app on PostgreSQL"

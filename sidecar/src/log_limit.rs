@@ -106,29 +106,24 @@ impl<S> Filter<S> for PerCallsite {
 mod tests {
     use super::*;
 
+    fn event(target: &'static str, level: tracing::Level, line: Option<u32>) -> Metadata<'static> {
+        Metadata::new(
+            "event",
+            target,
+            level,
+            line.map(|_| "lib.rs"),
+            line,
+            None,
+            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
+            tracing::metadata::Kind::EVENT,
+        )
+    }
+
     #[test]
     fn a_flooding_call_site_is_capped_per_second_and_the_rest_counted() {
         let limit = PerCallsite::new();
-        let flood = tracing::Metadata::new(
-            "fail to proxy",
-            "pingora_proxy::proxy_cache",
-            tracing::Level::WARN,
-            Some("proxy_cache.rs"),
-            Some(936),
-            None,
-            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
-            tracing::metadata::Kind::EVENT,
-        );
-        let other = tracing::Metadata::new(
-            "other",
-            "pingora_core::listeners",
-            tracing::Level::ERROR,
-            Some("listeners.rs"),
-            Some(10),
-            None,
-            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
-            tracing::metadata::Kind::EVENT,
-        );
+        let flood = event("pingora_proxy::proxy_cache", tracing::Level::WARN, Some(936));
+        let other = event("pingora_core::listeners", tracing::Level::ERROR, Some(10));
         let before = DROPPED.load(Ordering::Relaxed);
         let admitted = (0..1_000).filter(|_| limit.admit(&flood, 7)).count();
         assert_eq!(admitted as u64, LINES_PER_SECOND);
@@ -138,17 +133,12 @@ mod tests {
         assert!(limit.admit(&flood, 8));
         // The access log and the sidecar's own lines are never capped.
         assert!(PerCallsite::capped(&flood));
-        let access = tracing::Metadata::new(
-            "access",
-            "access",
-            tracing::Level::INFO,
-            None,
-            None,
-            None,
-            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
-            tracing::metadata::Kind::EVENT,
-        );
-        assert!(!PerCallsite::capped(&access));
+        assert!(!PerCallsite::capped(&event("access", tracing::Level::INFO, None)));
+        assert!(!PerCallsite::capped(&event(
+            "mall_sidecar::services",
+            tracing::Level::WARN,
+            None
+        )));
     }
 
     struct Callsite;

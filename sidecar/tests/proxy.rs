@@ -498,7 +498,7 @@ async fn stale_is_served_when_the_app_is_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_requests_are_refused_and_sigterm_drains_in_flight() {
     let slow = Stub::start("slow", 1000).await;
-    let mut sidecar = Sidecar::start(&upstream_section(&[slow.addr], "round_robin")).await;
+    let sidecar = Sidecar::start(&upstream_section(&[slow.addr], "round_robin")).await;
     let http = client();
 
     let big = http
@@ -516,44 +516,35 @@ async fn oversized_requests_are_refused_and_sigterm_drains_in_flight() {
         .unwrap();
     assert_eq!(huge_header.status(), 431);
 
-    let in_flight = {
-        let (http, url) = (http.clone(), sidecar.url("/slow"));
-        tokio::spawn(async move { http.get(url).send().await.unwrap() })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    sidecar.signal("TERM");
-    let response = in_flight.await.unwrap();
-    assert_eq!(response.status(), 200, "the in-flight request finished");
-    assert_eq!(response.text().await.unwrap(), "slow");
-    let took = tokio::task::spawn_blocking(move || sidecar.wait_exit(Duration::from_secs(10)))
-        .await
-        .unwrap();
-    let took = took.expect("the sidecar exited");
+    let (took, _) = drains_in_flight_on(sidecar, "TERM").await;
     assert!(
         took < Duration::from_secs(4),
         "exited {took:?} after SIGTERM, not after the whole grace period"
     );
 }
 
+/// Sends `signal` while a `/slow` request is in flight, checks that the request still completes,
+/// and returns how long the process took to exit after it, and how it exited.
+async fn drains_in_flight_on(mut sidecar: Sidecar, signal: &str) -> (Duration, std::process::ExitStatus) {
+    let url = sidecar.url("/slow");
+    let in_flight = tokio::spawn(async move { client().get(url).send().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sidecar.signal(signal);
+    let response = in_flight.await.unwrap();
+    assert_eq!(response.status(), 200, "the in-flight request finished");
+    assert_eq!(response.text().await.unwrap(), "slow");
+    tokio::task::spawn_blocking(move || sidecar.wait_exit_status(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the sidecar exited")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigint_drains_like_sigterm_and_a_second_sigint_exits_at_once() {
     let slow = Stub::start("slow", 1000).await;
-    let http = client();
-
     // One SIGINT (Ctrl-C) drains: the request in flight completes, then the process exits.
-    let mut sidecar = Sidecar::start(&upstream_section(&[slow.addr], "round_robin")).await;
-    let in_flight = {
-        let (http, url) = (http.clone(), sidecar.url("/slow"));
-        tokio::spawn(async move { http.get(url).send().await.unwrap() })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    sidecar.signal("INT");
-    let response = in_flight.await.unwrap();
-    assert_eq!(response.status(), 200, "the in-flight request finished");
-    let (_, status) = tokio::task::spawn_blocking(move || sidecar.wait_exit_status(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .expect("the sidecar exited after draining");
+    let sidecar = Sidecar::start(&upstream_section(&[slow.addr], "round_robin")).await;
+    let (_, status) = drains_in_flight_on(sidecar, "INT").await;
     assert!(status.success(), "{status}");
 
     // A second SIGINT does not wait for the request in flight.

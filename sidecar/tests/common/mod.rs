@@ -217,11 +217,6 @@ impl Sidecar {
         assert!(status.success());
     }
 
-    /// Waits for the process to exit, returning how long it took.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<Duration> {
-        self.wait_exit_status(limit).map(|(took, _)| took)
-    }
-
     /// Waits for the process to exit, returning how long it took and its exit status.
     pub fn wait_exit_status(&mut self, limit: Duration) -> Option<(Duration, std::process::ExitStatus)> {
         let start = std::time::Instant::now();

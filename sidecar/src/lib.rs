@@ -42,6 +42,16 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
         work_stealing: false,
         ..ServerConf::default()
     };
+    // pingora binds with SO_REUSEPORT, so a second sidecar on the same port would start without
+    // complaint and silently take part of the first one's connections. A plain bind first refuses
+    // a port someone already listens on.
+    for (field, addr) in [
+        ("server.listen", config.server.listen),
+        ("server.admin_listen", config.server.admin_listen),
+    ] {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("{field} = {addr}: {e} (is another sidecar still running?)"))?;
+    }
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 

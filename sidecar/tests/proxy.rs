@@ -565,6 +565,44 @@ async fn sigint_drains_like_sigterm_and_a_second_sigint_exits_at_once() {
     assert!(in_flight.await.unwrap().is_err(), "the request in flight was cut");
 }
 
+#[tokio::test]
+async fn a_second_sidecar_on_a_taken_port_refuses_to_start() {
+    let app = AppInstance::start().await;
+    let first = Sidecar::start(&upstream_section(&[app.addr], "round_robin")).await;
+    let taken = first.base.trim_start_matches("http://");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("second.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{taken}\"\nadmin_listen = \"127.0.0.1:{}\"\n\n{}",
+            common::free_port(),
+            upstream_section(&[app.addr], "round_robin")
+        ),
+    )
+    .unwrap();
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_sidecar"))
+        .args(["-c", config.to_str().unwrap()])
+        .output();
+    let second = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the second sidecar exits instead of serving")
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("server.listen") && stderr.contains(taken), "{stderr}");
+    // The first one still has the port to itself and serves.
+    assert_eq!(
+        client()
+            .get(first.url("/api/products/1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
 #[test]
 fn check_config_names_the_bad_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -170,18 +170,24 @@ async fn try_place(
         })
         .ok_or_else(|| AppError::bad_request("items: the order total is too large"))?;
 
-    let order_no = format!("MO{order_id}");
-    insert_order(db, &mut tx, order_id, &order_no, user_id, total, now, &items)
-        .await
-        .map_err(|e| {
-            // Two instances configured with one worker id can mint the same id in the same
-            // millisecond; the next attempt takes a fresh one instead of failing the order.
-            if is_unique_violation(&e) {
-                Attempt::Retryable(e)
-            } else {
-                e.into()
-            }
-        })?;
+    let order = Order {
+        id: order_id,
+        order_no: format!("MO{order_id}"),
+        user_id,
+        status: "created".into(),
+        total,
+        items,
+        created_at: now,
+    };
+    insert_order(db, &mut tx, &order).await.map_err(|e| {
+        // Two instances configured with one worker id can mint the same id in the same
+        // millisecond; the next attempt takes a fresh one instead of failing the order.
+        if is_unique_violation(&e) {
+            Attempt::Retryable(e)
+        } else {
+            e.into()
+        }
+    })?;
     if matches!(source, Source::Cart) {
         sqlx::query(&db.sql("DELETE FROM cart_items WHERE user_id = ?"))
             .bind(user_id)
@@ -189,15 +195,7 @@ async fn try_place(
             .await?;
     }
     tx.commit().await?;
-    Ok(Order {
-        id: order_id,
-        order_no,
-        user_id,
-        status: "created".into(),
-        total,
-        items,
-        created_at: now,
-    })
+    Ok(order)
 }
 
 /// Takes `quantity` units of a product if it has them and is for sale; returns its name and price
@@ -211,8 +209,14 @@ async fn deduct(
     quantity: i64,
     now: i64,
 ) -> Result<(String, i64), Attempt> {
-    const DEDUCT: &str = "UPDATE products SET stock = stock - ?, version = version + 1, updated_at = ? \
-                          WHERE id = ? AND stock >= ? AND status = 'active'";
+    macro_rules! deduct {
+        () => {
+            "UPDATE products SET stock = stock - ?, version = version + 1, updated_at = ? \
+             WHERE id = ? AND stock >= ? AND status = 'active'"
+        };
+    }
+    const DEDUCT: &str = deduct!();
+    const DEDUCT_RETURNING: &str = concat!(deduct!(), " RETURNING name, price");
     let deducted = if db.dialect == Dialect::MySql {
         let n = sqlx::query(DEDUCT)
             .bind(quantity)
@@ -231,7 +235,7 @@ async fn deduct(
             None
         }
     } else {
-        sqlx::query(&db.sql(&format!("{DEDUCT} RETURNING name, price")))
+        sqlx::query(&db.sql(DEDUCT_RETURNING))
             .bind(quantity)
             .bind(now)
             .bind(product_id)
@@ -270,29 +274,25 @@ async fn deduct(
 /// Writes the order and its lines: one statement on PostgreSQL (a data-modifying CTE; the
 /// foreign key from the lines is checked at the statement's end, when the order row exists), two
 /// elsewhere.
-#[allow(clippy::too_many_arguments)]
-async fn insert_order(
-    db: &Db,
-    tx: &mut Transaction<'static, Any>,
-    order_id: i64,
-    order_no: &str,
-    user_id: i64,
-    total: i64,
-    now: i64,
-    items: &[OrderItem],
-) -> Result<(), sqlx::Error> {
+async fn insert_order(db: &Db, tx: &mut Transaction<'static, Any>, order: &Order) -> Result<(), sqlx::Error> {
     const ORDER: &str = "INSERT INTO orders (id, order_no, user_id, status, total, created_at, updated_at) \
-                         VALUES (?, ?, ?, 'created', ?, ?, ?)";
-    let marks = vec!["(?, ?, ?, ?, ?)"; items.len()].join(", ");
+                         VALUES (?, ?, ?, ?, ?, ?, ?)";
+    let marks = vec!["(?, ?, ?, ?, ?)"; order.items.len()].join(", ");
     let lines = format!("INSERT INTO order_items (order_id, product_id, name, unit_price, quantity) VALUES {marks}");
     type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
-    fn bind_order<'q>(q: Query<'q>, id: i64, no: &'q str, user: i64, total: i64, now: i64) -> Query<'q> {
-        q.bind(id).bind(no).bind(user).bind(total).bind(now).bind(now)
+    fn bind_order<'q>(q: Query<'q>, o: &'q Order) -> Query<'q> {
+        q.bind(o.id)
+            .bind(o.order_no.as_str())
+            .bind(o.user_id)
+            .bind(o.status.as_str())
+            .bind(o.total)
+            .bind(o.created_at)
+            .bind(o.created_at)
     }
-    fn bind_lines<'q>(mut q: Query<'q>, id: i64, items: &'q [OrderItem]) -> Query<'q> {
-        for i in items {
+    fn bind_lines<'q>(mut q: Query<'q>, o: &'q Order) -> Query<'q> {
+        for i in &o.items {
             q = q
-                .bind(id)
+                .bind(o.id)
                 .bind(i.product_id)
                 .bind(i.name.as_str())
                 .bind(i.unit_price)
@@ -302,15 +302,12 @@ async fn insert_order(
     }
     if db.dialect == Dialect::Postgres {
         let sql = db.sql(&format!("WITH placed AS ({ORDER}) {lines}")).into_owned();
-        let query = bind_order(sqlx::query(&sql), order_id, order_no, user_id, total, now);
-        bind_lines(query, order_id, items).execute(&mut **tx).await?;
+        bind_lines(bind_order(sqlx::query(&sql), order), order)
+            .execute(&mut **tx)
+            .await?;
     } else {
-        bind_order(sqlx::query(ORDER), order_id, order_no, user_id, total, now)
-            .execute(&mut **tx)
-            .await?;
-        bind_lines(sqlx::query(&lines), order_id, items)
-            .execute(&mut **tx)
-            .await?;
+        bind_order(sqlx::query(ORDER), order).execute(&mut **tx).await?;
+        bind_lines(sqlx::query(&lines), order).execute(&mut **tx).await?;
     }
     Ok(())
 }

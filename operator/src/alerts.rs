@@ -10,7 +10,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::crd::MallDeployment;
-use crate::tuning::{parse_bytes, Tuning};
+use crate::crd::Tuning;
+use crate::quantity::bytes as parse_bytes;
 
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct Rule {

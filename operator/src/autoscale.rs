@@ -15,23 +15,40 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::controller::{apply_scale, current_floor, Context};
-use crate::crd::{AlertScaling, MallDeployment, MallDeploymentSpec, ScaleEvent};
+pub use crate::context::now;
+use crate::context::{rfc3339, Context, AUTOSCALER_MANAGER};
+use crate::crd::{AlertScaling, AutoscalingMode, MallDeployment, MallDeploymentSpec, ScaleEvent};
 
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+/// Every write of the autoscaler names its own field manager.
+fn autoscaler_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(AUTOSCALER_MANAGER.into()),
+        ..PatchParams::default()
+    }
 }
 
-pub fn rfc3339(secs: i64) -> String {
-    k8s_openapi::jiff::Timestamp::from_second(secs)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
+/// The replica floor alerts scale from: spec.replicas in `alerts` mode, else the HPA's floor.
+pub fn current_floor(md: &MallDeployment) -> i32 {
+    let state = md.status.as_ref().map(|s| &s.alert_scaling);
+    match md.spec.autoscaling.mode {
+        AutoscalingMode::Alerts => md.spec.replicas,
+        _ => state.and_then(|s| s.floor).unwrap_or(md.spec.min_replicas),
+    }
+}
+
+/// In `alerts` mode scaling writes spec.replicas (what `kubectl scale` writes too); otherwise the
+/// floor lives in the status and the reconciler carries it into the HPA.
+pub async fn apply_scale(mds: &Api<MallDeployment>, md: &MallDeployment, replicas: i32) -> Result<(), kube::Error> {
+    if md.spec.autoscaling.mode == AutoscalingMode::Alerts {
+        let patch = json!({ "spec": { "replicas": replicas } });
+        mds.patch(&md.name_any(), &autoscaler_params(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(())
 }
 
 /// A replica change decided by the autoscaler.
@@ -253,22 +270,19 @@ pub async fn apply_alerts(
         tracing::info!(%ns, %name, "alert for an unknown MallDeployment ignored");
         return Ok(None);
     };
-    if md.spec.paused {
+    if md.spec.paused || md.metadata.deletion_timestamp.is_some() {
         return Ok(None);
     }
     let state = md.status.as_ref().map(|s| s.alert_scaling.clone()).unwrap_or_default();
     let settled = on_alerts(&md.spec, &state, current_floor(&md), alerts, now);
     if let Some(change) = &settled.change {
-        apply_scale(&api, &md, change.to).await.map_err(|e| match e {
-            crate::controller::Error::Kube(k) => k,
-            other => kube::Error::Service(other.to_string().into()),
-        })?;
+        apply_scale(&api, &md, change.to).await?;
         ctx.metrics
             .scale_events
             .with_label_values(&[if change.to > change.from { "up" } else { "down" }])
             .inc();
         tracing::info!(%ns, %name, from = change.from, to = change.to, reason = %change.reason, "alert-driven scale");
-        let what = if md.spec.autoscaling.mode == crate::crd::AutoscalingMode::Alerts {
+        let what = if md.spec.autoscaling.mode == AutoscalingMode::Alerts {
             "replicas"
         } else {
             "HPA minReplicas"
@@ -312,12 +326,8 @@ pub async fn write_alert_state(
     if let Some(event) = event {
         status["lastScale"] = serde_json::to_value(event).expect("json");
     }
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": status })),
-    )
-    .await?;
+    api.patch_status(name, &autoscaler_params(), &Patch::Merge(&json!({ "status": status })))
+        .await?;
     Ok(())
 }
 

@@ -1,32 +1,33 @@
 //! Reconcile: compute the desired children (pure, `desired.rs`), apply what differs with
-//! server-side apply under one field manager, then write status. The controller watches every
-//! child kind it owns so drift is corrected.
+//! server-side apply under one field manager, then write status. Children are read from the
+//! controller's watch caches (label-selected: the operator caches its own objects, not the
+//! cluster's), so a steady-state pass makes no API request. The controller watches every child
+//! kind it owns so drift is corrected, and the Prometheus Operator's kinds once their CRDs exist.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, store::Writer, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+pub use crate::context::{Context, MANAGER};
+use crate::context::{rfc3339, Stores};
 use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
 use crate::desired::{self, Children};
-use crate::metrics::Metrics;
-use crate::{autoscale, tuning};
-
-/// The one field manager for everything the operator writes.
-pub const MANAGER: &str = "mall-operator";
+use crate::{autoscale, tuning, validation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -49,53 +50,110 @@ impl Error {
     }
 }
 
-/// Shared by every reconcile and the webhook.
-pub struct Context {
-    pub client: Client,
-    pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+/// The Prometheus Operator's CRDs the operator needs before it applies or watches their kinds.
+pub const MONITORING_CRDS: [&str; 2] = [
+    "prometheusrules.monitoring.coreos.com",
+    "servicemonitors.monitoring.coreos.com",
+];
+
+/// How often the operator looks for the Prometheus Operator's CRDs (one GET each): they are
+/// noticed within this long of being installed.
+pub const MONITORING_PROBE: Duration = Duration::from_secs(5);
+
+/// Whether both Prometheus Operator CRDs exist.
+pub async fn monitoring_crds_exist(client: &Client) -> bool {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in MONITORING_CRDS {
+        if !matches!(crds.get_opt(name).await, Ok(Some(_))) {
+            return false;
+        }
+    }
+    true
 }
 
-impl Context {
-    pub fn new(client: Client) -> Self {
-        let reporter = Reporter {
-            controller: MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
-        Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics: Arc::new(Metrics::new()),
-        }
-    }
+/// A label-selected watch of one child kind that feeds its store and triggers the owner.
+fn watch_into<K>(api: Api<K>, writer: Writer<K>) -> impl futures_util::Stream<Item = Result<K, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let config = watcher::Config::default().labels(&desired::managed_selector());
+    reflector::reflector(writer, watcher(api, config)).touched_objects()
+}
 
-    /// Publishes a Kubernetes Event on the MallDeployment (`kubectl describe` shows it). Events
-    /// are best effort: a failure is logged, never fails the reconcile.
-    pub async fn event(&self, md: &MallDeployment, warning: bool, reason: &str, note: String) {
-        let event = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
-            reason: reason.into(),
-            note: Some(note),
-            action: reason.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &md.object_ref(&())).await {
-            tracing::debug!(error = %e, reason, "event not recorded");
-        }
-    }
+/// Like `watch_into`, for a Prometheus Operator kind: it starts once `available` turns true.
+fn watch_dynamic_when(
+    client: Client,
+    resource: ApiResource,
+    writer: Writer<DynamicObject>,
+    mut available: tokio::sync::watch::Receiver<bool>,
+) -> impl futures_util::Stream<Item = Result<DynamicObject, watcher::Error>> {
+    stream::once(async move {
+        let _ = available.wait_for(|a| *a).await;
+        let api: Api<DynamicObject> = Api::all_with(client, &resource);
+        let config = watcher::Config::default().labels(&desired::managed_selector());
+        reflector::reflector(writer, watcher(api, config)).touched_objects()
+    })
+    .flatten()
 }
 
 /// Runs the controller until the stream ends (shutdown).
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
+    let writers = ctx
+        .writers
+        .lock()
+        .expect("writers lock")
+        .take()
+        .expect("the controller runs once per Context");
     let mds: Api<MallDeployment> = Api::all(client.clone());
-    let config = watcher::Config::default();
-    Controller::new(mds, config.clone())
-        .owns(Api::<Deployment>::all(client.clone()), config.clone())
-        .owns(Api::<Service>::all(client.clone()), config.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), config.clone())
-        .owns(Api::<HorizontalPodAutoscaler>::all(client.clone()), config.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), config)
+
+    // The Prometheus Operator may be installed after the operator: probe for its CRDs, and on
+    // their arrival start watching its kinds and reconcile every mall.
+    let (available_tx, available_rx) = tokio::sync::watch::channel(false);
+    let (arrived_tx, arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let probe_ctx = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            let now = monitoring_crds_exist(&probe_ctx.client).await;
+            let before = probe_ctx.monitoring.swap(now, Ordering::Relaxed);
+            if now && !before {
+                tracing::info!("Prometheus Operator CRDs found: managing PrometheusRules and ServiceMonitors");
+                let _ = available_tx.send(true);
+                let _ = arrived_tx.send(());
+            }
+            tokio::time::sleep(MONITORING_PROBE).await;
+        }
+    });
+    let arrivals = tokio_stream_from(arrived_rx);
+
+    Controller::new(mds, watcher::Config::default())
+        .owns_stream(watch_into(Api::<Deployment>::all(client.clone()), writers.deployments))
+        .owns_stream(watch_into(Api::<Service>::all(client.clone()), writers.services))
+        .owns_stream(watch_into(Api::<ConfigMap>::all(client.clone()), writers.config_maps))
+        .owns_stream(watch_into(
+            Api::<HorizontalPodAutoscaler>::all(client.clone()),
+            writers.hpas,
+        ))
+        .owns_stream(watch_into(Api::<PodDisruptionBudget>::all(client.clone()), writers.pdbs))
+        .owns_stream_with(
+            watch_dynamic_when(
+                client.clone(),
+                desired::prometheus_rule_resource(),
+                writers.prometheus_rules,
+                available_rx.clone(),
+            ),
+            desired::prometheus_rule_resource(),
+        )
+        .owns_stream_with(
+            watch_dynamic_when(
+                client.clone(),
+                desired::service_monitor_resource(),
+                writers.service_monitors,
+                available_rx,
+            ),
+            desired::service_monitor_resource(),
+        )
+        .reconcile_all_on(arrivals)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -104,6 +162,10 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::UnboundedReceiver<()>) -> impl futures_util::Stream<Item = ()> {
+    stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 pub fn error_policy(md: Arc<MallDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -123,6 +185,7 @@ pub struct Outcome {
 }
 
 pub async fn reconcile(md: Arc<MallDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.stores.ready().await;
     let started = Instant::now();
     let result = reconcile_once(&md, &ctx, autoscale::now()).await;
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
@@ -137,6 +200,11 @@ pub async fn reconcile(md: Arc<MallDeployment>, ctx: Arc<Context>) -> Result<Act
 
 /// One pass, at `now` (Unix seconds): returns when to look again and what it wrote.
 pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Result<(Action, Outcome), Error> {
+    // Being deleted: the garbage collector removes the children; recreating them (and then
+    // patching the status of an object about to vanish) only fights it.
+    if md.metadata.deletion_timestamp.is_some() {
+        return Ok((Action::await_change(), Outcome::default()));
+    }
     let ns = desired::namespace(md);
     let name = desired::name(md);
     let client = &ctx.client;
@@ -147,7 +215,7 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     status.selector = desired::selector_string(md);
     let mut outcome = Outcome::default();
 
-    if let Err(message) = md.validate() {
+    if let Err(message) = validation::validate(md) {
         if !old_status
             .conditions
             .iter()
@@ -198,10 +266,10 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     );
 
     // Alert-driven scale-back happens on time, not only when a webhook arrives.
-    let settled = autoscale::settle(&md.spec, &status.alert_scaling, current_floor(md), now);
+    let settled = autoscale::settle(&md.spec, &status.alert_scaling, autoscale::current_floor(md), now);
     if settled.state != status.alert_scaling {
         if let Some(change) = &settled.change {
-            apply_scale(&mds, md, change.to).await?;
+            autoscale::apply_scale(&mds, md, change.to).await?;
             ctx.metrics.scale_events.with_label_values(&["down"]).inc();
             tracing::info!(%ns, %name, from = change.from, to = change.to, reason = %change.reason, "alert-driven scale back");
             ctx.event(
@@ -223,23 +291,26 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         deployment,
         service,
         app_service,
+        metrics_service,
         config_map,
         hpa,
         pdb,
         prometheus_rule,
         service_monitor,
     } = children;
+    let stores = &ctx.stores;
     let pp = PatchParams::apply(MANAGER).force();
-    apply(client, &ns, &config_map, &pp, &mut outcome).await?;
-    apply(client, &ns, &service, &pp, &mut outcome).await?;
-    apply(client, &ns, &app_service, &pp, &mut outcome).await?;
-    apply(client, &ns, &deployment, &pp, &mut outcome).await?;
-    apply(client, &ns, &pdb, &pp, &mut outcome).await?;
+    apply(client, &stores.config_maps, &ns, &config_map, &pp, &mut outcome).await?;
+    apply(client, &stores.services, &ns, &service, &pp, &mut outcome).await?;
+    apply(client, &stores.services, &ns, &app_service, &pp, &mut outcome).await?;
+    apply(client, &stores.services, &ns, &metrics_service, &pp, &mut outcome).await?;
+    apply(client, &stores.deployments, &ns, &deployment, &pp, &mut outcome).await?;
+    apply(client, &stores.pdbs, &ns, &pdb, &pp, &mut outcome).await?;
     match &hpa {
-        Some(hpa) => apply(client, &ns, hpa, &pp, &mut outcome).await?,
+        Some(hpa) => apply(client, &stores.hpas, &ns, hpa, &pp, &mut outcome).await?,
         None => {
             let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
-            if api.get_opt(&name).await?.is_some_and(|h| {
+            if Stores::get(&stores.hpas, &ns, &name).is_some_and(|h| {
                 h.owner_references()
                     .iter()
                     .any(|o| o.uid == md.uid().unwrap_or_default())
@@ -252,9 +323,10 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         }
     }
 
-    status.monitoring = if monitoring_available(client).await {
+    status.monitoring = if ctx.monitoring_available() {
         apply_dynamic(
             client,
+            &stores.prometheus_rules,
             &ns,
             &prometheus_rule,
             &desired::prometheus_rule_resource(),
@@ -264,6 +336,7 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         .await?;
         apply_dynamic(
             client,
+            &stores.service_monitors,
             &ns,
             &service_monitor,
             &desired::service_monitor_resource(),
@@ -277,10 +350,8 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
             .into()
     };
 
-    // Observe the Deployment.
-    let live: Option<Deployment> = Api::<Deployment>::namespaced(client.clone(), &ns)
-        .get_opt(&name)
-        .await?;
+    // Observe the Deployment (from the cache: its status changes arrive through the watch).
+    let live: Option<Arc<Deployment>> = Stores::get(&stores.deployments, &ns, &name);
     let live_status = live.as_ref().and_then(|d| d.status.clone()).unwrap_or_default();
     let want = live
         .as_ref()
@@ -337,42 +408,29 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
 }
 
-/// The replica floor alerts scale from: spec.replicas in `alerts` mode, else the HPA's floor.
-pub fn current_floor(md: &MallDeployment) -> i32 {
-    let state = md.status.as_ref().map(|s| &s.alert_scaling);
-    match md.spec.autoscaling.mode {
-        crate::crd::AutoscalingMode::Alerts => md.spec.replicas,
-        _ => state.and_then(|s| s.floor).unwrap_or(md.spec.min_replicas),
-    }
-}
-
-/// In `alerts` mode scaling writes spec.replicas (what `kubectl scale` writes too).
-pub async fn apply_scale(mds: &Api<MallDeployment>, md: &MallDeployment, replicas: i32) -> Result<(), Error> {
-    if md.spec.autoscaling.mode == crate::crd::AutoscalingMode::Alerts {
-        let patch = json!({ "spec": { "replicas": replicas } });
-        mds.patch(&md.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-    }
-    Ok(())
-}
-
-async fn monitoring_available(client: &Client) -> bool {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    matches!(crds.get_opt("prometheusrules.monitoring.coreos.com").await, Ok(Some(_)))
-}
-
 /// Applies `desired` unless the live object already holds every field of it (then nothing is
 /// written, so a steady state makes no API writes and no watch events).
-async fn apply<K>(client: &Client, ns: &str, desired: &K, pp: &PatchParams, outcome: &mut Outcome) -> Result<(), Error>
+async fn apply<K>(
+    client: &Client,
+    store: &Store<K>,
+    ns: &str,
+    desired: &K,
+    pp: &PatchParams,
+    outcome: &mut Outcome,
+) -> Result<(), Error>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
-    K::DynamicType: Default,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug
+        + 'static,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let name = desired.meta().name.clone().unwrap_or_default();
     let want = serde_json::to_value(desired)?;
-    if let Some(live) = api.get_opt(&name).await? {
-        if contains(&serde_json::to_value(&live)?, &want) {
+    if let Some(live) = Stores::get(store, ns, &name) {
+        if contains(&serde_json::to_value(&*live)?, &want) {
             return Ok(());
         }
     }
@@ -385,6 +443,7 @@ where
 
 async fn apply_dynamic(
     client: &Client,
+    store: &Store<DynamicObject>,
     ns: &str,
     desired: &DynamicObject,
     resource: &kube::api::ApiResource,
@@ -394,8 +453,8 @@ async fn apply_dynamic(
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
     let name = desired.name_any();
     let want = serde_json::to_value(desired)?;
-    if let Some(live) = api.get_opt(&name).await? {
-        if contains(&serde_json::to_value(&live)?, &want) {
+    if let Some(live) = Stores::get_dynamic(store, resource, ns, &name) {
+        if contains(&serde_json::to_value(&*live)?, &want) {
             return Ok(());
         }
     }
@@ -453,7 +512,7 @@ pub fn set_condition(
     match status.conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
             if c.status != value {
-                c.last_transition_time = autoscale::rfc3339(autoscale::now());
+                c.last_transition_time = rfc3339(crate::context::now());
             }
             c.status = value.into();
             c.reason = reason.into();
@@ -465,7 +524,7 @@ pub fn set_condition(
             status: value.into(),
             reason: reason.into(),
             message: message.into(),
-            last_transition_time: autoscale::rfc3339(autoscale::now()),
+            last_transition_time: rfc3339(crate::context::now()),
             observed_generation: generation,
         }),
     }

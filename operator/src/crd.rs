@@ -2,7 +2,7 @@
 //! and the status the operator reports back. Defaults and validation live in the schema so
 //! `kubectl explain` and the API server both know them.
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use mall_sidecar_config::{Balance, CacheRule, LimitRule};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -35,8 +35,24 @@ pub const GROUP: &str = "mall.example.com";
     ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = "self.spec.minReplicas <= self.spec.maxReplicas",
-    validation = "self.spec.replicas >= self.spec.minReplicas && self.spec.replicas <= self.spec.maxReplicas"
+    cel,
+    validation = Rule::new("self.spec.minReplicas <= self.spec.maxReplicas")
+        .message("spec.minReplicas must not exceed spec.maxReplicas")
+        .field_path(".spec.minReplicas"),
+    validation = Rule::new("self.spec.replicas >= self.spec.minReplicas && self.spec.replicas <= self.spec.maxReplicas")
+        .message("spec.replicas must be within spec.minReplicas..spec.maxReplicas")
+        .field_path(".spec.replicas"),
+    validation = Rule::new("self.spec.database.connectionBudget >= self.spec.maxReplicas")
+        .message("spec.database.connectionBudget must be at least spec.maxReplicas (one connection per pod)")
+        .field_path(".spec.database.connectionBudget"),
+    validation = Rule::new("self.spec.slo.highQps < self.spec.slo.criticalQps")
+        .message("spec.slo.highQps must be below spec.slo.criticalQps")
+        .field_path(".spec.slo.highQps"),
+    validation = Rule::new("has(self.spec.database.primary) || self.spec.maxReplicas == 1")
+        .message("without spec.database.primary every pod sells from its own embedded SQLite stock: set spec.database.primary, or replicas, minReplicas and maxReplicas to 1")
+        .field_path(".spec.maxReplicas"),
+    validation = Rule::new("size(self.metadata.name) <= 59 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS label of at most 59 characters (lower-case letters, digits and '-', starting with a letter), so that `<name>-app` is a valid Service name and `<name>` a valid label value")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MallDeploymentSpec {
@@ -44,8 +60,8 @@ pub struct MallDeploymentSpec {
     #[serde(default)]
     pub app: Container,
     /// The sidecar proxy container.
-    #[serde(default = "Container::sidecar")]
-    pub sidecar: Container,
+    #[serde(default)]
+    pub sidecar: SidecarContainer,
     /// Desired pods (the scale subresource: `kubectl scale` and alert-driven scaling set it).
     #[serde(default = "defaults::replicas")]
     #[schemars(range(min = 1, max = 1000))]
@@ -87,50 +103,73 @@ pub struct MallDeploymentSpec {
     pub paused: bool,
 }
 
-/// An image and its resources.
+/// The app container: an image and its resources (seed 003's Deployment by default).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct Container {
     /// Container image.
+    #[serde(default = "defaults::app_image")]
     pub image: String,
     /// CPU request and limit (Kubernetes quantities, e.g. `500m`).
-    #[serde(default)]
+    #[serde(default = "defaults::app_cpu")]
     pub cpu: Quantities,
     /// Memory request and limit (e.g. `512Mi`).
-    #[serde(default = "Quantities::memory")]
+    #[serde(default = "defaults::app_memory")]
     pub memory: Quantities,
 }
 
 impl Default for Container {
     fn default() -> Self {
         Container {
-            image: defaults::APP_IMAGE.into(),
-            cpu: Quantities::default(),
-            memory: Quantities::memory(),
+            image: defaults::app_image(),
+            cpu: defaults::app_cpu(),
+            memory: defaults::app_memory(),
         }
     }
 }
 
-impl Container {
-    pub fn sidecar() -> Self {
-        Container {
-            image: defaults::SIDECAR_IMAGE.into(),
-            cpu: Quantities {
-                request: "100m".into(),
-                limit: "500m".into(),
-            },
-            memory: Quantities {
-                request: "64Mi".into(),
-                limit: "256Mi".into(),
-            },
+/// The sidecar container: an image and its resources. Its defaults are its own, field by field,
+/// so setting only `image` keeps the sidecar's small requests.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarContainer {
+    /// Container image.
+    #[serde(default = "defaults::sidecar_image")]
+    pub image: String,
+    /// CPU request and limit (Kubernetes quantities, e.g. `100m`).
+    #[serde(default = "defaults::sidecar_cpu")]
+    pub cpu: Quantities,
+    /// Memory request and limit (e.g. `64Mi`).
+    #[serde(default = "defaults::sidecar_memory")]
+    pub memory: Quantities,
+}
+
+impl Default for SidecarContainer {
+    fn default() -> Self {
+        SidecarContainer {
+            image: defaults::sidecar_image(),
+            cpu: defaults::sidecar_cpu(),
+            memory: defaults::sidecar_memory(),
         }
     }
 }
 
 /// A request and a limit.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(deny_unknown_fields)]
+#[x_kube(
+    validation = Rule::new("isQuantity(string(self.request)) && quantity(string(self.request)).sign() >= 0")
+        .message("request must be a Kubernetes quantity such as 500m, 2 or 512Mi")
+        .field_path(".request"),
+    validation = Rule::new("isQuantity(string(self.limit)) && quantity(string(self.limit)).sign() > 0")
+        .message("limit must be a positive Kubernetes quantity such as 500m, 2 or 512Mi")
+        .field_path(".limit"),
+    validation = Rule::new("!isQuantity(string(self.request)) || !isQuantity(string(self.limit)) || quantity(string(self.request)).compareTo(quantity(string(self.limit))) <= 0")
+        .message("request must not exceed limit")
+        .field_path(".request")
+)]
 pub struct Quantities {
     /// What the scheduler reserves.
     #[serde(deserialize_with = "quantity")]
@@ -162,26 +201,6 @@ fn quantity<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> 
 
 fn int_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "x-kubernetes-int-or-string": true })
-}
-
-impl Default for Quantities {
-    /// Seed 003's Deployment: requests 250m, limits 500m.
-    fn default() -> Self {
-        Quantities {
-            request: "250m".into(),
-            limit: "500m".into(),
-        }
-    }
-}
-
-impl Quantities {
-    /// Seed 003's Deployment: requests 256Mi, limits 512Mi.
-    pub fn memory() -> Self {
-        Quantities {
-            request: "256Mi".into(),
-            limit: "512Mi".into(),
-        }
-    }
 }
 
 /// A key of a Secret in the MallDeployment's namespace.
@@ -237,6 +256,7 @@ pub struct CacheSpec {
     pub enabled: bool,
     /// Per-route rules; routes without one are not cached by the sidecar.
     #[serde(default = "CacheRule::seed_defaults")]
+    #[schemars(length(max = 64))]
     pub rules: Vec<CacheRule>,
 }
 
@@ -276,8 +296,9 @@ impl Default for CompressionSpec {
 pub struct RateLimitSpec {
     /// Enforce rate limits in the sidecar.
     pub enabled: bool,
-    /// Per-route limits per client address; the sidecar's defaults when omitted.
+    /// Per-route limits per client address; the sidecar's defaults when omitted. Names are unique.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxItems" = 64, "x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub rules: Option<Vec<LimitRule>>,
     /// Share the limits across pods through `redis` (when set), so they hold as the mall scales.
     #[serde(default = "defaults::yes")]
@@ -400,7 +421,7 @@ pub struct MallDeploymentStatus {
     pub selector: String,
     /// The sizes chosen from the resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tuning: Option<crate::tuning::Tuning>,
+    pub tuning: Option<Tuning>,
     /// The last alert-driven scale decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale: Option<ScaleEvent>,
@@ -411,6 +432,28 @@ pub struct MallDeploymentStatus {
     /// CRDs exist).
     #[serde(default)]
     pub monitoring: String,
+}
+
+/// What the operator chose for each pod (`tuning.rs` computes it).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Tuning {
+    /// App worker threads: floor(CPU limit), at least 1.
+    pub app_worker_threads: u32,
+    /// Primary pool per pod: min(10 per CPU, budget / maxReplicas).
+    pub db_max_connections: u32,
+    /// Primary connections kept while idle.
+    pub db_min_connections: u32,
+    /// Pool per read replica per pod.
+    pub db_replica_max_connections: u32,
+    /// App in-process cache: 25 % of its memory limit.
+    pub app_cache_bytes: u64,
+    /// Sidecar worker threads: floor(its CPU limit), at least 1.
+    pub sidecar_threads: u32,
+    /// Sidecar response cache: 40 % of its memory limit.
+    pub sidecar_cache_bytes: u64,
+    /// Database connections the fleet may open at `maxReplicas` (primary only).
+    pub fleet_db_connections: u32,
 }
 
 /// A condition, as in every Kubernetes status.
@@ -473,11 +516,44 @@ impl Default for MallDeploymentSpec {
     }
 }
 
+/// Every default of the spec, once: the serde defaults, `Default` impls and so the CRD schema's
+/// `default`s all come from here.
 pub mod defaults {
     use mall_sidecar_config::Balance;
 
+    use super::Quantities;
+
     pub const APP_IMAGE: &str = "ghcr.io/mall-operator/mall-app:0.1.0";
     pub const SIDECAR_IMAGE: &str = "ghcr.io/mall-operator/sidecar:0.1.0";
+
+    fn q(request: &str, limit: &str) -> Quantities {
+        Quantities {
+            request: request.into(),
+            limit: limit.into(),
+        }
+    }
+    pub fn app_image() -> String {
+        APP_IMAGE.into()
+    }
+    /// Seed 003's Deployment: requests 250m, limits 500m.
+    pub fn app_cpu() -> Quantities {
+        q("250m", "500m")
+    }
+    /// Seed 003's Deployment: requests 256Mi, limits 512Mi.
+    pub fn app_memory() -> Quantities {
+        q("256Mi", "512Mi")
+    }
+    pub fn sidecar_image() -> String {
+        SIDECAR_IMAGE.into()
+    }
+    /// A proxy needs a fraction of the app's CPU at rest; the limit allows bursts.
+    pub fn sidecar_cpu() -> Quantities {
+        q("100m", "500m")
+    }
+    /// The sidecar holds little besides its cache (40 % of the limit).
+    pub fn sidecar_memory() -> Quantities {
+        q("64Mi", "256Mi")
+    }
 
     pub fn replicas() -> i32 {
         2
@@ -502,42 +578,5 @@ pub mod defaults {
     }
     pub fn balance() -> Balance {
         Balance::LeastConnections
-    }
-}
-
-impl MallDeployment {
-    /// Problems the schema cannot express, named by field.
-    pub fn validate(&self) -> Result<(), String> {
-        let s = &self.spec;
-        if s.min_replicas > s.max_replicas {
-            return Err("spec.minReplicas must not exceed spec.maxReplicas".into());
-        }
-        if !(s.min_replicas..=s.max_replicas).contains(&s.replicas) {
-            return Err("spec.replicas must be within spec.minReplicas..=spec.maxReplicas".into());
-        }
-        for (field, q) in [("spec.app.cpu", &s.app.cpu), ("spec.sidecar.cpu", &s.sidecar.cpu)] {
-            crate::tuning::parse_cpu_millis(&q.limit)
-                .ok_or(format!("{field}.limit: `{}` is not a CPU quantity", q.limit))?;
-            crate::tuning::parse_cpu_millis(&q.request)
-                .ok_or(format!("{field}.request: `{}` is not a CPU quantity", q.request))?;
-        }
-        for (field, q) in [
-            ("spec.app.memory", &s.app.memory),
-            ("spec.sidecar.memory", &s.sidecar.memory),
-        ] {
-            crate::tuning::parse_bytes(&q.limit)
-                .ok_or(format!("{field}.limit: `{}` is not a memory quantity", q.limit))?;
-            crate::tuning::parse_bytes(&q.request)
-                .ok_or(format!("{field}.request: `{}` is not a memory quantity", q.request))?;
-        }
-        if s.database.connection_budget < s.max_replicas as u32 {
-            return Err(
-                "spec.database.connectionBudget must be at least spec.maxReplicas (one connection per pod)".into(),
-            );
-        }
-        if s.slo.high_qps >= s.slo.critical_qps {
-            return Err("spec.slo.highQps must be below spec.slo.criticalQps".into());
-        }
-        Ok(())
     }
 }

@@ -25,7 +25,7 @@ use mall_sidecar_config::{Balance, DnsDiscovery, SidecarConfig};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{AutoscalingMode, MallDeployment, SecretKeyRef};
+use crate::crd::{AutoscalingMode, MallDeployment, Quantities, SecretKeyRef};
 use crate::tuning::Tuning;
 
 pub const APP_PORT: i32 = 3000;
@@ -39,6 +39,7 @@ pub struct Children {
     pub deployment: Deployment,
     pub service: Service,
     pub app_service: Service,
+    pub metrics_service: Service,
     pub config_map: ConfigMap,
     pub hpa: Option<HorizontalPodAutoscaler>,
     pub pdb: PodDisruptionBudget,
@@ -53,6 +54,7 @@ pub fn children(md: &MallDeployment, tuning: &Tuning, floor: Option<i32>) -> Chi
         deployment: deployment(md, tuning, &config_map),
         service: service(md),
         app_service: app_service(md),
+        metrics_service: metrics_service(md),
         hpa: hpa(md, floor),
         pdb: pdb(md),
         prometheus_rule: prometheus_rule(md, tuning),
@@ -85,15 +87,29 @@ pub fn selector_string(md: &MallDeployment) -> String {
         .join(",")
 }
 
+/// The label every child carries; the operator's watches select on it, so its caches hold its own
+/// objects and nothing else of the cluster.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "mall-operator");
+
+/// `app.kubernetes.io/managed-by=mall-operator`, for watches.
+pub fn managed_selector() -> String {
+    format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)
+}
+
 fn labels(md: &MallDeployment) -> BTreeMap<String, String> {
     let mut l = selector_labels(md);
-    l.insert("app.kubernetes.io/managed-by".into(), "mall-operator".into());
+    l.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
     l
 }
 
-fn owner(md: &MallDeployment) -> OwnerReference {
-    md.controller_owner_ref(&())
-        .expect("a stored MallDeployment has a name and uid")
+/// The controller reference to the MallDeployment, once it has a uid (a stored object). Offline
+/// renders have none: their objects carry only the labels, and the operator adopts them.
+/// `blockOwnerDeletion` keeps a foreground deletion of the mall waiting for its children.
+fn owner(md: &MallDeployment) -> Option<OwnerReference> {
+    md.metadata.uid.as_ref()?;
+    let mut owner = md.controller_owner_ref(&())?;
+    owner.block_owner_deletion = Some(true);
+    Some(owner)
 }
 
 fn meta(md: &MallDeployment, name: String) -> ObjectMeta {
@@ -101,7 +117,7 @@ fn meta(md: &MallDeployment, name: String) -> ObjectMeta {
         name: Some(name),
         namespace: Some(namespace(md)),
         labels: Some(labels(md)),
-        owner_references: Some(vec![owner(md)]),
+        owner_references: owner(md).map(|o| vec![o]),
         ..ObjectMeta::default()
     }
 }
@@ -179,15 +195,21 @@ fn secret_env(name: &str, r: &SecretKeyRef) -> EnvVar {
     }
 }
 
-fn resources(c: &crate::crd::Container) -> ResourceRequirements {
+/// A quantity as the API server stores it (`0.5` -> `500m`), so a live object compares equal to
+/// what the operator would apply again.
+fn quantity(q: &str) -> Quantity {
+    Quantity(crate::quantity::canonical_or_same(q))
+}
+
+fn resources(cpu: &Quantities, memory: &Quantities) -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([
-            ("cpu".to_string(), Quantity(c.cpu.request.clone())),
-            ("memory".to_string(), Quantity(c.memory.request.clone())),
+            ("cpu".to_string(), quantity(&cpu.request)),
+            ("memory".to_string(), quantity(&memory.request)),
         ])),
         limits: Some(BTreeMap::from([
-            ("cpu".to_string(), Quantity(c.cpu.limit.clone())),
-            ("memory".to_string(), Quantity(c.memory.limit.clone())),
+            ("cpu".to_string(), quantity(&cpu.limit)),
+            ("memory".to_string(), quantity(&memory.limit)),
         ])),
         ..ResourceRequirements::default()
     }
@@ -265,7 +287,7 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
             ..ContainerPort::default()
         }]),
         env: Some(app_env),
-        resources: Some(resources(&s.app)),
+        resources: Some(resources(&s.app.cpu, &s.app.memory)),
         liveness_probe: Some(probe("/health", APP_PORT, 10, 3)),
         readiness_probe: Some(probe("/ready", APP_PORT, 5, 2)),
         security_context: Some(locked_down()),
@@ -288,7 +310,7 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
             },
         ]),
         env: Some(sidecar_env),
-        resources: Some(resources(&s.sidecar)),
+        resources: Some(resources(&s.sidecar.cpu, &s.sidecar.memory)),
         liveness_probe: Some(probe("/health", ADMIN_PORT, 10, 3)),
         readiness_probe: Some(probe("/ready", ADMIN_PORT, 5, 2)),
         security_context: Some(locked_down()),
@@ -379,14 +401,36 @@ fn port(name: &str, port: i32, target: i32) -> ServicePort {
     }
 }
 
-/// Clients' Service: port 80 to the sidecar; the metrics ports for the ServiceMonitor.
+/// Clients' Service: port 80 to the sidecar, and nothing else. The app's own port would bypass
+/// the sidecar's limits, body limit and cache, and the admin port is for probes and Prometheus.
 fn service(md: &MallDeployment) -> Service {
     Service {
         metadata: meta(md, name(md)),
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(md)),
+            ports: Some(vec![port("http", 80, PROXY_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The label that marks the metrics Service, which the ServiceMonitor selects.
+pub const METRICS_ROLE: (&str, &str) = ("mall.example.com/role", "metrics");
+
+/// Headless Service of the metrics ports, for the ServiceMonitor only: Prometheus scrapes each
+/// pod through it; it balances nothing and clients have no use for it.
+fn metrics_service(md: &MallDeployment) -> Service {
+    let mut metadata = meta(md, format!("{}-metrics", name(md)));
+    if let Some(labels) = metadata.labels.as_mut() {
+        labels.insert(METRICS_ROLE.0.into(), METRICS_ROLE.1.into());
+    }
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(md)),
             ports: Some(vec![
-                port("http", 80, PROXY_PORT),
                 port("sidecar-metrics", ADMIN_PORT, ADMIN_PORT),
                 port("app-metrics", APP_PORT, APP_PORT),
             ]),
@@ -441,7 +485,7 @@ fn hpa(md: &MallDeployment, floor: Option<i32>) -> Option<HorizontalPodAutoscale
                 },
                 target: MetricTarget {
                     type_: "AverageValue".into(),
-                    average_value: Some(Quantity(rps.to_string())),
+                    average_value: Some(quantity(&rps.to_string())),
                     ..MetricTarget::default()
                 },
             }),
@@ -525,8 +569,12 @@ fn prometheus_rule(md: &MallDeployment, tuning: &Tuning) -> DynamicObject {
 fn service_monitor(md: &MallDeployment) -> DynamicObject {
     let mut o = DynamicObject::new(&name(md), &service_monitor_resource()).within(&namespace(md));
     o.metadata = meta(md, name(md));
+    let metrics_labels = BTreeMap::from([
+        (METRICS_ROLE.0.to_string(), METRICS_ROLE.1.to_string()),
+        ("app.kubernetes.io/instance".to_string(), name(md)),
+    ]);
     o.data = json!({ "spec": {
-        "selector": { "matchLabels": selector_labels(md) },
+        "selector": { "matchLabels": metrics_labels },
         "endpoints": [
             { "port": "sidecar-metrics", "path": "/metrics", "interval": "15s" },
             { "port": "app-metrics", "path": "/metrics", "interval": "15s" }

@@ -1,13 +1,52 @@
 //! Lease-based leader election (coordination.k8s.io/v1), so two operator replicas can run: one
 //! reconciles and answers the webhook, the other waits to take over when the lease expires.
+//!
+//! Timing follows client-go's leader election: a lease of 15 s, renewed every 2 s (the retry
+//! period), and given up only when no renewal has succeeded for 10 s (the renew deadline). An API
+//! server outage shorter than the renew deadline therefore does not restart the leader, and the
+//! deadline is shorter than the lease, so a standby cannot take over while the old leader still
+//! thinks it leads.
 
-use std::time::Duration;
+use std::hash::{BuildHasher, Hasher};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::Client;
+
+/// client-go's `LeaseDuration`, `RenewDeadline` and `RetryPeriod` defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub lease: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            lease: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// This process's identity in the Lease when `POD_NAME` is not set: the host name plus a random
+/// suffix, so two processes on one host (or two pods with a shared name) never both lead.
+pub fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "mall-operator".into());
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    format!("{host}-{:08x}", hasher.finish() as u32)
+}
 
 pub struct Elector {
     api: Api<Lease>,
@@ -23,6 +62,41 @@ impl Elector {
             name: name.into(),
             identity: identity.into(),
             duration,
+        }
+    }
+
+    /// Waits until this process holds the lease, trying every retry period.
+    pub async fn acquire(&self, timing: Timing) {
+        loop {
+            match tokio::time::timeout(timing.retry_period, self.try_lead(Timestamp::now())).await {
+                Ok(Ok(true)) => return,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "leader election"),
+                Err(_) => tracing::warn!("leader election: the API server did not answer in time"),
+            }
+            tokio::time::sleep(timing.retry_period).await;
+        }
+    }
+
+    /// Renews the held lease every retry period and returns (why) once leadership is lost: another
+    /// holder took it, or no renewal succeeded for the renew deadline. Failed renewals before the
+    /// deadline are retried, not fatal.
+    pub async fn hold(&self, timing: Timing) -> String {
+        let mut renewed = Instant::now();
+        loop {
+            tokio::time::sleep(timing.retry_period).await;
+            match tokio::time::timeout(timing.retry_period, self.try_lead(Timestamp::now())).await {
+                Ok(Ok(true)) => renewed = Instant::now(),
+                Ok(Ok(false)) => return "another replica holds the lease".into(),
+                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+                Err(_) => tracing::warn!("lease renewal timed out; retrying"),
+            }
+            if renewed.elapsed() >= timing.renew_deadline {
+                return format!(
+                    "no lease renewal succeeded for {} s (the renew deadline)",
+                    timing.renew_deadline.as_secs_f64()
+                );
+            }
         }
     }
 

@@ -2,17 +2,27 @@
 //! alert-autoscaled mall (app + sidecar Deployment, Services, sidecar ConfigMap, HPA, PDB,
 //! PrometheusRule, ServiceMonitor).
 //!
-//! - `crd.rs`: the resource's schema; `tuning.rs`: sizes from resources (pure, table-tested);
-//! - `desired.rs`: the children as pure functions of the spec; `alerts.rs`: the alert rules;
-//! - `controller.rs`: reconcile (apply + status); `autoscale.rs`: the Alertmanager webhook;
-//! - `leader.rs`: Lease-based leader election; `render.rs`: the offline `operator render`.
+//! The modules form layers, each using only those above it:
+//! - `quantity.rs`: Kubernetes quantities (parse, canonical form);
+//! - `crd.rs`: the resource's schema, defaults and CEL rules;
+//! - `tuning.rs`: sizes from resources (pure, table-tested); `alerts.rs`: the alert rules;
+//! - `desired.rs`: the children as pure functions of the spec;
+//! - `validation.rs`: what the API server and the sidecar would refuse, checked offline;
+//! - `render.rs`: the offline `operator render`;
+//! - `events.rs`, `metrics.rs`, `context.rs`: what reconciles and the webhook share;
+//! - `autoscale.rs`: the Alertmanager webhook; `controller.rs`: reconcile (apply + status);
+//! - `leader.rs`: Lease-based leader election.
 
 pub mod alerts;
 pub mod autoscale;
+pub mod context;
 pub mod controller;
 pub mod crd;
 pub mod desired;
+pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod quantity;
 pub mod render;
 pub mod tuning;
+pub mod validation;

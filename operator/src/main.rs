@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -13,7 +12,8 @@ use axum::routing::{get, post};
 use clap::{Parser, Subcommand};
 use mall_operator::autoscale::{self, Webhook};
 use mall_operator::controller::{self, Context};
-use mall_operator::leader::Elector;
+use mall_operator::context::user_agent;
+use mall_operator::leader::{self, Elector, Timing};
 use mall_operator::render;
 
 #[derive(Parser)]
@@ -35,9 +35,9 @@ enum Command {
         /// Namespace of the leader-election Lease (the operator's own).
         #[arg(long, env = "POD_NAMESPACE", default_value = "mall-system")]
         namespace: String,
-        /// This replica's identity in the Lease.
-        #[arg(long, env = "POD_NAME", default_value = "mall-operator")]
-        identity: String,
+        /// This replica's identity in the Lease (default: the host name plus a random suffix).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
     },
     /// Print the manifests the operator would apply for the MallDeployments in FILE.
     Render {
@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
             webhook_token,
             namespace,
             identity,
-        } => run(listen, webhook_token, namespace, identity).await,
+        } => run(listen, webhook_token, namespace, identity.unwrap_or_else(leader::default_identity)).await,
     }
 }
 
@@ -86,7 +86,12 @@ async fn run(
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let client = kube::Client::try_default().await?;
+    let mut config = kube::Config::infer().await?;
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_str(&user_agent())?,
+    ));
+    let client = kube::Client::try_from(config)?;
     let ctx = Arc::new(Context::new(client.clone()));
     let leading = Arc::new(AtomicBool::new(false));
 
@@ -129,27 +134,16 @@ async fn run(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let duration = Duration::from_secs(15);
-    let elector = Elector::new(client, &namespace, "mall-operator-leader", &identity, duration);
-    loop {
-        match elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "leader election"),
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    let timing = Timing::default();
+    let elector = Elector::new(client, &namespace, "mall-operator-leader", &identity, timing.lease);
+    elector.acquire(timing).await;
     leading.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "leading");
     tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(duration / 3).await;
-            if !matches!(elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await, Ok(true)) {
-                // Another replica may already lead: stop at once rather than reconcile twice.
-                tracing::error!("leadership lost; exiting");
-                std::process::exit(1);
-            }
-        }
+        let why = elector.hold(timing).await;
+        // Another replica may lead by now: stop at once rather than reconcile twice.
+        tracing::error!(reason = %why, "leadership lost; exiting");
+        std::process::exit(1);
     });
     controller::run(ctx).await;
     Ok(())

@@ -1,12 +1,18 @@
 //! `operator render -f mall.yaml`: the manifests the operator would apply, without a cluster, and
 //! the CRD YAML that `crdgen` writes.
+//!
+//! Render refuses what the API server would refuse (kind and apiVersion, the CRD's OpenAPI schema
+//! and CEL rules, a sidecar config the sidecar would reject), naming the field. Its objects carry
+//! no owner reference: there is no MallDeployment uid to point at, and a made-up one makes the
+//! garbage collector delete them. They carry the operator's labels instead; once the
+//! MallDeployment exists, the operator's server-side apply adds itself as controller (adoption).
 
 use kube::CustomResourceExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::crd::MallDeployment;
 use crate::desired::{self, Children};
-use crate::tuning;
+use crate::{tuning, validation};
 
 pub fn crd_yaml() -> String {
     serde_yaml::to_string(&MallDeployment::crd()).expect("the CRD serialises")
@@ -21,19 +27,20 @@ pub fn render(input: &str) -> Result<String, String> {
         if value.is_null() {
             continue;
         }
+        let json = serde_json::to_value(&value).map_err(|e| format!("document {i}: {e}"))?;
+        validation::check_type(&json).map_err(|e| format!("document {i}: {e}"))?;
         let mut md: MallDeployment = serde_path_to_error::deserialize(value)
             .map_err(|e| format!("document {i}: {}: {}", e.path(), e.inner()))?;
-        md.validate().map_err(|e| format!("document {i}: {e}"))?;
-        // Offline there is no uid: owner references point at a placeholder the API server would fill.
-        md.metadata
-            .uid
-            .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
         md.metadata.namespace.get_or_insert_with(|| "default".into());
+        validation::validate(&md).map_err(|e| format!("document {i} ({}): {e}", desired::name(&md)))?;
+        // No uid offline, so no owner reference (see the module comment).
+        md.metadata.uid = None;
         let tuning = tuning::tune(&md.spec);
         let Children {
             deployment,
             service,
             app_service,
+            metrics_service,
             config_map,
             hpa,
             pdb,
@@ -43,6 +50,7 @@ pub fn render(input: &str) -> Result<String, String> {
         push(&mut out, &config_map)?;
         push(&mut out, &service)?;
         push(&mut out, &app_service)?;
+        push(&mut out, &metrics_service)?;
         push(&mut out, &deployment)?;
         if let Some(hpa) = &hpa {
             push(&mut out, hpa)?;
@@ -53,8 +61,6 @@ pub fn render(input: &str) -> Result<String, String> {
     }
     Ok(out)
 }
-
-use serde::Deserialize;
 
 fn push<T: Serialize>(out: &mut String, object: &T) -> Result<(), String> {
     out.push_str("---\n");

@@ -275,7 +275,8 @@ impl Default for Cache {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheRule {
-    /// Requests whose normalised path starts with this use the rule.
+    /// Requests whose normalised path starts with this use the rule (starts with `/`).
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^/")))]
     pub path_prefix: String,
     /// Lifetime when the upstream's `Cache-Control` gives none; 0 caches only what the upstream
     /// gives a lifetime.
@@ -410,16 +411,21 @@ pub enum LimitKey {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitRule {
-    /// Used in metrics and in the `RateLimit-Policy` header.
+    /// Used in metrics and in the `RateLimit-Policy` header: `[A-Za-z0-9_-]`, unique.
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9_-]+$")))]
     pub name: String,
-    /// Requests whose normalised path starts with this use the rule.
+    /// Requests whose normalised path starts with this use the rule (starts with `/`).
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^/")))]
     pub path_prefix: String,
-    /// Empty means every method.
+    /// Empty means every method; otherwise upper-case methods such as `POST`.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(regex(pattern = r"^[A-Z]+$"))))]
     pub methods: Vec<String>,
-    /// Sustained rate per key.
+    /// Sustained rate per key (at least 0.001, one request per 1,000 s).
+    #[cfg_attr(feature = "schema", schemars(range(min = 0.001)))]
     pub requests_per_second: f64,
-    /// Requests a key may make at once above the sustained rate.
+    /// Requests a key may make at once above the sustained rate (at least 1).
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub burst: u32,
 }
 

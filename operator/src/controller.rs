@@ -80,20 +80,28 @@ where
     reflector::reflector(writer, watcher(api, config)).touched_objects()
 }
 
-/// Like `watch_into`, for a Prometheus Operator kind: it starts once `available` turns true.
-fn watch_dynamic_when(
-    client: Client,
+/// Like `watch_into`, for a Prometheus Operator kind: the watch starts (in its own task) once the
+/// kind's CRD exists, and its objects reach the controller through a channel.
+fn watch_dynamic_when_installed(
+    ctx: Arc<Context>,
     resource: ApiResource,
     writer: Writer<DynamicObject>,
-    mut available: tokio::sync::watch::Receiver<bool>,
 ) -> impl futures_util::Stream<Item = Result<DynamicObject, watcher::Error>> {
-    stream::once(async move {
-        let _ = available.wait_for(|a| *a).await;
-        let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        while !ctx.monitoring_available() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &resource);
         let config = watcher::Config::default().labels(&desired::managed_selector());
-        reflector::reflector(writer, watcher(api, config)).touched_objects()
-    })
-    .flatten()
+        let mut objects = std::pin::pin!(reflector::reflector(writer, watcher(api, config)).touched_objects());
+        while let Some(item) = objects.next().await {
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Runs the controller until the stream ends (shutdown).
@@ -109,7 +117,6 @@ pub async fn run(ctx: Arc<Context>) {
 
     // The Prometheus Operator may be installed after the operator: probe for its CRDs, and on
     // their arrival start watching its kinds and reconcile every mall.
-    let (available_tx, available_rx) = tokio::sync::watch::channel(false);
     let (arrived_tx, arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let probe_ctx = ctx.clone();
     tokio::spawn(async move {
@@ -118,7 +125,6 @@ pub async fn run(ctx: Arc<Context>) {
             let before = probe_ctx.monitoring.swap(now, Ordering::Relaxed);
             if now && !before {
                 tracing::info!("Prometheus Operator CRDs found: managing PrometheusRules and ServiceMonitors");
-                let _ = available_tx.send(true);
                 let _ = arrived_tx.send(());
             }
             tokio::time::sleep(MONITORING_PROBE).await;
@@ -136,20 +142,18 @@ pub async fn run(ctx: Arc<Context>) {
         ))
         .owns_stream(watch_into(Api::<PodDisruptionBudget>::all(client.clone()), writers.pdbs))
         .owns_stream_with(
-            watch_dynamic_when(
-                client.clone(),
+            watch_dynamic_when_installed(
+                ctx.clone(),
                 desired::prometheus_rule_resource(),
                 writers.prometheus_rules,
-                available_rx.clone(),
             ),
             desired::prometheus_rule_resource(),
         )
         .owns_stream_with(
-            watch_dynamic_when(
-                client.clone(),
+            watch_dynamic_when_installed(
+                ctx.clone(),
                 desired::service_monitor_resource(),
                 writers.service_monitors,
-                available_rx,
             ),
             desired::service_monitor_resource(),
         )

@@ -118,7 +118,7 @@ impl Elector {
                     ..LeaseSpec::default()
                 }),
             };
-            return conflict_is_false(self.api.create(&PostParams::default(), &lease).await.map(|_| true));
+            return conflict_is_false(self.api.create(&post_params(), &lease).await.map(|_| true));
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
@@ -139,10 +139,17 @@ impl Elector {
         // `replace` carries the resourceVersion we read: two candidates cannot both win.
         conflict_is_false(
             self.api
-                .replace(&self.name, &PostParams::default(), &lease)
+                .replace(&self.name, &post_params(), &lease)
                 .await
                 .map(|_| true),
         )
+    }
+}
+
+fn post_params() -> PostParams {
+    PostParams {
+        field_manager: Some(crate::context::MANAGER.into()),
+        ..PostParams::default()
     }
 }
 

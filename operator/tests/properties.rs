@@ -49,7 +49,7 @@ fn spec() -> impl Strategy<Value = Value> {
                 "replicas": replicas, "minReplicas": min, "maxReplicas": max,
                 "app": { "image": "a:1", "cpu": { "request": app_cpu, "limit": app_cpu }, "memory": { "request": app_mem, "limit": app_mem } },
                 "sidecar": { "image": "s:1", "cpu": { "request": sc_cpu, "limit": sc_cpu }, "memory": { "request": sc_mem, "limit": sc_mem } },
-                "database": { "connectionBudget": budget },
+                "database": { "primary": { "name": "db" }, "connectionBudget": budget },
                 "autoscaling": { "mode": mode, "scaleFactor": factor, "cooldownSeconds": cooldown },
                 "cache": { "enabled": cache }, "compression": { "enabled": true, "minBytes": min_bytes },
                 "loadBalancing": lb,
@@ -68,7 +68,7 @@ proptest! {
             "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
             "metadata": { "name": "p", "namespace": "n", "uid": "u" }, "spec": spec
         })).expect("the generated shape always deserialises");
-        match md.validate() {
+        match mall_operator::validation::validate(&md) {
             Ok(()) => {
                 let t = tuning::tune(&md.spec);
                 prop_assert!(t.fleet_db_connections <= md.spec.database.connection_budget, "{t:?}");
@@ -108,7 +108,7 @@ fn both_sides_of_validation_are_exercised() {
                 "metadata": { "name": "p", "namespace": "n", "uid": "u" }, "spec": spec
             }))
             .unwrap();
-            match md.validate() {
+            match mall_operator::validation::validate(&md) {
                 Ok(()) => rendered.fetch_add(1, Ordering::Relaxed),
                 Err(_) => refused.fetch_add(1, Ordering::Relaxed),
             };

@@ -18,7 +18,11 @@ use serde_json::json;
 
 const NS: &str = "shop";
 
-fn mall(name: &str, spec: serde_json::Value) -> MallDeployment {
+/// A mall with a shared database (several pods need one), plus `spec`.
+fn mall(name: &str, mut spec: serde_json::Value) -> MallDeployment {
+    if spec.get("database").is_none() {
+        spec["database"] = json!({ "primary": { "name": "mall-db" } });
+    }
     let mut md: MallDeployment = serde_json::from_value(json!({
         "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
         "metadata": { "name": name, "namespace": NS }, "spec": spec
@@ -42,6 +46,8 @@ async fn setup(md: MallDeployment) -> (Client, Arc<Context>) {
 }
 
 async fn pass(client: &Client, ctx: &Context, name: &str) -> mall_operator::controller::Outcome {
+    // The in-memory API has no watch: bring the operator's caches up to date, as its watches would.
+    ctx.sync().await.unwrap();
     let md = Api::<MallDeployment>::namespaced(client.clone(), NS)
         .get(name)
         .await
@@ -342,7 +348,7 @@ async fn conditions_move_their_transition_time_only_on_a_flip() {
 async fn an_invalid_spec_is_degraded_and_touches_nothing() {
     let (client, ctx) = setup(mall(
         "shop",
-        json!({ "maxReplicas": 200, "database": { "connectionBudget": 50 } }),
+        json!({ "maxReplicas": 200, "database": { "primary": { "name": "db" }, "connectionBudget": 50 } }),
     ))
     .await;
     let outcome = pass(&client, &ctx, "shop").await;

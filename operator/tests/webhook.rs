@@ -21,6 +21,7 @@ fn mall(name: &str, mode: &str, stabilization: u32) -> MallDeployment {
         "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
         "metadata": { "name": name, "namespace": NS },
         "spec": { "replicas": 2, "minReplicas": 2, "maxReplicas": 5,
+                  "database": { "primary": { "name": "mall-db" } },
                   "autoscaling": { "mode": mode, "scaleFactor": 2.0, "cooldownSeconds": 300, "stabilizationSeconds": stabilization } }
     }))
     .unwrap();
@@ -76,6 +77,7 @@ async fn md(client: &Client, name: &str) -> MallDeployment {
 }
 
 async fn reconcile(client: &Client, ctx: &Context, name: &str) {
+    ctx.sync().await.unwrap();
     reconcile_once(&md(client, name).await, ctx, autoscale::now())
         .await
         .unwrap();

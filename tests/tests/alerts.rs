@@ -103,6 +103,7 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
         "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
         "metadata": { "name": NAME, "namespace": NS, "generation": 1 },
         "spec": { "replicas": 1, "minReplicas": 1, "maxReplicas": 4,
+                  "database": { "primary": { "name": "mall-db" } },
                   "slo": { "highQps": 1, "criticalQps": 2 },
                   "autoscaling": { "mode": "alerts", "scaleFactor": 2.0, "cooldownSeconds": 3600, "stabilizationSeconds": 5 } }
     }))
@@ -227,6 +228,8 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
         Duration::from_secs(150),
         || async {
             let md = mds.get(NAME).await.unwrap();
+            // The in-memory API has no watch: bring the operator's caches up to date first.
+            ctx.sync().await.unwrap();
             reconcile_once(&md, &ctx, autoscale::now()).await.unwrap();
             replicas().await == 1
         },

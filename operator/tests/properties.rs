@@ -11,24 +11,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn quantity_cpu() -> impl Strategy<Value = Value> {
     prop_oneof![
-        Just(json!("100m")),
-        Just(json!("500m")),
-        Just(json!("1")),
-        Just(json!(2)),
-        Just(json!("2.5")),
-        Just(json!("lots")),
-        Just(json!("0"))
+        4 => Just(json!("100m")),
+        4 => Just(json!("500m")),
+        4 => Just(json!("1")),
+        4 => Just(json!(2)),
+        4 => Just(json!("2.5")),
+        // Invalid values are rarer: four quantities per spec, each must be valid for a render.
+        1 => Just(json!("lots")),
+        1 => Just(json!("0"))
     ]
 }
 
 fn quantity_mem() -> impl Strategy<Value = Value> {
     prop_oneof![
-        Just(json!("64Mi")),
-        Just(json!("512Mi")),
-        Just(json!("2Gi")),
-        Just(json!("1G")),
-        Just(json!("big")),
-        Just(json!("0"))
+        4 => Just(json!("64Mi")),
+        4 => Just(json!("512Mi")),
+        4 => Just(json!("2Gi")),
+        4 => Just(json!("1G")),
+        1 => Just(json!("big")),
+        1 => Just(json!("0"))
     ]
 }
 

@@ -60,10 +60,44 @@ fn bad_manifests_are_refused_with_the_field_named() {
     let unknown =
         "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {name: x}\nspec: {replicas: \"two\"}\n";
     assert!(mall_operator::render::render(unknown).unwrap_err().contains("replicas"));
-    let cpu = "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {name: x}\nspec: {app: {image: a, cpu: {request: lots, limit: 1}}}\n";
+    let cpu = "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {name: x}\nspec: {replicas: 1, minReplicas: 1, maxReplicas: 1, app: {image: a, cpu: {request: lots, limit: 1}}}\n";
     assert!(mall_operator::render::render(cpu)
         .unwrap_err()
         .contains("spec.app.cpu.request"));
+}
+
+/// What the API server refuses, render refuses too (the CRD's OpenAPI schema and CEL rules, the
+/// kind, and a sidecar config the sidecar would reject), naming the field.
+#[test]
+fn render_refuses_what_the_api_server_refuses() {
+    let one = "replicas: 1, minReplicas: 1, maxReplicas: 1";
+    let cases = [
+        (format!("{one}, app: {{cpu: {{request: \"4\", limit: \"2\"}}}}"), "spec.app.cpu.request: request must not exceed limit"),
+        (format!("{one}, autoscaling: {{scaleFactor: 0}}"), "spec.autoscaling.scaleFactor"),
+        (format!("{one}, autoscaling: {{targetCpuPercent: 5}}"), "spec.autoscaling.targetCpuPercent"),
+        (format!("{one}, slo: {{errorRatePercent: 150}}"), "spec.slo.errorRatePercent"),
+        (format!("{one}, slo: {{highQps: 10, criticalQps: 5}}"), "spec.slo.highQps"),
+        ("replicas: 2, minReplicas: 2, maxReplicas: 10".to_string(), "spec.database.primary"),
+        (format!("{one}, rateLimits: {{rules: [{{name: o, path_prefix: /api, requests_per_second: 1, burst: 0}}]}}"), "spec.rateLimits.rules[0].burst"),
+        (format!("{one}, rateLimits: {{rules: [{{name: o, path_prefix: /api, requests_per_second: -1, burst: 1}}]}}"), "spec.rateLimits.rules[0].requests_per_second"),
+        (format!("{one}, rateLimits: {{rules: [{{name: \"\", path_prefix: /api, requests_per_second: 1, burst: 1}}]}}"), "spec.rateLimits.rules[0].name"),
+        (format!("{one}, cache: {{rules: [{{path_prefix: api, ttl_seconds: 5}}]}}"), "spec.cache.rules[0].path_prefix"),
+        (
+            format!("{one}, rateLimits: {{rules: [{{name: a, path_prefix: /a, requests_per_second: 1, burst: 1}}, {{name: a, path_prefix: /b, requests_per_second: 1, burst: 1}}]}}"),
+            "spec.rateLimits.rules[1].name",
+        ),
+    ];
+    for (spec, want) in cases {
+        let doc = format!("apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: x}}\nspec: {{{spec}}}\n");
+        let err = mall_operator::render::render(&doc).expect_err(&spec);
+        assert!(err.contains(want), "{spec}: {err}");
+    }
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {}\n";
+    assert!(mall_operator::render::render(pod).unwrap_err().contains("kind"));
+    let long = format!("apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: {}}}\nspec: {{{one}}}\n", "a".repeat(60));
+    assert!(mall_operator::render::render(&long).unwrap_err().contains("metadata.name"));
+    let fits = format!("apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: {}}}\nspec: {{{one}}}\n", "a".repeat(59));
+    assert!(mall_operator::render::render(&fits).is_ok());
 }
 
 fn promtool() -> Option<PathBuf> {

@@ -77,6 +77,10 @@ pub struct Server {
     /// connection, from the request's first byte on a kept-alive one), else 408 and the
     /// connection is closed: a slowloris client cannot hold a connection by trickling bytes.
     pub request_header_timeout_seconds: u64,
+    /// Bearer token that `POST /reload` on the admin port requires. Unset: the admin port is
+    /// read-only (metrics, health, readiness) and only SIGHUP or a change of the file reloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
 }
 
 impl Default for Server {
@@ -90,6 +94,7 @@ impl Default for Server {
             max_request_body_bytes: 1024 * 1024,
             keepalive_timeout_seconds: 60,
             request_header_timeout_seconds: 10,
+            admin_token: None,
         }
     }
 }

@@ -123,10 +123,28 @@ impl ServeHttp for Admin {
             "/ready" if shared.ready() => (200, "text/plain", b"ready\n".to_vec()),
             "/ready" if shared.draining.load(Ordering::Relaxed) => (503, "text/plain", b"draining\n".to_vec()),
             "/ready" => (503, "text/plain", b"no healthy upstream instance\n".to_vec()),
-            "/reload" if session.req_header().method == http::Method::POST => match shared.reload() {
-                Ok(()) => (200, "text/plain", b"reloaded\n".to_vec()),
-                Err(e) => (400, "text/plain", format!("{e}\n").into_bytes()),
-            },
+            "/reload" if session.req_header().method == http::Method::POST => {
+                let token = shared.live.load().config.server.admin_token.clone();
+                let presented = session
+                    .req_header()
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                match (token, presented) {
+                    (None, _) => (
+                        403,
+                        "text/plain",
+                        b"POST /reload is off: set server.admin_token to enable it (SIGHUP and file changes reload)\n"
+                            .to_vec(),
+                    ),
+                    (Some(t), Some(p)) if constant_time_eq(t.as_bytes(), p.as_bytes()) => match shared.reload() {
+                        Ok(()) => (200, "text/plain", b"reloaded\n".to_vec()),
+                        Err(e) => (400, "text/plain", format!("{e}\n").into_bytes()),
+                    },
+                    (Some(_), _) => (401, "text/plain", b"missing or wrong bearer token\n".to_vec()),
+                }
+            }
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };
         Response::builder()
@@ -136,4 +154,8 @@ impl ServeHttp for Admin {
             .body(body)
             .expect("valid response")
     }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -785,3 +785,24 @@ async fn a_slowloris_header_hits_the_deadline_while_slow_but_timely_clients_are_
         .await;
     assert_eq!(timeouts, 2.0, "the slowloris and the silent connection are counted");
 }
+
+/// `POST /reload` changes the running configuration, so it is not open to whoever reaches the
+/// admin port: without `server.admin_token` it is refused, with one it needs that bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reload_needs_the_configured_bearer_token() {
+    let app = AppInstance::start().await;
+    let upstreams = upstream_section(&[app.addr], "round_robin");
+    let http = client();
+
+    let open = Sidecar::start(&upstreams).await;
+    let r = http.post(format!("{}/reload", open.admin)).send().await.unwrap();
+    assert_eq!(r.status(), 403, "no token configured: reload over HTTP is off");
+    assert_eq!(open.metric("sidecar_config_reloads_total", "ok").await, 0.0);
+
+    let token = "an-admin-token-of-some-length";
+    let guarded = Sidecar::start_with_env(&upstreams, &[("SIDECAR__SERVER__ADMIN_TOKEN", token)]).await;
+    let url = format!("{}/reload", guarded.admin);
+    assert_eq!(http.post(&url).send().await.unwrap().status(), 401);
+    assert_eq!(http.post(&url).bearer_auth("wrong").send().await.unwrap().status(), 401);
+    assert_eq!(http.post(&url).bearer_auth(token).send().await.unwrap().status(), 200);
+}

@@ -209,7 +209,10 @@ async fn list_dynamic(
     resource: &ApiResource,
     lp: &ListParams,
 ) -> Result<Vec<DynamicObject>, kube::Error> {
-    Ok(Api::<DynamicObject>::all_with(client.clone(), resource).list(lp).await?.items)
+    Ok(Api::<DynamicObject>::all_with(client.clone(), resource)
+        .list(lp)
+        .await?
+        .items)
 }
 
 fn fill<K>(writer: &mut Writer<K>, objects: Vec<K>)

@@ -23,8 +23,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-pub use crate::context::{Context, MANAGER};
 use crate::context::{rfc3339, Stores};
+pub use crate::context::{Context, MANAGER};
 use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
 use crate::desired::{self, Children};
 use crate::{autoscale, tuning, validation};
@@ -140,7 +140,10 @@ pub async fn run(ctx: Arc<Context>) {
             Api::<HorizontalPodAutoscaler>::all(client.clone()),
             writers.hpas,
         ))
-        .owns_stream(watch_into(Api::<PodDisruptionBudget>::all(client.clone()), writers.pdbs))
+        .owns_stream(watch_into(
+            Api::<PodDisruptionBudget>::all(client.clone()),
+            writers.pdbs,
+        ))
         .owns_stream_with(
             watch_dynamic_when_installed(
                 ctx.clone(),

@@ -137,12 +137,7 @@ impl Elector {
         spec.renew_time = Some(MicroTime(now));
         spec.lease_duration_seconds = Some(secs);
         // `replace` carries the resourceVersion we read: two candidates cannot both win.
-        conflict_is_false(
-            self.api
-                .replace(&self.name, &post_params(), &lease)
-                .await
-                .map(|_| true),
-        )
+        conflict_is_false(self.api.replace(&self.name, &post_params(), &lease).await.map(|_| true))
     }
 }
 

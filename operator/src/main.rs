@@ -11,8 +11,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use clap::{Parser, Subcommand};
 use mall_operator::autoscale::{self, Webhook};
-use mall_operator::controller::{self, Context};
 use mall_operator::context::user_agent;
+use mall_operator::controller::{self, Context};
 use mall_operator::leader::{self, Elector, Timing};
 use mall_operator::render;
 
@@ -72,7 +72,15 @@ async fn main() -> anyhow::Result<()> {
             webhook_token,
             namespace,
             identity,
-        } => run(listen, webhook_token, namespace, identity.unwrap_or_else(leader::default_identity)).await,
+        } => {
+            run(
+                listen,
+                webhook_token,
+                namespace,
+                identity.unwrap_or_else(leader::default_identity),
+            )
+            .await
+        }
     }
 }
 

@@ -163,7 +163,7 @@ pub fn cpu_millis(q: &str) -> Option<u64> {
 /// Bytes: `512Mi` -> 536870912, `1G` -> 1e9, `1000` -> 1000; `None` unless positive.
 pub fn bytes(q: &str) -> Option<u64> {
     let p = parse(q)?;
-    (!p.negative && p.nanos > 0).then(|| (p.nanos / NANO) as u64)
+    (!p.negative && p.nanos > 0).then_some((p.nanos / NANO) as u64)
 }
 
 #[cfg(test)]

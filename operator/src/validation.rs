@@ -45,7 +45,10 @@ fn field_path(pointer: &str) -> String {
 /// Checks the document's kind and apiVersion, as the API server routes by them.
 pub fn check_type(doc: &Value) -> Result<(), String> {
     let want = format!("{GROUP}/v1alpha1");
-    match (doc.get("apiVersion").and_then(Value::as_str), doc.get("kind").and_then(Value::as_str)) {
+    match (
+        doc.get("apiVersion").and_then(Value::as_str),
+        doc.get("kind").and_then(Value::as_str),
+    ) {
         (Some(v), Some("MallDeployment")) if v == want => Ok(()),
         (v, k) => Err(format!(
             "apiVersion/kind: expected {want} MallDeployment, got {} {}",
@@ -87,7 +90,9 @@ fn sidecar_config(md: &MallDeployment) -> Result<(), String> {
             } else {
                 format!("the rendered sidecar config's {field}")
             };
-            Err(format!("{spec_field}: {message} (the sidecar would refuse this configuration)"))
+            Err(format!(
+                "{spec_field}: {message} (the sidecar would refuse this configuration)"
+            ))
         }
         Err(e) => Err(format!("the rendered sidecar config: {e}")),
     }
@@ -99,7 +104,10 @@ mod tests {
 
     #[test]
     fn pointers_become_field_paths() {
-        assert_eq!(field_path("/spec/rateLimits/rules/0/burst"), "spec.rateLimits.rules[0].burst");
+        assert_eq!(
+            field_path("/spec/rateLimits/rules/0/burst"),
+            "spec.rateLimits.rules[0].burst"
+        );
         assert_eq!(field_path(""), "");
     }
 }

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::Recorded;
@@ -50,7 +49,10 @@ async fn fake(md: MallDeployment, extra: Vec<ConfigMap>) -> Client {
 
 async fn pass(fake: &Client, ctx: &Context) -> mall_operator::controller::Outcome {
     ctx.sync().await.unwrap();
-    let md = Api::<MallDeployment>::namespaced(fake.clone(), NS).get("shop").await.unwrap();
+    let md = Api::<MallDeployment>::namespaced(fake.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
     reconcile_once(&md, ctx, autoscale::now()).await.unwrap().1
 }
 
@@ -69,22 +71,46 @@ async fn non_canonical_quantities_still_make_the_second_pass_a_no_op() {
     let first = pass(&fake, &ctx).await;
     assert!(first.applied.iter().any(|a| a == "Deployment/shop"));
     // What the API server stored.
-    let d = Api::<Deployment>::namespaced(fake.clone(), NS).get("shop").await.unwrap();
-    let limits = d.spec.unwrap().template.spec.unwrap().containers[0].resources.clone().unwrap().limits.unwrap();
-    assert_eq!((limits["cpu"].0.as_str(), limits["memory"].0.as_str()), ("1500m", "1536Mi"));
+    let d = Api::<Deployment>::namespaced(fake.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
+    let limits = d.spec.unwrap().template.spec.unwrap().containers[0]
+        .resources
+        .clone()
+        .unwrap()
+        .limits
+        .unwrap();
+    assert_eq!(
+        (limits["cpu"].0.as_str(), limits["memory"].0.as_str()),
+        ("1500m", "1536Mi")
+    );
 
     ctx.sync().await.unwrap();
     api.take();
     let second = pass(&fake, &ctx).await;
     assert_eq!(second, Default::default(), "the second pass wrote {second:?}");
-    let calls: Vec<_> = api.take().into_iter().filter(|c| !c.path.contains("customresourcedefinitions")).collect();
+    let calls: Vec<_> = api
+        .take()
+        .into_iter()
+        .filter(|c| !c.path.contains("customresourcedefinitions"))
+        .collect();
     // Steady state: no write and no GET; only the caches' stand-in LISTs.
     assert!(
-        calls.iter().all(|c| c.method == "GET" && c.query.contains("labelSelector")),
+        calls
+            .iter()
+            .all(|c| c.method == "GET" && c.query.contains("labelSelector")),
         "steady-state requests: {calls:#?}"
     );
-    let events = Api::<Event>::namespaced(fake.clone(), NS).list(&Default::default()).await.unwrap();
-    let applied = events.items.iter().filter(|e| e.reason.as_deref() == Some("Applied")).count();
+    let events = Api::<Event>::namespaced(fake.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let applied = events
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("Applied"))
+        .count();
     assert_eq!(applied, 1, "one Applied event, for the first pass only");
 }
 
@@ -95,7 +121,10 @@ async fn a_mall_being_deleted_is_left_to_the_garbage_collector() {
     let ctx = Context::new(api.client.clone());
     ctx.sync().await.unwrap();
     api.take();
-    let mut md = Api::<MallDeployment>::namespaced(fake.clone(), NS).get("shop").await.unwrap();
+    let mut md = Api::<MallDeployment>::namespaced(fake.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
     md.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
     let (_, outcome) = reconcile_once(&md, &ctx, autoscale::now()).await.unwrap();
     assert_eq!(outcome, Default::default());
@@ -107,7 +136,10 @@ async fn children_block_their_owners_deletion_and_render_has_no_owner() {
     let fake = fake(mall(sqlite_spec()), vec![]).await;
     let ctx = Context::new(fake.clone());
     pass(&fake, &ctx).await;
-    let d = Api::<Deployment>::namespaced(fake.clone(), NS).get("shop").await.unwrap();
+    let d = Api::<Deployment>::namespaced(fake.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
     let owner = &d.owner_references()[0];
     assert_eq!((owner.controller, owner.block_owner_deletion), (Some(true), Some(true)));
 
@@ -135,19 +167,48 @@ async fn unrelated_configmaps_are_not_cached() {
     pass(&fake, &ctx).await;
     ctx.sync().await.unwrap();
     let cached: Vec<String> = ctx.stores.config_maps.state().iter().map(|c| c.name_any()).collect();
-    assert_eq!(cached, ["shop-sidecar"], "the cache holds the operator's own ConfigMap only");
+    assert_eq!(
+        cached,
+        ["shop-sidecar"],
+        "the cache holds the operator's own ConfigMap only"
+    );
 }
 
 #[tokio::test]
 async fn the_latest_event_says_what_last_happened() {
     let fake = fake(mall(sqlite_spec()), vec![]).await;
     let ctx = Context::new(fake.clone());
-    let md = Api::<MallDeployment>::namespaced(fake.clone(), NS).get("shop").await.unwrap();
-    ctx.event(&md, false, "ScaledUp", "replicas 1 -> 2: alerts firing: CriticalQPS".into()).await;
+    let md = Api::<MallDeployment>::namespaced(fake.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
+    ctx.event(
+        &md,
+        false,
+        "ScaledUp",
+        "replicas 1 -> 2: alerts firing: CriticalQPS".into(),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    ctx.event(&md, false, "ScaledUp", "replicas 2 -> 4: alerts firing: CriticalQPS".into()).await;
-    ctx.event(&md, false, "ScaledUp", "replicas 2 -> 4: alerts firing: CriticalQPS".into()).await;
-    let mut events = Api::<Event>::namespaced(fake.clone(), NS).list(&Default::default()).await.unwrap().items;
+    ctx.event(
+        &md,
+        false,
+        "ScaledUp",
+        "replicas 2 -> 4: alerts firing: CriticalQPS".into(),
+    )
+    .await;
+    ctx.event(
+        &md,
+        false,
+        "ScaledUp",
+        "replicas 2 -> 4: alerts firing: CriticalQPS".into(),
+    )
+    .await;
+    let mut events = Api::<Event>::namespaced(fake.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
     events.sort_by_key(|e| {
         e.series
             .as_ref()
@@ -155,8 +216,15 @@ async fn the_latest_event_says_what_last_happened() {
             .or(e.event_time.as_ref().map(|t| t.0))
     });
     let latest = events.last().unwrap();
-    assert_eq!(latest.note.as_deref(), Some("replicas 2 -> 4: alerts firing: CriticalQPS"));
-    assert_eq!(latest.series.as_ref().map(|s| s.count), Some(2), "a repeat of the same note is a series");
+    assert_eq!(
+        latest.note.as_deref(),
+        Some("replicas 2 -> 4: alerts firing: CriticalQPS")
+    );
+    assert_eq!(
+        latest.series.as_ref().map(|s| s.count),
+        Some(2),
+        "a repeat of the same note is a series"
+    );
     assert_eq!(events.len(), 2);
 }
 
@@ -181,7 +249,10 @@ async fn leadership_survives_an_outage_shorter_than_the_renew_deadline() {
 
     // An outage longer than the deadline: leadership ends, naming why.
     api.set_down(true);
-    let why = tokio::time::timeout(Duration::from_secs(3), holding).await.unwrap().unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(3), holding)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(why.contains("renew deadline"), "{why}");
 }
 
@@ -197,7 +268,10 @@ fn setting_only_the_sidecar_image_keeps_the_sidecars_defaults() {
     assert_eq!(with_image.spec.sidecar.cpu, default.spec.sidecar.cpu);
     assert_eq!(with_image.spec.sidecar.memory, default.spec.sidecar.memory);
     assert_eq!(
-        (with_image.spec.sidecar.cpu.request.as_str(), with_image.spec.sidecar.memory.request.as_str()),
+        (
+            with_image.spec.sidecar.cpu.request.as_str(),
+            with_image.spec.sidecar.memory.request.as_str()
+        ),
         ("100m", "64Mi")
     );
 }

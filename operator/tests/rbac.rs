@@ -127,7 +127,13 @@ async fn everything_the_operator_does() -> Vec<common::Call> {
     }
 
     // Leader election: take the free lease, renew it.
-    let elector = Elector::new(client.clone(), "mall-system", "mall-operator-leader", "a", Duration::from_secs(15));
+    let elector = Elector::new(
+        client.clone(),
+        "mall-system",
+        "mall-operator-leader",
+        "a",
+        Duration::from_secs(15),
+    );
     assert!(elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await.unwrap());
     assert!(elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await.unwrap());
 
@@ -152,7 +158,10 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     let Some(rules) = chart_grants() else { return };
     let used: BTreeSet<Access> = calls.iter().flat_map(|c| c.accesses()).collect();
     for want in ["list", "watch", "get", "create", "patch", "delete", "update"] {
-        assert!(used.iter().any(|a| a.verb == want), "the scenario exercises `{want}`: {used:#?}");
+        assert!(
+            used.iter().any(|a| a.verb == want),
+            "the scenario exercises `{want}`: {used:#?}"
+        );
     }
     let missing: Vec<&Access> = used.iter().filter(|a| !rules.iter().any(|r| grants(r, a))).collect();
     assert!(missing.is_empty(), "the chart does not grant: {missing:#?}");
@@ -161,12 +170,18 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
         .flat_map(granted)
         .filter(|g| !required_without_a_call(g))
         .filter(|g| {
-            !used
-                .iter()
-                .any(|u| u.group == g.group && u.resource == g.resource && u.verb == g.verb && (g.name.is_none() || g.name == u.name))
+            !used.iter().any(|u| {
+                u.group == g.group
+                    && u.resource == g.resource
+                    && u.verb == g.verb
+                    && (g.name.is_none() || g.name == u.name)
+            })
         })
         .collect();
-    assert!(unused.is_empty(), "the chart grants what the operator never uses: {unused:#?}");
+    assert!(
+        unused.is_empty(),
+        "the chart grants what the operator never uses: {unused:#?}"
+    );
 
     // Every write names its manager (the audit log and managedFields say who wrote).
     let anonymous: Vec<&common::Call> = calls
@@ -175,14 +190,20 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
         .collect();
     assert!(anonymous.is_empty(), "writes without a fieldManager: {anonymous:#?}");
     assert!(
-        calls.iter().any(|c| c.field_manager().as_deref() == Some("mall-operator-autoscaler")),
+        calls
+            .iter()
+            .any(|c| c.field_manager().as_deref() == Some("mall-operator-autoscaler")),
         "alert scaling writes as mall-operator-autoscaler"
     );
     // The watches cache the operator's own objects only.
-    for c in calls.iter().filter(|c| c.method == "GET" && c.accesses().iter().any(|a| a.verb == "list" || a.verb == "watch")) {
+    for c in calls
+        .iter()
+        .filter(|c| c.method == "GET" && c.accesses().iter().any(|a| a.verb == "list" || a.verb == "watch"))
+    {
         if !c.path.contains("malldeployments") && !c.path.contains("customresourcedefinitions") {
             assert!(
-                c.query.contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dmall-operator"),
+                c.query
+                    .contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dmall-operator"),
                 "unselected list/watch: {c:?}"
             );
         }

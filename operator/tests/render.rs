@@ -88,15 +88,25 @@ fn render_refuses_what_the_api_server_refuses() {
         ),
     ];
     for (spec, want) in cases {
-        let doc = format!("apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: x}}\nspec: {{{spec}}}\n");
+        let doc = format!(
+            "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: x}}\nspec: {{{spec}}}\n"
+        );
         let err = mall_operator::render::render(&doc).expect_err(&spec);
         assert!(err.contains(want), "{spec}: {err}");
     }
     let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {}\n";
     assert!(mall_operator::render::render(pod).unwrap_err().contains("kind"));
-    let long = format!("apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: {}}}\nspec: {{{one}}}\n", "a".repeat(60));
-    assert!(mall_operator::render::render(&long).unwrap_err().contains("metadata.name"));
-    let fits = format!("apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: {}}}\nspec: {{{one}}}\n", "a".repeat(59));
+    let long = format!(
+        "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: {}}}\nspec: {{{one}}}\n",
+        "a".repeat(60)
+    );
+    assert!(mall_operator::render::render(&long)
+        .unwrap_err()
+        .contains("metadata.name"));
+    let fits = format!(
+        "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: {}}}\nspec: {{{one}}}\n",
+        "a".repeat(59)
+    );
     assert!(mall_operator::render::render(&fits).is_ok());
 }
 

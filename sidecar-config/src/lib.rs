@@ -417,7 +417,10 @@ pub enum LimitKey {
 #[serde(deny_unknown_fields)]
 pub struct LimitRule {
     /// Used in metrics and in the `RateLimit-Policy` header: `[A-Za-z0-9_-]`, unique.
-    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9_-]+$")))]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9_-]+$"))
+    )]
     pub name: String,
     /// Requests whose normalised path starts with this use the rule (starts with `/`).
     #[cfg_attr(feature = "schema", schemars(regex(pattern = r"^/")))]

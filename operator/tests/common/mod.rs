@@ -231,7 +231,13 @@ pub fn chart_grants() -> Option<Vec<Value>> {
     }
     let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/mall-operator");
     let out = std::process::Command::new("helm")
-        .args(["template", "mall-operator", chart.to_str().unwrap(), "--namespace", "mall-system"])
+        .args([
+            "template",
+            "mall-operator",
+            chart.to_str().unwrap(),
+            "--namespace",
+            "mall-system",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -4,11 +4,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::runtime::reflector::{self, store::Writer, ObjectRef, Store};
 use kube::runtime::watcher;
@@ -43,6 +45,27 @@ pub fn rfc3339(secs: i64) -> String {
     k8s_openapi::jiff::Timestamp::from_second(secs)
         .map(|t| t.to_string())
         .unwrap_or_default()
+}
+
+/// The Prometheus Operator's CRDs the operator needs before it applies or watches their kinds.
+pub const MONITORING_CRDS: [&str; 2] = [
+    "prometheusrules.monitoring.coreos.com",
+    "servicemonitors.monitoring.coreos.com",
+];
+
+/// How often the operator looks for the Prometheus Operator's CRDs (one GET each): they are
+/// noticed within this long of being installed.
+pub const MONITORING_PROBE: Duration = Duration::from_secs(5);
+
+/// Whether both Prometheus Operator CRDs exist.
+pub async fn monitoring_crds_exist(client: &Client) -> bool {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in MONITORING_CRDS {
+        if !matches!(crds.get_opt(name).await, Ok(Some(_))) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Read-only caches of the children, one per kind. A reconcile reads these instead of GETting
@@ -167,7 +190,7 @@ impl Context {
     /// Operator is installed: what the controller's watches and CRD probe keep current. Tests call it
     /// to stand for a watch that has caught up (the in-memory API has no watch).
     pub async fn sync(&self) -> Result<(), kube::Error> {
-        let monitoring = crate::controller::monitoring_crds_exist(&self.client).await;
+        let monitoring = monitoring_crds_exist(&self.client).await;
         self.monitoring.store(monitoring, Ordering::Relaxed);
         let client = &self.client;
         let lp = ListParams::default().labels(&desired::managed_selector());

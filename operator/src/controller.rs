@@ -13,7 +13,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, store::Writer, Store};
@@ -23,8 +22,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::context::{rfc3339, Stores};
+use crate::context::{monitoring_crds_exist, rfc3339, Stores};
 pub use crate::context::{Context, MANAGER};
+pub use crate::context::{MONITORING_CRDS, MONITORING_PROBE};
 use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
 use crate::desired::{self, Children};
 use crate::{autoscale, tuning, validation};
@@ -48,27 +48,6 @@ impl Error {
             Error::Serde(_) => "serde",
         }
     }
-}
-
-/// The Prometheus Operator's CRDs the operator needs before it applies or watches their kinds.
-pub const MONITORING_CRDS: [&str; 2] = [
-    "prometheusrules.monitoring.coreos.com",
-    "servicemonitors.monitoring.coreos.com",
-];
-
-/// How often the operator looks for the Prometheus Operator's CRDs (one GET each): they are
-/// noticed within this long of being installed.
-pub const MONITORING_PROBE: Duration = Duration::from_secs(5);
-
-/// Whether both Prometheus Operator CRDs exist.
-pub async fn monitoring_crds_exist(client: &Client) -> bool {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in MONITORING_CRDS {
-        if !matches!(crds.get_opt(name).await, Ok(Some(_))) {
-            return false;
-        }
-    }
-    true
 }
 
 /// A label-selected watch of one child kind that feeds its store and triggers the owner.

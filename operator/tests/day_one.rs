@@ -9,10 +9,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::Recorded;
+use common::{crd_named, PrometheusRule, Recorded, ServiceMonitor};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::Api;
 use kube::{Client, ResourceExt};
@@ -40,6 +41,8 @@ async fn fake(md: MallDeployment, extra: Vec<ConfigMap>) -> Client {
         .with_resource::<MallDeployment>()
         .with_status_subresource::<MallDeployment>()
         .with_status_subresource::<Deployment>()
+        .with_resource::<PrometheusRule>()
+        .with_resource::<ServiceMonitor>()
         .with_object(md)
         .with_objects(extra)
         .build()
@@ -254,6 +257,64 @@ async fn leadership_survives_an_outage_shorter_than_the_renew_deadline() {
         .unwrap()
         .unwrap();
     assert!(why.contains("renew deadline"), "{why}");
+}
+
+#[tokio::test]
+async fn a_config_the_sidecar_would_refuse_is_degraded_and_never_applied() {
+    // The in-memory API does not run the CRD's schema, so the object gets in as it would on a
+    // cluster whose CRD predates the rule; the reconciler must still refuse it.
+    let spec = json!({ "replicas": 1, "minReplicas": 1, "maxReplicas": 1,
+        "rateLimits": { "rules": [{ "name": "orders", "path_prefix": "/api/orders", "requests_per_second": 2, "burst": 0 }] } });
+    let fake = fake(mall(spec), vec![]).await;
+    let ctx = Context::new(fake.clone());
+    let outcome = pass(&fake, &ctx).await;
+    assert!(outcome.applied.is_empty(), "{outcome:?}");
+    assert!(Api::<ConfigMap>::namespaced(fake.clone(), NS)
+        .get_opt("shop-sidecar")
+        .await
+        .unwrap()
+        .is_none());
+    let md = Api::<MallDeployment>::namespaced(fake.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
+    let degraded = md
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.status, "True");
+    assert!(
+        degraded.message.contains("spec.rateLimits.rules[0].burst"),
+        "{}",
+        degraded.message
+    );
+}
+
+#[tokio::test]
+async fn the_prometheus_operator_installed_later_is_noticed_and_its_objects_kept() {
+    let fake = fake(mall(sqlite_spec()), vec![]).await;
+    let ctx = Context::new(fake.clone());
+    assert!(pass(&fake, &ctx)
+        .await
+        .applied
+        .iter()
+        .all(|a| !a.starts_with("PrometheusRule")));
+    let crds = Api::<CustomResourceDefinition>::all(fake.clone());
+    for name in mall_operator::controller::MONITORING_CRDS {
+        crds.create(&Default::default(), &crd_named(name)).await.unwrap();
+    }
+    // `sync` runs the same probe the controller runs every few seconds.
+    let applied = pass(&fake, &ctx).await.applied;
+    assert!(applied.contains(&"PrometheusRule/shop".to_string()), "{applied:?}");
+    assert!(applied.contains(&"ServiceMonitor/shop".to_string()), "{applied:?}");
+    let md = Api::<MallDeployment>::namespaced(fake.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
+    assert!(md.status.unwrap().monitoring.contains("applied"));
 }
 
 #[test]

@@ -10,48 +10,18 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{chart_grants, granted, grants, Access, Recorded};
+use common::{chart_grants, crd_named, granted, grants, Access, PrometheusRule, Recorded, ServiceMonitor};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
-use kube::CustomResource;
 use kube_fake_client::ClientBuilder;
 use mall_operator::autoscale::{self, AlertView};
 use mall_operator::controller::{self, reconcile_once, Context};
 use mall_operator::crd::MallDeployment;
 use mall_operator::leader::Elector;
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 const NS: &str = "shop";
-
-/// Stand-ins for the Prometheus Operator's kinds, so the in-memory API serves them.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "monitoring.coreos.com", version = "v1", kind = "PrometheusRule", namespaced)]
-struct PrometheusRuleSpec {
-    groups: Vec<serde_json::Value>,
-}
-
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "monitoring.coreos.com", version = "v1", kind = "ServiceMonitor", namespaced)]
-#[serde(rename_all = "camelCase")]
-struct ServiceMonitorSpec {
-    selector: serde_json::Value,
-    endpoints: Vec<serde_json::Value>,
-}
-
-pub fn crd_named(name: &str) -> CustomResourceDefinition {
-    serde_json::from_value(json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": { "name": name },
-        "spec": { "group": "monitoring.coreos.com", "scope": "Namespaced",
-                  "names": { "plural": name.split('.').next().unwrap(), "kind": "X" },
-                  "versions": [] }
-    }))
-    .unwrap()
-}
 
 fn mall(mode: &str) -> MallDeployment {
     let mut md: MallDeployment = serde_json::from_value(json!({

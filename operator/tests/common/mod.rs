@@ -216,6 +216,38 @@ fn canonicalise_value(value: &mut Value, key: Option<&str>) {
     }
 }
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// Stand-ins for the Prometheus Operator's kinds, so the in-memory API serves them.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[kube(group = "monitoring.coreos.com", version = "v1", kind = "PrometheusRule", namespaced)]
+pub struct PrometheusRuleSpec {
+    pub groups: Vec<serde_json::Value>,
+}
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[kube(group = "monitoring.coreos.com", version = "v1", kind = "ServiceMonitor", namespaced)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMonitorSpec {
+    pub selector: serde_json::Value,
+    pub endpoints: Vec<serde_json::Value>,
+}
+
+pub fn crd_named(name: &str) -> CustomResourceDefinition {
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": { "name": name },
+        "spec": { "group": "monitoring.coreos.com", "scope": "Namespaced",
+                  "names": { "plural": name.split('.').next().unwrap(), "kind": "X" },
+                  "versions": [] }
+    }))
+    .unwrap()
+}
+
 /// The grants of the chart's ClusterRole and Role, from `helm template`.
 pub fn chart_grants() -> Option<Vec<Value>> {
     let found = std::process::Command::new("helm")

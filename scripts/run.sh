@@ -7,6 +7,11 @@
 # The sidecar runs the documented example configuration (sidecar/sidecar.example.toml, the schema
 # the operator renders), with its listeners and upstreams overridden from the environment.
 # Any MALL_* variable is honoured by the app instances; SIDECAR__* variables by the sidecar.
+#
+# Logs go to files under $MALL_DATA_DIR/logs (the banner says how to follow them), so the URLs stay
+# on screen; on a terminal a status line below them shows requests per second, the cache hit ratio
+# and healthy upstreams, refreshed every 2 s. RUN_LOGS=terminal sends the logs to the terminal
+# instead (as before).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/services.sh
@@ -40,18 +45,31 @@ trap 'exit 143' TERM
 
 "$target/mall-app" seed --data-dir "$data_dir"
 
+logs_to_terminal=false
+[ "${RUN_LOGS:-files}" = terminal ] && logs_to_terminal=true
+log_dir="$data_dir/logs"
+mkdir -p "$log_dir"
+# Runs "$@" in the background, its output to the terminal or to $log_dir/$1.log.
+launch() {
+  local name=$1; shift
+  if $logs_to_terminal; then
+    "$@" &
+  else
+    "$@" >>"$log_dir/$name.log" 2>&1 &
+  fi
+  pids+=($!)
+}
+
 servers=()
 for i in $(seq 0 $((instances - 1))); do
   port=$((first_port + i))
-  MALL_WORKER_ID=$((i + 1)) "$target/mall-app" serve --listen "127.0.0.1:$port" --data-dir "$data_dir" "$@" &
-  pids+=($!)
+  launch "app-$((i + 1))" env MALL_WORKER_ID=$((i + 1)) "$target/mall-app" serve --listen "127.0.0.1:$port" --data-dir "$data_dir" "$@"
   servers+=("{ address = \"127.0.0.1:$port\" }")
 done
 upstreams="[$(IFS=,; echo "${servers[*]}")]"
 
-SIDECAR__SERVER__LISTEN="$listen" SIDECAR__SERVER__ADMIN_LISTEN="$admin" SIDECAR__UPSTREAM__SERVERS="$upstreams" \
-  "$target/sidecar" -c sidecar/sidecar.example.toml &
-pids+=($!)
+launch sidecar env SIDECAR__SERVER__LISTEN="$listen" SIDECAR__SERVER__ADMIN_LISTEN="$admin" \
+  SIDECAR__UPSTREAM__SERVERS="$upstreams" "$target/sidecar" -c sidecar/sidecar.example.toml
 
 wait_for 30 curl -sf "http://$admin/ready" || { echo "error: the stack did not become ready" >&2; exit 1; }
 cat <<MSG
@@ -63,9 +81,34 @@ cat <<MSG
   sidecar admin: http://$admin/metrics  http://$admin/ready
   an app instance directly: http://127.0.0.1:$first_port/metrics
   log in as user1 / mall-password (admin / mall-password for admin endpoints).
-  Ctrl-C stops everything.
-
 MSG
+if $logs_to_terminal; then
+  echo "  Ctrl-C stops everything."
+else
+  echo "  logs: tail -f $log_dir/*.log   (RUN_LOGS=terminal shows them here instead)"
+  echo "  Ctrl-C stops everything."
+fi
+echo
+
+# One status line, rewritten in place every 2 s, from the sidecar's own metrics.
+status_line() {
+  local before now
+  before=$(curl -sf "http://$admin/metrics" | awk '/^sidecar_http_requests_total/ {s += $NF} END {print s + 0}')
+  while sleep 2; do
+    curl -sf "http://$admin/metrics" >"$log_dir/.metrics" || continue
+    now=$(awk '/^sidecar_http_requests_total/ {s += $NF} END {print s + 0}' "$log_dir/.metrics")
+    awk -v before="$before" -v now="$now" '
+      /^sidecar_cache_hit_ratio / {hit = $NF}
+      /^sidecar_upstream_healthy/ {up += $NF; n++}
+      END {printf "\r  %8.1f req/s   cache hit ratio %5.1f %%   upstreams healthy %d/%d   ", (now - before) / 2, hit * 100, up, n}
+    ' "$log_dir/.metrics"
+    before=$now
+  done
+}
+if [ -t 1 ] && ! $logs_to_terminal; then
+  status_line &
+  pids+=($!)
+fi
 # Stop everything as soon as any part exits on its own.
 wait -n "${pids[@]}"
 echo "a process of the stack exited; stopping the rest" >&2

@@ -373,6 +373,10 @@ pub struct RateLimit {
     pub rules: Vec<LimitRule>,
     /// Limits shared by every pod through Redis; local limits take over while Redis is down.
     pub redis: Option<RedisLimits>,
+    /// Besides the current IETF draft's `RateLimit-Policy` and `RateLimit` fields, also send the
+    /// older drafts' `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`, which many
+    /// clients still read.
+    pub legacy_headers: bool,
 }
 
 impl Default for RateLimit {
@@ -398,6 +402,7 @@ impl Default for RateLimit {
                 },
             ],
             redis: None,
+            legacy_headers: true,
         }
     }
 }

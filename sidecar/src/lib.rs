@@ -6,6 +6,7 @@ pub mod header_deadline;
 pub mod limits;
 pub mod log_limit;
 pub mod metrics;
+pub mod negotiate;
 pub mod proxy;
 pub mod services;
 pub mod state;
@@ -25,6 +26,7 @@ pub use mall_sidecar_config as config;
 /// Builds the pingora server for `config` and runs it until SIGTERM or SIGINT (both drain; a
 /// second SIGINT exits at once).
 pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let threads = match config.server.threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
@@ -80,6 +82,43 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
         shutdown_signal: Box::new(Signals),
     });
     std::process::exit(0)
+}
+
+/// Raises the soft limit on open files to the hard limit, as nginx's `worker_rlimit_nofile` does.
+/// Every client and every app connection is a descriptor; services often start with a soft limit
+/// of 1,024, at which 2,000 idle clients stopped the sidecar (accept failing every second, `/ready`
+/// timing out). The limit is logged, with a warning when it leaves little room.
+pub fn raise_open_files_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            tracing::warn!("cannot read the open-files limit");
+            return 0;
+        }
+        let before = limit.rlim_cur;
+        if limit.rlim_cur < limit.rlim_max {
+            // An unlimited hard limit is not a valid soft limit on every kernel: cap it.
+            limit.rlim_cur = limit.rlim_max.min(1 << 20);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                limit.rlim_cur = before;
+            }
+        }
+        let soft: u64 = limit.rlim_cur;
+        if soft < 4096 {
+            tracing::warn!(
+                soft,
+                hard = limit.rlim_max,
+                "open-files limit is low: raise the hard limit (LimitNOFILE, ulimit -Hn)"
+            );
+        } else {
+            tracing::info!(soft, was = before, "open-files limit");
+        }
+        soft
+    }
 }
 
 /// SIGTERM and SIGINT both drain: the `Drain` service exits as soon as in-flight requests finish.

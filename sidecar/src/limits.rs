@@ -28,7 +28,7 @@ pub struct Decision {
     pub reset_secs: u64,
     /// Seconds to wait before retrying (only when refused; at least 1).
     pub retry_after_secs: u64,
-    /// `RateLimit-Policy` value, e.g. `40;w=2`.
+    /// `RateLimit-Policy` value (draft-ietf-httpapi-ratelimit-headers): `"orders";q=40;w=2`.
     pub policy: Arc<str>,
 }
 
@@ -89,7 +89,7 @@ impl Limiter {
                 let window = (r.burst as f64 / r.requests_per_second).ceil().max(1.0);
                 Rule {
                     name: r.name.as_str().into(),
-                    policy: format!("{};w={}", r.burst, window).into(),
+                    policy: format!("\"{}\";q={};w={}", r.name, r.burst, window).into(),
                     interval_ns: 1e9 / r.requests_per_second,
                     config: r.clone(),
                 }
@@ -296,7 +296,7 @@ mod tests {
         let refused = l.check("GET", "/api/products", "a").await.unwrap();
         assert!(!refused.allowed);
         assert_eq!(refused.retry_after_secs, 1);
-        assert_eq!(&*refused.policy, "3;w=3");
+        assert_eq!(&*refused.policy, "\"api\";q=3;w=3");
         // Another key has its own bucket; paths without a rule are not limited.
         assert!(l.check("GET", "/api/products", "b").await.unwrap().allowed);
         assert!(l.check("GET", "/health", "a").await.is_none());

@@ -24,6 +24,21 @@ const SLOTS: usize = 256;
 /// Library lines dropped since the process started.
 pub static DROPPED: AtomicU64 = AtomicU64::new(0);
 
+/// pingora's `ERROR failed to acquire reusable stream`: a pooled keep-alive connection to the app
+/// that the app had already closed. That is ordinary keep-alive churn (the app's idle timeout ends
+/// connections the pool still holds; pingora then opens a new one), not a failure, so it is counted
+/// (`sidecar_upstream_stale_pooled_connections_total`) instead of logged at error. (A filter cannot
+/// re-level a line; pingora's own `debug` line "No reusable connection found" remains for tracing.)
+pub static STALE_POOLED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether `meta` is pingora's stale-pooled-connection line (the only ERROR in
+/// `pingora_core::connectors`' module file).
+fn is_stale_pooled_connection(meta: &Metadata<'_>) -> bool {
+    *meta.level() == tracing::Level::ERROR
+        && meta.target() == "pingora_core::connectors"
+        && meta.file().is_some_and(|f| f.ends_with("connectors/mod.rs"))
+}
+
 /// Per call site: the current second in the high 40 bits, lines logged in it in the low 24.
 /// Call sites are hashed into a fixed table; two sharing a slot share its budget.
 pub struct PerCallsite {
@@ -78,6 +93,10 @@ impl Default for PerCallsite {
 
 impl<S> Filter<S> for PerCallsite {
     fn enabled(&self, meta: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
+        if is_stale_pooled_connection(meta) {
+            STALE_POOLED.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         if !Self::capped(meta) {
             return true;
         }
@@ -117,6 +136,31 @@ mod tests {
             tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
             tracing::metadata::Kind::EVENT,
         )
+    }
+
+    #[test]
+    fn a_stale_pooled_connection_is_counted_not_an_error() {
+        let line = Metadata::new(
+            "event",
+            "pingora_core::connectors",
+            tracing::Level::ERROR,
+            Some("/registry/pingora-core-0.9.1/src/connectors/mod.rs"),
+            Some(293),
+            None,
+            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
+            tracing::metadata::Kind::EVENT,
+        );
+        assert!(is_stale_pooled_connection(&line));
+        assert!(!is_stale_pooled_connection(&event(
+            "pingora_core::connectors",
+            tracing::Level::WARN,
+            Some(485)
+        )));
+        assert!(!is_stale_pooled_connection(&event(
+            "pingora_proxy",
+            tracing::Level::ERROR,
+            Some(1)
+        )));
     }
 
     #[test]

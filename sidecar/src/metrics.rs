@@ -29,6 +29,8 @@ pub struct Metrics {
     pub header_timeouts: IntCounter,
     /// Library log lines dropped by the per-call-site cap (`log_limit`), copied at scrape time.
     pub log_lines_dropped: IntCounter,
+    /// Pooled app connections found closed when reused (ordinary keep-alive churn).
+    pub stale_pooled_connections: IntCounter,
     /// (HIT + STALE) / (HIT + STALE + MISS) since start, refreshed at scrape time so dashboards
     /// without PromQL arithmetic see it too.
     pub cache_hit_ratio: Gauge,
@@ -132,9 +134,14 @@ impl Metrics {
                 "Library log lines dropped because their call site logged too often",
             )
             .expect("metric"),
+            stale_pooled_connections: IntCounter::new(
+                "upstream_stale_pooled_connections_total",
+                "Pooled app connections the app had closed, found when reused (a new one is opened)",
+            )
+            .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(m.requests.clone()),
             Box::new(m.upstream_latency.clone()),
             Box::new(m.cache_results.clone()),
@@ -153,6 +160,7 @@ impl Metrics {
             Box::new(m.in_flight.clone()),
             Box::new(m.header_timeouts.clone()),
             Box::new(m.log_lines_dropped.clone()),
+            Box::new(m.stale_pooled_connections.clone()),
             Box::new(m.cache_hit_ratio.clone()),
         ];
         for c in collectors {
@@ -169,6 +177,9 @@ impl Metrics {
         let dropped = crate::log_limit::DROPPED.load(std::sync::atomic::Ordering::Relaxed);
         self.log_lines_dropped
             .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
+        let stale = crate::log_limit::STALE_POOLED.load(std::sync::atomic::Ordering::Relaxed);
+        self.stale_pooled_connections
+            .inc_by(stale.saturating_sub(self.stale_pooled_connections.get()));
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

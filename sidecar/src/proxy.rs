@@ -78,15 +78,46 @@ impl MallProxy {
         message: &str,
         extra: &[(&str, String)],
     ) -> Result<()> {
+        let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
+        Self::reply_body(session, status, "application/json", body, extra).await
+    }
+
+    /// An RFC 9457 problem document (`application/problem+json`); the `error` member keeps the
+    /// shape of the sidecar's other errors for clients that read that.
+    async fn reply_problem(
+        session: &mut Session,
+        status: u16,
+        code: &str,
+        title: &str,
+        detail: &str,
+        extra: &[(&str, String)],
+    ) -> Result<()> {
+        let body = serde_json::json!({
+            "type": format!("https://mall.example.com/problems/{code}"),
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "error": { "code": code, "message": detail },
+        })
+        .to_string();
+        Self::reply_body(session, status, "application/problem+json", body, extra).await
+    }
+
+    async fn reply_body(
+        session: &mut Session,
+        status: u16,
+        content_type: &str,
+        body: String,
+        extra: &[(&str, String)],
+    ) -> Result<()> {
         if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
             if c.is_header_phase() {
                 c.adjust_level(0);
                 c.adjust_decompression(false);
             }
         }
-        let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
         let mut resp = ResponseHeader::build(status, Some(4))?;
-        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-type", content_type)?;
         resp.insert_header("content-length", body.len().to_string())?;
         resp.insert_header("cache-control", "no-store")?;
         for (name, value) in extra {
@@ -131,6 +162,21 @@ impl ProxyHttp for MallProxy {
         }
     }
 
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // Before pingora's compression module reads Accept-Encoding: leave it only the coding
+        // the q-values choose (RFC 9110 12.5.3), or `identity`.
+        let header = session.req_header().headers.get(http::header::ACCEPT_ENCODING);
+        if let Some(value) = header {
+            let chosen = crate::negotiate::choose(value.to_str().ok());
+            if value.as_bytes() != chosen.unwrap_or("identity").as_bytes() {
+                session
+                    .req_header_mut()
+                    .insert_header(http::header::ACCEPT_ENCODING, chosen.unwrap_or("identity"))?;
+            }
+        }
+        Ok(())
+    }
+
     fn init_downstream_modules(&self, modules: &mut HttpModules) {
         // Enabled with the configured level; each response then decides (min size, type).
         let level = self.shared.live.load().config.compression.level;
@@ -146,6 +192,22 @@ impl ProxyHttp for MallProxy {
             session.set_keepalive(Some(server.keepalive_timeout_seconds));
         }
         let req = session.req_header();
+        // Both framings at once is how requests are smuggled past a proxy: RFC 9112 6.1 lets a
+        // server refuse it, and says the connection MUST be closed after responding.
+        // (pingora drops the Content-Length of such a request while parsing, so the raw header
+        // block is what still shows it.)
+        if req.headers.contains_key(http::header::TRANSFER_ENCODING) && declared_both_framings(session) {
+            session.set_keepalive(None);
+            Self::reply(
+                session,
+                400,
+                "bad_request",
+                "a request must not carry both Content-Length and Transfer-Encoding (RFC 9112 section 6.1)",
+                &[("connection", "close".to_string())],
+            )
+            .await?;
+            return Ok(true);
+        }
         // Route labels and limits match the normalised path: `//api/./orders` must not dodge the
         // `/api/orders` rule.
         let path = crate::cache::normalise_path(req.uri.path());
@@ -238,19 +300,22 @@ impl ProxyHttp for MallProxy {
         if let Some(decision) = decision {
             if !decision.allowed {
                 let retry = decision.retry_after_secs.to_string();
-                let headers = [
+                let mut headers = vec![
                     ("retry-after", retry.clone()),
-                    ("ratelimit-limit", decision.limit.to_string()),
-                    ("ratelimit-remaining", "0".to_string()),
-                    ("ratelimit-reset", retry),
                     ("ratelimit-policy", decision.policy.to_string()),
+                    ("ratelimit", format!("\"{}\";r=0;t={retry}", decision.rule)),
                     ("x-request-id", ctx.request_id.clone()),
                 ];
+                if live.config.rate_limit.legacy_headers {
+                    headers.push(("ratelimit-limit", decision.limit.to_string()));
+                    headers.push(("ratelimit-remaining", "0".to_string()));
+                    headers.push(("ratelimit-reset", retry));
+                }
                 let message = format!(
                     "rate limit `{}` exceeded; retry after {} s",
                     decision.rule, decision.retry_after_secs
                 );
-                Self::reply(session, 429, "rate_limited", &message, &headers).await?;
+                Self::reply_problem(session, 429, "rate_limited", "Too Many Requests", &message, &headers).await?;
                 return Ok(true);
             }
             ctx.limit = Some(decision);
@@ -484,12 +549,23 @@ impl ProxyHttp for MallProxy {
             };
         }
         resp.insert_header("x-cache", ctx.cache_result)?;
+        if let Some(status) = cache_status(session, ctx.cache_result) {
+            resp.insert_header("cache-status", status)?;
+        }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(limit) = &ctx.limit {
-            resp.insert_header("ratelimit-limit", limit.limit.to_string())?;
-            resp.insert_header("ratelimit-remaining", limit.remaining.to_string())?;
-            resp.insert_header("ratelimit-reset", limit.reset_secs.to_string())?;
+            // draft-ietf-httpapi-ratelimit-headers: the policy, and this key's remaining quota
+            // and seconds until it is whole again.
             resp.insert_header("ratelimit-policy", &*limit.policy)?;
+            resp.insert_header(
+                "ratelimit",
+                format!("\"{}\";r={};t={}", limit.rule, limit.remaining, limit.reset_secs),
+            )?;
+            if ctx.live.config.rate_limit.legacy_headers {
+                resp.insert_header("ratelimit-limit", limit.limit.to_string())?;
+                resp.insert_header("ratelimit-remaining", limit.remaining.to_string())?;
+                resp.insert_header("ratelimit-reset", limit.reset_secs.to_string())?;
+            }
         }
         if self.shared.draining.load(Ordering::Relaxed) {
             resp.insert_header("connection", "close")?;
@@ -622,4 +698,45 @@ impl ProxyHttp for MallProxy {
         }
         ctx.lease = None;
     }
+}
+
+/// The `Cache-Status` field (RFC 9211) for this response: `hit` with the remaining freshness as
+/// `ttl` (negative when a stale copy is served), or `fwd=` with why the origin was asked.
+fn cache_status(session: &Session, result: &str) -> Option<String> {
+    const NAME: &str = "mall-sidecar";
+    let ttl = || {
+        session.cache.maybe_cache_meta().map(|meta| {
+            let now = std::time::SystemTime::now();
+            match meta.fresh_until().duration_since(now) {
+                Ok(left) => left.as_secs() as i64,
+                Err(past) => -(past.duration().as_secs() as i64),
+            }
+        })
+    };
+    Some(match result {
+        "HIT" => match ttl() {
+            Some(t) => format!("{NAME}; hit; ttl={t}"),
+            None => format!("{NAME}; hit"),
+        },
+        "STALE" => match ttl() {
+            Some(t) => format!("{NAME}; hit; fwd=stale; ttl={t}"),
+            None => format!("{NAME}; hit; fwd=stale"),
+        },
+        "MISS" if session.cache.phase() == CachePhase::Expired => format!("{NAME}; fwd=stale"),
+        "MISS" => format!("{NAME}; fwd=uri-miss"),
+        "BYPASS" => format!("{NAME}; fwd=bypass"),
+        _ => return None,
+    })
+}
+
+/// Whether the request's raw header block carries a `Content-Length` (pingora removes it from the
+/// parsed header when `Transfer-Encoding` is present too).
+fn declared_both_framings(session: &Session) -> bool {
+    use pingora_core::protocols::http::ServerSession;
+    let ServerSession::H1(h1) = &*session.downstream_session else {
+        return false;
+    };
+    h1.get_headers_raw_bytes()
+        .split(|b| *b == b'\n')
+        .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
 }

@@ -177,14 +177,29 @@ async fn rate_limit_refuses_after_the_burst_and_sighup_reload_changes_it() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["ratelimit-remaining"], remaining);
         assert_eq!(r.headers()["ratelimit-limit"], "3");
+        assert!(r.headers()["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with(&format!("\"catalog\";r={remaining};t=")));
     }
     let refused = http.get(sidecar.url("/api/products/5")).send().await.unwrap();
     assert_eq!(refused.status(), 429);
     let retry: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=2).contains(&retry), "retry after {retry}");
     assert_eq!(refused.headers()["ratelimit-remaining"], "0");
+    // The current IETF draft's fields, and an RFC 9457 problem document.
+    assert_eq!(refused.headers()["ratelimit-policy"], "\"catalog\";q=3;w=6");
+    assert_eq!(
+        refused.headers()["ratelimit"],
+        format!("\"catalog\";r=0;t={retry}").as_str()
+    );
+    assert_eq!(refused.headers()["content-type"], "application/problem+json");
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(
+        (body["status"].as_u64(), body["title"].as_str()),
+        (Some(429), Some("Too Many Requests"))
+    );
     // Other routes have no rule.
     assert_eq!(http.get(sidecar.url("/health")).send().await.unwrap().status(), 200);
     assert_eq!(
@@ -805,4 +820,131 @@ async fn admin_reload_needs_the_configured_bearer_token() {
     assert_eq!(http.post(&url).send().await.unwrap().status(), 401);
     assert_eq!(http.post(&url).bearer_auth("wrong").send().await.unwrap().status(), 401);
     assert_eq!(http.post(&url).bearer_auth(token).send().await.unwrap().status(), 200);
+}
+
+/// RFC 9110 12.5.3: q-values decide the coding, `q=0` excludes one, `*` stands for the rest; br
+/// is not offered (pingora's encoder does not finish the stream), so a br-only client gets identity.
+/// Every compressed body decodes with a strict decoder that requires the stream's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn accept_encoding_q_values_are_honoured_and_every_body_decodes_strictly() {
+    let app = AppInstance::start().await;
+    let sidecar = Sidecar::start(&upstream_section(&[app.addr], "round_robin")).await;
+    let http = client();
+    let identity = http
+        .get(sidecar.url("/api/products?limit=50"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let cases = [
+        ("gzip;q=0, identity", None),
+        ("gzip;q=0", None),
+        ("identity, gzip;q=0.5", None),
+        ("br", None),
+        ("br, gzip", Some("gzip")),
+        ("zstd;q=0.1, gzip", Some("gzip")),
+        ("*;q=0.5, zstd;q=0", Some("gzip")),
+        ("zstd", Some("zstd")),
+        ("gzip", Some("gzip")),
+    ];
+    for (accept, want) in cases {
+        let r = http
+            .get(sidecar.url("/api/products?limit=50"))
+            .header("accept-encoding", accept)
+            .send()
+            .await
+            .unwrap();
+        let got = r
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(got.as_deref(), want, "Accept-Encoding: {accept}");
+        let body = r.bytes().await.unwrap();
+        let decoded = match want {
+            None => body.to_vec(),
+            Some("gzip") => {
+                let mut out = Vec::new();
+                flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
+                out
+            }
+            Some(_) => zstd::stream::decode_all(&body[..]).expect("a complete zstd frame"),
+        };
+        assert_eq!(
+            decoded, identity,
+            "Accept-Encoding: {accept}: decodes to the identity bytes"
+        );
+    }
+}
+
+/// RFC 9112 6.1: a request with both Content-Length and Transfer-Encoding is refused with 400 and
+/// the connection closed; RFC 9211: every cacheable answer says what the cache did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smuggling_framing_is_refused_and_cache_status_is_reported() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = AppInstance::start().await;
+    let sidecar = Sidecar::start(&upstream_section(&[app.addr], "round_robin")).await;
+    let addr = sidecar.base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/cart/items HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/products/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "the connection is closed, not kept open");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert_eq!(
+        text.matches("HTTP/1.1").count(),
+        1,
+        "nothing after the refusal is answered: {text}"
+    );
+
+    let http = client();
+    let miss = http.get(sidecar.url("/api/products/7")).send().await.unwrap();
+    assert_eq!(miss.headers()["cache-status"], "mall-sidecar; fwd=uri-miss");
+    let hit = http.get(sidecar.url("/api/products/7")).send().await.unwrap();
+    let status = hit.headers()["cache-status"].to_str().unwrap().to_string();
+    assert!(status.starts_with("mall-sidecar; hit; ttl="), "{status}");
+    let ttl: i64 = status.rsplit('=').next().unwrap().parse().unwrap();
+    assert!(ttl >= 0, "{status}");
+    let bypass = http.get(sidecar.url("/health")).send().await.unwrap();
+    assert_eq!(bypass.headers()["cache-status"], "mall-sidecar; fwd=bypass");
+}
+
+/// Started with a soft open-files limit of 1,024 (a common service default), the sidecar raises it
+/// to the hard limit: with 4,000 idle client connections a normal request is still served and the
+/// admin `/ready` stays 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousands_of_idle_connections_do_not_exhaust_a_low_soft_nofile_limit() {
+    // This test process needs the descriptors too.
+    let hard = mall_sidecar::raise_open_files_limit();
+    if hard < 10_000 {
+        panic!("the hard open-files limit here is {hard}: raise it (ulimit -Hn) to run this test");
+    }
+    let app = AppInstance::start().await;
+    let sidecar = Sidecar::start_with_soft_nofile(&upstream_section(&[app.addr], "round_robin"), 1024).await;
+    let addr = sidecar.base.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..4000 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let http = client();
+    let ready = tokio::time::timeout(
+        Duration::from_secs(5),
+        http.get(format!("{}/ready", sidecar.admin)).send(),
+    )
+    .await
+    .expect("/ready answers")
+    .unwrap();
+    assert_eq!(ready.status(), 200);
+    let ok = tokio::time::timeout(Duration::from_secs(5), http.get(sidecar.url("/api/products/1")).send())
+        .await
+        .expect("a request is served")
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    drop(idle);
 }

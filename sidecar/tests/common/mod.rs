@@ -130,6 +130,15 @@ impl Sidecar {
     }
 
     pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> Sidecar {
+        Self::start_with(body, env, None).await
+    }
+
+    /// Starts the sidecar with its soft open-files limit lowered to `soft` (the hard one kept).
+    pub async fn start_with_soft_nofile(body: &str, soft: u64) -> Sidecar {
+        Self::start_with(body, &[], Some(soft)).await
+    }
+
+    async fn start_with(body: &str, env: &[(&str, &str)], soft_nofile: Option<u64>) -> Sidecar {
         let (port, admin_port) = (free_port(), free_port());
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("sidecar.toml");
@@ -148,6 +157,22 @@ impl Sidecar {
             .stderr(Stdio::inherit());
         for (k, v) in env {
             command.env(k, v);
+        }
+        if let Some(soft) = soft_nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit between fork and exec, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                    limit.rlim_cur = soft as libc::rlim_t;
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    Ok(())
+                });
+            }
         }
         let child = command.spawn().expect("sidecar binary runs");
         let sidecar = Sidecar {

@@ -1,0 +1,103 @@
+//! Content-coding negotiation (RFC 9110 section 12.5.3, `Accept-Encoding`): which coding, if any,
+//! a response to this request may carry. pingora's compression module ignores q-values (it takes
+//! the client's first known coding), so `gzip;q=0, identity` got gzip; the sidecar decides here and
+//! hands pingora a header naming only the chosen coding.
+//!
+//! Offered: zstd and gzip. Brotli is not offered: pingora's brotli encoder flushes instead of
+//! finishing the stream (pingora issue #1013), so strict decoders reject the body.
+
+/// The codings the sidecar produces, in its order of preference when the client weighs them equally.
+const OFFERED: [&str; 2] = ["zstd", "gzip"];
+
+/// The coding to use for a client that sent `accept_encoding`: `Some("gzip" | "zstd")`, or `None`
+/// for identity (no header, nothing acceptable, or identity preferred).
+pub fn choose(accept_encoding: Option<&str>) -> Option<&'static str> {
+    // No Accept-Encoding: any coding is acceptable, but the safe answer is identity (what
+    // browsers and curl without --compressed expect, and what nginx does).
+    let header = accept_encoding?;
+    let mut star: Option<f32> = None;
+    let mut identity: Option<f32> = None;
+    let mut listed: Vec<(&str, f32, usize)> = Vec::new();
+    for (position, element) in header.split(',').enumerate() {
+        let mut parts = element.split(';');
+        let coding = parts.next().unwrap_or("").trim();
+        if coding.is_empty() {
+            continue;
+        }
+        let mut q = 1.0f32;
+        for param in parts {
+            if let Some((name, value)) = param.split_once('=') {
+                if name.trim().eq_ignore_ascii_case("q") {
+                    // A malformed weight makes the element unusable rather than preferred.
+                    q = value
+                        .trim()
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|q| (0.0..=1.0).contains(q))
+                        .unwrap_or(0.0);
+                }
+            }
+        }
+        if coding == "*" {
+            star = Some(q);
+        } else if coding.eq_ignore_ascii_case("identity") {
+            identity = Some(q);
+        } else {
+            listed.push((coding, q, position));
+        }
+    }
+    let weight = |offered: &str| -> f32 {
+        listed
+            .iter()
+            .find(|(c, _, _)| c.eq_ignore_ascii_case(offered))
+            .map(|(_, q, _)| *q)
+            .or(star)
+            .unwrap_or(0.0)
+    };
+    let best = OFFERED.iter().map(|c| (*c, weight(c))).filter(|(_, q)| *q > 0.0).fold(
+        None::<(&'static str, f32)>,
+        |best, (c, q)| match best {
+            Some((_, bq)) if bq >= q => best,
+            _ => Some((c, q)),
+        },
+    )?;
+    // Identity is acceptable unless excluded (`identity;q=0`, or `*;q=0` without identity listed);
+    // a client that weighs identity above the best coding gets identity.
+    let identity_q = identity.unwrap_or(if star == Some(0.0) { 0.0 } else { 1.0 });
+    if identity.is_some() && identity_q > best.1 {
+        return None;
+    }
+    Some(best.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose;
+
+    #[test]
+    fn q_values_decide() {
+        let table = [
+            (None, None),
+            (Some("gzip"), Some("gzip")),
+            (Some("gzip;q=0, identity"), None),
+            (Some("gzip;q=0"), None),
+            (Some("br"), None),
+            (Some("br, gzip"), Some("gzip")),
+            (Some("zstd, gzip"), Some("zstd")),
+            (Some("gzip, zstd;q=0.5"), Some("gzip")),
+            (Some("zstd;q=0.1, gzip"), Some("gzip")),
+            (Some("*"), Some("zstd")),
+            (Some("*;q=0.5, zstd;q=0"), Some("gzip")),
+            (Some("*;q=0"), None),
+            (Some("identity;q=0, gzip"), Some("gzip")),
+            (Some("identity, gzip;q=0.5"), None),
+            (Some("GZIP;Q=1.0"), Some("gzip")),
+            (Some("gzip;q=bogus"), None),
+            (Some(""), None),
+            (Some("deflate"), None),
+        ];
+        for (header, want) in table {
+            assert_eq!(choose(header), want, "{header:?}");
+        }
+    }
+}

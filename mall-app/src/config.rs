@@ -168,6 +168,11 @@ pub struct ServeArgs {
     /// On SIGTERM, in-flight requests get this long to finish.
     #[arg(long, env = "MALL_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20)]
     pub shutdown_timeout_secs: u64,
+    /// On SIGTERM, `/ready` fails at once but requests are still served for this long before the
+    /// drain starts: long enough for the sidecar's health check (1 s by default) and Kubernetes'
+    /// endpoint updates to stop sending new requests, so none arrives at a closing listener.
+    #[arg(long, env = "MALL_SHUTDOWN_DELAY_MS", default_value_t = 5000)]
+    pub shutdown_delay_ms: u64,
     /// Seed products and users at start (idempotent).
     #[arg(long, env = "MALL_SEED")]
     pub seed: bool,

@@ -88,8 +88,9 @@ impl App {
         api::app(self.state.clone())
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight requests for at most the
-    /// configured timeout.
+    /// Serves until `shutdown` resolves; then `/ready` fails at once while requests are still
+    /// served for the shutdown delay (so load balancers stop sending first), then in-flight
+    /// requests drain for at most the configured timeout.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -97,11 +98,19 @@ impl App {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let grace = Duration::from_secs(state.config.args.shutdown_timeout_secs);
+        let delay = Duration::from_millis(state.config.args.shutdown_delay_ms);
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
         let readiness_state = state.clone();
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
             shutdown.await;
             readiness_state.readiness.set_shutting_down();
+            if !delay.is_zero() {
+                tracing::info!(
+                    delay_ms = delay.as_millis() as u64,
+                    "shutting down: not ready, still serving"
+                );
+                tokio::time::sleep(delay).await;
+            }
             tracing::info!("shutting down: draining in-flight requests");
             let _ = stopping_tx.send(true);
         });

@@ -14,6 +14,7 @@ pub struct RunningApp {
     pub addr: SocketAddr,
     /// Where its SQLite database lives.
     pub data_dir: std::path::PathBuf,
+    extra: Vec<String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
@@ -32,6 +33,20 @@ impl RunningApp {
     /// Like `start`, on the SQLite database in `data_dir`, which several apps may share (the seed
     /// is idempotent).
     pub async fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> RunningApp {
+        Self::start_on(data_dir, "127.0.0.1:0".parse().expect("address"), extra).await
+    }
+
+    /// Terminates (as on SIGTERM) and starts a new instance on the same port and database, as a
+    /// rolling restart replaces a process.
+    pub async fn restart(&mut self) {
+        self.terminate().await;
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let mut next = Self::start_on(&self.data_dir, self.addr, &extra).await;
+        next._dir = self._dir.take();
+        *self = next;
+    }
+
+    async fn start_on(data_dir: &std::path::Path, addr: SocketAddr, extra: &[&str]) -> RunningApp {
         let mut args = vec![
             "--listen=127.0.0.1:0".to_string(),
             format!("--data-dir={}", data_dir.display()),
@@ -41,10 +56,14 @@ impl RunningApp {
             format!("--seed-password={PASSWORD}"),
             "--log-format=text".into(),
         ];
+        // Tests stop apps often: no readiness delay unless a test asks for one.
+        if !extra.iter().any(|a| a.starts_with("--shutdown-delay-ms")) {
+            args.push("--shutdown-delay-ms=0".into());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let config = Config::from_args(args).expect("valid app config");
         let app = App::start(config).await.expect("app starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -57,6 +76,7 @@ impl RunningApp {
         let running = RunningApp {
             addr,
             data_dir: data_dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             stop: Some(tx),
             task: Some(task),
             _dir: None,
@@ -84,6 +104,12 @@ impl RunningApp {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         panic!("the app at {} never became ready", self.addr);
+    }
+
+    /// What SIGTERM does: `/ready` fails, requests are served for the shutdown delay, in-flight
+    /// ones drain, then the port closes. Returns when it has.
+    pub async fn terminate(&mut self) {
+        self.kill().await;
     }
 
     /// Stops serving: from now on its port refuses connections.

@@ -48,6 +48,9 @@ pub const GROUP: &str = "mall.example.com";
     validation = Rule::new("self.spec.slo.highQps < self.spec.slo.criticalQps")
         .message("spec.slo.highQps must be below spec.slo.criticalQps")
         .field_path(".spec.slo.highQps"),
+    validation = Rule::new("self.spec.autoscaling.mode == 'alerts' || !isQuantity(string(self.spec.app.cpu.limit)) || !isQuantity(string(self.spec.app.cpu.request)) || quantity(string(self.spec.app.cpu.request)).sign() <= 0 || quantity(string(self.spec.app.cpu.request)).compareTo(quantity(string(self.spec.app.cpu.limit))) > 0 || double(self.spec.autoscaling.targetCpuPercent) * 1.1 <= 100.0 * quantity(string(self.spec.app.cpu.limit)).asApproximateFloat() / quantity(string(self.spec.app.cpu.request)).asApproximateFloat()")
+        .message("spec.autoscaling.targetCpuPercent cannot be reached: the HPA scales at 110 % of the target, and the app can use at most its CPU limit, measured against its request; lower the target or raise spec.app.cpu.limit above the request")
+        .field_path(".spec.autoscaling.targetCpuPercent"),
     validation = Rule::new("has(self.spec.database.primary) || self.spec.maxReplicas == 1")
         .message("without spec.database.primary every pod sells from its own embedded SQLite stock: set spec.database.primary, or replicas, minReplicas and maxReplicas to 1")
         .field_path(".spec.maxReplicas"),
@@ -438,7 +441,7 @@ pub struct MallDeploymentStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Tuning {
-    /// App worker threads: floor(CPU limit), at least 1.
+    /// App worker threads: floor(CPU limit), at least 1, rounded up where the HPA CPU target needs it.
     pub app_worker_threads: u32,
     /// Primary pool per pod: min(10 per CPU, budget / maxReplicas).
     pub db_max_connections: u32,

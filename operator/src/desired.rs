@@ -239,7 +239,9 @@ fn app_env(md: &MallDeployment, tuning: &Tuning) -> Vec<EnvVar> {
         env("MALL_DB_MIN_CONNECTIONS", tuning.db_min_connections),
         env("MALL_DB_REPLICA_MAX_CONNECTIONS", tuning.db_replica_max_connections),
         env("MALL_CACHE_BYTES", tuning.app_cache_bytes),
-        // The app drains in 15 s; the sidecar (20 s) outlives it, both inside Kubernetes' 30 s.
+        // On SIGTERM the app fails /ready and serves 5 s more (endpoints and the sidecar's checks
+        // drop it meanwhile), then drains for up to 15 s: 20 s, inside Kubernetes' 30 s.
+        env("MALL_SHUTDOWN_DELAY_MS", 5000),
         env("MALL_SHUTDOWN_TIMEOUT_SECS", 15),
         // Pods share the database: each takes its snowflake worker id from its own name.
         env("MALL_WORKER_ID", "auto"),
@@ -268,6 +270,10 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
     let mut sidecar_env = vec![env("SIDECAR_LOG_FORMAT", "json")];
     if let (Some(redis), true) = (&s.redis, s.rate_limits.shared) {
         sidecar_env.push(secret_env("SIDECAR__RATE_LIMIT__REDIS__URL", &redis.url));
+    }
+    if let Some(redis) = &s.redis {
+        // Writes through any pod purge every pod's sidecar (the app publishes on this Redis).
+        sidecar_env.push(secret_env("SIDECAR__CACHE__INVALIDATION__REDIS_URL", &redis.url));
     }
     // Any change to what the pods run with (sidecar config, env, images, resources) changes the
     // hash and so rolls the pods.

@@ -74,6 +74,8 @@ fn render_refuses_what_the_api_server_refuses() {
     let cases = [
         (format!("{one}, app: {{cpu: {{request: \"4\", limit: \"2\"}}}}"), "spec.app.cpu.request: request must not exceed limit"),
         (format!("{one}, autoscaling: {{scaleFactor: 0}}"), "spec.autoscaling.scaleFactor"),
+        // The HPA acts at 110 % of its target; with request = limit the app never gets past 100 %.
+        (format!("{one}, autoscaling: {{targetCpuPercent: 95}}, app: {{cpu: {{request: \"1\", limit: \"1\"}}}}"), "spec.autoscaling.targetCpuPercent"),
         (format!("{one}, autoscaling: {{targetCpuPercent: 5}}"), "spec.autoscaling.targetCpuPercent"),
         (format!("{one}, slo: {{errorRatePercent: 150}}"), "spec.slo.errorRatePercent"),
         (format!("{one}, slo: {{highQps: 10, criticalQps: 5}}"), "spec.slo.highQps"),

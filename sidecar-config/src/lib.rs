@@ -200,12 +200,15 @@ pub struct HealthCheck {
 
 impl Default for HealthCheck {
     fn default() -> Self {
+        // `/ready`, not `/health`: the app fails `/ready` the moment it is told to stop and keeps
+        // serving for its shutdown delay (5 s), so 2 failed checks a second apart take it out of
+        // rotation before it closes its listener.
         HealthCheck {
-            path: "/health".into(),
-            interval_ms: 2_000,
+            path: "/ready".into(),
+            interval_ms: 1_000,
             timeout_ms: 1_000,
             healthy_threshold: 2,
-            unhealthy_threshold: 3,
+            unhealthy_threshold: 2,
         }
     }
 }
@@ -257,6 +260,27 @@ pub struct Cache {
     /// cached (and never wait on the cache lock).
     pub rules: Vec<CacheRule>,
     pub purge: Purge,
+    /// Fleet-wide invalidation through Redis (the app's `<prefix>:invalidate` channel). Without it
+    /// a write reaching another pod's sidecar is seen here after the entry's max-age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalidation: Option<CacheInvalidation>,
+}
+
+/// The app publishes the cache keys of every committed write on Redis `<prefix>:invalidate`
+/// (`<prefix>:product:0:1002`); the sidecar subscribes and purges the entries tagged
+/// `product:1002` (the app's `Surrogate-Key`), so a write through any pod reaches every sidecar.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheInvalidation {
+    /// `redis://` or `rediss://` URL of the Redis the app publishes on.
+    pub redis_url: String,
+    /// The app's `MALL_REDIS_PREFIX`.
+    #[serde(default = "default_invalidation_prefix")]
+    pub prefix: String,
+}
+
+fn default_invalidation_prefix() -> String {
+    "mall".into()
 }
 
 impl Default for Cache {
@@ -271,6 +295,7 @@ impl Default for Cache {
             key_headers: Vec::new(),
             rules: CacheRule::seed_defaults(),
             purge: Purge::default(),
+            invalidation: None,
         }
     }
 }
@@ -648,6 +673,20 @@ impl SidecarConfig {
                 return Err(ConfigError::invalid(
                     format!("cache.rules[{i}].path_prefix"),
                     "must start with `/`",
+                ));
+            }
+        }
+        if let Some(inv) = &c.invalidation {
+            if !(inv.redis_url.starts_with("redis://") || inv.redis_url.starts_with("rediss://")) {
+                return Err(ConfigError::invalid(
+                    "cache.invalidation.redis_url",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+            if inv.prefix.is_empty() || inv.prefix.contains(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    "cache.invalidation.prefix",
+                    "must be non-empty, without spaces",
                 ));
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod header_deadline;
+pub mod invalidation;
 pub mod limits;
 pub mod log_limit;
 pub mod metrics;
@@ -76,6 +77,10 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
     server.add_service(admin);
     server.add_service(background_service("upstreams", services::Upstreams(shared.clone())));
     server.add_service(background_service("reload", services::Reloader(shared.clone())));
+    server.add_service(background_service(
+        "invalidation",
+        invalidation::Invalidations(shared.clone()),
+    ));
     server.add_service(background_service("drain", services::Drain(shared)));
     tracing::info!(%listen, %admin_listen, threads, "sidecar starting");
     server.run(RunArgs {

@@ -13,6 +13,10 @@ pub struct Metrics {
     /// `HIT`, `MISS`, `STALE`, `BYPASS` per response.
     pub cache_results: IntCounterVec,
     pub cache_purges: IntCounterVec,
+    /// Invalidations received, by source: local_write, fleet, purge_tag, reconnect.
+    pub cache_invalidations: IntCounterVec,
+    /// Cache entries removed by invalidations, by the same sources.
+    pub cache_invalidated_entries: IntCounterVec,
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     pub compression_saved: IntCounterVec,
@@ -62,6 +66,22 @@ impl Metrics {
                     "Responses by cache result (HIT, MISS, STALE, BYPASS)",
                 ),
                 &["result"],
+            )
+            .expect("metric"),
+            cache_invalidations: IntCounterVec::new(
+                Opts::new(
+                    "cache_invalidations_total",
+                    "Invalidations received, by source (local_write, fleet, purge_tag, reconnect)",
+                ),
+                &["source"],
+            )
+            .expect("metric"),
+            cache_invalidated_entries: IntCounterVec::new(
+                Opts::new(
+                    "cache_invalidated_entries_total",
+                    "Cache entries removed by invalidations, by source",
+                ),
+                &["source"],
             )
             .expect("metric"),
             cache_purges: IntCounterVec::new(
@@ -141,7 +161,9 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
+            Box::new(m.cache_invalidations.clone()),
+            Box::new(m.cache_invalidated_entries.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.upstream_latency.clone()),
             Box::new(m.cache_results.clone()),

@@ -70,6 +70,12 @@ impl MallProxy {
         session.req_header().method.is_idempotent()
     }
 
+    /// Whether sending the request again cannot do anything twice: an idempotent method, or an
+    /// `Idempotency-Key` (the app answers a repeat with the first result).
+    fn is_replayable(session: &Session) -> bool {
+        Self::is_idempotent(session) || session.req_header().headers.contains_key("idempotency-key")
+    }
+
     /// Writes a small JSON response of our own (never compressed, so no Vary games).
     async fn reply(
         session: &mut Session,
@@ -276,6 +282,22 @@ impl ProxyHttp for MallProxy {
                 .await?;
                 return Ok(true);
             }
+            // `PURGE` with `Surrogate-Key: <tags>` purges every entry carrying one of the tags,
+            // whatever its URL; without the header it purges the request's URL.
+            let tags: Vec<String> = req
+                .headers
+                .get_all(crate::cache::store::TAG_HEADER)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(str::split_whitespace)
+                .map(str::to_string)
+                .collect();
+            if !tags.is_empty() {
+                let purged = self.shared.invalidate("purge_tag", tags.iter().map(String::as_str));
+                let body = serde_json::json!({ "purged": purged, "tags": tags }).to_string();
+                Self::reply_body(session, 200, "application/json", body, &[]).await?;
+                return Ok(true);
+            }
             ctx.purge = true;
             return Ok(false);
         }
@@ -418,11 +440,48 @@ impl ProxyHttp for MallProxy {
         if let Some(addr) = peer._address.as_inet() {
             self.shared.pool.report_connect_failure(*addr);
         }
-        // Nothing reached the app, so any method could be retried; we keep to idempotent ones so
+        // Nothing reached the app, so any method could be retried; we keep to replayable ones so
         // a half-open connection never duplicates an order.
         let retries_left = ctx.tried.len() <= ctx.live.config.upstream.retries;
-        if Self::is_idempotent(session) && retries_left {
+        if Self::is_replayable(session) && retries_left {
             e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !Self::is_replayable(session) || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+            return e;
+        }
+        // The app closed the connection before any response reached the client (an instance
+        // restarting, a pooled connection it had already closed): send the request again, on
+        // another instance, instead of answering 502.
+        let closed_early = session.response_written().is_none()
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectError
+            );
+        let retries_left = ctx.tried.len() <= ctx.live.config.upstream.retries;
+        if closed_early && retries_left {
+            // A fresh connection closed at once means the instance is going away; a pooled one
+            // is ordinary keep-alive churn and says nothing about the instance.
+            if !client_reused {
+                if let Some(addr) = peer._address.as_inet() {
+                    self.shared.pool.report_connect_failure(*addr);
+                }
+            }
+            e.set_retry(true);
+        } else {
+            e.retry.decide_reuse(client_reused);
         }
         e
     }
@@ -522,10 +581,24 @@ impl ProxyHttp for MallProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // Before the response is stored: tag it with its path too, so a write to that URI
+        // (RFC 9111 4.4) finds it, whatever the query or variant it was cached under.
+        if ctx.cacheable {
+            let path_tag = path_tag(session.req_header().uri.path());
+            let tags = match resp
+                .headers
+                .get(crate::cache::store::TAG_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(app_tags) => format!("{app_tags} {path_tag}"),
+                None => path_tag,
+            };
+            resp.insert_header(crate::cache::store::TAG_HEADER, tags)?;
+        }
         if let (Some(sent), Some(lease)) = (ctx.upstream_sent, &ctx.lease) {
             self.shared
                 .metrics
@@ -547,6 +620,26 @@ impl ProxyHttp for MallProxy {
                 CachePhase::Miss | CachePhase::Expired | CachePhase::RevalidatedNoCache(_) => "MISS",
                 _ => "BYPASS",
             };
+        }
+        // Tags are between the app and the cache; clients never see them.
+        resp.remove_header(crate::cache::store::TAG_HEADER);
+        // RFC 9111 4.4: a successful unsafe request invalidates its target URI, and the URIs in
+        // Location and Content-Location. Done before the response leaves, so the client's next
+        // read cannot see the old entry.
+        let method = &session.req_header().method;
+        if !method.is_safe() && method.as_str() != "PURGE" && resp.status.as_u16() < 400 {
+            let mut tags = vec![path_tag(session.req_header().uri.path())];
+            for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+                if let Some(path) = resp
+                    .headers
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(same_origin_path)
+                {
+                    tags.push(path_tag(&path));
+                }
+            }
+            self.shared.invalidate("local_write", tags.iter().map(String::as_str));
         }
         resp.insert_header("x-cache", ctx.cache_result)?;
         if let Some(status) = cache_status(session, ctx.cache_result) {
@@ -739,4 +832,17 @@ fn declared_both_framings(session: &Session) -> bool {
     h1.get_headers_raw_bytes()
         .split(|b| *b == b'\n')
         .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
+}
+
+/// The tag every cached entry carries for its normalised path.
+fn path_tag(path: &str) -> String {
+    format!("path:{}", crate::cache::normalise_path(path))
+}
+
+/// The path of a `Location` / `Content-Location` value on this origin (relative, or absolute with
+/// any host: the sidecar serves one origin).
+fn same_origin_path(value: &str) -> Option<String> {
+    let uri: http::Uri = value.parse().ok()?;
+    let path = uri.path();
+    path.starts_with('/').then(|| path.to_string())
 }

@@ -79,6 +79,17 @@ impl Shared {
 
     /// Re-reads the file; on success swaps limits, cache rules and upstreams in place. Listening
     /// addresses, threads and the cache size need a restart, and say so.
+    /// Purges the cache entries carrying any of `tags`, counted under `source`.
+    pub fn invalidate<'a>(&self, source: &str, tags: impl IntoIterator<Item = &'a str>) -> u64 {
+        let purged = self.store.purge_tags(tags);
+        self.metrics.cache_invalidations.with_label_values(&[source]).inc();
+        self.metrics
+            .cache_invalidated_entries
+            .with_label_values(&[source])
+            .inc_by(purged);
+        purged
+    }
+
     pub fn reload(&self) -> Result<(), String> {
         let Some(path) = &self.config_path else {
             return Err("no configuration file to reload".into());

@@ -948,3 +948,241 @@ async fn thousands_of_idle_connections_do_not_exhaust_a_low_soft_nofile_limit() 
     assert_eq!(ok.status(), 200);
     drop(idle);
 }
+
+async fn price_through(http: &reqwest::Client, sidecar: &Sidecar, path: &str, id: i64) -> i64 {
+    let body: serde_json::Value = http.get(sidecar.url(path)).send().await.unwrap().json().await.unwrap();
+    if let Some(items) = body["items"].as_array() {
+        return items
+            .iter()
+            .find(|p| p["id"].as_i64() == Some(id))
+            .and_then(|p| p["price"].as_i64())
+            .expect("the product is on the page");
+    }
+    body["price"].as_i64().unwrap()
+}
+
+/// A write through one pod's sidecar reaches every sidecar: two app instances on one database, a
+/// sidecar in front of each (as in two pods), Redis between them. After an admin price change sent
+/// to either sidecar, neither serves the old price (product or list page) 100 ms later. Without
+/// Redis the writing sidecar still drops its own entry at once (RFC 9111 4.4), and tags and a
+/// tagged PURGE work locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_through_any_sidecar_is_seen_by_every_sidecar_within_100_ms() {
+    let Some(redis) = common::redis_url().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("fleet{}", std::process::id());
+    let app_flags = [format!("--redis-url={redis}"), format!("--redis-prefix={prefix}")];
+    let app_flags: Vec<&str> = app_flags.iter().map(String::as_str).collect();
+    let app_a = AppInstance::start_in(dir.path(), &app_flags).await;
+    let app_b = AppInstance::start_in(dir.path(), &app_flags).await;
+    let fleet = |app: &AppInstance| {
+        format!(
+            "{}\n[cache.invalidation]\nredis_url = \"{redis}\"\nprefix = \"{prefix}\"\n",
+            upstream_section(&[app.addr], "round_robin")
+        )
+    };
+    let a = Sidecar::start(&fleet(&app_a)).await;
+    let b = Sidecar::start(&fleet(&app_b)).await;
+    let http = client();
+    let admin = mall_loadgen_login(&http, &a.url(""), "admin").await;
+    let list = "/api/products?limit=20";
+
+    for (round, (writer, reader)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
+        let id = 7;
+        let path = format!("/api/products/{id}");
+        // Both sidecars hold the product and a list page with it.
+        for s in [&a, &b] {
+            for p in [path.as_str(), list] {
+                http.get(s.url(p)).send().await.unwrap();
+                let again = http.get(s.url(p)).send().await.unwrap();
+                assert_eq!(again.headers()["x-cache"], "HIT", "{p} is cached");
+                assert!(
+                    again.headers().get("surrogate-key").is_none(),
+                    "tags never reach clients"
+                );
+            }
+        }
+        let new_price = 4_000 + round as i64;
+        let patched = http
+            .patch(writer.url(&path))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({ "price": new_price }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(patched.status(), 200);
+        // The writing sidecar dropped its own entry before answering.
+        assert_eq!(price_through(&http, writer, &path, id).await, new_price);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for s in [writer, reader] {
+            assert_eq!(
+                price_through(&http, s, &path, id).await,
+                new_price,
+                "product, 100 ms after the write"
+            );
+            assert_eq!(
+                price_through(&http, s, list, id).await,
+                new_price,
+                "list page, 100 ms after the write"
+            );
+        }
+    }
+    assert!(b.metric("sidecar_cache_invalidations_total", "fleet").await >= 1.0);
+    assert!(a.metric("sidecar_cache_invalidations_total", "local_write").await >= 1.0);
+    assert!(b.metric("sidecar_cache_invalidated_entries_total", "fleet").await >= 1.0);
+
+    // A tagged PURGE from an allowed address drops every entry with the tag.
+    http.get(a.url("/api/products/9")).send().await.unwrap();
+    let purge = http
+        .request(reqwest::Method::from_bytes(b"PURGE").unwrap(), a.url("/"))
+        .header("surrogate-key", "product:9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 200);
+    let body: serde_json::Value = purge.json().await.unwrap();
+    assert!(body["purged"].as_u64().unwrap() >= 1, "{body}");
+    let after = http.get(a.url("/api/products/9")).send().await.unwrap();
+    assert_eq!(after.headers()["x-cache"], "MISS");
+}
+
+async fn mall_loadgen_login(http: &reqwest::Client, base: &str, user: &str) -> String {
+    let body: serde_json::Value = http
+        .post(format!("{base}/api/auth/login"))
+        .json(&serde_json::json!({ "username": user, "password": mall_app::testing::PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["token"].as_str().expect("admin logs in").to_string()
+}
+
+/// A rolling restart loses nothing: clients order (with `Idempotency-Key`, retrying transport
+/// errors) and read through the sidecar while each app instance in turn is terminated (it fails
+/// `/ready` at once and serves for its shutdown delay, then drains) and started again. Every answer
+/// is a success (or the app's own 409), and every order was placed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_the_app_loses_no_request_and_doubles_no_order() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--shutdown-delay-ms=1500"];
+    let mut a = AppInstance::start_in(dir.path(), &flags).await;
+    let mut b = AppInstance::start_in(dir.path(), &flags).await;
+    // Limits off: the clients here are one address, and 429s are not what this test is about.
+    let config = format!(
+        "{}[rate_limit]\nenabled = false\n",
+        upstream_section(&[a.addr, b.addr], "round_robin")
+    );
+    let sidecar = Sidecar::start(&config).await;
+    let base = sidecar.url("");
+    let http = client();
+    let token = mall_loadgen_login(&http, &base, "user1").await;
+    let running = Arc::new(AtomicBool::new(true));
+
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (http, base, token, running) = (http.clone(), base.clone(), token.clone(), running.clone());
+        workers.push(tokio::spawn(async move {
+            let mut statuses: HashMap<u16, u32> = HashMap::new();
+            let mut orders: Vec<(String, String)> = Vec::new();
+            let mut n = 0;
+            while running.load(Ordering::Relaxed) {
+                n += 1;
+                if w % 2 == 0 {
+                    let key = format!("roll-{w}-{n}");
+                    // A client retries a transport error with the same key, as the header intends.
+                    let mut answer = None;
+                    for _ in 0..5 {
+                        match http
+                            .post(format!("{base}/api/orders"))
+                            .bearer_auth(&token)
+                            .header("idempotency-key", &key)
+                            .json(&serde_json::json!({ "items": [{ "product_id": 1 + (n % 20), "quantity": 1 }] }))
+                            .send()
+                            .await
+                        {
+                            Ok(r) => {
+                                answer = Some(r);
+                                break;
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                    let r = answer.expect("an answer within 5 tries");
+                    let status = r.status().as_u16();
+                    *statuses.entry(status).or_default() += 1;
+                    if status == 201 {
+                        let body: serde_json::Value = r.json().await.unwrap();
+                        orders.push((key, body["id"].as_str().unwrap().to_string()));
+                    }
+                } else {
+                    let r = http.get(format!("{base}/api/products/{}", 1 + n % 30)).send().await;
+                    let status = r.map(|r| r.status().as_u16()).unwrap_or(0);
+                    *statuses.entry(status).or_default() += 1;
+                }
+            }
+            (statuses, orders)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for app in [&mut a, &mut b] {
+        app.restart().await;
+        // Back in rotation (two passing checks) before the next one goes.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.store(false, Ordering::Relaxed);
+
+    let mut statuses: HashMap<u16, u32> = HashMap::new();
+    let mut orders = Vec::new();
+    for w in workers {
+        let (s, o) = w.await.unwrap();
+        for (k, v) in s {
+            *statuses.entry(k).or_default() += v;
+        }
+        orders.extend(o);
+    }
+    let bad: Vec<_> = statuses
+        .iter()
+        .filter(|(s, _)| !matches!(**s, 200 | 201 | 409))
+        .collect();
+    assert!(bad.is_empty(), "non-2xx answers during the restarts: {statuses:?}");
+    assert!(
+        statuses.get(&201).copied().unwrap_or(0) > 10,
+        "orders were placed: {statuses:?}"
+    );
+
+    // Exactly once: each key has one order, and the database holds exactly those orders.
+    let ids: HashSet<&String> = orders.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), orders.len(), "an order id answered for two keys");
+    let mut stored = HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => format!("{base}/api/orders?limit=100&cursor={c}"),
+            None => format!("{base}/api/orders?limit=100"),
+        };
+        let page: serde_json::Value = http
+            .get(url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for o in page["items"].as_array().unwrap() {
+            stored.insert(o["id"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(stored.len(), ids.len(), "orders in the database vs orders answered");
+    assert!(sidecar.metric("sidecar_upstream_retries_total", "").await >= 0.0);
+}

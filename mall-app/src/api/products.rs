@@ -18,6 +18,16 @@ use crate::store::products::{self, Filter, NewProduct, Product, ProductPatch, Pr
 /// changes with every order; the app's own cache is invalidated on write instead.
 const CATALOG_CACHE_CONTROL: HeaderValue = HeaderValue::from_static("public, max-age=5");
 
+/// The objects a cacheable response holds, for shared caches that purge by tag (the sidecar;
+/// Fastly and Varnish read the same field): `product:<id>` for each product in it, and
+/// `list:products` on list pages. Writes publish the product's key, and every sidecar purges
+/// the entries tagged with it.
+const SURROGATE_KEY: &str = "surrogate-key";
+
+fn product_tag(id: i64) -> String {
+    format!("product:{id}")
+}
+
 #[derive(Deserialize)]
 pub struct ListParams {
     category: Option<String>,
@@ -61,13 +71,26 @@ pub async fn list(State(state): State<AppState>, Query(p): Query<ListParams>) ->
     } else {
         None
     };
+    let mut tags = String::from("list:products");
+    for id in rows.iter().filter_map(|r| r.get("id")).filter_map(|v| v.as_i64()) {
+        tags.push(' ');
+        tags.push_str(&product_tag(id));
+    }
     if !projection.contains("id") {
         for r in &mut rows {
             r.remove("id");
         }
     }
     let body = json!({ "items": rows, "next_cursor": next_cursor });
-    Ok(([(header::CACHE_CONTROL, CATALOG_CACHE_CONTROL)], Json(body)).into_response())
+    let tags = HeaderValue::from_str(&tags).map_err(|e| AppError::Internal(format!("surrogate key: {e}")))?;
+    Ok((
+        [
+            (header::CACHE_CONTROL, CATALOG_CACHE_CONTROL),
+            (header::HeaderName::from_static(SURROGATE_KEY), tags),
+        ],
+        Json(body),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -96,7 +119,11 @@ pub async fn get_one(
             crate::cache::encode(&projection.apply(&product))
         }
     };
-    Ok(super::json_body(body, CATALOG_CACHE_CONTROL))
+    let mut response = super::json_body(body, CATALOG_CACHE_CONTROL);
+    if let Ok(tag) = HeaderValue::from_str(&product_tag(id)) {
+        response.headers_mut().insert(SURROGATE_KEY, tag);
+    }
+    Ok(response)
 }
 
 pub async fn create(

@@ -2,14 +2,21 @@
 //! bytes of header + body, so a flood of one-off URLs cannot push out the hot products. Objects are
 //! written whole when the upstream response ends; concurrent misses wait on pingora's cache lock
 //! instead of reading a partial write (pingora's own `MemCache` is for tests only).
+//!
+//! Entries are indexed by tag: the words of the stored response's `Surrogate-Key` (the app's
+//! `product:1002 list:products ...`, and the sidecar's own `path:/api/products/1002`), so a write
+//! can purge every entry that holds an object, whichever URL it was cached under.
 
 use std::any::Any;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use moka::notification::RemovalCause;
 use moka::sync::Cache;
+use parking_lot::Mutex;
 use pingora_cache::key::{CacheHashKey, HashBinary};
 use pingora_cache::storage::{
     HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
@@ -19,10 +26,28 @@ use pingora_cache::{CacheKey, CacheMeta, Storage};
 use pingora_error::{ErrorType, OrErr, Result};
 use pingora_http::ResponseHeader;
 
+/// The header that carries an entry's tags (stripped before clients see it).
+pub const TAG_HEADER: &str = "surrogate-key";
+
 struct Object {
     meta: StoredMeta,
     body: Bytes,
+    tags: Box<[Box<str>]>,
 }
+
+/// The tags of a response: the whitespace-separated words of its `Surrogate-Key` fields.
+pub fn tags_of(header: &ResponseHeader) -> Box<[Box<str>]> {
+    header
+        .headers
+        .get_all(TAG_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(str::split_whitespace)
+        .map(Box::from)
+        .collect()
+}
+
+type TagIndex = Arc<Mutex<HashMap<Box<str>, HashSet<HashBinary>>>>;
 
 impl Object {
     fn weight(&self) -> u32 {
@@ -114,16 +139,65 @@ impl StoredMeta {
 
 pub struct MemoryStore {
     objects: Cache<HashBinary, Arc<Object>>,
+    tags: TagIndex,
 }
 
 impl MemoryStore {
     pub fn new(max_bytes: u64) -> Self {
+        let tags: TagIndex = Arc::default();
+        let index = tags.clone();
         MemoryStore {
             objects: Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(|_, o: &Arc<Object>| o.weight())
+                // Keep the index as small as the cache: an entry that leaves takes its tags along.
+                // (A replaced entry's new tags are already indexed under the same key.)
+                .eviction_listener(move |key: Arc<HashBinary>, object: Arc<Object>, cause| {
+                    if cause == RemovalCause::Replaced {
+                        return;
+                    }
+                    let mut index = index.lock();
+                    for tag in object.tags.iter() {
+                        if let Some(keys) = index.get_mut(tag) {
+                            keys.remove(&*key);
+                            if keys.is_empty() {
+                                index.remove(tag);
+                            }
+                        }
+                    }
+                })
                 .build(),
+            tags,
         }
+    }
+
+    /// Removes every entry carrying any of `tags`; returns how many were removed.
+    pub fn purge_tags<'a>(&self, tags: impl IntoIterator<Item = &'a str>) -> u64 {
+        let keys: Vec<HashBinary> = {
+            let mut index = self.tags.lock();
+            tags.into_iter().filter_map(|t| index.remove(t)).flatten().collect()
+        };
+        keys.iter().filter(|k| self.objects.remove(*k).is_some()).count() as u64
+    }
+
+    /// Removes every entry (when invalidations may have been missed); returns how many there were.
+    pub fn purge_all(&self) -> u64 {
+        self.objects.run_pending_tasks();
+        let count = self.objects.entry_count();
+        self.objects.invalidate_all();
+        self.objects.run_pending_tasks();
+        self.tags.lock().clear();
+        count
+    }
+
+    fn insert(&self, key: HashBinary, object: Object) {
+        if !object.tags.is_empty() {
+            let mut index = self.tags.lock();
+            for tag in object.tags.iter() {
+                index.entry(tag.clone()).or_default().insert(key);
+            }
+        }
+        self.objects.insert(key, Arc::new(object));
     }
 
     /// Entries and their weighed bytes (after pending maintenance).
@@ -162,6 +236,7 @@ impl Storage for MemoryStore {
             store: self,
             key: key.combined_bin(),
             meta: StoredMeta::new(meta)?,
+            tags: tags_of(meta.response_header()),
             body: BytesMut::new(),
         }))
     }
@@ -185,11 +260,12 @@ impl Storage for MemoryStore {
         let Some(old) = self.objects.get(&hash) else {
             return Ok(false);
         };
-        let updated = Arc::new(Object {
+        let updated = Object {
             meta: StoredMeta::new(meta)?,
             body: old.body.clone(),
-        });
-        self.objects.insert(hash, updated);
+            tags: tags_of(meta.response_header()),
+        };
+        self.insert(hash, updated);
         Ok(true)
     }
 
@@ -255,6 +331,7 @@ struct Miss {
     store: &'static MemoryStore,
     key: HashBinary,
     meta: StoredMeta,
+    tags: Box<[Box<str>]>,
     body: BytesMut,
 }
 
@@ -269,10 +346,11 @@ impl HandleMiss for Miss {
         let object = Object {
             meta: self.meta,
             body: self.body.freeze(),
+            tags: self.tags,
         };
         let size = object.weight() as usize;
         u32::try_from(size).or_err(ErrorType::InternalError, "object too large")?;
-        self.store.objects.insert(self.key, Arc::new(object));
+        self.store.insert(self.key, object);
         Ok(MissFinishType::Created(size))
     }
 }

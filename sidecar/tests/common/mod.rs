@@ -25,6 +25,15 @@ impl AppInstance {
         }
     }
 
+    /// An instance on the SQLite database in `data_dir` (shared with others) with `extra` flags.
+    pub async fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> AppInstance {
+        let inner = RunningApp::start_in(data_dir, extra).await;
+        AppInstance {
+            addr: inner.addr,
+            inner,
+        }
+    }
+
     /// Requests the app itself counted on `route` (its own `http_requests_total`).
     pub async fn requests(&self, route: &str) -> u64 {
         let text = reqwest::get(self.inner.url("/metrics"))
@@ -38,6 +47,11 @@ impl AppInstance {
             .filter(|l| l.starts_with("http_requests_total{") && l.contains(&needle))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
+    }
+
+    /// A rolling restart of this instance: SIGTERM's sequence, then a new process on the same port.
+    pub async fn restart(&mut self) {
+        self.inner.restart().await;
     }
 
     /// Stops serving: the port refuses connections from now on.
@@ -98,7 +112,8 @@ impl Stub {
                     )
                 }),
             )
-            .route("/health", get(|| async { "ok" }));
+            .route("/health", get(|| async { "ok" }))
+            .route("/ready", get(|| async { "ok" }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

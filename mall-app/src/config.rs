@@ -173,6 +173,11 @@ pub struct ServeArgs {
     /// endpoint updates to stop sending new requests, so none arrives at a closing listener.
     #[arg(long, env = "MALL_SHUTDOWN_DELAY_MS", default_value_t = 5000)]
     pub shutdown_delay_ms: u64,
+    /// How long an `Idempotency-Key` is remembered (draft-ietf-httpapi-idempotency-key-header):
+    /// a repeat within it replays the first order; expired keys are deleted in the background and
+    /// the key may then be used again. Published in the `Idempotency-Key-Lifetime` response header.
+    #[arg(long, env = "MALL_IDEMPOTENCY_KEY_TTL_SECS", default_value_t = 86_400)]
+    pub idempotency_key_ttl_secs: u64,
     /// Seed products and users at start (idempotent).
     #[arg(long, env = "MALL_SEED")]
     pub seed: bool,

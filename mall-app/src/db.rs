@@ -309,15 +309,26 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
 #[derive(Debug)]
 struct EmbeddedMigrations(Dialect);
 
-const MIGRATIONS: &[(i64, &str, [&str; 3])] = &[(
-    1,
-    "schema",
-    [
-        include_str!("../migrations/sqlite/0001_schema.sql"),
-        include_str!("../migrations/postgres/0001_schema.sql"),
-        include_str!("../migrations/mysql/0001_schema.sql"),
-    ],
-)];
+const MIGRATIONS: &[(i64, &str, [&str; 3])] = &[
+    (
+        1,
+        "schema",
+        [
+            include_str!("../migrations/sqlite/0001_schema.sql"),
+            include_str!("../migrations/postgres/0001_schema.sql"),
+            include_str!("../migrations/mysql/0001_schema.sql"),
+        ],
+    ),
+    (
+        2,
+        "idempotency expiry",
+        [
+            include_str!("../migrations/sqlite/0002_idempotency_expiry.sql"),
+            include_str!("../migrations/postgres/0002_idempotency_expiry.sql"),
+            include_str!("../migrations/mysql/0002_idempotency_expiry.sql"),
+        ],
+    ),
+];
 
 impl<'s> MigrationSource<'s> for EmbeddedMigrations {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {

@@ -21,9 +21,17 @@ pub enum AppError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
-    /// The request conflicts with current state (not enough stock, key reused, ...).
+    /// The request conflicts with current state (not enough stock, ...).
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// The same request is being processed now (an `Idempotency-Key` in flight): retry after
+    /// `retry_after` seconds.
+    #[error("{message}")]
+    InProgress { message: String, retry_after: u64 },
+    /// Well-formed, but its content cannot be processed (an `Idempotency-Key` reused for a
+    /// different request).
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
     /// A dependency (the database) is down or saturated; safe to retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -53,7 +61,8 @@ impl AppError {
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
-            AppError::Conflict { .. } => StatusCode::CONFLICT,
+            AppError::Conflict { .. } | AppError::InProgress { .. } => StatusCode::CONFLICT,
+            AppError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -61,7 +70,10 @@ impl AppError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            AppError::BadRequest { code, .. } | AppError::Conflict { code, .. } => code,
+            AppError::BadRequest { code, .. }
+            | AppError::Conflict { code, .. }
+            | AppError::Unprocessable { code, .. } => code,
+            AppError::InProgress { .. } => "idempotency_key_in_use",
             AppError::Body { status, .. } if *status == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
             AppError::Body { status, .. } if *status == StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             AppError::Body { .. } => "invalid_json",
@@ -88,6 +100,10 @@ impl IntoResponse for AppError {
             }
             other => other.to_string(),
         };
+        let retry_after = match &self {
+            AppError::InProgress { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let body = serde_json::json!({ "error": { "code": self.code(), "message": message } });
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
@@ -99,6 +115,9 @@ impl IntoResponse for AppError {
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert("retry-after", HeaderValue::from_static("1"));
+        }
+        if let Some(secs) = retry_after {
+            headers.insert("retry-after", HeaderValue::from(secs));
         }
         response
     }

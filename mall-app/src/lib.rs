@@ -75,12 +75,14 @@ impl App {
             ids: ids::Snowflake::new(args.worker_id),
             tokens: auth::Tokens::new(&config.jwt_secret, args.jwt_ttl_secs),
             readiness: Readiness::default(),
+            in_flight_keys: Default::default(),
             config,
             db,
             cache,
             metrics,
         });
         tokio::spawn(warm_up(state.clone()));
+        tokio::spawn(expire_idempotency_keys(state.clone()));
         Ok(App { state })
     }
 
@@ -124,6 +126,22 @@ impl App {
         }
         state.db.close().await;
         Ok(())
+    }
+}
+
+/// Deletes expired Idempotency-Keys every quarter of their lifetime (at most every 10 minutes),
+/// so a key is forgotten at most that long after it expires.
+async fn expire_idempotency_keys(state: AppState) {
+    let ttl = Duration::from_secs(state.config.args.idempotency_key_ttl_secs.max(1));
+    let every = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    loop {
+        tokio::time::sleep(every).await;
+        let before = ids::now_ms() as i64 - ttl.as_millis() as i64;
+        match store::orders::expire_keys(&state.db, before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "expired idempotency keys deleted"),
+            Err(e) => tracing::warn!(error = %e, "expired idempotency keys not deleted; retrying later"),
+        }
     }
 }
 

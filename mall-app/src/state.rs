@@ -22,6 +22,33 @@ pub struct Inner {
     pub ids: Snowflake,
     pub tokens: Tokens,
     pub readiness: Readiness,
+    pub in_flight_keys: InFlightKeys,
+}
+
+/// The `Idempotency-Key`s this instance is processing now. A repeat that arrives meanwhile gets
+/// 409 with `Retry-After` (draft-ietf-httpapi-idempotency-key-header) instead of waiting; on
+/// another instance it waits on the key's row and then replays.
+#[derive(Default)]
+pub struct InFlightKeys(std::sync::Mutex<std::collections::HashSet<(i64, String)>>);
+
+impl InFlightKeys {
+    /// Claims `(user_id, key)` until the guard drops; `None` when it is already being processed.
+    pub fn claim(&self, user_id: i64, key: &str) -> Option<InFlightKey<'_>> {
+        let id = (user_id, key.to_string());
+        let fresh = self.0.lock().expect("in-flight keys").insert(id.clone());
+        fresh.then_some(InFlightKey { keys: self, id })
+    }
+}
+
+pub struct InFlightKey<'a> {
+    keys: &'a InFlightKeys,
+    id: (i64, String),
+}
+
+impl Drop for InFlightKey<'_> {
+    fn drop(&mut self) {
+        self.keys.0.lock().expect("in-flight keys").remove(&self.id);
+    }
 }
 
 impl AppState {
@@ -56,5 +83,20 @@ impl Readiness {
     }
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlightKeys;
+
+    #[test]
+    fn a_key_is_claimed_once_until_released() {
+        let keys = InFlightKeys::default();
+        let first = keys.claim(1, "k").expect("free");
+        assert!(keys.claim(1, "k").is_none(), "in flight");
+        assert!(keys.claim(2, "k").is_some(), "keys are per user");
+        drop(first);
+        assert!(keys.claim(1, "k").is_some(), "released");
     }
 }

@@ -34,7 +34,7 @@ pub struct Tuning {
 
 const MIB: u64 = 1024 * 1024;
 
-/// The formulas, documented in the README's tuning table.
+/// The formulas, documented in docs/app.md's tuning table.
 ///
 /// - worker threads: floor of the CPU limit, at least 1 (a 500m pod gets 1 thread, not the
 ///   host's 64, which would only add context switches under a CFS quota);

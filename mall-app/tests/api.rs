@@ -12,7 +12,8 @@ backend_tests!(
     auth_and_bad_input,
     cart_and_orders,
     concurrent_orders_never_oversell,
-    writes_are_visible_on_next_read
+    writes_are_visible_on_next_read,
+    idempotency_keys_in_flight_and_expired
 );
 
 async fn start(backend: Backend) -> Option<(TestApp, common::TestDb)> {
@@ -448,9 +449,14 @@ async fn cart_and_orders(backend: Backend) {
             &key,
         )
         .await;
+    // draft-ietf-httpapi-idempotency-key-header: a key reused for a different request is 422.
     assert_eq!(
         (other.status, other.code()),
-        (StatusCode::CONFLICT, "idempotency_key_reused")
+        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+    );
+    assert_eq!(
+        first.headers["idempotency-key-lifetime"], "86400",
+        "the key's lifetime is published"
     );
     // Keys are per user: bob's same key is his own order.
     let bobs = app
@@ -555,7 +561,9 @@ async fn concurrent_orders_never_oversell(backend: Backend) {
     }
     assert_eq!(in_orders, sold);
 
-    // Ten concurrent requests with one Idempotency-Key make one order.
+    // Ten concurrent requests with one Idempotency-Key make one order: each gets the order, or 409
+    // `idempotency_key_in_use` with Retry-After while the first is being processed, and then the
+    // order when it retries.
     let token = tokens[0].clone();
     let before = app.get("/api/products/20", None).await.body["stock"].as_i64().unwrap();
     let mut tasks = Vec::new();
@@ -563,18 +571,26 @@ async fn concurrent_orders_never_oversell(backend: Backend) {
         let app = app.clone();
         let token = token.clone();
         tasks.push(tokio::spawn(async move {
-            let body = json!({"items": [{"product_id": 20, "quantity": 1}]});
-            let r = app
-                .request(
-                    Method::POST,
-                    "/api/orders",
-                    Some(&token),
-                    Some(body),
-                    &[("idempotency-key", "same-key")],
-                )
-                .await;
-            assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
-            r.body["id"].as_str().unwrap().to_string()
+            loop {
+                let body = json!({"items": [{"product_id": 20, "quantity": 1}]});
+                let r = app
+                    .request(
+                        Method::POST,
+                        "/api/orders",
+                        Some(&token),
+                        Some(body),
+                        &[("idempotency-key", "same-key")],
+                    )
+                    .await;
+                if r.status == StatusCode::CONFLICT {
+                    assert_eq!(r.code(), "idempotency_key_in_use");
+                    assert!(r.headers.contains_key("retry-after"));
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+                assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+                return r.body["id"].as_str().unwrap().to_string();
+            }
         }));
     }
     let mut ids = std::collections::HashSet::new();
@@ -644,4 +660,45 @@ async fn writes_are_visible_on_next_read(backend: Backend) {
         "an order's deduction is visible at once"
     );
     app.stop().await;
+}
+
+/// draft-ietf-httpapi-idempotency-key-header: the same key while its first request is still being
+/// processed is 409 with `Retry-After`; an expired key is deleted in the background and may then
+/// be used again (a new order, not a replay).
+async fn idempotency_keys_in_flight_and_expired(backend: Backend) {
+    let Some((app, _db)) = start(backend).await else { return };
+    let alice = app.login("user1").await;
+    let me = app.get("/api/me", Some(&alice)).await;
+    let user_id = me.body["id"].as_i64().expect("/api/me names the user");
+    let body = json!({"items": [{"product_id": 11, "quantity": 1}]});
+    let key = [("idempotency-key", "in-flight-1")];
+
+    // The first request with this key is still being processed on this instance.
+    let held = app.state.in_flight_keys.claim(user_id, "in-flight-1").unwrap();
+    let busy = app
+        .request(Method::POST, "/api/orders", Some(&alice), Some(body.clone()), &key)
+        .await;
+    assert_eq!(
+        (busy.status, busy.code()),
+        (StatusCode::CONFLICT, "idempotency_key_in_use")
+    );
+    assert_eq!(busy.headers["retry-after"], "1");
+    drop(held);
+    let first = app
+        .request(Method::POST, "/api/orders", Some(&alice), Some(body.clone()), &key)
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    // Past its lifetime the key is deleted, and using it again places a new order.
+    let later = mall_app::ids::now_ms() as i64 + 1_000;
+    let deleted = mall_app::store::orders::expire_keys(&app.state.db, later)
+        .await
+        .unwrap();
+    assert!(deleted >= 1, "the key was deleted");
+    let again = app
+        .request(Method::POST, "/api/orders", Some(&alice), Some(body), &key)
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(again.headers.get("idempotent-replayed").is_none());
+    assert_ne!(again.body["id"], first.body["id"]);
 }

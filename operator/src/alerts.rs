@@ -4,7 +4,10 @@
 //!
 //! Series are selected by `namespace` and `service` (the labels a ServiceMonitor gives them); every
 //! alert carries `malldeployment` and `namespace` so the webhook knows what to scale, and the ones
-//! that should add capacity carry `action: scale_up`.
+//! that should add capacity carry `action: scale_up`. One more, `MallMonitoringHeartbeat`, always
+//! fires (Alertmanager's Watchdog pattern, `action: heartbeat`): while its notifications keep
+//! arriving the operator knows a resolved alert means the load went down, not that Prometheus or
+//! Alertmanager went away.
 
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -50,6 +53,15 @@ pub fn rules(md: &MallDeployment, tuning: &Tuning) -> Vec<Rule> {
         }
     };
     let qps = format!("sum by (pod) (rate(sidecar_http_requests_total{{{sel}}}[1m]))");
+    let mut heartbeat = rule(
+        HEARTBEAT,
+        "vector(1)".into(),
+        "0m",
+        "none",
+        false,
+        "always firing: monitoring is alive (the operator holds alert-driven scale-down while it stops)".into(),
+    );
+    heartbeat.labels.insert("action".into(), "heartbeat".into());
     vec![
         rule("HighQPS", format!("{qps} > {}", slo.high_qps), "2m", "warning", false,
             format!("{{{{ $labels.pod }}}} serves more than {} requests/s", slo.high_qps)),
@@ -97,8 +109,12 @@ pub fn rules(md: &MallDeployment, tuning: &Tuning) -> Vec<Rule> {
             "10m", "warning", false,
             format!("sidecar cache hit rate below {} %", slo.cache_hit_rate_percent),
         ),
+        heartbeat,
     ]
 }
+
+/// The `alertname` of the always-firing heartbeat.
+pub const HEARTBEAT: &str = "MallMonitoringHeartbeat";
 
 /// The rule file promtool reads (and the PrometheusRule's `spec`).
 pub fn rule_groups(md: &MallDeployment, tuning: &Tuning) -> Value {
@@ -259,6 +275,11 @@ pub fn promtool_tests(md: &MallDeployment, tuning: &Tuning, rules_file: &str) ->
             Some(alert_labels("CacheHitRateLow", "warning", false, false)),
         ),
         case(hits(99.0, 1.0), "CacheHitRateLow", None),
+        case(vec![], HEARTBEAT, {
+            let mut l = alert_labels(HEARTBEAT, "none", false, false);
+            l["action"] = json!("heartbeat");
+            Some(l)
+        }),
     ];
     json!({ "rule_files": [rules_file], "evaluation_interval": "1m", "tests": tests })
 }
@@ -286,17 +307,20 @@ mod tests {
                 "HighErrorRate",
                 "DatabaseConnectionsHigh",
                 "HighMemoryUsage",
-                "CacheHitRateLow"
+                "CacheHitRateLow",
+                "MallMonitoringHeartbeat"
             ]
         );
         for r in &rules {
             assert_eq!(r.labels["malldeployment"], "shop");
             assert_eq!(r.labels["namespace"], "prod");
-            assert!(r.expr.contains("namespace=\"prod\",service=\"shop\""), "{}", r.expr);
+            if r.alert != HEARTBEAT {
+                assert!(r.expr.contains("namespace=\"prod\",service=\"shop\""), "{}", r.expr);
+            }
         }
         let scaling: Vec<&str> = rules
             .iter()
-            .filter(|r| r.labels.contains_key("action"))
+            .filter(|r| r.labels.get("action").map(String::as_str) == Some("scale_up"))
             .map(|r| r.alert.as_str())
             .collect();
         assert_eq!(scaling, ["CriticalQPS", "HighResponseTime", "DatabaseConnectionsHigh"]);

@@ -129,9 +129,20 @@ pub fn on_alerts(
     }
 }
 
-/// Scales back to the baseline once no scale-up alert has fired for the stabilisation window.
+/// Whether monitoring has gone quiet: heartbeats arrived once and none for the configured window.
+/// While it has, a resolved scale-up alert proves nothing, so no alert-driven scale-down happens.
+pub fn monitoring_stale(spec: &MallDeploymentSpec, state: &AlertScaling, now: i64) -> bool {
+    let window = spec.autoscaling.monitoring_heartbeat_seconds as i64;
+    window > 0 && state.last_heartbeat.is_some_and(|t| now - t > window)
+}
+
+/// Scales back to the baseline once no scale-up alert has fired for the stabilisation window
+/// (and monitoring is alive: see `monitoring_stale`).
 pub fn settle(spec: &MallDeploymentSpec, state: &AlertScaling, floor: i32, now: i64) -> Settled {
     let mut s = state.clone();
+    if monitoring_stale(spec, state, now) {
+        return Settled { state: s, change: None };
+    }
     let window = spec.autoscaling.stabilization_seconds as i64;
     match (s.firing.is_empty(), s.baseline, s.resolved_since) {
         (true, Some(baseline), Some(since)) if now - since >= window => {
@@ -153,6 +164,8 @@ pub fn settle(spec: &MallDeploymentSpec, state: &AlertScaling, floor: i32, now: 
 /// When the next scale-back is due, if one is pending.
 pub fn next_check(spec: &MallDeploymentSpec, state: &AlertScaling, now: i64) -> Option<Duration> {
     match (state.firing.is_empty(), state.baseline, state.resolved_since) {
+        // Held while monitoring is stale: look again in a minute.
+        (true, Some(_), Some(_)) if monitoring_stale(spec, state, now) => Some(Duration::from_secs(60)),
         (true, Some(_), Some(since)) => {
             let due = since + spec.autoscaling.stabilization_seconds as i64;
             Some(Duration::from_secs((due - now).max(1) as u64))
@@ -216,6 +229,22 @@ pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: 
             return (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": message }))).into_response();
         }
     };
+    // Heartbeats first, so the scale decisions below see monitoring alive.
+    let mut heartbeats = 0;
+    for a in &payload.alerts {
+        if a.status != "firing" || a.labels.get("action").map(String::as_str) != Some("heartbeat") {
+            continue;
+        }
+        let (Some(ns), Some(name)) = (a.labels.get("namespace"), a.labels.get("malldeployment")) else {
+            continue;
+        };
+        if let Err(e) = record_heartbeat(&hook.ctx, ns, name, now()).await {
+            m.webhook.with_label_values(&["error"]).inc();
+            tracing::error!(%ns, %name, error = %e, "heartbeat not recorded");
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+        }
+        heartbeats += 1;
+    }
     // Group scale-up alerts by the MallDeployment they name.
     let mut targets: BTreeMap<(String, String), Vec<AlertView>> = BTreeMap::new();
     for a in &payload.alerts {
@@ -252,7 +281,22 @@ pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: 
         }
     }
     m.webhook.with_label_values(&["ok"]).inc();
-    axum::Json(json!({ "results": results })).into_response()
+    axum::Json(json!({ "results": results, "heartbeats": heartbeats })).into_response()
+}
+
+/// Records a monitoring heartbeat for one MallDeployment (`status.alertScaling.lastHeartbeat`).
+pub async fn record_heartbeat(ctx: &Context, ns: &str, name: &str, now: i64) -> Result<(), kube::Error> {
+    let api: Api<MallDeployment> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = json!({ "status": { "alertScaling": { "lastHeartbeat": now } } });
+    match api
+        .patch_status(name, &autoscaler_params(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        // A heartbeat for a mall that does not exist (any more) is nothing to record.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Applies one MallDeployment's alerts: decides, scales, persists the state. `Ok(None)` when
@@ -316,6 +360,7 @@ pub async fn write_alert_state(
     // A merge patch removes a field only when told `null`: cleared values must be sent as such.
     let mut alert_scaling = serde_json::to_value(state).expect("json");
     for key in ["lastScaleUp", "resolvedSince", "baseline", "floor"] {
+        // (lastHeartbeat is never cleared: it is only ever moved forward.)
         alert_scaling
             .as_object_mut()
             .expect("object")
@@ -392,6 +437,30 @@ mod tests {
         let refire = on_alerts(&spec, &resolved.state, 10, &alert(true), 2100);
         assert_eq!(refire.state.resolved_since, None);
         assert_eq!(settle(&spec, &refire.state, 10, 5000).change, None);
+    }
+
+    #[test]
+    fn no_scale_down_while_monitoring_is_silent() {
+        let mut spec = spec();
+        spec.autoscaling.monitoring_heartbeat_seconds = 120;
+        let mut state = on_alerts(&spec, &AlertScaling::default(), 2, &alert(true), 1000).state;
+        state.last_heartbeat = Some(1000);
+        // The alert "resolves" because Prometheus went away: the heartbeats stop too.
+        let resolved = on_alerts(&spec, &state, 4, &alert(false), 1100).state;
+        assert!(!monitoring_stale(&spec, &resolved, 1100));
+        assert!(monitoring_stale(&spec, &resolved, 1121 + 100));
+        let held = settle(&spec, &resolved, 4, 1100 + 600 + 10);
+        assert_eq!(held.change, None, "stale monitoring holds the floor");
+        assert_eq!(next_check(&spec, &resolved, 1710), Some(Duration::from_secs(60)));
+        // Heartbeats return: the scale-down proceeds.
+        let mut alive = resolved.clone();
+        alive.last_heartbeat = Some(1705);
+        let back = settle(&spec, &alive, 4, 1710);
+        assert_eq!(back.change.map(|c| (c.from, c.to)), Some((4, 2)));
+        // Never a heartbeat (monitoring not routed to the webhook): the guard does not apply.
+        assert!(!monitoring_stale(&spec, &AlertScaling::default(), 99_999));
+        spec.autoscaling.monitoring_heartbeat_seconds = 0;
+        assert!(!monitoring_stale(&spec, &resolved, 99_999), "0 turns the guard off");
     }
 
     #[test]

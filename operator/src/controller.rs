@@ -272,6 +272,32 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         status.alert_scaling = settled.state;
     }
 
+    // Scale-down without heartbeats would trust a silence that may be monitoring's own outage.
+    let heartbeat = status.alert_scaling.last_heartbeat;
+    if autoscale::monitoring_stale(&md.spec, &status.alert_scaling, now) {
+        let message = format!(
+            "no monitoring heartbeat since {}: alert-driven scale-down is held at the current floor",
+            rfc3339(heartbeat.unwrap_or_default())
+        );
+        if !old_status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "MonitoringStale" && c.status == "True")
+        {
+            ctx.event(md, true, "MonitoringStale", message.clone()).await;
+        }
+        set_condition(&mut status, md, "MonitoringStale", true, "NoHeartbeat", &message);
+    } else {
+        let (reason, message) = match heartbeat {
+            Some(_) => ("HeartbeatsArriving", "monitoring heartbeats arrive"),
+            None => (
+                "NoHeartbeatYet",
+                "no monitoring heartbeat received yet: the scale-down guard waits for the first",
+            ),
+        };
+        set_condition(&mut status, md, "MonitoringStale", false, reason, message);
+    }
+
     let children = desired::children(md, &tuning, status.alert_scaling.floor);
     let Children {
         deployment,

@@ -384,6 +384,12 @@ pub struct Autoscaling {
     /// HPA target: average CPU utilisation percentage.
     #[schemars(range(min = 10, max = 100))]
     pub target_cpu_percent: i32,
+    /// Alert-driven scale-down is held while the always-firing `MallMonitoringHeartbeat` alert has
+    /// not reached the webhook for this long (once one has): a scale-up alert that "resolves"
+    /// because Prometheus or Alertmanager went away must not scale the mall down under load.
+    /// 0 turns the guard off.
+    #[schemars(range(min = 0, max = 86400))]
+    pub monitoring_heartbeat_seconds: u32,
     /// HPA target: requests per second per pod (needs the Prometheus adapter's
     /// `sidecar_http_requests_per_second` pods metric).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -398,6 +404,7 @@ impl Default for Autoscaling {
             cooldown_seconds: 300,
             stabilization_seconds: 600,
             target_cpu_percent: 70,
+            monitoring_heartbeat_seconds: 600,
             target_requests_per_second: None,
         }
     }
@@ -510,6 +517,9 @@ pub struct AlertScaling {
     /// The floor alerts asked for (replicas in `alerts` mode, the HPA's minReplicas otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor: Option<i32>,
+    /// Unix seconds of the last monitoring heartbeat the webhook received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<i64>,
 }
 
 impl Default for MallDeploymentSpec {

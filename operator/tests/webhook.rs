@@ -201,3 +201,84 @@ async fn bad_requests_are_refused() {
     assert_eq!(ctx.metrics.webhook.with_label_values(&["bad_request"]).get(), 3);
     assert_eq!(ctx.metrics.webhook.with_label_values(&["unauthorized"]).get(), 2);
 }
+
+/// The Watchdog pattern over real HTTP: heartbeats are recorded; when they stop for longer than
+/// the window, a resolved scale-up alert does not scale the mall down, `MonitoringStale` and a
+/// Warning event say so; when they return, the scale-down happens.
+#[tokio::test]
+async fn a_silent_monitoring_holds_the_floor_until_heartbeats_return() {
+    // Scale back after 30 s of resolved alerts; heartbeats expected at least every 100 s.
+    let mut spec_md = mall("watched", "alerts", 30);
+    spec_md.spec.autoscaling.monitoring_heartbeat_seconds = 100;
+    let client = ClientBuilder::new()
+        .with_resource::<MallDeployment>()
+        .with_status_subresource::<MallDeployment>()
+        .with_object(spec_md)
+        .build()
+        .await
+        .unwrap();
+    let (url, ctx) = serve(&client).await;
+    let heartbeat = |status: &str| {
+        let mut p = payload("watched", status);
+        p["alerts"][0]["labels"] = json!({ "alertname": "MallMonitoringHeartbeat", "severity": "none",
+            "action": "heartbeat", "malldeployment": "watched", "namespace": NS });
+        p
+    };
+    let (status, body) = post(&url, &heartbeat("firing")).await;
+    assert_eq!((status, body["heartbeats"].clone()), (200, json!(1)));
+    let beat = md(&client, "watched")
+        .await
+        .status
+        .unwrap()
+        .alert_scaling
+        .last_heartbeat;
+    assert!(beat.is_some_and(|t| (autoscale::now() - t).abs() < 5));
+
+    post(&url, &payload("watched", "firing")).await;
+    assert_eq!(md(&client, "watched").await.spec.replicas, 4);
+    post(&url, &payload("watched", "resolved")).await;
+
+    // The heartbeat is old (monitoring went away with the alert): reconciling later holds the floor.
+    let later = autoscale::now() + 120;
+    ctx.sync().await.unwrap();
+    reconcile_once(&md(&client, "watched").await, &ctx, later)
+        .await
+        .unwrap();
+    let held = md(&client, "watched").await;
+    assert_eq!(held.spec.replicas, 4, "no scale-down without heartbeats");
+    let stale = held
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "MonitoringStale")
+        .unwrap()
+        .clone();
+    assert_eq!((stale.status.as_str(), stale.reason.as_str()), ("True", "NoHeartbeat"));
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(events
+        .items
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("MonitoringStale") && e.type_.as_deref() == Some("Warning")));
+
+    // Heartbeats return: the scale-down proceeds (the window has long passed by then).
+    post(&url, &heartbeat("firing")).await;
+    ctx.sync().await.unwrap();
+    reconcile_once(&md(&client, "watched").await, &ctx, autoscale::now() + 60)
+        .await
+        .unwrap();
+    let back = md(&client, "watched").await;
+    assert_eq!(back.spec.replicas, 2);
+    let condition = back
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "MonitoringStale")
+        .unwrap();
+    assert_eq!(condition.status, "False");
+}

@@ -864,10 +864,10 @@ mod tests {
         let config = SidecarConfig::from_toml(example).unwrap();
         assert_eq!(config.upstream.balance, Balance::LeastConnections);
         assert_eq!(config.upstream.servers[0].weight, 2);
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../docs/sidecar.md");
         assert!(
             readme.contains(example.trim()),
-            "README.md must show sidecar/sidecar.example.toml verbatim"
+            "docs/sidecar.md must show sidecar/sidecar.example.toml verbatim"
         );
     }
 

@@ -169,6 +169,11 @@ impl ProxyHttp for MallProxy {
     }
 
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // RFC 9112 9.3.2: a client may pipeline; answer each request in order on the connection
+        // (pingora's default drops the pipelined ones after answering the first with keep-alive).
+        if let pingora_core::protocols::http::ServerSession::H1(h1) = &mut *session.downstream_session {
+            h1.set_pipelining_enabled(true);
+        }
         // Before pingora's compression module reads Accept-Encoding: leave it only the coding
         // the q-values choose (RFC 9110 12.5.3), or `identity`.
         let header = session.req_header().headers.get(http::header::ACCEPT_ENCODING);

@@ -1186,3 +1186,34 @@ async fn a_rolling_restart_of_the_app_loses_no_request_and_doubles_no_order() {
     assert_eq!(stored.len(), ids.len(), "orders in the database vs orders answered");
     assert!(sidecar.metric("sidecar_upstream_retries_total", "").await >= 0.0);
 }
+
+/// Pipelined requests (RFC 9112 9.3.2): both answered in order on the one connection, or the
+/// first answer says `Connection: close` so the client knows to resend the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_requests_are_answered_in_order_or_the_first_says_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = AppInstance::start().await;
+    let sidecar = Sidecar::start(&upstream_section(&[app.addr], "round_robin")).await;
+    let addr = sidecar.base.trim_start_matches("http://").to_string();
+    for (first, second) in [("/api/products/1", "/api/products/2"), ("/health", "/api/products/3")] {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let raw = format!(
+            "GET {first} HTTP/1.1\r\nHost: x\r\n\r\nGET {second} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(raw.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+        assert!(read.is_ok(), "the connection ends");
+        let text = String::from_utf8_lossy(&reply).to_string();
+        let answers = text.matches("HTTP/1.1 ").count();
+        let first_head = text.split("\r\n\r\n").next().unwrap_or("").to_ascii_lowercase();
+        assert!(
+            answers == 2 || first_head.contains("connection: close"),
+            "{first} then {second}: {answers} answers, first head:\n{first_head}"
+        );
+        if answers == 2 {
+            let p1 = text.find("HTTP/1.1 ").unwrap();
+            assert!(text[p1..].starts_with("HTTP/1.1 200"), "{text}");
+        }
+    }
+}

@@ -109,6 +109,19 @@ pub async fn create(
     };
     let source = source(&state, order)?;
     let hash = request_hash(&source);
+    // The same key already being processed here: say so at once rather than wait for it.
+    let _in_flight = match key.as_deref() {
+        Some(k) => Some(
+            state
+                .in_flight_keys
+                .claim(user.id, k)
+                .ok_or_else(|| AppError::InProgress {
+                    message: "Idempotency-Key: a request with this key is still being processed; retry shortly".into(),
+                    retry_after: 1,
+                })?,
+        ),
+        None => None,
+    };
     let idempotency = key.as_deref().map(|key| Idempotency {
         key,
         request_hash: &hash,
@@ -136,6 +149,13 @@ pub async fn create(
         response
             .headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if key.is_some() {
+        // How long the key is remembered (and a repeat replays this answer), in seconds.
+        response.headers_mut().insert(
+            "idempotency-key-lifetime",
+            HeaderValue::from(state.config.args.idempotency_key_ttl_secs),
+        );
     }
     Ok(response)
 }

@@ -333,7 +333,8 @@ async fn replay(db: &Db, user_id: i64, key: &Idempotency<'_>) -> AppResult<Place
             .await?
             .ok_or_else(|| AppError::Unavailable("idempotency key vanished; retry".into()))?;
     if text(&row, "request_hash")? != key.request_hash {
-        return Err(AppError::Conflict {
+        // draft-ietf-httpapi-idempotency-key-header: a key reused with a different payload is 422.
+        return Err(AppError::Unprocessable {
             code: "idempotency_key_reused",
             message: "Idempotency-Key: this key was already used for a different request".into(),
         });
@@ -343,6 +344,16 @@ async fn replay(db: &Db, user_id: i64, key: &Idempotency<'_>) -> AppResult<Place
         .await?
         .ok_or_else(|| AppError::Internal(format!("order {order_id} of an idempotency key is missing")))?;
     Ok(Placed { order, replayed: true })
+}
+
+/// Deletes the Idempotency-Keys created before `before_ms` (Unix ms); returns how many. Each row
+/// is an old, committed claim, so no order in progress waits on these deletes.
+pub async fn expire_keys(db: &Db, before_ms: i64) -> AppResult<u64> {
+    let done = sqlx::query(&db.sql("DELETE FROM idempotency_keys WHERE created_at < ?"))
+        .bind(before_ms)
+        .execute(db.write())
+        .await?;
+    Ok(done.rows_affected())
 }
 
 /// One of `user_id`'s orders; another user's order is "not found".

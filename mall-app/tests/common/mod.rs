@@ -1,6 +1,6 @@
 //! Test harness: real databases, a real Redis, the real router on a real socket.
 //!
-//! PostgreSQL, MySQL and Redis come from the machine (see README "Tests"); their URLs can be
+//! PostgreSQL, MySQL and Redis come from the machine (see docs/tests.md); their URLs can be
 //! overridden with MALL_TEST_POSTGRES_URL, MALL_TEST_MYSQL_URL and MALL_TEST_REDIS_URL. When one
 //! is missing, the test fails under CI=true with a message saying how to get it, and otherwise
 //! prints SKIPPED loudly.
@@ -135,6 +135,8 @@ pub async fn spawn_app(db: &TestDb, extra: &[&str]) -> TestApp {
         "--seed-users=5".into(),
         "--seed-stock=100".into(),
         format!("--seed-password={PASSWORD}"),
+        // Tests stop apps often: no readiness delay on shutdown.
+        "--shutdown-delay-ms=0".into(),
         "--worker-id".into(),
         (COUNTER.fetch_add(1, Ordering::Relaxed) % 1000).to_string(),
     ];

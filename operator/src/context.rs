@@ -157,8 +157,13 @@ pub struct Context {
     pub stores: Stores,
     /// Taken by `controller::run` to feed the stores from its watches.
     pub writers: Mutex<Option<Writers>>,
-    /// Whether the Prometheus Operator's CRDs exist (`controller::watch_monitoring_crds` keeps it).
+    /// Whether the Prometheus Operator's CRDs exist (`controller::run`'s probe keeps it).
     pub monitoring: AtomicBool,
+    /// The Prometheus asked whether rules are loaded and pods scraped (`--prometheus-url`).
+    pub prometheus: Option<crate::verify::PrometheusCheck>,
+    /// Labels put on every PrometheusRule and ServiceMonitor, so the Prometheus selects them
+    /// (`--monitoring-labels`, the chart's `monitoring.labels`).
+    pub monitoring_labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Context {
@@ -171,7 +176,21 @@ impl Context {
             stores,
             writers: Mutex::new(Some(writers)),
             monitoring: AtomicBool::new(false),
+            prometheus: None,
+            monitoring_labels: Default::default(),
         }
+    }
+
+    /// Checks rules and targets in the Prometheus at `url`.
+    pub fn with_prometheus(mut self, check: crate::verify::PrometheusCheck) -> Self {
+        self.prometheus = Some(check);
+        self
+    }
+
+    /// Puts `labels` on every PrometheusRule and ServiceMonitor.
+    pub fn with_monitoring_labels(mut self, labels: std::collections::BTreeMap<String, String>) -> Self {
+        self.monitoring_labels = labels;
+        self
     }
 
     /// Publishes an Event on the MallDeployment (`kubectl describe` shows it). Events are best

@@ -298,7 +298,7 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         set_condition(&mut status, md, "MonitoringStale", false, reason, message);
     }
 
-    let children = desired::children(md, &tuning, status.alert_scaling.floor);
+    let children = desired::children(md, &tuning, status.alert_scaling.floor, &ctx.monitoring_labels);
     let Children {
         deployment,
         service,
@@ -335,7 +335,7 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         }
     }
 
-    status.monitoring = if ctx.monitoring_available() {
+    status.monitoring.message = if ctx.monitoring_available() {
         apply_dynamic(
             client,
             &stores.prometheus_rules,
@@ -361,6 +361,9 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         "Prometheus Operator CRDs not installed: alert rules and ServiceMonitor skipped (`operator render` prints them)"
             .into()
     };
+    if let Some(check) = &ctx.prometheus {
+        verify_monitoring(check, md, &tuning, &mut status).await;
+    }
 
     // Observe the Deployment (from the cache: its status changes arrive through the watch).
     let live: Option<Arc<Deployment>> = Stores::get(&stores.deployments, &ns, &name);
@@ -416,7 +419,11 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         ctx.event(md, false, "Applied", format!("applied {}", outcome.applied.join(", ")))
             .await;
     }
-    let next = autoscale::next_check(&md.spec, &status.alert_scaling, now).unwrap_or(Duration::from_secs(300));
+    let mut next = autoscale::next_check(&md.spec, &status.alert_scaling, now).unwrap_or(Duration::from_secs(300));
+    if let Some(check) = &ctx.prometheus {
+        // Look again when the Prometheus answer may have changed.
+        next = next.min(check.ttl);
+    }
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
 }
 
@@ -473,6 +480,59 @@ async fn apply_dynamic(
     api.patch(&name, pp, &Patch::Apply(desired)).await?;
     outcome.applied.push(format!("{}/{name}", resource.kind));
     Ok(())
+}
+
+/// Asks the configured Prometheus whether it loaded this mall's rules and scrapes its pods, and
+/// says so in `status.monitoring` and the `MonitoringVerified` condition.
+async fn verify_monitoring(
+    check: &crate::verify::PrometheusCheck,
+    md: &MallDeployment,
+    tuning: &crate::tuning::Tuning,
+    status: &mut MallDeploymentStatus,
+) {
+    use crate::verify::Verdict;
+    let alerts: Vec<String> = crate::alerts::rules(md, tuning).into_iter().map(|r| r.alert).collect();
+    let verdict = check
+        .verdict(&desired::namespace(md), &desired::name(md), &alerts)
+        .await;
+    let (ok, reason, message) = match verdict {
+        Verdict::Checked {
+            rules_found,
+            rules_expected,
+            targets,
+            targets_up,
+        } => {
+            status.monitoring.rules_loaded = Some(rules_found == rules_expected);
+            status.monitoring.targets = Some(targets);
+            status.monitoring.targets_up = Some(targets_up);
+            if rules_found < rules_expected {
+                (
+                    false,
+                    "RulesNotLoaded",
+                    format!("Prometheus has loaded {rules_found} of the {rules_expected} alert rules: its ruleSelector does not select the PrometheusRule's labels (the chart's monitoring.labels)"),
+                )
+            } else if targets_up == 0 {
+                (
+                    false,
+                    "NoTargetsUp",
+                    format!("Prometheus scrapes {targets} targets of this mall, none up: its serviceMonitorSelector does not select the ServiceMonitor's labels, or the pods are down"),
+                )
+            } else {
+                (
+                    true,
+                    "Verified",
+                    format!("Prometheus has loaded every alert rule and scrapes {targets_up} of {targets} targets"),
+                )
+            }
+        }
+        Verdict::Unreachable(e) => {
+            status.monitoring.rules_loaded = None;
+            status.monitoring.targets = None;
+            status.monitoring.targets_up = None;
+            (false, "PrometheusUnreachable", format!("cannot ask Prometheus: {e}"))
+        }
+    };
+    set_condition(status, md, "MonitoringVerified", ok, reason, &message);
 }
 
 /// Whether every field of `want` is in `live` with the same value (extra live fields are fine:

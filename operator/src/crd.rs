@@ -438,10 +438,47 @@ pub struct MallDeploymentStatus {
     /// Alert-driven scaling state, kept here so it survives an operator restart.
     #[serde(default)]
     pub alert_scaling: AlertScaling,
+    /// Whether the PrometheusRule and ServiceMonitor are managed and, with a Prometheus URL
+    /// configured, whether that Prometheus loaded the rules and scrapes the pods.
+    #[serde(default, deserialize_with = "monitoring_status")]
+    pub monitoring: MonitoringStatus,
+}
+
+/// What is known of the mall's monitoring.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringStatus {
     /// Whether PrometheusRule and ServiceMonitor objects are managed (the Prometheus Operator's
-    /// CRDs exist).
+    /// CRDs exist), in words.
     #[serde(default)]
-    pub monitoring: String,
+    pub message: String,
+    /// With `--prometheus-url`: whether that Prometheus has loaded every alert rule of this mall
+    /// (a PrometheusRule its ruleSelector does not match is silently ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules_loaded: Option<bool>,
+    /// With `--prometheus-url`: this mall's scrape targets that are up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets_up: Option<u32>,
+    /// With `--prometheus-url`: this mall's active scrape targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<u32>,
+}
+
+/// Statuses written before `monitoring` became an object held a sentence.
+fn monitoring_status<'de, D: serde::Deserializer<'de>>(d: D) -> Result<MonitoringStatus, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Sentence(String),
+        Object(MonitoringStatus),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Sentence(message) => MonitoringStatus {
+            message,
+            ..MonitoringStatus::default()
+        },
+        Either::Object(status) => status,
+    })
 }
 
 /// What the operator chose for each pod (`tuning.rs` computes it).

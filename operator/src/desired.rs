@@ -47,8 +47,15 @@ pub struct Children {
     pub service_monitor: DynamicObject,
 }
 
-/// `floor`: the replica floor alert-driven scaling asked for (HPA minReplicas in `hpa`/`both`).
-pub fn children(md: &MallDeployment, tuning: &Tuning, floor: Option<i32>) -> Children {
+/// `floor`: the replica floor alert-driven scaling asked for (HPA minReplicas in `hpa`/`both`);
+/// `monitoring_labels`: extra labels for the PrometheusRule and ServiceMonitor (what the
+/// Prometheus selects them by).
+pub fn children(
+    md: &MallDeployment,
+    tuning: &Tuning,
+    floor: Option<i32>,
+    monitoring_labels: &BTreeMap<String, String>,
+) -> Children {
     let config_map = config_map(md, tuning);
     Children {
         deployment: deployment(md, tuning, &config_map),
@@ -57,10 +64,19 @@ pub fn children(md: &MallDeployment, tuning: &Tuning, floor: Option<i32>) -> Chi
         metrics_service: metrics_service(md),
         hpa: hpa(md, floor),
         pdb: pdb(md),
-        prometheus_rule: prometheus_rule(md, tuning),
-        service_monitor: service_monitor(md),
+        prometheus_rule: with_labels(prometheus_rule(md, tuning), monitoring_labels),
+        service_monitor: with_labels(service_monitor(md), monitoring_labels),
         config_map,
     }
+}
+
+fn with_labels(mut o: DynamicObject, extra: &BTreeMap<String, String>) -> DynamicObject {
+    if let Some(labels) = o.metadata.labels.as_mut() {
+        for (k, v) in extra {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    o
 }
 
 pub fn name(md: &MallDeployment) -> String {
@@ -579,11 +595,14 @@ fn service_monitor(md: &MallDeployment) -> DynamicObject {
         (METRICS_ROLE.0.to_string(), METRICS_ROLE.1.to_string()),
         ("app.kubernetes.io/instance".to_string(), name(md)),
     ]);
+    // The Prometheus Operator labels series with the Service's name (`<name>-metrics`); the alert
+    // rules and the dashboard select `service="<name>"`, so say that instead.
+    let service_label = json!([{ "action": "replace", "targetLabel": "service", "replacement": name(md) }]);
     o.data = json!({ "spec": {
         "selector": { "matchLabels": metrics_labels },
         "endpoints": [
-            { "port": "sidecar-metrics", "path": "/metrics", "interval": "15s" },
-            { "port": "app-metrics", "path": "/metrics", "interval": "15s" }
+            { "port": "sidecar-metrics", "path": "/metrics", "interval": "15s", "relabelings": service_label },
+            { "port": "app-metrics", "path": "/metrics", "interval": "15s", "relabelings": service_label }
         ]
     }});
     o

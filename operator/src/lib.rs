@@ -11,6 +11,7 @@
 //! - `render.rs`: the offline `operator render`;
 //! - `events.rs`, `metrics.rs`, `context.rs`: what reconciles and the webhook share;
 //! - `autoscale.rs`: the Alertmanager webhook; `controller.rs`: reconcile (apply + status);
+//! - `verify.rs`: asks Prometheus whether it loaded the rules and scrapes the pods;
 //! - `leader.rs`: Lease-based leader election.
 
 pub mod alerts;
@@ -26,3 +27,4 @@ pub mod quantity;
 pub mod render;
 pub mod tuning;
 pub mod validation;
+pub mod verify;

@@ -35,6 +35,14 @@ enum Command {
         /// Namespace of the leader-election Lease (the operator's own).
         #[arg(long, env = "POD_NAMESPACE", default_value = "mall-system")]
         namespace: String,
+        /// A Prometheus to ask whether it loaded each mall's alert rules and scrapes its pods
+        /// (`http://prometheus-operated.monitoring:9090`); reported in status.monitoring.
+        #[arg(long, env = "OPERATOR_PROMETHEUS_URL")]
+        prometheus_url: Option<String>,
+        /// Labels for every PrometheusRule and ServiceMonitor, `key=value,...` (what your
+        /// Prometheus selects them by, e.g. `release=kube-prometheus-stack`).
+        #[arg(long, env = "OPERATOR_MONITORING_LABELS", default_value = "", value_parser = parse_labels)]
+        monitoring_labels: std::collections::BTreeMap<String, String>,
         /// This replica's identity in the Lease (default: the host name plus a random suffix).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
@@ -72,16 +80,33 @@ async fn main() -> anyhow::Result<()> {
             webhook_token,
             namespace,
             identity,
+            prometheus_url,
+            monitoring_labels,
         } => {
+            let identity = identity.unwrap_or_else(leader::default_identity);
             run(
                 listen,
                 webhook_token,
                 namespace,
-                identity.unwrap_or_else(leader::default_identity),
+                identity,
+                prometheus_url,
+                monitoring_labels,
             )
             .await
         }
     }
+}
+
+/// `key=value,key2=value2` (empty: none).
+fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(format!("`{kv}` is not key=value")),
+        })
+        .collect()
 }
 
 async fn run(
@@ -89,6 +114,8 @@ async fn run(
     webhook_token: Option<String>,
     namespace: String,
     identity: String,
+    prometheus_url: Option<String>,
+    monitoring_labels: std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .json()
@@ -100,7 +127,12 @@ async fn run(
         axum::http::HeaderValue::from_str(&user_agent())?,
     ));
     let client = kube::Client::try_from(config)?;
-    let ctx = Arc::new(Context::new(client.clone()));
+    let mut ctx = Context::new(client.clone()).with_monitoring_labels(monitoring_labels);
+    if let Some(url) = prometheus_url.filter(|u| !u.is_empty()) {
+        let check = mall_operator::verify::PrometheusCheck::new(&url).map_err(|e| anyhow::anyhow!(e))?;
+        ctx = ctx.with_prometheus(check);
+    }
+    let ctx = Arc::new(ctx);
     let leading = Arc::new(AtomicBool::new(false));
 
     let mut app = axum::Router::new()

@@ -46,7 +46,7 @@ pub fn render(input: &str) -> Result<String, String> {
             pdb,
             prometheus_rule,
             service_monitor,
-        } = desired::children(&md, &tuning, None);
+        } = desired::children(&md, &tuning, None, &Default::default());
         push(&mut out, &config_map)?;
         push(&mut out, &service)?;
         push(&mut out, &app_service)?;

@@ -314,7 +314,7 @@ async fn the_prometheus_operator_installed_later_is_noticed_and_its_objects_kept
         .get("shop")
         .await
         .unwrap();
-    assert!(md.status.unwrap().monitoring.contains("applied"));
+    assert!(md.status.unwrap().monitoring.message.contains("applied"));
 }
 
 #[test]
@@ -335,4 +335,52 @@ fn setting_only_the_sidecar_image_keeps_the_sidecars_defaults() {
         ),
         ("100m", "64Mi")
     );
+}
+
+/// A Prometheus that does not select the mall's PrometheusRule has not loaded its rules: the
+/// operator says so in status and a condition naming the likely cause (here a stub Prometheus
+/// HTTP API answering as one whose ruleSelector matches nothing).
+#[tokio::test]
+async fn rules_a_prometheus_ignores_are_reported() {
+    use axum::routing::get;
+    let api = axum::Router::new()
+        .route(
+            "/api/v1/rules",
+            get(|| async { axum::Json(json!({ "status": "success", "data": { "groups": [] } })) }),
+        )
+        .route(
+            "/api/v1/targets",
+            get(|| async {
+                axum::Json(json!({ "status": "success", "data": { "activeTargets": [
+                    { "labels": { "namespace": NS, "service": "shop" }, "health": "up" }
+                ] } }))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, api).await.unwrap() });
+
+    let fake = fake(mall(sqlite_spec()), vec![]).await;
+    let check = mall_operator::verify::PrometheusCheck::new(&url).unwrap();
+    let ctx = Context::new(fake.clone()).with_prometheus(check);
+    pass(&fake, &ctx).await;
+    let status = Api::<MallDeployment>::namespaced(fake.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(status.monitoring.rules_loaded, Some(false));
+    assert_eq!(status.monitoring.targets_up, Some(1));
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "MonitoringVerified")
+        .unwrap();
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "RulesNotLoaded")
+    );
+    assert!(condition.message.contains("ruleSelector"), "{}", condition.message);
+    assert!(mall_operator::verify::PrometheusCheck::new("https://prom:9090").is_err());
 }

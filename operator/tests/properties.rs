@@ -77,7 +77,7 @@ proptest! {
                 let config = desired::sidecar_config(&md, &t);
                 let text = config.to_toml();
                 prop_assert!(SidecarConfig::from_toml(&text).is_ok(), "{:?}", SidecarConfig::from_toml(&text));
-                let children = desired::children(&md, &t, Some(md.spec.max_replicas + 5));
+                let children = desired::children(&md, &t, Some(md.spec.max_replicas + 5), &Default::default());
                 if let Some(hpa) = children.hpa {
                     let hpa = hpa.spec.unwrap();
                     prop_assert!(hpa.min_replicas.unwrap() <= hpa.max_replicas, "the floor never passes max");

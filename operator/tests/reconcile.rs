@@ -144,7 +144,11 @@ async fn creates_children_then_a_second_pass_writes_nothing() {
     assert_eq!(status.tuning.as_ref().unwrap().db_max_connections, 5);
     assert_eq!(condition(&md, "Ready").0, "False", "no pods are ready yet");
     assert_eq!(condition(&md, "Paused").0, "False");
-    assert!(status.monitoring.contains("not installed"), "{}", status.monitoring);
+    assert!(
+        status.monitoring.message.contains("not installed"),
+        "{:?}",
+        status.monitoring
+    );
 
     // Steady state: nothing is written, no resourceVersion moves.
     let before = versions(&client, "shop").await;
@@ -283,6 +287,7 @@ async fn the_hpa_owns_replicas_unless_alerts_alone_scale() {
             &mall("shop", json!({})).with_uid(),
             &mall_operator::tuning::tune(&mall("shop", json!({})).spec),
             None,
+            &Default::default(),
         )
         .deployment,
     )

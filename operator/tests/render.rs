@@ -7,6 +7,7 @@ use std::process::Command;
 
 use mall_operator::crd::MallDeployment;
 use mall_sidecar_config::SidecarConfig;
+use serde::Deserialize;
 
 fn examples() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
@@ -168,4 +169,56 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
             String::from_utf8_lossy(&test.stderr)
         );
     }
+}
+
+/// The ServiceMonitor selects the metrics Service (`<name>-metrics`), whose name the Prometheus
+/// Operator would put in the `service` label; the alert rules select `service="<name>"`, so every
+/// endpoint relabels `service` to the mall's name, and the client Service exposes port 80 only.
+#[test]
+fn the_service_monitor_feeds_the_series_the_rules_select() {
+    let yaml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/production.yaml")).unwrap();
+    let rendered = mall_operator::render::render(&yaml).unwrap();
+    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+        .collect();
+    let of = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind}/{name}"))
+            .clone()
+    };
+    let name = "shop";
+    let monitor = of("ServiceMonitor", name);
+    let metrics = of("Service", &format!("{name}-metrics"));
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            &metrics["metadata"]["labels"][k], v,
+            "the ServiceMonitor selects the metrics Service"
+        );
+    }
+    for endpoint in monitor["spec"]["endpoints"].as_array().unwrap() {
+        let relabel = &endpoint["relabelings"][0];
+        assert_eq!(
+            (relabel["targetLabel"].as_str(), relabel["replacement"].as_str()),
+            (Some("service"), Some(name))
+        );
+        let port = endpoint["port"].as_str().unwrap();
+        assert!(metrics["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == port));
+    }
+    let rule = of("PrometheusRule", name);
+    let expr = rule["spec"]["groups"][0]["rules"][0]["expr"].as_str().unwrap();
+    assert!(expr.contains(&format!("service=\"{name}\"")), "{expr}");
+    let client = of("Service", name);
+    let ports: Vec<i64> = client["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ports, [80], "clients reach the sidecar only");
 }

@@ -237,5 +237,23 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
     .await;
     let event = mds.get(NAME).await.unwrap().status.unwrap().last_scale.unwrap();
     assert_eq!((event.from, event.to), (2, 1));
+
+    // Rules proven loaded: asked, this Prometheus says it has every alert rule of the mall and
+    // scrapes its two targets.
+    let check = mall_operator::verify::PrometheusCheck::new(&format!("http://{prom_addr}")).unwrap();
+    let verifying = Context::new(client.clone()).with_prometheus(check);
+    verifying.sync().await.unwrap();
+    reconcile_once(&mds.get(NAME).await.unwrap(), &verifying, autoscale::now())
+        .await
+        .unwrap();
+    let status = mds.get(NAME).await.unwrap().status.unwrap();
+    assert_eq!(status.monitoring.rules_loaded, Some(true), "{:?}", status.monitoring);
+    assert_eq!(status.monitoring.targets_up, Some(2), "{:?}", status.monitoring);
+    let verified = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "MonitoringVerified")
+        .unwrap();
+    assert_eq!(verified.status, "True", "{}", verified.message);
     drop(app);
 }

@@ -32,3 +32,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "mall-operator.webhookSecret" -}}
 {{- default (printf "%s-webhook" (include "mall-operator.fullname" .)) .Values.webhook.existingSecret -}}
 {{- end -}}
+
+{{/* The malls' monitoring labels as key=value,key=value for OPERATOR_MONITORING_LABELS. */}}
+{{- define "mall-operator.monitoringLabels" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := .Values.monitoring.labels -}}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end -}}

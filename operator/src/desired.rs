@@ -145,6 +145,9 @@ pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning) -> SidecarConfig {
     c.server.listen = ([0, 0, 0, 0], PROXY_PORT as u16).into();
     c.server.admin_listen = ([0, 0, 0, 0], ADMIN_PORT as u16).into();
     c.server.threads = tuning.sidecar_threads as usize;
+    // As the app: not ready but serving for 5 s after SIGTERM while the pod leaves the endpoints,
+    // then 20 s to drain; 25 s, inside Kubernetes' 30 s.
+    c.server.shutdown_delay_seconds = 5;
     // Every sidecar balances over every app instance through the headless Service, so the
     // algorithm (consistent hashing keeps each app's L1 cache hot) works across pods.
     c.upstream.servers = Vec::new();

@@ -26,27 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller and the HTTP endpoints (/metrics, /health, /ready, POST /alerts).
-    Run {
-        #[arg(long, env = "OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
-        /// Bearer token Alertmanager presents on POST /alerts; without it the webhook is off.
-        #[arg(long, env = "OPERATOR_WEBHOOK_TOKEN")]
-        webhook_token: Option<String>,
-        /// Namespace of the leader-election Lease (the operator's own).
-        #[arg(long, env = "POD_NAMESPACE", default_value = "mall-system")]
-        namespace: String,
-        /// A Prometheus to ask whether it loaded each mall's alert rules and scrapes its pods
-        /// (`http://prometheus-operated.monitoring:9090`); reported in status.monitoring.
-        #[arg(long, env = "OPERATOR_PROMETHEUS_URL")]
-        prometheus_url: Option<String>,
-        /// Labels for every PrometheusRule and ServiceMonitor, `key=value,...` (what your
-        /// Prometheus selects them by, e.g. `release=kube-prometheus-stack`).
-        #[arg(long, env = "OPERATOR_MONITORING_LABELS", default_value = "", value_parser = parse_labels)]
-        monitoring_labels: std::collections::BTreeMap<String, String>,
-        /// This replica's identity in the Lease (default: the host name plus a random suffix).
-        #[arg(long, env = "POD_NAME")]
-        identity: Option<String>,
-    },
+    Run(RunArgs),
     /// Print the manifests the operator would apply for the MallDeployments in FILE.
     Render {
         #[arg(short = 'f', long)]
@@ -54,6 +34,30 @@ enum Command {
     },
     /// Print the MallDeployment CRD.
     Crd,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where /metrics, /health, /ready and POST /alerts listen.
+    #[arg(long, env = "OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Bearer token Alertmanager presents on POST /alerts; without it the webhook is off.
+    #[arg(long, env = "OPERATOR_WEBHOOK_TOKEN")]
+    webhook_token: Option<String>,
+    /// Namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mall-system")]
+    namespace: String,
+    /// A Prometheus to ask whether it loaded each mall's alert rules and scrapes its pods
+    /// (`http://prometheus-operated.monitoring:9090`); reported in status.monitoring.
+    #[arg(long, env = "OPERATOR_PROMETHEUS_URL")]
+    prometheus_url: Option<String>,
+    /// Labels for every PrometheusRule and ServiceMonitor, `key=value,...` (what your
+    /// Prometheus selects them by, e.g. `release=kube-prometheus-stack`).
+    #[arg(long, env = "OPERATOR_MONITORING_LABELS", default_value = "", value_parser = parse_labels)]
+    monitoring_labels: std::collections::BTreeMap<String, String>,
+    /// This replica's identity in the Lease (default: the host name plus a random suffix).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 #[tokio::main]
@@ -75,25 +79,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", render::crd_yaml());
             Ok(())
         }
-        Command::Run {
-            listen,
-            webhook_token,
-            namespace,
-            identity,
-            prometheus_url,
-            monitoring_labels,
-        } => {
-            let identity = identity.unwrap_or_else(leader::default_identity);
-            run(
-                listen,
-                webhook_token,
-                namespace,
-                identity,
-                prometheus_url,
-                monitoring_labels,
-            )
-            .await
-        }
+        Command::Run(args) => run(args).await,
     }
 }
 
@@ -109,14 +95,16 @@ fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>
         .collect()
 }
 
-async fn run(
-    listen: SocketAddr,
-    webhook_token: Option<String>,
-    namespace: String,
-    identity: String,
-    prometheus_url: Option<String>,
-    monitoring_labels: std::collections::BTreeMap<String, String>,
-) -> anyhow::Result<()> {
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let RunArgs {
+        listen,
+        webhook_token,
+        namespace,
+        prometheus_url,
+        monitoring_labels,
+        identity,
+    } = args;
+    let identity = identity.unwrap_or_else(leader::default_identity);
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))

@@ -185,28 +185,14 @@ async fn the_latest_event_says_what_last_happened() {
         .get("shop")
         .await
         .unwrap();
-    ctx.event(
-        &md,
-        false,
-        "ScaledUp",
-        "replicas 1 -> 2: alerts firing: CriticalQPS".into(),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    ctx.event(
-        &md,
-        false,
-        "ScaledUp",
-        "replicas 2 -> 4: alerts firing: CriticalQPS".into(),
-    )
-    .await;
-    ctx.event(
-        &md,
-        false,
-        "ScaledUp",
-        "replicas 2 -> 4: alerts firing: CriticalQPS".into(),
-    )
-    .await;
+    for note in [
+        "replicas 1 -> 2: alerts firing: CriticalQPS",
+        "replicas 2 -> 4: alerts firing: CriticalQPS",
+        "replicas 2 -> 4: alerts firing: CriticalQPS",
+    ] {
+        ctx.event(&md, false, "ScaledUp", note.into()).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut events = Api::<Event>::namespaced(fake.clone(), NS)
         .list(&Default::default())
         .await

@@ -67,6 +67,12 @@ pub struct Server {
     /// In-flight requests get this long to finish on SIGTERM. Kubernetes kills at 30 s by default,
     /// so the default leaves room for the pod's preStop and the app's own drain.
     pub shutdown_grace_seconds: u64,
+    /// On SIGTERM, `/ready` fails at once and the sidecar keeps accepting and serving for this
+    /// long before it drains: in Kubernetes the pod leaves the Service's endpoints only after
+    /// the signal, so connections keep arriving for a few seconds (the operator sets 5). 0 drains
+    /// at once.
+    #[serde(default)]
+    pub shutdown_delay_seconds: u64,
     /// Largest request header block accepted; larger is 431.
     pub max_request_header_bytes: usize,
     /// Largest request body accepted; larger is 413 (the app's own default limit is 1 MiB).
@@ -90,6 +96,7 @@ impl Default for Server {
             admin_listen: ([0, 0, 0, 0], 9901).into(),
             threads: 0,
             shutdown_grace_seconds: 20,
+            shutdown_delay_seconds: 0,
             max_request_header_bytes: 16 * 1024,
             max_request_body_bytes: 1024 * 1024,
             keepalive_timeout_seconds: 60,
@@ -554,6 +561,12 @@ impl SidecarConfig {
             return Err(ConfigError::invalid(
                 "server.shutdown_grace_seconds",
                 "must be 1..=29: Kubernetes kills the pod 30 s after SIGTERM",
+            ));
+        }
+        if s.shutdown_delay_seconds + s.shutdown_grace_seconds >= 30 {
+            return Err(ConfigError::invalid(
+                "server.shutdown_delay_seconds",
+                "plus shutdown_grace_seconds must stay under 30: Kubernetes kills the pod 30 s after SIGTERM",
             ));
         }
         if s.listen == s.admin_listen {

@@ -14,6 +14,7 @@ pub mod state;
 pub mod upstreams;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mall_sidecar_config::SidecarConfig;
@@ -81,10 +82,10 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
         "invalidation",
         invalidation::Invalidations(shared.clone()),
     ));
-    server.add_service(background_service("drain", services::Drain(shared)));
+    server.add_service(background_service("drain", services::Drain(shared.clone())));
     tracing::info!(%listen, %admin_listen, threads, "sidecar starting");
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals),
+        shutdown_signal: Box::new(Signals(shared)),
     });
     std::process::exit(0)
 }
@@ -131,7 +132,20 @@ pub fn raise_open_files_limit() -> u64 {
 /// the accept loops, which can then spin on the dead reactor logging `Accept() failed` without
 /// end (seen here: a process that never exited and wrote 60 GB of log). SIGQUIT keeps pingora's
 /// graceful upgrade.
-struct Signals;
+struct Signals(Arc<state::Shared>);
+
+impl Signals {
+    /// The shutdown delay: not ready, still serving, so endpoints drop the pod before the
+    /// listeners close (see `server.shutdown_delay_seconds`).
+    async fn delay(&self) {
+        let delay = self.0.live.load().config.server.shutdown_delay_seconds;
+        if delay > 0 {
+            self.0.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(delay_seconds = delay, "shutting down: not ready, still serving");
+            tokio::time::sleep(Duration::from_secs(delay)).await;
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl ShutdownSignalWatch for Signals {
@@ -142,7 +156,10 @@ impl ShutdownSignalWatch for Signals {
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
-            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = term.recv() => {
+                self.delay().await;
+                ShutdownSignal::GracefulTerminate
+            }
             _ = int.recv() => {
                 tracing::info!("SIGINT: draining like SIGTERM; a second SIGINT exits at once");
                 tokio::spawn(async move {
@@ -150,6 +167,7 @@ impl ShutdownSignalWatch for Signals {
                     tracing::warn!("second SIGINT: exiting without waiting for in-flight requests");
                     std::process::exit(130);
                 });
+                self.delay().await;
                 ShutdownSignal::GracefulTerminate
             }
         }

@@ -1217,3 +1217,37 @@ async fn pipelined_requests_are_answered_in_order_or_the_first_says_close() {
         }
     }
 }
+
+/// With `server.shutdown_delay_seconds`, SIGTERM makes `/ready` fail at once while new requests
+/// are still served for the delay (in Kubernetes the pod leaves the endpoints only after the
+/// signal), and the process exits after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_keeps_serving_for_the_shutdown_delay_while_not_ready() {
+    let app = AppInstance::start().await;
+    let mut sidecar = Sidecar::start_with_env(
+        &upstream_section(&[app.addr], "round_robin"),
+        &[("SIDECAR__SERVER__SHUTDOWN_DELAY_SECONDS", "2")],
+    )
+    .await;
+    let http = client();
+    sidecar.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = http.get(format!("{}/ready", sidecar.admin)).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "not ready during the delay");
+    let served = http.get(sidecar.url("/api/products/1")).send().await.unwrap();
+    assert_eq!(served.status(), 200, "still serving during the delay");
+    assert_eq!(
+        served.headers()["connection"],
+        "close",
+        "clients are told to reconnect elsewhere"
+    );
+    let (took, status) = tokio::task::spawn_blocking(move || sidecar.wait_exit_status(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the sidecar exited");
+    assert!(status.success());
+    assert!(
+        took >= Duration::from_millis(1500),
+        "exited after the delay, {took:?} after SIGTERM"
+    );
+}

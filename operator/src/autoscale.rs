@@ -284,19 +284,38 @@ pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: 
     axum::Json(json!({ "results": results, "heartbeats": heartbeats })).into_response()
 }
 
-/// Records a monitoring heartbeat for one MallDeployment (`status.alertScaling.lastHeartbeat`).
+/// The state after a heartbeat at `now`. When monitoring had been silent, the quiet it did not
+/// see proves nothing: a pending scale-down waits a whole stabilisation window again, observed
+/// with monitoring alive (Prometheus also needs its alerts' `for` to fire again after a restart).
+pub fn on_heartbeat(spec: &MallDeploymentSpec, state: &AlertScaling, now: i64) -> AlertScaling {
+    let mut s = state.clone();
+    if monitoring_stale(spec, state, now) && s.resolved_since.is_some() {
+        s.resolved_since = Some(now);
+    }
+    s.last_heartbeat = Some(now);
+    s
+}
+
+/// Records a monitoring heartbeat for one MallDeployment (`status.alertScaling`).
 pub async fn record_heartbeat(ctx: &Context, ns: &str, name: &str, now: i64) -> Result<(), kube::Error> {
     let api: Api<MallDeployment> = Api::namespaced(ctx.client.clone(), ns);
-    let patch = json!({ "status": { "alertScaling": { "lastHeartbeat": now } } });
-    match api
-        .patch_status(name, &autoscaler_params(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => Ok(()),
-        // A heartbeat for a mall that does not exist (any more) is nothing to record.
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e),
+    // A heartbeat for a mall that does not exist (any more) is nothing to record.
+    let Some(md) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let state = md.status.as_ref().map(|s| s.alert_scaling.clone()).unwrap_or_default();
+    let next = on_heartbeat(&md.spec, &state, now);
+    let mut alert_scaling = json!({ "lastHeartbeat": now });
+    if next.resolved_since != state.resolved_since {
+        alert_scaling["resolvedSince"] = json!(next.resolved_since);
     }
+    api.patch_status(
+        name,
+        &autoscaler_params(),
+        &Patch::Merge(&json!({ "status": { "alertScaling": alert_scaling } })),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Applies one MallDeployment's alerts: decides, scales, persists the state. `Ok(None)` when
@@ -452,11 +471,17 @@ mod tests {
         let held = settle(&spec, &resolved, 4, 1100 + 600 + 10);
         assert_eq!(held.change, None, "stale monitoring holds the floor");
         assert_eq!(next_check(&spec, &resolved, 1710), Some(Duration::from_secs(60)));
-        // Heartbeats return: the scale-down proceeds.
-        let mut alive = resolved.clone();
-        alive.last_heartbeat = Some(1705);
-        let back = settle(&spec, &alive, 4, 1710);
+        // Heartbeats return: the silent stretch proves nothing, so a whole window must pass again,
+        // watched, before the scale-down proceeds.
+        let alive = on_heartbeat(&spec, &resolved, 1705);
+        assert_eq!((alive.last_heartbeat, alive.resolved_since), (Some(1705), Some(1705)));
+        assert_eq!(settle(&spec, &alive, 4, 1710).change, None);
+        let mut watched = alive.clone();
+        watched.last_heartbeat = Some(2300);
+        let back = settle(&spec, &watched, 4, 2305);
         assert_eq!(back.change.map(|c| (c.from, c.to)), Some((4, 2)));
+        // A heartbeat while monitoring is alive moves nothing else.
+        assert_eq!(on_heartbeat(&spec, &watched, 2310).resolved_since, Some(1705));
         // Never a heartbeat (monitoring not routed to the webhook): the guard does not apply.
         assert!(!monitoring_stale(&spec, &AlertScaling::default(), 99_999));
         spec.autoscaling.monitoring_heartbeat_seconds = 0;

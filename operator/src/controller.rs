@@ -37,6 +37,9 @@ pub enum Error {
     InvalidSpec(String),
     #[error("serialisation: {0}")]
     Serde(#[from] serde_json::Error),
+    /// The children's watches have not listed yet: a reconcile would take every child for missing.
+    #[error("the watch caches are not filled after 30 s: can the operator list and watch its children (RBAC)?")]
+    CachesNotReady,
 }
 
 impl Error {
@@ -46,6 +49,7 @@ impl Error {
             Error::Kube(_) => "api",
             Error::InvalidSpec(_) => "invalid_spec",
             Error::Serde(_) => "serde",
+            Error::CachesNotReady => "caches_not_ready",
         }
     }
 }
@@ -171,7 +175,12 @@ pub struct Outcome {
 }
 
 pub async fn reconcile(md: Arc<MallDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.stores.ready().await;
+    if tokio::time::timeout(Duration::from_secs(30), ctx.stores.ready())
+        .await
+        .is_err()
+    {
+        return Err(Error::CachesNotReady);
+    }
     let started = Instant::now();
     let result = reconcile_once(&md, &ctx, autoscale::now()).await;
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());

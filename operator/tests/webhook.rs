@@ -265,8 +265,23 @@ async fn a_silent_monitoring_holds_the_floor_until_heartbeats_return() {
         .iter()
         .any(|e| e.reason.as_deref() == Some("MonitoringStale") && e.type_.as_deref() == Some("Warning")));
 
-    // Heartbeats return: the scale-down proceeds (the window has long passed by then).
+    // Heartbeats return: the silent stretch proves nothing, so the 30 s window starts again; once
+    // it has passed with heartbeats arriving, the scale-down proceeds.
     post(&url, &heartbeat("firing")).await;
+    let state = md(&client, "watched").await.status.unwrap().alert_scaling;
+    assert!(
+        state.resolved_since.is_some_and(|t| (autoscale::now() - t).abs() < 5),
+        "{state:?}"
+    );
+    ctx.sync().await.unwrap();
+    reconcile_once(&md(&client, "watched").await, &ctx, autoscale::now() + 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        md(&client, "watched").await.spec.replicas,
+        4,
+        "not before a watched window"
+    );
     ctx.sync().await.unwrap();
     reconcile_once(&md(&client, "watched").await, &ctx, autoscale::now() + 60)
         .await

@@ -145,6 +145,12 @@ pub fn settle(spec: &MallDeploymentSpec, state: &AlertScaling, floor: i32, now: 
     }
     let window = spec.autoscaling.stabilization_seconds as i64;
     match (s.firing.is_empty(), s.baseline, s.resolved_since) {
+        // Monitoring must be seen alive at the end of the window too: when Prometheus dies,
+        // Alertmanager resolves its alerts and the heartbeat together, so "resolved, and no
+        // heartbeat since" is monitoring's death, not the end of the load.
+        (true, Some(_), Some(since)) if now - since >= window && !heartbeat_after(spec, state, since + window) => {
+            Settled { state: s, change: None }
+        }
         (true, Some(baseline), Some(since)) if now - since >= window => {
             let to = baseline.clamp(spec.min_replicas, spec.max_replicas);
             s.baseline = None;
@@ -164,8 +170,15 @@ pub fn settle(spec: &MallDeploymentSpec, state: &AlertScaling, floor: i32, now: 
 /// When the next scale-back is due, if one is pending.
 pub fn next_check(spec: &MallDeploymentSpec, state: &AlertScaling, now: i64) -> Option<Duration> {
     match (state.firing.is_empty(), state.baseline, state.resolved_since) {
-        // Held while monitoring is stale: look again in a minute.
-        (true, Some(_), Some(_)) if monitoring_stale(spec, state, now) => Some(Duration::from_secs(60)),
+        // Held while monitoring is stale or has not been seen since the window ended: look again
+        // in a minute (the next heartbeat wakes the reconciler anyway).
+        (true, Some(_), Some(since))
+            if monitoring_stale(spec, state, now)
+                || (now - since >= spec.autoscaling.stabilization_seconds as i64
+                    && !heartbeat_after(spec, state, since + spec.autoscaling.stabilization_seconds as i64)) =>
+        {
+            Some(Duration::from_secs(60))
+        }
         (true, Some(_), Some(since)) => {
             let due = since + spec.autoscaling.stabilization_seconds as i64;
             Some(Duration::from_secs((due - now).max(1) as u64))
@@ -282,6 +295,12 @@ pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: 
     }
     m.webhook.with_label_values(&["ok"]).inc();
     axum::Json(json!({ "results": results, "heartbeats": heartbeats })).into_response()
+}
+
+/// Whether a heartbeat arrived at or after `t` (always true with the guard off or before the
+/// first heartbeat).
+fn heartbeat_after(spec: &MallDeploymentSpec, state: &AlertScaling, t: i64) -> bool {
+    spec.autoscaling.monitoring_heartbeat_seconds == 0 || state.last_heartbeat.is_none_or(|h| h >= t)
 }
 
 /// The state after a heartbeat at `now`. When monitoring had been silent, the quiet it did not
@@ -476,9 +495,11 @@ mod tests {
         let alive = on_heartbeat(&spec, &resolved, 1705);
         assert_eq!((alive.last_heartbeat, alive.resolved_since), (Some(1705), Some(1705)));
         assert_eq!(settle(&spec, &alive, 4, 1710).change, None);
+        // The window has passed but no heartbeat has come since its end: still held.
+        assert_eq!(settle(&spec, &alive, 4, 2310).change, None);
         let mut watched = alive.clone();
-        watched.last_heartbeat = Some(2300);
-        let back = settle(&spec, &watched, 4, 2305);
+        watched.last_heartbeat = Some(2305);
+        let back = settle(&spec, &watched, 4, 2310);
         assert_eq!(back.change.map(|c| (c.from, c.to)), Some((4, 2)));
         // A heartbeat while monitoring is alive moves nothing else.
         assert_eq!(on_heartbeat(&spec, &watched, 2310).resolved_since, Some(1705));

@@ -54,13 +54,17 @@ impl Error {
     }
 }
 
+/// The operator watches its own objects only: those labelled `managed-by: mall-operator`.
+fn managed_watch() -> watcher::Config {
+    watcher::Config::default().labels(&desired::managed_selector())
+}
+
 /// A label-selected watch of one child kind that feeds its store and triggers the owner.
 fn watch_into<K>(api: Api<K>, writer: Writer<K>) -> impl futures_util::Stream<Item = Result<K, watcher::Error>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let config = watcher::Config::default().labels(&desired::managed_selector());
-    reflector::reflector(writer, watcher(api, config)).touched_objects()
+    reflector::reflector(writer, watcher(api, managed_watch())).touched_objects()
 }
 
 /// Like `watch_into`, for a Prometheus Operator kind: the watch starts (in its own task) once the
@@ -76,8 +80,7 @@ fn watch_dynamic_when_installed(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &resource);
-        let config = watcher::Config::default().labels(&desired::managed_selector());
-        let mut objects = std::pin::pin!(reflector::reflector(writer, watcher(api, config)).touched_objects());
+        let mut objects = std::pin::pin!(reflector::reflector(writer, watcher(api, managed_watch())).touched_objects());
         while let Some(item) = objects.next().await {
             if tx.send(item).await.is_err() {
                 return;
@@ -100,7 +103,7 @@ pub async fn run(ctx: Arc<Context>) {
 
     // The Prometheus Operator may be installed after the operator: probe for its CRDs, and on
     // their arrival start watching its kinds and reconcile every mall.
-    let (arrived_tx, arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let probe_ctx = ctx.clone();
     tokio::spawn(async move {
         loop {
@@ -113,7 +116,7 @@ pub async fn run(ctx: Arc<Context>) {
             tokio::time::sleep(MONITORING_PROBE).await;
         }
     });
-    let arrivals = tokio_stream_from(arrived_rx);
+    let arrivals = stream::poll_fn(move |cx| arrived_rx.poll_recv(cx));
 
     Controller::new(mds, watcher::Config::default())
         .owns_stream(watch_into(Api::<Deployment>::all(client.clone()), writers.deployments))
@@ -152,10 +155,6 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
-}
-
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::UnboundedReceiver<()>) -> impl futures_util::Stream<Item = ()> {
-    stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 pub fn error_policy(md: Arc<MallDeployment>, error: &Error, ctx: Arc<Context>) -> Action {

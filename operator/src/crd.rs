@@ -276,7 +276,7 @@ impl Default for CacheSpec {
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase", default)]
 pub struct CompressionSpec {
-    /// Compress responses (gzip, brotli, zstd) for clients that accept it.
+    /// Compress responses (zstd or gzip) for clients that accept it.
     pub enabled: bool,
     /// Smallest body worth compressing (seed 000: 1 KB).
     #[serde(default = "defaults::min_bytes")]

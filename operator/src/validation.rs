@@ -21,6 +21,13 @@ fn schema() -> &'static Value {
     })
 }
 
+/// The CEL rules, compiled once: every reconcile validates, and compiling the rules is most of
+/// the cost of a validation.
+fn cel() -> &'static kube::core::cel::CompiledSchema {
+    static COMPILED: OnceLock<kube::core::cel::CompiledSchema> = OnceLock::new();
+    COMPILED.get_or_init(|| kube::core::cel::compile_schema(schema()))
+}
+
 fn openapi() -> &'static jsonschema::Validator {
     static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
     VALIDATOR.get_or_init(|| jsonschema::validator_for(schema()).expect("the CRD schema compiles"))
@@ -66,7 +73,7 @@ pub fn validate(md: &MallDeployment) -> Result<(), String> {
         let path = if path.is_empty() { "<root>".to_string() } else { path };
         return Err(format!("{path}: {e}"));
     }
-    if let Err(errors) = kube::core::cel::Validator::new().validate(schema(), &object, None) {
+    if let Err(errors) = kube::core::cel::Validator::new().validate_compiled(cel(), &object, None) {
         let first = errors.as_slice().first().map(|e| e.to_string()).unwrap_or_default();
         // kube's CEL validator keeps the rule's `fieldPath` as written (`.spec.x`).
         return Err(first.trim_start_matches('.').to_string());

@@ -360,7 +360,7 @@ impl Default for Purge {
     }
 }
 
-/// Response compression (gzip, brotli, zstd; the client's preference wins).
+/// Response compression (zstd or gzip, as the client's Accept-Encoding q-values choose).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Compression {

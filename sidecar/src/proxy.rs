@@ -177,7 +177,8 @@ impl ProxyHttp for MallProxy {
         // Before pingora's compression module reads Accept-Encoding: leave it only the coding
         // the q-values choose (RFC 9110 12.5.3), or `identity`.
         let header = session.req_header().headers.get(http::header::ACCEPT_ENCODING);
-        if let Some(value) = header {
+        // The commonest header needs no parsing: it already names only the coding chosen.
+        if let Some(value) = header.filter(|v| v.as_bytes() != b"gzip") {
             let chosen = crate::negotiate::choose(value.to_str().ok());
             if value.as_bytes() != chosen.unwrap_or("identity").as_bytes() {
                 session
@@ -799,32 +800,32 @@ impl ProxyHttp for MallProxy {
 }
 
 /// The `Cache-Status` field (RFC 9211) for this response: `hit` with the remaining freshness as
-/// `ttl` (negative when a stale copy is served), or `fwd=` with why the origin was asked.
-fn cache_status(session: &Session, result: &str) -> Option<String> {
-    const NAME: &str = "mall-sidecar";
+/// `ttl` (negative when a stale copy is served), or `fwd=` with why the origin was asked. Only
+/// hits carry a number, so the other answers are constants (no allocation on the hot path).
+fn cache_status(session: &Session, result: &str) -> Option<http::HeaderValue> {
+    use http::HeaderValue;
     let ttl = || {
         session.cache.maybe_cache_meta().map(|meta| {
-            let now = std::time::SystemTime::now();
-            match meta.fresh_until().duration_since(now) {
+            match meta.fresh_until().duration_since(std::time::SystemTime::now()) {
                 Ok(left) => left.as_secs() as i64,
                 Err(past) => -(past.duration().as_secs() as i64),
             }
         })
     };
-    Some(match result {
-        "HIT" => match ttl() {
-            Some(t) => format!("{NAME}; hit; ttl={t}"),
-            None => format!("{NAME}; hit"),
-        },
-        "STALE" => match ttl() {
-            Some(t) => format!("{NAME}; hit; fwd=stale; ttl={t}"),
-            None => format!("{NAME}; hit; fwd=stale"),
-        },
-        "MISS" if session.cache.phase() == CachePhase::Expired => format!("{NAME}; fwd=stale"),
-        "MISS" => format!("{NAME}; fwd=uri-miss"),
-        "BYPASS" => format!("{NAME}; fwd=bypass"),
-        _ => return None,
-    })
+    let with_ttl = |prefix: &'static str| match ttl() {
+        Some(t) => HeaderValue::from_str(&format!("{prefix}; ttl={t}")).ok(),
+        None => Some(HeaderValue::from_static(prefix)),
+    };
+    match result {
+        "HIT" => with_ttl("mall-sidecar; hit"),
+        "STALE" => with_ttl("mall-sidecar; hit; fwd=stale"),
+        "MISS" if session.cache.phase() == CachePhase::Expired => {
+            Some(HeaderValue::from_static("mall-sidecar; fwd=stale"))
+        }
+        "MISS" => Some(HeaderValue::from_static("mall-sidecar; fwd=uri-miss")),
+        "BYPASS" => Some(HeaderValue::from_static("mall-sidecar; fwd=bypass")),
+        _ => None,
+    }
 }
 
 /// Whether the request's raw header block carries a `Content-Length` (pingora removes it from the

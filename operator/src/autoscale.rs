@@ -397,13 +397,12 @@ pub async fn write_alert_state(
 ) -> Result<(), kube::Error> {
     // A merge patch removes a field only when told `null`: cleared values must be sent as such.
     let mut alert_scaling = serde_json::to_value(state).expect("json");
+    let fields = alert_scaling.as_object_mut().expect("object");
+    // lastHeartbeat is `record_heartbeat`'s alone: the copy in `state` was read earlier and would
+    // move a newer heartbeat back (and make monitoring look silent).
+    fields.remove("lastHeartbeat");
     for key in ["lastScaleUp", "resolvedSince", "baseline", "floor"] {
-        // (lastHeartbeat is never cleared: it is only ever moved forward.)
-        alert_scaling
-            .as_object_mut()
-            .expect("object")
-            .entry(key)
-            .or_insert(serde_json::Value::Null);
+        fields.entry(key).or_insert(serde_json::Value::Null);
     }
     let mut status = json!({ "alertScaling": alert_scaling });
     if let Some(event) = event {

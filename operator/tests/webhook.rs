@@ -293,3 +293,27 @@ async fn a_silent_monitoring_holds_the_floor_until_heartbeats_return() {
         .unwrap();
     assert_eq!(condition.status, "False");
 }
+
+/// The autoscaler's state write carries the state it read earlier; it must not move a heartbeat
+/// recorded meanwhile back in time (that would make monitoring look silent and hold scale-downs).
+#[tokio::test]
+async fn writing_the_scaling_state_keeps_a_newer_heartbeat() {
+    let client = ClientBuilder::new()
+        .with_resource::<MallDeployment>()
+        .with_status_subresource::<MallDeployment>()
+        .with_object(mall("beat", "alerts", 60))
+        .build()
+        .await
+        .unwrap();
+    let (_url, ctx) = serve(&client).await;
+    let read_earlier = md(&client, "beat").await.status.unwrap_or_default().alert_scaling;
+    autoscale::record_heartbeat(&ctx, NS, "beat", 2_000).await.unwrap();
+    let mut state = read_earlier;
+    state.last_heartbeat = Some(1_000);
+    let api = Api::<MallDeployment>::namespaced(client.clone(), NS);
+    autoscale::write_alert_state(&api, "beat", &state, None).await.unwrap();
+    assert_eq!(
+        md(&client, "beat").await.status.unwrap().alert_scaling.last_heartbeat,
+        Some(2_000)
+    );
+}

@@ -178,6 +178,19 @@ pub struct ServeArgs {
     /// the key may then be used again. Published in the `Idempotency-Key-Lifetime` response header.
     #[arg(long, env = "MALL_IDEMPOTENCY_KEY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_key_ttl_secs: u64,
+    /// Group commit (seed 000's batch size): the most concurrent orders placed in one transaction
+    /// of set-based statements. 1 turns batching off (one transaction per order).
+    #[arg(long, env = "MALL_ORDER_BATCH_MAX", default_value_t = 64)]
+    pub order_batch_max: usize,
+    /// Group commit (seed 000's flush timeout): after the first order of a batch arrives, wait up
+    /// to this many microseconds for more. 0 takes what is already queued, which under load is
+    /// what arrived while the previous batch committed, and never delays a lone order.
+    #[arg(long, env = "MALL_ORDER_BATCH_FLUSH_US", default_value_t = 0)]
+    pub order_batch_flush_us: u64,
+    /// Order batches in flight at once. Default: 1 on SQLite (one writer), 2 on PostgreSQL and
+    /// MySQL (the next batch claims its keys while the previous one commits).
+    #[arg(long, env = "MALL_ORDER_BATCH_WRITERS")]
+    pub order_batch_writers: Option<usize>,
     /// Seed products and users at start (idempotent).
     #[arg(long, env = "MALL_SEED")]
     pub seed: bool,
@@ -290,6 +303,15 @@ impl Config {
         }
         if args.max_quantity <= 0 {
             return Err(invalid("MALL_MAX_QUANTITY", "must be greater than 0"));
+        }
+        if !(1..=1024).contains(&args.order_batch_max) {
+            return Err(invalid("MALL_ORDER_BATCH_MAX", "must be 1..=1024 (1 turns batching off)"));
+        }
+        if args.order_batch_flush_us > 100_000 {
+            return Err(invalid("MALL_ORDER_BATCH_FLUSH_US", "must be at most 100000 (100 ms)"));
+        }
+        if args.order_batch_writers.is_some_and(|w| !(1..=64).contains(&w)) {
+            return Err(invalid("MALL_ORDER_BATCH_WRITERS", "must be 1..=64"));
         }
         if args.max_order_items == 0 {
             return Err(invalid("MALL_MAX_ORDER_ITEMS", "must be greater than 0"));

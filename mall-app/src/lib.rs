@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::metrics::Metrics;
 use crate::state::{AppState, Inner, Readiness};
+use crate::store::order_batch::{BatchSettings, OrderDesk};
 
 /// A started app: migrated, background tasks running, warm-up under way.
 pub struct App {
@@ -71,8 +72,22 @@ impl App {
                 .watch_replicas(Duration::from_secs(args.db.db_replica_check_secs.max(1))),
         );
 
+        let ids = Arc::new(ids::Snowflake::new(args.worker_id));
+        let orders = OrderDesk::start(
+            db.clone(),
+            ids.clone(),
+            metrics.clone(),
+            BatchSettings {
+                max_orders: args.order_batch_max,
+                flush_after: Duration::from_micros(args.order_batch_flush_us),
+                writers: args
+                    .order_batch_writers
+                    .unwrap_or(if db.dialect == db::Dialect::Sqlite { 1 } else { 2 }),
+            },
+        );
         let state = AppState::new(Inner {
-            ids: ids::Snowflake::new(args.worker_id),
+            ids,
+            orders,
             tokens: auth::Tokens::new(&config.jwt_secret, args.jwt_ttl_secs),
             readiness: Readiness::default(),
             in_flight_keys: Default::default(),

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub stock_conflicts: IntCounter,
     pub idempotent_replays: IntCounter,
     pub transaction_retries: IntCounter,
+    pub order_batch_size: prometheus::Histogram,
+    pub order_batch_splits: IntCounter,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -139,6 +141,22 @@ impl Metrics {
                 &registry,
                 "db_transaction_retries_total",
                 "Transactions retried after a deadlock or serialization failure.",
+            ),
+            order_batch_size: register(
+                &registry,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "order_batch_size",
+                        "Orders placed per transaction (group commit); 1 when batching is off.",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+                )
+                .expect("valid metric"),
+            ),
+            order_batch_splits: counter(
+                &registry,
+                "order_batch_splits_total",
+                "Order batches that failed as a whole and were placed one order at a time.",
             ),
             registry,
         }

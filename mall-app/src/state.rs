@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::ids::Snowflake;
 use crate::metrics::Metrics;
+use crate::store::order_batch::OrderDesk;
 
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -19,7 +20,8 @@ pub struct Inner {
     pub db: Arc<Db>,
     pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
-    pub ids: Snowflake,
+    pub ids: Arc<Snowflake>,
+    pub orders: OrderDesk,
     pub tokens: Tokens,
     pub readiness: Readiness,
     pub in_flight_keys: InFlightKeys,

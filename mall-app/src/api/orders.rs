@@ -14,7 +14,8 @@ use crate::cache::Key;
 use crate::error::{AppError, AppResult};
 use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
-use crate::store::orders::{self, Idempotency, Order, Source};
+use crate::store::order_batch::{KeyClaim, OrderRequest};
+use crate::store::orders::{self, Order, Source};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -122,16 +123,15 @@ pub async fn create(
         ),
         None => None,
     };
-    let idempotency = key.as_deref().map(|key| Idempotency {
-        key,
-        request_hash: &hash,
-    });
-    let metrics = state.metrics.clone();
-    let placed = orders::place(&state.db, &state.ids, user.id, &source, idempotency.as_ref(), || {
-        metrics.transaction_retries.inc()
-    })
-    .await
-    .inspect_err(|e| {
+    let request = OrderRequest {
+        user_id: user.id,
+        source,
+        key: key.clone().map(|key| KeyClaim {
+            key,
+            request_hash: hash,
+        }),
+    };
+    let placed = state.orders.place(request).await.inspect_err(|e| {
         if e.code() == "insufficient_stock" {
             state.metrics.stock_conflicts.inc();
         }

@@ -2,6 +2,7 @@
 //! plain data; caching and HTTP live elsewhere.
 
 pub mod cart;
+pub mod order_batch;
 pub mod orders;
 pub mod products;
 pub mod users;

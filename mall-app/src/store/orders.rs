@@ -148,7 +148,7 @@ async fn try_place(
         Source::Cart => cart_lines(db, &mut tx, user_id).await?,
     };
     if lines.is_empty() {
-        return Err(AppError::bad_request("items: the cart is empty; add items or pass them explicitly").into());
+        return Err(empty_cart().into());
     }
     // One global lock order (product id) means concurrent orders cannot deadlock.
     lines.sort_unstable_by_key(|(product_id, _)| *product_id);
@@ -163,12 +163,7 @@ async fn try_place(
             quantity,
         });
     }
-    let total = items
-        .iter()
-        .try_fold(0i64, |acc, i| {
-            i.unit_price.checked_mul(i.quantity).and_then(|v| acc.checked_add(v))
-        })
-        .ok_or_else(|| AppError::bad_request("items: the order total is too large"))?;
+    let total = total(&items).ok_or_else(total_too_large)?;
 
     let order = Order {
         id: order_id,
@@ -252,23 +247,53 @@ async fn deduct(
         .fetch_optional(&mut **tx)
         .await?;
     let Some(row) = row else {
-        return Err(AppError::not_found(format!("items: product {product_id} does not exist")).into());
+        return Err(LineRefused::Missing.error(product_id, quantity).into());
     };
-    let err = if text(&row, "status")? != "active" {
-        AppError::Conflict {
-            code: "product_unavailable",
-            message: format!("items: product {product_id} is not for sale"),
-        }
+    let refused = if text(&row, "status")? != "active" {
+        LineRefused::NotForSale
     } else {
-        AppError::Conflict {
-            code: "insufficient_stock",
-            message: format!(
-                "items: product {product_id} has {} in stock, {quantity} requested",
-                int(&row, "stock")?
-            ),
-        }
+        LineRefused::Short { stock: int(&row, "stock")? }
     };
-    Err(err.into())
+    Err(refused.error(product_id, quantity).into())
+}
+
+/// Why an order line cannot be filled; the one place its answer is worded, so a batched order
+/// is refused exactly as an order placed alone.
+pub(crate) enum LineRefused {
+    Missing,
+    NotForSale,
+    Short { stock: i64 },
+}
+
+impl LineRefused {
+    pub(crate) fn error(self, product_id: i64, quantity: i64) -> AppError {
+        match self {
+            LineRefused::Missing => AppError::not_found(format!("items: product {product_id} does not exist")),
+            LineRefused::NotForSale => AppError::Conflict {
+                code: "product_unavailable",
+                message: format!("items: product {product_id} is not for sale"),
+            },
+            LineRefused::Short { stock } => AppError::Conflict {
+                code: "insufficient_stock",
+                message: format!("items: product {product_id} has {stock} in stock, {quantity} requested"),
+            },
+        }
+    }
+}
+
+pub(crate) fn empty_cart() -> AppError {
+    AppError::bad_request("items: the cart is empty; add items or pass them explicitly")
+}
+
+pub(crate) fn total_too_large() -> AppError {
+    AppError::bad_request("items: the order total is too large")
+}
+
+/// The order's total in cents, `None` when it does not fit in 64 bits.
+pub(crate) fn total(items: &[OrderItem]) -> Option<i64> {
+    items
+        .iter()
+        .try_fold(0i64, |acc, i| i.unit_price.checked_mul(i.quantity).and_then(|v| acc.checked_add(v)))
 }
 
 /// Writes the order and its lines: one statement on PostgreSQL (a data-modifying CTE; the
@@ -324,7 +349,7 @@ async fn cart_lines(db: &Db, tx: &mut Transaction<'static, Any>, user_id: i64) -
 }
 
 /// The key was used before: answer with that order, if the request was the same.
-async fn replay(db: &Db, user_id: i64, key: &Idempotency<'_>) -> AppResult<Placed> {
+pub(crate) async fn replay(db: &Db, user_id: i64, key: &Idempotency<'_>) -> AppResult<Placed> {
     let row =
         sqlx::query(&db.sql("SELECT request_hash, order_id FROM idempotency_keys WHERE user_id = ? AND idem_key = ?"))
             .bind(user_id)

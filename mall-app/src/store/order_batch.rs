@@ -1,0 +1,636 @@
+//! Group commit of orders: seed 000's batch processor (a size and a flush timeout) applied to the
+//! write that matters most. Concurrent order requests queue here; a writer takes what is waiting
+//! and places the whole batch in one transaction of a constant number of set-based statements:
+//!
+//! 1. one multi-row claim of the batch's `Idempotency-Key`s (a key already stored is a replay);
+//! 2. the carts being ordered, read at once;
+//! 3. the batch's products locked and read in id order, once;
+//! 4. each order decided in arrival order against the stock found, in memory: an order that cannot
+//!    be filled is refused alone, with the answer it would have had alone;
+//! 5. one aggregated deduction per product (a single `UPDATE ... CASE`), multi-row inserts of
+//!    orders and items, the ordered carts emptied and the claims of refused orders released.
+//!
+//! Measured on PostgreSQL, running the per-order statements of several orders in one transaction
+//! is slower than one order per transaction (row locks held across their round trips), while the
+//! set-based batch cuts the database's CPU per order several-fold. A batch that fails as a whole is
+//! retried (deadlock, serialisation, an id clash) or split into orders placed one by one, never
+//! half-applied: it is one transaction.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::any::AnyArguments;
+use sqlx::{Any, Transaction};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::orders::{self, Idempotency, LineRefused, Order, OrderItem, Placed, Source};
+use super::{int, text};
+use crate::db::{is_unique_violation, Db, Dialect};
+use crate::error::{AppError, AppResult};
+use crate::ids::{now_ms, Snowflake};
+use crate::metrics::Metrics;
+
+/// How orders are grouped into transactions.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    /// Most orders in one transaction; 1 places each order in its own transaction (no batching).
+    pub max_orders: usize,
+    /// After the first order of a batch arrives, wait at most this long for more. Zero takes
+    /// only what is already waiting: under load the queue fills while the previous batch commits,
+    /// and a lone order is not delayed at all.
+    pub flush_after: Duration,
+    /// Batches in flight at once: one more than one lets the next batch claim its keys and queue
+    /// on the product rows while the previous one commits.
+    pub writers: usize,
+}
+
+/// An order to place.
+#[derive(Debug, Clone)]
+pub struct OrderRequest {
+    pub user_id: i64,
+    pub source: Source,
+    pub key: Option<KeyClaim>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyClaim {
+    pub key: String,
+    /// Hash of the request, so a key reused for a different request is refused.
+    pub request_hash: String,
+}
+
+impl OrderRequest {
+    fn idempotency(&self) -> Option<Idempotency<'_>> {
+        self.key.as_ref().map(|k| Idempotency {
+            key: &k.key,
+            request_hash: &k.request_hash,
+        })
+    }
+}
+
+/// What the batch decided for one request.
+enum Outcome {
+    Created(Order),
+    /// Placed on its own after the batch was split; replayed or created.
+    Alone(Placed),
+    /// Its key was stored already: the requester replays that order (or refuses a different
+    /// request with the same key).
+    KeyTaken,
+}
+
+struct Pending {
+    request: OrderRequest,
+    reply: oneshot::Sender<AppResult<Outcome>>,
+}
+
+struct Shared {
+    db: Arc<Db>,
+    ids: Arc<Snowflake>,
+    metrics: Arc<Metrics>,
+}
+
+/// Where orders are placed: the group-commit queue, or (with `max_orders` 1) straight to the
+/// database one transaction per order.
+#[derive(Clone)]
+pub struct OrderDesk {
+    shared: Arc<Shared>,
+    queue: Option<mpsc::UnboundedSender<Pending>>,
+}
+
+const MAX_ATTEMPTS: u32 = 4;
+
+impl OrderDesk {
+    /// Starts the batch writer (on the current Tokio runtime) unless batching is off.
+    pub fn start(db: Arc<Db>, ids: Arc<Snowflake>, metrics: Arc<Metrics>, settings: BatchSettings) -> OrderDesk {
+        let shared = Arc::new(Shared { db, ids, metrics });
+        let queue = (settings.max_orders > 1).then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run(rx, shared.clone(), settings));
+            tx
+        });
+        OrderDesk { shared, queue }
+    }
+
+    pub async fn place(&self, request: OrderRequest) -> AppResult<Placed> {
+        let shared = &self.shared;
+        let Some(queue) = &self.queue else {
+            shared.metrics.order_batch_size.observe(1.0);
+            return place_alone(shared, &request).await;
+        };
+        let (reply, answer) = oneshot::channel();
+        let user_id = request.user_id;
+        let key = request.key.clone();
+        queue
+            .send(Pending { request, reply })
+            .map_err(|_| AppError::Unavailable("orders: the order queue has stopped".into()))?;
+        let outcome = answer
+            .await
+            .map_err(|_| AppError::Internal("orders: the batch writer dropped an order".into()))??;
+        match outcome {
+            Outcome::Created(order) => Ok(Placed { order, replayed: false }),
+            Outcome::Alone(placed) => Ok(placed),
+            Outcome::KeyTaken => {
+                let key = key.expect("only keyed requests find their key taken");
+                let idempotency = Idempotency {
+                    key: &key.key,
+                    request_hash: &key.request_hash,
+                };
+                orders::replay(&shared.db, user_id, &idempotency).await
+            }
+        }
+    }
+}
+
+async fn place_alone(shared: &Shared, request: &OrderRequest) -> AppResult<Placed> {
+    let metrics = shared.metrics.clone();
+    orders::place(
+        &shared.db,
+        &shared.ids,
+        request.user_id,
+        &request.source,
+        request.idempotency().as_ref(),
+        || metrics.transaction_retries.inc(),
+    )
+    .await
+}
+
+/// The writer: forms batches from the queue and runs up to `writers` of them at once.
+async fn run(mut queue: mpsc::UnboundedReceiver<Pending>, shared: Arc<Shared>, settings: BatchSettings) {
+    let writers = Arc::new(Semaphore::new(settings.writers.max(1)));
+    // Requests held back from a batch because an earlier request in it has the same key.
+    let mut held: VecDeque<Pending> = VecDeque::new();
+    loop {
+        let permit = writers.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let first = match held.pop_front() {
+            Some(p) => p,
+            None => match queue.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < settings.max_orders {
+            match held.pop_front() {
+                Some(p) => batch.push(p),
+                None => break,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + settings.flush_after;
+        while batch.len() < settings.max_orders {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) if settings.flush_after.is_zero() => break,
+                Err(_) => match tokio::time::timeout_at(deadline, queue.recv()).await {
+                    Ok(Some(p)) => batch.push(p),
+                    _ => break,
+                },
+            }
+        }
+        // A key repeated inside one batch: the first claims it, the repeat goes in the next batch,
+        // where it finds the key stored (a replay) or free again (the first was refused).
+        let mut keys = HashSet::new();
+        let (batch, repeats): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| match &p.request.key {
+            Some(k) => keys.insert((p.request.user_id, k.key.clone())),
+            None => true,
+        });
+        held.extend(repeats);
+        shared.metrics.order_batch_size.observe(batch.len() as f64);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            execute(&shared, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+enum BatchError {
+    /// Deadlock, serialisation failure or an order-id clash: the whole batch may run again.
+    Retryable(AppError),
+    /// Failed before COMMIT was sent, so nothing was applied.
+    Failed(AppError),
+    /// COMMIT itself failed: whether it was applied is unknown, so nothing may run again.
+    Commit(AppError),
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> Self {
+        let retryable = match &e {
+            sqlx::Error::Database(db) => crate::db::is_retryable(db.as_ref()) || is_unique_violation(&e),
+            _ => false,
+        };
+        if retryable {
+            BatchError::Retryable(e.into())
+        } else {
+            BatchError::Failed(e.into())
+        }
+    }
+}
+
+async fn execute(shared: &Shared, batch: Vec<Pending>) {
+    let requests: Vec<&OrderRequest> = batch.iter().map(|p| &p.request).collect();
+    let mut attempt = 1;
+    let outcome = loop {
+        match place_batch(shared, &requests).await {
+            Err(BatchError::Retryable(e)) if attempt < MAX_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, orders = requests.len(), "order batch retried");
+                shared.metrics.transaction_retries.inc();
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+            }
+            other => break other,
+        }
+    };
+    match outcome {
+        Ok(outcomes) => {
+            for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = pending.reply.send(outcome);
+            }
+        }
+        Err(BatchError::Retryable(e) | BatchError::Failed(e)) if batch.len() > 1 => {
+            // Nothing was applied. Place each order alone, so one bad order or a failure that
+            // batching provoked costs the others nothing, and each gets its own answer.
+            tracing::warn!(error = %e, orders = batch.len(), "order batch failed; placing its orders one by one");
+            shared.metrics.order_batch_splits.inc();
+            let alone = batch.into_iter().map(|pending| async move {
+                let placed = place_alone(shared, &pending.request).await.map(Outcome::Alone);
+                let _ = pending.reply.send(placed);
+            });
+            futures_util::future::join_all(alone).await;
+        }
+        Err(BatchError::Retryable(e) | BatchError::Failed(e) | BatchError::Commit(e)) => {
+            for pending in batch {
+                let _ = pending.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// A product as the batch found it, under its row lock.
+struct Stocked {
+    name: String,
+    price: i64,
+    stock: i64,
+    active: bool,
+}
+
+/// Runs one attempt at the batch; on success, one outcome per request in order.
+async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<AppResult<Outcome>>, BatchError> {
+    let db = &*shared.db;
+    let now = now_ms() as i64;
+    let order_ids: Vec<i64> = requests.iter().map(|_| shared.ids.next_id()).collect();
+    let mut tx = db.begin().await?;
+
+    // 1. Keys, claimed in (user, key) order so two batches never wait on each other's keys in a cycle.
+    let mut keyed: Vec<usize> = (0..requests.len()).filter(|&i| requests[i].key.is_some()).collect();
+    keyed.sort_by(|&a, &b| {
+        let (ka, kb) = (requests[a].key.as_ref(), requests[b].key.as_ref());
+        (requests[a].user_id, ka.map(|k| &k.key)).cmp(&(requests[b].user_id, kb.map(|k| &k.key)))
+    });
+    let claimed = claim_keys(db, &mut tx, requests, &keyed, &order_ids, now).await?;
+    let taken: HashSet<usize> = keyed.iter().copied().filter(|&i| !claimed.contains(&order_ids[i])).collect();
+
+    // 2. Carts being ordered.
+    let cart_users: Vec<i64> = unique(
+        (0..requests.len())
+            .filter(|i| !taken.contains(i) && matches!(requests[*i].source, Source::Cart))
+            .map(|i| requests[i].user_id),
+    );
+    let mut carts = read_carts(db, &mut tx, &cart_users).await?;
+
+    // 3. Products, locked in id order.
+    let mut lines: Vec<Vec<(i64, i64)>> = requests
+        .iter()
+        .map(|r| match &r.source {
+            Source::Items(items) => items.clone(),
+            Source::Cart => carts.get(&r.user_id).cloned().unwrap_or_default(),
+        })
+        .collect();
+    for l in &mut lines {
+        l.sort_unstable_by_key(|(product_id, _)| *product_id);
+    }
+    let product_ids = unique(
+        (0..requests.len())
+            .filter(|i| !taken.contains(i))
+            .flat_map(|i| lines[i].iter().map(|(p, _)| *p)),
+    );
+    let mut products = lock_products(db, &mut tx, &product_ids).await?;
+
+    // 4. Decide, in arrival order, as if each order ran alone after the ones before it.
+    let mut outcomes: Vec<AppResult<Outcome>> = Vec::with_capacity(requests.len());
+    let mut placed: Vec<Order> = Vec::new();
+    let mut deducted: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut emptied_carts: Vec<i64> = Vec::new();
+    let mut released: Vec<usize> = Vec::new();
+    for (i, request) in requests.iter().enumerate() {
+        if taken.contains(&i) {
+            outcomes.push(Ok(Outcome::KeyTaken));
+            continue;
+        }
+        let is_cart = matches!(request.source, Source::Cart);
+        let lines = if is_cart {
+            // A second cart order of the same user in this batch finds the cart already ordered.
+            carts.remove(&request.user_id).map(|_| lines[i].clone()).unwrap_or_default()
+        } else {
+            std::mem::take(&mut lines[i])
+        };
+        match decide(&lines, &mut products) {
+            Ok(items) => {
+                for item in &items {
+                    *deducted.entry(item.product_id).or_default() += item.quantity;
+                }
+                let order = Order {
+                    id: order_ids[i],
+                    order_no: format!("MO{}", order_ids[i]),
+                    user_id: request.user_id,
+                    status: "created".into(),
+                    total: orders::total(&items).expect("decide checked the total"),
+                    items,
+                    created_at: now,
+                };
+                if is_cart {
+                    emptied_carts.push(request.user_id);
+                }
+                placed.push(order.clone());
+                outcomes.push(Ok(Outcome::Created(order)));
+            }
+            Err(e) => {
+                if request.key.is_some() {
+                    released.push(i);
+                }
+                outcomes.push(Err(e));
+            }
+        }
+    }
+
+    // 5. Apply: one deduction per product, the rows, the carts, the released keys.
+    deduct(db, &mut tx, &deducted, now).await?;
+    insert_orders(db, &mut tx, &placed).await?;
+    if !emptied_carts.is_empty() {
+        let sql = format!("DELETE FROM cart_items WHERE user_id IN ({})", marks(emptied_carts.len()));
+        let sql = db.sql(&sql);
+        let mut q = sqlx::query(&sql).persistent(false);
+        for u in &emptied_carts {
+            q = q.bind(*u);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    if !released.is_empty() {
+        let sql = format!("DELETE FROM idempotency_keys WHERE order_id IN ({})", marks(released.len()));
+        let sql = db.sql(&sql);
+        let mut q = sqlx::query(&sql).persistent(false);
+        for &i in &released {
+            q = q.bind(order_ids[i]);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await.map_err(|e| BatchError::Commit(e.into()))?;
+    Ok(outcomes)
+}
+
+/// Decides one order against the stock left, taking its units when every line can be filled;
+/// the first line (in product order) that cannot be filled refuses the whole order, as the
+/// one-order path does.
+fn decide(lines: &[(i64, i64)], products: &mut HashMap<i64, Stocked>) -> AppResult<Vec<OrderItem>> {
+    if lines.is_empty() {
+        return Err(orders::empty_cart());
+    }
+    let mut items = Vec::with_capacity(lines.len());
+    for &(product_id, quantity) in lines {
+        let refused = match products.get(&product_id) {
+            None => Some(LineRefused::Missing),
+            Some(p) if !p.active => Some(LineRefused::NotForSale),
+            Some(p) if p.stock < quantity => Some(LineRefused::Short { stock: p.stock }),
+            Some(p) => {
+                items.push(OrderItem {
+                    product_id,
+                    name: p.name.clone(),
+                    unit_price: p.price,
+                    quantity,
+                });
+                None
+            }
+        };
+        if let Some(refused) = refused {
+            return Err(refused.error(product_id, quantity));
+        }
+    }
+    if orders::total(&items).is_none() {
+        return Err(orders::total_too_large());
+    }
+    for item in &items {
+        products.get_mut(&item.product_id).expect("found above").stock -= item.quantity;
+    }
+    Ok(items)
+}
+
+fn unique(ids: impl Iterator<Item = i64>) -> Vec<i64> {
+    let mut v: Vec<i64> = ids.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn marks(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+type Query<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
+
+/// Claims the keys of `keyed` requests for their new order ids; returns the order ids whose
+/// claim was stored (the others found their key already stored: replays).
+async fn claim_keys(
+    db: &Db,
+    tx: &mut Transaction<'static, Any>,
+    requests: &[&OrderRequest],
+    keyed: &[usize],
+    order_ids: &[i64],
+    now: i64,
+) -> Result<HashSet<i64>, BatchError> {
+    if keyed.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let values = vec!["(?, ?, ?, ?, ?)"; keyed.len()].join(", ");
+    let insert = format!("INSERT INTO idempotency_keys (user_id, idem_key, request_hash, order_id, created_at) VALUES {values}");
+    fn bind_claims<'q>(mut q: Query<'q>, requests: &'q [&'q OrderRequest], keyed: &[usize], order_ids: &[i64], now: i64) -> Query<'q> {
+        for &i in keyed {
+            let key = requests[i].key.as_ref().expect("keyed");
+            q = q
+                .bind(requests[i].user_id)
+                .bind(key.key.as_str())
+                .bind(key.request_hash.as_str())
+                .bind(order_ids[i])
+                .bind(now);
+        }
+        q
+    }
+    if db.dialect == Dialect::MySql {
+        // No RETURNING: a duplicate is a no-op update (it waits for, and locks, the stored row),
+        // then the claims that carry our order ids are ours.
+        let sql = format!("{insert} ON DUPLICATE KEY UPDATE order_id = order_id");
+        bind_claims(sqlx::query(&sql).persistent(false), requests, keyed, order_ids, now)
+            .execute(&mut **tx)
+            .await?;
+        let lookup = vec!["(user_id = ? AND idem_key = ?)"; keyed.len()].join(" OR ");
+        let sql = format!("SELECT order_id FROM idempotency_keys WHERE {lookup}");
+        let mut q = sqlx::query(&sql).persistent(false);
+        for &i in keyed {
+            q = q
+                .bind(requests[i].user_id)
+                .bind(requests[i].key.as_ref().expect("keyed").key.as_str());
+        }
+        let rows = q.fetch_all(&mut **tx).await?;
+        return rows.iter().map(|r| Ok(int(r, "order_id")?)).collect();
+    }
+    // PostgreSQL waits for a conflicting claim still in flight, then skips it if it committed.
+    let sql = db.sql(&format!("{insert} ON CONFLICT DO NOTHING RETURNING order_id")).into_owned();
+    let rows = bind_claims(sqlx::query(&sql).persistent(false), requests, keyed, order_ids, now)
+        .fetch_all(&mut **tx)
+        .await?;
+    rows.iter().map(|r| Ok(int(r, "order_id")?)).collect()
+}
+
+async fn read_carts(
+    db: &Db,
+    tx: &mut Transaction<'static, Any>,
+    users: &[i64],
+) -> Result<HashMap<i64, Vec<(i64, i64)>>, BatchError> {
+    let mut carts: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
+    if users.is_empty() {
+        return Ok(carts);
+    }
+    let sql = format!(
+        "SELECT user_id, product_id, quantity FROM cart_items WHERE user_id IN ({}) ORDER BY user_id, product_id",
+        marks(users.len())
+    );
+    let sql = db.sql(&sql);
+    let mut q = sqlx::query(&sql).persistent(false);
+    for u in users {
+        q = q.bind(*u);
+    }
+    for r in q.fetch_all(&mut **tx).await? {
+        carts
+            .entry(int(&r, "user_id")?)
+            .or_default()
+            .push((int(&r, "product_id")?, int(&r, "quantity")?));
+    }
+    Ok(carts)
+}
+
+/// Most bind parameters in one statement: under SQLite's 32,766 and the 65,535 of PostgreSQL
+/// and MySQL, so a large batch is a few statements instead of an error.
+const MAX_BINDS: usize = 30_000;
+
+async fn lock_products(
+    db: &Db,
+    tx: &mut Transaction<'static, Any>,
+    ids: &[i64],
+) -> Result<HashMap<i64, Stocked>, BatchError> {
+    let mut products = HashMap::with_capacity(ids.len());
+    // Ascending ids across chunks: one global lock order, so batches and single orders never
+    // deadlock. SQLite has no row locks: `BEGIN IMMEDIATE` already holds its one write lock.
+    let lock = if db.dialect == Dialect::Sqlite { "" } else { " FOR UPDATE" };
+    for chunk in ids.chunks(MAX_BINDS) {
+        let sql = format!(
+            "SELECT id, name, price, stock, status FROM products WHERE id IN ({}) ORDER BY id{lock}",
+            marks(chunk.len())
+        );
+        let sql = db.sql(&sql);
+        let mut q = sqlx::query(&sql).persistent(false);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for r in q.fetch_all(&mut **tx).await? {
+            products.insert(
+                int(&r, "id")?,
+                Stocked {
+                    name: text(&r, "name")?,
+                    price: int(&r, "price")?,
+                    stock: int(&r, "stock")?,
+                    active: text(&r, "status")? == "active",
+                },
+            );
+        }
+    }
+    Ok(products)
+}
+
+/// One UPDATE for every product the batch sells from. The `stock >= units` guard cannot fail
+/// under the row locks; if it ever did, the batch would roll back rather than oversell.
+async fn deduct(
+    db: &Db,
+    tx: &mut Transaction<'static, Any>,
+    units: &BTreeMap<i64, i64>,
+    now: i64,
+) -> Result<(), BatchError> {
+    let units: Vec<(i64, i64)> = units.iter().map(|(p, q)| (*p, *q)).collect();
+    for chunk in units.chunks(MAX_BINDS / 5) {
+        let case = "WHEN ? THEN ? ".repeat(chunk.len());
+        let sql = format!(
+            "UPDATE products SET stock = stock - (CASE id {case}END), version = version + 1, updated_at = ? \
+             WHERE id IN ({}) AND stock >= (CASE id {case}END)",
+            marks(chunk.len())
+        );
+        let sql = db.sql(&sql);
+        let mut q = sqlx::query(&sql).persistent(false);
+        for (p, n) in chunk {
+            q = q.bind(*p).bind(*n);
+        }
+        q = q.bind(now);
+        for (p, _) in chunk {
+            q = q.bind(*p);
+        }
+        for (p, n) in chunk {
+            q = q.bind(*p).bind(*n);
+        }
+        let done = q.execute(&mut **tx).await?.rows_affected();
+        if done != chunk.len() as u64 {
+            return Err(BatchError::Failed(AppError::Internal(format!(
+                "orders: the batch deduction changed {done} of {} products",
+                chunk.len()
+            ))));
+        }
+    }
+    Ok(())
+}
+
+async fn insert_orders(db: &Db, tx: &mut Transaction<'static, Any>, placed: &[Order]) -> Result<(), BatchError> {
+    for chunk in placed.chunks(MAX_BINDS / 7) {
+        let sql = format!(
+            "INSERT INTO orders (id, order_no, user_id, status, total, created_at, updated_at) VALUES {}",
+            vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+        );
+        let sql = db.sql(&sql);
+        let mut q = sqlx::query(&sql).persistent(false);
+        for o in chunk {
+            q = q
+                .bind(o.id)
+                .bind(o.order_no.as_str())
+                .bind(o.user_id)
+                .bind(o.status.as_str())
+                .bind(o.total)
+                .bind(o.created_at)
+                .bind(o.created_at);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    let items: Vec<(i64, &OrderItem)> = placed.iter().flat_map(|o| o.items.iter().map(|i| (o.id, i))).collect();
+    for chunk in items.chunks(MAX_BINDS / 5) {
+        let sql = format!(
+            "INSERT INTO order_items (order_id, product_id, name, unit_price, quantity) VALUES {}",
+            vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+        );
+        let sql = db.sql(&sql);
+        let mut q = sqlx::query(&sql).persistent(false);
+        for (order_id, i) in chunk {
+            q = q
+                .bind(*order_id)
+                .bind(i.product_id)
+                .bind(i.name.as_str())
+                .bind(i.unit_price)
+                .bind(i.quantity);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}

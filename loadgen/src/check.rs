@@ -27,6 +27,13 @@ pub async fn connect(url: &str) -> anyhow::Result<AnyPool> {
     Ok(AnyPoolOptions::new().max_connections(2).connect(url).await?)
 }
 
+async fn stock_of(db: &AnyPool, id: u64) -> anyhow::Result<Option<i64>> {
+    let row = sqlx::query(&format!("SELECT stock FROM products WHERE id = {id}"))
+        .fetch_optional(db)
+        .await?;
+    Ok(row.map(|r| r.get::<i64, _>(0)))
+}
+
 pub async fn snapshot(db: &AnyPool) -> anyhow::Result<Snapshot> {
     let rows = sqlx::query(&format!("SELECT id, stock FROM products WHERE id <= {WATCHED}"))
         .fetch_all(db)
@@ -51,8 +58,14 @@ pub async fn verify(
     let mut passed = Vec::new();
 
     let mut consumed_total = 0i64;
-    for (id, was) in &before.stock {
-        let now = after.stock.get(id).copied().unwrap_or(*was);
+    // Products the run created (the flash sale's) started at the stock it gave them.
+    let mut watched = before.stock.clone();
+    watched.extend(ledger.created.iter().map(|(id, stock)| (*id, *stock)));
+    for (id, was) in &watched {
+        let now = match after.stock.get(id) {
+            Some(now) => *now,
+            None => stock_of(db, *id).await?.unwrap_or(*was),
+        };
         let consumed = was - now;
         let expected =
             (ledger.ordered.get(id).copied().unwrap_or(0) + ledger.deducted.get(id).copied().unwrap_or(0)) as i64;
@@ -67,8 +80,21 @@ pub async fn verify(
         consumed_total += consumed;
     }
     passed.push(format!(
-        "stock consumed ({consumed_total} units) = units confirmed in orders and deductions"
+        "stock consumed ({consumed_total} units) = units confirmed in orders and deductions, none below zero"
     ));
+    for (id, stock) in &ledger.created {
+        let sold = ledger.ordered.get(id).copied().unwrap_or(0) as i64;
+        let left = stock_of(db, *id).await?.unwrap_or(0);
+        if sold > *stock || left != stock - sold {
+            problems.push(format!(
+                "product {id}: {sold} units sold of {stock}, {left} left: oversold or lost"
+            ));
+        } else {
+            passed.push(format!(
+                "product {id}: {sold} of {stock} units sold, {left} left, none oversold"
+            ));
+        }
+    }
 
     let new_orders = after.orders - before.orders;
     if new_orders != ledger.orders.len() as i64 {

@@ -45,6 +45,8 @@ pub struct Options {
     pub zipf: bool,
     /// Draw the progress line on stderr.
     pub progress: bool,
+    /// Units of the flash sale's product.
+    pub flash_stock: u64,
 }
 
 impl Options {
@@ -65,6 +67,8 @@ struct Shared {
     stop: AtomicBool,
     ledger: scenario::Ledger,
     run_id: String,
+    /// The product the flash sale sells.
+    flash_product: Option<u64>,
 }
 
 /// Logs in, runs, and returns the report (without the database check; see `check`).
@@ -83,6 +87,12 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     } else {
         None
     };
+    let flash_product = match (&admin, options.scenario) {
+        (Some(admin), Scenario::FlashSale) => {
+            Some(scenario::create_flash_product(&http, &options.target, admin, options.flash_stock).await?)
+        }
+        _ => None,
+    };
     let run_id = format!(
         "{:x}",
         std::time::SystemTime::now()
@@ -98,7 +108,13 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         stop: AtomicBool::new(false),
         ledger: scenario::Ledger::default(),
         run_id,
+        flash_product,
     });
+    if let Some(product) = flash_product {
+        shared
+            .ledger
+            .with(|l| l.created.insert(product, options.flash_stock as i64));
+    }
     for worker in 0..concurrency {
         scenario::prepare(&shared, worker).await?;
     }

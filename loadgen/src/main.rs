@@ -47,6 +47,9 @@ struct Cli {
     /// Draw product ids Zipf-distributed instead of uniformly (a realistic hot set).
     #[arg(long)]
     zipf: bool,
+    /// Units of the product the flash sale (`--scenario flash-sale`) creates and sells.
+    #[arg(long, default_value_t = 1000)]
+    flash_stock: u64,
     /// After the run, check the database (e.g. sqlite://data/mall.db, postgres://...): stock consumed
     /// = items ordered, one order per idempotency key. Nothing else may write to it meanwhile.
     #[arg(long)]
@@ -87,6 +90,7 @@ async fn go(cli: Cli) -> anyhow::Result<bool> {
         products: cli.products,
         zipf: cli.zipf,
         progress: !cli.json,
+        flash_stock: cli.flash_stock,
     };
     let db = match &cli.check_database {
         Some(url) => Some(check::connect(url).await?),

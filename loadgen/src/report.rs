@@ -56,7 +56,20 @@ pub struct Report {
     /// Seed 001's QPS for this scenario, and ours as a multiple of it.
     pub seed_qps: Option<f64>,
     pub vs_seed: Option<f64>,
+    /// The flash sale: what was for sale and what sold.
+    pub flash_sale: Option<FlashSale>,
     pub ledger: LedgerData,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlashSale {
+    pub product: u64,
+    pub stock: i64,
+    pub sold_units: u64,
+    pub orders: u64,
+    /// Orders created per second over the sale (until sold out, or the run's end).
+    pub orders_per_sec: f64,
+    pub resent_after_transport_error: u64,
 }
 
 impl Report {
@@ -105,6 +118,21 @@ impl Report {
                 .collect(),
             seed_qps,
             vs_seed: seed_qps.map(|s| successes as f64 / seconds / s),
+            flash_sale: ledger.created.iter().next().map(|(&product, &stock)| {
+                let orders = ledger
+                    .orders
+                    .values()
+                    .filter(|v| v.ends_with(&format!(":{product}")))
+                    .count() as u64;
+                FlashSale {
+                    product,
+                    stock,
+                    sold_units: ledger.ordered.get(&product).copied().unwrap_or(0),
+                    orders,
+                    orders_per_sec: orders as f64 / seconds,
+                    resent_after_transport_error: ledger.resent,
+                }
+            }),
             ledger,
         }
     }
@@ -146,6 +174,13 @@ impl fmt::Display for Report {
             writeln!(
                 f,
                 "vs seed 001   {ratio:.2}x its {seed:.0} QPS (successful requests per second)"
+            )?;
+        }
+        if let Some(sale) = &self.flash_sale {
+            writeln!(
+                f,
+                "flash sale    product {}: sold {} of {} units in {} orders ({:.0} orders/s); {} resent after transport errors",
+                sale.product, sale.sold_units, sale.stock, sale.orders, sale.orders_per_sec, sale.resent_after_transport_error
             )?;
         }
         if !self.ledger.orders.is_empty() {

@@ -25,6 +25,10 @@ pub enum Scenario {
     Mixed,
     /// `GET /api/products/{id}`, as seed 001's wrk script.
     Products,
+    /// A flash sale: every buyer (500 concurrent) orders 1 or 2 units of one new product with
+    /// limited stock (`--flash-stock`, 1,000 units) with an Idempotency-Key, resending the same
+    /// request on a transport error; the run ends when the product is sold out.
+    FlashSale,
 }
 
 impl Scenario {
@@ -35,6 +39,7 @@ impl Scenario {
             Scenario::Orders => 20,
             Scenario::Mixed => 40,
             Scenario::Products => 50,
+            Scenario::FlashSale => 500,
         }
     }
 
@@ -45,12 +50,12 @@ impl Scenario {
             Scenario::Cart => Some(1245.0),
             Scenario::Orders => Some(2471.0),
             Scenario::Mixed => Some(1862.0),
-            Scenario::Products => None,
+            Scenario::Products | Scenario::FlashSale => None,
         }
     }
 
     pub fn needs_admin(self) -> bool {
-        self == Scenario::Stock
+        matches!(self, Scenario::Stock | Scenario::FlashSale)
     }
 }
 
@@ -74,6 +79,10 @@ pub struct LedgerData {
     pub replays_ok: u64,
     /// Replays that returned a different order, or failed: a correctness bug.
     pub replays_mismatched: u64,
+    /// Products this run created, with their starting stock (the flash sale's product).
+    pub created: BTreeMap<u64, i64>,
+    /// Requests resent after a transport error (same key, same body).
+    pub resent: u64,
 }
 
 impl Ledger {
@@ -83,7 +92,7 @@ impl Ledger {
         data
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut LedgerData) -> T) -> T {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut LedgerData) -> T) -> T {
         f(&mut self.inner.lock().expect("ledger"))
     }
 }
@@ -198,7 +207,79 @@ pub async fn step(shared: &Shared, worker: usize, n: u64, rng: &mut impl Rng) ->
             )
         }
         Scenario::Orders | Scenario::Mixed => order(shared, worker, n, rng).await,
+        Scenario::FlashSale => flash_order(shared, worker, n, rng).await,
     }
+}
+
+/// Creates the flash sale's product as admin; returns its id.
+pub async fn create_flash_product(
+    http: &reqwest::Client,
+    target: &str,
+    admin: &str,
+    stock: u64,
+) -> anyhow::Result<u64> {
+    let response = http
+        .post(format!("{target}/api/products"))
+        .bearer_auth(admin)
+        .json(&json!({ "name": "Flash sale", "category": "flash-sale", "price": 999, "stock": stock }))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    body["id"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("creating the flash-sale product failed ({status}): {body}"))
+}
+
+/// One buyer's order in the flash sale. A transport error resends the same request with the same
+/// key (at most 5 times), as a careful client does: the key makes the resend safe.
+async fn flash_order(shared: &Shared, worker: usize, n: u64, rng: &mut impl Rng) -> u16 {
+    let product = shared.flash_product.expect("the flash sale has a product");
+    let quantity: u64 = rng.gen_range(1..=2);
+    let key = format!("lg-{}-{worker}-{n}", shared.run_id);
+    let body = json!({ "items": [{ "product_id": product, "quantity": quantity }] });
+    for attempt in 0..5u64 {
+        if attempt > 0 {
+            shared.ledger.with(|l| l.resent += 1);
+            tokio::time::sleep(std::time::Duration::from_millis(10 * attempt)).await;
+        }
+        let response = shared
+            .http
+            .post(format!("{}/api/orders", shared.options.target))
+            .bearer_auth(token(shared, worker))
+            .header("idempotency-key", &key)
+            .json(&body)
+            .send()
+            .await;
+        let Ok(response) = response else { continue };
+        let code = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        match code {
+            201 => {
+                let id = body["id"].as_str().unwrap_or_default().to_string();
+                shared.ledger.with(|l| match l.orders.get(&key) {
+                    Some(known) if known.split(':').next() == Some(id.as_str()) => l.replays_ok += 1,
+                    Some(_) => l.replays_mismatched += 1,
+                    None => {
+                        l.orders.insert(key.clone(), format!("{id}:{product}"));
+                        *l.ordered.entry(product).or_default() += quantity;
+                    }
+                });
+            }
+            // Sold out: nothing left for anyone, so the sale is over.
+            409 if body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(" has 0 in stock")) =>
+            {
+                shared.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            // The same key still in flight (a resend overtook the first try): ask again shortly.
+            409 if body["error"]["code"] == "idempotency_key_in_use" => continue,
+            _ => {}
+        }
+        return code;
+    }
+    0
 }
 
 async fn list(shared: &Shared) -> u16 {

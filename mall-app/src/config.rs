@@ -305,7 +305,10 @@ impl Config {
             return Err(invalid("MALL_MAX_QUANTITY", "must be greater than 0"));
         }
         if !(1..=1024).contains(&args.order_batch_max) {
-            return Err(invalid("MALL_ORDER_BATCH_MAX", "must be 1..=1024 (1 turns batching off)"));
+            return Err(invalid(
+                "MALL_ORDER_BATCH_MAX",
+                "must be 1..=1024 (1 turns batching off)",
+            ));
         }
         if args.order_batch_flush_us > 100_000 {
             return Err(invalid("MALL_ORDER_BATCH_FLUSH_US", "must be at most 100000 (100 ms)"));

@@ -161,7 +161,11 @@ async fn run(mut queue: mpsc::UnboundedReceiver<Pending>, shared: Arc<Shared>, s
     // Requests held back from a batch because an earlier request in it has the same key.
     let mut held: VecDeque<Pending> = VecDeque::new();
     loop {
-        let permit = writers.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let permit = writers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let first = match held.pop_front() {
             Some(p) => p,
             None => match queue.recv().await {
@@ -288,7 +292,11 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
         (requests[a].user_id, ka.map(|k| &k.key)).cmp(&(requests[b].user_id, kb.map(|k| &k.key)))
     });
     let claimed = claim_keys(db, &mut tx, requests, &keyed, &order_ids, now).await?;
-    let taken: HashSet<usize> = keyed.iter().copied().filter(|&i| !claimed.contains(&order_ids[i])).collect();
+    let taken: HashSet<usize> = keyed
+        .iter()
+        .copied()
+        .filter(|&i| !claimed.contains(&order_ids[i]))
+        .collect();
 
     // 2. Carts being ordered.
     let cart_users: Vec<i64> = unique(
@@ -330,7 +338,10 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
         let is_cart = matches!(request.source, Source::Cart);
         let lines = if is_cart {
             // A second cart order of the same user in this batch finds the cart already ordered.
-            carts.remove(&request.user_id).map(|_| lines[i].clone()).unwrap_or_default()
+            carts
+                .remove(&request.user_id)
+                .map(|_| lines[i].clone())
+                .unwrap_or_default()
         } else {
             std::mem::take(&mut lines[i])
         };
@@ -367,7 +378,10 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
     deduct(db, &mut tx, &deducted, now).await?;
     insert_orders(db, &mut tx, &placed).await?;
     if !emptied_carts.is_empty() {
-        let sql = format!("DELETE FROM cart_items WHERE user_id IN ({})", marks(emptied_carts.len()));
+        let sql = format!(
+            "DELETE FROM cart_items WHERE user_id IN ({})",
+            marks(emptied_carts.len())
+        );
         let sql = db.sql(&sql);
         let mut q = sqlx::query(&sql).persistent(false);
         for u in &emptied_carts {
@@ -376,7 +390,10 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
         q.execute(&mut *tx).await?;
     }
     if !released.is_empty() {
-        let sql = format!("DELETE FROM idempotency_keys WHERE order_id IN ({})", marks(released.len()));
+        let sql = format!(
+            "DELETE FROM idempotency_keys WHERE order_id IN ({})",
+            marks(released.len())
+        );
         let sql = db.sql(&sql);
         let mut q = sqlx::query(&sql).persistent(false);
         for &i in &released {
@@ -451,8 +468,15 @@ async fn claim_keys(
         return Ok(HashSet::new());
     }
     let values = vec!["(?, ?, ?, ?, ?)"; keyed.len()].join(", ");
-    let insert = format!("INSERT INTO idempotency_keys (user_id, idem_key, request_hash, order_id, created_at) VALUES {values}");
-    fn bind_claims<'q>(mut q: Query<'q>, requests: &'q [&'q OrderRequest], keyed: &[usize], order_ids: &[i64], now: i64) -> Query<'q> {
+    let insert =
+        format!("INSERT INTO idempotency_keys (user_id, idem_key, request_hash, order_id, created_at) VALUES {values}");
+    fn bind_claims<'q>(
+        mut q: Query<'q>,
+        requests: &'q [&'q OrderRequest],
+        keyed: &[usize],
+        order_ids: &[i64],
+        now: i64,
+    ) -> Query<'q> {
         for &i in keyed {
             let key = requests[i].key.as_ref().expect("keyed");
             q = q
@@ -483,7 +507,9 @@ async fn claim_keys(
         return rows.iter().map(|r| Ok(int(r, "order_id")?)).collect();
     }
     // PostgreSQL waits for a conflicting claim still in flight, then skips it if it committed.
-    let sql = db.sql(&format!("{insert} ON CONFLICT DO NOTHING RETURNING order_id")).into_owned();
+    let sql = db
+        .sql(&format!("{insert} ON CONFLICT DO NOTHING RETURNING order_id"))
+        .into_owned();
     let rows = bind_claims(sqlx::query(&sql).persistent(false), requests, keyed, order_ids, now)
         .fetch_all(&mut **tx)
         .await?;
@@ -529,7 +555,11 @@ async fn lock_products(
     let mut products = HashMap::with_capacity(ids.len());
     // Ascending ids across chunks: one global lock order, so batches and single orders never
     // deadlock. SQLite has no row locks: `BEGIN IMMEDIATE` already holds its one write lock.
-    let lock = if db.dialect == Dialect::Sqlite { "" } else { " FOR UPDATE" };
+    let lock = if db.dialect == Dialect::Sqlite {
+        ""
+    } else {
+        " FOR UPDATE"
+    };
     for chunk in ids.chunks(MAX_BINDS) {
         let sql = format!(
             "SELECT id, name, price, stock, status FROM products WHERE id IN ({}) ORDER BY id{lock}",

@@ -252,7 +252,9 @@ async fn deduct(
     let refused = if text(&row, "status")? != "active" {
         LineRefused::NotForSale
     } else {
-        LineRefused::Short { stock: int(&row, "stock")? }
+        LineRefused::Short {
+            stock: int(&row, "stock")?,
+        }
     };
     Err(refused.error(product_id, quantity).into())
 }
@@ -291,9 +293,9 @@ pub(crate) fn total_too_large() -> AppError {
 
 /// The order's total in cents, `None` when it does not fit in 64 bits.
 pub(crate) fn total(items: &[OrderItem]) -> Option<i64> {
-    items
-        .iter()
-        .try_fold(0i64, |acc, i| i.unit_price.checked_mul(i.quantity).and_then(|v| acc.checked_add(v)))
+    items.iter().try_fold(0i64, |acc, i| {
+        i.unit_price.checked_mul(i.quantity).and_then(|v| acc.checked_add(v))
+    })
 }
 
 /// Writes the order and its lines: one statement on PostgreSQL (a data-modifying CTE; the

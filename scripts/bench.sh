@@ -2,13 +2,15 @@
 # The benchmarks (not run in CI): everything side by side in one run on this machine, written to
 # BENCHMARKS.md (tables, ratios, the commands) and bench/results/ (raw outputs, SVG plot).
 #
-#   scripts/bench.sh                 # about 6 minutes; BENCH_SECONDS=N per measurement (default 10)
+#   scripts/bench.sh                 # about 12 minutes; BENCH_SECONDS=N per measurement (default 10)
 #
 # 1. Proxies: the sidecar and nginx (Debian's, configured to do the same job: proxy_cache, gzip,
 #    upstream keep-alive) in front of one mall app, and a bare hyper server returning a fixed body
 #    (the machine's ceiling); wrk at fixed concurrency on the cache-hit, pass-through and gzip paths;
 #    req/s, p99 and CPU per request of the proxy process.
-# 2. The app: seed 001's four scenarios (mall-load) on SQLite, PostgreSQL, PostgreSQL + Redis.
+# 2. The app: seed 001's four scenarios (mall-load) on SQLite, PostgreSQL, PostgreSQL + Redis; then
+#    group commit against one order per transaction (scripts/bench/orders.py): the orders scenario,
+#    the flash sale and one lone client, in interleaved rounds, with the database check.
 # 3. The caches: database queries per 1,000 catalog reads with the app cache on and off, hit
 #    ratios under a Zipf key distribution, bytes on the wire with and without gzip.
 set -euo pipefail
@@ -188,6 +190,11 @@ log "app on PostgreSQL + Redis"
 start_app postgres-redis 3203 --database-url "$pg" --redis-url redis://127.0.0.1:6379 --redis-prefix mall-bench
 scenarios postgres-redis 3203
 stop_pid "$app_pid"
+
+# ---------------------------------------------------------------- 2b. group commit of orders
+log "orders: group commit against one order per transaction, interleaved rounds"
+python3 scripts/bench/orders.py --bin "$bin" --work "$work" --out "$out" --seconds "$seconds" \
+  --rounds "${BENCH_ROUNDS:-3}" --flash-stock "${BENCH_FLASH_STOCK:-5000}"
 
 # ---------------------------------------------------------------- 3. the app's cache
 for cache in on off; do

@@ -16,6 +16,7 @@ fn options(target: &str, scenario: Scenario) -> Options {
         products: 60,
         zipf: scenario == Scenario::Products,
         progress: false,
+        flash_stock: 1000,
     }
 }
 
@@ -56,6 +57,38 @@ async fn every_scenario_succeeds_and_the_database_agrees() {
             assert_eq!(report.ledger.deducted.values().sum::<u64>(), 120);
         }
     }
+}
+
+/// The flash sale: 60 buyers race for 300 units; the run ends when they are sold out, every unit
+/// is in exactly one order, and the database check agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flash_sale_sells_out_exactly() {
+    let app = RunningApp::start(&[]).await;
+    let target = format!("http://{}", app.addr);
+    let db = check::connect(&format!("sqlite://{}/mall.db?mode=ro", app.data_dir.display()))
+        .await
+        .unwrap();
+    let before = check::snapshot(&db).await.unwrap();
+    let mut options = options(&target, Scenario::FlashSale);
+    options.concurrency = Some(60);
+    options.amount = Amount::Duration(std::time::Duration::from_secs(60));
+    options.flash_stock = 300;
+    let report = run(options).await.unwrap();
+    let sale = report.flash_sale.clone().expect("a flash-sale summary");
+    assert_eq!(sale.stock, 300);
+    assert_eq!(sale.sold_units, 300, "sold out: {report}");
+    assert!(report.seconds < 60.0, "the run ends when the product is sold out");
+    assert!(
+        (150..=300).contains(&sale.orders),
+        "orders of 1 or 2 units: {}",
+        sale.orders
+    );
+    let (problems, passed) = check::verify(&db, &before, &report.ledger).await.unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(
+        passed.iter().any(|p| p.contains("300 of 300 units sold, 0 left")),
+        "{passed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -57,6 +57,83 @@ def svg_bars(groups, title, unit):
     return "\n".join(parts) + "\n"
 
 
+def median(values):
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+WORKLOADS = {
+    "orders": "seed 001 orders (20 concurrent)",
+    "flash": "flash sale (500 concurrent, one product)",
+    "single": "one client alone",
+}
+
+
+def orders_section(md, out, lines):
+    rows = [l for l in lines if l["group"] == "orders"]
+    if not rows:
+        return
+    md.append("\n## 2b. Orders: group commit against one order per transaction\n")
+    md.append(
+        "Two apps over one freshly seeded database per backend: `off` places each order in its own transaction "
+        "(`--order-batch-max 1`, the path before group commit), `on` runs the defaults (set-based batches of up to 64 "
+        "orders, no flush wait, 1 writer on SQLite and 2 on PostgreSQL). They take turns in interleaved rounds of equal "
+        "length (off, on, off, on, ...) under `mall-load ... --check-database`; a round in which other processes took "
+        "more than 5 % of the machine is run again. QPS counts created orders per second (for the flash sale: until "
+        "sold out). The ratio is on ÷ off per round: median (min..max). CPU is µs per request of the app and of "
+        "PostgreSQL (all its processes).\n"
+    )
+    md.append("| backend | workload | off QPS | on QPS | on ÷ off | off p50 / p99 ms | on p50 / p99 ms | app CPU µs/req off → on | DB CPU µs/req off → on | checks |")
+    md.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for backend in ("sqlite", "postgres"):
+        for workload, label in WORKLOADS.items():
+            per = {}
+            for r in rows:
+                if r["backend"] == backend and r["workload"] == workload:
+                    rep = json.loads((out / r["file"]).read_text())
+                    sale = rep.get("flash_sale")
+                    qps = sale["orders_per_sec"] if sale else rep["successes"] / rep["seconds"]
+                    per.setdefault(r["contender"], {})[r["round"]] = (qps, rep, r)
+            if "off" not in per or "on" not in per:
+                continue
+            rounds = sorted(set(per["off"]) & set(per["on"]))
+            ratios = [per["on"][k][0] / max(per["off"][k][0], 1e-9) for k in rounds]
+            def col(c, f):
+                return median([f(per[c][k]) for k in rounds])
+            problems = [p for c in per for k in per[c] for p in per[c][k][2]["check_problems"]]
+            sold_out = ""
+            if workload == "flash":
+                sold = [per[c][k][1]["flash_sale"] for c in per for k in per[c]]
+                exact = all(s["sold_units"] == s["stock"] for s in sold)
+                sold_out = f"sold out exactly in {len(sold)} of {len(sold)} sales" if exact else "not all sold out"
+            checks = "database check: " + ("ok" if not problems else f"{len(problems)} problems") + (f"; {sold_out}" if sold_out else "")
+            db = lambda c: col(c, lambda x: x[2]["db_cpu_us_per_req"] or 0)
+            db_col = f"{db('off'):,.0f} → {db('on'):,.0f}" if backend == "postgres" else "—"
+            md.append(
+                f"| {backend} | {label} | {col('off', lambda x: x[0]):,.0f} | {col('on', lambda x: x[0]):,.0f} | "
+                f"{median(ratios):.2f}× ({min(ratios):.2f}..{max(ratios):.2f}) | "
+                f"{col('off', lambda x: x[1]['p50_ms']):.2f} / {col('off', lambda x: x[1]['p99_ms']):.2f} | "
+                f"{col('on', lambda x: x[1]['p50_ms']):.2f} / {col('on', lambda x: x[1]['p99_ms']):.2f} | "
+                f"{col('off', lambda x: x[2]['app_cpu_us_per_req']):,.0f} → {col('on', lambda x: x[2]['app_cpu_us_per_req']):,.0f} | "
+                f"{db_col} | {checks} |"
+            )
+    for b in (l for l in lines if l["group"] == "order_batches"):
+        if not b["count"]:
+            continue
+        prev, parts = 0.0, []
+        for le, cum in sorted(b["buckets"].items(), key=lambda kv: float(kv[0])):
+            if cum > prev:
+                parts.append(f"≤{le}: {cum - prev:,.0f}")
+            prev = cum
+        md.append(
+            f"\nBatches that formed on {b['backend']} (the `order_batch_size` histogram of the `on` app over all its "
+            f"rounds): {b['count']:,.0f} batches, {b['sum'] / b['count']:.1f} orders each on average; {', '.join(parts)}.\n"
+        )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
@@ -140,6 +217,8 @@ def main():
                 f"| {scenario} ({SEED_CONCURRENCY[scenario]}) | {backend} | {ok_qps:,.0f} | {r['success_rate']:.1%} | "
                 f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {ok_qps / SEED_QPS[scenario]:.2f}× of {SEED_QPS[scenario]:,} |"
             )
+
+    orders_section(md, out, lines)
 
     md.append("\n## 3. The caches\n")
     caches = {l["cache"]: l for l in lines if l["group"] == "app_cache"}

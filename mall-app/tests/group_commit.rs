@@ -25,9 +25,15 @@ async fn a_batch_decides_as_serial_orders(backend: Backend) {
     let Some(serial) = run(backend, &["--order-batch-max=1"], false).await else {
         return;
     };
+    // One writer: the first request, alone when it arrives, is placed at once; the rest queue
+    // behind it and form one batch.
     let batched = run(
         backend,
-        &["--order-batch-max=64", "--order-batch-flush-us=100000"],
+        &[
+            "--order-batch-max=64",
+            "--order-batch-flush-us=100000",
+            "--order-batch-writers=1",
+        ],
         true,
     )
     .await
@@ -171,8 +177,9 @@ async fn run(backend: Backend, extra: &[&str], batched: bool) -> Option<Outcome>
         "no batch was split"
     );
     if batched {
-        // One batch, plus one for the two requests whose key repeats an earlier one in it.
-        assert_eq!(batches, 2, "the requests formed one batch and a batch of repeated keys");
+        // The first alone, the rest as one batch, and one for the two requests whose key repeats
+        // an earlier one in it.
+        assert_eq!(batches, 3, "a lone order, one batch and a batch of repeated keys");
     } else {
         assert_eq!(batches, requests.len() as u64);
     }

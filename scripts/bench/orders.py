@@ -74,13 +74,16 @@ def main():
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--flash-stock", type=int, default=5000)
+    ap.add_argument("--backends", default="sqlite,postgres")
+    ap.add_argument("--workloads", default="orders,flash,single")
+    ap.add_argument("--on-args", default="", help="extra mall-app flags for the group-commit contender")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
     results = open(out / "results.jsonl", "a")
     env = dict(os.environ, MALL_LOG_FORMAT="json", MALL_SHUTDOWN_DELAY_MS="0")
 
-    for backend in ("sqlite", "postgres"):
+    for backend in args.backends.split(","):
         if backend == "sqlite":
             data = work / "orders-data"
             subprocess.run(["rm", "-rf", str(data)], check=True)
@@ -105,7 +108,7 @@ def main():
 
 
 def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, results):
-    for contender, port, extra in (("off", 3301, ["--order-batch-max", "1"]), ("on", 3302, [])):
+    for contender, port, extra in (("off", 3301, ["--order-batch-max", "1"]), ("on", 3302, args.on_args.split())):
         logfile = work / f"orders-{backend}-{contender}.log"
         proc = subprocess.Popen(
             [str(bin_dir / "mall-app"), "serve", "--listen", f"127.0.0.1:{port}", *db_args, *extra],
@@ -118,7 +121,7 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
         "flash": ["--scenario", "flash-sale", "--concurrency", "500", "--flash-stock", str(args.flash_stock)],
         "single": ["--scenario", "orders", "--concurrency", "1"],
     }
-    for workload, load_args in workloads.items():
+    for workload, load_args in ((w, workloads[w]) for w in args.workloads.split(",")):
         for rnd in range(1, args.rounds + 1):
             for contender, (proc, port) in apps.items():
                 for attempt in range(3):

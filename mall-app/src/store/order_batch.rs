@@ -17,6 +17,7 @@
 //! half-applied: it is one transaction.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,9 +37,8 @@ use crate::metrics::Metrics;
 pub struct BatchSettings {
     /// Most orders in one transaction; 1 places each order in its own transaction (no batching).
     pub max_orders: usize,
-    /// After the first order of a batch arrives, wait at most this long for more. Zero takes
-    /// only what is already waiting: under load the queue fills while the previous batch commits,
-    /// and a lone order is not delayed at all.
+    /// When a batch already holds more than one order (the mall is under load), wait at most
+    /// this long for more to fill it. A lone order never waits; zero takes only what is queued.
     pub flush_after: Duration,
     /// Batches in flight at once: one more than one lets the next batch claim its keys and queue
     /// on the product rows while the previous one commits.
@@ -88,6 +88,8 @@ struct Shared {
     db: Arc<Db>,
     ids: Arc<Snowflake>,
     metrics: Arc<Metrics>,
+    /// One permit per order transaction (a batch, or a lone order) allowed at once.
+    writers: Arc<Semaphore>,
 }
 
 /// Where orders are placed: the group-commit queue, or (with `max_orders` 1) straight to the
@@ -96,6 +98,17 @@ struct Shared {
 pub struct OrderDesk {
     shared: Arc<Shared>,
     queue: Option<mpsc::UnboundedSender<Pending>>,
+    /// Orders being placed now, queued or not.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts an order in flight until it is answered (or its request is dropped).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 const MAX_ATTEMPTS: u32 = 4;
@@ -103,13 +116,22 @@ const MAX_ATTEMPTS: u32 = 4;
 impl OrderDesk {
     /// Starts the batch writer (on the current Tokio runtime) unless batching is off.
     pub fn start(db: Arc<Db>, ids: Arc<Snowflake>, metrics: Arc<Metrics>, settings: BatchSettings) -> OrderDesk {
-        let shared = Arc::new(Shared { db, ids, metrics });
+        let shared = Arc::new(Shared {
+            db,
+            ids,
+            metrics,
+            writers: Arc::new(Semaphore::new(settings.writers.max(1))),
+        });
         let queue = (settings.max_orders > 1).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(run(rx, shared.clone(), settings));
             tx
         });
-        OrderDesk { shared, queue }
+        OrderDesk {
+            shared,
+            queue,
+            in_flight: Arc::default(),
+        }
     }
 
     pub async fn place(&self, request: OrderRequest) -> AppResult<Placed> {
@@ -118,6 +140,18 @@ impl OrderDesk {
             shared.metrics.order_batch_size.observe(1.0);
             return place_alone(shared, &request).await;
         };
+        let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        let _in_flight = InFlight(&self.in_flight);
+        if alone {
+            // Nothing else in flight: a batch of one, placed right here while it holds a writer
+            // permit (so a batch forming behind it still waits its turn, in arrival order).
+            // Handing it to the writer task would only add task wake-ups, each waking an idle
+            // worker thread: measured +0.3 ms and +25 % CPU per order for a lone client.
+            if let Ok(_permit) = shared.writers.clone().try_acquire_owned() {
+                shared.metrics.order_batch_size.observe(1.0);
+                return place_alone(shared, &request).await;
+            }
+        }
         let (reply, answer) = oneshot::channel();
         let user_id = request.user_id;
         let key = request.key.clone();
@@ -157,15 +191,9 @@ async fn place_alone(shared: &Shared, request: &OrderRequest) -> AppResult<Place
 
 /// The writer: forms batches from the queue and runs up to `writers` of them at once.
 async fn run(mut queue: mpsc::UnboundedReceiver<Pending>, shared: Arc<Shared>, settings: BatchSettings) {
-    let writers = Arc::new(Semaphore::new(settings.writers.max(1)));
     // Requests held back from a batch because an earlier request in it has the same key.
     let mut held: VecDeque<Pending> = VecDeque::new();
     loop {
-        let permit = writers
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         let first = match held.pop_front() {
             Some(p) => p,
             None => match queue.recv().await {
@@ -173,6 +201,15 @@ async fn run(mut queue: mpsc::UnboundedReceiver<Pending>, shared: Arc<Shared>, s
                 None => return,
             },
         };
+        // The permit after the first order, so an idle writer never holds one (a lone order
+        // takes it and runs in its own task); while this waits for a running transaction,
+        // more orders queue up for this batch.
+        let permit = shared
+            .writers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let mut batch = vec![first];
         while batch.len() < settings.max_orders {
             match held.pop_front() {
@@ -184,7 +221,9 @@ async fn run(mut queue: mpsc::UnboundedReceiver<Pending>, shared: Arc<Shared>, s
         while batch.len() < settings.max_orders {
             match queue.try_recv() {
                 Ok(p) => batch.push(p),
-                Err(_) if settings.flush_after.is_zero() => break,
+                // Only a batch that already has company waits for more: under load the wait
+                // fills it, while a lone order at low load goes at once.
+                Err(_) if settings.flush_after.is_zero() || batch.len() == 1 => break,
                 Err(_) => match tokio::time::timeout_at(deadline, queue.recv()).await {
                     Ok(Some(p)) => batch.push(p),
                     _ => break,
@@ -391,7 +430,7 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
             marks(emptied_carts.len())
         );
         let sql = db.sql(&sql);
-        let mut q = sqlx::query(&sql).persistent(false);
+        let mut q = sqlx::query(&sql).persistent(true);
         for u in &emptied_carts {
             q = q.bind(*u);
         }
@@ -403,7 +442,7 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
             marks(released.len())
         );
         let sql = db.sql(&sql);
-        let mut q = sqlx::query(&sql).persistent(false);
+        let mut q = sqlx::query(&sql).persistent(true);
         for &i in &released {
             q = q.bind(order_ids[i]);
         }
@@ -500,12 +539,12 @@ async fn claim_keys(
         // No RETURNING: a duplicate is a no-op update (it waits for, and locks, the stored row),
         // then the claims that carry our order ids are ours.
         let sql = format!("{insert} ON DUPLICATE KEY UPDATE order_id = order_id");
-        bind_claims(sqlx::query(&sql).persistent(false), requests, keyed, order_ids, now)
+        bind_claims(sqlx::query(&sql).persistent(true), requests, keyed, order_ids, now)
             .execute(&mut **tx)
             .await?;
         let lookup = vec!["(user_id = ? AND idem_key = ?)"; keyed.len()].join(" OR ");
         let sql = format!("SELECT order_id FROM idempotency_keys WHERE {lookup}");
-        let mut q = sqlx::query(&sql).persistent(false);
+        let mut q = sqlx::query(&sql).persistent(true);
         for &i in keyed {
             q = q
                 .bind(requests[i].user_id)
@@ -518,7 +557,7 @@ async fn claim_keys(
     let sql = db
         .sql(&format!("{insert} ON CONFLICT DO NOTHING RETURNING order_id"))
         .into_owned();
-    let rows = bind_claims(sqlx::query(&sql).persistent(false), requests, keyed, order_ids, now)
+    let rows = bind_claims(sqlx::query(&sql).persistent(true), requests, keyed, order_ids, now)
         .fetch_all(&mut **tx)
         .await?;
     rows.iter().map(|r| Ok(int(r, "order_id")?)).collect()
@@ -538,7 +577,7 @@ async fn read_carts(
         marks(users.len())
     );
     let sql = db.sql(&sql);
-    let mut q = sqlx::query(&sql).persistent(false);
+    let mut q = sqlx::query(&sql).persistent(true);
     for u in users {
         q = q.bind(*u);
     }
@@ -574,7 +613,7 @@ async fn lock_products(
             marks(chunk.len())
         );
         let sql = db.sql(&sql);
-        let mut q = sqlx::query(&sql).persistent(false);
+        let mut q = sqlx::query(&sql).persistent(true);
         for id in chunk {
             q = q.bind(*id);
         }
@@ -610,7 +649,7 @@ async fn deduct(
             marks(chunk.len())
         );
         let sql = db.sql(&sql);
-        let mut q = sqlx::query(&sql).persistent(false);
+        let mut q = sqlx::query(&sql).persistent(true);
         for (p, n) in chunk {
             q = q.bind(*p).bind(*n);
         }
@@ -639,7 +678,7 @@ async fn insert_orders(db: &Db, tx: &mut Transaction<'static, Any>, placed: &[Or
             vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
         );
         let sql = db.sql(&sql);
-        let mut q = sqlx::query(&sql).persistent(false);
+        let mut q = sqlx::query(&sql).persistent(true);
         for o in chunk {
             q = q
                 .bind(o.id)
@@ -659,7 +698,7 @@ async fn insert_orders(db: &Db, tx: &mut Transaction<'static, Any>, placed: &[Or
             vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ")
         );
         let sql = db.sql(&sql);
-        let mut q = sqlx::query(&sql).persistent(false);
+        let mut q = sqlx::query(&sql).persistent(true);
         for (order_id, i) in chunk {
             q = q
                 .bind(*order_id)

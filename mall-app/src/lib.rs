@@ -80,9 +80,7 @@ impl App {
             BatchSettings {
                 max_orders: args.order_batch_max,
                 flush_after: Duration::from_micros(args.order_batch_flush_us),
-                writers: args
-                    .order_batch_writers
-                    .unwrap_or(if db.dialect == db::Dialect::Sqlite { 1 } else { 2 }),
+                writers: args.order_batch_writers,
             },
         );
         let state = AppState::new(Inner {

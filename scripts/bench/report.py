@@ -80,7 +80,7 @@ def orders_section(md, out, lines):
     md.append(
         "Two apps over one freshly seeded database per backend: `off` places each order in its own transaction "
         "(`--order-batch-max 1`, the path before group commit), `on` runs the defaults (set-based batches of up to 64 "
-        "orders, no flush wait, 1 writer on SQLite and 2 on PostgreSQL). They take turns in interleaved rounds of equal "
+        "orders, no flush wait, one writer). They take turns in interleaved rounds of equal "
         "length (off, on, off, on, ...) under `mall-load ... --check-database`; a round in which other processes took "
         "more than 5 % of the machine is run again. QPS counts created orders per second (for the flash sale: until "
         "sold out). The ratio is on ÷ off per round: median (min..max). CPU is µs per request of the app and of "

@@ -40,8 +40,7 @@ pub struct BatchSettings {
     /// When a batch already holds more than one order (the mall is under load), wait at most
     /// this long for more to fill it. A lone order never waits; zero takes only what is queued.
     pub flush_after: Duration,
-    /// Batches in flight at once: one more than one lets the next batch claim its keys and queue
-    /// on the product rows while the previous one commits.
+    /// Order transactions in flight at once (a batch or a lone order each).
     pub writers: usize,
 }
 

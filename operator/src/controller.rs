@@ -27,7 +27,7 @@ pub use crate::context::{Context, MANAGER};
 pub use crate::context::{MONITORING_CRDS, MONITORING_PROBE};
 use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
 use crate::desired::{self, Children};
-use crate::{autoscale, tuning, validation};
+use crate::{autoscale, sale, tuning, validation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -306,7 +306,68 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         set_condition(&mut status, md, "MonitoringStale", false, reason, message);
     }
 
-    let children = desired::children(md, &tuning, status.alert_scaling.floor, &ctx.monitoring_labels);
+    // Sale windows: what is in effect now, said in status, events and a metric.
+    let sale = sale::plan(&md.spec, now);
+    status.sale = sale_status(&md.spec, now);
+    let was = old_status.sale.active.clone();
+    if status.sale.active != was {
+        match &status.sale.active {
+            Some(active) => {
+                let message = format!(
+                    "sale window {active} in effect until {}: replica floor {}, {} hot products warmed{}",
+                    status.sale.active_end.as_deref().unwrap_or("?"),
+                    sale.floor.unwrap_or(md.spec.min_replicas),
+                    sale.warm_ids.len() + sale.warm_top.unwrap_or(0) as usize,
+                    sale.order_limit
+                        .as_ref()
+                        .map(|l| format!(", orders limited to {}/s (burst {})", l.requests_per_second, l.burst))
+                        .unwrap_or_default()
+                );
+                ctx.event(md, false, "SaleWindowStarted", message).await;
+            }
+            None => {
+                let message = format!(
+                    "sale window {} ended: floor, warm-up and order limits back to the spec",
+                    was.as_deref().unwrap_or("?")
+                );
+                ctx.event(md, false, "SaleWindowEnded", message).await;
+            }
+        }
+    }
+    for window in &md.spec.sale_windows {
+        let on = sale.windows.contains(&window.name);
+        ctx.metrics
+            .sale_window_active
+            .with_label_values(&[ns.as_str(), name.as_str(), window.name.as_str()])
+            .set(i64::from(on));
+    }
+    match (&status.sale.active, &status.sale.next) {
+        (Some(active), _) => {
+            let message = format!(
+                "{active} in effect until {}",
+                status.sale.active_end.as_deref().unwrap_or("?")
+            );
+            set_condition(&mut status, md, "SaleWindow", true, "Active", &message)
+        }
+        (None, Some(next)) => {
+            let message = format!(
+                "next: {next}, in effect from {}",
+                status.sale.next_applies.as_deref().unwrap_or("?")
+            );
+            set_condition(&mut status, md, "SaleWindow", false, "Scheduled", &message)
+        }
+        (None, None) if !md.spec.sale_windows.is_empty() => set_condition(
+            &mut status,
+            md,
+            "SaleWindow",
+            false,
+            "NoneAhead",
+            "no sale window ahead",
+        ),
+        (None, None) => status.conditions.retain(|c| c.type_ != "SaleWindow"),
+    }
+
+    let children = desired::children(md, &tuning, status.alert_scaling.floor, &sale, &ctx.monitoring_labels);
     let Children {
         deployment,
         service,
@@ -432,7 +493,27 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         // Look again when the Prometheus answer may have changed.
         next = next.min(check.ttl);
     }
+    if let Some(at) = sale::next_change(&md.spec, now) {
+        // Be there when a sale window takes effect or ends.
+        next = next.min(Duration::from_secs((at - now).max(1) as u64));
+    }
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
+}
+
+/// Which windows are in effect at `now`, and which comes next.
+fn sale_status(spec: &crate::crd::MallDeploymentSpec, now: i64) -> crate::crd::SaleStatus {
+    let active = sale::active(spec, now);
+    let next = sale::next(spec, now);
+    let mut names: Vec<&str> = active.iter().map(|o| o.window.name.as_str()).collect();
+    names.dedup();
+    crate::crd::SaleStatus {
+        active: (!names.is_empty()).then(|| names.join(",")),
+        active_start: active.iter().map(|o| o.start).min().map(rfc3339),
+        active_end: active.iter().map(|o| o.end).max().map(rfc3339),
+        next: next.as_ref().map(|o| o.window.name.clone()),
+        next_applies: next.as_ref().map(|o| rfc3339(o.applies)),
+        next_start: next.as_ref().map(|o| rfc3339(o.start)),
+    }
 }
 
 /// Applies `desired` unless the live object already holds every field of it (then nothing is

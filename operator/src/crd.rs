@@ -101,6 +101,11 @@ pub struct MallDeploymentSpec {
     /// Who changes the replica count.
     #[serde(default)]
     pub autoscaling: Autoscaling,
+    /// Planned sales: from a lead time before each starts until it ends, the replica floor is
+    /// raised, the pods start with the sale's hot products warm, and order limits tighten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("maxItems" = 32, "x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub sale_windows: Vec<SaleWindow>,
     /// Leave every child object alone (for manual surgery); status says so.
     #[serde(default)]
     pub paused: bool,
@@ -410,6 +415,100 @@ impl Default for Autoscaling {
     }
 }
 
+/// A planned sale. Times are wall-clock times in `timeZone` (daylight saving included), so
+/// "09:00 every day in Europe/Berlin" stays 09:00 all year.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct SaleWindow {
+    /// Unique among the windows; shown in status, events and the `window` metric label.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// When the sale starts: `YYYY-MM-DDTHH:MM[:SS]` in `timeZone`; with a recurrence, the first one.
+    #[schemars(regex(pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?$"))]
+    pub start: String,
+    /// When it ends, in the same form: after `start`, and within a day (daily) or a week (weekly).
+    #[schemars(regex(pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?$"))]
+    pub end: String,
+    /// IANA time zone of `start` and `end`, such as `Europe/Berlin`.
+    #[serde(default = "defaults::utc")]
+    pub time_zone: String,
+    /// Repeat the window: `none`, `daily` or `weekly`.
+    #[serde(default)]
+    pub recurrence: Recurrence,
+    /// Minutes before `start` from which the window applies, so new pods are running and warm
+    /// when the sale opens.
+    #[serde(default = "defaults::lead_minutes")]
+    #[schemars(range(min = 0, max = 1440))]
+    pub lead_minutes: u32,
+    /// Replica floor during the window (raises the HPA's minReplicas; in `alerts` mode the
+    /// Deployment's replicas). Capped at maxReplicas.
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Products every pod loads into its cache before it reports ready.
+    #[serde(default)]
+    pub hot_products: HotProducts,
+    /// Order limit per client during the window (the sidecar's `POST /api/orders` rules);
+    /// tighter of this and the usual limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_limit: Option<OrderLimit>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Recurrence {
+    #[default]
+    None,
+    Daily,
+    Weekly,
+}
+
+/// Which products to warm: these ids, and the `top` most ordered.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct HotProducts {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("maxItems" = 1000))]
+    pub ids: Vec<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub top: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderLimit {
+    /// Sustained orders per second per client.
+    #[schemars(range(min = 0.001))]
+    pub requests_per_second: f64,
+    /// Orders a client may place at once above the sustained rate.
+    #[schemars(range(min = 1))]
+    pub burst: u32,
+}
+
+/// Which sale window applies now, and which comes next.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SaleStatus {
+    /// The window in effect (from its lead time to its end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<String>,
+    /// When the active window's sale opens and ends (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_start: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_end: Option<String>,
+    /// The next window to take effect, and when it does (its lead time) and opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_applies: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_start: Option<String>,
+}
+
 /// What the operator observed and decided.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -442,6 +541,9 @@ pub struct MallDeploymentStatus {
     /// configured, whether that Prometheus loaded the rules and scrapes the pods.
     #[serde(default, deserialize_with = "monitoring_status")]
     pub monitoring: MonitoringStatus,
+    /// Sale windows: the one in effect and the next.
+    #[serde(default)]
+    pub sale: SaleStatus,
 }
 
 /// What is known of the mall's monitoring.
@@ -619,6 +721,12 @@ pub mod defaults {
     }
     pub fn url_key() -> String {
         "url".into()
+    }
+    pub fn utc() -> String {
+        "UTC".into()
+    }
+    pub fn lead_minutes() -> u32 {
+        15
     }
     pub fn min_bytes() -> u32 {
         1024

@@ -26,6 +26,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::crd::{AutoscalingMode, MallDeployment, Quantities, SecretKeyRef};
+use crate::sale::SalePlan;
 use crate::tuning::Tuning;
 
 pub const APP_PORT: i32 = 3000;
@@ -48,21 +49,23 @@ pub struct Children {
 }
 
 /// `floor`: the replica floor alert-driven scaling asked for (HPA minReplicas in `hpa`/`both`);
+/// `sale`: what the sale windows in effect change (floor, warm-up, order limits);
 /// `monitoring_labels`: extra labels for the PrometheusRule and ServiceMonitor (what the
 /// Prometheus selects them by).
 pub fn children(
     md: &MallDeployment,
     tuning: &Tuning,
     floor: Option<i32>,
+    sale: &SalePlan,
     monitoring_labels: &BTreeMap<String, String>,
 ) -> Children {
-    let config_map = config_map(md, tuning);
+    let config_map = config_map(md, tuning, sale);
     Children {
-        deployment: deployment(md, tuning, &config_map),
+        deployment: deployment(md, tuning, &config_map, sale),
         service: service(md),
         app_service: app_service(md),
         metrics_service: metrics_service(md),
-        hpa: hpa(md, floor),
+        hpa: hpa(md, floor.max(sale.floor)),
         pdb: pdb(md),
         prometheus_rule: with_labels(prometheus_rule(md, tuning), monitoring_labels),
         service_monitor: with_labels(service_monitor(md), monitoring_labels),
@@ -139,7 +142,7 @@ fn meta(md: &MallDeployment, name: String) -> ObjectMeta {
 }
 
 /// The sidecar's configuration for this mall, in the schema the sidecar parses.
-pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning) -> SidecarConfig {
+pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> SidecarConfig {
     let s = &md.spec;
     let mut c = SidecarConfig::default();
     c.server.listen = ([0, 0, 0, 0], PROXY_PORT as u16).into();
@@ -172,6 +175,31 @@ pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning) -> SidecarConfig {
     if let Some(rules) = &s.rate_limits.rules {
         c.rate_limit.rules = rules.clone();
     }
+    if let Some(limit) = &sale.order_limit {
+        // A sale tightens every rule for placing orders (never loosens one), or adds one.
+        let mut found = false;
+        for rule in &mut c.rate_limit.rules {
+            let orders = rule.path_prefix.starts_with("/api/orders")
+                && (rule.methods.is_empty() || rule.methods.iter().any(|m| m == "POST"));
+            if orders {
+                found = true;
+                rule.requests_per_second = rule.requests_per_second.min(limit.requests_per_second);
+                rule.burst = rule.burst.min(limit.burst);
+            }
+        }
+        if !found {
+            c.rate_limit.rules.insert(
+                0,
+                mall_sidecar_config::LimitRule {
+                    name: "sale-orders".into(),
+                    path_prefix: "/api/orders".into(),
+                    methods: vec!["POST".into()],
+                    requests_per_second: limit.requests_per_second,
+                    burst: limit.burst,
+                },
+            );
+        }
+    }
     // Kubernetes nodes and ingress controllers sit in private ranges.
     c.rate_limit.trusted_proxies = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
         .iter()
@@ -180,12 +208,12 @@ pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning) -> SidecarConfig {
     c
 }
 
-fn config_map(md: &MallDeployment, tuning: &Tuning) -> ConfigMap {
+fn config_map(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> ConfigMap {
     ConfigMap {
         metadata: meta(md, format!("{}-sidecar", name(md))),
         data: Some(BTreeMap::from([(
             SIDECAR_CONFIG_KEY.to_string(),
-            sidecar_config(md, tuning).to_toml(),
+            sidecar_config(md, tuning, sale).to_toml(),
         )])),
         ..ConfigMap::default()
     }
@@ -248,7 +276,7 @@ fn probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
     }
 }
 
-fn app_env(md: &MallDeployment, tuning: &Tuning) -> Vec<EnvVar> {
+fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar> {
     let s = &md.spec;
     let mut e = vec![
         env("MALL_LISTEN", format!("0.0.0.0:{APP_PORT}")),
@@ -265,6 +293,14 @@ fn app_env(md: &MallDeployment, tuning: &Tuning) -> Vec<EnvVar> {
         // Pods share the database: each takes its snowflake worker id from its own name.
         env("MALL_WORKER_ID", "auto"),
     ];
+    // A sale's hot products are in every pod's cache before it reports ready.
+    if !sale.warm_ids.is_empty() {
+        let ids: Vec<String> = sale.warm_ids.iter().map(i64::to_string).collect();
+        e.push(env("MALL_WARMUP_PRODUCT_IDS", ids.join(",")));
+    }
+    if let Some(top) = sale.warm_top {
+        e.push(env("MALL_WARMUP_PRODUCTS", top));
+    }
     if let Some(primary) = &s.database.primary {
         e.push(secret_env("MALL_DATABASE_URL", primary));
     }
@@ -283,9 +319,9 @@ fn app_env(md: &MallDeployment, tuning: &Tuning) -> Vec<EnvVar> {
     e
 }
 
-fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> Deployment {
+fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale: &SalePlan) -> Deployment {
     let s = &md.spec;
-    let app_env = app_env(md, tuning);
+    let app_env = app_env(md, tuning, sale);
     let mut sidecar_env = vec![env("SIDECAR_LOG_FORMAT", "json")];
     if let (Some(redis), true) = (&s.redis, s.rate_limits.shared) {
         sidecar_env.push(secret_env("SIDECAR__RATE_LIMIT__REDIS__URL", &redis.url));
@@ -353,7 +389,8 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap) -> D
         metadata: meta(md, name(md)),
         spec: Some(DeploymentSpec {
             // While an HPA owns replicas the field is left out, so applying never fights it.
-            replicas: (s.autoscaling.mode == AutoscalingMode::Alerts).then_some(s.replicas),
+            replicas: (s.autoscaling.mode == AutoscalingMode::Alerts)
+                .then_some(s.replicas.max(sale.floor.unwrap_or(0))),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(md)),
                 ..LabelSelector::default()

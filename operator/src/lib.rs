@@ -6,6 +6,7 @@
 //! - `quantity.rs`: Kubernetes quantities (parse, canonical form);
 //! - `crd.rs`: the resource's schema, defaults and CEL rules;
 //! - `tuning.rs`: sizes from resources (pure, table-tested); `alerts.rs`: the alert rules;
+//!   `sale.rs`: when sale windows are in effect and what they change (pure, at a given time);
 //! - `desired.rs`: the children as pure functions of the spec;
 //! - `validation.rs`: what the API server and the sidecar would refuse, checked offline;
 //! - `render.rs`: the offline `operator render`;
@@ -25,6 +26,7 @@ pub mod leader;
 pub mod metrics;
 pub mod quantity;
 pub mod render;
+pub mod sale;
 pub mod tuning;
 pub mod validation;
 pub mod verify;

@@ -31,6 +31,10 @@ enum Command {
     Render {
         #[arg(short = 'f', long)]
         file: PathBuf,
+        /// Render the objects as they will be at this time (RFC 3339, e.g. 2026-11-27T09:00:00Z):
+        /// with the sale windows in effect then. Default: now.
+        #[arg(long, value_parser = mall_operator::sale::parse_instant)]
+        at: Option<i64>,
     },
     /// Print the MallDeployment CRD.
     Crd,
@@ -64,9 +68,13 @@ struct RunArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Render { file } => {
+        Command::Render { file, at } => {
             let input = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            match render::render(&input) {
+            let rendered = match at {
+                Some(at) => render::render_at(&input, at),
+                None => render::render(&input),
+            };
+            match rendered {
                 Ok(out) => print!("{out}"),
                 Err(e) => {
                     eprintln!("{}: {e}", file.display());

@@ -1,6 +1,6 @@
 //! The operator's own Prometheus metrics.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
     registry: Registry,
@@ -13,6 +13,8 @@ pub struct Metrics {
     pub webhook: IntCounterVec,
     /// Alert-driven scale changes by direction.
     pub scale_events: IntCounterVec,
+    /// 1 while a MallDeployment's sale window is in effect (from its lead time to its end), else 0.
+    pub sale_window_active: IntGaugeVec,
 }
 
 impl Metrics {
@@ -41,6 +43,14 @@ impl Metrics {
                 &["direction"],
             )
             .expect("metric"),
+            sale_window_active: IntGaugeVec::new(
+                Opts::new(
+                    "sale_window_active",
+                    "1 while a sale window is in effect (from its lead time to its end)",
+                ),
+                &["namespace", "name", "window"],
+            )
+            .expect("metric"),
             registry,
         };
         m.registry.register(Box::new(m.reconciles.clone())).expect("unique");
@@ -52,6 +62,9 @@ impl Metrics {
             .expect("unique");
         m.registry.register(Box::new(m.webhook.clone())).expect("unique");
         m.registry.register(Box::new(m.scale_events.clone())).expect("unique");
+        m.registry
+            .register(Box::new(m.sale_window_active.clone()))
+            .expect("unique");
         m
     }
 

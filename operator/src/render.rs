@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crd::MallDeployment;
 use crate::desired::{self, Children};
-use crate::{tuning, validation};
+use crate::{sale, tuning, validation};
 
 pub fn crd_yaml() -> String {
     serde_yaml::to_string(&MallDeployment::crd()).expect("the CRD serialises")
@@ -21,6 +21,15 @@ pub fn crd_yaml() -> String {
 /// Reads MallDeployment documents (YAML, `---`-separated) and returns every child as one YAML
 /// stream, with the alert rules included even where no Prometheus Operator is installed.
 pub fn render(input: &str) -> Result<String, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    render_at(input, now)
+}
+
+/// As [`render`], as the objects will be at `at` (Unix seconds): with the sale windows in
+/// effect then.
+pub fn render_at(input: &str, at: i64) -> Result<String, String> {
     let mut out = String::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(input).enumerate() {
         let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {i}: {e}"))?;
@@ -46,7 +55,7 @@ pub fn render(input: &str) -> Result<String, String> {
             pdb,
             prometheus_rule,
             service_monitor,
-        } = desired::children(&md, &tuning, None, &Default::default());
+        } = desired::children(&md, &tuning, None, &sale::plan(&md.spec, at), &Default::default());
         push(&mut out, &config_map)?;
         push(&mut out, &service)?;
         push(&mut out, &app_service)?;

@@ -78,13 +78,15 @@ pub fn validate(md: &MallDeployment) -> Result<(), String> {
         // kube's CEL validator keeps the rule's `fieldPath` as written (`.spec.x`).
         return Err(first.trim_start_matches('.').to_string());
     }
+    // Time zones and wall-clock times are beyond the API server's schema and CEL.
+    crate::sale::check(&md.spec)?;
     sidecar_config(md)
 }
 
 /// The rendered sidecar configuration passes `mall_sidecar_config`'s validator; a failure names the
 /// `spec.` field it came from.
 fn sidecar_config(md: &MallDeployment) -> Result<(), String> {
-    let config = desired::sidecar_config(md, &tuning::tune(&md.spec));
+    let config = desired::sidecar_config(md, &tuning::tune(&md.spec), &Default::default());
     match config.validate() {
         Ok(()) => Ok(()),
         Err(mall_sidecar_config::ConfigError::Invalid { field, message }) => {

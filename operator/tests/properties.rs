@@ -74,10 +74,16 @@ proptest! {
                 let t = tuning::tune(&md.spec);
                 prop_assert!(t.fleet_db_connections <= md.spec.database.connection_budget, "{t:?}");
                 prop_assert!(t.app_worker_threads >= 1 && t.db_max_connections >= 1);
-                let config = desired::sidecar_config(&md, &t);
+                let config = desired::sidecar_config(&md, &t, &Default::default());
                 let text = config.to_toml();
                 prop_assert!(SidecarConfig::from_toml(&text).is_ok(), "{:?}", SidecarConfig::from_toml(&text));
-                let children = desired::children(&md, &t, Some(md.spec.max_replicas + 5), &Default::default());
+                let children = desired::children(
+                    &md,
+                    &t,
+                    Some(md.spec.max_replicas + 5),
+                    &Default::default(),
+                    &Default::default(),
+                );
                 if let Some(hpa) = children.hpa {
                     let hpa = hpa.spec.unwrap();
                     prop_assert!(hpa.min_replicas.unwrap() <= hpa.max_replicas, "the floor never passes max");

@@ -288,6 +288,7 @@ async fn the_hpa_owns_replicas_unless_alerts_alone_scale() {
             &mall_operator::tuning::tune(&mall("shop", json!({})).spec),
             None,
             &Default::default(),
+            &Default::default(),
         )
         .deployment,
     )

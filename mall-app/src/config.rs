@@ -139,6 +139,10 @@ pub struct ServeArgs {
     /// Hottest products loaded into the cache before /ready says yes.
     #[arg(long, env = "MALL_WARMUP_PRODUCTS", default_value_t = 200)]
     pub warmup_products: u32,
+    /// Products loaded into the cache before /ready says yes, besides the hottest ones: the hot
+    /// products of a sale window (comma-separated ids; the operator sets it during a window).
+    #[arg(long, env = "MALL_WARMUP_PRODUCT_IDS", value_delimiter = ',')]
+    pub warmup_product_ids: Vec<i64>,
     /// Tokio worker threads. Default: the CPU limit, rounded down, at least 1.
     #[arg(long, env = "MALL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,

@@ -164,7 +164,12 @@ async fn warm_up(state: AppState) {
     let mut attempt = 0u32;
     loop {
         let result = async {
-            let ids = store::products::hottest_ids(&state.db, n).await?;
+            let mut ids = state.config.args.warmup_product_ids.clone();
+            for id in store::products::hottest_ids(&state.db, n).await? {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
             let products = store::products::get_many(&state.db, &ids).await?;
             let count = products.len();
             state

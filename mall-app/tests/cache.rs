@@ -54,3 +54,24 @@ async fn two_instances_share_l2_and_invalidate_each_other() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A sale window's hot products (`MALL_WARMUP_PRODUCT_IDS`, set by the operator) are in the cache
+/// when `/ready` first says yes, besides the hottest ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sales_hot_products_are_warm_before_ready() {
+    let Some(db) = database(Backend::Sqlite).await else {
+        return;
+    };
+    let app = spawn_app(&db, &["--warmup-products=2", "--warmup-product-ids=41,7"]).await;
+    let l1 = r#"category="product",level="l1""#;
+    for (id, warm) in [(41, true), (7, true), (1, true), (2, true), (30, false)] {
+        let before = app.metric("cache_hits_total", l1).await;
+        assert_eq!(
+            app.get(&format!("/api/products/{id}"), None).await.status,
+            StatusCode::OK
+        );
+        let hit = app.metric("cache_hits_total", l1).await > before;
+        assert_eq!(hit, warm, "product {id} warm: {warm}");
+    }
+    app.stop().await;
+}

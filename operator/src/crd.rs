@@ -468,9 +468,11 @@ pub enum Recurrence {
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct HotProducts {
+    /// Product ids, warmed first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("maxItems" = 1000))]
     pub ids: Vec<i64>,
+    /// How many of the most-ordered products to warm (the app's default is 200).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100000))]
     pub top: Option<u32>,
@@ -495,16 +497,19 @@ pub struct SaleStatus {
     /// The window in effect (from its lead time to its end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active: Option<String>,
-    /// When the active window's sale opens and ends (RFC 3339).
+    /// When the active window's sale opens (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_start: Option<String>,
+    /// When the active window ends and everything returns to the spec (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_end: Option<String>,
-    /// The next window to take effect, and when it does (its lead time) and opens.
+    /// The next window to take effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+    /// When it takes effect: its start minus its lead time (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_applies: Option<String>,
+    /// When its sale opens (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_start: Option<String>,
 }

@@ -400,3 +400,111 @@ async fn important_changes_are_recorded_as_events() {
     let reasons: Vec<String> = events.items.iter().filter_map(|e| e.reason.clone()).collect();
     assert!(reasons.contains(&"Applied".to_string()), "{reasons:?}");
 }
+
+/// A sale window: from its lead time the HPA's floor is raised, the pods warm the sale's hot
+/// products and orders are limited harder; status, a condition, events and the metric say so;
+/// after its end everything is back to the spec.
+#[tokio::test]
+async fn a_sale_window_raises_the_floor_warms_and_limits_then_restores() {
+    let spec = json!({
+        "minReplicas": 2, "maxReplicas": 12,
+        "saleWindows": [{
+            "name": "black-friday", "start": "2026-11-27T09:00", "end": "2026-11-27T21:00",
+            "timeZone": "Europe/Berlin", "leadMinutes": 30, "minReplicas": 8,
+            "hotProducts": { "ids": [7, 42], "top": 300 },
+            "orderLimit": { "requestsPerSecond": 2, "burst": 4 }
+        }]
+    });
+    let (client, ctx) = setup(mall("shop", spec)).await;
+    let at = |s: &str| mall_operator::sale::parse_instant(s).unwrap();
+    let mds = Api::<MallDeployment>::namespaced(client.clone(), NS);
+    let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), NS);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), NS);
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), NS);
+    let pass_at = |now: i64| {
+        let (client, ctx) = (client.clone(), ctx.clone());
+        async move {
+            ctx.sync().await.unwrap();
+            let md = Api::<MallDeployment>::namespaced(client, NS).get("shop").await.unwrap();
+            reconcile_once(&md, &ctx, now).await.unwrap().0
+        }
+    };
+    let app_env = |d: &Deployment| -> Vec<(String, String)> {
+        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap_or_default()))
+            .collect()
+    };
+    let orders_limit = |cm: &ConfigMap| -> (f64, u32) {
+        let toml = &cm.data.as_ref().unwrap()["sidecar.toml"];
+        let config = mall_sidecar_config::SidecarConfig::from_toml(toml).unwrap();
+        let rule = config.rate_limit.rules.iter().find(|r| r.name == "orders").unwrap();
+        (rule.requests_per_second, rule.burst)
+    };
+
+    // Before: the floor is the spec's, the next window is announced, and the operator will look
+    // again when it takes effect (08:00Z is 09:00 in Berlin; 30 minutes of lead).
+    let action = pass_at(at("2026-11-27T07:28:00Z")).await;
+    assert!(
+        format!("{action:?}").contains("requeue_after: Some(120s)"),
+        "{action:?}"
+    );
+    assert_eq!(hpas.get("shop").await.unwrap().spec.unwrap().min_replicas, Some(2));
+    let before = deployments.get("shop").await.unwrap();
+    assert!(!app_env(&before).iter().any(|(k, _)| k.starts_with("MALL_WARMUP")));
+    assert_eq!(
+        orders_limit(&config_maps.get("shop-sidecar").await.unwrap()),
+        (20.0, 40)
+    );
+    let md = mds.get("shop").await.unwrap();
+    let sale = &md.status.as_ref().unwrap().sale;
+    assert_eq!(sale.next.as_deref(), Some("black-friday"));
+    assert_eq!(sale.next_applies.as_deref(), Some("2026-11-27T07:30:00Z"));
+    assert_eq!(condition(&md, "SaleWindow").1, "Scheduled");
+
+    // In effect from the lead time.
+    pass_at(at("2026-11-27T07:30:00Z")).await;
+    assert_eq!(hpas.get("shop").await.unwrap().spec.unwrap().min_replicas, Some(8));
+    let during = deployments.get("shop").await.unwrap();
+    let env = app_env(&during);
+    assert!(
+        env.contains(&("MALL_WARMUP_PRODUCT_IDS".into(), "7,42".into())),
+        "{env:?}"
+    );
+    assert!(env.contains(&("MALL_WARMUP_PRODUCTS".into(), "300".into())), "{env:?}");
+    assert_eq!(orders_limit(&config_maps.get("shop-sidecar").await.unwrap()), (2.0, 4));
+    let md = mds.get("shop").await.unwrap();
+    let sale = &md.status.as_ref().unwrap().sale;
+    assert_eq!(sale.active.as_deref(), Some("black-friday"));
+    assert_eq!(sale.active_end.as_deref(), Some("2026-11-27T20:00:00Z"));
+    assert_eq!(condition(&md, "SaleWindow").0, "True");
+    let metrics = String::from_utf8(ctx.metrics.render()).unwrap();
+    assert!(
+        metrics.contains(r#"mall_operator_sale_window_active{name="shop",namespace="shop",window="black-friday"} 1"#),
+        "{metrics}"
+    );
+
+    // After the end: back to the spec.
+    pass_at(at("2026-11-27T20:00:00Z")).await;
+    assert_eq!(hpas.get("shop").await.unwrap().spec.unwrap().min_replicas, Some(2));
+    let after = deployments.get("shop").await.unwrap();
+    assert_eq!(app_env(&after), app_env(&before));
+    assert_eq!(
+        orders_limit(&config_maps.get("shop-sidecar").await.unwrap()),
+        (20.0, 40)
+    );
+    let md = mds.get("shop").await.unwrap();
+    assert_eq!(condition(&md, "SaleWindow").1, "NoneAhead");
+
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let reasons: Vec<String> = events.items.iter().filter_map(|e| e.reason.clone()).collect();
+    for reason in ["SaleWindowStarted", "SaleWindowEnded"] {
+        assert!(reasons.contains(&reason.to_string()), "{reasons:?}");
+    }
+}

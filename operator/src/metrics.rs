@@ -48,7 +48,8 @@ impl Metrics {
                     "sale_window_active",
                     "1 while a sale window is in effect (from its lead time to its end)",
                 ),
-                &["namespace", "name", "window"],
+                // Not `namespace`: scraped, that would clash with the target's own label.
+                &["malldeployment_namespace", "malldeployment", "window"],
             )
             .expect("metric"),
             registry,

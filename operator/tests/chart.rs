@@ -177,6 +177,8 @@ fn dashboard_queries_parse_and_cover_the_panels() {
         "Bytes saved",
         "Rate-limited",
         "Replicas and firing",
+        "Monitoring heartbeat",
+        "Sale windows",
     ] {
         assert!(
             titles.iter().any(|t| t.starts_with(want)),

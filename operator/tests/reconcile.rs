@@ -483,7 +483,7 @@ async fn a_sale_window_raises_the_floor_warms_and_limits_then_restores() {
     assert_eq!(condition(&md, "SaleWindow").0, "True");
     let metrics = String::from_utf8(ctx.metrics.render()).unwrap();
     assert!(
-        metrics.contains(r#"mall_operator_sale_window_active{name="shop",namespace="shop",window="black-friday"} 1"#),
+        metrics.contains(r#"mall_operator_sale_window_active{malldeployment="shop",malldeployment_namespace="shop",window="black-friday"} 1"#),
         "{metrics}"
     );
 

@@ -21,13 +21,28 @@ fn examples() -> Vec<PathBuf> {
     files
 }
 
+/// Goldens are rendered at fixed times (sale windows depend on the time): before any example's
+/// sale, and (as `<example>.during-sale.yaml`) during the flash-sale example's Black Friday.
+const BEFORE_SALES: &str = "2026-11-01T00:00:00Z";
+const DURING_SALE: &str = "2026-11-27T08:00:00Z";
+
 #[test]
 fn rendered_manifests_match_the_golden_files() {
-    for example in examples() {
-        let rendered = mall_operator::render::render(&std::fs::read_to_string(&example).unwrap()).unwrap();
+    let mut cases: Vec<(PathBuf, &str, String)> = examples()
+        .into_iter()
+        .map(|e| {
+            let name = e.file_name().unwrap().to_string_lossy().into_owned();
+            (e, BEFORE_SALES, name)
+        })
+        .collect();
+    let sale = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/flash-sale.yaml");
+    cases.push((sale, DURING_SALE, "flash-sale.during-sale.yaml".into()));
+    for (example, at, golden_name) in cases {
+        let at = mall_operator::sale::parse_instant(at).unwrap();
+        let rendered = mall_operator::render::render_at(&std::fs::read_to_string(&example).unwrap(), at).unwrap();
         let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/golden")
-            .join(example.file_name().unwrap());
+            .join(golden_name);
         if std::env::var("UPDATE_GOLDEN").is_ok() {
             std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
             std::fs::write(&golden, &rendered).unwrap();

@@ -136,55 +136,72 @@ pub fn monitoring_stale(spec: &MallDeploymentSpec, state: &AlertScaling, now: i6
     window > 0 && state.last_heartbeat.is_some_and(|t| now - t > window)
 }
 
-/// Scales back to the baseline once no scale-up alert has fired for the stabilisation window
-/// (and monitoring is alive: see `monitoring_stale`).
+/// When the next step of a scale-back is due: the stabilisation window after the alerts
+/// resolved, and a cooldown after the previous step.
+fn step_due(spec: &MallDeploymentSpec, state: &AlertScaling, since: i64) -> i64 {
+    let a = &spec.autoscaling;
+    let after_window = since + a.stabilization_seconds as i64;
+    let after_step = state
+        .last_scale_down
+        .map_or(i64::MIN, |t| t + a.cooldown_seconds as i64);
+    after_window.max(after_step)
+}
+
+/// Scales back towards the baseline once no scale-up alert has fired for the stabilisation
+/// window, one step per cooldown (the floor divided by `scaleFactor`: the scale-ups in reverse),
+/// and only while monitoring is alive (see `monitoring_stale`).
 pub fn settle(spec: &MallDeploymentSpec, state: &AlertScaling, floor: i32, now: i64) -> Settled {
     let mut s = state.clone();
     if monitoring_stale(spec, state, now) {
         return Settled { state: s, change: None };
     }
-    let window = spec.autoscaling.stabilization_seconds as i64;
-    match (s.firing.is_empty(), s.baseline, s.resolved_since) {
-        // Monitoring must be seen alive at the end of the window too: when Prometheus dies,
-        // Alertmanager resolves its alerts and the heartbeat together, so "resolved, and no
-        // heartbeat since" is monitoring's death, not the end of the load.
-        (true, Some(_), Some(since)) if now - since >= window && !heartbeat_after(spec, state, since + window) => {
-            Settled { state: s, change: None }
-        }
-        (true, Some(baseline), Some(since)) if now - since >= window => {
-            let to = baseline.clamp(spec.min_replicas, spec.max_replicas);
-            s.baseline = None;
-            s.floor = None;
-            s.resolved_since = None;
-            let change = (to != floor).then(|| ScaleChange {
-                from: floor,
-                to,
-                reason: format!("scale-up alerts resolved for {window} s"),
-            });
-            Settled { state: s, change }
-        }
-        _ => Settled { state: s, change: None },
+    let (true, Some(baseline), Some(since)) = (s.firing.is_empty(), s.baseline, s.resolved_since) else {
+        return Settled { state: s, change: None };
+    };
+    let due = step_due(spec, state, since);
+    // Monitoring must be seen alive after the step fell due: when Prometheus dies, Alertmanager
+    // resolves its alerts and the heartbeat together, so "resolved, and no heartbeat since" is
+    // monitoring's death, not the end of the load.
+    if now < due || !heartbeat_after(spec, state, due) {
+        return Settled { state: s, change: None };
     }
+    let baseline = baseline.clamp(spec.min_replicas, spec.max_replicas);
+    let step = ((floor as f64) / spec.autoscaling.scale_factor).ceil() as i32;
+    let to = step.clamp(baseline, floor.max(baseline));
+    if to <= baseline {
+        s.baseline = None;
+        s.floor = None;
+        s.resolved_since = None;
+        s.last_scale_down = None;
+    } else {
+        s.floor = Some(to);
+        s.last_scale_down = Some(now);
+    }
+    let window = spec.autoscaling.stabilization_seconds;
+    let change = (to != floor).then(|| ScaleChange {
+        from: floor,
+        to,
+        reason: if to > baseline {
+            format!("scale-up alerts resolved for {window} s: one step down per cooldown, towards {baseline}")
+        } else {
+            format!("scale-up alerts resolved for {window} s: back to {baseline}")
+        },
+    });
+    Settled { state: s, change }
 }
 
-/// When the next scale-back is due, if one is pending.
+/// When the next scale-back step is due, if one is pending.
 pub fn next_check(spec: &MallDeploymentSpec, state: &AlertScaling, now: i64) -> Option<Duration> {
-    match (state.firing.is_empty(), state.baseline, state.resolved_since) {
-        // Held while monitoring is stale or has not been seen since the window ended: look again
-        // in a minute (the next heartbeat wakes the reconciler anyway).
-        (true, Some(_), Some(since))
-            if monitoring_stale(spec, state, now)
-                || (now - since >= spec.autoscaling.stabilization_seconds as i64
-                    && !heartbeat_after(spec, state, since + spec.autoscaling.stabilization_seconds as i64)) =>
-        {
-            Some(Duration::from_secs(60))
-        }
-        (true, Some(_), Some(since)) => {
-            let due = since + spec.autoscaling.stabilization_seconds as i64;
-            Some(Duration::from_secs((due - now).max(1) as u64))
-        }
-        _ => None,
+    let (true, Some(_), Some(since)) = (state.firing.is_empty(), state.baseline, state.resolved_since) else {
+        return None;
+    };
+    let due = step_due(spec, state, since);
+    // Held while monitoring is stale or has not been seen since the step fell due: look again in
+    // a minute (the next heartbeat wakes the reconciler anyway).
+    if monitoring_stale(spec, state, now) || (now >= due && !heartbeat_after(spec, state, due)) {
+        return Some(Duration::from_secs(60));
     }
+    Some(Duration::from_secs((due - now).max(1) as u64))
 }
 
 /// Alertmanager's webhook payload, version 4 (unknown fields are Alertmanager's business).
@@ -454,16 +471,29 @@ mod tests {
         assert_eq!(again.change.as_ref().map(|c| c.to), Some(8));
         let capped = on_alerts(&spec, &again.state, 8, &alert(true), 1800);
         assert_eq!(capped.change.as_ref().map(|c| c.to), Some(10));
-        // Resolved: nothing until the stabilisation window has passed, then back to the baseline.
+        // Resolved: nothing until the stabilisation window has passed, then one step down per
+        // cooldown (the floor divided by the scale factor) until the baseline.
         let resolved = on_alerts(&spec, &capped.state, 10, &alert(false), 2000);
         assert_eq!(resolved.change, None);
         assert_eq!(next_check(&spec, &resolved.state, 2000), Some(Duration::from_secs(600)));
         assert_eq!(settle(&spec, &resolved.state, 10, 2599).change, None);
-        let back = settle(&spec, &resolved.state, 10, 2600);
-        assert_eq!(back.change.as_ref().map(|c| (c.from, c.to)), Some((10, 2)));
+        let first = settle(&spec, &resolved.state, 10, 2600);
+        assert_eq!(first.change.as_ref().map(|c| (c.from, c.to)), Some((10, 5)));
+        assert_eq!((first.state.floor, first.state.last_scale_down), (Some(5), Some(2600)));
+        assert_eq!(settle(&spec, &first.state, 5, 2899).change, None, "within the cooldown");
+        assert_eq!(next_check(&spec, &first.state, 2700), Some(Duration::from_secs(200)));
+        let second = settle(&spec, &first.state, 5, 2900);
+        assert_eq!(second.change.as_ref().map(|c| (c.from, c.to)), Some((5, 3)));
+        let back = settle(&spec, &second.state, 3, 3200);
+        assert_eq!(back.change.as_ref().map(|c| (c.from, c.to)), Some((3, 2)));
         assert_eq!(
-            (back.state.baseline, back.state.floor, back.state.resolved_since),
-            (None, None, None)
+            (
+                back.state.baseline,
+                back.state.floor,
+                back.state.resolved_since,
+                back.state.last_scale_down
+            ),
+            (None, None, None, None)
         );
         assert_eq!(
             back.state.last_scale_up,
@@ -502,6 +532,20 @@ mod tests {
         assert_eq!(back.change.map(|c| (c.from, c.to)), Some((4, 2)));
         // A heartbeat while monitoring is alive moves nothing else.
         assert_eq!(on_heartbeat(&spec, &watched, 2310).resolved_since, Some(1705));
+        // Each later step of a scale-back also needs monitoring seen alive after it fell due.
+        let mut high = watched.clone();
+        high.floor = Some(8);
+        let step = settle(&spec, &high, 8, 2310);
+        assert_eq!(step.change.as_ref().map(|c| (c.from, c.to)), Some((8, 4)));
+        let mut next = step.state.clone();
+        next.last_heartbeat = Some(2600);
+        assert_eq!(
+            settle(&spec, &next, 4, 2615).change,
+            None,
+            "no heartbeat since the step fell due"
+        );
+        next.last_heartbeat = Some(2612);
+        assert_eq!(settle(&spec, &next, 4, 2615).change.map(|c| c.to), Some(2));
         // Never a heartbeat (monitoring not routed to the webhook): the guard does not apply.
         assert!(!monitoring_stale(&spec, &AlertScaling::default(), 99_999));
         spec.autoscaling.monitoring_heartbeat_seconds = 0;

@@ -655,9 +655,12 @@ pub struct AlertScaling {
     /// Unix seconds since when no scale-up alert has fired (the stabilisation window starts here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_since: Option<i64>,
-    /// The replica floor before alerts raised it, restored when they resolve.
+    /// The replica floor before alerts raised it, restored step by step when they resolve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<i32>,
+    /// Unix seconds of the last step of an alert-driven scale-down (the next waits a cooldown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_down: Option<i64>,
     /// The floor alerts asked for (replicas in `alerts` mode, the HPA's minReplicas otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor: Option<i32>,

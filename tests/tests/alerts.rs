@@ -2,10 +2,12 @@
 //! both with the alert rules the operator generates (thresholds set low), a real Alertmanager routed
 //! to the operator's webhook, and the operator's decisions applied to an in-memory Kubernetes API
 //! (`kube-fake-client`: no API server can run here). Load makes CriticalQPS fire; the replicas
-//! double within bounds; Alertmanager's repeats do not double them again; after the load stops and
-//! the alert resolves, the replicas come back down after the stabilisation window.
+//! double within bounds; Alertmanager's repeats do not double them again. Then Prometheus is killed
+//! under load: Alertmanager resolves the alert (and the heartbeat stops), which must not scale the
+//! mall down: the floor is held and `MonitoringStale` says why. Prometheus comes back, the load
+//! stops, and the replicas come back down after a stabilisation window watched by heartbeats.
 //!
-//! The rules keep the operator's `for:` durations, so this takes about two and a half minutes.
+//! The rules keep the operator's `for:` durations, so this takes about three minutes.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -105,7 +107,8 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
         "spec": { "replicas": 1, "minReplicas": 1, "maxReplicas": 4,
                   "database": { "primary": { "name": "mall-db" } },
                   "slo": { "highQps": 1, "criticalQps": 2 },
-                  "autoscaling": { "mode": "alerts", "scaleFactor": 2.0, "cooldownSeconds": 3600, "stabilizationSeconds": 5 } }
+                  "autoscaling": { "mode": "alerts", "scaleFactor": 2.0, "cooldownSeconds": 3600, "stabilizationSeconds": 5,
+                                   "monitoringHeartbeatSeconds": 10 } }
     }))
     .unwrap();
     let client = ClientBuilder::new()
@@ -175,16 +178,22 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
         ),
     )
     .unwrap();
-    let _prometheus = Proc(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", prom_config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
-            .arg(format!("--web.listen-address={prom_addr}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus runs"),
-    );
+    // Alerts are resent every second, so they end in Alertmanager 4 s after their last evaluation
+    // (Prometheus' endsAt is 4 resend delays ahead): a dead Prometheus shows within seconds.
+    let start_prometheus = || {
+        Proc(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", prom_config.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+                .arg(format!("--web.listen-address={prom_addr}"))
+                .arg("--rules.alert.resend-delay=1s")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("prometheus runs"),
+        )
+    };
+    let prometheus = start_prometheus();
 
     // Load: ~25 requests per second through the sidecar, well above criticalQps = 2.
     let loading = Arc::new(AtomicBool::new(true));
@@ -218,21 +227,60 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
         "repeated notifications arrived"
     );
     assert_eq!(replicas().await, 2, "a repeated alert does not scale twice");
+    assert!(
+        mds.get(NAME)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .alert_scaling
+            .last_heartbeat
+            .is_some(),
+        "the heartbeat reaches the webhook"
+    );
 
-    // The load stops: the rate falls, the alert resolves, and after the 5 s window the next
-    // reconcile (the controller requeues to that moment) scales back.
+    // Prometheus dies under load. Alertmanager resolves CriticalQPS (and stops the heartbeat): the
+    // danger KEDA's users hit. The floor must hold while monitoring is silent.
+    drop(prometheus);
+    let reconcile = || async {
+        let md = mds.get(NAME).await.unwrap();
+        // The in-memory API has no watch: bring the operator's caches up to date first.
+        ctx.sync().await.unwrap();
+        reconcile_once(&md, &ctx, autoscale::now()).await.unwrap();
+        mds.get(NAME).await.unwrap()
+    };
+    wait_until(
+        "CriticalQPS resolved by the dead Prometheus",
+        Duration::from_secs(60),
+        || async { reconcile().await.status.unwrap().alert_scaling.resolved_since.is_some() },
+    )
+    .await;
+    let held_from = Instant::now();
+    let mut stale = false;
+    // Past the 5 s stabilisation window and the 10 s heartbeat window, with the load still on.
+    while held_from.elapsed() < Duration::from_secs(25) {
+        let md = reconcile().await;
+        assert_eq!(md.spec.replicas, 2, "no scale-down while monitoring is dead");
+        stale |= md
+            .status
+            .unwrap()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "MonitoringStale" && c.status == "True");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(stale, "MonitoringStale says why the floor is held");
+
+    // Prometheus returns and the load stops: heartbeats arrive again, the alert stays resolved, and
+    // after a whole window watched by heartbeats the next reconcile (the controller requeues to
+    // that moment) scales back.
+    let _prometheus = start_prometheus();
     loading.store(false, Ordering::Relaxed);
     load.await.unwrap();
     wait_until(
         "replicas back after the alert resolved",
         Duration::from_secs(150),
-        || async {
-            let md = mds.get(NAME).await.unwrap();
-            // The in-memory API has no watch: bring the operator's caches up to date first.
-            ctx.sync().await.unwrap();
-            reconcile_once(&md, &ctx, autoscale::now()).await.unwrap();
-            replicas().await == 1
-        },
+        || async { reconcile().await.spec.replicas == 1 },
     )
     .await;
     let event = mds.get(NAME).await.unwrap().status.unwrap().last_scale.unwrap();

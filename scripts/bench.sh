@@ -4,10 +4,12 @@
 #
 #   scripts/bench.sh                 # about 12 minutes; BENCH_SECONDS=N per measurement (default 10)
 #
-# 1. Proxies: the sidecar and nginx (Debian's, configured to do the same job: proxy_cache, gzip,
-#    upstream keep-alive) in front of one mall app, and a bare hyper server returning a fixed body
-#    (the machine's ceiling); wrk at fixed concurrency on the cache-hit, pass-through and gzip paths;
-#    req/s, p99 and CPU per request of the proxy process.
+# 1. Proxies: the sidecar, nginx (Debian's, configured to do the same job: proxy_cache, gzip,
+#    upstream keep-alive) and a bare pingora ProxyHttp (pingora's floor: hits from a map, one
+#    keep-alive peer) in front of one mall app, and a bare hyper server returning a fixed body (the
+#    machine's ceiling); wrk at fixed concurrency on the cache-hit, pass-through and gzip paths in
+#    interleaved rounds after a warm-up past max-age (scripts/bench/proxies.py); req/s, p99 and
+#    CPU per request of each proxy's processes, medians and the per-round ratios to nginx.
 # 2. The app: seed 001's four scenarios (mall-load) on SQLite, PostgreSQL, PostgreSQL + Redis; then
 #    group commit against one order per transaction (scripts/bench/orders.py): the orders scenario,
 #    the flash sale and one lone client, in interleaved rounds, with the database check.
@@ -22,7 +24,7 @@ conns="${BENCH_CONNECTIONS:-64}"
 apt_install cmake nginx-light wrk postgresql-client redis-tools curl
 ensure_postgres
 ensure_redis
-cargo build --release -p mall-app -p mall-sidecar -p mall-loadgen
+cargo build --release -p mall-app -p mall-sidecar -p mall-loadgen --bins
 bin="${CARGO_TARGET_DIR:-target}/release"
 out=bench/results
 mkdir -p "$out"
@@ -105,32 +107,20 @@ wait_for 30 curl -sf http://127.0.0.1:9180/ready
 wait_for 30 curl -sf http://127.0.0.1:8181/health
 wait_for 30 curl -sf http://127.0.0.1:8182/
 
-run_wrk() { # run_wrk TARGET PATHNAME URL PIDS... (extra header via $wrk_header)
-  local target=$1 path=$2 url=$3; shift 3
-  local before after
-  curl -sf -o /dev/null ${wrk_header:+-H "$wrk_header"} "$url" || { echo "$target $path: $url does not answer 2xx" >&2; exit 1; } # and warm the cache
-  before=$(cpu_ticks "$@")
-  wrk -t2 -c"$conns" -d"${seconds}s" --latency ${wrk_header:+-H "$wrk_header"} "$url" >"$out/wrk-$target-$path.txt"
-  after=$(cpu_ticks "$@")
-  result "{\"group\":\"proxy\",\"target\":\"$target\",\"path\":\"$path\",\"cpu_ticks\":$((after - before)),\"clk_tck\":$(getconf CLK_TCK),\"file\":\"wrk-$target-$path.txt\"}"
-}
+"$bin/bare-pingora" 127.0.0.1:8183 127.0.0.1:3101 2 /api/products/1 >"$work/bare.log" 2>&1 &
+bare_pid=$!
+pids+=("$bare_pid")
+wait_for 30 curl -sf http://127.0.0.1:8183/health
 
-nginx_pids=$(pgrep -f "nginx: worker process" | tr '\n' ' ')
-for path in hit pass gzip; do
-  case $path in
-    hit) url_path=/api/products/1; wrk_header="" ;;
-    pass) url_path=/health; wrk_header="" ;;
-    gzip) url_path='/api/products?limit=50'; wrk_header="Accept-Encoding: gzip" ;;
-  esac
-  log "wrk $path: sidecar"
-  run_wrk sidecar "$path" "http://127.0.0.1:8180$url_path" "$sidecar_pid"
-  log "wrk $path: nginx"
-  # shellcheck disable=SC2086
-  run_wrk nginx "$path" "http://127.0.0.1:8181$url_path" $nginx_pids
-done
-wrk_header=""
-log "wrk: the hyper ceiling"
-run_wrk ceiling hit "http://127.0.0.1:8182/api/products/1" "$ceiling_pid"
+# Interleaved rounds (nginx, bare pingora, sidecar, ceiling, ...) after a warm-up past max-age.
+nginx_pids=$(pgrep -f "nginx: worker process" | paste -sd, -)
+python3 scripts/bench/proxies.py --out "$out" --seconds "$seconds" --rounds "${BENCH_ROUNDS:-3}" \
+  --connections "$conns" --app-pid "$app_pid" \
+  --contender "nginx=http://127.0.0.1:8181=$nginx_pids" \
+  --contender "bare-pingora=http://127.0.0.1:8183=$bare_pid" \
+  --contender "sidecar=http://127.0.0.1:8180=$sidecar_pid" \
+  --contender "ceiling=http://127.0.0.1:8182=$ceiling_pid" \
+  --skip bare-pingora:gzip --skip ceiling:pass --skip ceiling:gzip
 
 # Bytes on the wire for a catalog page, with and without gzip, through the sidecar.
 plain=$(curl -s http://127.0.0.1:8180/api/products?limit=50 | wc -c)
@@ -149,6 +139,7 @@ result "{\"group\":\"sidecar_zipf\",\"hits\":$((after_hits - before_hits)),\"mis
 kill "$(cat "$work/nginx.pid")"
 stop_pid "$sidecar_pid"
 stop_pid "$ceiling_pid"
+stop_pid "$bare_pid"
 stop_pid "$app_pid"
 
 # ---------------------------------------------------------------- 2. app scenarios

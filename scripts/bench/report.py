@@ -4,7 +4,6 @@
 import argparse
 import json
 import pathlib
-import re
 
 SEED_QPS = {"stock": 1167, "cart": 1245, "orders": 2471, "mixed": 1862}
 SEED_CONCURRENCY = {"stock": 50, "cart": 30, "orders": 20, "mixed": 40}

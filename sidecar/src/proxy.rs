@@ -606,10 +606,9 @@ impl ProxyHttp for MallProxy {
             resp.insert_header(crate::cache::store::TAG_HEADER, tags)?;
         }
         if let (Some(sent), Some(lease)) = (ctx.upstream_sent, &ctx.lease) {
-            self.shared
-                .metrics
-                .upstream_latency
-                .with_label_values(&[lease.instance.label()])
+            lease
+                .instance
+                .latency(&self.shared.metrics.upstream_latency)
                 .observe(sent.elapsed().as_secs_f64());
         }
         for name in ["connection", "keep-alive", "proxy-connection", "trailer", "upgrade"] {
@@ -681,10 +680,12 @@ impl ProxyHttp for MallProxy {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let media = content_type.split(';').next().unwrap_or("").trim().as_bytes();
         let qualifies = z.enabled
             && length.is_none_or(|len| len >= z.min_bytes)
-            && z.content_types.iter().any(|t| media.starts_with(t.as_str()));
+            && z.content_types
+                .iter()
+                .any(|t| media.len() >= t.len() && media[..t.len()].eq_ignore_ascii_case(t.as_bytes()));
         if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
             if c.is_header_phase() {
                 c.adjust_level(if qualifies { z.level } else { 0 });
@@ -697,9 +698,11 @@ impl ProxyHttp for MallProxy {
                 .headers
                 .get(http::header::VARY)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            if !vary.to_ascii_lowercase().contains("accept-encoding") {
+                .unwrap_or("");
+            let has_encoding = vary
+                .split(',')
+                .any(|v| v.trim().eq_ignore_ascii_case("accept-encoding"));
+            if !has_encoding {
                 let value = if vary.is_empty() {
                     "Accept-Encoding".to_string()
                 } else {

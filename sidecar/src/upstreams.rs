@@ -22,6 +22,8 @@ use crate::metrics::Metrics;
 pub struct Instance {
     pub addr: SocketAddr,
     label: String,
+    /// This instance's `upstream_latency` series, looked up once instead of per response.
+    latency: std::sync::OnceLock<prometheus::Histogram>,
     weight: AtomicUsize,
     healthy: AtomicBool,
     ok_streak: AtomicU32,
@@ -36,6 +38,7 @@ impl Instance {
         Instance {
             addr,
             label: addr.to_string(),
+            latency: std::sync::OnceLock::new(),
             weight: AtomicUsize::new(weight),
             // Optimistic: a new instance takes traffic until a check or a connect error says not.
             healthy: AtomicBool::new(true),
@@ -49,6 +52,12 @@ impl Instance {
 
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The histogram of this instance's response times in `by_instance`.
+    pub fn latency(&self, by_instance: &prometheus::HistogramVec) -> &prometheus::Histogram {
+        self.latency
+            .get_or_init(|| by_instance.with_label_values(&[self.label.as_str()]))
     }
 
     fn available(&self, now_ms: u64) -> bool {

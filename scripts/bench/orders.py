@@ -20,31 +20,12 @@ import sys
 import time
 import urllib.request
 
-CLK = os.sysconf("SC_CLK_TCK")
-NCPU = os.cpu_count() or 1
-
-
-def log(msg):
-    print(f"== {msg}", file=sys.stderr, flush=True)
-
-
-def ticks(pid):
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return 0
+from procstat import CLK, NCPU, children_ticks, log, machine_busy, ticks
 
 
 def postgres_pids():
     out = subprocess.run(["pgrep", "-u", "postgres"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
-
-
-def machine_busy():
-    cpu = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    values = [int(v) for v in cpu]
-    return sum(values) - values[3] - values[4]  # minus idle and iowait
 
 
 def wait_ready(port, proc, logfile):
@@ -132,7 +113,7 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
                     app0 = ticks(proc.pid)
                     pg0 = {p: ticks(p) for p in pg_pids}
                     busy0 = machine_busy()
-                    kids0 = os.times()
+                    kids0 = children_ticks()
                     t0 = time.monotonic()
                     run = subprocess.run(
                         [str(bin_dir / "mall-load"), "--target", f"http://127.0.0.1:{port}",
@@ -140,12 +121,11 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
                          "--check-database", check_url],
                         capture_output=True, text=True, env=env)
                     elapsed = time.monotonic() - t0
-                    kids1 = os.times()
+                    kids1 = children_ticks()
                     busy = machine_busy() - busy0
                     app_cpu = ticks(proc.pid) - app0
                     pg_cpu = sum(ticks(p) - t for p, t in pg0.items()) if pg_pids else 0
-                    load_cpu = ((kids1.children_user - kids0.children_user)
-                                + (kids1.children_system - kids0.children_system)) * CLK
+                    load_cpu = kids1 - kids0
                     if run.returncode == 2 or not run.stdout.strip():
                         sys.exit(f"mall-load failed: {run.stderr}")
                     (out / name).write_text(run.stdout)

@@ -12,38 +12,19 @@ Results go to results.jsonl for report.py.
 
 import argparse
 import json
-import os
 import pathlib
 import re
 import subprocess
 import sys
 import time
 
-CLK = os.sysconf("SC_CLK_TCK")
-NCPU = os.cpu_count() or 1
+from procstat import CLK, NCPU, children_ticks, log, machine_busy, ticks
 
 PATHS = {
     "hit": ("/api/products/1", None),
     "pass": ("/health", None),
     "gzip": ("/api/products?limit=50", "Accept-Encoding: gzip"),
 }
-
-
-def log(msg):
-    print(f"== {msg}", file=sys.stderr, flush=True)
-
-
-def ticks(pid):
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (FileNotFoundError, IndexError):
-        return 0
-
-
-def machine_busy():
-    values = [int(v) for v in pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return values[0] + values[1] + values[2]  # user, nice, system (interrupts are nobody's)
 
 
 def wrk(url, header, seconds, conns, out=None):
@@ -95,16 +76,15 @@ def main():
                     own0 = sum(ticks(p) for p in pids)
                     app0 = ticks(args.app_pid)
                     busy0 = machine_busy()
-                    kids0 = os.times()
+                    kids0 = children_ticks()
                     t0 = time.monotonic()
                     file = f"wrk-{name}-{path}-r{rnd}.txt"
                     text = wrk(base + url_path, header, args.seconds, args.connections, out / file)
                     elapsed = time.monotonic() - t0
-                    kids1 = os.times()
+                    kids1 = children_ticks()
                     own = sum(ticks(p) for p in pids) - own0
                     app = ticks(args.app_pid) - app0
-                    load = ((kids1.children_user - kids0.children_user)
-                            + (kids1.children_system - kids0.children_system)) * CLK
+                    load = kids1 - kids0
                     other = max(machine_busy() - busy0 - own - app - load, 0) / max(elapsed * NCPU * CLK, 1)
                     if other > 0.05 and attempt < 2:
                         log(f"other processes took {other:.0%} of the machine: round run again")

@@ -75,6 +75,8 @@ pub struct LedgerData {
     pub deducted: BTreeMap<u64, u64>,
     /// Distinct idempotency keys that made an order, and the order ids returned.
     pub orders: BTreeMap<String, String>,
+    /// Replays sent: requests repeating the key (and body) of an order already made.
+    pub replays_sent: u64,
     /// Replays of a key that returned the same order.
     pub replays_ok: u64,
     /// Replays that returned a different order, or failed: a correctness bug.
@@ -299,9 +301,12 @@ async fn order(shared: &Shared, worker: usize, n: u64, rng: &mut impl Rng) -> u1
     let key = format!("lg-{}-{worker}-{seq}", shared.run_id);
     let product = if replay {
         shared.ledger.with(|l| {
-            l.orders
+            let known = l
+                .orders
                 .get(&key)
-                .and_then(|id| id.split(':').nth(1).and_then(|p| p.parse().ok()))
+                .and_then(|id| id.split(':').nth(1).and_then(|p| p.parse().ok()));
+            l.replays_sent += u64::from(known.is_some());
+            known
         })
     } else {
         None

@@ -47,9 +47,12 @@ async fn every_scenario_succeeds_and_the_database_agrees() {
                 "orders were made: {}",
                 report.ledger.orders.len()
             );
-            assert!(
-                report.ledger.replays_ok >= 10,
-                "replays answered with the original order"
+            // How many replays a worker sends depends on how the 120 requests spread over the
+            // workers (every tenth of a worker's own requests); each must get its original order.
+            assert!(report.ledger.replays_sent >= 4, "replays were sent");
+            assert_eq!(
+                report.ledger.replays_ok, report.ledger.replays_sent,
+                "every replay answered with the original order"
             );
             assert!(passed.iter().any(|p| p.contains("new orders")));
         }

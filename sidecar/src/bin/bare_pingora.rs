@@ -69,6 +69,9 @@ fn main() {
     let conf = ServerConf {
         threads: threads.parse().expect("THREADS is a number"),
         work_stealing: false,
+        // A benchmark contender: SIGTERM ends it at once.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(0),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);

@@ -33,6 +33,9 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
 ];
 
+/// How long a refused request's unread body is drained before the connection closes.
+const LINGER: Duration = Duration::from_secs(2);
+
 pub struct MallProxy {
     pub shared: Arc<Shared>,
 }
@@ -268,6 +271,11 @@ impl ProxyHttp for MallProxy {
                 &[],
             )
             .await?;
+            // RFC 9112 9.6: closing with the body unread makes the kernel reset the connection,
+            // and the client can lose the 413 before it reads it (seen as a broken pipe while
+            // it still sends). Read and discard what arrives for a moment first, as nginx's
+            // lingering close does; the timeout bounds what a slow client can cost.
+            let _ = tokio::time::timeout(LINGER, session.drain_request_body()).await;
             return Ok(true);
         }
 

@@ -102,6 +102,20 @@ def orders_section(md, out, lines):
                 f"{col('off', lambda x: x[2]['app_cpu_us_per_req']):,.0f} → {col('on', lambda x: x[2]['app_cpu_us_per_req']):,.0f} | "
                 f"{db_col} | {checks} |"
             )
+    flash = [l for l in rows if l["workload"] == "flash" and l["contender"] == "on"]
+    if flash:
+        parts = []
+        for backend in ("sqlite", "postgres"):
+            reps = [json.loads((out / r["file"]).read_text()) for r in flash if r["backend"] == backend]
+            if reps:
+                qps = median([r["requests"] / r["seconds"] for r in reps])
+                parts.append(f"{backend}: 500 ÷ {qps:,.0f} req/s = {1000 * 500 / qps:.0f} ms")
+        md.append(
+            "\nThe flash sale is a closed loop of 500 buyers, so by Little's law the mean time per order is 500 divided "
+            f"by the requests answered per second ({'; '.join(parts)}): an order p99 of 50 ms with 500 buyers waiting "
+            "on each other would need over 10,000 orders per second on these two cores, which the app, the database "
+            "and the load generator share.\n"
+        )
     for b in (l for l in lines if l["group"] == "order_batches"):
         if not b["count"]:
             continue

@@ -307,8 +307,9 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     }
 
     // Sale windows: what is in effect now, said in status, events and a metric.
-    let sale = sale::plan(&md.spec, now);
-    status.sale = sale_status(&md.spec, now);
+    let schedule = sale::Schedule::at(&md.spec, now);
+    let sale = schedule.plan(md.spec.max_replicas);
+    status.sale = sale_status(&schedule);
     let was = old_status.sale.active.clone();
     if status.sale.active != was {
         match &status.sale.active {
@@ -334,12 +335,18 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
             }
         }
     }
+    let gauge = &ctx.metrics.sale_window_active;
     for window in &md.spec.sale_windows {
         let on = sale.windows.contains(&window.name);
-        ctx.metrics
-            .sale_window_active
+        gauge
             .with_label_values(&[ns.as_str(), name.as_str(), window.name.as_str()])
             .set(i64::from(on));
+    }
+    // A window removed from the spec while in effect would otherwise read 1 forever.
+    for gone in was.iter().flat_map(|w| w.split(',')) {
+        if !md.spec.sale_windows.iter().any(|w| w.name == gone) {
+            let _ = gauge.remove_label_values(&[ns.as_str(), name.as_str(), gone]);
+        }
     }
     match (&status.sale.active, &status.sale.next) {
         (Some(active), _) => {
@@ -493,7 +500,7 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         // Look again when the Prometheus answer may have changed.
         next = next.min(check.ttl);
     }
-    if let Some(at) = sale::next_change(&md.spec, now) {
+    if let Some(at) = schedule.next_change() {
         // Be there when a sale window takes effect or ends.
         next = next.min(Duration::from_secs((at - now).max(1) as u64));
     }
@@ -501,9 +508,8 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
 }
 
 /// Which windows are in effect at `now`, and which comes next.
-fn sale_status(spec: &crate::crd::MallDeploymentSpec, now: i64) -> crate::crd::SaleStatus {
-    let active = sale::active(spec, now);
-    let next = sale::next(spec, now);
+fn sale_status(schedule: &sale::Schedule) -> crate::crd::SaleStatus {
+    let (active, next) = (&schedule.active, &schedule.next);
     let mut names: Vec<&str> = active.iter().map(|o| o.window.name.as_str()).collect();
     names.dedup();
     crate::crd::SaleStatus {

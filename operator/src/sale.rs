@@ -118,28 +118,60 @@ fn around<'a>(w: &'a SaleWindow, now: i64) -> Vec<Occurrence<'a>> {
         .collect()
 }
 
-/// The windows in effect at `now`.
-pub fn active(spec: &MallDeploymentSpec, now: i64) -> Vec<Occurrence<'_>> {
-    spec.sale_windows
-        .iter()
-        .flat_map(|w| around(w, now))
-        .filter(|o| o.applies <= now && now < o.end)
-        .collect()
+/// The windows in effect at a time, and the next to take effect: every window parsed once.
+#[derive(Debug, Clone, Default)]
+pub struct Schedule<'a> {
+    pub active: Vec<Occurrence<'a>>,
+    pub next: Option<Occurrence<'a>>,
 }
 
-/// The next window to take effect after `now`.
-pub fn next(spec: &MallDeploymentSpec, now: i64) -> Option<Occurrence<'_>> {
-    spec.sale_windows
-        .iter()
-        .flat_map(|w| around(w, now))
-        .filter(|o| o.applies > now)
-        .min_by_key(|o| o.applies)
-}
+impl<'a> Schedule<'a> {
+    pub fn at(spec: &'a MallDeploymentSpec, now: i64) -> Schedule<'a> {
+        let mut schedule = Schedule::default();
+        for o in spec.sale_windows.iter().flat_map(|w| around(w, now)) {
+            if o.applies <= now && now < o.end {
+                schedule.active.push(o);
+            } else if o.applies > now && schedule.next.as_ref().is_none_or(|n| o.applies < n.applies) {
+                schedule.next = Some(o);
+            }
+        }
+        schedule
+    }
 
-/// When what is in effect changes next: an active window ends or the next one applies.
-pub fn next_change(spec: &MallDeploymentSpec, now: i64) -> Option<i64> {
-    let ends = active(spec, now).into_iter().map(|o| o.end);
-    ends.chain(next(spec, now).map(|o| o.applies)).min()
+    /// When what is in effect changes next: an active window ends or the next one applies.
+    pub fn next_change(&self) -> Option<i64> {
+        let ends = self.active.iter().map(|o| o.end);
+        ends.chain(self.next.as_ref().map(|o| o.applies)).min()
+    }
+
+    /// What the windows in effect change; floors are capped at `max_replicas`.
+    pub fn plan(&self, max_replicas: i32) -> SalePlan {
+        let mut plan = SalePlan::default();
+        for o in &self.active {
+            let w = o.window;
+            if plan.windows.contains(&w.name) {
+                continue;
+            }
+            plan.windows.push(w.name.clone());
+            plan.floor = plan.floor.max(Some(w.min_replicas.min(max_replicas)));
+            for id in &w.hot_products.ids {
+                if !plan.warm_ids.contains(id) {
+                    plan.warm_ids.push(*id);
+                }
+            }
+            plan.warm_top = plan.warm_top.max(w.hot_products.top);
+            if let Some(limit) = &w.order_limit {
+                let tighter = plan
+                    .order_limit
+                    .as_ref()
+                    .is_none_or(|l| limit.requests_per_second < l.requests_per_second);
+                if tighter {
+                    plan.order_limit = Some(limit.clone());
+                }
+            }
+        }
+        plan
+    }
 }
 
 /// What the windows in effect change.
@@ -157,32 +189,9 @@ pub struct SalePlan {
     pub order_limit: Option<OrderLimit>,
 }
 
+/// What the sale windows in effect at `now` change.
 pub fn plan(spec: &MallDeploymentSpec, now: i64) -> SalePlan {
-    let mut plan = SalePlan::default();
-    for o in active(spec, now) {
-        let w = o.window;
-        if plan.windows.contains(&w.name) {
-            continue;
-        }
-        plan.windows.push(w.name.clone());
-        plan.floor = plan.floor.max(Some(w.min_replicas.min(spec.max_replicas)));
-        for id in &w.hot_products.ids {
-            if !plan.warm_ids.contains(id) {
-                plan.warm_ids.push(*id);
-            }
-        }
-        plan.warm_top = plan.warm_top.max(w.hot_products.top);
-        if let Some(limit) = &w.order_limit {
-            let tighter = plan
-                .order_limit
-                .as_ref()
-                .is_none_or(|l| limit.requests_per_second < l.requests_per_second);
-            if tighter {
-                plan.order_limit = Some(limit.clone());
-            }
-        }
-    }
-    plan
+    Schedule::at(spec, now).plan(spec.max_replicas)
 }
 
 /// Parses `--at` for `operator render`: RFC 3339 (`2026-11-27T09:00:00Z`, or with an offset).
@@ -222,6 +231,18 @@ mod tests {
 
     fn at(s: &str) -> i64 {
         parse_instant(s).unwrap()
+    }
+
+    fn active(spec: &MallDeploymentSpec, now: i64) -> Vec<Occurrence<'_>> {
+        Schedule::at(spec, now).active
+    }
+
+    fn next(spec: &MallDeploymentSpec, now: i64) -> Option<Occurrence<'_>> {
+        Schedule::at(spec, now).next
+    }
+
+    fn next_change(spec: &MallDeploymentSpec, now: i64) -> Option<i64> {
+        Schedule::at(spec, now).next_change()
     }
 
     #[test]

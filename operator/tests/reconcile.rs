@@ -508,3 +508,34 @@ async fn a_sale_window_raises_the_floor_warms_and_limits_then_restores() {
         assert!(reasons.contains(&reason.to_string()), "{reasons:?}");
     }
 }
+
+/// A window removed from the spec while in effect leaves no series behind reading 1.
+#[tokio::test]
+async fn a_sale_window_removed_while_active_leaves_no_metric() {
+    let spec = json!({
+        "saleWindows": [{ "name": "lunch", "start": "2026-11-27T12:00", "end": "2026-11-27T13:00", "minReplicas": 3 }]
+    });
+    let (client, ctx) = setup(mall("shop", spec)).await;
+    let mds = Api::<MallDeployment>::namespaced(client.clone(), NS);
+    let now = mall_operator::sale::parse_instant("2026-11-27T12:30:00Z").unwrap();
+    let series =
+        r#"mall_operator_sale_window_active{malldeployment="shop",malldeployment_namespace="shop",window="lunch"}"#;
+    for (windows, present) in [
+        (
+            json!([{ "name": "lunch", "start": "2026-11-27T12:00", "end": "2026-11-27T13:00", "minReplicas": 3 }]),
+            true,
+        ),
+        (json!([]), false),
+    ] {
+        let patch = json!({ "spec": { "saleWindows": windows } });
+        mds.patch("shop", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        ctx.sync().await.unwrap();
+        reconcile_once(&mds.get("shop").await.unwrap(), &ctx, now)
+            .await
+            .unwrap();
+        let metrics = String::from_utf8(ctx.metrics.render()).unwrap();
+        assert_eq!(metrics.contains(series), present, "{metrics}");
+    }
+}

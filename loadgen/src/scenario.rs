@@ -242,7 +242,6 @@ async fn flash_order(shared: &Shared, worker: usize, n: u64, rng: &mut impl Rng)
     let body = json!({ "items": [{ "product_id": product, "quantity": quantity }] });
     for attempt in 0..5u64 {
         if attempt > 0 {
-            shared.ledger.with(|l| l.resent += 1);
             tokio::time::sleep(std::time::Duration::from_millis(10 * attempt)).await;
         }
         let response = shared
@@ -253,7 +252,12 @@ async fn flash_order(shared: &Shared, worker: usize, n: u64, rng: &mut impl Rng)
             .json(&body)
             .send()
             .await;
-        let Ok(response) = response else { continue };
+        let Ok(response) = response else {
+            // Only resends after a transport error are counted: a 409 "key in use" is asked again
+            // too, but the mall answered it.
+            shared.ledger.with(|l| l.resent += 1);
+            continue;
+        };
         let code = response.status().as_u16();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         match code {

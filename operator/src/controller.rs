@@ -315,10 +315,13 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         match &status.sale.active {
             Some(active) => {
                 let message = format!(
-                    "sale window {active} in effect until {}: replica floor {}, {} hot products warmed{}",
+                    "sale window {active} in effect until {}: replica floor {}, pods warm {} listed products{}{}",
                     status.sale.active_end.as_deref().unwrap_or("?"),
                     sale.floor.unwrap_or(md.spec.min_replicas),
-                    sale.warm_ids.len() + sale.warm_top.unwrap_or(0) as usize,
+                    sale.warm_ids.len(),
+                    sale.warm_top
+                        .map(|top| format!(" and the {top} most ordered"))
+                        .unwrap_or_default(),
                     sale.order_limit
                         .as_ref()
                         .map(|l| format!(", orders limited to {}/s (burst {})", l.requests_per_second, l.burst))

@@ -233,11 +233,11 @@ mod tests {
         parse_instant(s).unwrap()
     }
 
-    fn active(spec: &MallDeploymentSpec, now: i64) -> Vec<Occurrence<'_>> {
+    fn active_at(spec: &MallDeploymentSpec, now: i64) -> Vec<Occurrence<'_>> {
         Schedule::at(spec, now).active
     }
 
-    fn next(spec: &MallDeploymentSpec, now: i64) -> Option<Occurrence<'_>> {
+    fn next_at(spec: &MallDeploymentSpec, now: i64) -> Option<Occurrence<'_>> {
         Schedule::at(spec, now).next
     }
 
@@ -261,9 +261,9 @@ mod tests {
             ("2026-11-27T22:59:59Z", true),
             ("2026-11-27T23:00:00Z", false),
         ] {
-            assert_eq!(!super::active(&s, at(now)).is_empty(), active, "{now}");
+            assert_eq!(!active_at(&s, at(now)).is_empty(), active, "{now}");
         }
-        let next = next(&s, at("2026-11-27T07:00:00Z")).unwrap();
+        let next = next_at(&s, at("2026-11-27T07:00:00Z")).unwrap();
         assert_eq!(
             (next.applies, next.start),
             (at("2026-11-27T07:45:00Z"), at("2026-11-27T08:00:00Z"))
@@ -273,7 +273,7 @@ mod tests {
             Some(at("2026-11-27T23:00:00Z"))
         );
         assert!(
-            super::next(&s, at("2026-11-28T00:00:00Z")).is_none(),
+            next_at(&s, at("2026-11-28T00:00:00Z")).is_none(),
             "a one-off window is over"
         );
     }
@@ -288,13 +288,13 @@ mod tests {
             Recurrence::Daily,
         )]);
         // Before the change (29 March 2026) noon is 11:00Z, after it 10:00Z.
-        assert!(!active(&s, at("2026-03-28T11:30:00Z")).is_empty());
-        assert!(active(&s, at("2026-03-30T12:30:00Z")).is_empty());
-        assert!(!active(&s, at("2026-03-30T10:30:00Z")).is_empty());
-        let next = super::next(&s, at("2026-03-29T15:00:00Z")).unwrap();
+        assert!(!active_at(&s, at("2026-03-28T11:30:00Z")).is_empty());
+        assert!(active_at(&s, at("2026-03-30T12:30:00Z")).is_empty());
+        assert!(!active_at(&s, at("2026-03-30T10:30:00Z")).is_empty());
+        let next = next_at(&s, at("2026-03-29T15:00:00Z")).unwrap();
         assert_eq!(next.start, at("2026-03-30T10:00:00Z"));
         assert!(
-            active(&s, at("2026-03-26T11:30:00Z")).is_empty(),
+            active_at(&s, at("2026-03-26T11:30:00Z")).is_empty(),
             "nothing before the first"
         );
     }

@@ -15,7 +15,6 @@ import json
 import pathlib
 import re
 import subprocess
-import sys
 import time
 
 from procstat import CLK, NCPU, children_ticks, log, machine_busy, ticks

@@ -267,7 +267,7 @@ def main():
     md.append("\n## How to read and rerun\n")
     md.append(
         "Raw outputs (wrk text, mall-load JSON) are in `bench/results/`. `scripts/bench.sh` reruns everything "
-        "(`BENCH_SECONDS`, `BENCH_CONNECTIONS` adjust it); the load generator alone is `mall-load --help`.\n"
+        "(`BENCH_SECONDS`, `BENCH_ROUNDS`, `BENCH_CONNECTIONS`, `BENCH_FLASH_STOCK` adjust it); the load generator alone is `mall-load --help`.\n"
     )
     print("\n".join(md))
 

@@ -13,6 +13,7 @@ pub mod services;
 pub mod state;
 pub mod upstreams;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,15 +41,14 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: config.upstream.keepalive_pool_size,
         max_retries: config.upstream.retries + 1,
-        // One single-threaded runtime per thread, as nginx has one event loop per worker: a
-        // request stays on its thread instead of being woken across threads (measured in
-        // BENCHMARKS.md's pass-through path).
+        // The proxy runs as single-thread workers (see `add_workers`); the admin and background
+        // services each have one thread of their own.
         work_stealing: false,
         ..ServerConf::default()
     };
-    // pingora binds with SO_REUSEPORT, so a second sidecar on the same port would start without
-    // complaint and silently take part of the first one's connections. A plain bind first refuses
-    // a port someone already listens on.
+    // The workers bind with SO_REUSEPORT, so a second sidecar on the same port would start
+    // without complaint and silently take part of the first one's connections. A plain bind
+    // (dropped before the workers bind) first refuses a port someone already listens on.
     for (field, addr) in [
         ("server.listen", config.server.listen),
         ("server.admin_listen", config.server.admin_listen),
@@ -64,17 +64,15 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
     let shared = state::Shared::new(config, config_path);
 
     let header_timeout = Duration::from_secs(shared.live.load().config.server.request_header_timeout_seconds);
-    let proxy_app = pingora_proxy::http_proxy(&server.configuration, proxy::MallProxy { shared: shared.clone() });
-    let mut proxy = Service::new(
-        "mall sidecar".into(),
-        header_deadline::HeaderDeadline::new(proxy_app, header_timeout, shared.metrics.header_timeouts.clone()),
-    );
-    proxy.add_tcp(&listen.to_string());
+    let configuration = server.configuration.clone();
+    add_workers(&mut server, "mall sidecar", listen, threads, || {
+        let proxy_app = pingora_proxy::http_proxy(&configuration, proxy::MallProxy { shared: shared.clone() });
+        header_deadline::HeaderDeadline::new(proxy_app, header_timeout, shared.metrics.header_timeouts.clone())
+    });
 
     let mut admin = Service::new("admin".into(), services::Admin(shared.clone()));
+    admin.threads = Some(1);
     admin.add_tcp(&admin_listen.to_string());
-
-    server.add_service(proxy);
     server.add_service(admin);
     server.add_service(background_service("upstreams", services::Upstreams(shared.clone())));
     server.add_service(background_service("reload", services::Reloader(shared.clone())));
@@ -88,6 +86,41 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
         shutdown_signal: Box::new(Signals(shared)),
     });
     std::process::exit(0)
+}
+
+/// Serves `listen` with `workers` single-thread workers, as nginx does: each worker is a pingora
+/// service of one thread with its own socket on the port (SO_REUSEPORT: the kernel spreads new
+/// connections over them), its own accept loop and its own app (so its own upstream connection
+/// pool). A request, its client connection and its upstream connection then stay on one thread.
+/// One pingora service of N threads instead accepts on one thread, runs each connection and each
+/// pooled upstream connection's idle watcher on a random thread and shares one pool between
+/// threads: 2.3 cross-thread wake-ups per proxied request (measured; BENCHMARKS.md section 1).
+///
+/// pingora keys listening sockets by their address text (to hand them to a new process on a
+/// graceful upgrade) and would give a second service on the same text the first one's socket, so
+/// worker `i` spells the port with `i` leading zeros: the same address, a socket of its own.
+pub fn add_workers<A, F>(server: &mut Server, name: &str, listen: SocketAddr, workers: usize, mut app: F)
+where
+    A: pingora_core::apps::ServerApp + Send + Sync + 'static,
+    F: FnMut() -> A,
+{
+    for worker in 0..workers.max(1) {
+        let mut service = Service::new(format!("{name} worker {worker}"), app());
+        service.threads = Some(1);
+        let mut options = pingora_core::listeners::TcpSocketOptions::default();
+        options.so_reuseport = Some(true);
+        service.add_tcp_with_settings(&worker_address(listen, worker), options);
+        server.add_service(service);
+    }
+}
+
+/// `listen` spelled for worker `worker` (see [`add_workers`]).
+fn worker_address(listen: SocketAddr, worker: usize) -> String {
+    let zeros = "0".repeat(worker);
+    match listen {
+        SocketAddr::V4(a) => format!("{}:{zeros}{}", a.ip(), a.port()),
+        SocketAddr::V6(a) => format!("[{}]:{zeros}{}", a.ip(), a.port()),
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit, as nginx's `worker_rlimit_nofile` does.
@@ -170,6 +203,25 @@ impl ShutdownSignalWatch for Signals {
                 self.delay().await;
                 ShutdownSignal::GracefulTerminate
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_worker_spells_the_same_address_its_own_way() {
+        for listen in ["127.0.0.1:8080", "[::1]:8080", "0.0.0.0:80"] {
+            let listen: SocketAddr = listen.parse().unwrap();
+            let spelled: Vec<String> = (0..3).map(|w| worker_address(listen, w)).collect();
+            for text in &spelled {
+                let parsed: SocketAddr = text.parse().unwrap();
+                assert_eq!(parsed, listen, "{text}");
+            }
+            assert_eq!(spelled[0], listen.to_string());
+            assert!(spelled[1] != spelled[0] && spelled[2] != spelled[1]);
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     pub compression_saved: IntCounterVec,
+    /// Compressed copies of cached entries made, by algorithm (one per entry and coding; every
+    /// later hit in that coding is served from the copy).
+    pub compressed_copies: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub rate_limit_redis_fallbacks: IntCounter,
     pub upstream_healthy: IntGaugeVec,
@@ -101,6 +104,14 @@ impl Metrics {
                 &["algorithm"],
             )
             .expect("metric"),
+            compressed_copies: IntCounterVec::new(
+                Opts::new(
+                    "cache_compressed_copies_total",
+                    "Compressed copies of cached entries made, by algorithm",
+                ),
+                &["algorithm"],
+            )
+            .expect("metric"),
             rate_limited: IntCounterVec::new(
                 Opts::new("rate_limited_total", "Requests refused with 429, by rule"),
                 &["rule"],
@@ -161,7 +172,7 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
             Box::new(m.cache_invalidations.clone()),
             Box::new(m.cache_invalidated_entries.clone()),
             Box::new(m.requests.clone()),
@@ -171,6 +182,7 @@ impl Metrics {
             Box::new(m.bytes_in.clone()),
             Box::new(m.bytes_out.clone()),
             Box::new(m.compression_saved.clone()),
+            Box::new(m.compressed_copies.clone()),
             Box::new(m.rate_limited.clone()),
             Box::new(m.rate_limit_redis_fallbacks.clone()),
             Box::new(m.upstream_healthy.clone()),

@@ -17,6 +17,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, PurgeStatus, Session};
 
+use crate::cache::store::Coding;
 use crate::limits::Decision;
 use crate::state::{Live, Shared};
 use crate::upstreams::Lease;
@@ -46,7 +47,7 @@ pub struct Ctx {
     started: Instant,
     _in_flight: InFlight,
     request_id: String,
-    route: String,
+    route: Arc<str>,
     client_ip: Option<IpAddr>,
     cacheable: bool,
     purge: bool,
@@ -56,6 +57,10 @@ pub struct Ctx {
     upstream_sent: Option<Instant>,
     request_body_bytes: u64,
     cache_result: &'static str,
+    /// The cache key, computed once by the fresh-hit fast path and handed to pingora-cache.
+    key: Option<CacheKey>,
+    /// A fresh hit served in a kept compressed copy: the coding and the bytes it saved.
+    precompressed: Option<(Coding, u64)>,
 }
 
 /// Counts a client request from its first hook to its context being dropped.
@@ -136,13 +141,116 @@ impl MallProxy {
         session.write_response_body(Some(Bytes::from(body)), true).await
     }
 
-    fn label_route(live: &Live, path: &str) -> String {
+    /// The fresh-hit fast path: a GET whose entry is fresh is answered here, from the store, in
+    /// the identity bytes or a compressed copy kept with the entry, with the headers pingora's
+    /// cache path and `response_filter` would give it (RFC 9111 4.2.3 `Age`, `X-Cache`, RFC 9211
+    /// `Cache-Status`, the request id, rate-limit fields, `Vary: Accept-Encoding`). Everything
+    /// else (misses, the cache lock, stale and revalidated entries, HEAD, conditional and range
+    /// requests, entries that vary on request headers) goes on to pingora-cache. pingora's hit
+    /// path costs a cache state machine, a metadata rebuild and a streamed compression per hit;
+    /// this costs a table lookup and a header clone. Returns whether the request was answered.
+    async fn serve_fresh_hit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        if req.method != http::Method::GET
+            || [
+                http::header::RANGE,
+                http::header::IF_NONE_MATCH,
+                http::header::IF_MODIFIED_SINCE,
+                http::header::IF_MATCH,
+                http::header::IF_UNMODIFIED_SINCE,
+                http::header::IF_RANGE,
+            ]
+            .iter()
+            .any(|name| req.headers.contains_key(name))
+        {
+            return Ok(false);
+        }
+        let key = ctx.live.cache.key(req);
+        let now = std::time::SystemTime::now();
+        let Some(hit) = self.shared.store.fresh_hit(&key, now) else {
+            ctx.key = Some(key);
+            return Ok(false);
+        };
+        let z = &ctx.live.config.compression;
+        let qualifies = compression_qualifies(z, hit.header());
+        // early_request_filter left Accept-Encoding naming only the chosen coding.
+        let coding = req
+            .headers
+            .get(http::header::ACCEPT_ENCODING)
+            .and_then(|v| Coding::from_token(v.as_bytes()))
+            .filter(|_| qualifies);
+        let (mut header, body) = match coding {
+            None => (hit.header().clone(), hit.body().clone()),
+            Some(coding) => {
+                let Some((variant, made)) = hit.variant(coding, z.level) else {
+                    // Encoding failed: pingora's path compresses as it streams.
+                    ctx.key = Some(key);
+                    return Ok(false);
+                };
+                if made {
+                    self.shared
+                        .metrics
+                        .compressed_copies
+                        .with_label_values(&[coding.as_str()])
+                        .inc();
+                }
+                let saved = hit.body().len().saturating_sub(variant.body.len());
+                ctx.precompressed = Some((coding, saved as u64));
+                (variant.header.clone(), variant.body.clone())
+            }
+        };
+        ctx.cache_result = "HIT";
+        header.insert_header(http::header::AGE, hit.age(now))?;
+        self.annotate(&mut header, ctx, Some(hit_status(hit.ttl(now) as i64)))?;
+        if qualifies {
+            vary_on_accept_encoding(&mut header)?;
+        }
+        // The bytes are final: pingora's compression module must leave them alone.
+        if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
+            c.adjust_level(0);
+            c.adjust_decompression(false);
+        }
+        session.write_response_header(Box::new(header), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(true)
+    }
+
+    /// The fields every proxied answer carries: what the cache did (`X-Cache`, RFC 9211
+    /// `Cache-Status`), the request id, this key's rate limit, and `Connection: close` while
+    /// draining.
+    fn annotate(&self, resp: &mut ResponseHeader, ctx: &Ctx, status: Option<http::HeaderValue>) -> Result<()> {
+        resp.insert_header("x-cache", ctx.cache_result)?;
+        if let Some(status) = status {
+            resp.insert_header("cache-status", status)?;
+        }
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(limit) = &ctx.limit {
+            // draft-ietf-httpapi-ratelimit-headers: the policy, and this key's remaining quota
+            // and seconds until it is whole again.
+            resp.insert_header("ratelimit-policy", &*limit.policy)?;
+            resp.insert_header(
+                "ratelimit",
+                format!("\"{}\";r={};t={}", limit.rule, limit.remaining, limit.reset_secs),
+            )?;
+            if ctx.live.config.rate_limit.legacy_headers {
+                resp.insert_header("ratelimit-limit", limit.limit.to_string())?;
+                resp.insert_header("ratelimit-remaining", limit.remaining.to_string())?;
+                resp.insert_header("ratelimit-reset", limit.reset_secs.to_string())?;
+            }
+        }
+        if self.shared.draining.load(Ordering::Relaxed) {
+            resp.insert_header("connection", "close")?;
+        }
+        Ok(())
+    }
+
+    fn label_route(live: &Live, path: &str) -> Arc<str> {
         live.routes
             .iter()
-            .filter(|p| path.starts_with(p.as_str()))
+            .filter(|p| path.starts_with(&***p))
             .max_by_key(|p| p.len())
-            .cloned()
-            .unwrap_or_else(|| "other".into())
+            .unwrap_or(&live.other_route)
+            .clone()
     }
 }
 
@@ -158,7 +266,7 @@ impl ProxyHttp for MallProxy {
             started: Instant::now(),
             _in_flight: InFlight(self.shared.clone()),
             request_id: String::new(),
-            route: String::new(),
+            route: self.shared.live.load().other_route.clone(),
             client_ip: None,
             cacheable: false,
             purge: false,
@@ -168,6 +276,8 @@ impl ProxyHttp for MallProxy {
             upstream_sent: None,
             request_body_bytes: 0,
             cache_result: "BYPASS",
+            key: None,
+            precompressed: None,
         }
     }
 
@@ -356,6 +466,10 @@ impl ProxyHttp for MallProxy {
             }
             ctx.limit = Some(decision);
         }
+        ctx.cacheable = ctx.live.cache.request_cacheable(session.req_header());
+        if ctx.cacheable {
+            return self.serve_fresh_hit(session, ctx).await;
+        }
         Ok(false)
     }
 
@@ -380,7 +494,6 @@ impl ProxyHttp for MallProxy {
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         let policy = &ctx.live.cache;
-        ctx.cacheable = policy.request_cacheable(session.req_header());
         if ctx.cacheable || ctx.purge {
             let mut overrides = CacheOptionOverrides::default();
             overrides.wait_timeout = Some(policy.lock_timeout);
@@ -397,7 +510,10 @@ impl ProxyHttp for MallProxy {
     }
 
     fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
-        Ok(ctx.live.cache.key(session.req_header()))
+        Ok(ctx
+            .key
+            .take()
+            .unwrap_or_else(|| ctx.live.cache.key(session.req_header())))
     }
 
     fn is_purge(&self, _session: &Session, ctx: &Ctx) -> bool {
@@ -654,46 +770,11 @@ impl ProxyHttp for MallProxy {
             }
             self.shared.invalidate("local_write", tags.iter().map(String::as_str));
         }
-        resp.insert_header("x-cache", ctx.cache_result)?;
-        if let Some(status) = cache_status(session, ctx.cache_result) {
-            resp.insert_header("cache-status", status)?;
-        }
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(limit) = &ctx.limit {
-            // draft-ietf-httpapi-ratelimit-headers: the policy, and this key's remaining quota
-            // and seconds until it is whole again.
-            resp.insert_header("ratelimit-policy", &*limit.policy)?;
-            resp.insert_header(
-                "ratelimit",
-                format!("\"{}\";r={};t={}", limit.rule, limit.remaining, limit.reset_secs),
-            )?;
-            if ctx.live.config.rate_limit.legacy_headers {
-                resp.insert_header("ratelimit-limit", limit.limit.to_string())?;
-                resp.insert_header("ratelimit-remaining", limit.remaining.to_string())?;
-                resp.insert_header("ratelimit-reset", limit.reset_secs.to_string())?;
-            }
-        }
-        if self.shared.draining.load(Ordering::Relaxed) {
-            resp.insert_header("connection", "close")?;
-        }
+        self.annotate(resp, ctx, cache_status(session, ctx.cache_result))?;
 
         // Compression: pingora's module does the work; we decide whether this response qualifies.
         let z = &ctx.live.config.compression;
-        let length = resp
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        let content_type = resp
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let media = content_type.split(';').next().unwrap_or("").trim().as_bytes();
-        let qualifies = z.enabled
-            && length.is_none_or(|len| len >= z.min_bytes)
-            && z.content_types
-                .iter()
-                .any(|t| media.len() >= t.len() && media[..t.len()].eq_ignore_ascii_case(t.as_bytes()));
+        let qualifies = compression_qualifies(z, resp);
         if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
             if c.is_header_phase() {
                 c.adjust_level(if qualifies { z.level } else { 0 });
@@ -701,23 +782,7 @@ impl ProxyHttp for MallProxy {
             }
         }
         if qualifies {
-            // Even a client that takes identity must know the bytes depend on Accept-Encoding.
-            let vary = resp
-                .headers
-                .get(http::header::VARY)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let has_encoding = vary
-                .split(',')
-                .any(|v| v.trim().eq_ignore_ascii_case("accept-encoding"));
-            if !has_encoding {
-                let value = if vary.is_empty() {
-                    "Accept-Encoding".to_string()
-                } else {
-                    format!("{vary}, Accept-Encoding")
-                };
-                resp.insert_header(http::header::VARY, value)?;
-            }
+            vary_on_accept_encoding(resp)?;
         }
         Ok(())
     }
@@ -765,11 +830,9 @@ impl ProxyHttp for MallProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let m = &self.shared.metrics;
-        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
-        let method = session.req_header().method.as_str().to_string();
-        m.requests
-            .with_label_values(&[&ctx.route, &method, &status.to_string()])
-            .inc();
+        let status = session.response_written().map_or("0", |r| r.status.as_str());
+        let method = session.req_header().method.as_str();
+        m.requests.with_label_values(&[&*ctx.route, method, status]).inc();
         if ctx.cacheable || ctx.cache_result != "BYPASS" {
             m.cache_results.with_label_values(&[ctx.cache_result]).inc();
         } else {
@@ -779,7 +842,10 @@ impl ProxyHttp for MallProxy {
         // What went on the wire, after compression.
         m.bytes_out.inc_by(session.body_bytes_sent() as u64);
         let mut encoding = None;
-        if let Some(c) = session.downstream_modules_ctx.get::<ResponseCompression>() {
+        if let Some((coding, saved)) = ctx.precompressed {
+            m.compression_saved.with_label_values(&[coding.as_str()]).inc_by(saved);
+            encoding = Some(coding.as_str());
+        } else if let Some(c) = session.downstream_modules_ctx.get::<ResponseCompression>() {
             if let Some((algorithm, bytes_in, bytes_out, _)) = c.get_info() {
                 m.compression_saved
                     .with_label_values(&[algorithm])
@@ -796,7 +862,7 @@ impl ProxyHttp for MallProxy {
                 method = %method,
                 path = req.uri.path(),
                 query = req.uri.query().unwrap_or(""),
-                status,
+                status = session.response_written().map_or(0, |r| r.status.as_u16()),
                 cache = ctx.cache_result,
                 upstream = ctx.lease.as_ref().map(|l| l.instance.label()).unwrap_or(""),
                 attempts = ctx.tried.len(),
@@ -823,13 +889,13 @@ fn cache_status(session: &Session, result: &str) -> Option<http::HeaderValue> {
             }
         })
     };
-    let with_ttl = |prefix: &'static str| match ttl() {
-        Some(t) => HeaderValue::from_str(&format!("{prefix}; ttl={t}")).ok(),
-        None => Some(HeaderValue::from_static(prefix)),
-    };
     match result {
-        "HIT" => with_ttl("mall-sidecar; hit"),
-        "STALE" => with_ttl("mall-sidecar; hit; fwd=stale"),
+        "HIT" => Some(ttl().map_or(HeaderValue::from_static("mall-sidecar; hit"), hit_status)),
+        "STALE" => Some(match ttl() {
+            Some(t) => HeaderValue::from_str(&format!("mall-sidecar; hit; fwd=stale; ttl={t}"))
+                .unwrap_or(HeaderValue::from_static("mall-sidecar; hit; fwd=stale")),
+            None => HeaderValue::from_static("mall-sidecar; hit; fwd=stale"),
+        }),
         "MISS" if session.cache.phase() == CachePhase::Expired => {
             Some(HeaderValue::from_static("mall-sidecar; fwd=stale"))
         }
@@ -837,6 +903,54 @@ fn cache_status(session: &Session, result: &str) -> Option<http::HeaderValue> {
         "BYPASS" => Some(HeaderValue::from_static("mall-sidecar; fwd=bypass")),
         _ => None,
     }
+}
+
+/// `Cache-Status` (RFC 9211) of a fresh hit with `ttl` seconds of freshness left.
+fn hit_status(ttl: i64) -> http::HeaderValue {
+    let value = format!("mall-sidecar; hit; ttl={ttl}");
+    http::HeaderValue::from_str(&value).unwrap_or(http::HeaderValue::from_static("mall-sidecar; hit"))
+}
+
+/// Whether a response is worth compressing under `z`: compression on, big enough (or of
+/// unknown length), and of a listed media type (prefix match, parameters ignored).
+fn compression_qualifies(z: &mall_sidecar_config::Compression, resp: &ResponseHeader) -> bool {
+    let length = resp
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let content_type = resp
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim().as_bytes();
+    z.enabled
+        && length.is_none_or(|len| len >= z.min_bytes)
+        && z.content_types
+            .iter()
+            .any(|t| media.len() >= t.len() && media[..t.len()].eq_ignore_ascii_case(t.as_bytes()))
+}
+
+/// RFC 9110 12.5.5: a response whose coding depends on `Accept-Encoding` says so in `Vary`, even
+/// to a client that took identity.
+fn vary_on_accept_encoding(resp: &mut ResponseHeader) -> Result<()> {
+    let vary = resp
+        .headers
+        .get(http::header::VARY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let has_encoding = vary
+        .split(',')
+        .any(|v| v.trim().eq_ignore_ascii_case("accept-encoding"));
+    if !has_encoding {
+        let value = if vary.is_empty() {
+            "Accept-Encoding".to_string()
+        } else {
+            format!("{vary}, Accept-Encoding")
+        };
+        resp.insert_header(http::header::VARY, value)?;
+    }
+    Ok(())
 }
 
 /// Whether the request's raw header block carries a `Content-Length` (pingora removes it from the

@@ -23,7 +23,9 @@ pub struct Live {
     pub cache: CachePolicy,
     pub limiter: Limiter,
     /// Route prefixes used as the `route` metric label (bounded, unlike raw paths).
-    pub routes: Vec<String>,
+    pub routes: Vec<Arc<str>>,
+    /// The label of a path no route matches.
+    pub other_route: Arc<str>,
 }
 
 impl Live {
@@ -35,7 +37,8 @@ impl Live {
         Live {
             cache: CachePolicy::new(&config.cache),
             limiter: Limiter::new(&config.rate_limit, metrics),
-            routes,
+            routes: routes.into_iter().map(Arc::from).collect(),
+            other_route: Arc::from("other"),
             config,
         }
     }

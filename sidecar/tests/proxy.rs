@@ -160,6 +160,99 @@ async fn gzip_and_identity_clients_share_one_cached_object() {
     );
 }
 
+/// Fresh hits are answered from the store. A gzip or zstd client gets the entry's compressed copy,
+/// made once per coding (RFC 9110 8.6: sized with `Content-Length`, not re-compressed and streamed
+/// chunked on every hit), decoding to the identity bytes. And a fresh hit carries the same fields as
+/// the same entry served through pingora's cache path (a conditional request takes that path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fresh_hits_come_from_compressed_copies_made_once_with_the_cache_paths_headers() {
+    let app = AppInstance::start().await;
+    let sidecar = Sidecar::start(&upstream_section(&[app.addr], "round_robin")).await;
+    let http = client();
+    let url = sidecar.url("/api/products?limit=50");
+    let miss = http.get(&url).send().await.unwrap();
+    assert_eq!(miss.headers()["x-cache"], "MISS");
+    let identity = miss.bytes().await.unwrap();
+
+    for coding in ["gzip", "zstd"] {
+        for _ in 0..5 {
+            let hit = http.get(&url).header("accept-encoding", coding).send().await.unwrap();
+            assert_eq!(hit.headers()["x-cache"], "HIT");
+            assert_eq!(hit.headers()["content-encoding"], coding);
+            assert!(hit.headers().get("transfer-encoding").is_none());
+            assert!(hit.headers().contains_key("age"), "RFC 9111 5.1: a hit says its age");
+            let vary = hit.headers()["vary"].to_str().unwrap().to_ascii_lowercase();
+            assert!(vary.contains("accept-encoding"), "{vary}");
+            let length: usize = hit.headers()["content-length"].to_str().unwrap().parse().unwrap();
+            let body = hit.bytes().await.unwrap();
+            assert_eq!(body.len(), length);
+            let decoded = match coding {
+                "gzip" => {
+                    let mut out = Vec::new();
+                    flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
+                    out
+                }
+                _ => zstd::stream::decode_all(&body[..]).expect("a complete zstd frame"),
+            };
+            assert_eq!(decoded, identity, "{coding} decodes to the identity bytes");
+        }
+        let copies = sidecar
+            .metric_until(
+                "sidecar_cache_compressed_copies_total",
+                &format!("algorithm=\"{coding}\""),
+                |v| v >= 1.0,
+            )
+            .await;
+        assert_eq!(copies, 1.0, "one {coding} copy for five hits");
+        let saved = sidecar
+            .metric_until("sidecar_compression_saved_bytes_total", coding, |v| {
+                v >= 5.0 * identity.len() as f64 / 2.0
+            })
+            .await;
+        assert!(saved >= 5.0 * identity.len() as f64 / 2.0, "{coding} saved {saved}");
+    }
+    assert_eq!(app.requests("/api/products").await, 1);
+
+    // The same entry through pingora's path (a validator that does not match: 200, a hit) and
+    // through the fast path: the same fields, bar the ones that change per response.
+    let fields = |r: &reqwest::Response| {
+        let mut all: Vec<(String, String)> = r
+            .headers()
+            .iter()
+            .filter(|(name, _)| {
+                let per_response = [
+                    "date",
+                    "age",
+                    "x-request-id",
+                    "cache-status",
+                    "ratelimit",
+                    "ratelimit-remaining",
+                ];
+                !per_response.contains(&name.as_str())
+            })
+            .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_string()))
+            .collect();
+        all.sort();
+        all
+    };
+    let slow = http
+        .get(&url)
+        .header("if-none-match", "\"not-this-one\"")
+        .send()
+        .await
+        .unwrap();
+    let fast = http.get(&url).send().await.unwrap();
+    assert_eq!(slow.status(), 200);
+    assert_eq!(fields(&slow), fields(&fast));
+    for r in [&slow, &fast] {
+        let status = r.headers()["cache-status"].to_str().unwrap();
+        assert!(status.starts_with("mall-sidecar; hit; ttl="), "{status}");
+        assert!(r.headers().contains_key("age"));
+    }
+    assert_eq!(slow.bytes().await.unwrap(), fast.bytes().await.unwrap());
+    assert_eq!(app.requests("/api/products").await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rate_limit_refuses_after_the_burst_and_sighup_reload_changes_it() {
     let app = AppInstance::start().await;

@@ -65,9 +65,8 @@ fn main() {
         eprintln!("usage: bare-pingora LISTEN UPSTREAM THREADS HIT_PATH...");
         std::process::exit(2);
     };
-    let hits = paths.iter().map(|p| (p.clone(), fetch(upstream, p))).collect();
+    let hits: HashMap<String, Bytes> = paths.iter().map(|p| (p.clone(), fetch(upstream, p))).collect();
     let conf = ServerConf {
-        threads: threads.parse().expect("THREADS is a number"),
         work_stealing: false,
         // A benchmark contender: SIGTERM ends it at once.
         grace_period_seconds: Some(0),
@@ -76,14 +75,18 @@ fn main() {
     };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
-    let mut proxy = pingora_proxy::http_proxy_service(
-        &server.configuration,
-        Bare {
-            upstream: upstream.clone(),
-            hits,
-        },
-    );
-    proxy.add_tcp(listen);
-    server.add_service(proxy);
+    // The sidecar's worker layout, so the gap between the two is the sidecar's own work.
+    let configuration = server.configuration.clone();
+    let listen = listen.parse().expect("LISTEN is an address");
+    let workers = threads.parse().expect("THREADS is a number");
+    mall_sidecar::add_workers(&mut server, "bare pingora", listen, workers, || {
+        pingora_proxy::http_proxy(
+            &configuration,
+            Bare {
+                upstream: upstream.clone(),
+                hits: hits.clone(),
+            },
+        )
+    });
     server.run_forever();
 }

@@ -13,6 +13,7 @@
 
 pub mod store;
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use mall_sidecar_config::{Cache as CacheConfig, CacheRule, Cidr};
@@ -103,7 +104,7 @@ impl CachePolicy {
         let path = normalise_path(upstream.uri.path());
         let query = normalise_query(upstream.uri.query());
         let target = if query.is_empty() {
-            path
+            path.into_owned()
         } else {
             format!("{path}?{query}")
         };
@@ -259,8 +260,27 @@ fn host_of(req: &RequestHeader) -> String {
     host
 }
 
-/// `//a/./b/../c` -> `/a/c`: paths that reach the same resource share one entry.
-pub fn normalise_path(path: &str) -> String {
+/// `//a/./b/../c` -> `/a/c`: paths that reach the same resource share one entry. A path that is
+/// already normal (the common case) is returned as it is, without a copy.
+pub fn normalise_path(path: &str) -> Cow<'_, str> {
+    let mut segments = path.strip_prefix('/').map(|rest| rest.split('/').peekable());
+    let normal = segments.as_mut().is_some_and(|segments| {
+        while let Some(segment) = segments.next() {
+            let last = segments.peek().is_none();
+            if segment == "." || segment == ".." || (segment.is_empty() && !last) {
+                return false;
+            }
+        }
+        true
+    });
+    if normal {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(normalised_copy(path))
+    }
+}
+
+fn normalised_copy(path: &str) -> String {
     let mut segments: Vec<&str> = Vec::new();
     for segment in path.split('/') {
         match segment {
@@ -328,6 +348,23 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(normalise_path("/a/../../b/"), "/b/");
         assert_eq!(normalise_path(""), "/");
+        for (path, normal) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/b/", "/a/b/"),
+            ("//a", "/a"),
+            ("/a//b", "/a/b"),
+            ("/a/./b", "/a/b"),
+            ("/a/b/..", "/a"),
+            ("/a/.", "/a"),
+            ("a/b", "/a/b"),
+            ("/..", "/"),
+        ] {
+            let got = normalise_path(path);
+            assert_eq!(got, normal, "{path}");
+            assert_eq!(got, normalised_copy(path), "{path}: the shortcut agrees with the copy");
+            assert_eq!(matches!(got, Cow::Borrowed(_)), path == normal, "{path}");
+        }
         // An unkeyed header does not change the key (and is stripped upstream).
         let d = p
             .key(&req("GET", "/api/products/1?a=1&b=2", &[("x-forwarded-host", "evil")]))

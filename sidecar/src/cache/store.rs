@@ -9,7 +9,7 @@
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -33,6 +33,197 @@ struct Object {
     meta: StoredMeta,
     body: Bytes,
     tags: Box<[Box<str>]>,
+    /// What a fresh hit needs to be answered without pingora-cache; `None` for an entry only
+    /// pingora's path may serve (it varies on request headers, or has no `Content-Length`).
+    fast: Option<Fast>,
+}
+
+/// A content coding the sidecar keeps a compressed copy of an entry in (RFC 9110 8.4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coding {
+    Gzip,
+    Zstd,
+}
+
+impl Coding {
+    /// The coding a (negotiated, single-token) `Accept-Encoding` value names.
+    pub fn from_token(token: &[u8]) -> Option<Coding> {
+        match token {
+            b"gzip" => Some(Coding::Gzip),
+            b"zstd" => Some(Coding::Zstd),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Coding::Gzip => "gzip",
+            Coding::Zstd => "zstd",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The whole of `body` in this coding, as one complete stream (gzip trailer, zstd frame end).
+    fn encode(self, body: &[u8], level: u32) -> std::io::Result<Vec<u8>> {
+        match self {
+            Coding::Gzip => {
+                use std::io::Write;
+                let mut encoder =
+                    flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::new(level));
+                encoder.write_all(body)?;
+                encoder.finish()
+            }
+            Coding::Zstd => zstd::bulk::compress(body, level as i32),
+        }
+    }
+}
+
+/// A fresh hit's answer, kept with the entry: the header as clients get it (no tags, HTTP/1.1)
+/// and, made on the first request that asks for each, the body in each coding with its header.
+struct Fast {
+    fresh_until: SystemTime,
+    /// What `Age` counts from (RFC 9111 4.2.3): pingora's epoch (the last update, or its override).
+    epoch: SystemTime,
+    header: ResponseHeader,
+    variants: [OnceLock<Variant>; 2],
+}
+
+/// An entry's body in one coding, made once at one compression level.
+pub struct Variant {
+    pub level: u32,
+    pub header: ResponseHeader,
+    pub body: Bytes,
+}
+
+impl Fast {
+    fn new(meta: &CacheMeta) -> Option<Fast> {
+        let header = meta.response_header();
+        // Only pingora's path looks up variants of a response that varies on request headers
+        // (`Accept-Encoding` aside: the stored bytes are identity and the coding is ours).
+        let varies = meta.variance().is_some()
+            || header.headers.get_all(http::header::VARY).iter().any(|v| {
+                v.as_bytes()
+                    .split(|b| *b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .any(|name| !name.is_empty() && !name.eq_ignore_ascii_case(b"accept-encoding"))
+            });
+        let sized = header.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !header.headers.contains_key(http::header::TRANSFER_ENCODING);
+        if varies || !sized || matches!(header.status.as_u16(), 204 | 304) {
+            return None;
+        }
+        let mut header = header.clone();
+        header.remove_header(TAG_HEADER);
+        header.set_version(http::Version::HTTP_11);
+        // A stored 200 can be served in ranges (through pingora's path, which a `Range` request
+        // takes), and pingora's hits say so, as nginx's do (RFC 9110 14.3).
+        if header.status == http::StatusCode::OK {
+            header.insert_header(http::header::ACCEPT_RANGES, "bytes").ok()?;
+        }
+        Some(Fast {
+            fresh_until: meta.fresh_until(),
+            epoch: meta.epoch(),
+            header,
+            variants: Default::default(),
+        })
+    }
+}
+
+/// A fresh entry, to be answered from the store (see `MallProxy`'s fast path).
+pub struct FreshHit(Arc<Object>);
+
+impl FreshHit {
+    fn fast(&self) -> &Fast {
+        self.0.fast.as_ref().expect("a fresh hit has its fast form")
+    }
+
+    /// The stored response header as clients get it, identity coded.
+    pub fn header(&self) -> &ResponseHeader {
+        &self.fast().header
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.0.body
+    }
+
+    /// Seconds of freshness left (the `ttl` of RFC 9211's `Cache-Status`).
+    pub fn ttl(&self, now: SystemTime) -> u64 {
+        self.fast()
+            .fresh_until
+            .duration_since(now)
+            .map_or(0, |left| left.as_secs())
+    }
+
+    /// The `Age` to send (RFC 9111 5.1).
+    pub fn age(&self, now: SystemTime) -> u64 {
+        now.duration_since(self.fast().epoch).map_or(0, |age| age.as_secs())
+    }
+
+    /// The body in `coding` at `level`, and whether this call made it. Made once per entry and
+    /// coding, by the first request that asks (a second request racing it makes its own copy
+    /// and the first one kept wins); a request at another level (after a reload) gets a copy
+    /// made for it alone. `None` if encoding failed.
+    pub fn variant(&self, coding: Coding, level: u32) -> Option<(VariantRef<'_>, bool)> {
+        let slot = &self.fast().variants[coding.index()];
+        if let Some(made) = slot.get().filter(|v| v.level == level) {
+            return Some((VariantRef::Kept(made), false));
+        }
+        let variant = self.encode(coding, level)?;
+        if slot.get().is_some() {
+            return Some((VariantRef::Made(Box::new(variant)), true));
+        }
+        let _ = slot.set(variant);
+        slot.get().map(|kept| (VariantRef::Kept(kept), true))
+    }
+
+    fn encode(&self, coding: Coding, level: u32) -> Option<Variant> {
+        let body = coding.encode(&self.0.body, level).ok()?;
+        Some(Variant {
+            level,
+            header: coded_header(self.header(), coding, body.len())?,
+            body: Bytes::from(body),
+        })
+    }
+}
+
+/// `identity`'s header for the same content in `coding`, `length` bytes long.
+fn coded_header(identity: &ResponseHeader, coding: Coding, length: usize) -> Option<ResponseHeader> {
+    use http::header::{ACCEPT_RANGES, CONTENT_ENCODING, CONTENT_LENGTH, ETAG};
+    let mut header = identity.clone();
+    header.insert_header(CONTENT_ENCODING, coding.as_str()).ok()?;
+    header.insert_header(CONTENT_LENGTH, length).ok()?;
+    // Ranges of the identity bytes do not apply to these.
+    header.remove_header(&ACCEPT_RANGES);
+    // RFC 9110 8.8.1 and 8.8.3: another representation's validator is weak (as nginx's and
+    // pingora's compression do: a strong tag is weakened, a malformed one dropped).
+    if let Some(etag) = header.headers.get(ETAG).map(|v| v.as_bytes().to_vec()) {
+        if etag.starts_with(b"\"") {
+            header.insert_header(ETAG, [&b"W/"[..], &etag].concat()).ok()?;
+        } else if !etag.starts_with(b"W/") {
+            header.remove_header(&ETAG);
+        }
+    }
+    Some(header)
+}
+
+/// A variant kept with the entry, or one made for a single response.
+pub enum VariantRef<'a> {
+    Kept(&'a Variant),
+    Made(Box<Variant>),
+}
+
+impl std::ops::Deref for VariantRef<'_> {
+    type Target = Variant;
+
+    fn deref(&self) -> &Variant {
+        match self {
+            VariantRef::Kept(v) => v,
+            VariantRef::Made(v) => v,
+        }
+    }
 }
 
 /// The tags of a response: the whitespace-separated words of its `Surrogate-Key` fields.
@@ -49,10 +240,43 @@ pub fn tags_of(header: &ResponseHeader) -> Box<[Box<str>]> {
 
 type TagIndex = Arc<Mutex<HashMap<Box<str>, HashSet<HashBinary>>>>;
 
+/// An object without its body: what a miss knows before the body arrives.
+struct Head {
+    meta: StoredMeta,
+    tags: Box<[Box<str>]>,
+    fast: Option<Fast>,
+}
+
+impl Head {
+    fn new(meta: &CacheMeta) -> Result<Head> {
+        Ok(Head {
+            meta: StoredMeta::new(meta)?,
+            tags: tags_of(meta.response_header()),
+            fast: Fast::new(meta),
+        })
+    }
+}
+
 impl Object {
+    fn new(head: Head, body: Bytes) -> Object {
+        Object {
+            meta: head.meta,
+            body,
+            tags: head.tags,
+            fast: head.fast,
+        }
+    }
+
     fn weight(&self) -> u32 {
-        // A fixed overhead per entry keeps millions of empty bodies from looking free.
-        (self.meta.bytes() + self.body.len() + 128).min(u32::MAX as usize) as u32
+        // A fixed overhead per entry keeps millions of empty bodies from looking free. A body
+        // that may be compressed is weighed with room for its gzip and zstd copies, made later
+        // (together about a third of JSON's size, at most half of it at the default level).
+        let variants = if self.fast.is_some() && self.body.len() >= 1024 {
+            self.body.len() / 2
+        } else {
+            0
+        };
+        (self.meta.bytes() + self.body.len() + variants + 128).min(u32::MAX as usize) as u32
     }
 }
 
@@ -227,6 +451,14 @@ impl MemoryStore {
         self.objects.insert(key, Arc::new(object));
     }
 
+    /// The entry under `key` if it is fresh at `now` and may be answered without pingora-cache.
+    pub fn fresh_hit(&self, key: &CacheKey, now: SystemTime) -> Option<FreshHit> {
+        let object = self.objects.get(&key.combined_bin())?;
+        let fast = object.fast.as_ref()?;
+        // pingora's `CacheMeta::is_fresh`: fresh through the `fresh_until` instant.
+        (fast.fresh_until >= now).then(|| FreshHit(object))
+    }
+
     /// Entries and their weighed bytes (after pending maintenance).
     pub fn usage(&self) -> (u64, u64) {
         self.objects.run_pending_tasks();
@@ -262,8 +494,7 @@ impl Storage for MemoryStore {
         Ok(Box::new(Miss {
             store: self,
             key: key.combined_bin(),
-            meta: StoredMeta::new(meta)?,
-            tags: tags_of(meta.response_header()),
+            head: Head::new(meta)?,
             body: BytesMut::new(),
         }))
     }
@@ -287,11 +518,23 @@ impl Storage for MemoryStore {
         let Some(old) = self.objects.get(&hash) else {
             return Ok(false);
         };
-        let updated = Object {
-            meta: StoredMeta::new(meta)?,
-            body: old.body.clone(),
-            tags: tags_of(meta.response_header()),
-        };
+        let updated = Object::new(Head::new(meta)?, old.body.clone());
+        // A revalidation keeps the body (RFC 9111 4.3.4): the compressed copies made of it still
+        // hold, under the updated header.
+        if let (Some(fast), Some(old_fast)) = (&updated.fast, &old.fast) {
+            for coding in [Coding::Gzip, Coding::Zstd] {
+                let Some(kept) = old_fast.variants[coding.index()].get() else {
+                    continue;
+                };
+                if let Some(header) = coded_header(&fast.header, coding, kept.body.len()) {
+                    let _ = fast.variants[coding.index()].set(Variant {
+                        level: kept.level,
+                        header,
+                        body: kept.body.clone(),
+                    });
+                }
+            }
+        }
         self.insert(hash, updated);
         Ok(true)
     }
@@ -357,8 +600,7 @@ impl HandleHit for Hit {
 struct Miss {
     store: &'static MemoryStore,
     key: HashBinary,
-    meta: StoredMeta,
-    tags: Box<[Box<str>]>,
+    head: Head,
     body: BytesMut,
 }
 
@@ -370,11 +612,7 @@ impl HandleMiss for Miss {
     }
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
-        let object = Object {
-            meta: self.meta,
-            body: self.body.freeze(),
-            tags: self.tags,
-        };
+        let object = Object::new(self.head, self.body.freeze());
         let size = object.weight() as usize;
         u32::try_from(size).or_err(ErrorType::InternalError, "object too large")?;
         self.store.insert(self.key, object);
@@ -430,5 +668,87 @@ mod tests {
         let again = stored.meta().unwrap();
         same(&revalidated, &again);
         assert_eq!(again.headers().get("etag").unwrap(), "\"v1\"");
+    }
+
+    #[test]
+    fn a_coded_copy_has_its_own_length_and_a_weak_validator() {
+        let mut identity = header();
+        identity.insert_header("content-length", "100").unwrap();
+        identity.insert_header("accept-ranges", "bytes").unwrap();
+        let gz = coded_header(&identity, Coding::Gzip, 40).unwrap();
+        assert_eq!(gz.headers["content-encoding"], "gzip");
+        assert_eq!(gz.headers["content-length"], "40");
+        assert!(gz.headers.get("accept-ranges").is_none());
+        assert_eq!(gz.headers["etag"], "W/\"v1\"");
+        identity.insert_header("etag", "W/\"weak\"").unwrap();
+        assert_eq!(
+            coded_header(&identity, Coding::Zstd, 1).unwrap().headers["etag"],
+            "W/\"weak\""
+        );
+        identity.insert_header("etag", "unquoted").unwrap();
+        assert!(coded_header(&identity, Coding::Zstd, 1)
+            .unwrap()
+            .headers
+            .get("etag")
+            .is_none());
+    }
+
+    #[test]
+    fn only_fresh_entries_that_do_not_vary_are_fast_hits_and_copies_are_made_once() {
+        let store: &'static MemoryStore = Box::leak(Box::new(MemoryStore::new(1 << 20)));
+        let body = Bytes::from(r#"{"products":[{"id":1,"name":"a thing"}]}"#.repeat(64));
+        let now = SystemTime::now();
+        let put = |path: &str, fresh_for: i64, extra: &[(&str, &str)]| {
+            let mut h = header();
+            h.insert_header("content-length", body.len()).unwrap();
+            h.insert_header(TAG_HEADER, "product:1").unwrap();
+            for (name, value) in extra {
+                h.insert_header(name.to_string(), *value).unwrap();
+            }
+            let fresh_until = if fresh_for >= 0 {
+                now + Duration::from_secs(fresh_for as u64)
+            } else {
+                now - Duration::from_secs((-fresh_for) as u64)
+            };
+            let meta = CacheMeta::new(fresh_until, now - Duration::from_secs(2), 10, 60, h);
+            let key = CacheKey::new(path.as_bytes().to_vec(), "");
+            store.insert(key.combined_bin(), Object::new(Head::new(&meta).unwrap(), body.clone()));
+            key
+        };
+        let fresh = put("/fresh", 5, &[]);
+        let expired = put("/expired", -1, &[]);
+        let varies = put("/varies", 5, &[("vary", "Accept-Language")]);
+        let coded = put("/coded", 5, &[("vary", "accept-encoding")]);
+
+        assert!(store.fresh_hit(&expired, now).is_none(), "stale entries go to pingora");
+        assert!(store.fresh_hit(&varies, now).is_none(), "so do entries that vary");
+        assert!(
+            store.fresh_hit(&coded, now).is_some(),
+            "the coding is the sidecar's own"
+        );
+        let hit = store.fresh_hit(&fresh, now).unwrap();
+        assert!(
+            hit.header().headers.get(TAG_HEADER).is_none(),
+            "tags never reach clients"
+        );
+        assert_eq!(hit.age(now), 2);
+        assert_eq!(hit.ttl(now), 5);
+
+        let (gz, made) = hit.variant(Coding::Gzip, 6).unwrap();
+        assert!(made);
+        let mut decoded = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz.body[..]), &mut decoded).unwrap();
+        assert_eq!(decoded, body);
+        assert_eq!(gz.header.headers["content-length"], gz.body.len().to_string().as_str());
+        let again = store.fresh_hit(&fresh, now).unwrap();
+        let (_, made) = again.variant(Coding::Gzip, 6).unwrap();
+        assert!(!made, "the copy is kept with the entry");
+        let (other_level, made) = again.variant(Coding::Gzip, 1).unwrap();
+        assert!(
+            made && matches!(other_level, VariantRef::Made(_)),
+            "another level: a copy of its own"
+        );
+        let (zst, _) = again.variant(Coding::Zstd, 6).unwrap();
+        assert_eq!(zstd::bulk::decompress(&zst.body, body.len()).unwrap(), body);
     }
 }

@@ -1,5 +1,7 @@
 //! The sidecar's Prometheus metrics, in one registry served on the admin port.
 
+use std::collections::HashMap;
+
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -41,11 +43,34 @@ pub struct Metrics {
     /// (HIT + STALE) / (HIT + STALE + MISS) since start, refreshed at scrape time so dashboards
     /// without PromQL arithmetic see it too.
     pub cache_hit_ratio: Gauge,
+    /// `cache_results`' series, looked up once (`HIT`, `MISS`, `STALE`, `BYPASS`, `PURGE`).
+    cache_result_series: [IntCounter; 5],
+}
+
+const CACHE_RESULTS: [&str; 5] = ["HIT", "MISS", "STALE", "BYPASS", "PURGE"];
+
+/// A route label's address, a method and a status: the key of a remembered series.
+type SeriesKey = (usize, http::Method, u16);
+
+thread_local! {
+    /// `requests`' series this thread has counted: a label lookup hashes three strings and takes
+    /// the vector's lock, once per request otherwise. The route label is kept with its series, so
+    /// its address cannot be reused by another label while it is a key here.
+    static REQUEST_SERIES: std::cell::RefCell<HashMap<SeriesKey, (std::sync::Arc<str>, IntCounter)>> =
+        std::cell::RefCell::new(HashMap::new());
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("sidecar".into()), None).expect("valid prefix");
+        let cache_results = IntCounterVec::new(
+            Opts::new(
+                "cache_requests_total",
+                "Responses by cache result (HIT, MISS, STALE, BYPASS, PURGE)",
+            ),
+            &["result"],
+        )
+        .expect("metric");
         let m = Metrics {
             requests: IntCounterVec::new(
                 Opts::new("http_requests_total", "Requests by route, method and status"),
@@ -63,14 +88,8 @@ impl Metrics {
                 &["upstream"],
             )
             .expect("metric"),
-            cache_results: IntCounterVec::new(
-                Opts::new(
-                    "cache_requests_total",
-                    "Responses by cache result (HIT, MISS, STALE, BYPASS)",
-                ),
-                &["result"],
-            )
-            .expect("metric"),
+            cache_result_series: CACHE_RESULTS.map(|r| cache_results.with_label_values(&[r])),
+            cache_results,
             cache_invalidations: IntCounterVec::new(
                 Opts::new(
                     "cache_invalidations_total",
@@ -201,6 +220,37 @@ impl Metrics {
             m.registry.register(c).expect("unique metric");
         }
         m
+    }
+
+    /// The `cache_requests_total` series of `result`.
+    pub fn cache_result(&self, result: &str) -> &IntCounter {
+        let index = CACHE_RESULTS.iter().position(|r| *r == result).unwrap_or(3);
+        &self.cache_result_series[index]
+    }
+
+    /// The `http_requests_total` series of `route`, `method` and `status` (the status `0` when
+    /// no response was written), remembered per thread.
+    pub fn request_counter(&self, route: &std::sync::Arc<str>, method: &http::Method, status: u16) -> IntCounter {
+        REQUEST_SERIES.with(|cell| {
+            let mut series = cell.borrow_mut();
+            let key = (
+                std::sync::Arc::as_ptr(route) as *const u8 as usize,
+                method.clone(),
+                status,
+            );
+            if let Some((_, counter)) = series.get(&key) {
+                return counter.clone();
+            }
+            // Bounded by routes x methods x statuses; a reload's old routes are let go here.
+            if series.len() >= 4096 {
+                series.clear();
+            }
+            let counter = self
+                .requests
+                .with_label_values(&[route, method.as_str(), &status.to_string()]);
+            series.insert(key, (route.clone(), counter.clone()));
+            counter
+        })
     }
 
     pub fn render(&self) -> Vec<u8> {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::HeaderName;
 use pingora_cache::{CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, RespCacheable};
 use pingora_core::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
 use pingora_core::modules::http::HttpModules;
@@ -23,16 +24,31 @@ use crate::state::{Live, Shared};
 use crate::upstreams::Lease;
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHORIZATION,
 ];
+
+/// Of those, the ones an upstream response may carry that pingora does not frame with.
+const HOP_BY_HOP_RESPONSE: [HeaderName; 5] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TRAILER,
+    http::header::UPGRADE,
+];
+
+/// Whether `headers` holds any of `names`: one pass over the (few) headers present instead of a
+/// lookup per name (each `remove_header` by name hashes it even when it is absent).
+fn holds_any(headers: &http::HeaderMap, names: &[HeaderName]) -> bool {
+    headers.keys().any(|name| names.contains(name))
+}
 
 /// How long a refused request's unread body is drained before the connection closes.
 const LINGER: Duration = Duration::from_secs(2);
@@ -639,8 +655,10 @@ impl ProxyHttp for MallProxy {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        for name in HOP_BY_HOP {
-            upstream.remove_header(name);
+        if holds_any(&upstream.headers, &HOP_BY_HOP) {
+            for name in &HOP_BY_HOP {
+                upstream.remove_header(name);
+            }
         }
         // The sidecar owns compression: the app sends identity bytes, one cached object serves all.
         upstream.remove_header("accept-encoding");
@@ -735,8 +753,10 @@ impl ProxyHttp for MallProxy {
                 .latency(&self.shared.metrics.upstream_latency)
                 .observe(sent.elapsed().as_secs_f64());
         }
-        for name in ["connection", "keep-alive", "proxy-connection", "trailer", "upgrade"] {
-            resp.remove_header(name);
+        if holds_any(&resp.headers, &HOP_BY_HOP_RESPONSE) {
+            for name in &HOP_BY_HOP_RESPONSE {
+                resp.remove_header(name);
+            }
         }
         Ok(())
     }
@@ -830,14 +850,10 @@ impl ProxyHttp for MallProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let m = &self.shared.metrics;
-        let status = session.response_written().map_or("0", |r| r.status.as_str());
-        let method = session.req_header().method.as_str();
-        m.requests.with_label_values(&[&*ctx.route, method, status]).inc();
-        if ctx.cacheable || ctx.cache_result != "BYPASS" {
-            m.cache_results.with_label_values(&[ctx.cache_result]).inc();
-        } else {
-            m.cache_results.with_label_values(&["BYPASS"]).inc();
-        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let method = &session.req_header().method;
+        m.request_counter(&ctx.route, method, status).inc();
+        m.cache_result(ctx.cache_result).inc();
         m.bytes_in.inc_by(ctx.request_body_bytes);
         // What went on the wire, after compression.
         m.bytes_out.inc_by(session.body_bytes_sent() as u64);
@@ -862,7 +878,7 @@ impl ProxyHttp for MallProxy {
                 method = %method,
                 path = req.uri.path(),
                 query = req.uri.query().unwrap_or(""),
-                status = session.response_written().map_or(0, |r| r.status.as_u16()),
+                status,
                 cache = ctx.cache_result,
                 upstream = ctx.lease.as_ref().map(|l| l.instance.label()).unwrap_or(""),
                 attempts = ctx.tried.len(),

@@ -138,5 +138,32 @@ pub fn new_request_id() -> String {
             .unwrap_or(0);
         (nanos as u64) ^ ((std::process::id() as u64) << 40)
     });
-    format!("{:016x}{:08x}", base, NEXT.fetch_add(1, Ordering::Relaxed))
+    let next = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+    // `{base:016x}{next:08x}`, without the formatting machinery (one per request).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 24];
+    for (i, byte) in id[..16].iter_mut().enumerate() {
+        *byte = HEX[((base >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    for (i, byte) in id[16..].iter_mut().enumerate() {
+        *byte = HEX[((next >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    id.iter().map(|&b| b as char).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_24_hex_digits_and_differ() {
+        let (a, b) = (super::new_request_id(), super::new_request_id());
+        assert_eq!(a.len(), 24);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(a, b);
+        assert_eq!(a[..16], b[..16], "one process, one base");
+        let (x, y) = (
+            u32::from_str_radix(&a[16..], 16).unwrap(),
+            u32::from_str_radix(&b[16..], 16).unwrap(),
+        );
+        assert!(y > x, "a counter after the base");
+    }
 }

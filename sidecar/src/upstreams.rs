@@ -24,6 +24,8 @@ pub struct Instance {
     label: String,
     /// This instance's `upstream_latency` series, looked up once instead of per response.
     latency: std::sync::OnceLock<prometheus::Histogram>,
+    /// Its `upstream_in_flight` series, likewise (two lookups per request otherwise).
+    in_flight_gauge: std::sync::OnceLock<prometheus::IntGauge>,
     weight: AtomicUsize,
     healthy: AtomicBool,
     ok_streak: AtomicU32,
@@ -39,6 +41,7 @@ impl Instance {
             addr,
             label: addr.to_string(),
             latency: std::sync::OnceLock::new(),
+            in_flight_gauge: std::sync::OnceLock::new(),
             weight: AtomicUsize::new(weight),
             // Optimistic: a new instance takes traffic until a check or a connect error says not.
             healthy: AtomicBool::new(true),
@@ -60,6 +63,11 @@ impl Instance {
             .get_or_init(|| by_instance.with_label_values(&[self.label.as_str()]))
     }
 
+    fn in_flight_gauge(&self, by_instance: &prometheus::IntGaugeVec) -> &prometheus::IntGauge {
+        self.in_flight_gauge
+            .get_or_init(|| by_instance.with_label_values(&[self.label.as_str()]))
+    }
+
     fn available(&self, now_ms: u64) -> bool {
         self.healthy.load(Ordering::Relaxed) && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
     }
@@ -78,10 +86,7 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.metrics
-            .upstream_in_flight
-            .with_label_values(&[&self.instance.label])
-            .dec();
+        self.instance.in_flight_gauge(&self.metrics.upstream_in_flight).dec();
     }
 }
 
@@ -218,10 +223,7 @@ impl Pool {
             }
         }?;
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .upstream_in_flight
-            .with_label_values(&[&chosen.label])
-            .inc();
+        chosen.in_flight_gauge(&self.metrics.upstream_in_flight).inc();
         Some(Lease {
             instance: chosen,
             metrics: self.metrics.clone(),

@@ -23,26 +23,20 @@ use crate::limits::Decision;
 use crate::state::{Live, Shared};
 use crate::upstreams::Lease;
 
-/// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
+/// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction. The first
+/// `HOP_BY_HOP_IN_RESPONSES` are the ones an upstream response may carry that pingora does not
+/// frame with (it frames with `Transfer-Encoding`; `TE` and `Proxy-Authorization` are requests').
 const HOP_BY_HOP: [HeaderName; 8] = [
     http::header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
-    http::header::TE,
     http::header::TRAILER,
-    http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
+    http::header::TE,
+    http::header::TRANSFER_ENCODING,
     http::header::PROXY_AUTHORIZATION,
 ];
-
-/// Of those, the ones an upstream response may carry that pingora does not frame with.
-const HOP_BY_HOP_RESPONSE: [HeaderName; 5] = [
-    http::header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    http::header::TRAILER,
-    http::header::UPGRADE,
-];
+const HOP_BY_HOP_IN_RESPONSES: usize = 5;
 
 /// Whether `headers` holds any of `names`: one pass over the (few) headers present instead of a
 /// lookup per name (each `remove_header` by name hashes it even when it is absent).
@@ -140,12 +134,7 @@ impl MallProxy {
         body: String,
         extra: &[(&str, String)],
     ) -> Result<()> {
-        if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
-            if c.is_header_phase() {
-                c.adjust_level(0);
-                c.adjust_decompression(false);
-            }
-        }
+        set_compression(session, 0);
         let mut resp = ResponseHeader::build(status, Some(4))?;
         resp.insert_header("content-type", content_type)?;
         resp.insert_header("content-length", body.len().to_string())?;
@@ -222,10 +211,7 @@ impl MallProxy {
             vary_on_accept_encoding(&mut header)?;
         }
         // The bytes are final: pingora's compression module must leave them alone.
-        if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
-            c.adjust_level(0);
-            c.adjust_decompression(false);
-        }
+        set_compression(session, 0);
         session.write_response_header(Box::new(header), false).await?;
         session.write_response_body(Some(body), true).await?;
         Ok(true)
@@ -277,12 +263,13 @@ impl ProxyHttp for MallProxy {
     fn new_ctx(&self) -> Ctx {
         self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         self.shared.metrics.in_flight.inc();
+        let live = self.shared.live.load_full();
         Ctx {
-            live: self.shared.live.load_full(),
+            route: live.other_route.clone(),
+            live,
             started: Instant::now(),
             _in_flight: InFlight(self.shared.clone()),
             request_id: String::new(),
-            route: self.shared.live.load().other_route.clone(),
             client_ip: None,
             cacheable: false,
             purge: false,
@@ -753,8 +740,9 @@ impl ProxyHttp for MallProxy {
                 .latency(&self.shared.metrics.upstream_latency)
                 .observe(sent.elapsed().as_secs_f64());
         }
-        if holds_any(&resp.headers, &HOP_BY_HOP_RESPONSE) {
-            for name in &HOP_BY_HOP_RESPONSE {
+        let hop_by_hop = &HOP_BY_HOP[..HOP_BY_HOP_IN_RESPONSES];
+        if holds_any(&resp.headers, hop_by_hop) {
+            for name in hop_by_hop {
                 resp.remove_header(name);
             }
         }
@@ -795,12 +783,7 @@ impl ProxyHttp for MallProxy {
         // Compression: pingora's module does the work; we decide whether this response qualifies.
         let z = &ctx.live.config.compression;
         let qualifies = compression_qualifies(z, resp);
-        if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
-            if c.is_header_phase() {
-                c.adjust_level(if qualifies { z.level } else { 0 });
-                c.adjust_decompression(false);
-            }
-        }
+        set_compression(session, if qualifies { z.level } else { 0 });
         if qualifies {
             vary_on_accept_encoding(resp)?;
         }
@@ -918,6 +901,17 @@ fn cache_status(session: &Session, result: &str) -> Option<http::HeaderValue> {
         "MISS" => Some(HeaderValue::from_static("mall-sidecar; fwd=uri-miss")),
         "BYPASS" => Some(HeaderValue::from_static("mall-sidecar; fwd=bypass")),
         _ => None,
+    }
+}
+
+/// Sets the level pingora's compression module uses for this response (0: leave the bytes as they
+/// are) and keeps it from decompressing, while the response header is still to be written.
+fn set_compression(session: &mut Session, level: u32) {
+    if let Some(c) = session.downstream_modules_ctx.get_mut::<ResponseCompression>() {
+        if c.is_header_phase() {
+            c.adjust_level(level);
+            c.adjust_decompression(false);
+        }
     }
 }
 

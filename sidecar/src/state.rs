@@ -80,8 +80,6 @@ impl Shared {
         })
     }
 
-    /// Re-reads the file; on success swaps limits, cache rules and upstreams in place. Listening
-    /// addresses, threads and the cache size need a restart, and say so.
     /// Purges the cache entries carrying any of `tags`, counted under `source`.
     pub fn invalidate<'a>(&self, source: &str, tags: impl IntoIterator<Item = &'a str>) -> u64 {
         let purged = self.store.purge_tags(tags);
@@ -93,6 +91,8 @@ impl Shared {
         purged
     }
 
+    /// Re-reads the file; on success swaps limits, cache rules and upstreams in place. Listening
+    /// addresses, threads and the cache size need a restart, and say so.
     pub fn reload(&self) -> Result<(), String> {
         let Some(path) = &self.config_path else {
             return Err("no configuration file to reload".into());

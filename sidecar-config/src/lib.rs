@@ -122,7 +122,8 @@ pub struct Upstream {
     /// Idempotent requests (GET, HEAD, PUT, DELETE, OPTIONS) are retried on another instance this
     /// many times when the connection fails.
     pub retries: usize,
-    /// Idle keep-alive connections kept to the instances, shared by all of them.
+    /// Idle keep-alive connections kept to the instances, shared by all of them (in all: each
+    /// proxy worker keeps an equal part).
     pub keepalive_pool_size: usize,
     pub health_check: HealthCheck,
     pub passive: PassiveEjection,

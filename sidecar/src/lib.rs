@@ -39,7 +39,8 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
         // The Drain service exits as soon as in-flight requests finish; this is only the cap.
         grace_period_seconds: Some(config.server.shutdown_grace_seconds),
         graceful_shutdown_timeout_seconds: Some(1),
-        upstream_keepalive_pool_size: config.upstream.keepalive_pool_size,
+        // Each worker keeps its own pool (see `add_workers`): the configured size is their total.
+        upstream_keepalive_pool_size: config.upstream.keepalive_pool_size.div_ceil(threads),
         max_retries: config.upstream.retries + 1,
         // The proxy runs as single-thread workers (see `add_workers`); the admin and background
         // services each have one thread of their own.

@@ -268,15 +268,21 @@ impl Object {
     }
 
     fn weight(&self) -> u32 {
-        // A fixed overhead per entry keeps millions of empty bodies from looking free. A body
-        // that may be compressed is weighed with room for its gzip and zstd copies, made later
-        // (together about a third of JSON's size, at most half of it at the default level).
-        let variants = if self.fast.is_some() && self.body.len() >= 1024 {
-            self.body.len() / 2
-        } else {
-            0
-        };
-        (self.meta.bytes() + self.body.len() + variants + 128).min(u32::MAX as usize) as u32
+        // A fixed overhead per entry keeps millions of empty bodies from looking free. An entry
+        // the fast path serves keeps a second header, ready for clients; a body that may be
+        // compressed is weighed with room for its gzip and zstd copies and their headers, made
+        // later (the bodies together about a third of JSON's size, at most half of it at the
+        // default level).
+        let fast = self.fast.as_ref().map_or(0, |fast| {
+            let header = header_bytes(&fast.header);
+            let variants = if self.body.len() >= 1024 {
+                self.body.len() / 2 + 2 * header
+            } else {
+                0
+            };
+            header + variants
+        });
+        (self.meta.bytes() + self.body.len() + fast + 128).min(u32::MAX as usize) as u32
     }
 }
 
@@ -379,13 +385,17 @@ impl StoredMeta {
             StoredMeta::Parts { header, .. } => (64, header),
             StoredMeta::Revalidated { internal, header } => (internal.len(), header),
         };
-        fixed
-            + header
-                .headers
-                .iter()
-                .map(|(name, value)| name.as_str().len() + value.len() + 32)
-                .sum::<usize>()
+        fixed + header_bytes(header)
     }
+}
+
+/// Roughly what a parsed header occupies.
+fn header_bytes(header: &ResponseHeader) -> usize {
+    header
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
 }
 
 pub struct MemoryStore {

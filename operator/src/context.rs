@@ -24,6 +24,10 @@ use crate::metrics::Metrics;
 
 /// The field manager of everything the reconciler writes (server-side apply).
 pub const MANAGER: &str = "mall-operator";
+/// The field manager that keeps a new HPA-mode Deployment's first `spec.replicas` (the floor)
+/// once the reconciler stops applying it, until the HPA takes the field over: Kubernetes'
+/// documented way of handing a field from one manager to another without it being removed.
+pub const HANDOVER_MANAGER: &str = "mall-operator-handover";
 /// The field manager of alert-driven scaling (`spec.replicas` in `alerts` mode, the autoscaler's
 /// part of the status), so the audit log and `managedFields` say who scaled.
 pub const AUTOSCALER_MANAGER: &str = "mall-operator-autoscaler";
@@ -59,13 +63,19 @@ pub const MONITORING_PROBE: Duration = Duration::from_secs(5);
 
 /// Whether both Prometheus Operator CRDs exist.
 pub async fn monitoring_crds_exist(client: &Client) -> bool {
+    monitoring_crds_probe(client).await.unwrap_or(false)
+}
+
+/// Whether both Prometheus Operator CRDs exist, or the API server's error: an outage says
+/// nothing about the CRDs, so the probe loop keeps what it knew.
+pub async fn monitoring_crds_probe(client: &Client) -> Result<bool, kube::Error> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for name in MONITORING_CRDS {
-        if !matches!(crds.get_opt(name).await, Ok(Some(_))) {
-            return false;
+        if crds.get_opt(name).await?.is_none() {
+            return Ok(false);
         }
     }
-    true
+    Ok(true)
 }
 
 /// Read-only caches of the children, one per kind. A reconcile reads these instead of GETting

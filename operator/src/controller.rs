@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::context::{monitoring_crds_exist, rfc3339, Stores};
+use crate::context::{monitoring_crds_exist, monitoring_crds_probe, rfc3339, Stores};
 pub use crate::context::{Context, MANAGER};
 pub use crate::context::{MONITORING_CRDS, MONITORING_PROBE};
 use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
@@ -101,19 +101,31 @@ pub async fn run(ctx: Arc<Context>) {
         .expect("the controller runs once per Context");
     let mds: Api<MallDeployment> = Api::all(client.clone());
 
-    // The Prometheus Operator may be installed after the operator: probe for its CRDs, and on
-    // their arrival start watching its kinds and reconcile every mall.
+    // The Prometheus Operator may be installed after the operator, or removed: probe for its
+    // CRDs, and when they arrive or go, reconcile every mall so `status.monitoring` says so at
+    // once (and, on arrival, start watching its kinds). The first probe is made before the
+    // first reconcile, so no mall is told its rules are applied when they cannot be.
+    let first = monitoring_crds_exist(&ctx.client).await;
+    ctx.monitoring.store(first, Ordering::Relaxed);
     let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let probe_ctx = ctx.clone();
     tokio::spawn(async move {
         loop {
-            let now = monitoring_crds_exist(&probe_ctx.client).await;
+            tokio::time::sleep(MONITORING_PROBE).await;
+            let Ok(now) = monitoring_crds_probe(&probe_ctx.client).await else {
+                continue;
+            };
             let before = probe_ctx.monitoring.swap(now, Ordering::Relaxed);
-            if now && !before {
-                tracing::info!("Prometheus Operator CRDs found: managing PrometheusRules and ServiceMonitors");
+            if now != before {
+                if now {
+                    tracing::info!("Prometheus Operator CRDs found: managing PrometheusRules and ServiceMonitors");
+                } else {
+                    tracing::warn!(
+                        "Prometheus Operator CRDs gone: alert rules and ServiceMonitors can no longer be applied"
+                    );
+                }
                 let _ = arrived_tx.send(());
             }
-            tokio::time::sleep(MONITORING_PROBE).await;
         }
     });
     let arrivals = stream::poll_fn(move |cx| arrived_rx.poll_recv(cx));
@@ -391,14 +403,40 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     } = children;
     let stores = &ctx.stores;
     let pp = PatchParams::apply(MANAGER).force();
-    apply(client, &stores.config_maps, &ns, &config_map, &pp, &mut outcome).await?;
-    apply(client, &stores.services, &ns, &service, &pp, &mut outcome).await?;
-    apply(client, &stores.services, &ns, &app_service, &pp, &mut outcome).await?;
-    apply(client, &stores.services, &ns, &metrics_service, &pp, &mut outcome).await?;
-    apply(client, &stores.deployments, &ns, &deployment, &pp, &mut outcome).await?;
-    apply(client, &stores.pdbs, &ns, &pdb, &pp, &mut outcome).await?;
+    // Each child on its own: a failure is collected and reported, never stops the others.
+    let mut children = ChildResults::default();
+    let applier = Applier {
+        client,
+        ns: &ns,
+        pp: &pp,
+    };
+    children.record(applier.apply(&stores.config_maps, &config_map, &mut outcome).await);
+    children.record(applier.apply(&stores.services, &service, &mut outcome).await);
+    children.record(applier.apply(&stores.services, &app_service, &mut outcome).await);
+    children.record(applier.apply(&stores.services, &metrics_service, &mut outcome).await);
+    // A new HPA-mode Deployment starts at the HPA's floor rather than Kubernetes' default of one
+    // pod; the field is then handed over and left to the HPA.
+    let hpa_floor = hpa
+        .as_ref()
+        .and_then(|h| h.spec.as_ref())
+        .map(|s| s.min_replicas.unwrap_or(1));
+    let live_deployment = Stores::get(&stores.deployments, &ns, &name);
+    let mut deployment = deployment;
+    if let (Some(floor), None, Some(spec)) = (hpa_floor, &live_deployment, deployment.spec.as_mut()) {
+        spec.replicas = Some(floor);
+    }
+    let deployment_result = applier.apply(&stores.deployments, &deployment, &mut outcome).await;
+    let deployment_applied = !matches!(deployment_result, ChildResult::Failed(_));
+    children.record(deployment_result);
+    if let (Some(floor), None, true) = (hpa_floor, &live_deployment, deployment_applied) {
+        // Created just now at the floor: hand the field over before the next apply leaves it
+        // out. (Should the operator stop between the two writes, the next apply drops the field
+        // and Kubernetes defaults it to 1 until the HPA's next sync, as before this existed.)
+        children.record(hand_over_replicas(client, &ns, &name, floor).await);
+    }
+    children.record(applier.apply(&stores.pdbs, &pdb, &mut outcome).await);
     match &hpa {
-        Some(hpa) => apply(client, &stores.hpas, &ns, hpa, &pp, &mut outcome).await?,
+        Some(hpa) => children.record(applier.apply(&stores.hpas, hpa, &mut outcome).await),
         None => {
             let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
             if Stores::get(&stores.hpas, &ns, &name).is_some_and(|h| {
@@ -406,7 +444,11 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
                     .iter()
                     .any(|o| o.uid == md.uid().unwrap_or_default())
             }) {
-                api.delete(&name, &Default::default()).await?;
+                let deleted = api.delete(&name, &Default::default()).await.map(|_| ());
+                children.record(ChildResult::from_delete(
+                    &format!("HorizontalPodAutoscaler/{name}"),
+                    deleted,
+                ));
                 outcome.applied.push(format!(
                     "HorizontalPodAutoscaler/{name} (deleted: autoscaling.mode is alerts)"
                 ));
@@ -414,32 +456,53 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         }
     }
 
+    // The truth about monitoring, as of this pass: what was applied, what failed, or why not.
+    let monitoring_before = children.failed.len();
     status.monitoring.message = if ctx.monitoring_available() {
-        apply_dynamic(
-            client,
-            &stores.prometheus_rules,
-            &ns,
-            &prometheus_rule,
-            &desired::prometheus_rule_resource(),
-            &pp,
-            &mut outcome,
-        )
-        .await?;
-        apply_dynamic(
-            client,
-            &stores.service_monitors,
-            &ns,
-            &service_monitor,
-            &desired::service_monitor_resource(),
-            &pp,
-            &mut outcome,
-        )
-        .await?;
-        "PrometheusRule and ServiceMonitor applied".into()
+        children.record(
+            applier
+                .apply_dynamic(
+                    &stores.prometheus_rules,
+                    &prometheus_rule,
+                    &desired::prometheus_rule_resource(),
+                    &mut outcome,
+                )
+                .await,
+        );
+        children.record(
+            applier
+                .apply_dynamic(
+                    &stores.service_monitors,
+                    &service_monitor,
+                    &desired::service_monitor_resource(),
+                    &mut outcome,
+                )
+                .await,
+        );
+        match &children.failed[monitoring_before..] {
+            [] => "PrometheusRule and ServiceMonitor applied".into(),
+            failed => format!(
+                "not applied: {}",
+                failed.iter().map(|f| f.child.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }
     } else {
         "Prometheus Operator CRDs not installed: alert rules and ServiceMonitor skipped (`operator render` prints them)"
             .into()
     };
+    for repaired in &children.repaired {
+        ctx.metrics
+            .child_apply
+            .with_label_values(&[repaired.kind(), repaired.how])
+            .inc();
+        ctx.event(md, true, "DriftRepaired", repaired.message.clone()).await;
+    }
+    for failed in &children.failed {
+        ctx.metrics
+            .child_apply
+            .with_label_values(&[failed.kind(), "failed"])
+            .inc();
+    }
     if let Some(check) = &ctx.prometheus {
         verify_monitoring(check, md, &tuning, &mut status).await;
     }
@@ -483,14 +546,40 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     } else {
         set_condition(&mut status, md, "Ready", false, "PodsNotReady", &ready_message);
     }
-    set_condition(
-        &mut status,
-        md,
-        "Degraded",
-        false,
-        "Reconciled",
-        "the children match the spec",
-    );
+    if children.failed.is_empty() {
+        set_condition(
+            &mut status,
+            md,
+            "Degraded",
+            false,
+            "Reconciled",
+            "the children match the spec",
+        );
+    } else {
+        let message = children
+            .failed
+            .iter()
+            .map(|f| format!("{}: {}", f.child, f.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        // One event per new failure, not one per retry.
+        if !old_status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.reason == "ChildNotApplied" && c.message == message)
+        {
+            for failed in &children.failed {
+                ctx.event(
+                    md,
+                    true,
+                    "ChildNotApplied",
+                    format!("{}: {}", failed.child, failed.message),
+                )
+                .await;
+            }
+        }
+        set_condition(&mut status, md, "Degraded", true, "ChildNotApplied", &message);
+    }
 
     outcome.status_written = write_status(&mds, &name, &old_status, &status).await?;
     if !outcome.applied.is_empty() {
@@ -506,6 +595,11 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     if let Some(at) = schedule.next_change() {
         // Be there when a sale window takes effect or ends.
         next = next.min(Duration::from_secs((at - now).max(1) as u64));
+    }
+    if !children.failed.is_empty() {
+        // The others are applied and reported; retry the failed ones as error_policy would.
+        ctx.metrics.reconcile_errors.with_label_values(&["child"]).inc();
+        next = next.min(Duration::from_secs(15));
     }
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
 }
@@ -525,59 +619,279 @@ fn sale_status(schedule: &sale::Schedule) -> crate::crd::SaleStatus {
     }
 }
 
-/// Applies `desired` unless the live object already holds every field of it (then nothing is
-/// written, so a steady state makes no API writes and no watch events).
-async fn apply<K>(
-    client: &Client,
-    store: &Store<K>,
-    ns: &str,
-    desired: &K,
-    pp: &PatchParams,
-    outcome: &mut Outcome,
-) -> Result<(), Error>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + std::fmt::Debug
-        + 'static,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let name = desired.meta().name.clone().unwrap_or_default();
-    let want = serde_json::to_value(desired)?;
-    if let Some(live) = Stores::get(store, ns, &name) {
-        if contains(&serde_json::to_value(&*live)?, &want) {
-            return Ok(());
-        }
+/// Applies `spec.replicas` alone under `HANDOVER_MANAGER`, not forced: where the HPA already set
+/// another value it owns the field and nothing is fought over.
+async fn hand_over_replicas(client: &Client, ns: &str, name: &str, replicas: i32) -> ChildResult {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let patch = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": name },
+        "spec": { "replicas": replicas },
+    });
+    match api
+        .patch(
+            name,
+            &PatchParams::apply(crate::context::HANDOVER_MANAGER),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => ChildResult::Ok,
+        Err(kube::Error::Api(status)) if status.code == 409 => ChildResult::Ok,
+        Err(e) => ChildResult::Failed(Failed {
+            child: format!("Deployment/{name}"),
+            message: format!("handing spec.replicas over to the HPA: {}", api_message(&e)),
+        }),
     }
-    api.patch(&name, pp, &Patch::Apply(desired)).await?;
-    outcome
-        .applied
-        .push(format!("{}/{name}", K::kind(&K::DynamicType::default())));
-    Ok(())
 }
 
-async fn apply_dynamic(
-    client: &Client,
-    store: &Store<DynamicObject>,
-    ns: &str,
-    desired: &DynamicObject,
-    resource: &kube::api::ApiResource,
-    pp: &PatchParams,
-    outcome: &mut Outcome,
-) -> Result<(), Error> {
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
-    let name = desired.name_any();
-    let want = serde_json::to_value(desired)?;
-    if let Some(live) = Stores::get_dynamic(store, resource, ns, &name) {
-        if contains(&serde_json::to_value(&*live)?, &want) {
-            return Ok(());
+/// One child's apply: done (or already right), repaired after server-side apply could not merge
+/// the live object, or failed.
+pub enum ChildResult {
+    Ok,
+    Repaired(Repaired),
+    Failed(Failed),
+}
+
+impl ChildResult {
+    fn from_delete(child: &str, result: Result<(), kube::Error>) -> ChildResult {
+        match result {
+            Ok(()) => ChildResult::Ok,
+            Err(e) => ChildResult::Failed(Failed {
+                child: child.into(),
+                message: api_message(&e),
+            }),
         }
     }
-    api.patch(&name, pp, &Patch::Apply(desired)).await?;
-    outcome.applied.push(format!("{}/{name}", resource.kind));
-    Ok(())
+}
+
+pub struct Repaired {
+    /// `Kind/name`.
+    pub child: String,
+    /// `replaced` (a field) or `recreated` (the object).
+    pub how: &'static str,
+    pub message: String,
+}
+
+pub struct Failed {
+    /// `Kind/name`.
+    pub child: String,
+    /// The API server's message.
+    pub message: String,
+}
+
+fn kind_of(child: &str) -> &str {
+    child.split('/').next().unwrap_or_default()
+}
+
+impl Repaired {
+    fn kind(&self) -> &str {
+        kind_of(&self.child)
+    }
+}
+
+impl Failed {
+    fn kind(&self) -> &str {
+        kind_of(&self.child)
+    }
+}
+
+#[derive(Default)]
+struct ChildResults {
+    repaired: Vec<Repaired>,
+    failed: Vec<Failed>,
+}
+
+impl ChildResults {
+    fn record(&mut self, result: ChildResult) {
+        match result {
+            ChildResult::Ok => {}
+            ChildResult::Repaired(r) => self.repaired.push(r),
+            ChildResult::Failed(f) => self.failed.push(f),
+        }
+    }
+}
+
+fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
+        other => other.to_string(),
+    }
+}
+
+/// The fields whose list-maps server-side apply merges by key (Service ports by port and
+/// protocol, containers by name, and the like). A drift keyed differently from what the operator
+/// owns (kubectl changing a Service's port) makes the merged object invalid, and the forced
+/// apply fails with 422 however often it is retried; replacing these fields with the spec's,
+/// then applying again, repairs it. Kinds without an entry are recreated instead: nothing runs
+/// from them, so recreating costs nothing.
+fn replaceable_fields(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "Service" => &["/spec/ports"],
+        // Recreating a Deployment would delete every pod.
+        "Deployment" => &["/spec/template/spec/containers", "/spec/template/spec/volumes"],
+        _ => &[],
+    }
+}
+
+struct Applier<'a> {
+    client: &'a Client,
+    ns: &'a str,
+    pp: &'a PatchParams,
+}
+
+impl Applier<'_> {
+    /// Applies `desired` unless the live object already holds every field of it (then nothing is
+    /// written, so a steady state makes no API writes and no watch events).
+    async fn apply<K>(&self, store: &Store<K>, desired: &K, outcome: &mut Outcome) -> ChildResult
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug
+            + 'static,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), self.ns);
+        let kind = K::kind(&()).to_string();
+        let name = desired.meta().name.clone().unwrap_or_default();
+        let want = match serde_json::to_value(desired) {
+            Ok(v) => v,
+            Err(e) => {
+                return ChildResult::Failed(Failed {
+                    child: format!("{kind}/{name}"),
+                    message: e.to_string(),
+                })
+            }
+        };
+        if let Some(live) = Stores::get(store, self.ns, &name) {
+            if serde_json::to_value(&*live).is_ok_and(|live| contains(&live, &want)) {
+                return ChildResult::Ok;
+            }
+        }
+        let patch = Patch::Apply(desired);
+        let result = self
+            .apply_repairing(&kind, &name, &want, || api.patch(&name, self.pp, &patch), &api)
+            .await;
+        if !matches!(result, ChildResult::Failed(_)) {
+            outcome.applied.push(format!("{kind}/{name}"));
+        }
+        result
+    }
+
+    async fn apply_dynamic(
+        &self,
+        store: &Store<DynamicObject>,
+        desired: &DynamicObject,
+        resource: &ApiResource,
+        outcome: &mut Outcome,
+    ) -> ChildResult {
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), self.ns, resource);
+        let name = desired.name_any();
+        let want = serde_json::to_value(desired).unwrap_or_default();
+        if let Some(live) = Stores::get_dynamic(store, resource, self.ns, &name) {
+            if serde_json::to_value(&*live).is_ok_and(|live| contains(&live, &want)) {
+                return ChildResult::Ok;
+            }
+        }
+        let patch = Patch::Apply(desired);
+        let result = self
+            .apply_repairing(&resource.kind, &name, &want, || api.patch(&name, self.pp, &patch), &api)
+            .await;
+        if !matches!(result, ChildResult::Failed(_)) {
+            outcome.applied.push(format!("{}/{name}", resource.kind));
+        }
+        result
+    }
+
+    /// Applies; on a 422 (the merged object is invalid), replaces the list-map fields with the
+    /// spec's or recreates the object, and applies again.
+    async fn apply_repairing<K, F, Fut>(
+        &self,
+        kind: &str,
+        name: &str,
+        want: &Value,
+        apply: F,
+        api: &Api<K>,
+    ) -> ChildResult
+    where
+        K: Clone + DeserializeOwned + std::fmt::Debug,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<K, kube::Error>>,
+    {
+        let child = format!("{kind}/{name}");
+        let refused = match apply().await {
+            Ok(_) => return ChildResult::Ok,
+            Err(kube::Error::Api(status)) if status.code == 422 => status.message.clone(),
+            Err(e) => {
+                return ChildResult::Failed(Failed {
+                    child,
+                    message: api_message(&e),
+                })
+            }
+        };
+        let fields = replaceable_fields(kind);
+        let how = if fields.is_empty() {
+            if let Err(e) = api.delete(name, &Default::default()).await {
+                return ChildResult::Failed(Failed {
+                    child,
+                    message: format!("{refused}; recreating it failed: {}", api_message(&e)),
+                });
+            }
+            "recreated"
+        } else {
+            // A JSON merge patch (RFC 7386) replaces a list whole, keys and all.
+            let mut patch = json!({});
+            for path in fields {
+                if let Some(value) = want.pointer(path) {
+                    let mut at = &mut patch;
+                    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+                    for (i, segment) in segments.iter().enumerate() {
+                        let next = if i + 1 == segments.len() {
+                            value.clone()
+                        } else {
+                            json!({})
+                        };
+                        at = at
+                            .as_object_mut()
+                            .expect("patch levels are objects")
+                            .entry(segment.to_string())
+                            .or_insert(next);
+                    }
+                }
+            }
+            let params = PatchParams {
+                field_manager: Some(MANAGER.into()),
+                ..PatchParams::default()
+            };
+            if let Err(e) = api.patch(name, &params, &Patch::Merge(&patch)).await {
+                return ChildResult::Failed(Failed {
+                    child,
+                    message: format!("{refused}; replacing {} failed: {}", fields.join(", "), api_message(&e)),
+                });
+            }
+            "replaced"
+        };
+        match apply().await {
+            Ok(_) => {
+                let what = if how == "recreated" {
+                    "deleted and created it again".to_string()
+                } else {
+                    format!("replaced {} with the spec's", fields.join(" and "))
+                };
+                ChildResult::Repaired(Repaired {
+                    message: format!("{child}: server-side apply could not merge the live object ({refused}); {what}"),
+                    child,
+                    how,
+                })
+            }
+            Err(e) => ChildResult::Failed(Failed {
+                child,
+                message: format!("{refused}; after the repair: {}", api_message(&e)),
+            }),
+        }
+    }
 }
 
 /// Asks the configured Prometheus whether it loaded this mall's rules and scrapes its pods, and

@@ -2,12 +2,72 @@
 //! and the status the operator reports back. Defaults and validation live in the schema so
 //! `kubectl explain` and the API server both know them.
 
-use kube::{CustomResource, KubeSchema};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use mall_sidecar_config::{Balance, CacheRule, LimitRule};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 pub const GROUP: &str = "mall.example.com";
+
+/// `metadata.name`: a DNS label of at most 59 characters, so that `<name>-app` is a valid
+/// Service name and `<name>` a valid label value.
+pub const NAME_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+pub const NAME_MAX: u64 = 59;
+
+/// The CRD as the API server gets it (crdgen, the chart, `operator render` and every reconcile's
+/// validation use this one): kube's derive, plus two things the derive cannot say.
+/// - `metadata.name` is restricted in the schema (the only place a structural schema allows it),
+///   so a refusal names the field; a root CEL rule would be reported at `<nil>`.
+/// - A fractional `minimum` on a number also gets a CEL rule: the API server's OpenAPI validator
+///   compares a JSON integer with the minimum truncated to an integer (kube-openapi's
+///   `MinimumNativeType`), so `0` passes `minimum: 0.001` and `1` passes `minimum: 1.1`. CEL sees
+///   the value as a double and compares it exactly.
+pub fn definition() -> CustomResourceDefinition {
+    let mut crd = serde_json::to_value(MallDeployment::crd()).expect("the CRD serialises");
+    let schema = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    schema["properties"]["metadata"] = json!({
+        "type": "object",
+        "properties": {
+            "name": {
+                "type": "string",
+                "maxLength": NAME_MAX,
+                "pattern": NAME_PATTERN,
+            }
+        }
+    });
+    exact_fractional_minimums(schema);
+    serde_json::from_value(crd).expect("the CRD deserialises")
+}
+
+fn exact_fractional_minimums(schema: &mut Value) {
+    let Some(object) = schema.as_object_mut() else { return };
+    if object.get("type").and_then(Value::as_str) == Some("number") {
+        if let Some(min) = object
+            .get("minimum")
+            .and_then(Value::as_f64)
+            .filter(|m| m.fract() != 0.0)
+        {
+            let rule = json!({ "rule": format!("self >= {min:?}"), "message": format!("must be at least {min}") });
+            match object.get_mut("x-kubernetes-validations").and_then(Value::as_array_mut) {
+                Some(rules) => rules.push(rule),
+                None => {
+                    object.insert("x-kubernetes-validations".into(), json!([rule]));
+                }
+            }
+        }
+    }
+    for key in ["properties", "additionalProperties", "items"] {
+        match object.get_mut(key) {
+            Some(Value::Object(children)) if key == "properties" => {
+                children.values_mut().for_each(exact_fractional_minimums)
+            }
+            Some(child) if key != "properties" => exact_fractional_minimums(child),
+            _ => {}
+        }
+    }
+}
 
 /// A mall: the app and its sidecar, tuned from their resources, with a Service, an autoscaler, a
 /// disruption budget and Prometheus alert rules.
@@ -48,14 +108,12 @@ pub const GROUP: &str = "mall.example.com";
     validation = Rule::new("self.spec.slo.highQps < self.spec.slo.criticalQps")
         .message("spec.slo.highQps must be below spec.slo.criticalQps")
         .field_path(".spec.slo.highQps"),
-    validation = Rule::new("self.spec.autoscaling.mode == 'alerts' || !isQuantity(string(self.spec.app.cpu.limit)) || !isQuantity(string(self.spec.app.cpu.request)) || quantity(string(self.spec.app.cpu.request)).sign() <= 0 || quantity(string(self.spec.app.cpu.request)).compareTo(quantity(string(self.spec.app.cpu.limit))) > 0 || double(self.spec.autoscaling.targetCpuPercent) * 1.1 <= 100.0 * quantity(string(self.spec.app.cpu.limit)).asApproximateFloat() / quantity(string(self.spec.app.cpu.request)).asApproximateFloat()")
+    validation = Rule::new("self.spec.autoscaling.mode == 'alerts' || !isQuantity(string(self.spec.app.cpu.limit)) || !isQuantity(string(self.spec.app.cpu.request)) || sign(quantity(string(self.spec.app.cpu.request))) <= 0 || quantity(string(self.spec.app.cpu.request)).compareTo(quantity(string(self.spec.app.cpu.limit))) > 0 || double(self.spec.autoscaling.targetCpuPercent) * 1.1 <= 100.0 * quantity(string(self.spec.app.cpu.limit)).asApproximateFloat() / quantity(string(self.spec.app.cpu.request)).asApproximateFloat()")
         .message("spec.autoscaling.targetCpuPercent cannot be reached: the HPA scales at 110 % of the target, and the app can use at most its CPU limit, measured against its request; lower the target or raise spec.app.cpu.limit above the request")
         .field_path(".spec.autoscaling.targetCpuPercent"),
     validation = Rule::new("has(self.spec.database.primary) || self.spec.maxReplicas == 1")
         .message("without spec.database.primary every pod sells from its own embedded SQLite stock: set spec.database.primary, or replicas, minReplicas and maxReplicas to 1")
-        .field_path(".spec.maxReplicas"),
-    validation = Rule::new("size(self.metadata.name) <= 59 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
-        .message("metadata.name must be a DNS label of at most 59 characters (lower-case letters, digits and '-', starting with a letter), so that `<name>-app` is a valid Service name and `<name>` a valid label value")
+        .field_path(".spec.maxReplicas")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MallDeploymentSpec {
@@ -168,10 +226,10 @@ impl Default for SidecarContainer {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(deny_unknown_fields)]
 #[x_kube(
-    validation = Rule::new("isQuantity(string(self.request)) && quantity(string(self.request)).sign() >= 0")
+    validation = Rule::new("isQuantity(string(self.request)) && sign(quantity(string(self.request))) >= 0")
         .message("request must be a Kubernetes quantity such as 500m, 2 or 512Mi")
         .field_path(".request"),
-    validation = Rule::new("isQuantity(string(self.limit)) && quantity(string(self.limit)).sign() > 0")
+    validation = Rule::new("isQuantity(string(self.limit)) && sign(quantity(string(self.limit))) > 0")
         .message("limit must be a positive Kubernetes quantity such as 500m, 2 or 512Mi")
         .field_path(".limit"),
     validation = Rule::new("!isQuantity(string(self.request)) || !isQuantity(string(self.limit)) || quantity(string(self.request)).compareTo(quantity(string(self.limit))) <= 0")
@@ -207,8 +265,10 @@ fn quantity<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> 
     )
 }
 
+/// A quantity is never long; the bound also keeps the CEL rules' estimated cost small (the API
+/// server estimates an unbounded string at the 3 MiB request limit).
 fn int_or_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+    schemars::json_schema!({ "x-kubernetes-int-or-string": true, "maxLength": 64 })
 }
 
 /// A key of a Secret in the MallDeployment's namespace.
@@ -417,21 +477,40 @@ impl Default for Autoscaling {
 
 /// A planned sale. Times are wall-clock times in `timeZone` (daylight saving included), so
 /// "09:00 every day in Europe/Berlin" stays 09:00 all year.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+///
+/// The rules compare the wall-clock times as if they were UTC, as `sale.rs` compares them: both
+/// are in the same zone. Whether `timeZone` names a zone the operator knows is beyond CEL; the
+/// operator reports that one (`Degraded InvalidSpec`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("timestamp(self.end + (size(self.end) == 16 ? ':00Z' : 'Z')) > timestamp(self.start + (size(self.start) == 16 ? ':00Z' : 'Z'))")
+        .message("end must be after start")
+        .field_path(".end"),
+    validation = Rule::new("self.recurrence == 'none' || timestamp(self.end + (size(self.end) == 16 ? ':00Z' : 'Z')) - timestamp(self.start + (size(self.start) == 16 ? ':00Z' : 'Z')) <= duration(self.recurrence == 'daily' ? '24h' : '168h')")
+        .message("a daily window must end within 1 day of its start, a weekly one within 7 days")
+        .field_path(".end")
+)]
 pub struct SaleWindow {
     /// Unique among the windows; shown in status, events and the `window` metric label.
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// When the sale starts: `YYYY-MM-DDTHH:MM[:SS]` in `timeZone`; with a recurrence, the first one.
-    #[schemars(regex(pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?$"))]
+    #[schemars(
+        length(max = 19),
+        regex(pattern = r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?$")
+    )]
     pub start: String,
     /// When it ends, in the same form: after `start`, and within a day (daily) or a week (weekly).
-    #[schemars(regex(pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?$"))]
+    #[schemars(
+        length(max = 19),
+        regex(pattern = r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?$")
+    )]
     pub end: String,
     /// IANA time zone of `start` and `end`, such as `Europe/Berlin`.
     #[serde(default = "defaults::utc")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][-+_/A-Za-z0-9]*$"))]
     pub time_zone: String,
     /// Repeat the window: `none`, `daily` or `weekly`.
     #[serde(default)]

@@ -100,6 +100,34 @@ impl Elector {
         }
     }
 
+    /// Gives the lease up on shutdown (SIGTERM), so a standby leads at its next try (within the
+    /// retry period) instead of after the lease expires, and `helm uninstall` leaves no Lease
+    /// behind. The Lease is deleted rather than emptied, with our resourceVersion as a
+    /// precondition: a lease another replica took meanwhile is left alone. Returns whether it
+    /// was ours.
+    pub async fn release(&self) -> Result<bool, kube::Error> {
+        let Some(lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(false);
+        };
+        let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
+        if holder != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        let dp = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                resource_version: lease.metadata.resource_version.clone(),
+                uid: lease.metadata.uid.clone(),
+            }),
+            ..kube::api::DeleteParams::default()
+        };
+        match self.api.delete(&self.name, &dp).await {
+            Ok(_) => Ok(true),
+            // Renewed or taken meanwhile (a conflict), or already gone.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Takes or renews the lease; `Ok(true)` while we hold it. A lost race is `Ok(false)`.
     pub async fn try_lead(&self, now: Timestamp) -> Result<bool, kube::Error> {
         let secs = self.duration.as_secs() as i32;

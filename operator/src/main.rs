@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -175,12 +176,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     elector.acquire(timing).await;
     leading.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "leading");
-    tokio::spawn(async move {
-        let why = elector.hold(timing).await;
+    let elector = Arc::new(elector);
+    let holder = elector.clone();
+    let holding = tokio::spawn(async move {
+        let why = holder.hold(timing).await;
         // Another replica may lead by now: stop at once rather than reconcile twice.
         tracing::error!(reason = %why, "leadership lost; exiting");
         std::process::exit(1);
     });
+    // Returns on SIGTERM or SIGINT, once the reconciles in flight have finished.
     controller::run(ctx).await;
+    holding.abort();
+    leading.store(false, Ordering::Relaxed);
+    match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+        Ok(Ok(true)) => tracing::info!(%identity, "lease released: a standby leads at its next try"),
+        Ok(Ok(false)) => tracing::info!(%identity, "lease no longer ours; nothing to release"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "lease not released; a standby leads once it expires"),
+        Err(_) => tracing::warn!("lease release timed out; a standby leads once it expires"),
+    }
     Ok(())
 }

@@ -15,6 +15,9 @@ pub struct Metrics {
     pub scale_events: IntCounterVec,
     /// 1 while a MallDeployment's sale window is in effect (from its lead time to its end), else 0.
     pub sale_window_active: IntGaugeVec,
+    /// Children that could not be applied, by kind and what was done (`failed`, `repaired`,
+    /// `recreated`): one child's failure never stops the others, so this is where it shows.
+    pub child_apply: IntCounterVec,
 }
 
 impl Metrics {
@@ -52,6 +55,14 @@ impl Metrics {
                 &["malldeployment_namespace", "malldeployment", "window"],
             )
             .expect("metric"),
+            child_apply: IntCounterVec::new(
+                Opts::new(
+                    "child_apply_total",
+                    "Children whose apply failed, and drift that server-side apply could not merge, repaired",
+                ),
+                &["kind", "result"],
+            )
+            .expect("metric"),
             registry,
         };
         m.registry.register(Box::new(m.reconciles.clone())).expect("unique");
@@ -66,6 +77,7 @@ impl Metrics {
         m.registry
             .register(Box::new(m.sale_window_active.clone()))
             .expect("unique");
+        m.registry.register(Box::new(m.child_apply.clone())).expect("unique");
         m
     }
 

@@ -7,7 +7,6 @@
 //! garbage collector delete them. They carry the operator's labels instead; once the
 //! MallDeployment exists, the operator's server-side apply adds itself as controller (adoption).
 
-use kube::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::MallDeployment;
@@ -15,7 +14,7 @@ use crate::desired::{self, Children};
 use crate::{sale, tuning, validation};
 
 pub fn crd_yaml() -> String {
-    serde_yaml::to_string(&MallDeployment::crd()).expect("the CRD serialises")
+    serde_yaml::to_string(&crate::crd::definition()).expect("the CRD serialises")
 }
 
 /// Reads MallDeployment documents (YAML, `---`-separated) and returns every child as one YAML

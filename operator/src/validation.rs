@@ -6,7 +6,6 @@
 
 use std::sync::OnceLock;
 
-use kube::CustomResourceExt;
 use serde_json::Value;
 
 use crate::crd::{MallDeployment, GROUP};
@@ -16,7 +15,7 @@ use crate::{desired, tuning};
 fn schema() -> &'static Value {
     static SCHEMA: OnceLock<Value> = OnceLock::new();
     SCHEMA.get_or_init(|| {
-        let crd = serde_json::to_value(MallDeployment::crd()).expect("the CRD serialises");
+        let crd = serde_json::to_value(crate::crd::definition()).expect("the CRD serialises");
         crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
     })
 }

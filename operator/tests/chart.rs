@@ -7,9 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kube::CustomResourceExt;
 use mall_operator::controller::contains;
-use mall_operator::crd::MallDeployment;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -219,7 +217,7 @@ fn dashboard_queries_parse_and_cover_the_panels() {
 
 #[test]
 fn examples_pass_the_crd_schema_and_render_into_valid_objects() {
-    let crd = serde_json::to_value(MallDeployment::crd()).unwrap();
+    let crd = serde_json::to_value(mall_operator::crd::definition()).unwrap();
     let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
     let validator = jsonschema::validator_for(schema).unwrap();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");

@@ -68,6 +68,48 @@ async fn everything_the_operator_does() -> Vec<common::Call> {
         .await
         .unwrap();
     assert_eq!(pass().await.applied, ["Service/shop-app"]);
+    // Drift that server-side apply cannot merge (a 422): a Service's ports are replaced (a merge
+    // patch), and each kind that is recreated instead is deleted and applied again.
+    Api::<Service>::namespaced(fake.clone(), NS)
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "ports": [{ "name": "http", "port": 81, "targetPort": "http" }] } })),
+        )
+        .await
+        .unwrap();
+    let drifted = [
+        (
+            "/api/v1/namespaces/shop/configmaps/shop-sidecar",
+            "data",
+            json!({ "data": { "sidecar.toml": "edited" } }),
+        ),
+        (
+            "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/shop",
+            "spec",
+            json!({ "spec": { "maxUnavailable": 3 } }),
+        ),
+        (
+            "/apis/monitoring.coreos.com/v1/namespaces/shop/prometheusrules/shop",
+            "spec",
+            json!({ "spec": { "groups": [] } }),
+        ),
+        (
+            "/apis/monitoring.coreos.com/v1/namespaces/shop/servicemonitors/shop",
+            "spec",
+            json!({ "spec": { "endpoints": [] } }),
+        ),
+    ];
+    for (path, _, patch) in &drifted {
+        let request = http::Request::patch(*path)
+            .header(http::header::CONTENT_TYPE, "application/merge-patch+json")
+            .body(serde_json::to_vec(patch).unwrap())
+            .unwrap();
+        fake.request::<serde_json::Value>(request).await.unwrap();
+        api.fail_next("PATCH", path, 422, 1);
+    }
+    let repaired = pass().await;
+    assert_eq!(repaired.applied.len(), 5, "{repaired:?}");
     // Switching to alerts-only scaling deletes the HPA.
     mds.patch(
         "shop",
@@ -106,6 +148,8 @@ async fn everything_the_operator_does() -> Vec<common::Call> {
     );
     assert!(elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await.unwrap());
     assert!(elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await.unwrap());
+    // SIGTERM: the lease is deleted.
+    assert!(elector.release().await.unwrap());
 
     // The controller's own requests: its label-selected lists and watches, the CRD probe.
     let run_ctx = Arc::new(Context::new(client.clone()));

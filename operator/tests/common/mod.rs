@@ -4,7 +4,13 @@
 //!   them to RBAC (apiGroup, resource, verb) and count requests per reconcile;
 //! - quantities are canonicalised on write (`0.5` -> `500m`, `0.5Gi` -> `512Mi`), as the API
 //!   server stores them;
-//! - the API can be taken down (connection errors) to model an API server restart.
+//! - the API can be taken down (connection errors) to model an API server restart;
+//! - a Service's `spec.ports` is merged by server-side apply as the API server merges it: a
+//!   list-map keyed by port and protocol, where entries another manager set (kubectl changing a
+//!   port) stay beside the applier's, and a merged list with a name twice is refused with the API
+//!   server's 422 (`spec.ports[1].name: Duplicate value: "http"`). Only Service ports are merged
+//!   so; the fake replaces every other list whole;
+//! - chosen writes can be made to fail with a given status (`fail_writes_to`).
 //!
 //! Not modelled: watches (the fake has none; `Context::sync` stands for a caught-up watch),
 //! admission, the garbage collector, RBAC enforcement itself (checked against the chart instead).
@@ -104,22 +110,62 @@ pub struct Recorded {
     pub client: Client,
     pub calls: Arc<Mutex<Vec<Call>>>,
     pub down: Arc<AtomicBool>,
+    failing: Arc<Mutex<Vec<Failure>>>,
+}
+
+/// An injected failure: writes (of `method`, when given) to paths ending with `suffix` answer
+/// `code`, `times` times (forever when `None`).
+#[derive(Clone)]
+struct Failure {
+    suffix: String,
+    method: Option<String>,
+    code: u16,
+    times: Option<usize>,
 }
 
 impl Recorded {
     pub fn wrap(inner: Client) -> Recorded {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let down = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(Mutex::new(Vec::new()));
         let service = Layer {
             inner,
             calls: calls.clone(),
             down: down.clone(),
+            failing: failing.clone(),
+            applied_ports: Arc::default(),
         };
         Recorded {
             client: Client::new(service, "default"),
             calls,
             down,
+            failing,
         }
+    }
+
+    /// Every write whose path ends with `path_suffix` fails with `code` (as an API server would
+    /// answer it: a Status body), until `clear_failures`.
+    pub fn fail_writes_to(&self, path_suffix: &str, code: u16) {
+        self.failing.lock().unwrap().push(Failure {
+            suffix: path_suffix.into(),
+            method: None,
+            code,
+            times: None,
+        });
+    }
+
+    /// The next `times` requests of `method` to paths ending with `path_suffix` answer `code`.
+    pub fn fail_next(&self, method: &str, path_suffix: &str, code: u16, times: usize) {
+        self.failing.lock().unwrap().push(Failure {
+            suffix: path_suffix.into(),
+            method: Some(method.into()),
+            code,
+            times: Some(times),
+        });
+    }
+
+    pub fn clear_failures(&self) {
+        self.failing.lock().unwrap().clear();
     }
 
     pub fn take(&self) -> Vec<Call> {
@@ -140,6 +186,84 @@ struct Layer {
     inner: Client,
     calls: Arc<Mutex<Vec<Call>>>,
     down: Arc<AtomicBool>,
+    failing: Arc<Mutex<Vec<Failure>>>,
+    /// Per Service path: the (port, protocol) keys server-side apply has set, so the keys the
+    /// applier owns are told from those another manager set.
+    applied_ports: Arc<AppliedPorts>,
+}
+
+/// Per Service path, the (port, protocol) keys its server-side applies have set.
+type AppliedPorts = Mutex<std::collections::HashMap<String, std::collections::HashSet<(i64, String)>>>;
+
+fn status_response(code: u16, reason: &str, message: String) -> http::Response<Body> {
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code,
+    });
+    http::Response::builder()
+        .status(code)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap()
+}
+
+fn port_key(port: &Value) -> (i64, String) {
+    (
+        port["port"].as_i64().unwrap_or_default(),
+        port["protocol"].as_str().unwrap_or("TCP").to_string(),
+    )
+}
+
+/// Server-side apply of a Service: merges `spec.ports` by key with the live object's and refuses
+/// a merged list with a duplicate name, as the API server does. `None` lets the request through.
+async fn merge_service_ports(
+    inner: &Client,
+    applied: &AppliedPorts,
+    path: &str,
+    body: &Value,
+) -> Option<http::Response<Body>> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let ["api", "v1", "namespaces", ns, "services", name] = segments[..] else {
+        return None;
+    };
+    let ours: Vec<Value> = body["spec"]["ports"].as_array().cloned().unwrap_or_default();
+    let our_keys: std::collections::HashSet<(i64, String)> = ours.iter().map(port_key).collect();
+    let live = kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(inner.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten();
+    let previously = applied.lock().unwrap().get(path).cloned().unwrap_or_default();
+    let mut merged = ours.clone();
+    if let Some(live) = live {
+        let live = serde_json::to_value(live).unwrap();
+        for port in live["spec"]["ports"].as_array().into_iter().flatten() {
+            let key = port_key(port);
+            // Another manager's entry: kept beside ours.
+            if !our_keys.contains(&key) && !previously.contains(&key) {
+                merged.push(port.clone());
+            }
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, port) in merged.iter().enumerate() {
+        if let Some(n) = port["name"].as_str() {
+            if !names.insert(n.to_string()) {
+                return Some(status_response(
+                    422,
+                    "Invalid",
+                    format!("Service \"{name}\" is invalid: spec.ports[{i}].name: Duplicate value: \"{n}\""),
+                ));
+            }
+        }
+    }
+    applied
+        .lock()
+        .unwrap()
+        .entry(path.to_string())
+        .or_default()
+        .extend(our_keys);
+    None
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<http::Response<Body>, kube::Error>> + Send>>;
@@ -170,9 +294,44 @@ impl tower::Service<http::Request<Body>> for Layer {
         if self.down.load(Ordering::SeqCst) {
             return Box::pin(async { Err(kube::Error::Service("connection refused (API server down)".into())) });
         }
+        let path = req.uri().path().to_string();
+        if req.method() != http::Method::GET {
+            let mut failing = self.failing.lock().unwrap();
+            let method = req.method().as_str();
+            let hit = failing.iter_mut().find(|f| {
+                path.ends_with(f.suffix.as_str())
+                    && f.method.as_deref().is_none_or(|m| m == method)
+                    && f.times != Some(0)
+            });
+            if let Some(f) = hit {
+                if let Some(n) = f.times.as_mut() {
+                    *n -= 1;
+                }
+                let code = f.code;
+                let reason = if code == 422 { "Invalid" } else { "InternalError" };
+                return Box::pin(
+                    async move { Ok(status_response(code, reason, format!("injected failure for {path}"))) },
+                );
+            }
+        }
+        let apply = req.method() == http::Method::PATCH
+            && header(http::header::CONTENT_TYPE).is_some_and(|c| c.starts_with("application/apply-patch"));
         let inner = self.inner.clone();
+        let applied = self.applied_ports.clone();
         Box::pin(async move {
             let req = canonicalise(req).await?;
+            if apply {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect_bytes().await?;
+                if let Ok(value) = serde_json::from_slice::<Value>(&bytes) {
+                    if let Some(refused) = merge_service_ports(&inner, &applied, &path, &value).await {
+                        return Ok(refused);
+                    }
+                }
+                return inner
+                    .send(http::Request::from_parts(parts, Body::from(bytes.to_vec())))
+                    .await;
+            }
             inner.send(req).await
         })
     }

@@ -74,6 +74,13 @@ pub struct DbArgs {
     /// Replica connections kept open while idle. Default: 2 per CPU, at most 20 (seed 000).
     #[arg(long, env = "MALL_DB_REPLICA_MIN_CONNECTIONS")]
     pub db_replica_min_connections: Option<u32>,
+    /// A file (JSON, `{"primary": 10, "replicas": 8}`) with the connections this pod may hold
+    /// open, read at start and again whenever it changes: the operator mounts its share of the
+    /// database's connection budget here, so a new `maxReplicas` resizes running pools instead
+    /// of restarting the pods. The pool sizes above stay the ceilings. With a file, pools keep no
+    /// minimum open (a minimum above a smaller share would hold connections the share forbids).
+    #[arg(long, env = "MALL_DB_ALLOWANCE_FILE")]
+    pub db_allowance_file: Option<PathBuf>,
     /// How long a request waits for a pooled connection before failing with 503.
     #[arg(long, env = "MALL_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 3000)]
     pub db_acquire_timeout_ms: u64,

@@ -5,6 +5,12 @@
 //! the caller's own write use [`Db::read_primary`]. With the embedded SQLite default the
 //! "primary" is a single-connection writer (SQLite allows one writer at a time, so queueing in
 //! our pool beats spinning on the file lock) and the one "replica" is a read-only reader pool.
+//!
+//! Every use of a pool holds one of its pool's permits ([`Allowance`]): the pool itself is built
+//! at its ceiling (from the CPU), and the permits are the connections this pod may have open
+//! now, its share of the database's connection budget. The operator changes the share (it is
+//! the budget divided by `maxReplicas`) through a mounted file, not the pod's environment, so
+//! raising `maxReplicas` resizes the pools of running pods instead of restarting them.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,7 +21,8 @@ use futures_util::future::BoxFuture;
 use prometheus::IntCounter;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
-use sqlx::{Any, AnyPool, Connection, Executor, Transaction};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Transaction};
+use tokio::sync::Semaphore;
 
 use crate::config::DbArgs;
 use crate::metrics::Metrics;
@@ -61,15 +68,213 @@ impl Dialect {
     }
 }
 
+/// How many connections a pool may have open, changeable at run time. The pool is a set of
+/// slots, each a sqlx pool of one connection (so sqlx's health checks, idle timeout and lifetime
+/// still apply, and a slot's connection is counted until sqlx has really closed it); a user
+/// takes a free slot for as long as it runs statements. Growing adds slots; shrinking retires
+/// slots as they come back (and free ones at once), closing their connections. A retired
+/// slot is never replaced, so the connections open never exceed the larger of the old and the
+/// new allowance, and reach the new one as the slots in use come back.
+///
+/// One sqlx pool of the full size with a semaphore in front would not do: sqlx returns a
+/// connection to its pool in a background task, so the next user, holding the freed permit,
+/// finds no idle connection and opens another (seen: 12 open with 8 permits).
+pub struct Allowance {
+    free_slots: Semaphore,
+    free: std::sync::Mutex<Vec<AnyPool>>,
+    /// Slots in existence: free plus in use.
+    live: AtomicUsize,
+    target: AtomicUsize,
+    make_slot: Box<dyn Fn() -> AnyPool + Send + Sync>,
+}
+
+impl Allowance {
+    fn new(n: u32, make_slot: Box<dyn Fn() -> AnyPool + Send + Sync>) -> Allowance {
+        let free: Vec<AnyPool> = (0..n).map(|_| make_slot()).collect();
+        Allowance {
+            free_slots: Semaphore::new(free.len()),
+            free: std::sync::Mutex::new(free),
+            live: AtomicUsize::new(n as usize),
+            target: AtomicUsize::new(n as usize),
+            make_slot,
+        }
+    }
+
+    /// The allowance asked for (what the pool converges to).
+    pub fn target(&self) -> u32 {
+        self.target.load(Ordering::Relaxed) as u32
+    }
+
+    /// Slots in existence now: at most this many connections are open.
+    pub fn live(&self) -> u32 {
+        self.live.load(Ordering::Relaxed) as u32
+    }
+
+    /// Slots not in use.
+    fn free(&self) -> usize {
+        self.free.lock().expect("slots lock").len()
+    }
+
+    /// Connections open in free slots.
+    fn idle_connections(&self) -> u32 {
+        self.free.lock().expect("slots lock").iter().map(AnyPool::size).sum()
+    }
+
+    fn set(&self, n: u32) {
+        self.target.store(n.max(1) as usize, Ordering::Relaxed);
+        self.converge();
+    }
+
+    /// Adds slots at once, or retires free ones.
+    fn converge(&self) {
+        let target = self.target.load(Ordering::Relaxed);
+        while self.live.load(Ordering::Relaxed) < target {
+            self.live.fetch_add(1, Ordering::Relaxed);
+            self.free.lock().expect("slots lock").push((self.make_slot)());
+            self.free_slots.add_permits(1);
+        }
+        while self.live.load(Ordering::Relaxed) > target {
+            let Ok(permit) = self.free_slots.try_acquire() else {
+                break;
+            };
+            permit.forget();
+            let slot = self
+                .free
+                .lock()
+                .expect("slots lock")
+                .pop()
+                .expect("a permit per free slot");
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            retire(slot);
+        }
+    }
+
+    async fn lease(&self, timeout: Duration) -> Result<Lease<'_>, sqlx::Error> {
+        match tokio::time::timeout(timeout, self.free_slots.acquire()).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                let slot = self
+                    .free
+                    .lock()
+                    .expect("slots lock")
+                    .pop()
+                    .expect("a permit per free slot");
+                Ok(Lease {
+                    allowance: self,
+                    slot: Some(slot),
+                })
+            }
+            Ok(Err(_)) => Err(sqlx::Error::PoolClosed),
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        }
+    }
+
+    fn give_back(&self, slot: AnyPool) {
+        let mut live = self.live.load(Ordering::Relaxed);
+        while live > self.target.load(Ordering::Relaxed) {
+            match self
+                .live
+                .compare_exchange(live, live - 1, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return retire(slot),
+                Err(now) => live = now,
+            }
+        }
+        self.free.lock().expect("slots lock").push(slot);
+        self.free_slots.add_permits(1);
+    }
+
+    async fn close(&self) {
+        self.free_slots.close();
+        let slots: Vec<AnyPool> = std::mem::take(&mut *self.free.lock().expect("slots lock"));
+        for slot in slots {
+            slot.close().await;
+        }
+    }
+}
+
+/// Closes a slot's pool: waits for its connection to come back, then closes it.
+fn retire(slot: AnyPool) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn(async move { slot.close().await });
+        }
+        Err(_) => drop(slot),
+    }
+}
+
+/// A pool to run statements on (a slot), held until dropped.
+pub struct Lease<'a> {
+    allowance: &'a Allowance,
+    slot: Option<AnyPool>,
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = AnyPool;
+    fn deref(&self) -> &AnyPool {
+        self.slot.as_ref().expect("a lease holds its slot until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.allowance.give_back(slot);
+        }
+    }
+}
+
+/// A transaction on the primary, holding its slot until it ends. Derefs to its connection, as
+/// sqlx's `Transaction` does, so statements run on `&mut *tx`.
+pub struct Tx<'a> {
+    // Declared first: dropped (rolled back, its connection on its way back) before the slot is.
+    tx: Transaction<'static, Any>,
+    _lease: Lease<'a>,
+}
+
+impl Tx<'_> {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for Tx<'_> {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+}
+
 /// One pool and what we track about it.
 pub struct PoolHandle {
     pub name: String,
-    pub pool: AnyPool,
     size: PoolSize,
+    pub allowance: Allowance,
+    acquire_timeout: Duration,
     timeouts: [(&'static str, Duration); 3],
     healthy: AtomicBool,
     reads: IntCounter,
     writes: IntCounter,
+}
+
+impl PoolHandle {
+    async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
+        self.allowance.lease(self.acquire_timeout).await
+    }
+}
+
+/// `MALL_DB_ALLOWANCE_FILE`'s content, written by the operator.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowanceFile {
+    primary: Option<u32>,
+    replicas: Option<u32>,
 }
 
 pub struct Db {
@@ -92,12 +297,14 @@ impl Db {
                 (format!("sqlite://{}?mode=rwc", path.display()), Dialect::Sqlite)
             }
         };
-        let handle = |name: &str, pool: AnyPool, size: PoolSize| PoolHandle {
+        let acquire_timeout = Duration::from_millis(args.db_acquire_timeout_ms);
+        let handle = |name: &str, size: PoolSize, make_slot: Box<dyn Fn() -> AnyPool + Send + Sync>| PoolHandle {
             name: name.to_string(),
-            pool,
             size,
+            allowance: Allowance::new(size.max, make_slot),
+            acquire_timeout,
             timeouts: [
-                ("acquire", Duration::from_millis(args.db_acquire_timeout_ms)),
+                ("acquire", acquire_timeout),
                 ("idle", Duration::from_secs(args.db_idle_timeout_secs)),
                 ("max_lifetime", Duration::from_secs(args.db_max_lifetime_secs)),
             ],
@@ -109,14 +316,14 @@ impl Db {
         let (primary, replicas) = if dialect == Dialect::Sqlite {
             let writer = PoolSize { max: 1, min: 1 };
             let reader = tuning.replica_pool;
-            let primary = handle("primary", sqlite_pool(args, &primary_url, writer, false).await?, writer);
-            let reader_pool = sqlite_pool(args, &primary_url, reader, true).await?;
-            (primary, vec![handle("sqlite-reader", reader_pool, reader)])
+            let primary = handle("primary", writer, slots(args, &primary_url, writer, Some(false))?);
+            let readers = slots(args, &primary_url, reader, Some(true))?;
+            (primary, vec![handle("sqlite-reader", reader, readers)])
         } else {
             let primary = handle(
                 "primary",
-                server_pool(args, &primary_url, tuning.primary_pool)?,
                 tuning.primary_pool,
+                slots(args, &primary_url, tuning.primary_pool, None)?,
             );
             let mut replicas = Vec::new();
             for (i, url) in args.replica_urls.iter().filter(|u| !u.trim().is_empty()).enumerate() {
@@ -128,12 +335,16 @@ impl Db {
                 let name = format!("replica{i}");
                 replicas.push(handle(
                     &name,
-                    server_pool(args, url, tuning.replica_pool)?,
                     tuning.replica_pool,
+                    slots(args, url, tuning.replica_pool, None)?,
                 ));
             }
             (primary, replicas)
         };
+        if dialect == Dialect::Sqlite {
+            // Create the file and switch it to WAL before readers open it read-only.
+            primary.lease().await?.execute("SELECT 1").await?;
+        }
         Ok(Db {
             dialect,
             primary,
@@ -148,7 +359,7 @@ impl Db {
     }
 
     /// A pool for a read that may be slightly behind: a healthy replica, else the primary.
-    pub fn read(&self) -> &AnyPool {
+    pub async fn read(&self) -> Result<Lease<'_>, sqlx::Error> {
         let n = self.replicas.len();
         if n > 0 {
             let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
@@ -156,43 +367,123 @@ impl Db {
                 let replica = &self.replicas[(start + i) % n];
                 if replica.healthy.load(Ordering::Relaxed) {
                     replica.reads.inc();
-                    return &replica.pool;
+                    return replica.lease().await;
                 }
             }
         }
-        self.read_primary()
+        self.read_primary().await
     }
 
     /// A pool for a read that must see this caller's own committed writes.
-    pub fn read_primary(&self) -> &AnyPool {
+    pub async fn read_primary(&self) -> Result<Lease<'_>, sqlx::Error> {
         self.primary.reads.inc();
-        &self.primary.pool
+        self.primary.lease().await
     }
 
-    pub fn write(&self) -> &AnyPool {
+    pub async fn write(&self) -> Result<Lease<'_>, sqlx::Error> {
         self.primary.writes.inc();
-        &self.primary.pool
+        self.primary.lease().await
     }
 
     /// Starts a write transaction. SQLite takes the write lock up front (`BEGIN IMMEDIATE`) so a
     /// read-then-write transaction never fails to upgrade its lock half-way.
-    pub async fn begin(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+    pub async fn begin(&self) -> Result<Tx<'_>, sqlx::Error> {
         self.primary.writes.inc();
-        match self.dialect {
-            Dialect::Sqlite => self.primary.pool.begin_with("BEGIN IMMEDIATE").await,
-            _ => self.primary.pool.begin().await,
+        let lease = self.primary.lease().await?;
+        let tx = match self.dialect {
+            Dialect::Sqlite => lease.begin_with("BEGIN IMMEDIATE").await?,
+            _ => lease.begin().await?,
+        };
+        Ok(Tx { tx, _lease: lease })
+    }
+
+    /// Sets how many connections each pool may hold open (`None` leaves a pool as it is); each
+    /// pool's ceiling (its size from the CPU) still applies. The embedded SQLite's pools are
+    /// local files with no connection budget and keep their sizes.
+    pub fn set_allowance(&self, primary: Option<u32>, replicas: Option<u32>) {
+        if self.dialect == Dialect::Sqlite {
+            return;
+        }
+        if let Some(n) = primary {
+            let n = n.min(self.primary.size.max);
+            if n != self.primary.allowance.target() {
+                tracing::info!(pool = %self.primary.name, from = self.primary.allowance.target(), to = n, "database connection allowance changed");
+            }
+            self.primary.allowance.set(n);
+        }
+        if let Some(n) = replicas {
+            for r in &self.replicas {
+                let n = n.min(r.size.max);
+                if n != r.allowance.target() {
+                    tracing::info!(pool = %r.name, from = r.allowance.target(), to = n, "database connection allowance changed");
+                }
+                r.allowance.set(n);
+            }
+        }
+    }
+
+    /// Reads the allowance file (`MALL_DB_ALLOWANCE_FILE`) and applies it; an unreadable or
+    /// malformed file is logged and changes nothing (the pools keep their last allowance).
+    pub fn load_allowance(&self, path: &std::path::Path) -> Result<(), String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let a: AllowanceFile = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if a.primary == Some(0) || a.replicas == Some(0) {
+            return Err(format!("{}: an allowance must be at least 1", path.display()));
+        }
+        self.set_allowance(a.primary, a.replicas);
+        Ok(())
+    }
+
+    /// Follows the allowance file: reads it every `every`, applies a change, and keeps the pools
+    /// at their allowances (permits out of circulation as they return, idle surplus closed).
+    pub async fn follow_allowance(self: Arc<Self>, path: Option<std::path::PathBuf>, every: Duration) {
+        let mut last = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut since_read = Duration::MAX;
+        loop {
+            tick.tick().await;
+            if let Some(path) = &path {
+                since_read = since_read.saturating_add(Duration::from_millis(100));
+                if since_read >= every {
+                    since_read = Duration::ZERO;
+                    // Kubernetes swaps a ConfigMap volume's files atomically (a symlink flip).
+                    let text = std::fs::read_to_string(path).ok();
+                    if text.is_some() && text != last {
+                        if let Err(e) = self.load_allowance(path) {
+                            tracing::warn!(error = %e, "database connection allowance unchanged");
+                        }
+                        last = text;
+                    }
+                }
+            }
+            self.enforce_allowances();
+        }
+    }
+
+    /// The pools' allowances: (name, allowance, slots in existence).
+    pub fn allowances(&self) -> Vec<(String, u32, u32)> {
+        std::iter::once(&self.primary)
+            .chain(&self.replicas)
+            .map(|p| (p.name.clone(), p.allowance.target(), p.allowance.live()))
+            .collect()
+    }
+
+    /// Retires free slots above each pool's allowance (the ones in use retire as they return).
+    pub fn enforce_allowances(&self) {
+        for p in std::iter::once(&self.primary).chain(&self.replicas) {
+            p.allowance.converge();
         }
     }
 
     pub async fn migrate(&self) -> anyhow::Result<()> {
         let migrator = Migrator::new(EmbeddedMigrations(self.dialect)).await?;
-        migrator.run(&self.primary.pool).await?;
+        migrator.run(&*self.primary.lease().await?).await?;
         Ok(())
     }
 
     /// Is the primary answering? Used by `/ready`.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        self.primary.pool.execute("SELECT 1").await.map(|_| ())
+        self.primary.lease().await?.execute("SELECT 1").await.map(|_| ())
     }
 
     /// Checks every replica forever; an unhealthy one gets no reads until it answers again.
@@ -204,10 +495,8 @@ impl Db {
         loop {
             tick.tick().await;
             for replica in &self.replicas {
-                let ok = matches!(
-                    tokio::time::timeout(Duration::from_secs(2), replica.pool.execute("SELECT 1")).await,
-                    Ok(Ok(_))
-                );
+                let ping = async { replica.lease().await?.execute("SELECT 1").await };
+                let ok = matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_)));
                 let was = replica.healthy.swap(ok, Ordering::Relaxed);
                 if was != ok {
                     tracing::warn!(replica = %replica.name, healthy = ok, "replica health changed");
@@ -219,12 +508,13 @@ impl Db {
     /// Copies pool occupancy and bounds into the `db_pool_connections` gauge.
     pub fn observe_pools(&self) {
         for p in std::iter::once(&self.primary).chain(&self.replicas) {
-            let size = p.pool.size() as i64;
-            let idle = p.pool.num_idle() as i64;
+            let in_use = p.allowance.live() as i64 - p.allowance.free() as i64;
+            let idle = p.allowance.idle_connections() as i64;
             let g = &self.metrics.db_pool;
             g.with_label_values(&[&p.name, "idle"]).set(idle);
-            g.with_label_values(&[&p.name, "in_use"]).set(size - idle);
-            g.with_label_values(&[&p.name, "max"]).set(p.size.max as i64);
+            g.with_label_values(&[&p.name, "in_use"]).set(in_use);
+            // The allowance in force (the configured size, or the operator's share of the budget).
+            g.with_label_values(&[&p.name, "max"]).set(p.allowance.target() as i64);
             g.with_label_values(&[&p.name, "min"]).set(p.size.min as i64);
             for (setting, value) in p.timeouts {
                 self.metrics
@@ -237,36 +527,49 @@ impl Db {
 
     pub async fn close(&self) {
         for p in std::iter::once(&self.primary).chain(&self.replicas) {
-            p.pool.close().await;
+            p.allowance.close().await;
         }
     }
 }
 
-fn server_pool(args: &DbArgs, url: &str, size: PoolSize) -> anyhow::Result<AnyPool> {
+/// Makes the slots of a pool: sqlx pools of one connection, connected on first use. The first
+/// `size.min` slots keep their connection open while idle (the warm minimum). `sqlite` is
+/// whether the slot is a SQLite reader (`Some(true)`), writer (`Some(false)`), or a server
+/// pool (`None`).
+fn slots(
+    args: &DbArgs,
+    url: &str,
+    size: PoolSize,
+    sqlite: Option<bool>,
+) -> anyhow::Result<Box<dyn Fn() -> AnyPool + Send + Sync>> {
     let options: AnyConnectOptions = url.parse().map_err(|e| anyhow::anyhow!("database URL: {e}"))?;
-    Ok(pool_options(args, size).connect_lazy_with(options))
-}
-
-async fn sqlite_pool(args: &DbArgs, url: &str, size: PoolSize, read_only: bool) -> anyhow::Result<AnyPool> {
-    let options: AnyConnectOptions = url.parse().map_err(|e| anyhow::anyhow!("database URL: {e}"))?;
-    let pool = pool_options(args, size)
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                // WAL lets readers run beside the writer; NORMAL sync is durable across process
-                // crashes and only risks the last commits on power loss, the usual WAL trade.
-                conn.execute("PRAGMA journal_mode = WAL").await?;
-                conn.execute("PRAGMA busy_timeout = 5000").await?;
-                conn.execute("PRAGMA synchronous = NORMAL").await?;
-                conn.execute("PRAGMA foreign_keys = ON").await?;
-                if read_only {
-                    conn.execute("PRAGMA query_only = ON").await?;
-                }
-                Ok(())
-            })
-        })
-        .connect_with(options)
-        .await?;
-    Ok(pool)
+    let args = args.clone();
+    let made = AtomicUsize::new(0);
+    Ok(Box::new(move || {
+        let warm = made.fetch_add(1, Ordering::Relaxed) < size.min as usize;
+        let slot = PoolSize {
+            max: 1,
+            min: u32::from(warm),
+        };
+        let mut opts = pool_options(&args, slot);
+        if let Some(read_only) = sqlite {
+            opts = opts.after_connect(move |conn, _| {
+                Box::pin(async move {
+                    // WAL lets readers run beside the writer; NORMAL sync is durable across
+                    // process crashes and only risks the last commits on power loss.
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    if read_only {
+                        conn.execute("PRAGMA query_only = ON").await?;
+                    }
+                    Ok(())
+                })
+            });
+        }
+        opts.connect_lazy_with(options.clone())
+    }))
 }
 
 /// A connection that sat in the pool at least this long is pinged before use.

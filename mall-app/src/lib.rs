@@ -38,11 +38,20 @@ pub struct App {
     pub state: AppState,
 }
 
+/// How often the allowance file is read: a changed share is in effect this long (plus the time
+/// the kubelet takes to update the mounted ConfigMap) after the operator writes it.
+pub const ALLOWANCE_READ_EVERY: Duration = Duration::from_secs(2);
+
 impl App {
     pub async fn start(config: Config) -> anyhow::Result<App> {
         let args = &config.args;
         let metrics = Arc::new(Metrics::new());
         let db = Arc::new(Db::connect(&args.db, &config.tuning, metrics.clone()).await?);
+        if let Some(path) = &args.db.db_allowance_file {
+            // At start the file must be right: a pod must not open more than its share.
+            db.load_allowance(path)
+                .map_err(|e| anyhow::anyhow!("MALL_DB_ALLOWANCE_FILE: {e}"))?;
+        }
         db.migrate().await?;
         if args.seed {
             let report = seed::seed(&db, &args.seed_args).await?;
@@ -70,6 +79,10 @@ impl App {
         tokio::spawn(
             db.clone()
                 .watch_replicas(Duration::from_secs(args.db.db_replica_check_secs.max(1))),
+        );
+        tokio::spawn(
+            db.clone()
+                .follow_allowance(args.db.db_allowance_file.clone(), ALLOWANCE_READ_EVERY),
         );
 
         let ids = Arc::new(ids::Snowflake::new(args.worker_id));

@@ -50,14 +50,14 @@ pub async fn seed(db: &Db, args: &SeedArgs) -> AppResult<SeedReport> {
                 .bind(now)
                 .bind(now);
         }
-        products += q.execute(db.write()).await?.rows_affected();
+        products += q.execute(&*db.write().await?).await?.rows_affected();
     }
     if db.dialect == Dialect::Postgres {
         // Explicit ids do not advance the sequence; admin-created products must not collide.
         sqlx::query(
             "SELECT setval(pg_get_serial_sequence('products', 'id'), GREATEST((SELECT MAX(id) FROM products), 1))",
         )
-        .execute(db.write())
+        .execute(&*db.write().await?)
         .await?;
     }
 
@@ -75,7 +75,7 @@ pub async fn seed(db: &Db, args: &SeedArgs) -> AppResult<SeedReport> {
         for (name, role) in chunk {
             q = q.bind(name.as_str()).bind(hash.as_str()).bind(*role).bind(now);
         }
-        users += q.execute(db.write()).await?.rows_affected();
+        users += q.execute(&*db.write().await?).await?.rows_affected();
     }
     Ok(SeedReport {
         products_added: products,

@@ -88,13 +88,13 @@ async fn run(backend: Backend, extra: &[&str], batched: bool) -> Option<Outcome>
     let dear = product("D", 100, 10).await;
     sqlx::query(&app.state.db.sql("UPDATE products SET status = 'inactive' WHERE id = ?"))
         .bind(unsellable)
-        .execute(app.state.db.write())
+        .execute(&*app.state.db.write().await.unwrap())
         .await
         .unwrap();
     sqlx::query(&app.state.db.sql("UPDATE products SET price = ? WHERE id = ?"))
         .bind(i64::MAX / 2)
         .bind(dear)
-        .execute(app.state.db.write())
+        .execute(&*app.state.db.write().await.unwrap())
         .await
         .unwrap();
     let mut users = Vec::new();
@@ -222,13 +222,13 @@ async fn database_state(app: &TestApp, products: &[i64], creator: &BTreeMap<i64,
     for id in products {
         let row = sqlx::query(&db.sql("SELECT stock FROM products WHERE id = ?"))
             .bind(*id)
-            .fetch_one(db.read_primary())
+            .fetch_one(&*db.read_primary().await.unwrap())
             .await
             .unwrap();
         out += &format!("product {id}: stock {}\n", row.get::<i64, _>(0));
     }
     for row in sqlx::query("SELECT user_id, product_id, quantity FROM cart_items ORDER BY user_id, product_id")
-        .fetch_all(db.read_primary())
+        .fetch_all(&*db.read_primary().await.unwrap())
         .await
         .unwrap()
     {
@@ -241,7 +241,7 @@ async fn database_state(app: &TestApp, products: &[i64], creator: &BTreeMap<i64,
     }
     for row in
         sqlx::query("SELECT user_id, idem_key, request_hash, order_id FROM idempotency_keys ORDER BY user_id, idem_key")
-            .fetch_all(db.read_primary())
+            .fetch_all(&*db.read_primary().await.unwrap())
             .await
             .unwrap()
     {
@@ -255,7 +255,7 @@ async fn database_state(app: &TestApp, products: &[i64], creator: &BTreeMap<i64,
         );
     }
     let orders: i64 = sqlx::query("SELECT COUNT(*) FROM orders")
-        .fetch_one(db.read_primary())
+        .fetch_one(&*db.read_primary().await.unwrap())
         .await
         .unwrap()
         .get(0);

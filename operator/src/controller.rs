@@ -27,7 +27,7 @@ pub use crate::context::{Context, MANAGER};
 pub use crate::context::{MONITORING_CRDS, MONITORING_PROBE};
 use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
 use crate::desired::{self, Children};
-use crate::{autoscale, sale, tuning, validation};
+use crate::{autoscale, budget, sale, tuning, validation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -318,9 +318,58 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         set_condition(&mut status, md, "MonitoringStale", false, reason, message);
     }
 
+    // The connection budget: the share each pod holds and the replica ceiling that keeps
+    // pods x share within the budget while a new maxReplicas takes effect (budget.rs).
+    let allowance = md.spec.database.primary.is_some().then(|| {
+        let live = Stores::get(&ctx.stores.config_maps, &ns, &budget::config_map_name(md))
+            .and_then(|cm| budget::Written::read(&cm));
+        let running = Stores::get(&ctx.stores.deployments, &ns, &name)
+            .and_then(|d| d.status.as_ref()?.replicas)
+            .unwrap_or(0);
+        budget::plan(
+            md.spec.database.connection_budget,
+            md.spec.max_replicas,
+            tuning.db_max_connections,
+            live.as_ref(),
+            running,
+            now,
+        )
+    });
+    let ceiling = allowance.as_ref().map_or(md.spec.max_replicas, |p| p.max_replicas);
+    match allowance.as_ref().and_then(|p| p.waiting.as_deref()) {
+        Some(waiting) => set_condition(&mut status, md, "ConnectionBudget", false, "Waiting", waiting),
+        None if allowance.is_some() => set_condition(
+            &mut status,
+            md,
+            "ConnectionBudget",
+            true,
+            "InEffect",
+            &format!(
+                "each pod may hold {} database connections; at most {} pods: {} of the {} allowed",
+                tuning.db_max_connections,
+                md.spec.max_replicas,
+                tuning.db_max_connections * md.spec.max_replicas as u32,
+                md.spec.database.connection_budget
+            ),
+        ),
+        None => status.conditions.retain(|c| c.type_ != "ConnectionBudget"),
+    }
+    // The children are built for the ceiling in force.
+    let held;
+    let md_now = if ceiling < md.spec.max_replicas {
+        let mut m = md.clone();
+        m.spec.max_replicas = ceiling;
+        m.spec.replicas = m.spec.replicas.min(ceiling);
+        m.spec.min_replicas = m.spec.min_replicas.min(ceiling);
+        held = m;
+        &held
+    } else {
+        md
+    };
+
     // Sale windows: what is in effect now, said in status, events and a metric.
     let schedule = sale::Schedule::at(&md.spec, now);
-    let sale = schedule.plan(md.spec.max_replicas);
+    let sale = schedule.plan(ceiling);
     status.sale = sale_status(&schedule);
     let was = old_status.sale.active.clone();
     if status.sale.active != was {
@@ -389,7 +438,13 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         (None, None) => status.conditions.retain(|c| c.type_ != "SaleWindow"),
     }
 
-    let children = desired::children(md, &tuning, status.alert_scaling.floor, &sale, &ctx.monitoring_labels);
+    let children = desired::children(
+        md_now,
+        &tuning,
+        status.alert_scaling.floor,
+        &sale,
+        &ctx.monitoring_labels,
+    );
     let Children {
         deployment,
         service,
@@ -411,6 +466,10 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         pp: &pp,
     };
     children.record(applier.apply(&stores.config_maps, &config_map, &mut outcome).await);
+    if let Some(plan) = &allowance {
+        let cm = budget::config_map(md, &plan.written);
+        children.record(applier.apply(&stores.config_maps, &cm, &mut outcome).await);
+    }
     children.record(applier.apply(&stores.services, &service, &mut outcome).await);
     children.record(applier.apply(&stores.services, &app_service, &mut outcome).await);
     children.record(applier.apply(&stores.services, &metrics_service, &mut outcome).await);
@@ -594,6 +653,10 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     }
     if let Some(at) = schedule.next_change() {
         // Be there when a sale window takes effect or ends.
+        next = next.min(Duration::from_secs((at - now).max(1) as u64));
+    }
+    if let Some(at) = allowance.as_ref().and_then(|p| p.recheck_at) {
+        // Be there when the held ceiling or the waiting share can move.
         next = next.min(Duration::from_secs((at - now).max(1) as u64));
     }
     if !children.failed.is_empty() {

@@ -675,7 +675,11 @@ pub struct Tuning {
     pub app_worker_threads: u32,
     /// Primary pool per pod: min(10 per CPU, budget / maxReplicas).
     pub db_max_connections: u32,
-    /// Primary connections kept while idle.
+    /// Each pool's ceiling from the CPU alone (10 per CPU), in the pods' environment; the share
+    /// in force (`dbMaxConnections`) is below it and reaches running pods through a ConfigMap.
+    #[serde(default)]
+    pub db_pool_ceiling: u32,
+    /// Primary connections kept while idle (from the ceiling, within the share).
     pub db_min_connections: u32,
     /// Pool per read replica per pod.
     pub db_replica_max_connections: u32,

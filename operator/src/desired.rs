@@ -131,7 +131,7 @@ fn owner(md: &MallDeployment) -> Option<OwnerReference> {
     Some(owner)
 }
 
-fn meta(md: &MallDeployment, name: String) -> ObjectMeta {
+pub fn meta(md: &MallDeployment, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: Some(namespace(md)),
@@ -282,9 +282,12 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
         env("MALL_LISTEN", format!("0.0.0.0:{APP_PORT}")),
         env("MALL_LOG_FORMAT", "json"),
         env("MALL_WORKER_THREADS", tuning.app_worker_threads),
-        env("MALL_DB_MAX_CONNECTIONS", tuning.db_max_connections),
+        // Ceilings from the CPU only: the share of the connection budget (which depends on
+        // maxReplicas) comes from the allowance ConfigMap at run time (budget.rs), so changing
+        // maxReplicas changes nothing here and rolls no pod.
+        env("MALL_DB_MAX_CONNECTIONS", tuning.db_pool_ceiling),
         env("MALL_DB_MIN_CONNECTIONS", tuning.db_min_connections),
-        env("MALL_DB_REPLICA_MAX_CONNECTIONS", tuning.db_replica_max_connections),
+        env("MALL_DB_REPLICA_MAX_CONNECTIONS", tuning.db_pool_ceiling),
         env("MALL_CACHE_BYTES", tuning.app_cache_bytes),
         // On SIGTERM the app fails /ready and serves 5 s more (endpoints and the sidecar's checks
         // drop it meanwhile), then drains for up to 15 s: 20 s, inside Kubernetes' 30 s.
@@ -293,6 +296,12 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
         // Pods share the database: each takes its snowflake worker id from its own name.
         env("MALL_WORKER_ID", "auto"),
     ];
+    if s.database.primary.is_some() {
+        e.push(env(
+            "MALL_DB_ALLOWANCE_FILE",
+            format!("{ALLOWANCE_DIR}/{}", crate::budget::ALLOWANCE_KEY),
+        ));
+    }
     // A sale's hot products are in every pod's cache before it reports ready.
     if !sale.warm_ids.is_empty() {
         let ids: Vec<String> = sale.warm_ids.iter().map(i64::to_string).collect();
@@ -352,6 +361,14 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
         liveness_probe: Some(probe("/health", APP_PORT, 10, 3)),
         readiness_probe: Some(probe("/ready", APP_PORT, 5, 2)),
         security_context: Some(locked_down()),
+        volume_mounts: s.database.primary.is_some().then(|| {
+            vec![VolumeMount {
+                name: "db-allowance".into(),
+                mount_path: ALLOWANCE_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]
+        }),
         ..Container::default()
     };
     let sidecar = Container {
@@ -425,14 +442,7 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
                         }),
                         ..PodSecurityContext::default()
                     }),
-                    volumes: Some(vec![Volume {
-                        name: "sidecar-config".into(),
-                        config_map: Some(ConfigMapVolumeSource {
-                            name: format!("{}-sidecar", name(md)),
-                            ..ConfigMapVolumeSource::default()
-                        }),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(volumes(md)),
                     ..PodSpec::default()
                 }),
             },
@@ -440,6 +450,31 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
         }),
         ..Deployment::default()
     }
+}
+
+/// Where the app reads its share of the database's connection budget (budget.rs).
+pub const ALLOWANCE_DIR: &str = "/etc/mall/db-allowance";
+
+fn volumes(md: &MallDeployment) -> Vec<Volume> {
+    let mut v = vec![Volume {
+        name: "sidecar-config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: format!("{}-sidecar", name(md)),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    if md.spec.database.primary.is_some() {
+        v.push(Volume {
+            name: "db-allowance".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: crate::budget::config_map_name(md),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    v
 }
 
 /// No privilege escalation, no capabilities: neither container needs any.

@@ -7,7 +7,8 @@
 //! - `crd.rs`: the resource's schema, defaults and CEL rules;
 //! - `tuning.rs`: sizes from resources (pure, table-tested); `alerts.rs`: the alert rules;
 //!   `sale.rs`: when sale windows are in effect and what they change (pure, at a given time);
-//! - `desired.rs`: the children as pure functions of the spec;
+//! - `desired.rs`: the children as pure functions of the spec; `budget.rs`: the order in which a
+//!   new connection share and replica ceiling take effect (pure);
 //! - `validation.rs`: what the API server and the sidecar would refuse, checked offline;
 //! - `render.rs`: the offline `operator render`;
 //! - `events.rs`, `metrics.rs`, `context.rs`: what reconciles and the webhook share;
@@ -17,6 +18,7 @@
 
 pub mod alerts;
 pub mod autoscale;
+pub mod budget;
 pub mod context;
 pub mod controller;
 pub mod crd;

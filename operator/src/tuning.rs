@@ -49,7 +49,8 @@ pub fn tune(spec: &MallDeploymentSpec) -> Tuning {
     Tuning {
         app_worker_threads: worker_threads(app_cpu, app_request, hpa_target),
         db_max_connections: db_max,
-        db_min_connections: (db_max / 5).max(1),
+        db_pool_ceiling: by_cpu,
+        db_min_connections: (by_cpu / 5).max(1),
         db_replica_max_connections: db_max,
         app_cache_bytes: (app_mem / 4).max(8 * MIB),
         sidecar_threads: (sidecar_cpu / 1000).max(1) as u32,
@@ -139,15 +140,17 @@ mod tests {
 
     #[test]
     fn table() {
-        // (cpu, memory, budget, maxReplicas) -> (threads, db max, db min, app cache MiB, fleet)
+        // (cpu, memory, budget, maxReplicas) -> (threads, db share, db min, pool ceiling, app
+        // cache MiB, fleet). The ceiling and the minimum come from the CPU alone (they are in the
+        // pods' environment, and maxReplicas must not roll the pods); the share is the budget's.
         let table = [
-            ("500m", "512Mi", 100, 10, (1, 5, 1, 128, 50)),
-            ("2", "2Gi", 100, 10, (2, 10, 2, 512, 100)),
-            ("4", "4Gi", 100, 10, (4, 10, 2, 1024, 100)),
-            ("4", "4Gi", 1000, 10, (4, 40, 8, 1024, 400)),
+            ("500m", "512Mi", 100, 10, (1, 5, 1, 5, 128, 50)),
+            ("2", "2Gi", 100, 10, (2, 10, 4, 20, 512, 100)),
+            ("4", "4Gi", 100, 10, (4, 10, 8, 40, 1024, 100)),
+            ("4", "4Gi", 1000, 10, (4, 40, 8, 40, 1024, 400)),
             // 1.5 CPUs under the default 70 % HPA target: rounded up (see `worker_threads`).
-            ("1500m", "64Mi", 40, 40, (2, 1, 1, 16, 40)),
-            ("8", "16Gi", 150, 5, (8, 30, 6, 4096, 150)),
+            ("1500m", "64Mi", 40, 40, (2, 1, 3, 15, 16, 40)),
+            ("8", "16Gi", 150, 5, (8, 30, 16, 80, 4096, 150)),
         ];
         for (cpu, mem, budget, max, want) in table {
             let t = tune(&spec(cpu, mem, budget, max));
@@ -155,6 +158,7 @@ mod tests {
                 t.app_worker_threads,
                 t.db_max_connections,
                 t.db_min_connections,
+                t.db_pool_ceiling,
                 t.app_cache_bytes / MIB,
                 t.fleet_db_connections,
             );

@@ -33,7 +33,7 @@ pub async fn get(db: &Db, user_id: i64) -> AppResult<Cart> {
          WHERE c.user_id = ? ORDER BY c.product_id",
     ))
     .bind(user_id)
-    .fetch_all(db.read_primary())
+    .fetch_all(&*db.read_primary().await?)
     .await?;
     let mut items = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -130,7 +130,7 @@ pub async fn remove(db: &Db, user_id: i64, product_id: i64) -> AppResult<()> {
     sqlx::query(&db.sql("DELETE FROM cart_items WHERE user_id = ? AND product_id = ?"))
         .bind(user_id)
         .bind(product_id)
-        .execute(db.write())
+        .execute(&*db.write().await?)
         .await?;
     Ok(())
 }

@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::db::Tx;
 use sqlx::any::AnyArguments;
-use sqlx::{Any, Transaction};
+use sqlx::Any;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::orders::{self, Idempotency, LineRefused, Order, OrderItem, Placed, Source};
@@ -504,7 +505,7 @@ type Query<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 /// claim was stored (the others found their key already stored: replays).
 async fn claim_keys(
     db: &Db,
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut Tx<'_>,
     requests: &[&OrderRequest],
     keyed: &[usize],
     order_ids: &[i64],
@@ -562,11 +563,7 @@ async fn claim_keys(
     rows.iter().map(|r| Ok(int(r, "order_id")?)).collect()
 }
 
-async fn read_carts(
-    db: &Db,
-    tx: &mut Transaction<'static, Any>,
-    users: &[i64],
-) -> Result<HashMap<i64, Vec<(i64, i64)>>, BatchError> {
+async fn read_carts(db: &Db, tx: &mut Tx<'_>, users: &[i64]) -> Result<HashMap<i64, Vec<(i64, i64)>>, BatchError> {
     let mut carts: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
     if users.is_empty() {
         return Ok(carts);
@@ -593,11 +590,7 @@ async fn read_carts(
 /// and MySQL, so a large batch is a few statements instead of an error.
 const MAX_BINDS: usize = 30_000;
 
-async fn lock_products(
-    db: &Db,
-    tx: &mut Transaction<'static, Any>,
-    ids: &[i64],
-) -> Result<HashMap<i64, Stocked>, BatchError> {
+async fn lock_products(db: &Db, tx: &mut Tx<'_>, ids: &[i64]) -> Result<HashMap<i64, Stocked>, BatchError> {
     let mut products = HashMap::with_capacity(ids.len());
     // Ascending ids across chunks: one global lock order, so batches and single orders never
     // deadlock. SQLite has no row locks: `BEGIN IMMEDIATE` already holds its one write lock.
@@ -633,12 +626,7 @@ async fn lock_products(
 
 /// One UPDATE for every product the batch sells from. The `stock >= units` guard cannot fail
 /// under the row locks; if it ever did, the batch would roll back rather than oversell.
-async fn deduct(
-    db: &Db,
-    tx: &mut Transaction<'static, Any>,
-    units: &BTreeMap<i64, i64>,
-    now: i64,
-) -> Result<(), BatchError> {
+async fn deduct(db: &Db, tx: &mut Tx<'_>, units: &BTreeMap<i64, i64>, now: i64) -> Result<(), BatchError> {
     let units: Vec<(i64, i64)> = units.iter().map(|(p, q)| (*p, *q)).collect();
     for chunk in units.chunks(MAX_BINDS / 5) {
         let case = "WHEN ? THEN ? ".repeat(chunk.len());
@@ -670,7 +658,7 @@ async fn deduct(
     Ok(())
 }
 
-async fn insert_orders(db: &Db, tx: &mut Transaction<'static, Any>, placed: &[Order]) -> Result<(), BatchError> {
+async fn insert_orders(db: &Db, tx: &mut Tx<'_>, placed: &[Order]) -> Result<(), BatchError> {
     for chunk in placed.chunks(MAX_BINDS / 7) {
         let sql = format!(
             "INSERT INTO orders (id, order_no, user_id, status, total, created_at, updated_at) VALUES {}",

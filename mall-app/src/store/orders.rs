@@ -3,8 +3,9 @@
 //! An `Idempotency-Key` is claimed first in that transaction: a repeat of the same key waits for
 //! the first to commit, then replays its order instead of creating a second.
 
+use crate::db::Tx;
 use serde::{Deserialize, Serialize, Serializer};
-use sqlx::{Any, Transaction};
+use sqlx::Any;
 
 use super::{int, text};
 use crate::db::{is_unique_violation, Db, Dialect};
@@ -197,13 +198,7 @@ async fn try_place(
 /// for the order. Where the database can return rows from an UPDATE (PostgreSQL, SQLite) that is
 /// one round trip; MySQL has no `UPDATE ... RETURNING`, so it reads the row after. Each round trip
 /// saved here is time the product's row lock is not held.
-async fn deduct(
-    db: &Db,
-    tx: &mut Transaction<'static, Any>,
-    product_id: i64,
-    quantity: i64,
-    now: i64,
-) -> Result<(String, i64), Attempt> {
+async fn deduct(db: &Db, tx: &mut Tx<'_>, product_id: i64, quantity: i64, now: i64) -> Result<(String, i64), Attempt> {
     macro_rules! deduct {
         () => {
             "UPDATE products SET stock = stock - ?, version = version + 1, updated_at = ? \
@@ -301,7 +296,7 @@ pub(crate) fn total(items: &[OrderItem]) -> Option<i64> {
 /// Writes the order and its lines: one statement on PostgreSQL (a data-modifying CTE; the
 /// foreign key from the lines is checked at the statement's end, when the order row exists), two
 /// elsewhere.
-async fn insert_order(db: &Db, tx: &mut Transaction<'static, Any>, order: &Order) -> Result<(), sqlx::Error> {
+async fn insert_order(db: &Db, tx: &mut Tx<'_>, order: &Order) -> Result<(), sqlx::Error> {
     const ORDER: &str = "INSERT INTO orders (id, order_no, user_id, status, total, created_at, updated_at) \
                          VALUES (?, ?, ?, ?, ?, ?, ?)";
     let marks = vec!["(?, ?, ?, ?, ?)"; order.items.len()].join(", ");
@@ -339,7 +334,7 @@ async fn insert_order(db: &Db, tx: &mut Transaction<'static, Any>, order: &Order
     Ok(())
 }
 
-async fn cart_lines(db: &Db, tx: &mut Transaction<'static, Any>, user_id: i64) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+async fn cart_lines(db: &Db, tx: &mut Tx<'_>, user_id: i64) -> Result<Vec<(i64, i64)>, sqlx::Error> {
     let rows =
         sqlx::query(&db.sql("SELECT product_id, quantity FROM cart_items WHERE user_id = ? ORDER BY product_id"))
             .bind(user_id)
@@ -356,7 +351,7 @@ pub(crate) async fn replay(db: &Db, user_id: i64, key: &Idempotency<'_>) -> AppR
         sqlx::query(&db.sql("SELECT request_hash, order_id FROM idempotency_keys WHERE user_id = ? AND idem_key = ?"))
             .bind(user_id)
             .bind(key.key)
-            .fetch_optional(db.read_primary())
+            .fetch_optional(&*db.read_primary().await?)
             .await?
             .ok_or_else(|| AppError::Unavailable("idempotency key vanished; retry".into()))?;
     if text(&row, "request_hash")? != key.request_hash {
@@ -378,40 +373,44 @@ pub(crate) async fn replay(db: &Db, user_id: i64, key: &Idempotency<'_>) -> AppR
 pub async fn expire_keys(db: &Db, before_ms: i64) -> AppResult<u64> {
     let done = sqlx::query(&db.sql("DELETE FROM idempotency_keys WHERE created_at < ?"))
         .bind(before_ms)
-        .execute(db.write())
+        .execute(&*db.write().await?)
         .await?;
     Ok(done.rows_affected())
 }
 
 /// One of `user_id`'s orders; another user's order is "not found".
 pub async fn get(db: &Db, user_id: i64, order_id: i64, primary: bool) -> AppResult<Option<Order>> {
-    let pool = if primary { db.read_primary() } else { db.read() };
+    let pool = if primary {
+        db.read_primary().await?
+    } else {
+        db.read().await?
+    };
     let row = sqlx::query(
         &db.sql("SELECT id, order_no, user_id, status, total, created_at FROM orders WHERE id = ? AND user_id = ?"),
     )
     .bind(order_id)
     .bind(user_id)
-    .fetch_optional(pool)
+    .fetch_optional(&*pool)
     .await?;
     let Some(row) = row else { return Ok(None) };
     let mut orders = vec![order_from_row(&row)?];
-    attach_items(db, pool, &mut orders).await?;
+    attach_items(db, &pool, &mut orders).await?;
     Ok(orders.pop())
 }
 
 /// A page of `user_id`'s orders, newest first, older than `before_id`; up to `limit + 1`.
 pub async fn list(db: &Db, user_id: i64, before_id: i64, limit: u32) -> AppResult<Vec<Order>> {
-    let pool = db.read_primary();
+    let pool = db.read_primary().await?;
     let rows = sqlx::query(&db.sql(
         "SELECT id, order_no, user_id, status, total, created_at FROM orders WHERE user_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
     ))
     .bind(user_id)
     .bind(before_id)
     .bind(limit as i64 + 1)
-    .fetch_all(pool)
+    .fetch_all(&*pool)
     .await?;
     let mut orders = rows.iter().map(order_from_row).collect::<Result<Vec<_>, _>>()?;
-    attach_items(db, pool, &mut orders).await?;
+    attach_items(db, &pool, &mut orders).await?;
     Ok(orders)
 }
 

@@ -104,10 +104,14 @@ pub fn from_row(r: &AnyRow) -> Result<Product, sqlx::Error> {
 }
 
 pub async fn get(db: &Db, id: i64, primary: bool) -> AppResult<Option<Product>> {
-    let pool = if primary { db.read_primary() } else { db.read() };
+    let pool = if primary {
+        db.read_primary().await?
+    } else {
+        db.read().await?
+    };
     let row = sqlx::query(&db.sql(&format!("SELECT {ALL_COLUMNS} FROM products WHERE id = ?")))
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(&*pool)
         .await?;
     Ok(row.as_ref().map(from_row).transpose()?)
 }
@@ -124,7 +128,7 @@ pub async fn get_many(db: &Db, ids: &[i64]) -> AppResult<Vec<Product>> {
     for id in ids {
         query = query.bind(*id);
     }
-    let rows = query.fetch_all(db.read()).await?;
+    let rows = query.fetch_all(&*db.read().await?).await?;
     Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
 }
 
@@ -135,13 +139,13 @@ pub async fn hottest_ids(db: &Db, limit: u32) -> AppResult<Vec<i64>> {
         &db.sql("SELECT product_id FROM order_items GROUP BY product_id ORDER BY COUNT(*) DESC, product_id LIMIT ?"),
     )
     .bind(limit)
-    .fetch_all(db.read())
+    .fetch_all(&*db.read().await?)
     .await?;
     let mut ids: Vec<i64> = rows.iter().map(|r| int(r, "product_id")).collect::<Result<_, _>>()?;
     if (ids.len() as i64) < limit {
         let rows = sqlx::query(&db.sql("SELECT id FROM products WHERE status = 'active' ORDER BY id LIMIT ?"))
             .bind(limit)
-            .fetch_all(db.read())
+            .fetch_all(&*db.read().await?)
             .await?;
         for r in &rows {
             let id = int(r, "id")?;
@@ -203,7 +207,7 @@ pub async fn list(
     if let Some(p) = filter.max_price {
         query = query.bind(p);
     }
-    let rows = query.bind(limit as i64 + 1).fetch_all(db.read()).await?;
+    let rows = query.bind(limit as i64 + 1).fetch_all(&*db.read().await?).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {
         let mut obj = Map::new();
@@ -356,7 +360,7 @@ pub async fn update(db: &Db, id: i64, patch: &ProductPatch) -> AppResult<Product
     if let Some(v) = patch.version {
         query = query.bind(v);
     }
-    let updated = query.execute(db.write()).await?.rows_affected();
+    let updated = query.execute(&*db.write().await?).await?.rows_affected();
     let current = get(db, id, true)
         .await?
         .ok_or_else(|| AppError::not_found(format!("product {id} does not exist")))?;
@@ -385,7 +389,7 @@ pub async fn adjust_stock(db: &Db, id: i64, delta: i64) -> AppResult<Product> {
     .bind(now_ms() as i64)
     .bind(id)
     .bind(delta)
-    .execute(db.write())
+    .execute(&*db.write().await?)
     .await?
     .rows_affected();
     let current = get(db, id, true)

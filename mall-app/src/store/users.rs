@@ -58,7 +58,7 @@ pub async fn create(db: &Db, username: &str, password_hash: &str, role: Role) ->
             .bind(password_hash)
             .bind(role.as_str())
             .bind(now_ms() as i64)
-            .execute(db.write())
+            .execute(&*db.write().await?)
             .await;
     match result {
         Ok(_) => find_by_username(db, username)
@@ -74,10 +74,10 @@ pub async fn create(db: &Db, username: &str, password_hash: &str, role: Role) ->
 
 /// Reads from the primary: a login right after registering must find the account.
 pub async fn find_by_username(db: &Db, username: &str) -> AppResult<Option<User>> {
-    let pool = db.read_primary();
+    let pool = db.read_primary().await?;
     let row = sqlx::query(&db.sql(&format!("SELECT {COLUMNS} FROM users WHERE username = ?")))
         .bind(username)
-        .fetch_optional(pool)
+        .fetch_optional(&*pool)
         .await?;
     Ok(row.as_ref().map(from_row).transpose()?)
 }
@@ -86,7 +86,7 @@ pub async fn find_by_username(db: &Db, username: &str) -> AppResult<Option<User>
 pub async fn get(db: &Db, id: i64) -> AppResult<Option<User>> {
     let row = sqlx::query(&db.sql(&format!("SELECT {COLUMNS} FROM users WHERE id = ?")))
         .bind(id)
-        .fetch_optional(db.read())
+        .fetch_optional(&*db.read().await?)
         .await?;
     Ok(row.as_ref().map(from_row).transpose()?)
 }

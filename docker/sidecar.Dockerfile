@@ -1,24 +1,30 @@
-# syntax=docker/dockerfile:1
 # The pingora sidecar proxy (cache, compression, rate limits, load balancing).
 # Build from the repository root:  docker build -f docker/sidecar.Dockerfile -t ghcr.io/mall-operator/sidecar:0.1.0 .
 # Multi-stage: the Rust toolchain builds a release binary; the runtime image is distroless (glibc,
 # CA certificates, no shell) and runs as the unprivileged user 65532.
 
-FROM rust:1.95-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+# The bases are build arguments, so a machine that cannot pull builds from bases of its own
+# (scripts/images.sh): BUILDER_IMAGE has the Rust toolchain, or already holds the release binary in
+# /out (then the build stage copies instead of compiling); RUNTIME_IMAGE is distroless cc or a
+# base made to match it. Works with BuildKit and with the classic builder.
+ARG BUILDER_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${BUILDER_IMAGE} AS build
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p mall-sidecar --bin sidecar && cp target/release/sidecar /sidecar
+RUN if [ -x /out/sidecar ]; then echo "using the prebuilt /out/sidecar"; \
+    else apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/* && cargo build --release --locked -p mall-sidecar --bin sidecar \
+      && mkdir -p /out && cp target/release/sidecar /out/sidecar; fi
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+# The runtime stage users get (gcr.io/distroless/cc-debian12:nonroot by default).
+FROM ${RUNTIME_IMAGE}
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="sidecar" \
       org.opencontainers.image.description="The pingora sidecar proxy (cache, compression, rate limits, load balancing)" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /sidecar /usr/local/bin/sidecar
+COPY --from=build /out/sidecar /usr/local/bin/sidecar
 
 USER 65532:65532
 EXPOSE 8080 9901

@@ -206,6 +206,11 @@ pub struct ServeArgs {
     /// Seed products and users at start (idempotent).
     #[arg(long, env = "MALL_SEED")]
     pub seed: bool,
+    /// The `admin` account's password (the operator takes it from a Secret): at start the
+    /// account is created with it, or its password set to it, so rotating the Secret takes
+    /// effect at the next rollout. At least 12 characters. Never logged.
+    #[arg(long, env = "MALL_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<Redacted>,
     #[command(flatten)]
     pub seed_args: SeedArgs,
 }
@@ -226,6 +231,23 @@ where
 }
 
 const DEV_JWT_SECRET: &str = "development-only-secret-do-not-use-in-production";
+
+/// A secret setting: `{:?}` shows `<redacted>`, so printing the configuration never shows it.
+#[derive(Clone)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Redacted {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Redacted(s.to_string()))
+    }
+}
 
 /// Resolved settings: explicit values, else derived from the container's limits.
 #[derive(Debug, Clone)]
@@ -342,6 +364,9 @@ impl Config {
             }
             (None, Environment::Development) => DEV_JWT_SECRET.to_string(),
         };
+        if args.admin_password.as_ref().is_some_and(|p| p.0.chars().count() < 12) {
+            return Err(invalid("MALL_ADMIN_PASSWORD", "must be at least 12 characters"));
+        }
         if args.env == Environment::Production && args.seed && args.seed_args.password == "mall-password" {
             return Err(invalid(
                 "MALL_SEED_PASSWORD",

@@ -279,6 +279,7 @@ struct AllowanceFile {
 
 pub struct Db {
     pub dialect: Dialect,
+    primary_url: String,
     primary: PoolHandle,
     replicas: Vec<PoolHandle>,
     next_replica: AtomicUsize,
@@ -347,6 +348,7 @@ impl Db {
         }
         Ok(Db {
             dialect,
+            primary_url: primary_url.clone(),
             primary,
             replicas,
             next_replica: AtomicUsize::new(0),
@@ -473,6 +475,37 @@ impl Db {
         for p in std::iter::once(&self.primary).chain(&self.replicas) {
             p.allowance.converge();
         }
+    }
+
+    /// Runs `f` holding a lock on the whole database, so pods starting together migrate, seed
+    /// and create the admin one at a time: a PostgreSQL session advisory lock, MySQL's
+    /// `GET_LOCK`; SQLite has one writer at a time anyway (and one pod).
+    pub async fn with_bootstrap_lock<F, Fut>(&self, f: F) -> anyhow::Result<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        const KEY: i64 = 0x6d61_6c6c_626f_6f74; // "mallboot"
+        let (lock, unlock) = match self.dialect {
+            Dialect::Sqlite => return f().await,
+            Dialect::Postgres => (
+                format!("SELECT pg_advisory_lock({KEY})"),
+                format!("SELECT pg_advisory_unlock({KEY})"),
+            ),
+            Dialect::MySql => (
+                "SELECT GET_LOCK('mall-bootstrap', 300)".to_string(),
+                "SELECT RELEASE_LOCK('mall-bootstrap')".to_string(),
+            ),
+        };
+        // A session lock: taken and released on one connection, held apart from the pool's
+        // allowance so the work inside can use the pool.
+        let options: AnyConnectOptions = self.primary_url.parse()?;
+        let mut conn = sqlx::AnyConnection::connect_with(&options).await?;
+        conn.execute(lock.as_str()).await?;
+        let result = f().await;
+        let _ = conn.execute(unlock.as_str()).await;
+        let _ = conn.close().await;
+        result
     }
 
     pub async fn migrate(&self) -> anyhow::Result<()> {

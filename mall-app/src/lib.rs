@@ -52,15 +52,25 @@ impl App {
             db.load_allowance(path)
                 .map_err(|e| anyhow::anyhow!("MALL_DB_ALLOWANCE_FILE: {e}"))?;
         }
-        db.migrate().await?;
-        if args.seed {
-            let report = seed::seed(&db, &args.seed_args).await?;
-            tracing::info!(
-                products_added = report.products_added,
-                users_added = report.users_added,
-                "seeded"
-            );
-        }
+        // Migrations, seeding and the admin account once per database: pods starting together
+        // take turns on a database-wide lock (each step is idempotent too).
+        db.with_bootstrap_lock(|| async {
+            db.migrate().await?;
+            if args.seed {
+                let report = seed::seed(&db, &args.seed_args).await?;
+                tracing::info!(
+                    products_added = report.products_added,
+                    users_added = report.users_added,
+                    "seeded"
+                );
+            }
+            if let Some(password) = &args.admin_password {
+                let done = seed::ensure_admin(&db, &password.0).await?;
+                tracing::info!(admin = done, "admin account from MALL_ADMIN_PASSWORD");
+            }
+            Ok(())
+        })
+        .await?;
         let cache = Cache::new(
             CacheSettings {
                 l1_bytes: config.tuning.cache_bytes,

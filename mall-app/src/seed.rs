@@ -1,7 +1,7 @@
 //! Seed data: products 1..=N (as seed 001's wrk script expects) and users user1..userM plus
 //! `admin`. Idempotent: existing rows are left as they are.
 
-use crate::auth::hash_password;
+use crate::auth::{hash_password, verify_password};
 use crate::config::SeedArgs;
 use crate::db::{Db, Dialect};
 use crate::error::AppResult;
@@ -87,4 +87,38 @@ pub async fn seed(db: &Db, args: &SeedArgs) -> AppResult<SeedReport> {
 pub struct SeedReport {
     pub products_added: u64,
     pub users_added: u64,
+}
+
+/// Creates `admin` with `password`, or sets its password when it no longer matches (a rotated
+/// Secret). Returns what it did: `created`, `updated` or `unchanged`.
+pub async fn ensure_admin(db: &Db, password: &str) -> AppResult<&'static str> {
+    let now = now_ms() as i64;
+    let existing: Option<(String,)> =
+        sqlx::query_as(&db.sql("SELECT password_hash FROM users WHERE username = 'admin'"))
+            .fetch_optional(&*db.write().await?)
+            .await?;
+    match existing {
+        Some((hash,)) if verify_password(password.to_string(), hash.clone()).await? => Ok("unchanged"),
+        Some(_) => {
+            let hash = hash_password(password.to_string()).await?;
+            sqlx::query(&db.sql("UPDATE users SET password_hash = ?, role = 'admin' WHERE username = 'admin'"))
+                .bind(hash)
+                .execute(&*db.write().await?)
+                .await?;
+            Ok("updated")
+        }
+        None => {
+            let hash = hash_password(password.to_string()).await?;
+            sqlx::query(
+                &db.sql(
+                    "INSERT INTO users (username, password_hash, role, created_at) VALUES ('admin', ?, 'admin', ?)",
+                ),
+            )
+            .bind(hash)
+            .bind(now)
+            .execute(&*db.write().await?)
+            .await?;
+            Ok("created")
+        }
+    }
 }

@@ -174,6 +174,9 @@ pub struct Context {
     /// Labels put on every PrometheusRule and ServiceMonitor, so the Prometheus selects them
     /// (`--monitoring-labels`, the chart's `monitoring.labels`).
     pub monitoring_labels: std::collections::BTreeMap<String, String>,
+    /// Generated token-signing Secrets known to exist (`namespace/name`): created, or found, once
+    /// per operator process, so a steady state makes no request for them.
+    pub jwt_secrets: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -188,6 +191,7 @@ impl Context {
             monitoring: AtomicBool::new(false),
             prometheus: None,
             monitoring_labels: Default::default(),
+            jwt_secrets: Default::default(),
         }
     }
 

@@ -473,6 +473,10 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     children.record(applier.apply(&stores.services, &service, &mut outcome).await);
     children.record(applier.apply(&stores.services, &app_service, &mut outcome).await);
     children.record(applier.apply(&stores.services, &metrics_service, &mut outcome).await);
+    if md.spec.auth.jwt_secret.is_none() {
+        // Before the Deployment: its pods read the key at start.
+        children.record(ensure_jwt_secret(ctx, md, &ns).await);
+    }
     // A new HPA-mode Deployment starts at the HPA's floor rather than Kubernetes' default of one
     // pod; the field is then handed over and left to the HPA.
     let hpa_floor = hpa
@@ -680,6 +684,51 @@ fn sale_status(schedule: &sale::Schedule) -> crate::crd::SaleStatus {
         next_applies: next.as_ref().map(|o| rfc3339(o.applies)),
         next_start: next.as_ref().map(|o| rfc3339(o.start)),
     }
+}
+
+/// Creates `<name>-jwt` (48 random bytes, key `secret`) unless it exists: the key every pod signs
+/// login tokens with when `spec.auth.jwtSecret` names none. Created once and never changed
+/// (changing it would log every user out); owned by the MallDeployment, so deleted with it.
+async fn ensure_jwt_secret(ctx: &Context, md: &MallDeployment, ns: &str) -> ChildResult {
+    let name = desired::generated_jwt_secret_name(md);
+    let known = format!("{ns}/{name}");
+    if ctx.jwt_secrets.lock().expect("jwt secrets lock").contains(&known) {
+        return ChildResult::Ok;
+    }
+    let child = format!("Secret/{name}");
+    let mut key = [0u8; 48];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key)) {
+        return ChildResult::Failed(Failed {
+            child,
+            message: format!("no random bytes for the token key: {e}"),
+        });
+    }
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: desired::meta(md, name.clone()),
+        type_: Some("Opaque".into()),
+        data: Some(std::collections::BTreeMap::from([(
+            "secret".to_string(),
+            k8s_openapi::ByteString(key.to_vec()),
+        )])),
+        ..Default::default()
+    };
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let params = kube::api::PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&params, &secret).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => {
+            return ChildResult::Failed(Failed {
+                child,
+                message: api_message(&e),
+            })
+        }
+    }
+    ctx.jwt_secrets.lock().expect("jwt secrets lock").insert(known);
+    ChildResult::Ok
 }
 
 /// Applies `spec.replicas` alone under `HANDOVER_MANAGER`, not forced: where the HPA already set

@@ -167,6 +167,42 @@ pub struct MallDeploymentSpec {
     /// Leave every child object alone (for manual surgery); status says so.
     #[serde(default)]
     pub paused: bool,
+    /// Seed a demo catalog at start: products 1..1000, customers user1..user100 with the
+    /// password `mall-password`, and `admin` with that password unless `auth.adminPassword` is
+    /// set. Default: on with the embedded database (no `database.primary`), off with a primary;
+    /// a mall that is not a demo never gets a default password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demo: Option<bool>,
+    /// Accounts and the key that signs login tokens.
+    #[serde(default)]
+    pub auth: Auth,
+}
+
+/// The mall's secrets, each a key of a Secret in the MallDeployment's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct Auth {
+    /// The `admin` account's password (at least 12 characters): the account is created with it,
+    /// or its password set to it, when a pod starts. Without it, `admin` exists only in a demo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_password: Option<SecretValue>,
+    /// The key that signs login tokens (at least 32 bytes), shared by every pod. Without it the
+    /// operator creates the Secret `<name>-jwt` with 48 random bytes (key `secret`) and keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<SecretValue>,
+}
+
+/// A key of a Secret in the MallDeployment's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretValue {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key within the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
 }
 
 /// The app container: an image and its resources (seed 003's Deployment by default).

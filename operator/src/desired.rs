@@ -25,7 +25,7 @@ use mall_sidecar_config::{Balance, DnsDiscovery, SidecarConfig};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{AutoscalingMode, MallDeployment, Quantities, SecretKeyRef};
+use crate::crd::{AutoscalingMode, MallDeployment, Quantities, SecretKeyRef, SecretValue};
 use crate::sale::SalePlan;
 use crate::tuning::Tuning;
 
@@ -227,6 +227,34 @@ fn env(name: &str, value: impl ToString) -> EnvVar {
     }
 }
 
+/// Whether the pods seed the demo catalog (`spec.demo`, by default with the embedded database).
+pub fn demo(md: &MallDeployment) -> bool {
+    md.spec.demo.unwrap_or(md.spec.database.primary.is_none())
+}
+
+/// The Secret the operator creates when `spec.auth.jwtSecret` is not set.
+pub fn generated_jwt_secret_name(md: &MallDeployment) -> String {
+    format!("{}-jwt", name(md))
+}
+
+/// Where the token-signing key is: the spec's Secret, or the one the operator creates.
+pub fn jwt_secret(md: &MallDeployment) -> SecretValue {
+    md.spec.auth.jwt_secret.clone().unwrap_or_else(|| SecretValue {
+        name: generated_jwt_secret_name(md),
+        key: "secret".into(),
+    })
+}
+
+fn secret_value_env(name: &str, r: &SecretValue) -> EnvVar {
+    secret_env(
+        name,
+        &SecretKeyRef {
+            name: r.name.clone(),
+            key: r.key.clone(),
+        },
+    )
+}
+
 fn secret_env(name: &str, r: &SecretKeyRef) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -295,7 +323,16 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
         env("MALL_SHUTDOWN_TIMEOUT_SECS", 15),
         // Pods share the database: each takes its snowflake worker id from its own name.
         env("MALL_WORKER_ID", "auto"),
+        // Production unless a demo: then the app refuses a default password and a missing key.
+        env("MALL_ENV", if demo(md) { "development" } else { "production" }),
+        secret_value_env("MALL_JWT_SECRET", &jwt_secret(md)),
     ];
+    if demo(md) {
+        e.push(env("MALL_SEED", "true"));
+    }
+    if let Some(admin) = &s.auth.admin_password {
+        e.push(secret_value_env("MALL_ADMIN_PASSWORD", admin));
+    }
     if s.database.primary.is_some() {
         e.push(env(
             "MALL_DB_ALLOWANCE_FILE",
@@ -310,8 +347,9 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
     if let Some(top) = sale.warm_top {
         e.push(env("MALL_WARMUP_PRODUCTS", top));
     }
-    if let Some(primary) = &s.database.primary {
-        e.push(secret_env("MALL_DATABASE_URL", primary));
+    match &s.database.primary {
+        Some(primary) => e.push(secret_env("MALL_DATABASE_URL", primary)),
+        None => e.push(env("MALL_DATA_DIR", DATA_DIR)),
     }
     if !s.database.replicas.is_empty() {
         let mut refs = Vec::new();
@@ -361,13 +399,19 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
         liveness_probe: Some(probe("/health", APP_PORT, 10, 3)),
         readiness_probe: Some(probe("/ready", APP_PORT, 5, 2)),
         security_context: Some(locked_down()),
-        volume_mounts: s.database.primary.is_some().then(|| {
-            vec![VolumeMount {
-                name: "db-allowance".into(),
-                mount_path: ALLOWANCE_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            }]
+        volume_mounts: Some(if s.database.primary.is_some() {
+            vec![
+                scratch("tmp", "/tmp"),
+                VolumeMount {
+                    name: "db-allowance".into(),
+                    mount_path: ALLOWANCE_DIR.into(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+            ]
+        } else {
+            // The embedded SQLite file: as long-lived as the pod (a demo's data).
+            vec![scratch("tmp", "/tmp"), scratch("data", DATA_DIR)]
         }),
         ..Container::default()
     };
@@ -392,12 +436,15 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
         liveness_probe: Some(probe("/health", ADMIN_PORT, 10, 3)),
         readiness_probe: Some(probe("/ready", ADMIN_PORT, 5, 2)),
         security_context: Some(locked_down()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "sidecar-config".into(),
-            mount_path: "/etc/sidecar".into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "sidecar-config".into(),
+                mount_path: "/etc/sidecar".into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            scratch("tmp", "/tmp"),
+        ]),
         ..Container::default()
     };
     let mut pod_labels = labels(md);
@@ -455,15 +502,32 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
 /// Where the app reads its share of the database's connection budget (budget.rs).
 pub const ALLOWANCE_DIR: &str = "/etc/mall/db-allowance";
 
-fn volumes(md: &MallDeployment) -> Vec<Volume> {
-    let mut v = vec![Volume {
-        name: "sidecar-config".into(),
-        config_map: Some(ConfigMapVolumeSource {
-            name: format!("{}-sidecar", name(md)),
-            ..ConfigMapVolumeSource::default()
-        }),
+/// Where the app keeps its embedded SQLite database (an emptyDir).
+pub const DATA_DIR: &str = "/data";
+
+fn empty_dir(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(Default::default()),
         ..Volume::default()
-    }];
+    }
+}
+
+fn volumes(md: &MallDeployment) -> Vec<Volume> {
+    let mut v = vec![
+        Volume {
+            name: "sidecar-config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: format!("{}-sidecar", name(md)),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        empty_dir("tmp"),
+    ];
+    if md.spec.database.primary.is_none() {
+        v.push(empty_dir("data"));
+    }
     if md.spec.database.primary.is_some() {
         v.push(Volume {
             name: "db-allowance".into(),
@@ -477,10 +541,21 @@ fn volumes(md: &MallDeployment) -> Vec<Volume> {
     v
 }
 
-/// No privilege escalation, no capabilities: neither container needs any.
+/// An emptyDir mount.
+fn scratch(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        ..VolumeMount::default()
+    }
+}
+
+/// No privilege escalation, no capabilities, a read-only root: neither container needs more.
 fn locked_down() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
+        // What must be written has an emptyDir: /tmp in both containers, /data for SQLite.
+        read_only_root_filesystem: Some(true),
         capabilities: Some(Capabilities {
             drop: Some(vec!["ALL".into()]),
             ..Capabilities::default()

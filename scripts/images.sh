@@ -99,7 +99,18 @@ build_binaries() {
   command -v cargo >/dev/null || { echo "error: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
   apt_install cmake
   cargo build --release --locked -p mall-app --bin mall-app -p mall-sidecar --bin sidecar \
-    -p mall-operator --bin operator >&2
+    -p mall-operator --bin operator -p mall-e2e --bin pod-pause >&2
+}
+
+# The tests' pod runner (tests/src/pod_runner.rs) holds each pod's network namespace in a
+# container of this image, as the kubelet's pause container does.
+build_infra_image() {
+  local ctx
+  ctx=$(mktemp -d)
+  cp "$TARGET/release/pod-pause" "$ctx/pod-pause"
+  printf 'FROM %s\nCOPY pod-pause /pod-pause\nUSER 65535:65535\nENTRYPOINT ["/pod-pause"]\n' "$RUNTIME_BASE" >"$ctx/Dockerfile"
+  docker build -q -t mall-pod-infra:local "$ctx" >/dev/null
+  rm -rf "$ctx"
 }
 
 # One image: a builder image that already holds the binary in /out, then the Dockerfile.
@@ -125,3 +136,4 @@ make_bases
 build_image mall-app mall-app
 build_image sidecar sidecar
 build_image operator operator
+build_infra_image

@@ -395,6 +395,7 @@ mod tests {
             cpus: 2.0,
             memory_bytes: Some(1 << 30),
             memory_is_limit: true,
+            cpus_from_cgroup: true,
         }
     }
 

@@ -56,6 +56,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         tracing::info!(
             cpus = config.resources.cpus,
+            cpus_from = if config.resources.cpus_from_cgroup {
+                "cgroup"
+            } else {
+                "host"
+            },
             memory_bytes = config.resources.memory_bytes,
             worker_threads = config.tuning.worker_threads,
             primary_pool_max = config.tuning.primary_pool.max,

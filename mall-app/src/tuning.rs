@@ -15,6 +15,8 @@ pub struct Resources {
     pub memory_bytes: Option<u64>,
     /// Whether `memory_bytes` is a hard container limit (true) or the host's total (false).
     pub memory_is_limit: bool,
+    /// Whether `cpus` is the cgroup's CPU quota (true) or the host's CPUs (false).
+    pub cpus_from_cgroup: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +98,7 @@ fn detect_in(cgroup: &Path, meminfo: &Path) -> Resources {
         cpus: cgroup_cpus.map(|c| c.min(host_cpus)).unwrap_or(host_cpus),
         memory_bytes: cgroup_memory.or(host_memory),
         memory_is_limit: cgroup_memory.is_some(),
+        cpus_from_cgroup: cgroup_cpus.is_some(),
     }
 }
 
@@ -134,6 +137,7 @@ mod tests {
             cpus,
             memory_bytes: Some(memory_mib * MIB),
             memory_is_limit: true,
+            cpus_from_cgroup: true,
         }
     }
 
@@ -156,6 +160,7 @@ mod tests {
                     cpus: 2.0,
                     memory_bytes: Some(24 * 1024 * MIB),
                     memory_is_limit: false,
+                    cpus_from_cgroup: true,
                 },
                 2,
                 (20, 4),
@@ -167,6 +172,7 @@ mod tests {
                     cpus: 2.0,
                     memory_bytes: None,
                     memory_is_limit: false,
+                    cpus_from_cgroup: true,
                 },
                 2,
                 (20, 4),

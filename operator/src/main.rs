@@ -118,7 +118,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let mut config = kube::Config::infer().await?;
+    let mut config = kube::Config::infer().await.map_err(|e| {
+        anyhow::anyhow!(
+            "no Kubernetes API server to talk to: not running in a pod (KUBERNETES_SERVICE_HOST is unset) and no kubeconfig (KUBECONFIG or ~/.kube/config): {e}"
+        )
+    })?;
     config.headers.push((
         axum::http::header::USER_AGENT,
         axum::http::HeaderValue::from_str(&user_agent())?,

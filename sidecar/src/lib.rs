@@ -26,13 +26,36 @@ use pingora_core::services::listening::Service;
 
 pub use mall_sidecar_config as config;
 
+/// The cgroup's CPU quota in CPUs (v2 `cpu.max`, then v1 `cpu.cfs_quota_us`), if one is set.
+fn cgroup_cpus() -> Option<f64> {
+    let read = |p: &str| std::fs::read_to_string(std::path::Path::new("/sys/fs/cgroup").join(p)).ok();
+    let v2 = read("cpu.max").and_then(|s| {
+        let mut parts = s.split_whitespace();
+        let quota = parts.next()?.parse::<f64>().ok()?;
+        let period = parts.next().unwrap_or("100000").parse::<f64>().ok()?;
+        (period > 0.0).then_some(quota / period)
+    });
+    v2.or_else(|| {
+        let quota = read("cpu/cpu.cfs_quota_us")?.trim().parse::<f64>().ok()?;
+        let period = read("cpu/cpu.cfs_period_us")?.trim().parse::<f64>().ok()?;
+        (quota > 0.0 && period > 0.0).then_some(quota / period)
+    })
+}
+
 /// Builds the pingora server for `config` and runs it until SIGTERM or SIGINT (both drain; a
 /// second SIGINT exits at once).
 pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_open_files_limit();
-    let threads = match config.server.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        n => n,
+    // Unset: one worker per CPU of the cgroup's quota (as automaxprocs), else of the host.
+    let (threads, threads_from) = match config.server.threads {
+        0 => match cgroup_cpus() {
+            Some(cpus) => ((cpus.floor() as usize).max(1), "cgroup"),
+            None => (
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                "host",
+            ),
+        },
+        n => (n, "config"),
     };
     let conf = ServerConf {
         threads,
@@ -82,7 +105,7 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
         invalidation::Invalidations(shared.clone()),
     ));
     server.add_service(background_service("drain", services::Drain(shared.clone())));
-    tracing::info!(%listen, %admin_listen, threads, "sidecar starting");
+    tracing::info!(%listen, %admin_listen, threads, threads_from, "sidecar starting");
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals(shared)),
     });

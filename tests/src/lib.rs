@@ -1,1 +1,3 @@
-//! End-to-end tests live in `tests/`; this crate has no code of its own.
+//! End-to-end tests live in `tests/`; the pod runner they share is here.
+
+pub mod pod_runner;

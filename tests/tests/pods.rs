@@ -1,0 +1,374 @@
+//! The mall as it ships: the images `scripts/images.sh` builds, run as the pods `operator render`
+//! describes, by the pod runner (`mall_e2e::pod_runner`, standing in for the kubelet, which
+//! cannot run here) on the machine's real Docker Engine: the pods' security context, limits,
+//! volumes and probes as a kubelet applies them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mall_e2e::pod_runner::{self, docker, Cluster, Network, Pod, Service};
+use serde_json::Value;
+
+const TAG: &str = "0.1.0";
+
+fn images_ready() -> bool {
+    if !pod_runner::engine_available() {
+        return false;
+    }
+    let images = [
+        format!("ghcr.io/mall-operator/mall-app:{TAG}"),
+        format!("ghcr.io/mall-operator/sidecar:{TAG}"),
+        format!("ghcr.io/mall-operator/operator:{TAG}"),
+        pod_runner::INFRA_IMAGE.to_string(),
+    ];
+    let missing: Vec<&String> = images
+        .iter()
+        .filter(|i| docker(&["image", "inspect", i]).is_err())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let how = "scripts/test.sh builds them (scripts/images.sh)";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("images missing: {missing:?}; {how}");
+    }
+    eprintln!("SKIPPED: images missing: {missing:?}; {how}");
+    false
+}
+
+fn render(example: &str) -> String {
+    let text = std::fs::read_to_string(pod_runner::repo(example)).unwrap();
+    mall_operator::render::render(&text).unwrap()
+}
+
+/// The Secrets a mall references: the generated token key, and what the test gives.
+fn secrets(md_name: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+    BTreeMap::from([(
+        format!("{md_name}-jwt"),
+        BTreeMap::from([("secret".to_string(), "k".repeat(48))]),
+    )])
+}
+
+/// One pod of the demo example behind its Service, ready.
+struct Demo {
+    pod: Pod,
+    service: Service,
+    _network: Network,
+    _hosts: tempfile::NamedTempFile,
+}
+
+async fn demo(tag: &str) -> Demo {
+    let rendered = render("examples/mall.yaml");
+    let network = Network::create(&format!("mall-pods-{tag}-{}", std::process::id()));
+    let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    let mut cluster = Cluster::from_rendered(&rendered);
+    cluster.secrets = secrets("demo");
+    cluster.hosts_file = Some(hosts.path().to_path_buf());
+    let template = pod_runner::pod_template(&rendered);
+    let pod = pod_runner::start_pod(
+        &network,
+        &cluster,
+        &template,
+        &format!("demo-{tag}-{}", std::process::id()),
+    )
+    .await
+    .unwrap();
+    // The headless Service demo-app resolves to the pod (its app port).
+    pod_runner::write_hosts(
+        hosts.path(),
+        "demo-app.shop.svc.cluster.local",
+        std::slice::from_ref(&pod.ip),
+    );
+    let took = pod_runner::wait_ready(&pod, Duration::from_secs(60)).await.unwrap();
+    eprintln!("{tag}: pod ready {took:?} after its containers started");
+    let endpoints = Arc::new(Mutex::new(vec![pod_runner::endpoint(&pod)]));
+    let service = Service::start(endpoints, 8080).await;
+    Demo {
+        pod,
+        service,
+        _network: network,
+        _hosts: hosts,
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.pod.delete();
+    }
+}
+
+/// a. The demo example's pod starts and turns Ready, and the documented curl lines work through
+/// the Service: MISS then HIT, gzip, login, cart, order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_the_demo_pod_serves_the_documented_first_look() {
+    if !images_ready() {
+        return;
+    }
+    let d = demo("a").await;
+    let http = reqwest::Client::new();
+    let first = http.get(d.service.url("/api/products/1")).send().await.unwrap();
+    assert_eq!(first.status(), 200, "day one has a catalog");
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    let second = http.get(d.service.url("/api/products/1")).send().await.unwrap();
+    assert_eq!(second.headers()["x-cache"], "HIT");
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["id"], 1);
+
+    let list = http
+        .get(d.service.url("/api/products?limit=50"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), 200);
+    assert_eq!(
+        list.headers().get("content-encoding").map(|v| v.to_str().unwrap()),
+        Some("gzip")
+    );
+
+    let login: Value = http
+        .post(d.service.url("/api/auth/login"))
+        .json(&serde_json::json!({"username": "user1", "password": "mall-password"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"].as_str().expect("the demo user logs in").to_string();
+    let cart = http
+        .post(d.service.url("/api/cart/items"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"product_id": 3, "quantity": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert!(cart.status().is_success(), "cart: {}", cart.status());
+    let order = http
+        .post(d.service.url("/api/orders"))
+        .bearer_auth(&token)
+        .header("idempotency-key", "first-order")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(order.status(), 201, "order");
+    let admin = http
+        .post(d.service.url("/api/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": "mall-password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200, "the demo's admin logs in");
+}
+
+/// e. The containers run as 65532 with no capabilities, and with a read-only root filesystem
+/// nothing fails; d (CPU). With a 500m limit and no tuning environment, each starts one worker,
+/// read from the cgroup, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_containers_run_unprivileged_on_a_read_only_root_within_their_limits() {
+    if !images_ready() {
+        return;
+    }
+    let d = demo("e").await;
+    for name in ["app", "sidecar"] {
+        let inspect = d.pod.inspect(name);
+        let config = &inspect["HostConfig"];
+        assert_eq!(inspect["Config"]["User"], "65532:65532", "{name}");
+        assert_eq!(config["ReadonlyRootfs"], true, "{name}");
+        assert_eq!(config["CapDrop"], serde_json::json!(["ALL"]), "{name}");
+        assert!(
+            config["SecurityOpt"].to_string().contains("no-new-privileges"),
+            "{name}: {}",
+            config["SecurityOpt"]
+        );
+        assert_eq!(config["NanoCpus"], 500_000_000, "{name}: the 500m limit");
+        // What the kernel says of the running process.
+        let pid = inspect["State"]["Pid"].as_u64().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        assert!(
+            field("Uid:").starts_with("65532 65532"),
+            "{name}: Uid {}",
+            field("Uid:")
+        );
+        assert_eq!(field("CapEff:"), "0000000000000000", "{name}: effective capabilities");
+        assert_eq!(field("CapPrm:"), "0000000000000000", "{name}: permitted capabilities");
+        assert_eq!(field("NoNewPrivs:"), "1", "{name}");
+        assert_eq!(
+            field("Seccomp:"),
+            "2",
+            "{name}: a seccomp filter (Docker's default profile)"
+        );
+    }
+    // It served and wrote (SQLite in its emptyDir, a cart) without a writable root.
+    let http = reqwest::Client::new();
+    let login: Value = http
+        .post(d.service.url("/api/auth/login"))
+        .json(&serde_json::json!({"username": "user2", "password": "mall-password"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"].as_str().unwrap();
+    let cart = http
+        .post(d.service.url("/api/cart/items"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"product_id": 5, "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(cart.status().is_success());
+    for name in ["app", "sidecar"] {
+        let logs = d.pod.logs(name);
+        assert!(
+            !logs.contains("Read-only file system") && !logs.to_lowercase().contains("permission denied"),
+            "{name}: {logs}"
+        );
+    }
+    // The sidecar's worker count: the operator tunes it from the same 500m limit.
+    let sidecar_logs = d.pod.logs("sidecar");
+    assert!(
+        sidecar_logs.contains("\"threads\":1") || sidecar_logs.contains("threads=1"),
+        "{sidecar_logs}"
+    );
+}
+
+/// d. Without the operator's tuning environment, the app and the sidecar read the cgroup's CPU
+/// quota (500m: one worker each) and say so in their logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_with_a_500m_limit_and_no_tuning_each_starts_one_worker_from_the_cgroup() {
+    if !images_ready() {
+        return;
+    }
+    let rendered = render("examples/mall.yaml");
+    let mut template = pod_runner::pod_template(&rendered);
+    for c in template["spec"]["containers"].as_array_mut().unwrap() {
+        if let Some(env) = c["env"].as_array_mut() {
+            let tuning = [
+                "MALL_WORKER_THREADS",
+                "MALL_DB_MAX_CONNECTIONS",
+                "MALL_DB_MIN_CONNECTIONS",
+                "MALL_DB_REPLICA_MAX_CONNECTIONS",
+                "MALL_CACHE_BYTES",
+            ];
+            env.retain(|e| !tuning.iter().any(|t| e["name"] == *t));
+        }
+    }
+    // The sidecar's config from the image's defaults would listen elsewhere: keep the rendered
+    // file but drop its `threads`, so the sidecar decides.
+    let mut cluster = Cluster::from_rendered(&rendered);
+    let toml = cluster.config_maps["demo-sidecar"]["sidecar.toml"].clone();
+    let without: String = toml
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("threads"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    cluster
+        .config_maps
+        .get_mut("demo-sidecar")
+        .unwrap()
+        .insert("sidecar.toml".into(), without);
+    cluster.secrets = secrets("demo");
+    let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    cluster.hosts_file = Some(hosts.path().to_path_buf());
+    let network = Network::create(&format!("mall-pods-d-{}", std::process::id()));
+    let pod = pod_runner::start_pod(&network, &cluster, &template, &format!("demo-d-{}", std::process::id()))
+        .await
+        .unwrap();
+    pod_runner::write_hosts(
+        hosts.path(),
+        "demo-app.shop.svc.cluster.local",
+        std::slice::from_ref(&pod.ip),
+    );
+    let ready = pod_runner::wait_ready(&pod, Duration::from_secs(60)).await;
+    let (app, sidecar) = (pod.logs("app"), pod.logs("sidecar"));
+    pod.delete();
+    ready.unwrap();
+    assert!(
+        app.contains("\"worker_threads\":1") && app.contains("cgroup"),
+        "the app's log says one worker from the cgroup: {app}"
+    );
+    assert!(
+        sidecar.contains("\"threads\":1") && sidecar.contains("cgroup"),
+        "the sidecar's log says one worker from the cgroup: {sidecar}"
+    );
+}
+
+/// f. The operator image runs `operator render` (it has no shell), and `operator run` without a
+/// cluster exits non-zero saying what is missing.
+#[test]
+fn f_the_operator_image_renders_and_says_what_a_run_without_a_cluster_lacks() {
+    if !images_ready() {
+        return;
+    }
+    let image = format!("ghcr.io/mall-operator/operator:{TAG}");
+    let examples = pod_runner::repo("examples");
+    let mount = format!("{}:/examples:ro", examples.display());
+    let out = docker(&[
+        "run",
+        "--rm",
+        "-v",
+        &mount,
+        &image,
+        "render",
+        "-f",
+        "/examples/mall.yaml",
+    ])
+    .unwrap();
+    assert!(
+        out.contains("kind: Deployment") && out.contains("kind: ConfigMap"),
+        "{out}"
+    );
+    let shell = docker(&["run", "--rm", "--entrypoint", "/bin/sh", &image, "-c", "true"]);
+    assert!(shell.is_err(), "the image has a shell");
+    let run = std::process::Command::new("docker")
+        .args(["run", "--rm", &image, "run"])
+        .output()
+        .unwrap();
+    assert!(!run.status.success(), "operator run without a cluster succeeded");
+    let said = String::from_utf8_lossy(&run.stderr).to_string() + &String::from_utf8_lossy(&run.stdout);
+    assert!(
+        said.to_lowercase().contains("kubeconfig") || said.contains("KUBERNETES_SERVICE_HOST"),
+        "the message says what is missing: {said}"
+    );
+}
+
+/// g. A pod whose sidecar configuration is refused never turns Ready, and the sidecar's log says
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_refused_sidecar_config_keeps_the_pod_unready_and_the_log_says_why() {
+    if !images_ready() {
+        return;
+    }
+    let rendered = render("examples/mall.yaml");
+    let mut cluster = Cluster::from_rendered(&rendered);
+    let toml = cluster.config_maps["demo-sidecar"]["sidecar.toml"].clone();
+    // A rate limit of zero requests per second: the sidecar's validator refuses it.
+    let broken = toml.replacen("requests_per_second = ", "requests_per_second = 0.0 # was ", 1);
+    assert_ne!(broken, toml, "the rendered config has a rate-limit rule to break");
+    cluster
+        .config_maps
+        .get_mut("demo-sidecar")
+        .unwrap()
+        .insert("sidecar.toml".into(), broken);
+    cluster.secrets = secrets("demo");
+    let network = Network::create(&format!("mall-pods-g-{}", std::process::id()));
+    let template = pod_runner::pod_template(&rendered);
+    let pod = pod_runner::start_pod(&network, &cluster, &template, &format!("demo-g-{}", std::process::id()))
+        .await
+        .unwrap();
+    let ready = pod_runner::wait_ready(&pod, Duration::from_secs(15)).await;
+    let log = pod.logs("sidecar");
+    pod.delete();
+    assert!(ready.is_err(), "the pod turned Ready with a refused config");
+    assert!(log.contains("requests_per_second"), "the log names the field: {log}");
+}

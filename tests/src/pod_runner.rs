@@ -421,6 +421,8 @@ pub async fn start_pod(network: &Network, cluster: &Cluster, template: &Value, p
             ));
         }
         if let Some(hosts) = &cluster.hosts_file {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(hosts, std::fs::Permissions::from_mode(0o644));
             a.push("-v".into());
             a.push(format!("{}:/etc/hosts:ro", hosts.display()));
         }
@@ -647,9 +649,11 @@ pub fn write_hosts(path: &Path, name: &str, ips: &[String]) {
     for ip in ips {
         text.push_str(&format!("{ip} {name}\n"));
     }
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text).expect("hosts file");
-    std::fs::rename(&tmp, path).expect("hosts file");
+    // Written in place: the containers bind-mount this inode (a rename would leave them the old
+    // file), and readable by the containers' users.
+    std::fs::write(path, text).expect("hosts file");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("hosts file mode");
 }
 
 /// A path under the repository root.

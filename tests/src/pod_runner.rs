@@ -203,6 +203,33 @@ impl Network {
     }
 }
 
+impl Network {
+    /// The host's address on this network (its gateway).
+    pub fn gateway(&self) -> String {
+        docker(&["network", "inspect", &self.name, "-f", "{{(index .IPAM.Config 0).Gateway}}"]).expect("gateway")
+    }
+
+    /// Makes a service listening on the host's loopback (PostgreSQL, Redis) reachable from the
+    /// pods: a TCP forwarder on the host's address on this network. Returns `host:port` for the
+    /// pods to use.
+    pub async fn forward_host_port(&self, port: u16) -> (String, tokio::task::JoinHandle<()>) {
+        let gateway = self.gateway();
+        let listener = tokio::net::TcpListener::bind((gateway.as_str(), 0)).await.expect("bind on the gateway");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        (addr.to_string(), task)
+    }
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
         let _ = docker(&["network", "rm", &self.name]);

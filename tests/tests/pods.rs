@@ -372,3 +372,216 @@ async fn g_a_refused_sidecar_config_keeps_the_pod_unready_and_the_log_says_why()
     assert!(ready.is_err(), "the pod turned Ready with a refused config");
     assert!(log.contains("requests_per_second"), "the log names the field: {log}");
 }
+
+/// A fresh PostgreSQL database on the host (scripts/test.sh starts the server).
+async fn postgres_database() -> Option<(String, String)> {
+    let admin = std::env::var("MALL_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://mall:mall@127.0.0.1:5432/test".into());
+    let name = format!("mall_t_pods_{}", std::process::id());
+    let out = std::process::Command::new("psql")
+        .args([
+            admin.as_str(),
+            "-qc",
+            &format!("DROP DATABASE IF EXISTS {name}"),
+            "-qc",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some((admin, name)),
+        other => {
+            let why = format!("PostgreSQL at {admin}: {other:?}");
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{why}: scripts/test.sh starts it");
+            }
+            eprintln!("SKIPPED: {why}");
+            None
+        }
+    }
+}
+
+fn psql(admin: &str, db: &str, sql: &str) -> String {
+    let url = format!("{}/{db}", admin.rsplit_once('/').unwrap().0);
+    let out = std::process::Command::new("psql").args([url.as_str(), "-qAtc", sql]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// c. Pods replaced under load, as a rolling update does (a new pod turns Ready, then an old one
+/// gets SIGTERM with its grace period), twice: every response is 2xx, 409 or 429, and every order
+/// is stored exactly once (clients resend with the same Idempotency-Key after a broken
+/// connection, as they should).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once() {
+    if !images_ready() {
+        return;
+    }
+    let Some((admin_url, db)) = postgres_database().await else { return };
+    let network = Network::create(&format!("mall-pods-c-{}", std::process::id()));
+    let (pg, _forward) = network.forward_host_port(5432).await;
+    let md = serde_json::json!({
+        "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
+        "metadata": { "name": "shop", "namespace": "shop" },
+        "spec": { "replicas": 2, "minReplicas": 2, "maxReplicas": 4,
+                  "autoscaling": { "mode": "alerts" },
+                  "rateLimits": { "enabled": false },
+                  "database": { "primary": { "name": "mall-db" } },
+                  "auth": { "adminPassword": { "name": "mall-admin", "key": "password" } } }
+    });
+    let rendered = mall_operator::render::render(&serde_yaml::to_string(&md).unwrap()).unwrap();
+    let mut cluster = Cluster::from_rendered(&rendered);
+    cluster.secrets = secrets("shop");
+    cluster.secrets.insert(
+        "mall-db".into(),
+        BTreeMap::from([("url".into(), format!("postgres://mall:mall@{pg}/{db}"))]),
+    );
+    cluster.secrets.insert(
+        "mall-admin".into(),
+        BTreeMap::from([("password".into(), "an-admin-password".into())]),
+    );
+    let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    cluster.hosts_file = Some(hosts.path().to_path_buf());
+    let template = pod_runner::pod_template(&rendered);
+    let endpoints: pod_runner::Endpoints = Arc::new(Mutex::new(Vec::new()));
+    let app_name = "shop-app.shop.svc.cluster.local";
+    let mut pods: Vec<Pod> = Vec::new();
+    // The headless <name>-app Service publishes not-ready addresses (as rendered): every pod.
+    let refresh = |pods: &[Pod]| {
+        let ips: Vec<String> = pods.iter().map(|p| p.ip.clone()).collect();
+        pod_runner::write_hosts(hosts.path(), app_name, &ips);
+        *endpoints.lock().unwrap() = pods.iter().map(pod_runner::endpoint).collect();
+    };
+    for i in 0..2 {
+        let pod = pod_runner::start_pod(&network, &cluster, &template, &format!("shop-c{i}-{}", std::process::id()))
+            .await
+            .unwrap();
+        pods.push(pod);
+        refresh(&pods);
+        pod_runner::wait_ready(pods.last().unwrap(), Duration::from_secs(90)).await.unwrap();
+        refresh(&pods);
+    }
+    let service = Service::start(endpoints.clone(), 8080).await;
+    let http = reqwest::Client::new();
+
+    // The admin (from the Secret) adds a product; buyers register.
+    let admin: Value = http
+        .post(service.url("/api/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": "an-admin-password"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let admin_token = admin["token"].as_str().expect("the admin from the Secret logs in").to_string();
+    let product: Value = http
+        .post(service.url("/api/products"))
+        .bearer_auth(&admin_token)
+        .json(&serde_json::json!({"name": "Rolling", "category": "books", "price": 100, "stock": 1_000_000}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let product_id = product["id"].as_i64().expect("product created");
+    let mut tokens = Vec::new();
+    for i in 0..8 {
+        let r: Value = http
+            .post(service.url("/api/auth/register"))
+            .json(&serde_json::json!({"username": format!("buyer{i}"), "password": "buyer-password"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        tokens.push(r["token"].as_str().unwrap().to_string());
+    }
+
+    // Load: each buyer orders with a fresh key, resending the same key after a transport error.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let statuses: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
+    let placed: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut clients = Vec::new();
+    for (b, token) in tokens.iter().enumerate() {
+        let (http, url, token) = (reqwest::Client::new(), service.url("/api/orders"), token.clone());
+        let (stop, statuses, placed) = (stop.clone(), statuses.clone(), placed.clone());
+        clients.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("b{b}-{n}");
+                n += 1;
+                loop {
+                    let sent = http
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .header("idempotency-key", &key)
+                        .json(&serde_json::json!({"items": [{"product_id": product_id, "quantity": 1}]}))
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) => {
+                            let code = r.status().as_u16();
+                            *statuses.lock().unwrap().entry(code).or_insert(0) += 1;
+                            if code == 201 || code == 200 {
+                                placed.lock().unwrap().push(key.clone());
+                            }
+                            if code == 409 {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                            break;
+                        }
+                        // A connection the old pod closed: resend, same key.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            }
+        }));
+    }
+
+    // Two rolling replacements under that load.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for round in 0..2 {
+        let pod = pod_runner::start_pod(&network, &cluster, &template, &format!("shop-c{}-{}", round + 2, std::process::id()))
+            .await
+            .unwrap();
+        pods.push(pod);
+        refresh(&pods);
+        pod_runner::wait_ready(pods.last().unwrap(), Duration::from_secs(90)).await.unwrap();
+        refresh(&pods);
+        let old = pods.remove(0);
+        // SIGTERM: the pod leaves the endpoints as its readiness fails, and drains.
+        let deleting = std::thread::spawn(move || old.delete());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        refresh(&pods);
+        while !deleting.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    let placed = placed.lock().unwrap().clone();
+    for pod in &pods {
+        pod.delete();
+    }
+    let bad: Vec<(&u16, &u64)> = statuses.iter().filter(|(c, _)| !matches!(**c, 200..=299 | 409 | 429)).collect();
+    assert!(bad.is_empty(), "responses other than 2xx, 409, 429: {bad:?} (all: {statuses:?})");
+    assert!(placed.len() > 50, "the load placed {} orders", placed.len());
+    let stored: i64 = psql(&admin_url, &db, "SELECT count(*) FROM orders").parse().unwrap();
+    let keys: i64 = psql(&admin_url, &db, "SELECT count(DISTINCT (user_id, idem_key)) FROM idempotency_keys").parse().unwrap();
+    let mut distinct = placed.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(stored, keys, "an order without its key, or a key with two orders");
+    assert_eq!(stored as usize, distinct.len(), "orders stored vs orders the clients were told of");
+    let sold: i64 = psql(&admin_url, &db, &format!("SELECT 1000000 - stock FROM products WHERE id = {product_id}")).parse().unwrap();
+    assert_eq!(sold, stored, "units sold vs orders stored");
+    eprintln!("rolling replacement: {statuses:?}, {} orders stored once each", stored);
+    psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
+}

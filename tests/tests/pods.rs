@@ -585,3 +585,124 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
     eprintln!("rolling replacement: {statuses:?}, {} orders stored once each", stored);
     psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
 }
+
+/// b. Two pods with PostgreSQL and Redis, shaped like examples/production.yaml: 100 ms after a
+/// price is PATCHed through one pod, neither pod serves the old price, for the product or for a
+/// list page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_a_price_patched_through_one_pod_is_served_by_both_100ms_later() {
+    if !images_ready() {
+        return;
+    }
+    let Some((admin_url, db)) = postgres_database().await else { return };
+    let network = Network::create(&format!("mall-pods-b-{}", std::process::id()));
+    let (pg, _pg_forward) = network.forward_host_port(5432).await;
+    let (redis, _redis_forward) = network.forward_host_port(6379).await;
+    let md = serde_json::json!({
+        "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
+        "metadata": { "name": "shop", "namespace": "shop" },
+        "spec": { "replicas": 2, "minReplicas": 2, "maxReplicas": 4,
+                  "autoscaling": { "mode": "alerts" },
+                  "rateLimits": { "enabled": false },
+                  "database": { "primary": { "name": "mall-db" } },
+                  "redis": { "url": { "name": "mall-redis" } },
+                  "auth": { "adminPassword": { "name": "mall-admin", "key": "password" } } }
+    });
+    let rendered = mall_operator::render::render(&serde_yaml::to_string(&md).unwrap()).unwrap();
+    let mut cluster = Cluster::from_rendered(&rendered);
+    cluster.secrets = secrets("shop");
+    cluster.secrets.insert(
+        "mall-db".into(),
+        BTreeMap::from([("url".into(), format!("postgres://mall:mall@{pg}/{db}"))]),
+    );
+    cluster.secrets.insert("mall-redis".into(), BTreeMap::from([("url".into(), format!("redis://{redis}"))]));
+    cluster.secrets.insert(
+        "mall-admin".into(),
+        BTreeMap::from([("password".into(), "an-admin-password".into())]),
+    );
+    let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    cluster.hosts_file = Some(hosts.path().to_path_buf());
+    let template = pod_runner::pod_template(&rendered);
+    let mut pods = Vec::new();
+    for i in 0..2 {
+        pods.push(
+            pod_runner::start_pod(&network, &cluster, &template, &format!("shop-b{i}-{}", std::process::id()))
+                .await
+                .unwrap(),
+        );
+    }
+    let ips: Vec<String> = pods.iter().map(|p| p.ip.clone()).collect();
+    pod_runner::write_hosts(hosts.path(), "shop-app.shop.svc.cluster.local", &ips);
+    for pod in &pods {
+        pod_runner::wait_ready(pod, Duration::from_secs(90)).await.unwrap();
+    }
+    let http = reqwest::Client::new();
+    // Each pod directly (its sidecar port), as the Service's round robin would reach them.
+    let via = |pod: &Pod, path: &str| format!("http://{}:8080{path}", pod.ip);
+    let admin: Value = http
+        .post(via(&pods[0], "/api/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": "an-admin-password"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = admin["token"].as_str().unwrap().to_string();
+    let product: Value = http
+        .post(via(&pods[0], "/api/products"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"name": "Fresh", "category": "books", "price": 1000, "stock": 10}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = product["id"].as_i64().unwrap();
+    let product_path = format!("/api/products/{id}");
+    let list_path = "/api/products?category=books&limit=20";
+    let price_in_list = |v: &Value| {
+        v["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|p| p["id"] == id))
+            .map(|p| p["price"].clone())
+    };
+    let mut stale = Vec::new();
+    for round in 0..3 {
+        // Warm both pods' caches (sidecar and app) with the current price.
+        for pod in &pods {
+            for _ in 0..3 {
+                http.get(via(pod, &product_path)).send().await.unwrap();
+                http.get(via(pod, list_path)).send().await.unwrap();
+            }
+        }
+        let price = 2000 + round;
+        let patched = http
+            .patch(via(&pods[round as usize % 2], &product_path))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"price": price}))
+            .send()
+            .await
+            .unwrap();
+        assert!(patched.status().is_success(), "PATCH: {}", patched.status());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for pod in &pods {
+            for _ in 0..2 {
+                let one: Value = http.get(via(pod, &product_path)).send().await.unwrap().json().await.unwrap();
+                if one["price"] != price {
+                    stale.push(format!("round {round}: pod {} served product price {}", pod.name, one["price"]));
+                }
+                let list: Value = http.get(via(pod, list_path)).send().await.unwrap().json().await.unwrap();
+                if price_in_list(&list) != Some(serde_json::json!(price)) {
+                    stale.push(format!("round {round}: pod {} listed price {:?}", pod.name, price_in_list(&list)));
+                }
+            }
+        }
+    }
+    for pod in &pods {
+        pod.delete();
+    }
+    psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
+    assert!(stale.is_empty(), "stale prices 100 ms after the PATCH: {stale:#?}");
+}

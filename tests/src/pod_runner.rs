@@ -88,7 +88,22 @@ pub struct Pod {
     stop: Arc<AtomicBool>,
     /// Liveness restarts, by container name.
     pub restarts: Arc<Mutex<BTreeMap<String, u32>>>,
+    deleted: AtomicBool,
     _volumes: tempfile::TempDir,
+}
+
+impl Drop for Pod {
+    /// A pod a failed test did not delete is removed at once (no grace), so no container
+    /// outlives its test.
+    fn drop(&mut self) {
+        if !self.deleted.load(Ordering::SeqCst) {
+            self.stop.store(true, Ordering::SeqCst);
+            for c in &self.containers {
+                let _ = docker(&["rm", "-f", &c.id]);
+            }
+            let _ = docker(&["rm", "-f", &self.infra]);
+        }
+    }
 }
 
 impl Pod {
@@ -122,6 +137,7 @@ impl Pod {
     /// Deletes the pod as the kubelet does: SIGTERM to every container, SIGKILL after its grace
     /// period, then the infra container.
     pub fn delete(&self) {
+        self.deleted.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
         self.ready.store(false, Ordering::SeqCst);
         let handles: Vec<_> = self
@@ -206,7 +222,14 @@ impl Network {
 impl Network {
     /// The host's address on this network (its gateway).
     pub fn gateway(&self) -> String {
-        docker(&["network", "inspect", &self.name, "-f", "{{(index .IPAM.Config 0).Gateway}}"]).expect("gateway")
+        docker(&[
+            "network",
+            "inspect",
+            &self.name,
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+        ])
+        .expect("gateway")
     }
 
     /// Makes a service listening on the host's loopback (PostgreSQL, Redis) reachable from the
@@ -214,11 +237,15 @@ impl Network {
     /// pods to use.
     pub async fn forward_host_port(&self, port: u16) -> (String, tokio::task::JoinHandle<()>) {
         let gateway = self.gateway();
-        let listener = tokio::net::TcpListener::bind((gateway.as_str(), 0)).await.expect("bind on the gateway");
+        let listener = tokio::net::TcpListener::bind((gateway.as_str(), 0))
+            .await
+            .expect("bind on the gateway");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -566,6 +593,7 @@ pub async fn start_pod(network: &Network, cluster: &Cluster, template: &Value, p
         ready,
         stop,
         restarts,
+        deleted: AtomicBool::new(false),
         _volumes: volumes_dir,
     })
 }

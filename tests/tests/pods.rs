@@ -374,9 +374,10 @@ async fn g_a_refused_sidecar_config_keeps_the_pod_unready_and_the_log_says_why()
 }
 
 /// A fresh PostgreSQL database on the host (scripts/test.sh starts the server).
-async fn postgres_database() -> Option<(String, String)> {
-    let admin = std::env::var("MALL_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://mall:mall@127.0.0.1:5432/test".into());
-    let name = format!("mall_t_pods_{}", std::process::id());
+async fn postgres_database(tag: &str) -> Option<(String, String)> {
+    let admin =
+        std::env::var("MALL_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://mall:mall@127.0.0.1:5432/test".into());
+    let name = format!("mall_t_pods_{tag}_{}", std::process::id());
     let out = std::process::Command::new("psql")
         .args([
             admin.as_str(),
@@ -401,7 +402,10 @@ async fn postgres_database() -> Option<(String, String)> {
 
 fn psql(admin: &str, db: &str, sql: &str) -> String {
     let url = format!("{}/{db}", admin.rsplit_once('/').unwrap().0);
-    let out = std::process::Command::new("psql").args([url.as_str(), "-qAtc", sql]).output().unwrap();
+    let out = std::process::Command::new("psql")
+        .args([url.as_str(), "-qAtc", sql])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
@@ -415,7 +419,9 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
     if !images_ready() {
         return;
     }
-    let Some((admin_url, db)) = postgres_database().await else { return };
+    let Some((admin_url, db)) = postgres_database("c").await else {
+        return;
+    };
     let network = Network::create(&format!("mall-pods-c-{}", std::process::id()));
     let (pg, _forward) = network.forward_host_port(5432).await;
     let md = serde_json::json!({
@@ -451,12 +457,19 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
         *endpoints.lock().unwrap() = pods.iter().map(pod_runner::endpoint).collect();
     };
     for i in 0..2 {
-        let pod = pod_runner::start_pod(&network, &cluster, &template, &format!("shop-c{i}-{}", std::process::id()))
-            .await
-            .unwrap();
+        let pod = pod_runner::start_pod(
+            &network,
+            &cluster,
+            &template,
+            &format!("shop-c{i}-{}", std::process::id()),
+        )
+        .await
+        .unwrap();
         pods.push(pod);
         refresh(&pods);
-        pod_runner::wait_ready(pods.last().unwrap(), Duration::from_secs(90)).await.unwrap();
+        pod_runner::wait_ready(pods.last().unwrap(), Duration::from_secs(90))
+            .await
+            .unwrap();
         refresh(&pods);
     }
     let service = Service::start(endpoints.clone(), 8080).await;
@@ -472,7 +485,10 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
         .json()
         .await
         .unwrap();
-    let admin_token = admin["token"].as_str().expect("the admin from the Secret logs in").to_string();
+    let admin_token = admin["token"]
+        .as_str()
+        .expect("the admin from the Secret logs in")
+        .to_string();
     let product: Value = http
         .post(service.url("/api/products"))
         .bearer_auth(&admin_token)
@@ -544,12 +560,19 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
     // Two rolling replacements under that load.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for round in 0..2 {
-        let pod = pod_runner::start_pod(&network, &cluster, &template, &format!("shop-c{}-{}", round + 2, std::process::id()))
-            .await
-            .unwrap();
+        let pod = pod_runner::start_pod(
+            &network,
+            &cluster,
+            &template,
+            &format!("shop-c{}-{}", round + 2, std::process::id()),
+        )
+        .await
+        .unwrap();
         pods.push(pod);
         refresh(&pods);
-        pod_runner::wait_ready(pods.last().unwrap(), Duration::from_secs(90)).await.unwrap();
+        pod_runner::wait_ready(pods.last().unwrap(), Duration::from_secs(90))
+            .await
+            .unwrap();
         refresh(&pods);
         let old = pods.remove(0);
         // SIGTERM: the pod leaves the endpoints as its readiness fails, and drains.
@@ -570,17 +593,39 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
     for pod in &pods {
         pod.delete();
     }
-    let bad: Vec<(&u16, &u64)> = statuses.iter().filter(|(c, _)| !matches!(**c, 200..=299 | 409 | 429)).collect();
-    assert!(bad.is_empty(), "responses other than 2xx, 409, 429: {bad:?} (all: {statuses:?})");
+    let bad: Vec<(&u16, &u64)> = statuses
+        .iter()
+        .filter(|(c, _)| !matches!(**c, 200..=299 | 409 | 429))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "responses other than 2xx, 409, 429: {bad:?} (all: {statuses:?})"
+    );
     assert!(placed.len() > 50, "the load placed {} orders", placed.len());
     let stored: i64 = psql(&admin_url, &db, "SELECT count(*) FROM orders").parse().unwrap();
-    let keys: i64 = psql(&admin_url, &db, "SELECT count(DISTINCT (user_id, idem_key)) FROM idempotency_keys").parse().unwrap();
+    let keys: i64 = psql(
+        &admin_url,
+        &db,
+        "SELECT count(DISTINCT (user_id, idem_key)) FROM idempotency_keys",
+    )
+    .parse()
+    .unwrap();
     let mut distinct = placed.clone();
     distinct.sort();
     distinct.dedup();
     assert_eq!(stored, keys, "an order without its key, or a key with two orders");
-    assert_eq!(stored as usize, distinct.len(), "orders stored vs orders the clients were told of");
-    let sold: i64 = psql(&admin_url, &db, &format!("SELECT 1000000 - stock FROM products WHERE id = {product_id}")).parse().unwrap();
+    assert_eq!(
+        stored as usize,
+        distinct.len(),
+        "orders stored vs orders the clients were told of"
+    );
+    let sold: i64 = psql(
+        &admin_url,
+        &db,
+        &format!("SELECT 1000000 - stock FROM products WHERE id = {product_id}"),
+    )
+    .parse()
+    .unwrap();
     assert_eq!(sold, stored, "units sold vs orders stored");
     eprintln!("rolling replacement: {statuses:?}, {} orders stored once each", stored);
     psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
@@ -594,7 +639,9 @@ async fn b_a_price_patched_through_one_pod_is_served_by_both_100ms_later() {
     if !images_ready() {
         return;
     }
-    let Some((admin_url, db)) = postgres_database().await else { return };
+    let Some((admin_url, db)) = postgres_database("b").await else {
+        return;
+    };
     let network = Network::create(&format!("mall-pods-b-{}", std::process::id()));
     let (pg, _pg_forward) = network.forward_host_port(5432).await;
     let (redis, _redis_forward) = network.forward_host_port(6379).await;
@@ -615,7 +662,10 @@ async fn b_a_price_patched_through_one_pod_is_served_by_both_100ms_later() {
         "mall-db".into(),
         BTreeMap::from([("url".into(), format!("postgres://mall:mall@{pg}/{db}"))]),
     );
-    cluster.secrets.insert("mall-redis".into(), BTreeMap::from([("url".into(), format!("redis://{redis}"))]));
+    cluster.secrets.insert(
+        "mall-redis".into(),
+        BTreeMap::from([("url".into(), format!("redis://{redis}"))]),
+    );
     cluster.secrets.insert(
         "mall-admin".into(),
         BTreeMap::from([("password".into(), "an-admin-password".into())]),
@@ -626,9 +676,14 @@ async fn b_a_price_patched_through_one_pod_is_served_by_both_100ms_later() {
     let mut pods = Vec::new();
     for i in 0..2 {
         pods.push(
-            pod_runner::start_pod(&network, &cluster, &template, &format!("shop-b{i}-{}", std::process::id()))
-                .await
-                .unwrap(),
+            pod_runner::start_pod(
+                &network,
+                &cluster,
+                &template,
+                &format!("shop-b{i}-{}", std::process::id()),
+            )
+            .await
+            .unwrap(),
         );
     }
     let ips: Vec<String> = pods.iter().map(|p| p.ip.clone()).collect();
@@ -689,13 +744,34 @@ async fn b_a_price_patched_through_one_pod_is_served_by_both_100ms_later() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         for pod in &pods {
             for _ in 0..2 {
-                let one: Value = http.get(via(pod, &product_path)).send().await.unwrap().json().await.unwrap();
+                let one: Value = http
+                    .get(via(pod, &product_path))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
                 if one["price"] != price {
-                    stale.push(format!("round {round}: pod {} served product price {}", pod.name, one["price"]));
+                    stale.push(format!(
+                        "round {round}: pod {} served product price {}",
+                        pod.name, one["price"]
+                    ));
                 }
-                let list: Value = http.get(via(pod, list_path)).send().await.unwrap().json().await.unwrap();
+                let list: Value = http
+                    .get(via(pod, list_path))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
                 if price_in_list(&list) != Some(serde_json::json!(price)) {
-                    stale.push(format!("round {round}: pod {} listed price {:?}", pod.name, price_in_list(&list)));
+                    stale.push(format!(
+                        "round {round}: pod {} listed price {:?}",
+                        pod.name,
+                        price_in_list(&list)
+                    ));
                 }
             }
         }
@@ -705,4 +781,161 @@ async fn b_a_price_patched_through_one_pod_is_served_by_both_100ms_later() {
     }
     psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
     assert!(stale.is_empty(), "stale prices 100 ms after the PATCH: {stale:#?}");
+}
+
+/// Renders `example` with the sidecar's rate limits off (one test client would otherwise be
+/// limited; the sizes the operator tunes stay as they are).
+fn render_unlimited(example: &str) -> String {
+    let text = std::fs::read_to_string(pod_runner::repo(example)).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    doc["spec"]["rateLimits"]["enabled"] = serde_yaml::Value::Bool(false);
+    mall_operator::render::render(&serde_yaml::to_string(&doc).unwrap()).unwrap()
+}
+
+/// Opens `n` connections to `addr`, each sending one GET for a different product and reading
+/// the answer, and keeps them all open; returns them with how many answered 200.
+async fn open_connections(addr: &str, n: usize) -> (Vec<tokio::net::TcpStream>, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let addr = addr.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.ok()?;
+            let req = format!("GET /api/products/{} HTTP/1.1\r\nHost: shop\r\n\r\n", i % 1000 + 1);
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let k = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+                    .await
+                    .ok()?
+                    .ok()?;
+                if k == 0 {
+                    return None;
+                }
+                got.extend_from_slice(&buf[..k]);
+            }
+            let ok = got.starts_with(b"HTTP/1.1 200");
+            Some((s, ok))
+        }));
+    }
+    let mut open = Vec::new();
+    let mut ok = 0;
+    for t in tasks {
+        if let Ok(Some((s, good))) = t.await {
+            ok += usize::from(good);
+            open.push(s);
+        }
+    }
+    (open, ok)
+}
+
+/// d. During a cache fill with 2,000 open connections, neither container is OOM-killed (the
+/// engine says so) at the operator's tuned sizes, for the smallest example and the largest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_two_thousand_connections_filling_the_cache_kill_no_container_at_the_tuned_sizes() {
+    if !images_ready() {
+        return;
+    }
+    let Some((admin_url, db)) = postgres_database("oom").await else {
+        return;
+    };
+    for example in ["examples/mall.yaml", "examples/production.yaml"] {
+        let rendered = render_unlimited(example);
+        let network = Network::create(&format!("mall-pods-oom-{}", std::process::id()));
+        let (pg, _pg) = network.forward_host_port(5432).await;
+        let (redis, _redis) = network.forward_host_port(6379).await;
+        let mut cluster = Cluster::from_rendered(&rendered);
+        let name = pod_runner::objects(&rendered)
+            .into_iter()
+            .find(|o| o["kind"] == "Deployment")
+            .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
+            .unwrap();
+        cluster.secrets = secrets(&name);
+        let url = BTreeMap::from([("url".to_string(), format!("postgres://mall:mall@{pg}/{db}"))]);
+        cluster.secrets.insert("mall-db".into(), url.clone());
+        cluster.secrets.insert("mall-db-replica".into(), url);
+        cluster.secrets.insert(
+            "mall-redis".into(),
+            BTreeMap::from([("url".into(), format!("redis://{redis}"))]),
+        );
+        cluster.secrets.insert(
+            "mall-admin".into(),
+            BTreeMap::from([("password".into(), "an-admin-password".into())]),
+        );
+        let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        cluster.hosts_file = Some(hosts.path().to_path_buf());
+        let template = pod_runner::pod_template(&rendered);
+        let pod = pod_runner::start_pod(
+            &network,
+            &cluster,
+            &template,
+            &format!("{name}-oom-{}", std::process::id()),
+        )
+        .await
+        .unwrap();
+        let ns = pod_runner::objects(&rendered)[0]["metadata"]["namespace"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        pod_runner::write_hosts(
+            hosts.path(),
+            &format!("{name}-app.{ns}.svc.cluster.local"),
+            std::slice::from_ref(&pod.ip),
+        );
+        pod_runner::wait_ready(&pod, Duration::from_secs(90)).await.unwrap();
+        if example.ends_with("production.yaml") {
+            // 1,000 products, as the demo has (the app's own seeding, run once against this database).
+            let seeded = std::process::Command::new("docker")
+                .args([
+                    "run",
+                    "--rm",
+                    "--network",
+                    &network.name,
+                    "--user",
+                    "65532:65532",
+                    "-e",
+                    &format!("MALL_DATABASE_URL=postgres://mall:mall@{pg}/{db}"),
+                    "-e",
+                    "MALL_SEED_USERS=0",
+                    "-e",
+                    "MALL_SEED_PASSWORD=not-used-here-x",
+                    &format!("ghcr.io/mall-operator/mall-app:{TAG}"),
+                    "seed",
+                ])
+                .output()
+                .unwrap();
+            assert!(seeded.status.success(), "{}", String::from_utf8_lossy(&seeded.stderr));
+        }
+        let (open, ok) = open_connections(&format!("{}:8080", pod.ip), 2000).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let stats = docker(&["stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}"]).unwrap_or_default();
+        let mut report = Vec::new();
+        for c in ["app", "sidecar"] {
+            let inspect = pod.inspect(c);
+            report.push((
+                c,
+                inspect["State"]["OOMKilled"].clone(),
+                inspect["RestartCount"].clone(),
+                inspect["State"]["Running"].clone(),
+            ));
+        }
+        let restarts = pod.restarts.lock().unwrap().clone();
+        let (app_log, sidecar_log) = (pod.logs("app"), pod.logs("sidecar"));
+        drop(open);
+        pod.delete();
+        eprintln!("{example}: {ok} of 2000 connections answered 200 while all were open; {report:?}\n{stats}");
+        for (c, oom, restart_count, running) in &report {
+            assert_eq!(
+                *oom,
+                Value::Bool(false),
+                "{example}: {c} was OOM-killed\n{app_log}\n{sidecar_log}"
+            );
+            assert_eq!(*restart_count, 0, "{example}: {c} restarted");
+            assert_eq!(*running, Value::Bool(true), "{example}: {c} is not running");
+        }
+        assert!(restarts.is_empty(), "{example}: liveness restarts {restarts:?}");
+        assert!(ok >= 1900, "{example}: only {ok} of 2000 connections were answered 200");
+    }
+    psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
 }

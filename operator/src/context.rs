@@ -89,6 +89,8 @@ pub struct Stores {
     pub pdbs: Store<PodDisruptionBudget>,
     pub prometheus_rules: Store<DynamicObject>,
     pub service_monitors: Store<DynamicObject>,
+    /// Set once every core cache has listed; every reconcile waits on this (see `ready`).
+    ready: Arc<tokio::sync::OnceCell<()>>,
 }
 
 /// The writing ends of the stores; the controller's watches (or, in tests, `Context::sync`) feed them.
@@ -119,6 +121,7 @@ impl Stores {
             pdbs,
             prometheus_rules: w_rules.as_reader(),
             service_monitors: w_monitors.as_reader(),
+            ready: Arc::default(),
         };
         let writers = Writers {
             deployments: w_deployments,
@@ -133,13 +136,21 @@ impl Stores {
     }
 
     /// Waits until the core kinds' caches hold their first full list (a reconcile before that
-    /// would take every child for missing).
+    /// would take every child for missing). A store's own wait wakes only the task that polled
+    /// it last (a oneshot channel underneath): with every mall's first reconcile waiting at once,
+    /// all but one slept until their 30 s timeout (seen on a real API server: 2 of 3 malls
+    /// reconciled 30 s late after a restart). One task waits on the stores; every reconcile
+    /// waits on a cell that wakes them all.
     pub async fn ready(&self) {
-        let _ = self.deployments.wait_until_ready().await;
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.config_maps.wait_until_ready().await;
-        let _ = self.hpas.wait_until_ready().await;
-        let _ = self.pdbs.wait_until_ready().await;
+        self.ready
+            .get_or_init(|| async {
+                let _ = self.deployments.wait_until_ready().await;
+                let _ = self.services.wait_until_ready().await;
+                let _ = self.config_maps.wait_until_ready().await;
+                let _ = self.hpas.wait_until_ready().await;
+                let _ = self.pdbs.wait_until_ready().await;
+            })
+            .await;
     }
 
     pub fn get<K>(store: &Store<K>, ns: &str, name: &str) -> Option<Arc<K>>

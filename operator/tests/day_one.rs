@@ -370,3 +370,26 @@ async fn rules_a_prometheus_ignores_are_reported() {
     assert!(condition.message.contains("ruleSelector"), "{}", condition.message);
     assert!(mall_operator::verify::PrometheusCheck::new("https://prom:9090").is_err());
 }
+
+/// After a restart every mall's first reconcile waits for the caches at once; all of them go on
+/// when the caches fill. (A store's own wait wakes only its last poller: on a real API server 2 of
+/// 3 malls were reconciled 30 s late, when their timeout polled them again.)
+#[tokio::test]
+async fn every_reconcile_waiting_for_the_caches_goes_on_when_they_fill() {
+    let fake = fake(mall(sqlite_spec()), vec![]).await;
+    let ctx = std::sync::Arc::new(Context::new(fake.clone()));
+    let waiting: Vec<_> = (0..5)
+        .map(|_| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move { ctx.stores.ready().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ctx.sync().await.unwrap();
+    for w in waiting {
+        tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .expect("a reconcile still waits for caches that are filled")
+            .unwrap();
+    }
+}

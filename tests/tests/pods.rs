@@ -939,3 +939,127 @@ async fn d_two_thousand_connections_filling_the_cache_kill_no_container_at_the_t
     }
     psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
 }
+
+/// Memory of a container now (docker stats), in MiB.
+fn memory_mib(container: &str) -> f64 {
+    let out = docker(&["stats", "--no-stream", "--format", "{{.MemUsage}}", container]).unwrap_or_default();
+    let used = out.split('/').next().unwrap_or_default().trim();
+    let (n, unit) = used.split_at(used.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(used.len()));
+    let n: f64 = n.parse().unwrap_or(0.0);
+    match unit {
+        "KiB" => n / 1024.0,
+        "GiB" => n * 1024.0,
+        "B" => n / 1048576.0,
+        _ => n,
+    }
+}
+
+/// Benchmark (not a test; `cargo test -p mall-e2e --test pods bench -- --ignored --nocapture`):
+/// a pod's time to Ready from a cold start, the demo (embedded SQLite, seeding its catalog)
+/// against a production-shaped pod (PostgreSQL, nothing to seed), in interleaved rounds, and each
+/// container's memory at idle and under 64 connections of cache hits for 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it on a quiet machine"]
+async fn bench_pod_cold_start_and_memory() {
+    if !images_ready() {
+        return;
+    }
+    let Some((admin_url, db)) = postgres_database("bench").await else {
+        return;
+    };
+    let network = Network::create(&format!("mall-pods-bench-{}", std::process::id()));
+    let (pg, _pg) = network.forward_host_port(5432).await;
+    let demo = render("examples/mall.yaml");
+    let md = serde_json::json!({
+        "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
+        "metadata": { "name": "shop", "namespace": "shop" },
+        "spec": { "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "autoscaling": { "mode": "alerts" },
+                  "rateLimits": { "enabled": false }, "database": { "primary": { "name": "mall-db" } } }
+    });
+    let production = mall_operator::render::render(&serde_yaml::to_string(&md).unwrap()).unwrap();
+    let mut results: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut memory: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for round in 0..5 {
+        for (label, rendered, app_name) in [
+            (
+                "demo (SQLite, seeds 1,000 products)",
+                &demo,
+                "demo-app.shop.svc.cluster.local",
+            ),
+            (
+                "production-shaped (PostgreSQL)",
+                &production,
+                "shop-app.shop.svc.cluster.local",
+            ),
+        ] {
+            let mut cluster = Cluster::from_rendered(rendered);
+            cluster.secrets = secrets(if label.starts_with("demo") { "demo" } else { "shop" });
+            cluster.secrets.insert(
+                "mall-db".into(),
+                BTreeMap::from([("url".into(), format!("postgres://mall:mall@{pg}/{db}"))]),
+            );
+            let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+            cluster.hosts_file = Some(hosts.path().to_path_buf());
+            let template = pod_runner::pod_template(rendered);
+            let started = std::time::Instant::now();
+            let pod = pod_runner::start_pod(
+                &network,
+                &cluster,
+                &template,
+                &format!("bench-{round}-{}", std::process::id()),
+            )
+            .await
+            .unwrap();
+            pod_runner::write_hosts(hosts.path(), app_name, std::slice::from_ref(&pod.ip));
+            pod_runner::wait_ready(&pod, Duration::from_secs(90)).await.unwrap();
+            results.entry(label).or_default().push(started.elapsed().as_secs_f64());
+            if round == 0 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                for c in &pod.containers {
+                    memory
+                        .entry(format!("{label} {} idle", c.name))
+                        .or_default()
+                        .push(memory_mib(&c.id));
+                }
+                // 64 connections of cache hits for 10 s.
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let mut load = Vec::new();
+                for _ in 0..64 {
+                    let (stop, url) = (stop.clone(), format!("http://{}:8080/api/products/1", pod.ip));
+                    load.push(tokio::spawn(async move {
+                        let http = reqwest::Client::new();
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let _ = http.get(&url).send().await;
+                        }
+                    }));
+                }
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                for c in &pod.containers {
+                    memory
+                        .entry(format!("{label} {} under load", c.name))
+                        .or_default()
+                        .push(memory_mib(&c.id));
+                }
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                for l in load {
+                    let _ = l.await;
+                }
+            }
+            pod.delete();
+        }
+    }
+    for (label, mut times) in results {
+        times.sort_by(f64::total_cmp);
+        eprintln!(
+            "BENCH time to Ready, {label}: median {:.2} s (min {:.2}, max {:.2}, {} rounds)",
+            times[times.len() / 2],
+            times[0],
+            times[times.len() - 1],
+            times.len()
+        );
+    }
+    for (label, m) in memory {
+        eprintln!("BENCH memory, {label}: {:.1} MiB", m[0]);
+    }
+    psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
+}

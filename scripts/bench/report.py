@@ -274,7 +274,7 @@ def main():
             f"({1 - wire['gzip_bytes'] / wire['plain_bytes']:.0%} fewer bytes on the wire; seed target −20 %).\n"
         )
     # Section 4 comes from the pods benchmark (tests/tests/pods.rs), not from this run: keep it.
-    previous = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
+    previous = pathlib.Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
     if previous.exists():
         text = previous.read_text()
         start, end = text.find("## 4. Pods"), text.find("## How to read and rerun")

@@ -410,6 +410,98 @@ fn psql(admin: &str, db: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A mall on its own pod network with every Secret it may reference: the PostgreSQL database
+/// `db` (primary and replica) and Redis of the host, reached through forwarders on the network's
+/// gateway, the admin password and the token key.
+struct World {
+    cluster: Cluster,
+    template: Value,
+    hosts: tempfile::NamedTempFile,
+    /// The headless `<name>-app` Service's DNS name.
+    app_host: String,
+    name: String,
+    /// PostgreSQL as the pods reach it (`host:port`).
+    pg: String,
+    _forwards: Vec<tokio::task::JoinHandle<()>>,
+    network: Network,
+}
+
+const ADMIN_PASSWORD: &str = "an-admin-password";
+
+async fn world(tag: &str, rendered: &str, db: &str) -> World {
+    let network = Network::create(&format!("mall-pods-{tag}-{}", std::process::id()));
+    let (pg, pg_forward) = network.forward_host_port(5432).await;
+    let (redis, redis_forward) = network.forward_host_port(6379).await;
+    let deployment = pod_runner::objects(rendered)
+        .into_iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("a Deployment");
+    let name = deployment["metadata"]["name"].as_str().unwrap().to_string();
+    let ns = deployment["metadata"]["namespace"].as_str().unwrap().to_string();
+    let mut cluster = Cluster::from_rendered(rendered);
+    cluster.secrets = secrets(&name);
+    let url = BTreeMap::from([("url".to_string(), format!("postgres://mall:mall@{pg}/{db}"))]);
+    cluster.secrets.insert("mall-db".into(), url.clone());
+    cluster.secrets.insert("mall-db-replica".into(), url);
+    cluster.secrets.insert(
+        "mall-redis".into(),
+        BTreeMap::from([("url".into(), format!("redis://{redis}"))]),
+    );
+    cluster.secrets.insert(
+        "mall-admin".into(),
+        BTreeMap::from([("password".into(), ADMIN_PASSWORD.into())]),
+    );
+    let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    cluster.hosts_file = Some(hosts.path().to_path_buf());
+    World {
+        cluster,
+        template: deployment["spec"]["template"].clone(),
+        hosts,
+        app_host: format!("{name}-app.{ns}.svc.cluster.local"),
+        name,
+        pg,
+        _forwards: vec![pg_forward, redis_forward],
+        network,
+    }
+}
+
+impl World {
+    async fn start(&self, pod: &str) -> Pod {
+        pod_runner::start_pod(
+            &self.network,
+            &self.cluster,
+            &self.template,
+            &format!("{pod}-{}", std::process::id()),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The headless Service publishes not-ready addresses (as rendered): every pod.
+    fn publish(&self, pods: &[&Pod]) {
+        let ips: Vec<String> = pods.iter().map(|p| p.ip.clone()).collect();
+        pod_runner::write_hosts(self.hosts.path(), &self.app_host, &ips);
+    }
+}
+
+/// A mall named `shop` with a PostgreSQL primary, alert-scaled, rate limits off, `extra` merged
+/// into its spec, as `operator render` prints it.
+fn render_shop(extra: Value) -> String {
+    let mut spec = serde_json::json!({
+        "replicas": 2, "minReplicas": 2, "maxReplicas": 4,
+        "autoscaling": { "mode": "alerts" },
+        "rateLimits": { "enabled": false },
+        "database": { "primary": { "name": "mall-db" } },
+        "auth": { "adminPassword": { "name": "mall-admin", "key": "password" } }
+    });
+    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let md = serde_json::json!({
+        "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
+        "metadata": { "name": "shop", "namespace": "shop" }, "spec": spec
+    });
+    mall_operator::render::render(&serde_yaml::to_string(&md).unwrap()).unwrap()
+}
+
 /// c. Pods replaced under load, as a rolling update does (a new pod turns Ready, then an old one
 /// gets SIGTERM with its grace period), twice: every response is 2xx, 409 or 429, and every order
 /// is stored exactly once (clients resend with the same Idempotency-Key after a broken
@@ -422,49 +514,15 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
     let Some((admin_url, db)) = postgres_database("c").await else {
         return;
     };
-    let network = Network::create(&format!("mall-pods-c-{}", std::process::id()));
-    let (pg, _forward) = network.forward_host_port(5432).await;
-    let md = serde_json::json!({
-        "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
-        "metadata": { "name": "shop", "namespace": "shop" },
-        "spec": { "replicas": 2, "minReplicas": 2, "maxReplicas": 4,
-                  "autoscaling": { "mode": "alerts" },
-                  "rateLimits": { "enabled": false },
-                  "database": { "primary": { "name": "mall-db" } },
-                  "auth": { "adminPassword": { "name": "mall-admin", "key": "password" } } }
-    });
-    let rendered = mall_operator::render::render(&serde_yaml::to_string(&md).unwrap()).unwrap();
-    let mut cluster = Cluster::from_rendered(&rendered);
-    cluster.secrets = secrets("shop");
-    cluster.secrets.insert(
-        "mall-db".into(),
-        BTreeMap::from([("url".into(), format!("postgres://mall:mall@{pg}/{db}"))]),
-    );
-    cluster.secrets.insert(
-        "mall-admin".into(),
-        BTreeMap::from([("password".into(), "an-admin-password".into())]),
-    );
-    let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
-    cluster.hosts_file = Some(hosts.path().to_path_buf());
-    let template = pod_runner::pod_template(&rendered);
+    let w = world("c", &render_shop(serde_json::json!({})), &db).await;
     let endpoints: pod_runner::Endpoints = Arc::new(Mutex::new(Vec::new()));
-    let app_name = "shop-app.shop.svc.cluster.local";
     let mut pods: Vec<Pod> = Vec::new();
-    // The headless <name>-app Service publishes not-ready addresses (as rendered): every pod.
     let refresh = |pods: &[Pod]| {
-        let ips: Vec<String> = pods.iter().map(|p| p.ip.clone()).collect();
-        pod_runner::write_hosts(hosts.path(), app_name, &ips);
+        w.publish(&pods.iter().collect::<Vec<_>>());
         *endpoints.lock().unwrap() = pods.iter().map(pod_runner::endpoint).collect();
     };
     for i in 0..2 {
-        let pod = pod_runner::start_pod(
-            &network,
-            &cluster,
-            &template,
-            &format!("shop-c{i}-{}", std::process::id()),
-        )
-        .await
-        .unwrap();
+        let pod = w.start(&format!("shop-c{i}")).await;
         pods.push(pod);
         refresh(&pods);
         pod_runner::wait_ready(pods.last().unwrap(), Duration::from_secs(90))
@@ -478,7 +536,7 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
     // The admin (from the Secret) adds a product; buyers register.
     let admin: Value = http
         .post(service.url("/api/auth/login"))
-        .json(&serde_json::json!({"username": "admin", "password": "an-admin-password"}))
+        .json(&serde_json::json!({"username": "admin", "password": ADMIN_PASSWORD}))
         .send()
         .await
         .unwrap()
@@ -560,14 +618,7 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
     // Two rolling replacements under that load.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for round in 0..2 {
-        let pod = pod_runner::start_pod(
-            &network,
-            &cluster,
-            &template,
-            &format!("shop-c{}-{}", round + 2, std::process::id()),
-        )
-        .await
-        .unwrap();
+        let pod = w.start(&format!("shop-c{}", round + 2)).await;
         pods.push(pod);
         refresh(&pods);
         pod_runner::wait_ready(pods.last().unwrap(), Duration::from_secs(90))
@@ -642,52 +693,17 @@ async fn b_a_price_patched_through_one_pod_is_served_by_both_100ms_later() {
     let Some((admin_url, db)) = postgres_database("b").await else {
         return;
     };
-    let network = Network::create(&format!("mall-pods-b-{}", std::process::id()));
-    let (pg, _pg_forward) = network.forward_host_port(5432).await;
-    let (redis, _redis_forward) = network.forward_host_port(6379).await;
-    let md = serde_json::json!({
-        "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
-        "metadata": { "name": "shop", "namespace": "shop" },
-        "spec": { "replicas": 2, "minReplicas": 2, "maxReplicas": 4,
-                  "autoscaling": { "mode": "alerts" },
-                  "rateLimits": { "enabled": false },
-                  "database": { "primary": { "name": "mall-db" } },
-                  "redis": { "url": { "name": "mall-redis" } },
-                  "auth": { "adminPassword": { "name": "mall-admin", "key": "password" } } }
-    });
-    let rendered = mall_operator::render::render(&serde_yaml::to_string(&md).unwrap()).unwrap();
-    let mut cluster = Cluster::from_rendered(&rendered);
-    cluster.secrets = secrets("shop");
-    cluster.secrets.insert(
-        "mall-db".into(),
-        BTreeMap::from([("url".into(), format!("postgres://mall:mall@{pg}/{db}"))]),
-    );
-    cluster.secrets.insert(
-        "mall-redis".into(),
-        BTreeMap::from([("url".into(), format!("redis://{redis}"))]),
-    );
-    cluster.secrets.insert(
-        "mall-admin".into(),
-        BTreeMap::from([("password".into(), "an-admin-password".into())]),
-    );
-    let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
-    cluster.hosts_file = Some(hosts.path().to_path_buf());
-    let template = pod_runner::pod_template(&rendered);
+    let w = world(
+        "b",
+        &render_shop(serde_json::json!({ "redis": { "url": { "name": "mall-redis" } } })),
+        &db,
+    )
+    .await;
     let mut pods = Vec::new();
     for i in 0..2 {
-        pods.push(
-            pod_runner::start_pod(
-                &network,
-                &cluster,
-                &template,
-                &format!("shop-b{i}-{}", std::process::id()),
-            )
-            .await
-            .unwrap(),
-        );
+        pods.push(w.start(&format!("shop-b{i}")).await);
     }
-    let ips: Vec<String> = pods.iter().map(|p| p.ip.clone()).collect();
-    pod_runner::write_hosts(hosts.path(), "shop-app.shop.svc.cluster.local", &ips);
+    w.publish(&pods.iter().collect::<Vec<_>>());
     for pod in &pods {
         pod_runner::wait_ready(pod, Duration::from_secs(90)).await.unwrap();
     }
@@ -696,7 +712,7 @@ async fn b_a_price_patched_through_one_pod_is_served_by_both_100ms_later() {
     let via = |pod: &Pod, path: &str| format!("http://{}:8080{path}", pod.ip);
     let admin: Value = http
         .post(via(&pods[0], "/api/auth/login"))
-        .json(&serde_json::json!({"username": "admin", "password": "an-admin-password"}))
+        .json(&serde_json::json!({"username": "admin", "password": ADMIN_PASSWORD}))
         .send()
         .await
         .unwrap()
@@ -842,47 +858,10 @@ async fn d_two_thousand_connections_filling_the_cache_kill_no_container_at_the_t
     };
     for example in ["examples/mall.yaml", "examples/production.yaml"] {
         let rendered = render_unlimited(example);
-        let network = Network::create(&format!("mall-pods-oom-{}", std::process::id()));
-        let (pg, _pg) = network.forward_host_port(5432).await;
-        let (redis, _redis) = network.forward_host_port(6379).await;
-        let mut cluster = Cluster::from_rendered(&rendered);
-        let name = pod_runner::objects(&rendered)
-            .into_iter()
-            .find(|o| o["kind"] == "Deployment")
-            .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
-            .unwrap();
-        cluster.secrets = secrets(&name);
-        let url = BTreeMap::from([("url".to_string(), format!("postgres://mall:mall@{pg}/{db}"))]);
-        cluster.secrets.insert("mall-db".into(), url.clone());
-        cluster.secrets.insert("mall-db-replica".into(), url);
-        cluster.secrets.insert(
-            "mall-redis".into(),
-            BTreeMap::from([("url".into(), format!("redis://{redis}"))]),
-        );
-        cluster.secrets.insert(
-            "mall-admin".into(),
-            BTreeMap::from([("password".into(), "an-admin-password".into())]),
-        );
-        let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
-        cluster.hosts_file = Some(hosts.path().to_path_buf());
-        let template = pod_runner::pod_template(&rendered);
-        let pod = pod_runner::start_pod(
-            &network,
-            &cluster,
-            &template,
-            &format!("{name}-oom-{}", std::process::id()),
-        )
-        .await
-        .unwrap();
-        let ns = pod_runner::objects(&rendered)[0]["metadata"]["namespace"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        pod_runner::write_hosts(
-            hosts.path(),
-            &format!("{name}-app.{ns}.svc.cluster.local"),
-            std::slice::from_ref(&pod.ip),
-        );
+        let w = world("oom", &rendered, &db).await;
+        let pod = w.start(&format!("{}-oom", w.name)).await;
+        w.publish(&[&pod]);
+        let (network, pg) = (&w.network, &w.pg);
         pod_runner::wait_ready(&pod, Duration::from_secs(90)).await.unwrap();
         if example.ends_with("production.yaml") {
             // 1,000 products, as the demo has (the app's own seeding, run once against this database).

@@ -210,8 +210,11 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
 
     // CriticalQPS fires (after its `for: 1m`), reaches the webhook, and the replicas double.
     let replicas = || async { mds.get(NAME).await.map(|m| m.spec.replicas).unwrap_or(0) };
+    // The webhook writes spec.replicas, then the status that records why: two requests, so wait
+    // for both (a read between them saw the new replicas and no last_scale yet).
     wait_until("replicas doubled by CriticalQPS", Duration::from_secs(150), || async {
-        replicas().await == 2
+        let md = mds.get(NAME).await.ok();
+        md.is_some_and(|m| m.spec.replicas == 2 && m.status.is_some_and(|s| s.last_scale.is_some()))
     })
     .await;
     let status = mds.get(NAME).await.unwrap().status.unwrap();

@@ -502,6 +502,37 @@ fn render_shop(extra: Value) -> String {
     mall_operator::render::render(&serde_yaml::to_string(&md).unwrap()).unwrap()
 }
 
+/// The pod runner's liveness probe: a container whose liveness probe fails its threshold is
+/// restarted (with its grace period), keeps its emptyDir (the demo's SQLite file), and the pod is
+/// Ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_liveness_probe_restarts_the_container_and_the_pod_recovers() {
+    if !images_ready() {
+        return;
+    }
+    let d = demo("live").await;
+    let app = d.pod.containers.iter().find(|c| c.name == "app").unwrap().id.clone();
+    docker(&["kill", &app]).unwrap();
+    // Liveness: every 10 s, 3 failures (as rendered), then the restart.
+    let started = std::time::Instant::now();
+    while d.pod.restarts.lock().unwrap().get("app").copied().unwrap_or(0) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(90), "no liveness restart");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pod_runner::wait_ready(&d.pod, Duration::from_secs(60)).await.unwrap();
+    // Served by the restarted app (a login is never cached), from the data it kept.
+    let login = reqwest::Client::new()
+        .post(d.service.url("/api/auth/login"))
+        .json(&serde_json::json!({"username": "user1", "password": "mall-password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let inspect = d.pod.inspect("app");
+    assert_eq!(inspect["State"]["Running"], true);
+    eprintln!("restarted after {:?}", started.elapsed());
+}
+
 /// c. Pods replaced under load, as a rolling update does (a new pod turns Ready, then an old one
 /// gets SIGTERM with its grace period), twice: every response is 2xx, 409 or 429, and every order
 /// is stored exactly once (clients resend with the same Idempotency-Key after a broken

@@ -137,33 +137,28 @@ impl Allowance {
             let Ok(permit) = self.free_slots.try_acquire() else {
                 break;
             };
-            permit.forget();
-            let slot = self
-                .free
-                .lock()
-                .expect("slots lock")
-                .pop()
-                .expect("a permit per free slot");
+            let slot = self.take_free_slot(permit);
             self.live.fetch_sub(1, Ordering::Relaxed);
             retire(slot);
         }
     }
 
+    /// The free slot a permit stands for (one permit per free slot, so there is one).
+    fn take_free_slot(&self, permit: tokio::sync::SemaphorePermit<'_>) -> AnyPool {
+        permit.forget();
+        self.free
+            .lock()
+            .expect("slots lock")
+            .pop()
+            .expect("a permit per free slot")
+    }
+
     async fn lease(&self, timeout: Duration) -> Result<Lease<'_>, sqlx::Error> {
         match tokio::time::timeout(timeout, self.free_slots.acquire()).await {
-            Ok(Ok(permit)) => {
-                permit.forget();
-                let slot = self
-                    .free
-                    .lock()
-                    .expect("slots lock")
-                    .pop()
-                    .expect("a permit per free slot");
-                Ok(Lease {
-                    allowance: self,
-                    slot: Some(slot),
-                })
-            }
+            Ok(Ok(permit)) => Ok(Lease {
+                allowance: self,
+                slot: Some(self.take_free_slot(permit)),
+            }),
             Ok(Err(_)) => Err(sqlx::Error::PoolClosed),
             Err(_) => Err(sqlx::Error::PoolTimedOut),
         }

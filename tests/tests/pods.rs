@@ -54,32 +54,14 @@ fn secrets(md_name: &str) -> BTreeMap<String, BTreeMap<String, String>> {
 struct Demo {
     pod: Pod,
     service: Service,
-    _network: Network,
-    _hosts: tempfile::NamedTempFile,
+    _world: World,
 }
 
 async fn demo(tag: &str) -> Demo {
-    let rendered = render("examples/mall.yaml");
-    let network = Network::create(&format!("mall-pods-{tag}-{}", std::process::id()));
-    let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
-    let mut cluster = Cluster::from_rendered(&rendered);
-    cluster.secrets = secrets("demo");
-    cluster.hosts_file = Some(hosts.path().to_path_buf());
-    let template = pod_runner::pod_template(&rendered);
-    let pod = pod_runner::start_pod(
-        &network,
-        &cluster,
-        &template,
-        &format!("demo-{tag}-{}", std::process::id()),
-    )
-    .await
-    .unwrap();
-    // The headless Service demo-app resolves to the pod (its app port).
-    pod_runner::write_hosts(
-        hosts.path(),
-        "demo-app.shop.svc.cluster.local",
-        std::slice::from_ref(&pod.ip),
-    );
+    // The demo has no database server: the URL its World makes is unused.
+    let w = world(tag, &render("examples/mall.yaml"), "unused").await;
+    let pod = w.start(&format!("demo-{tag}")).await;
+    w.publish(&[&pod]);
     let took = pod_runner::wait_ready(&pod, Duration::from_secs(60)).await.unwrap();
     eprintln!("{tag}: pod ready {took:?} after its containers started");
     let endpoints = Arc::new(Mutex::new(vec![pod_runner::endpoint(&pod)]));
@@ -87,9 +69,18 @@ async fn demo(tag: &str) -> Demo {
     Demo {
         pod,
         service,
-        _network: network,
-        _hosts: hosts,
+        _world: w,
     }
+}
+
+/// Replaces the demo's rendered sidecar configuration with `edit` of it.
+fn edit_sidecar_config(cluster: &mut Cluster, edit: impl Fn(&str) -> String) {
+    let file = cluster
+        .config_maps
+        .get_mut("demo-sidecar")
+        .and_then(|cm| cm.get_mut("sidecar.toml"))
+        .expect("the demo's sidecar config");
+    *file = edit(file);
 }
 
 impl Drop for Demo {
@@ -249,9 +240,8 @@ async fn d_with_a_500m_limit_and_no_tuning_each_starts_one_worker_from_the_cgrou
     if !images_ready() {
         return;
     }
-    let rendered = render("examples/mall.yaml");
-    let mut template = pod_runner::pod_template(&rendered);
-    for c in template["spec"]["containers"].as_array_mut().unwrap() {
+    let mut w = world("d", &render("examples/mall.yaml"), "unused").await;
+    for c in w.template["spec"]["containers"].as_array_mut().unwrap() {
         if let Some(env) = c["env"].as_array_mut() {
             let tuning = [
                 "MALL_WORKER_THREADS",
@@ -263,32 +253,15 @@ async fn d_with_a_500m_limit_and_no_tuning_each_starts_one_worker_from_the_cgrou
             env.retain(|e| !tuning.iter().any(|t| e["name"] == *t));
         }
     }
-    // The sidecar's config from the image's defaults would listen elsewhere: keep the rendered
-    // file but drop its `threads`, so the sidecar decides.
-    let mut cluster = Cluster::from_rendered(&rendered);
-    let toml = cluster.config_maps["demo-sidecar"]["sidecar.toml"].clone();
-    let without: String = toml
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("threads"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    cluster
-        .config_maps
-        .get_mut("demo-sidecar")
-        .unwrap()
-        .insert("sidecar.toml".into(), without);
-    cluster.secrets = secrets("demo");
-    let hosts = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
-    cluster.hosts_file = Some(hosts.path().to_path_buf());
-    let network = Network::create(&format!("mall-pods-d-{}", std::process::id()));
-    let pod = pod_runner::start_pod(&network, &cluster, &template, &format!("demo-d-{}", std::process::id()))
-        .await
-        .unwrap();
-    pod_runner::write_hosts(
-        hosts.path(),
-        "demo-app.shop.svc.cluster.local",
-        std::slice::from_ref(&pod.ip),
-    );
+    // Keep the rendered file (listeners, upstreams) but drop its `threads`, so the sidecar decides.
+    edit_sidecar_config(&mut w.cluster, |toml| {
+        toml.lines()
+            .filter(|l| !l.trim_start().starts_with("threads"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    });
+    let pod = w.start("demo-d").await;
+    w.publish(&[&pod]);
     let ready = pod_runner::wait_ready(&pod, Duration::from_secs(60)).await;
     let (app, sidecar) = (pod.logs("app"), pod.logs("sidecar"));
     pod.delete();
@@ -349,23 +322,17 @@ async fn g_a_refused_sidecar_config_keeps_the_pod_unready_and_the_log_says_why()
     if !images_ready() {
         return;
     }
-    let rendered = render("examples/mall.yaml");
-    let mut cluster = Cluster::from_rendered(&rendered);
-    let toml = cluster.config_maps["demo-sidecar"]["sidecar.toml"].clone();
+    let mut w = world("g", &render("examples/mall.yaml"), "unused").await;
     // A rate limit of zero requests per second: the sidecar's validator refuses it.
-    let broken = toml.replacen("requests_per_second = ", "requests_per_second = 0.0 # was ", 1);
-    assert_ne!(broken, toml, "the rendered config has a rate-limit rule to break");
-    cluster
-        .config_maps
-        .get_mut("demo-sidecar")
-        .unwrap()
-        .insert("sidecar.toml".into(), broken);
-    cluster.secrets = secrets("demo");
-    let network = Network::create(&format!("mall-pods-g-{}", std::process::id()));
-    let template = pod_runner::pod_template(&rendered);
-    let pod = pod_runner::start_pod(&network, &cluster, &template, &format!("demo-g-{}", std::process::id()))
-        .await
-        .unwrap();
+    let before = w.cluster.config_maps["demo-sidecar"]["sidecar.toml"].clone();
+    edit_sidecar_config(&mut w.cluster, |toml| {
+        toml.replacen("requests_per_second = ", "requests_per_second = 0.0 # was ", 1)
+    });
+    assert_ne!(
+        w.cluster.config_maps["demo-sidecar"]["sidecar.toml"], before,
+        "the rendered config has a rate-limit rule to break"
+    );
+    let pod = w.start("demo-g").await;
     let ready = pod_runner::wait_ready(&pod, Duration::from_secs(15)).await;
     let log = pod.logs("sidecar");
     pod.delete();

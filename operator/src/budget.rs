@@ -51,6 +51,16 @@ pub struct Written {
 }
 
 impl Written {
+    /// `share` written now, over `previous` (what the pods may still hold).
+    pub fn new(share: u32, previous: Option<u32>, now: i64) -> Written {
+        Written {
+            share,
+            previous,
+            written_at: now,
+            pending_since: None,
+        }
+    }
+
     pub fn read(cm: &ConfigMap) -> Option<Written> {
         let data = cm.data.as_ref()?.get(ALLOWANCE_KEY)?;
         let share = serde_json::from_str::<serde_json::Value>(data).ok()?["primary"].as_u64()? as u32;
@@ -82,12 +92,7 @@ pub fn plan(budget: u32, max_replicas: i32, share: u32, live: Option<&Written>, 
     let allowed_by = |s: u32| (budget / s.max(1)) as i32;
     let Some(live) = live else {
         return Plan {
-            written: Written {
-                share,
-                previous: None,
-                written_at: now,
-                pending_since: None,
-            },
+            written: Written::new(share, None, now),
             max_replicas,
             waiting: None,
             recheck_at: None,
@@ -97,12 +102,7 @@ pub fn plan(budget: u32, max_replicas: i32, share: u32, live: Option<&Written>, 
         // Smaller share first; the ceiling follows once the pods have it.
         let held = max_replicas.min(allowed_by(live.share));
         return Plan {
-            written: Written {
-                share,
-                previous: Some(live.share),
-                written_at: now,
-                pending_since: None,
-            },
+            written: Written::new(share, Some(live.share), now),
             max_replicas: held,
             waiting: (held < max_replicas).then(|| holding(max_replicas, held, live.share, share)),
             recheck_at: (held < max_replicas).then_some(now + PROPAGATION_SECS),
@@ -117,12 +117,7 @@ pub fn plan(budget: u32, max_replicas: i32, share: u32, live: Option<&Written>, 
         };
         if pending_since.is_some_and(|since| now >= since + GRACE_SECS) {
             return Plan {
-                written: Written {
-                    share,
-                    previous: Some(live.share),
-                    written_at: now,
-                    pending_since: None,
-                },
+                written: Written::new(share, Some(live.share), now),
                 max_replicas,
                 waiting: None,
                 recheck_at: None,

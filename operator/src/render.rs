@@ -58,15 +58,7 @@ pub fn render_at(input: &str, at: i64) -> Result<String, String> {
         push(&mut out, &config_map)?;
         if md.spec.database.primary.is_some() {
             // A new mall's share, written now (the operator orders later changes: budget.rs).
-            let written = crate::budget::plan(
-                md.spec.database.connection_budget,
-                md.spec.max_replicas,
-                tuning.db_max_connections,
-                None,
-                0,
-                at,
-            )
-            .written;
+            let written = crate::budget::Written::new(tuning.db_max_connections, None, at);
             push(&mut out, &crate::budget::config_map(&md, &written))?;
         }
         push(&mut out, &service)?;

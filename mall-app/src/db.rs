@@ -432,27 +432,26 @@ impl Db {
     }
 
     /// Follows the allowance file: reads it every `every`, applies a change, and keeps the pools
-    /// at their allowances (permits out of circulation as they return, idle surplus closed).
-    pub async fn follow_allowance(self: Arc<Self>, path: Option<std::path::PathBuf>, every: Duration) {
+    /// at their allowances (free slots above one retired at once, busy ones as they return).
+    pub async fn follow_allowance(self: Arc<Self>, path: std::path::PathBuf, every: Duration) {
         let mut last = None;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut since_read = Duration::MAX;
         loop {
             tick.tick().await;
-            if let Some(path) = &path {
-                since_read = since_read.saturating_add(Duration::from_millis(100));
-                if since_read >= every {
-                    since_read = Duration::ZERO;
-                    // Kubernetes swaps a ConfigMap volume's files atomically (a symlink flip).
-                    let text = std::fs::read_to_string(path).ok();
-                    if text.is_some() && text != last {
-                        if let Err(e) = self.load_allowance(path) {
-                            tracing::warn!(error = %e, "database connection allowance unchanged");
-                        }
-                        last = text;
+            since_read = since_read.saturating_add(Duration::from_millis(100));
+            if since_read >= every {
+                since_read = Duration::ZERO;
+                // Kubernetes swaps a ConfigMap volume's files atomically (a symlink flip).
+                let text = std::fs::read_to_string(&path).ok();
+                if text.is_some() && text != last {
+                    if let Err(e) = self.load_allowance(&path) {
+                        tracing::warn!(error = %e, "database connection allowance unchanged");
                     }
+                    last = text;
                 }
             }
+            // Free slots above the allowance are retired as soon as they are free.
             self.enforce_allowances();
         }
     }

@@ -90,10 +90,10 @@ impl App {
             db.clone()
                 .watch_replicas(Duration::from_secs(args.db.db_replica_check_secs.max(1))),
         );
-        tokio::spawn(
-            db.clone()
-                .follow_allowance(args.db.db_allowance_file.clone(), ALLOWANCE_READ_EVERY),
-        );
+        // Without a file the allowances never change: nothing to follow.
+        if let Some(path) = args.db.db_allowance_file.clone() {
+            tokio::spawn(db.clone().follow_allowance(path, ALLOWANCE_READ_EVERY));
+        }
 
         let ids = Arc::new(ids::Snowflake::new(args.worker_id));
         let orders = OrderDesk::start(

@@ -407,6 +407,16 @@ pub struct RateLimitSpec {
     /// Share the limits across pods through `redis` (when set), so they hold as the mall scales.
     #[serde(default = "defaults::yes")]
     pub shared: bool,
+    /// The proxies in front of the mall (the ingress controller's pod range, a load balancer's
+    /// addresses), as addresses or CIDR ranges: `X-Forwarded-For` is believed only from these,
+    /// and limits count per client address behind them. None by default: every peer is the client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("maxItems" = 32), inner(length(min = 2, max = 43)))]
+    pub trusted_proxies: Vec<String>,
+    /// Allow a trusted range that covers a whole private block (`10.0.0.0/8`): every pod and node
+    /// in it could then choose its own rate-limit key. Refused unless set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_broad_trusted_proxies: bool,
 }
 
 impl Default for RateLimitSpec {
@@ -415,6 +425,8 @@ impl Default for RateLimitSpec {
             enabled: true,
             rules: None,
             shared: true,
+            trusted_proxies: Vec::new(),
+            allow_broad_trusted_proxies: false,
         }
     }
 }

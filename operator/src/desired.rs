@@ -200,11 +200,15 @@ pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> 
             );
         }
     }
-    // Kubernetes nodes and ingress controllers sit in private ranges.
-    c.rate_limit.trusted_proxies = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+    // Only the proxies the user names may speak for their clients (validation refuses a range
+    // that does not parse, naming its field, before anything is rendered for a cluster).
+    c.rate_limit.trusted_proxies = s
+        .rate_limits
+        .trusted_proxies
         .iter()
-        .map(|c| c.parse().expect("valid"))
+        .filter_map(|range| range.parse().ok())
         .collect();
+    c.rate_limit.allow_broad_trusted_proxies = s.rate_limits.allow_broad_trusted_proxies;
     c
 }
 

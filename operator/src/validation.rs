@@ -79,6 +79,11 @@ pub fn validate(md: &MallDeployment) -> Result<(), String> {
     }
     // Time zones and wall-clock times are beyond the API server's schema and CEL.
     crate::sale::check(&md.spec)?;
+    for (i, range) in md.spec.rate_limits.trusted_proxies.iter().enumerate() {
+        range
+            .parse::<mall_sidecar_config::Cidr>()
+            .map_err(|e| format!("spec.rateLimits.trustedProxies[{i}]: {e}"))?;
+    }
     sidecar_config(md)
 }
 
@@ -91,6 +96,8 @@ fn sidecar_config(md: &MallDeployment) -> Result<(), String> {
         Err(mall_sidecar_config::ConfigError::Invalid { field, message }) => {
             let spec_field = if let Some(rest) = field.strip_prefix("rate_limit.rules") {
                 format!("spec.rateLimits.rules{rest}")
+            } else if let Some(rest) = field.strip_prefix("rate_limit.trusted_proxies") {
+                format!("spec.rateLimits.trustedProxies{rest}")
             } else if let Some(rest) = field.strip_prefix("cache.rules") {
                 format!("spec.cache.rules{rest}")
             } else if let Some(rest) = field.strip_prefix("compression.") {

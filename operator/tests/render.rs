@@ -112,6 +112,30 @@ fn render_refuses_what_the_api_server_refuses() {
         let err = mall_operator::render::render(&doc).expect_err(&spec);
         assert!(err.contains(want), "{spec}: {err}");
     }
+    // X-Forwarded-For is believed from the named proxies only; a range holding every pod is refused
+    // unless the user insists.
+    let trusting = |proxies: &str, insist: bool| {
+        format!(
+            "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {{name: x}}\nspec: {{{one}, rateLimits: {{trustedProxies: [{proxies}], allowBroadTrustedProxies: {insist}}}}}\n"
+        )
+    };
+    for (proxies, field) in [
+        ("10.0.0.0/8", "spec.rateLimits.trustedProxies[0]"),
+        ("10.4.0.0/16, 172.16.0.0/12", "spec.rateLimits.trustedProxies[1]"),
+        ("0.0.0.0/0", "spec.rateLimits.trustedProxies[0]"),
+        ("10.4.0.0/33", "spec.rateLimits.trustedProxies[0]"),
+        ("ingress", "spec.rateLimits.trustedProxies[0]"),
+    ] {
+        let err = mall_operator::render::render(&trusting(proxies, false)).expect_err(proxies);
+        assert!(err.contains(field), "{proxies}: {err}");
+    }
+    let insisted = mall_operator::render::render(&trusting("10.0.0.0/8", true)).unwrap();
+    assert!(insisted.contains("10.0.0.0/8") && insisted.contains("allow_broad_trusted_proxies = true"));
+    let named = mall_operator::render::render(&trusting("10.4.0.0/16", false)).unwrap();
+    assert!(
+        named.contains("\"10.4.0.0/16\"") && named.contains("allow_broad_trusted_proxies = false"),
+        "{named}"
+    );
     let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {}\n";
     assert!(mall_operator::render::render(pod).unwrap_err().contains("kind"));
     let long = format!(

@@ -400,8 +400,12 @@ pub struct RateLimit {
     pub enabled: bool,
     /// What a limit counts per: the client address, or a request header (an API key, a user id).
     pub key: LimitKey,
-    /// `X-Forwarded-For` is believed only from these peers (the ingress, the node's proxy).
+    /// `X-Forwarded-For` is believed only from these peers (the ingress controller's addresses).
+    /// Any peer in them can name its own limit key, so a range covering a whole shared block
+    /// (`10.0.0.0/8`: every pod of most clusters) is refused unless `allow_broad_trusted_proxies`.
     pub trusted_proxies: Vec<Cidr>,
+    /// The user insists on a trusted range covering a whole private block.
+    pub allow_broad_trusted_proxies: bool,
     /// The first rule whose prefix (and method, when given) matches applies; no match, no limit.
     pub rules: Vec<LimitRule>,
     /// Limits shared by every pod through Redis; local limits take over while Redis is down.
@@ -418,6 +422,7 @@ impl Default for RateLimit {
             enabled: true,
             key: LimitKey::ClientIp,
             trusted_proxies: Vec::new(),
+            allow_broad_trusted_proxies: false,
             rules: vec![
                 LimitRule {
                     name: "orders".into(),
@@ -733,6 +738,20 @@ impl SidecarConfig {
                 ));
             }
         }
+        if !r.allow_broad_trusted_proxies {
+            for (i, range) in r.trusted_proxies.iter().enumerate() {
+                if let Some(block) = range.whole_shared_block() {
+                    return Err(ConfigError::invalid(
+                        format!("rate_limit.trusted_proxies[{i}]"),
+                        format!(
+                            "`{range}` covers all of {block}, where pods and nodes get their addresses: any of \
+                             them could choose its own rate-limit key with X-Forwarded-For. Name the ingress \
+                             controller's addresses, or set allow_broad_trusted_proxies = true to insist"
+                        ),
+                    ));
+                }
+            }
+        }
         let mut names = HashSet::new();
         for (i, rule) in r.rules.iter().enumerate() {
             if rule.name.is_empty()
@@ -910,6 +929,9 @@ mod tests {
         assert!(err("[cache.purge]\ntokens = [\"short\"]").contains("cache.purge.tokens[0]"));
         assert!(err("[rate_limit.key]\nheader = \"bad header\"").contains("rate_limit.key.header"));
         assert!(err("[upstream]\nbalance = \"fastest\"").contains("fastest"));
+        let broad = "[rate_limit]\ntrusted_proxies = [\"10.1.0.7\", \"172.16.0.0/12\"]";
+        assert!(err(broad).contains("rate_limit.trusted_proxies[1]"), "{}", err(broad));
+        assert!(SidecarConfig::from_toml(&format!("{broad}\nallow_broad_trusted_proxies = true")).is_ok());
         assert!(err("[[").contains("config"));
     }
 

@@ -26,7 +26,31 @@ impl Cidr {
             _ => false,
         }
     }
+
+    /// Whether every address of `other` is in this range.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        self.prefix <= other.prefix && self.contains(other.addr)
+    }
+
+    /// The shared address block (RFC 1918, RFC 6598, RFC 4193) this range covers whole, if any:
+    /// trusting one means trusting every pod and node of a cluster that numbers from it.
+    pub fn whole_shared_block(&self) -> Option<&'static str> {
+        SHARED_BLOCKS
+            .iter()
+            .find(|block| self.covers(&block.parse().expect("a valid block")))
+            .copied()
+    }
 }
+
+/// The address blocks clusters number pods, nodes and services from: RFC 1918's private ranges,
+/// RFC 6598's shared address space (carrier-grade NAT, some CNIs), RFC 4193's unique local IPv6.
+pub const SHARED_BLOCKS: [&str; 5] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+];
 
 /// IPv4-mapped IPv6 addresses (what a dual-stack socket reports) compare as IPv4.
 fn canonical(ip: IpAddr) -> IpAddr {
@@ -113,5 +137,25 @@ mod tests {
         }
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("ten".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn whole_shared_blocks_are_named() {
+        let table = [
+            ("10.0.0.0/8", Some("10.0.0.0/8")),
+            ("0.0.0.0/0", Some("10.0.0.0/8")),
+            ("172.0.0.0/8", Some("172.16.0.0/12")),
+            ("192.168.0.0/16", Some("192.168.0.0/16")),
+            ("100.64.0.0/10", Some("100.64.0.0/10")),
+            ("::/0", Some("fc00::/7")),
+            ("10.2.0.0/16", None),
+            ("172.16.0.0/13", None),
+            ("192.168.1.10", None),
+            ("fd00::/8", None),
+            ("203.0.113.0/24", None),
+        ];
+        for (range, want) in table {
+            assert_eq!(range.parse::<Cidr>().unwrap().whole_shared_block(), want, "{range}");
+        }
     }
 }

@@ -3,15 +3,21 @@
 //! the client's first known coding), so `gzip;q=0, identity` got gzip; the sidecar decides here and
 //! hands pingora a header naming only the chosen coding.
 //!
-//! Offered: zstd and gzip. Brotli is not offered: pingora's brotli encoder flushes instead of
-//! finishing the stream (pingora issue #1013), so strict decoders reject the body.
+//! Streamed responses (misses, pass-through) are offered zstd and gzip. Brotli is offered to fresh
+//! hits only, whose compressed copy the sidecar makes itself, once per entry, as a finished stream:
+//! pingora's brotli encoder flushes instead of finishing the stream (pingora issue #1013), so strict
+//! decoders reject what it sends.
 
-/// The codings the sidecar produces, in its order of preference when the client weighs them equally.
-const OFFERED: [&str; 2] = ["zstd", "gzip"];
+/// The codings streamed responses get, in the sidecar's order of preference when the client weighs
+/// them equally.
+pub const STREAMED: [&str; 2] = ["zstd", "gzip"];
 
-/// The coding to use for a client that sent `accept_encoding`: `Some("gzip" | "zstd")`, or `None`
-/// for identity (no header, nothing acceptable, or identity preferred).
-pub fn choose(accept_encoding: Option<&str>) -> Option<&'static str> {
+/// The codings a fresh hit can get: brotli first, as it is the smallest on JSON and is made once.
+pub const FRESH_HITS: [&str; 3] = ["br", "zstd", "gzip"];
+
+/// The coding among `offered` to use for a client that sent `accept_encoding`, or `None` for
+/// identity (no header, nothing acceptable, or identity preferred).
+pub fn choose(accept_encoding: Option<&str>, offered: &[&'static str]) -> Option<&'static str> {
     // No Accept-Encoding: any coding is acceptable, but the safe answer is identity (what
     // browsers and curl without --compressed expect, and what nginx does).
     let header = accept_encoding?;
@@ -54,7 +60,7 @@ pub fn choose(accept_encoding: Option<&str>) -> Option<&'static str> {
             .or(star)
             .unwrap_or(0.0)
     };
-    let best = OFFERED.iter().map(|c| (*c, weight(c))).filter(|(_, q)| *q > 0.0).fold(
+    let best = offered.iter().map(|c| (*c, weight(c))).filter(|(_, q)| *q > 0.0).fold(
         None::<(&'static str, f32)>,
         |best, (c, q)| match best {
             Some((_, bq)) if bq >= q => best,
@@ -72,7 +78,7 @@ pub fn choose(accept_encoding: Option<&str>) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::choose;
+    use super::{choose, FRESH_HITS, STREAMED};
 
     #[test]
     fn q_values_decide() {
@@ -97,7 +103,18 @@ mod tests {
             (Some("deflate"), None),
         ];
         for (header, want) in table {
-            assert_eq!(choose(header), want, "{header:?}");
+            assert_eq!(choose(header, &STREAMED), want, "{header:?}");
+        }
+        let hits = [
+            (Some("br"), Some("br")),
+            (Some("gzip, deflate, br, zstd"), Some("br")),
+            (Some("gzip, br;q=0.5"), Some("gzip")),
+            (Some("br;q=0, *"), Some("zstd")),
+            (Some("*"), Some("br")),
+            (Some("identity, br;q=0.9"), None),
+        ];
+        for (header, want) in hits {
+            assert_eq!(choose(header, &FRESH_HITS), want, "{header:?}");
         }
     }
 }

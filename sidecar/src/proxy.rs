@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use pingora_cache::{CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, RespCacheable};
 use pingora_core::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, PurgeStatus, Session};
 
@@ -37,6 +37,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     http::header::PROXY_AUTHORIZATION,
 ];
 const HOP_BY_HOP_IN_RESPONSES: usize = 5;
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Whether `headers` holds any of `names`: one pass over the (few) headers present instead of a
 /// lookup per name (each `remove_header` by name hashes it even when it is absent).
@@ -71,6 +75,10 @@ pub struct Ctx {
     key: Option<CacheKey>,
     /// A fresh hit served in a kept compressed copy: the coding and the bytes it saved.
     precompressed: Option<(Coding, u64)>,
+    /// The coding a fresh hit gets (br among them), chosen with the streamed one.
+    hit_coding: Option<Coding>,
+    /// The upstream connection's socket while this request uses it.
+    upstream_fd: Option<std::os::unix::io::RawFd>,
 }
 
 /// Counts a client request from its first hook to its context being dropped.
@@ -178,14 +186,14 @@ impl MallProxy {
         };
         let z = &ctx.live.config.compression;
         let qualifies = compression_qualifies(z, hit.header());
-        // early_request_filter left Accept-Encoding naming only the chosen coding.
-        let coding = req
-            .headers
-            .get(http::header::ACCEPT_ENCODING)
-            .and_then(|v| Coding::from_token(v.as_bytes()))
-            .filter(|_| qualifies);
-        let (mut header, body) = match coding {
-            None => (hit.header().clone(), hit.body().clone()),
+        let coding = ctx.hit_coding.filter(|_| qualifies);
+        // The client-ready header kept with the entry (or its coded copy), plus the per-response
+        // fields set on its map directly: pingora's `insert_header` re-parses each name and keeps
+        // a case map beside it, a fifth of the hit path's CPU. Without a case map, pingora writes
+        // standard names title-cased and the others in lower case (RFC 9110 5.1: names are
+        // case-insensitive).
+        let (mut parts, body) = match coding {
+            None => ((**hit.header()).clone(), hit.body().clone()),
             Some(coding) => {
                 let Some((variant, made)) = hit.variant(coding, z.level) else {
                     // Encoding failed: pingora's path compresses as it streams.
@@ -201,15 +209,21 @@ impl MallProxy {
                 }
                 let saved = hit.body().len().saturating_sub(variant.body.len());
                 ctx.precompressed = Some((coding, saved as u64));
-                (variant.header.clone(), variant.body.clone())
+                ((*variant.header).clone(), variant.body.clone())
             }
         };
         ctx.cache_result = "HIT";
-        header.insert_header(http::header::AGE, hit.age(now))?;
-        self.annotate(&mut header, ctx, Some(hit_status(hit.ttl(now) as i64)))?;
+        parts.headers.insert(http::header::AGE, HeaderValue::from(hit.age(now)));
+        self.annotations(ctx, Some(hit_status(hit.ttl(now) as i64)), |name, value| {
+            parts.headers.insert(name, value);
+            Ok(())
+        })?;
         if qualifies {
-            vary_on_accept_encoding(&mut header)?;
+            if let Some(vary) = with_accept_encoding(parts.headers.get(http::header::VARY)) {
+                parts.headers.insert(http::header::VARY, vary);
+            }
         }
+        let header = ResponseHeader::from(parts);
         // The bytes are final: pingora's compression module must leave them alone.
         set_compression(session, 0);
         session.write_response_header(Box::new(header), false).await?;
@@ -219,29 +233,44 @@ impl MallProxy {
 
     /// The fields every proxied answer carries: what the cache did (`X-Cache`, RFC 9211
     /// `Cache-Status`), the request id, this key's rate limit, and `Connection: close` while
-    /// draining.
-    fn annotate(&self, resp: &mut ResponseHeader, ctx: &Ctx, status: Option<http::HeaderValue>) -> Result<()> {
-        resp.insert_header("x-cache", ctx.cache_result)?;
+    /// draining. Each is handed to `put`, so the fast path can set them on its header map directly.
+    fn annotations(
+        &self,
+        ctx: &Ctx,
+        status: Option<HeaderValue>,
+        mut put: impl FnMut(HeaderName, HeaderValue) -> Result<()>,
+    ) -> Result<()> {
+        let value = |text: String| HeaderValue::try_from(text).or_err(ErrorType::InvalidHTTPHeader, "a response field");
+        put(X_CACHE, HeaderValue::from_static(ctx.cache_result))?;
         if let Some(status) = status {
-            resp.insert_header("cache-status", status)?;
+            put(CACHE_STATUS, status)?;
         }
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        put(
+            X_REQUEST_ID,
+            HeaderValue::from_str(&ctx.request_id).or_err(ErrorType::InvalidHTTPHeader, "the request id")?,
+        )?;
         if let Some(limit) = &ctx.limit {
             // draft-ietf-httpapi-ratelimit-headers: the policy, and this key's remaining quota
             // and seconds until it is whole again.
-            resp.insert_header("ratelimit-policy", &*limit.policy)?;
-            resp.insert_header(
-                "ratelimit",
-                format!("\"{}\";r={};t={}", limit.rule, limit.remaining, limit.reset_secs),
+            put(
+                HeaderName::from_static("ratelimit-policy"),
+                value(limit.policy.to_string())?,
+            )?;
+            put(
+                HeaderName::from_static("ratelimit"),
+                value(format!(
+                    "\"{}\";r={};t={}",
+                    limit.rule, limit.remaining, limit.reset_secs
+                ))?,
             )?;
             if ctx.live.config.rate_limit.legacy_headers {
-                resp.insert_header("ratelimit-limit", limit.limit.to_string())?;
-                resp.insert_header("ratelimit-remaining", limit.remaining.to_string())?;
-                resp.insert_header("ratelimit-reset", limit.reset_secs.to_string())?;
+                put(HeaderName::from_static("ratelimit-limit"), limit.limit.into())?;
+                put(HeaderName::from_static("ratelimit-remaining"), limit.remaining.into())?;
+                put(HeaderName::from_static("ratelimit-reset"), limit.reset_secs.into())?;
             }
         }
         if self.shared.draining.load(Ordering::Relaxed) {
-            resp.insert_header("connection", "close")?;
+            put(http::header::CONNECTION, HeaderValue::from_static("close"))?;
         }
         Ok(())
     }
@@ -281,26 +310,41 @@ impl ProxyHttp for MallProxy {
             cache_result: "BYPASS",
             key: None,
             precompressed: None,
+            hit_coding: None,
+            upstream_fd: None,
         }
     }
 
-    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         // RFC 9112 9.3.2: a client may pipeline; answer each request in order on the connection
         // (pingora's default drops the pipelined ones after answering the first with keep-alive).
         if let pingora_core::protocols::http::ServerSession::H1(h1) = &mut *session.downstream_session {
             h1.set_pipelining_enabled(true);
         }
         // Before pingora's compression module reads Accept-Encoding: leave it only the coding
-        // the q-values choose (RFC 9110 12.5.3), or `identity`.
-        let header = session.req_header().headers.get(http::header::ACCEPT_ENCODING);
+        // the q-values choose among the streamed ones (RFC 9110 12.5.3), or `identity`; a fresh
+        // hit may get br as well, remembered here.
+        use crate::negotiate::{choose, FRESH_HITS, STREAMED};
+        let Some(value) = session.req_header().headers.get(http::header::ACCEPT_ENCODING) else {
+            return Ok(());
+        };
         // The commonest header needs no parsing: it already names only the coding chosen.
-        if let Some(value) = header.filter(|v| v.as_bytes() != b"gzip") {
-            let chosen = crate::negotiate::choose(value.to_str().ok());
-            if value.as_bytes() != chosen.unwrap_or("identity").as_bytes() {
-                session
-                    .req_header_mut()
-                    .insert_header(http::header::ACCEPT_ENCODING, chosen.unwrap_or("identity"))?;
-            }
+        if value.as_bytes() == b"gzip" {
+            ctx.hit_coding = Some(Coding::Gzip);
+            return Ok(());
+        }
+        let text = value.to_str().ok();
+        let for_hits = choose(text, &FRESH_HITS);
+        let streamed = if for_hits == Some("br") {
+            choose(text, &STREAMED)
+        } else {
+            for_hits
+        };
+        ctx.hit_coding = for_hits.and_then(|c| Coding::from_token(c.as_bytes()));
+        if value.as_bytes() != streamed.unwrap_or("identity").as_bytes() {
+            session
+                .req_header_mut()
+                .insert_header(http::header::ACCEPT_ENCODING, streamed.unwrap_or("identity"))?;
         }
         Ok(())
     }
@@ -480,9 +524,14 @@ impl ProxyHttp for MallProxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end: bool,
+        end: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // The request's header is written by now (for a request without a body this is the first
+        // call): from here on, what the upstream sends is acknowledged as it is read.
+        if end {
+            ack_now(ctx.upstream_fd);
+        }
         if let Some(chunk) = body {
             ctx.request_body_bytes += chunk.len() as u64;
             if ctx.request_body_bytes > ctx.live.config.server.max_request_body_bytes {
@@ -624,7 +673,7 @@ impl ProxyHttp for MallProxy {
         _session: &mut Session,
         _reused: bool,
         peer: &HttpPeer,
-        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(unix)] fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&pingora_core::protocols::Digest>,
         ctx: &mut Ctx,
@@ -633,6 +682,7 @@ impl ProxyHttp for MallProxy {
             self.shared.pool.report_connected(*addr);
         }
         ctx.upstream_sent = Some(Instant::now());
+        ctx.upstream_fd = Some(fd);
         Ok(())
     }
 
@@ -746,6 +796,11 @@ impl ProxyHttp for MallProxy {
                 resp.remove_header(name);
             }
         }
+        // RFC 9110 6.2: an intermediary sends its own HTTP version. An HTTP/1.0 status line
+        // forwarded as it came, beside `Connection: keep-alive`, tells an HTTP/1.1 client the
+        // connection may close after it (RFC 9112 9.3), so a pipelining client waits or resends.
+        resp.set_version(http::Version::HTTP_11);
+        ack_now(ctx.upstream_fd);
         Ok(())
     }
 
@@ -778,7 +833,9 @@ impl ProxyHttp for MallProxy {
             }
             self.shared.invalidate("local_write", tags.iter().map(String::as_str));
         }
-        self.annotate(resp, ctx, cache_status(session, ctx.cache_result))?;
+        self.annotations(ctx, cache_status(session, ctx.cache_result), |name, value| {
+            resp.insert_header(name, value)
+        })?;
 
         // Compression: pingora's module does the work; we decide whether this response qualifies.
         let z = &ctx.live.config.compression;
@@ -875,6 +932,29 @@ impl ProxyHttp for MallProxy {
     }
 }
 
+/// Acknowledges what the upstream sends as soon as it is read (`TCP_QUICKACK`), instead of after
+/// the delayed-ACK timer. A request written right after a response puts the connection in Linux's
+/// interactive ("pingpong") mode, where ACKs wait 40 ms or more for data to ride on; an app that
+/// writes a response in several sends with Nagle on (Python's `http.server` sends the header block
+/// and the body apart) cannot send the next piece until the last is acknowledged, so a response on
+/// a reused connection (a pipelined one, any keep-alive one) arrived 40 ms late. Set once the
+/// request is written (a later write puts the connection back in that mode), and again when the
+/// response header arrives, for a request whose body was written after the first call.
+fn ack_now(fd: Option<std::os::unix::io::RawFd>) {
+    let Some(fd) = fd else { return };
+    let on: libc::c_int = 1;
+    // SAFETY: `fd` is the upstream socket this request holds; a failure (not TCP) is harmless.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// The `Cache-Status` field (RFC 9211) for this response: `hit` with the remaining freshness as
 /// `ttl` (negative when a stale copy is served), or `fwd=` with why the origin was asked. Only
 /// hits carry a number, so the other answers are constants (no allocation on the hot path).
@@ -944,23 +1024,24 @@ fn compression_qualifies(z: &mall_sidecar_config::Compression, resp: &ResponseHe
 /// RFC 9110 12.5.5: a response whose coding depends on `Accept-Encoding` says so in `Vary`, even
 /// to a client that took identity.
 fn vary_on_accept_encoding(resp: &mut ResponseHeader) -> Result<()> {
-    let vary = resp
-        .headers
-        .get(http::header::VARY)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let has_encoding = vary
-        .split(',')
-        .any(|v| v.trim().eq_ignore_ascii_case("accept-encoding"));
-    if !has_encoding {
-        let value = if vary.is_empty() {
-            "Accept-Encoding".to_string()
-        } else {
-            format!("{vary}, Accept-Encoding")
-        };
-        resp.insert_header(http::header::VARY, value)?;
+    match with_accept_encoding(resp.headers.get(http::header::VARY)) {
+        Some(vary) => resp.insert_header(http::header::VARY, vary),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The `Vary` value naming `Accept-Encoding` too, or `None` when `vary` already does.
+fn with_accept_encoding(vary: Option<&HeaderValue>) -> Option<HeaderValue> {
+    let Some(vary) = vary.and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()) else {
+        return Some(HeaderValue::from_static("Accept-Encoding"));
+    };
+    if vary
+        .split(',')
+        .any(|v| v.trim().eq_ignore_ascii_case("accept-encoding"))
+    {
+        return None;
+    }
+    HeaderValue::try_from(format!("{vary}, Accept-Encoding")).ok()
 }
 
 /// Whether the request's raw header block carries a `Content-Length` (pingora removes it from the

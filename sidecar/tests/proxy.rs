@@ -160,7 +160,7 @@ async fn gzip_and_identity_clients_share_one_cached_object() {
     );
 }
 
-/// Fresh hits are answered from the store. A gzip or zstd client gets the entry's compressed copy,
+/// Fresh hits are answered from the store. A gzip, zstd or br client gets the entry's compressed copy,
 /// made once per coding (RFC 9110 8.6: sized with `Content-Length`, not re-compressed and streamed
 /// chunked on every hit), decoding to the identity bytes. And a fresh hit carries the same fields as
 /// the same entry served through pingora's cache path (a conditional request takes that path).
@@ -174,7 +174,7 @@ async fn fresh_hits_come_from_compressed_copies_made_once_with_the_cache_paths_h
     assert_eq!(miss.headers()["x-cache"], "MISS");
     let identity = miss.bytes().await.unwrap();
 
-    for coding in ["gzip", "zstd"] {
+    for coding in ["gzip", "zstd", "br"] {
         for _ in 0..5 {
             let hit = http.get(&url).header("accept-encoding", coding).send().await.unwrap();
             assert_eq!(hit.headers()["x-cache"], "HIT");
@@ -192,6 +192,7 @@ async fn fresh_hits_come_from_compressed_copies_made_once_with_the_cache_paths_h
                     flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
                     out
                 }
+                "br" => common::strict_brotli_decode(&body).expect("a finished brotli stream"),
                 _ => zstd::stream::decode_all(&body[..]).expect("a complete zstd frame"),
             };
             assert_eq!(decoded, identity, "{coding} decodes to the identity bytes");
@@ -940,9 +941,10 @@ async fn admin_reload_needs_the_configured_bearer_token() {
     assert_eq!(http.post(&url).bearer_auth(token).send().await.unwrap().status(), 200);
 }
 
-/// RFC 9110 12.5.3: q-values decide the coding, `q=0` excludes one, `*` stands for the rest; br
-/// is not offered (pingora's encoder does not finish the stream), so a br-only client gets identity.
-/// Every compressed body decodes with a strict decoder that requires the stream's end.
+/// RFC 9110 12.5.3: q-values decide the coding, `q=0` excludes one, `*` stands for the rest. br
+/// is offered to fresh hits only (pingora's streaming encoder does not finish the stream): on a
+/// miss a br-only client gets identity and `br, gzip` gets gzip. Every compressed body decodes with
+/// a strict decoder that requires the stream's end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accept_encoding_q_values_are_honoured_and_every_body_decodes_strictly() {
     let app = AppInstance::start().await;
@@ -956,14 +958,32 @@ async fn accept_encoding_q_values_are_honoured_and_every_body_decodes_strictly()
         .bytes()
         .await
         .unwrap();
+    // Misses: br is never streamed.
+    for (accept, want) in [
+        ("br", None),
+        ("br, gzip", Some("gzip")),
+        ("gzip, deflate, br, zstd", Some("zstd")),
+    ] {
+        let url = sidecar.url(&format!("/api/products?limit={}", 10 + accept.len()));
+        let r = http.get(&url).header("accept-encoding", accept).send().await.unwrap();
+        assert_eq!(r.headers()["x-cache"], "MISS", "{accept}");
+        let got = r
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(got.as_deref(), want, "a miss with Accept-Encoding: {accept}");
+    }
     let cases = [
         ("gzip;q=0, identity", None),
         ("gzip;q=0", None),
         ("identity, gzip;q=0.5", None),
-        ("br", None),
-        ("br, gzip", Some("gzip")),
+        ("br", Some("br")),
+        ("br, gzip", Some("br")),
+        ("gzip, deflate, br, zstd", Some("br")),
+        ("br;q=0.5, gzip", Some("gzip")),
         ("zstd;q=0.1, gzip", Some("gzip")),
-        ("*;q=0.5, zstd;q=0", Some("gzip")),
+        ("*;q=0.5, zstd;q=0", Some("br")),
+        ("*;q=0.5, zstd;q=0, br;q=0", Some("gzip")),
         ("zstd", Some("zstd")),
         ("gzip", Some("gzip")),
     ];
@@ -987,6 +1007,7 @@ async fn accept_encoding_q_values_are_honoured_and_every_body_decodes_strictly()
                 flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
                 out
             }
+            Some("br") => common::strict_brotli_decode(&body).expect("a finished brotli stream"),
             Some(_) => zstd::stream::decode_all(&body[..]).expect("a complete zstd frame"),
         };
         assert_eq!(
@@ -1367,4 +1388,194 @@ async fn sigterm_keeps_serving_for_the_shutdown_delay_while_not_ready() {
         took >= Duration::from_millis(1500),
         "exited after the delay, {took:?} after SIGTERM"
     );
+}
+
+/// An upstream that answers each request on a keep-alive connection (or, `http10`, one request per
+/// connection, closing after it) writing the response in `pieces` separate sends a few ms apart,
+/// with Nagle on as most application servers leave it: Python's `http.server` sends the header
+/// block and the body apart.
+async fn piecewise_upstream(http10: bool, pieces: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request per header block (these are GETs without a body).
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        let body = format!("answer for {path}\n");
+                        let header = if http10 {
+                            format!(
+                                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+                                body.len()
+                            )
+                        } else {
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+                                body.len()
+                            )
+                        };
+                        let whole = format!("{header}{body}").into_bytes();
+                        let step = whole.len().div_ceil(pieces);
+                        for piece in whole.chunks(step) {
+                            if stream.write_all(piece).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(3)).await;
+                        }
+                        if http10 {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads from `stream` until `n` complete responses (each with a Content-Length, or chunked) have
+/// arrived, or `limit` passes; returns each response's text and when it was complete.
+async fn read_responses(stream: &mut tokio::net::TcpStream, n: usize, limit: Duration) -> Vec<(String, Duration)> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while out.len() < n {
+        // Parse every complete response at the front of the buffer.
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse::<usize>().unwrap());
+            let total = match length {
+                Some(len) => end + 4 + len,
+                None if head.contains("transfer-encoding: chunked") => {
+                    match buf[end + 4..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                        Some(p) => end + 4 + p + 5,
+                        None => break,
+                    }
+                }
+                None => panic!("a response without framing:\n{head}"),
+            };
+            if buf.len() < total {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&buf[..total]).to_string(), started.elapsed()));
+            buf.drain(..total);
+        }
+        if out.len() >= n {
+            break;
+        }
+        let left = limit.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(k)) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+    out
+}
+
+/// Two pipelined GETs (RFC 9112 9.3.2) to an upstream that writes each response in pieces: both
+/// answers come back, in order, in HTTP/1.1, on the connection, which stays open for a third
+/// request. And the second is not held back: the upstream (Nagle on) sends a response's second
+/// piece only once its first is acknowledged, and Linux delays that ACK by 40 ms or more on a
+/// connection that just sent a request, unless the sidecar acknowledges at once. The gap between
+/// the answers is about the upstream's 3 ms pause per piece; the smallest of three tries must stay
+/// under the 40 ms delayed-ACK floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_answers_from_an_upstream_writing_in_pieces_all_arrive_without_delay() {
+    use tokio::io::AsyncWriteExt;
+    for (http10, pieces) in [(false, 2), (false, 5), (true, 2)] {
+        let upstream = piecewise_upstream(http10, pieces).await;
+        let sidecar = Sidecar::start(&upstream_section(&[upstream], "round_robin")).await;
+        let addr = sidecar.base.trim_start_matches("http://").to_string();
+        let case = format!("HTTP/1.{} upstream, {pieces} pieces", if http10 { 0 } else { 1 });
+        let mut gaps = Vec::new();
+        for _ in 0..3 {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream
+                .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let answers = read_responses(&mut stream, 2, Duration::from_secs(2)).await;
+            assert_eq!(answers.len(), 2, "{case}: both pipelined answers within 2 s");
+            gaps.push(answers[1].1 - answers[0].1);
+        }
+        let smallest = gaps.iter().min().unwrap();
+        eprintln!("{case}: second answer after the first: {gaps:?}");
+        assert!(
+            *smallest < Duration::from_millis(35),
+            "{case}: the second answer was held back by a delayed ACK: {gaps:?}"
+        );
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answers = read_responses(&mut stream, 2, Duration::from_secs(2)).await;
+        assert_eq!(
+            answers.len(),
+            2,
+            "{case}: both pipelined answers within 2 s: {answers:?}"
+        );
+        assert!(answers[0].0.contains("answer for /one"), "{case}: {}", answers[0].0);
+        assert!(answers[1].0.contains("answer for /two"), "{case}: {}", answers[1].0);
+        for (answer, _) in &answers {
+            assert!(
+                answer.starts_with("HTTP/1.1 200"),
+                "{case}: RFC 9110 6.2, the proxy's own version:\n{answer}"
+            );
+        }
+        stream
+            .write_all(b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let third = read_responses(&mut stream, 1, Duration::from_secs(2)).await;
+        assert_eq!(
+            third.len(),
+            1,
+            "{case}: the connection stays open and serves a third request"
+        );
+        assert!(third[0].0.contains("answer for /three"), "{case}");
+    }
+}
+
+/// The strict decoder the compression tests use refuses what pingora's brotli module sends: a
+/// stream flushed but never finished.
+#[test]
+fn the_strict_brotli_decoder_refuses_a_flushed_unfinished_stream() {
+    use std::io::Write;
+    let text = b"what pingora's brotli module sends, flushed and never finished".repeat(20);
+    let mut encoder = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+    encoder.write_all(&text).unwrap();
+    let finished = encoder.into_inner();
+    assert_eq!(common::strict_brotli_decode(&finished).as_deref(), Some(&text[..]));
+
+    let mut encoder = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+    encoder.write_all(&text).unwrap();
+    encoder.flush().unwrap();
+    let sent = encoder.get_ref().to_vec();
+    assert!(
+        common::strict_brotli_decode(&sent).is_none(),
+        "a flushed stream is unfinished"
+    );
+    let mut lenient = Vec::new();
+    let _ = brotli::Decompressor::new(&sent[..], 4096).read_to_end(&mut lenient);
+    assert_eq!(lenient, text, "while a lenient reader takes it for the whole body");
 }

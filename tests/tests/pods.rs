@@ -153,6 +153,39 @@ async fn a_the_demo_pod_serves_the_documented_first_look() {
     assert_eq!(admin.status(), 200, "the demo's admin logs in");
 }
 
+/// h. A client on a pod address (the host's forwarder reaches the pod from the pod network's
+/// gateway, a 172.16/12 address like any pod's or SNATed node's) cannot choose its rate-limit key by
+/// rotating `X-Forwarded-For`: the demo trusts no proxy, so every request counts against the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_a_rotating_forwarded_for_from_a_pod_address_gets_no_fresh_budget() {
+    if !images_ready() {
+        return;
+    }
+    let d = demo("h").await;
+    let http = reqwest::Client::new();
+    let (mut limited, mut passed) = (0, 0);
+    // The orders rule allows a burst of 40 at 20/s: 100 requests in well under a second pass at
+    // most about 45 when they share one key.
+    for i in 0..100 {
+        let status = http
+            .post(d.service.url("/api/orders"))
+            .header("x-forwarded-for", format!("203.0.113.{i}"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 429 {
+            limited += 1;
+        } else {
+            passed += 1;
+        }
+    }
+    assert!(
+        limited >= 40,
+        "{passed} requests passed and {limited} were limited: a rotating X-Forwarded-For bought fresh budgets"
+    );
+}
+
 /// e. The containers run as 65532 with no capabilities, and with a read-only root filesystem
 /// nothing fails; d (CPU). With a 500m limit and no tuning environment, each starts one worker,
 /// read from the cgroup, and says so.

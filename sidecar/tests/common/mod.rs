@@ -315,3 +315,33 @@ pub async fn redis_url() -> Option<String> {
     eprintln!("SKIPPED: Redis not reachable at {url} (scripts/test.sh starts it)");
     None
 }
+
+/// Decodes a whole brotli stream (RFC 7932) and insists it is finished, the last meta-block seen
+/// and nothing after it: a stream that was only flushed leaves the decoder wanting more input,
+/// which lenient readers take for the end of the data. `None` for an unfinished or broken stream.
+pub fn strict_brotli_decode(stream: &[u8]) -> Option<Vec<u8>> {
+    use brotli::{BrotliDecompressStream, BrotliResult, BrotliState, HuffmanCode};
+    let mut state = BrotliState::new(
+        brotli::HeapAlloc::<u8>::new(0),
+        brotli::HeapAlloc::<u32>::new(0),
+        brotli::HeapAlloc::<HuffmanCode>::new(HuffmanCode::default()),
+    );
+    let mut output = vec![0u8; 16 << 20];
+    let (mut available_in, mut input_offset) = (stream.len(), 0);
+    let (mut available_out, mut output_offset, mut total) = (output.len(), 0, 0);
+    let result = BrotliDecompressStream(
+        &mut available_in,
+        &mut input_offset,
+        stream,
+        &mut available_out,
+        &mut output_offset,
+        &mut output,
+        &mut total,
+        &mut state,
+    );
+    if !matches!(result, BrotliResult::ResultSuccess) || available_in != 0 {
+        return None;
+    }
+    output.truncate(output_offset);
+    Some(output)
+}

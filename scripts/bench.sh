@@ -112,6 +112,27 @@ bare_pid=$!
 pids+=("$bare_pid")
 wait_for 30 curl -sf http://127.0.0.1:8183/health
 
+# Memory (resident set, KiB) of each proxy's processes: idle, with 1,000 products cached, and after
+# 256 connections (wrk holds them for 3 s; the figure is taken as it ends). nginx keeps its cache
+# on disk (the page cache holds it, counted by no process); the sidecar keeps it in memory.
+rss_kib() { local t=0 p; for p in "$@"; do t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
+nginx_all=$(pgrep -f "nginx: (master|worker) process" | tr '\n' ' ')
+memory() { # memory NAME BASE PIDS...
+  local name=$1 base=$2; shift 2
+  local idle cached conns
+  idle=$(rss_kib "$@")
+  curl -s -o /dev/null "$base/api/products/[1-1000]"
+  cached=$(rss_kib "$@")
+  wrk -t2 -c256 -d3s "$base/health" >/dev/null
+  conns=$(rss_kib "$@")
+  result "{\"group\":\"memory\",\"target\":\"$name\",\"idle_kib\":$idle,\"cached_kib\":$cached,\"conns_kib\":$conns}"
+}
+log "memory: idle, 1,000 entries, 256 connections"
+# shellcheck disable=SC2086
+memory nginx http://127.0.0.1:8181 $nginx_all
+memory bare-pingora http://127.0.0.1:8183 "$bare_pid"
+memory sidecar http://127.0.0.1:8180 "$sidecar_pid"
+
 # Interleaved rounds (nginx, bare pingora, sidecar, ceiling, ...) after a warm-up past max-age.
 nginx_pids=$(pgrep -f "nginx: worker process" | paste -sd, -)
 python3 scripts/bench/proxies.py --out "$out" --seconds "$seconds" --rounds "${BENCH_ROUNDS:-3}" \
@@ -122,10 +143,21 @@ python3 scripts/bench/proxies.py --out "$out" --seconds "$seconds" --rounds "${B
   --contender "ceiling=http://127.0.0.1:8182=$ceiling_pid" \
   --skip bare-pingora:gzip --skip ceiling:pass --skip ceiling:gzip
 
-# Bytes on the wire for a catalog page, with and without gzip, through the sidecar.
-plain=$(curl -s http://127.0.0.1:8180/api/products?limit=50 | wc -c)
-gz=$(curl -s -H 'Accept-Encoding: gzip' http://127.0.0.1:8180/api/products?limit=50 | wc -c)
-result "{\"group\":\"wire\",\"plain_bytes\":$plain,\"gzip_bytes\":$gz}"
+# Bytes on the wire for a catalog page in each coding, through the sidecar, as fresh hits (the
+# identity request refreshes the entry; br is given to fresh hits only).
+page=http://127.0.0.1:8180/api/products?limit=50
+plain=$(curl -s "$page" | wc -c)
+coded() { # coded CODING -> bytes, after checking the answer was a hit in that coding
+  local headers
+  headers=$(curl -s -D - -o "$work/coded" -H "Accept-Encoding: $1" "$page" | tr -d '\r' | tr 'A-Z' 'a-z')
+  grep -q "^content-encoding: $1\$" <<<"$headers" && grep -q '^x-cache: hit$' <<<"$headers" \
+    || { echo "the $1 page was not a $1 hit:" >&2; echo "$headers" >&2; exit 1; }
+  wc -c <"$work/coded"
+}
+gz=$(coded gzip)
+zst=$(coded zstd)
+br=$(coded br)
+result "{\"group\":\"wire\",\"plain_bytes\":$plain,\"gzip_bytes\":$gz,\"zstd_bytes\":$zst,\"br_bytes\":$br}"
 
 # Sidecar hit ratio under a Zipf key distribution (the app's max-age=5 bounds the entries' life).
 log "zipf through the sidecar"

@@ -154,15 +154,30 @@ def main():
             "by_round": {r["round"]: r["rps"] for r in rs},
         }
 
-    def vs_nginx(target, path):
-        """Median and min..max of the per-round req/s ratios to nginx."""
-        mine, ref = proxies.get((target, path)), proxies.get(("nginx", path))
+    cpu_by_round = {
+        (r["target"], r["path"], r["round"]): r["cpu_us_per_req"] for r in rounds
+    }
+
+    def vs(target, path, ref_target, key="rps"):
+        """Median and min..max of the per-round ratios of `key` to `ref_target`'s."""
+        mine, ref = proxies.get((target, path)), proxies.get((ref_target, path))
         if not mine or not ref:
             return ""
-        ratios = [mine["by_round"][k] / ref["by_round"][k] for k in mine["by_round"] if k in ref["by_round"]]
+        if key == "rps":
+            pairs = [(mine["by_round"][k], ref["by_round"][k]) for k in mine["by_round"] if k in ref["by_round"]]
+        else:
+            pairs = [
+                (cpu_by_round[(target, path, k)], cpu_by_round[(ref_target, path, k)])
+                for k in mine["by_round"]
+                if (ref_target, path, k) in cpu_by_round
+            ]
+        ratios = [a / b for a, b in pairs if b]
         if not ratios:
             return ""
         return f"{median(ratios):.2f}× ({min(ratios):.2f}..{max(ratios):.2f})"
+
+    def vs_nginx(target, path):
+        return vs(target, path, "nginx")
 
     md = []
     md.append("# Benchmarks\n")
@@ -192,15 +207,20 @@ def main():
         "req/s ratios; CPU per request is the contender's processes' user + system time over the round divided by "
         "the requests it served.\n"
     )
-    md.append("| path | proxy | req/s | ÷ nginx | p99 ms | CPU µs/req |")
-    md.append("|---|---|---:|---:|---:|---:|")
+    md.append("| path | proxy | req/s | ÷ nginx | ÷ bare pingora | p99 ms | CPU µs/req | CPU ÷ bare pingora |")
+    md.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for path, label in PATHS.items():
         for target in ("nginx", "bare-pingora", "sidecar", "ceiling"):
             w = proxies.get((target, path))
             if not w:
                 continue
             ratio = vs_nginx(target, path) if target != "nginx" else "1.00×"
-            md.append(f"| {label} | {target} | {w['rps']:,.0f} | {ratio} | {w['p99_ms']:.2f} | {w['cpu_us_per_req']:.1f} |")
+            bare = vs(target, path, "bare-pingora") if target != "bare-pingora" else "1.00×"
+            bare_cpu = vs(target, path, "bare-pingora", "cpu") if target != "bare-pingora" else "1.00×"
+            md.append(
+                f"| {label} | {target} | {w['rps']:,.0f} | {ratio} | {bare} | {w['p99_ms']:.2f} | "
+                f"{w['cpu_us_per_req']:.1f} | {bare_cpu} |"
+            )
     bad = {k: v for k, v in proxies.items() if v["non2xx"]}
     for (target, path), w in bad.items():
         md.append(f"- {target} / {path}: {w['non2xx']} non-2xx responses")
@@ -211,6 +231,23 @@ def main():
         "behind that split (kernel share, pingora's parse and serialise, each sidecar hook's share) and a before/after "
         "of the sidecar's fast path are in `docs/benchmarks.md`.\n"
     )
+    memory = {l["target"]: l for l in lines if l["group"] == "memory"}
+    if memory:
+        md.append(
+            "\nMemory, the resident set of each proxy's processes (nginx: master and workers), measured before the rounds: "
+            "idle after start, after `curl` has fetched products 1..1,000 through it (each cached), and as a 3 s "
+            "`wrk -c256` on `/health` ends. nginx keeps its cache in files (in the kernel's page cache, which no "
+            "process is charged for); the sidecar keeps entries, their client-ready headers and their compressed "
+            "copies in its own memory.\n"
+        )
+        md.append("| proxy | idle MiB | 1,000 entries cached MiB | after 256 connections MiB |")
+        md.append("|---|---:|---:|---:|")
+        for target in ("nginx", "bare-pingora", "sidecar"):
+            m = memory.get(target)
+            if m:
+                md.append(
+                    f"| {target} | {m['idle_kib'] / 1024:.1f} | {m['cached_kib'] / 1024:.1f} | {m['conns_kib'] / 1024:.1f} |"
+                )
     md.append("\n![req/s by path and proxy](bench/results/proxies.svg)\n")
     groups = []
     for path in PATHS:
@@ -273,6 +310,19 @@ def main():
             f"A 50-product catalog page is {wire['plain_bytes']:,} bytes as identity and {wire['gzip_bytes']:,} bytes gzipped "
             f"({1 - wire['gzip_bytes'] / wire['plain_bytes']:.0%} fewer bytes on the wire; seed target −20 %).\n"
         )
+        if "br_bytes" in wire:
+            md.append("| coding (fresh hit, level 6) | bytes | of identity | of gzip |")
+            md.append("|---|---:|---:|---:|")
+            for coding in ("plain", "gzip", "zstd", "br"):
+                b = wire[f"{coding}_bytes"]
+                md.append(
+                    f"| {'identity' if coding == 'plain' else coding} | {b:,} | {b / wire['plain_bytes']:.1%} | "
+                    f"{b / wire['gzip_bytes']:.2f}× |"
+                )
+            md.append(
+                "\nbr is made once per entry (quality 9 for level 6) and only for fresh hits; misses stream gzip or "
+                "zstd (docs/sidecar.md).\n"
+            )
     # Section 4 comes from the pods benchmark (tests/tests/pods.rs), not from this run: keep it.
     previous = pathlib.Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
     if previous.exists():

@@ -82,8 +82,7 @@ impl CachePolicy {
     /// The cache key: host, normalised path and query, and the key headers, framed unambiguously.
     pub fn key(&self, req: &RequestHeader) -> CacheKey {
         let mut primary = Vec::with_capacity(128);
-        let host = host_of(req);
-        push_framed(&mut primary, host.as_bytes());
+        push_host(&mut primary, req);
         push_framed(&mut primary, normalise_path(req.uri.path()).as_bytes());
         push_framed(&mut primary, normalise_query(req.uri.query()).as_bytes());
         for name in &self.key_headers {
@@ -245,19 +244,20 @@ fn push_framed(out: &mut Vec<u8>, part: &[u8]) {
     out.extend_from_slice(part);
 }
 
-/// The request's host, lower-cased, without a default port.
-fn host_of(req: &RequestHeader) -> String {
-    let host = req.uri.host().map(str::to_string).or_else(|| {
-        req.headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-    });
-    let mut host = host.unwrap_or_default().to_ascii_lowercase();
-    if let Some(stripped) = host.strip_suffix(":80") {
-        host = stripped.to_string();
-    }
-    host
+/// The request's host, lower-cased, without a default port, framed onto `out` (in place: the key
+/// is built on every cacheable request).
+fn push_host(out: &mut Vec<u8>, req: &RequestHeader) {
+    let host = req
+        .uri
+        .host()
+        .map(str::as_bytes)
+        .or_else(|| req.headers.get(http::header::HOST).map(|h| h.as_bytes()))
+        .unwrap_or_default();
+    let host = host.strip_suffix(b":80").unwrap_or(host);
+    out.extend_from_slice(&(host.len() as u32).to_be_bytes());
+    let start = out.len();
+    out.extend_from_slice(host);
+    out[start..].make_ascii_lowercase();
 }
 
 /// `//a/./b/../c` -> `/a/c`: paths that reach the same resource share one entry. A path that is
@@ -303,10 +303,15 @@ fn normalised_copy(path: &str) -> String {
 }
 
 /// `b=2&a=1&` -> `a=1&b=2`: parameter order does not make a different response.
-pub fn normalise_query(query: Option<&str>) -> String {
-    let mut params: Vec<&str> = query.unwrap_or("").split('&').filter(|p| !p.is_empty()).collect();
+pub fn normalise_query(query: Option<&str>) -> Cow<'_, str> {
+    let query = query.unwrap_or("");
+    // One parameter or none (most requests): already normal.
+    if !query.contains('&') {
+        return Cow::Borrowed(query);
+    }
+    let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
     params.sort_unstable();
-    params.join("&")
+    Cow::Owned(params.join("&"))
 }
 
 #[cfg(test)]

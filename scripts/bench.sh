@@ -63,7 +63,9 @@ stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 # ---------------------------------------------------------------- 1. proxies
 log "proxies: one app, the sidecar, nginx, the hyper ceiling"
 "$bin/mall-app" seed --data-dir "$work/data" >/dev/null
-start_app proxied 3101 --data-dir "$work/data"
+start_app proxied 3101 --data-dir "$work/data" --listen-socket "$work/app.sock"
+# nginx's workers (www-data) connect to the app's socket too: connecting needs write permission.
+chmod 666 "$work/app.sock"
 
 SIDECAR__SERVER__LISTEN=127.0.0.1:8180 SIDECAR__SERVER__ADMIN_LISTEN=127.0.0.1:9180 SIDECAR__SERVER__THREADS=2 \
   SIDECAR__UPSTREAM__SERVERS='[{ address = "127.0.0.1:3101" }]' SIDECAR__UPSTREAM__BALANCE=round_robin \
@@ -71,6 +73,14 @@ SIDECAR__SERVER__LISTEN=127.0.0.1:8180 SIDECAR__SERVER__ADMIN_LISTEN=127.0.0.1:9
   "$bin/sidecar" -c sidecar/sidecar.example.toml >"$work/sidecar.log" 2>&1 &
 sidecar_pid=$!
 pids+=("$sidecar_pid")
+# The same sidecar reaching the same app through its Unix socket (as the operator's pods do).
+SIDECAR__SERVER__LISTEN=127.0.0.1:8185 SIDECAR__SERVER__ADMIN_LISTEN=127.0.0.1:9185 SIDECAR__SERVER__THREADS=2 \
+  SIDECAR__UPSTREAM__SERVERS='[{ address = "127.0.0.1:3101" }]' SIDECAR__UPSTREAM__BALANCE=round_robin \
+  SIDECAR__UPSTREAM__LOCAL__SOCKET="$work/app.sock" SIDECAR__UPSTREAM__LOCAL__ADDRESS=127.0.0.1:3101 \
+  SIDECAR__RATE_LIMIT__ENABLED=false SIDECAR__ACCESS_LOG__ENABLED=false SIDECAR_LOG=warn \
+  "$bin/sidecar" -c sidecar/sidecar.example.toml >"$work/sidecar-uds.log" 2>&1 &
+sidecar_uds_pid=$!
+pids+=("$sidecar_uds_pid")
 
 # nginx's workers run as www-data: they must reach the cache directory.
 chmod 755 "$work"
@@ -87,15 +97,21 @@ http {
   proxy_cache_path $work/nginx-cache keys_zone=mall:16m max_size=64m inactive=10m use_temp_path=off;
   proxy_temp_path $work/nginx-temp;
   upstream app { server 127.0.0.1:3101; keepalive 64; }
+  upstream app_uds { server unix:$work/app.sock; keepalive 64; }
   gzip on; gzip_min_length 1024; gzip_types application/json; gzip_proxied any; gzip_vary on; gzip_comp_level 6;
   server {
     listen 127.0.0.1:8181;
     location /api/products {
       proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_cache mall; proxy_cache_lock on; proxy_cache_use_stale updating error timeout;
+      proxy_cache_bypass \$http_cookie; proxy_no_cache \$http_cookie;
       add_header X-Cache \$upstream_cache_status;
     }
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+  server {
+    listen 127.0.0.1:8184;
+    location / { proxy_pass http://app_uds; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
 NGINX
@@ -104,7 +120,9 @@ nginx -c "$work/nginx.conf" -p "$work" -g 'daemon on;'
 ceiling_pid=$!
 pids+=("$ceiling_pid")
 wait_for 30 curl -sf http://127.0.0.1:9180/ready
+wait_for 30 curl -sf http://127.0.0.1:9185/ready
 wait_for 30 curl -sf http://127.0.0.1:8181/health
+wait_for 30 curl -sf http://127.0.0.1:8184/health
 wait_for 30 curl -sf http://127.0.0.1:8182/
 
 "$bin/bare-pingora" 127.0.0.1:8183 127.0.0.1:3101 2 /api/products/1 >"$work/bare.log" 2>&1 &
@@ -138,10 +156,13 @@ nginx_pids=$(pgrep -f "nginx: worker process" | paste -sd, -)
 python3 scripts/bench/proxies.py --out "$out" --seconds "$seconds" --rounds "${BENCH_ROUNDS:-3}" \
   --connections "$conns" --app-pid "$app_pid" \
   --contender "nginx=http://127.0.0.1:8181=$nginx_pids" \
+  --contender "nginx-uds=http://127.0.0.1:8184=$nginx_pids" \
   --contender "bare-pingora=http://127.0.0.1:8183=$bare_pid" \
   --contender "sidecar=http://127.0.0.1:8180=$sidecar_pid" \
+  --contender "sidecar-uds=http://127.0.0.1:8185=$sidecar_uds_pid" \
   --contender "ceiling=http://127.0.0.1:8182=$ceiling_pid" \
-  --skip bare-pingora:gzip --skip ceiling:pass --skip ceiling:gzip
+  --skip bare-pingora:gzip --skip ceiling:pass --skip ceiling:gzip --skip ceiling:uncached \
+  --skip nginx-uds:hit --skip nginx-uds:gzip --skip sidecar-uds:hit --skip sidecar-uds:gzip
 
 # Bytes on the wire for a catalog page in each coding, through the sidecar, as fresh hits (the
 # identity request refreshes the entry; br is given to fresh hits only).
@@ -170,6 +191,7 @@ result "{\"group\":\"sidecar_zipf\",\"hits\":$((after_hits - before_hits)),\"mis
 
 kill "$(cat "$work/nginx.pid")"
 stop_pid "$sidecar_pid"
+stop_pid "$sidecar_uds_pid"
 stop_pid "$ceiling_pid"
 stop_pid "$bare_pid"
 stop_pid "$app_pid"

@@ -116,6 +116,10 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "MALL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Also listen on this Unix domain socket (the sidecar in the same pod reaches the app through
+    /// it, in a shared emptyDir). A stale socket file left by a previous run is replaced.
+    #[arg(long, env = "MALL_LISTEN_SOCKET")]
+    pub listen_socket: Option<std::path::PathBuf>,
     #[arg(long, env = "MALL_ENV", value_enum, default_value = "development")]
     pub env: Environment,
     #[arg(long, env = "MALL_LOG_FORMAT", value_enum, default_value = "json")]

@@ -20,7 +20,7 @@ pub mod store;
 pub mod testing;
 pub mod tuning;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,12 +134,23 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        self.serve_on(listener, None, shutdown).await
+    }
+
+    /// [`App::serve`] on a TCP listener and, when given, a Unix socket as well: both stop and
+    /// drain together.
+    pub async fn serve_on(
+        self,
+        listener: TcpListener,
+        unix: Option<tokio::net::UnixListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let grace = Duration::from_secs(state.config.args.shutdown_timeout_secs);
         let delay = Duration::from_millis(state.config.args.shutdown_delay_ms);
-        let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let readiness_state = state.clone();
-        let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
+        tokio::spawn(async move {
             shutdown.await;
             readiness_state.readiness.set_shutting_down();
             if !delay.is_zero() {
@@ -152,17 +163,43 @@ impl App {
             tracing::info!("shutting down: draining in-flight requests");
             let _ = stopping_tx.send(true);
         });
-        let drain_deadline = async move {
+        let stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
             let _ = stopping.wait_for(|s| *s).await;
+        };
+        let tcp = axum::serve(listener, self.router()).with_graceful_shutdown(stopped(stopping.clone()));
+        let servers = async {
+            match unix {
+                Some(unix) => {
+                    let unix = axum::serve(unix, self.router()).with_graceful_shutdown(stopped(stopping.clone()));
+                    tokio::try_join!(tcp.into_future(), unix.into_future()).map(|_| ())
+                }
+                None => tcp.await,
+            }
+        };
+        let mut draining = stopping.clone();
+        let drain_deadline = async move {
+            let _ = draining.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            result = server => result?,
+            result = servers => result?,
             _ = drain_deadline => tracing::warn!(grace_secs = grace.as_secs(), "drain timed out; closing remaining connections"),
         }
         state.db.close().await;
         Ok(())
     }
+}
+
+/// Binds a Unix domain socket at `path`, replacing a socket file a previous run left behind (a
+/// restarted container finds its emptyDir as it was). Anything else at `path` is left alone.
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    tokio::net::UnixListener::bind(path)
 }
 
 /// Deletes expired Idempotency-Keys every quarter of their lifetime (at most every 10 minutes),

@@ -69,13 +69,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "tuning"
         );
         let listen = config.args.listen;
+        let socket = config.args.listen_socket.clone();
         let app = App::start(config).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("MALL_LISTEN: cannot bind {listen}: {e}"))?;
         let addr = listener.local_addr()?;
         tracing::info!(url = %format!("http://{addr}"), "mall app listening");
-        app.serve(listener, shutdown_signal()).await
+        let unix = match socket {
+            Some(path) => {
+                let unix = mall_app::bind_unix(&path)
+                    .map_err(|e| anyhow::anyhow!("MALL_LISTEN_SOCKET: cannot bind {}: {e}", path.display()))?;
+                tracing::info!(socket = %path.display(), "mall app listening on a Unix socket too");
+                Some(unix)
+            }
+            None => None,
+        };
+        app.serve_on(listener, unix, shutdown_signal()).await
     })
 }
 

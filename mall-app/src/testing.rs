@@ -62,12 +62,14 @@ impl RunningApp {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let config = Config::from_args(args).expect("valid app config");
+        let socket = config.args.listen_socket.clone();
         let app = App::start(config).await.expect("app starts");
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
+        let unix = socket.map(|path| crate::bind_unix(&path).expect("bind the Unix socket"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            app.serve(listener, async {
+            app.serve_on(listener, unix, async {
                 let _ = rx.await;
             })
             .await

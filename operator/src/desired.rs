@@ -11,9 +11,10 @@ use k8s_openapi::api::autoscaling::v2::{
     PodsMetricSource, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -21,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::Resource;
-use mall_sidecar_config::{Balance, DnsDiscovery, SidecarConfig};
+use mall_sidecar_config::{Balance, DnsDiscovery, LocalInstance, SidecarConfig};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -158,6 +159,12 @@ pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> 
         name: format!("{}-app.{}.svc.cluster.local", name(md), namespace(md)),
         port: APP_PORT as u16,
         refresh_seconds: 5,
+    });
+    // This pod's app (the instance at POD_IP) through its Unix socket: measured faster than
+    // loopback TCP for the sidecar and the app both (BENCHMARKS.md section 1).
+    c.upstream.local = Some(LocalInstance {
+        socket: APP_SOCKET.into(),
+        address: None,
     });
     c.upstream.balance = s.load_balancing;
     if s.load_balancing == Balance::Weighted {
@@ -312,6 +319,8 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
     let s = &md.spec;
     let mut e = vec![
         env("MALL_LISTEN", format!("0.0.0.0:{APP_PORT}")),
+        // The sidecar in the pod reaches the app here (other pods' sidecars use the port).
+        env("MALL_LISTEN_SOCKET", APP_SOCKET),
         env("MALL_LOG_FORMAT", "json"),
         env("MALL_WORKER_THREADS", tuning.app_worker_threads),
         // Ceilings from the CPU only: the share of the connection budget (which depends on
@@ -373,7 +382,21 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
 fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale: &SalePlan) -> Deployment {
     let s = &md.spec;
     let app_env = app_env(md, tuning, sale);
-    let mut sidecar_env = vec![env("SIDECAR_LOG_FORMAT", "json")];
+    let mut sidecar_env = vec![
+        env("SIDECAR_LOG_FORMAT", "json"),
+        // Which of the instances DNS returns is this pod's own app (reached through its socket).
+        EnvVar {
+            name: "POD_IP".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+    ];
     if let (Some(redis), true) = (&s.redis, s.rate_limits.shared) {
         sidecar_env.push(secret_env("SIDECAR__RATE_LIMIT__REDIS__URL", &redis.url));
     }
@@ -406,6 +429,7 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
         volume_mounts: Some(if s.database.primary.is_some() {
             vec![
                 scratch("tmp", "/tmp"),
+                scratch("run", RUN_DIR),
                 VolumeMount {
                     name: "db-allowance".into(),
                     mount_path: ALLOWANCE_DIR.into(),
@@ -415,7 +439,11 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
             ]
         } else {
             // The embedded SQLite file: as long-lived as the pod (a demo's data).
-            vec![scratch("tmp", "/tmp"), scratch("data", DATA_DIR)]
+            vec![
+                scratch("tmp", "/tmp"),
+                scratch("run", RUN_DIR),
+                scratch("data", DATA_DIR),
+            ]
         }),
         ..Container::default()
     };
@@ -448,6 +476,7 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
                 ..VolumeMount::default()
             },
             scratch("tmp", "/tmp"),
+            scratch("run", RUN_DIR),
         ]),
         ..Container::default()
     };
@@ -506,6 +535,12 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
 /// Where the app reads its share of the database's connection budget (budget.rs).
 pub const ALLOWANCE_DIR: &str = "/etc/mall/db-allowance";
 
+/// The emptyDir both containers mount, holding the app's Unix socket.
+pub const RUN_DIR: &str = "/run/mall";
+
+/// The app's Unix socket: the sidecar's hop to the app in its own pod (docs/sidecar.md).
+pub const APP_SOCKET: &str = "/run/mall/app.sock";
+
 /// Where the app keeps its embedded SQLite database (an emptyDir).
 pub const DATA_DIR: &str = "/data";
 
@@ -528,6 +563,15 @@ fn volumes(md: &MallDeployment) -> Vec<Volume> {
             ..Volume::default()
         },
         empty_dir("tmp"),
+        // In memory: it holds a socket and nothing else.
+        Volume {
+            name: "run".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("1Mi".into())),
+            }),
+            ..Volume::default()
+        },
     ];
     if md.spec.database.primary.is_none() {
         v.push(empty_dir("data"));

@@ -23,6 +23,9 @@ PATHS = {
     "hit": ("/api/products/1", None),
     "pass": ("/health", None),
     "gzip": ("/api/products?limit=50", "Accept-Encoding: gzip"),
+    # A request neither proxy may cache (it carries a cookie): every one reaches the app, which
+    # answers from its in-process cache; the upstream hop, both ways (TCP or Unix socket).
+    "uncached": ("/api/products/1", "Cookie: session=bench"),
 }
 
 

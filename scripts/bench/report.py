@@ -7,10 +7,13 @@ import pathlib
 
 SEED_QPS = {"stock": 1167, "cart": 1245, "orders": 2471, "mixed": 1862}
 SEED_CONCURRENCY = {"stock": 50, "cart": 30, "orders": 20, "mixed": 40}
+TARGETS = ("nginx", "nginx-uds", "bare-pingora", "sidecar", "sidecar-uds", "ceiling")
+
 PATHS = {
     "hit": "cache hit: `GET /api/products/1`",
     "pass": "pass-through: `GET /health` (not cached)",
     "gzip": "gzip: `GET /api/products?limit=50`, `Accept-Encoding: gzip` (cached)",
+    "uncached": "uncached: `GET /api/products/1` with a `Cookie` (never cached; the app answers)",
 }
 
 
@@ -210,7 +213,7 @@ def main():
     md.append("| path | proxy | req/s | ÷ nginx | ÷ bare pingora | p99 ms | CPU µs/req | CPU ÷ bare pingora |")
     md.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for path, label in PATHS.items():
-        for target in ("nginx", "bare-pingora", "sidecar", "ceiling"):
+        for target in TARGETS:
             w = proxies.get((target, path))
             if not w:
                 continue
@@ -231,6 +234,21 @@ def main():
         "behind that split (kernel share, pingora's parse and serialise, each sidecar hook's share) and a before/after "
         "of the sidecar's fast path are in `docs/benchmarks.md`.\n"
     )
+    if any(t == "sidecar-uds" for t, _ in proxies):
+        md.append(
+            "\nThe hop to the app, over loopback TCP or the app's Unix socket (`-uds`: the app listens on both, "
+            "`MALL_LISTEN_SOCKET`; the sidecar with `upstream.local`, nginx with `server unix:...` and the same "
+            "keep-alive pool), same rounds; ratios per round, Unix socket ÷ TCP:\n"
+        )
+        md.append("| path | proxy | req/s UDS ÷ TCP | proxy CPU µs/req UDS ÷ TCP |")
+        md.append("|---|---|---:|---:|")
+        for path in ("pass", "uncached"):
+            for proxy in ("sidecar", "nginx"):
+                if (f"{proxy}-uds", path) in proxies:
+                    md.append(
+                        f"| {path} | {proxy} | {vs(proxy + '-uds', path, proxy)} | "
+                        f"{vs(proxy + '-uds', path, proxy, 'cpu')} |"
+                    )
     memory = {l["target"]: l for l in lines if l["group"] == "memory"}
     if memory:
         md.append(
@@ -251,7 +269,7 @@ def main():
     md.append("\n![req/s by path and proxy](bench/results/proxies.svg)\n")
     groups = []
     for path in PATHS:
-        series = [(t, proxies[(t, path)]["rps"]) for t in ("nginx", "bare-pingora", "sidecar", "ceiling") if (t, path) in proxies]
+        series = [(t, proxies[(t, path)]["rps"]) for t in TARGETS if (t, path) in proxies]
         groups.append((path, series))
     (out / "proxies.svg").write_text(svg_bars(groups, "Requests per second, median of the rounds (higher is better)", "req/s"))
 

@@ -114,6 +114,8 @@ pub struct Upstream {
     pub servers: Vec<UpstreamServer>,
     /// A DNS name re-resolved periodically (a headless Service); replaces `servers` when set.
     pub dns: Option<DnsDiscovery>,
+    /// The app instance in this pod, reached through a Unix domain socket instead of loopback TCP.
+    pub local: Option<LocalInstance>,
     pub balance: Balance,
     /// Connecting to an instance gives up after this long (then the next instance is tried).
     pub connect_timeout_ms: u64,
@@ -137,6 +139,7 @@ impl Default for Upstream {
                 weight: 1,
             }],
             dns: None,
+            local: None,
             balance: Balance::RoundRobin,
             connect_timeout_ms: 1_000,
             read_timeout_ms: 30_000,
@@ -161,6 +164,56 @@ pub struct UpstreamServer {
 
 fn one() -> usize {
     1
+}
+
+/// The instance that shares the sidecar's pod (or host), reached through a Unix domain socket: the
+/// same app, listening on the socket as well (`MALL_LISTEN_SOCKET`). It stays in the pool under
+/// its address (balancing, health checks and metrics are unchanged); only the connection differs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalInstance {
+    /// The app's socket, in a volume both containers mount.
+    pub socket: String,
+    /// Which instance is the local one: `ip` (any port) or `ip:port`. Unset: the address in the
+    /// `POD_IP` environment variable (Kubernetes' downward API); without either, none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+impl LocalInstance {
+    /// Which instance is local: `address`, else `pod_ip`; `None` when neither names one.
+    pub fn resolve(&self, pod_ip: Option<&str>) -> Option<LocalAddress> {
+        self.address.as_deref().or(pod_ip).and_then(parse_local_address)
+    }
+
+    /// Whether `addr` is the local instance, given `address` or else `pod_ip`.
+    pub fn is(&self, addr: std::net::SocketAddr, pod_ip: Option<&str>) -> bool {
+        self.resolve(pod_ip).is_some_and(|local| local.matches(addr))
+    }
+}
+
+/// The local instance's address: exactly `ip:port`, or an IP on any port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalAddress {
+    Exact(std::net::SocketAddr),
+    Ip(std::net::IpAddr),
+}
+
+impl LocalAddress {
+    pub fn matches(&self, addr: std::net::SocketAddr) -> bool {
+        match self {
+            LocalAddress::Exact(exact) => *exact == addr,
+            LocalAddress::Ip(ip) => *ip == addr.ip(),
+        }
+    }
+}
+
+fn parse_local_address(text: &str) -> Option<LocalAddress> {
+    let text = text.trim();
+    text.parse()
+        .map(LocalAddress::Exact)
+        .or_else(|_| text.parse().map(LocalAddress::Ip))
+        .ok()
 }
 
 /// Instances found through DNS: every A/AAAA record of `name`, on `port`.
@@ -621,6 +674,23 @@ impl SidecarConfig {
             }
             None => {}
         }
+        if let Some(local) = &u.local {
+            // sun_path holds 108 bytes with the terminating NUL.
+            if !local.socket.starts_with('/') || local.socket.len() > 107 {
+                return Err(ConfigError::invalid(
+                    "upstream.local.socket",
+                    "must be an absolute path of at most 107 bytes",
+                ));
+            }
+            if let Some(address) = &local.address {
+                if parse_local_address(address).is_none() {
+                    return Err(ConfigError::invalid(
+                        "upstream.local.address",
+                        format!("`{address}` is neither `ip` nor `ip:port`"),
+                    ));
+                }
+            }
+        }
         let mut seen = HashSet::new();
         for (i, server) in u.servers.iter().enumerate() {
             let addr: SocketAddr = server.address.parse().map_err(|_| {
@@ -929,10 +999,32 @@ mod tests {
         assert!(err("[cache.purge]\ntokens = [\"short\"]").contains("cache.purge.tokens[0]"));
         assert!(err("[rate_limit.key]\nheader = \"bad header\"").contains("rate_limit.key.header"));
         assert!(err("[upstream]\nbalance = \"fastest\"").contains("fastest"));
+        assert!(err("[upstream.local]\nsocket = \"app.sock\"").contains("upstream.local.socket"));
+        assert!(err("[upstream.local]\nsocket = \"/run/a.sock\"\naddress = \"pod\"").contains("upstream.local.address"));
         let broad = "[rate_limit]\ntrusted_proxies = [\"10.1.0.7\", \"172.16.0.0/12\"]";
         assert!(err(broad).contains("rate_limit.trusted_proxies[1]"), "{}", err(broad));
         assert!(SidecarConfig::from_toml(&format!("{broad}\nallow_broad_trusted_proxies = true")).is_ok());
         assert!(err("[[").contains("config"));
+    }
+
+    #[test]
+    fn the_local_instance_is_named_by_ip_or_ip_and_port_or_the_pod_ip() {
+        let by = |address: Option<&str>| LocalInstance {
+            socket: "/run/mall/app.sock".into(),
+            address: address.map(str::to_string),
+        };
+        let a: std::net::SocketAddr = "10.1.2.3:8080".parse().unwrap();
+        let b: std::net::SocketAddr = "10.1.2.4:8080".parse().unwrap();
+        assert!(by(Some("10.1.2.3")).is(a, None));
+        assert!(!by(Some("10.1.2.3")).is(b, None));
+        assert!(
+            by(Some("10.1.2.3:8080")).is(a, Some("10.1.2.4")),
+            "the address wins over POD_IP"
+        );
+        assert!(!by(Some("10.1.2.3:9090")).is(a, None));
+        assert!(by(None).is(b, Some("10.1.2.4")));
+        assert!(!by(None).is(b, None), "neither: no instance is local");
+        assert!(by(None).is("[fd00::4]:8080".parse().unwrap(), Some("fd00::4")));
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub upstream_ejections: IntCounterVec,
     pub upstream_retries: IntCounter,
     pub no_healthy_upstream: IntCounter,
+    /// New connections to app instances, by transport (`unix` for the pod's own app through its
+    /// socket, `tcp` otherwise): says whether the in-pod hop takes the socket.
+    pub upstream_connections: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub in_flight: IntGauge,
     /// Connections closed because a request header did not arrive in time (slowloris).
@@ -163,6 +166,14 @@ impl Metrics {
                 "Requests answered 503 for lack of an instance",
             )
             .expect("metric"),
+            upstream_connections: IntCounterVec::new(
+                Opts::new(
+                    "upstream_connections_total",
+                    "New connections to app instances by transport (unix: the pod's own app through its socket)",
+                ),
+                &["transport"],
+            )
+            .expect("metric"),
             config_reloads: IntCounterVec::new(
                 Opts::new("config_reloads_total", "Configuration reloads by outcome"),
                 &["outcome"],
@@ -191,7 +202,7 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 24] = [
             Box::new(m.cache_invalidations.clone()),
             Box::new(m.cache_invalidated_entries.clone()),
             Box::new(m.requests.clone()),
@@ -209,6 +220,7 @@ impl Metrics {
             Box::new(m.upstream_ejections.clone()),
             Box::new(m.upstream_retries.clone()),
             Box::new(m.no_healthy_upstream.clone()),
+            Box::new(m.upstream_connections.clone()),
             Box::new(m.config_reloads.clone()),
             Box::new(m.in_flight.clone()),
             Box::new(m.header_timeouts.clone()),

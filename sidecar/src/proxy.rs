@@ -611,16 +611,21 @@ impl ProxyHttp for MallProxy {
         }
         ctx.tried.push(addr);
         ctx.lease = Some(lease);
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        // The app in this pod is reached through its Unix socket when one is configured: no TCP
+        // stack, no loopback handshake or ACKs (docs/sidecar.md, BENCHMARKS.md).
+        let mut peer = match &ctx.live.local {
+            Some((local, socket)) if local.matches(addr) => HttpPeer::new_uds(socket, false, String::new())?,
+            _ => HttpPeer::new(addr, false, String::new()),
+        };
         peer.options.connection_timeout = Some(Duration::from_millis(upstream.connect_timeout_ms));
         peer.options.read_timeout = Some(Duration::from_millis(upstream.read_timeout_ms));
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         Ok(Box::new(peer))
     }
 
-    fn fail_to_connect(&self, session: &mut Session, peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
-        if let Some(addr) = peer._address.as_inet() {
-            self.shared.pool.report_connect_failure(*addr);
+    fn fail_to_connect(&self, session: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+        if let Some(lease) = &ctx.lease {
+            self.shared.pool.report_connect_failure(lease.instance.addr);
         }
         // Nothing reached the app, so any method could be retried; we keep to replayable ones so
         // a half-open connection never duplicates an order.
@@ -657,8 +662,8 @@ impl ProxyHttp for MallProxy {
             // A fresh connection closed at once means the instance is going away; a pooled one
             // is ordinary keep-alive churn and says nothing about the instance.
             if !client_reused {
-                if let Some(addr) = peer._address.as_inet() {
-                    self.shared.pool.report_connect_failure(*addr);
+                if let Some(lease) = &ctx.lease {
+                    self.shared.pool.report_connect_failure(lease.instance.addr);
                 }
             }
             e.set_retry(true);
@@ -671,18 +676,27 @@ impl ProxyHttp for MallProxy {
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
-        _reused: bool,
+        reused: bool,
         peer: &HttpPeer,
         #[cfg(unix)] fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&pingora_core::protocols::Digest>,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(addr) = peer._address.as_inet() {
-            self.shared.pool.report_connected(*addr);
+        if let Some(lease) = &ctx.lease {
+            self.shared.pool.report_connected(lease.instance.addr);
         }
         ctx.upstream_sent = Some(Instant::now());
-        ctx.upstream_fd = Some(fd);
+        // Delayed ACKs are TCP's: a Unix socket has none to avoid.
+        let tcp = peer._address.as_inet().is_some();
+        ctx.upstream_fd = tcp.then_some(fd);
+        if !reused {
+            self.shared
+                .metrics
+                .upstream_connections
+                .with_label_values(&[if tcp { "tcp" } else { "unix" }])
+                .inc();
+        }
         Ok(())
     }
 

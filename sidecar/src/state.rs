@@ -26,6 +26,8 @@ pub struct Live {
     pub routes: Vec<Arc<str>>,
     /// The label of a path no route matches.
     pub other_route: Arc<str>,
+    /// The instance in this pod and the Unix socket it is reached through (`upstream.local`).
+    pub local: Option<(mall_sidecar_config::LocalAddress, String)>,
 }
 
 impl Live {
@@ -39,6 +41,17 @@ impl Live {
             limiter: Limiter::new(&config.rate_limit, metrics),
             routes: routes.into_iter().map(Arc::from).collect(),
             other_route: Arc::from("other"),
+            local: config.upstream.local.as_ref().and_then(|local| {
+                let pod_ip = std::env::var("POD_IP").ok();
+                let address = local.resolve(pod_ip.as_deref());
+                if address.is_none() {
+                    tracing::warn!(
+                        socket = %local.socket,
+                        "upstream.local has no address and POD_IP is not set: no instance is reached through the socket"
+                    );
+                }
+                Some((address?, local.socket.clone()))
+            }),
             config,
         }
     }

@@ -1579,3 +1579,113 @@ fn the_strict_brotli_decoder_refuses_a_flushed_unfinished_stream() {
     let _ = brotli::Decompressor::new(&sent[..], 4096).read_to_end(&mut lenient);
     assert_eq!(lenient, text, "while a lenient reader takes it for the whole body");
 }
+
+/// `upstream.local`: the instance at the local address is reached through its Unix socket, the
+/// others over TCP; health checks stay on TCP. A stub answers `tcp` on its port and `unix` on its
+/// socket, so the answer says which way the request went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_local_instance_is_reached_through_its_unix_socket() {
+    use axum::routing::get;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("app.sock");
+    let router = |way: &'static str| {
+        axum::Router::new()
+            .route("/way", get(move || async move { way }))
+            .route("/ready", get(|| async { "ok" }))
+    };
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(tcp, router("tcp")).await.unwrap() });
+    let unix = tokio::net::UnixListener::bind(&socket).unwrap();
+    tokio::spawn(async move { axum::serve(unix, router("unix")).await.unwrap() });
+    let http = client();
+    for (local, want) in [
+        (format!("address = \"{addr}\""), "unix"),
+        (format!("address = \"{}\"", addr.ip()), "unix"),
+        ("address = \"127.0.0.2\"".to_string(), "tcp"),
+        (String::new(), "tcp"),
+    ] {
+        let config = format!(
+            "{}\n[upstream.local]\nsocket = \"{}\"\n{local}\n",
+            upstream_section(&[addr], "round_robin"),
+            socket.display()
+        );
+        let sidecar = Sidecar::start(&config).await;
+        for _ in 0..3 {
+            let way = http
+                .get(sidecar.url("/way"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert_eq!(way, want, "upstream.local with `{local}`");
+        }
+        let connections = sidecar
+            .metric("sidecar_upstream_connections_total", &format!("transport=\"{want}\""))
+            .await;
+        assert!(connections >= 1.0, "the metric counts the {want} connections");
+    }
+    // POD_IP names the local instance when `address` is unset (the operator's pods).
+    let config = format!(
+        "{}\n[upstream.local]\nsocket = \"{}\"\n",
+        upstream_section(&[addr], "round_robin"),
+        socket.display()
+    );
+    let sidecar = Sidecar::start_with_env(&config, &[("POD_IP", "127.0.0.1")]).await;
+    let way = http
+        .get(sidecar.url("/way"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(way, "unix", "POD_IP picks the local instance");
+}
+
+/// The real app on its Unix socket behind the sidecar: catalog, login and an order go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_app_serves_the_sidecar_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("app.sock");
+    let data = tempfile::tempdir().unwrap();
+    let app = AppInstance::start_in(data.path(), &[&format!("--listen-socket={}", socket.display())]).await;
+    let config = format!(
+        "{}\n[upstream.local]\nsocket = \"{}\"\naddress = \"{}\"\n",
+        upstream_section(&[app.addr], "round_robin"),
+        socket.display(),
+        app.addr
+    );
+    let sidecar = Sidecar::start(&config).await;
+    let http = client();
+    let product = http.get(sidecar.url("/api/products/1")).send().await.unwrap();
+    assert_eq!(product.status(), 200);
+    let login: serde_json::Value = http
+        .post(sidecar.url("/api/auth/login"))
+        .json(&serde_json::json!({"username": "user1", "password": mall_app::testing::PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"].as_str().expect("logged in over the socket").to_string();
+    let cart = http
+        .post(sidecar.url("/api/cart/items"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"product_id": 2, "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(cart.status().is_success(), "cart: {}", cart.status());
+    let order = http
+        .post(sidecar.url("/api/orders"))
+        .bearer_auth(&token)
+        .header("idempotency-key", "over-the-socket")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(order.status(), 201);
+}

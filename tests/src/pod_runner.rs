@@ -6,7 +6,8 @@
 //!   container), joined by every container of the pod, with the pod's own IP on a Docker bridge
 //!   network;
 //! - each container from its image with the rendered args, env (`value`, `secretKeyRef` from the
-//!   Secrets given to the runner, `$(VAR)` expanded as the kubelet expands it) and ports;
+//!   Secrets given to the runner, `fieldRef` to `status.podIP` and `metadata.name`, `$(VAR)`
+//!   expanded as the kubelet expands it) and ports;
 //! - the security context: runAsUser/runAsGroup (`--user`), fsGroup (volumes owned by it and the
 //!   group added), `capabilities.drop: [ALL]` (`--cap-drop ALL`), `allowPrivilegeEscalation: false`
 //!   (`no-new-privileges`), the RuntimeDefault seccomp profile (Docker's default profile),
@@ -498,6 +499,13 @@ pub async fn start_pod(network: &Network, cluster: &Cluster, template: &Value, p
                             "{cname}: env {k}: Secret {s} key {key} not found (CreateContainerConfigError)"
                         ))
                     }
+                }
+            } else if let Some(field) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                // The downward API, for the fields the rendered pods use.
+                match field {
+                    "status.podIP" => ip.trim().to_string(),
+                    "metadata.name" => pod_name.to_string(),
+                    other => return Err(format!("{cname}: env {k}: fieldRef {other} is not modelled")),
                 }
             } else {
                 continue;

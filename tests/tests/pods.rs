@@ -151,6 +151,33 @@ async fn a_the_demo_pod_serves_the_documented_first_look() {
         .await
         .unwrap();
     assert_eq!(admin.status(), 200, "the demo's admin logs in");
+
+    // The sidecar reached its own pod's app through the app's Unix socket (POD_IP from the
+    // downward API picks the local instance among those DNS returns), never over TCP.
+    let metrics = http
+        .get(format!("http://{}:9901/metrics", d.pod.ip))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let connections = |transport: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!(
+                    "sidecar_upstream_connections_total{{transport=\"{transport}\"}}"
+                ))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        connections("unix") >= 1.0,
+        "the in-pod hop takes the socket:\n{metrics}"
+    );
+    assert_eq!(connections("tcp"), 0.0, "no TCP connection to the pod's own app");
 }
 
 /// h. A client on a pod address (the host's forwarder reaches the pod from the pod network's

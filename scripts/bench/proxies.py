@@ -25,7 +25,8 @@ PATHS = {
     "gzip": ("/api/products?limit=50", "Accept-Encoding: gzip"),
     # A request neither proxy may cache (it carries a cookie): every one reaches the app, which
     # answers from its in-process cache; the upstream hop, both ways (TCP or Unix socket).
-    "uncached": ("/api/products/1", "Cookie: session=bench"),
+    # (Product 2: bare pingora answers product 1 from its map, cookie or not.)
+    "uncached": ("/api/products/2", "Cookie: session=bench"),
 }
 
 

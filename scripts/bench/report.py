@@ -13,7 +13,7 @@ PATHS = {
     "hit": "cache hit: `GET /api/products/1`",
     "pass": "pass-through: `GET /health` (not cached)",
     "gzip": "gzip: `GET /api/products?limit=50`, `Accept-Encoding: gzip` (cached)",
-    "uncached": "uncached: `GET /api/products/1` with a `Cookie` (never cached; the app answers)",
+    "uncached": "uncached: `GET /api/products/2` with a `Cookie` (never cached; the app answers)",
 }
 
 

@@ -1507,15 +1507,35 @@ async fn pipelined_answers_from_an_upstream_writing_in_pieces_all_arrive_without
         let addr = sidecar.base.trim_start_matches("http://").to_string();
         let case = format!("HTTP/1.{} upstream, {pieces} pieces", if http10 { 0 } else { 1 });
         let mut gaps = Vec::new();
-        for _ in 0..3 {
+        for attempt in 0..3 {
             let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
             stream
-                .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+                .write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n")
                 .await
                 .unwrap();
             let answers = read_responses(&mut stream, 2, Duration::from_secs(2)).await;
-            assert_eq!(answers.len(), 2, "{case}: both pipelined answers within 2 s");
+            assert_eq!(
+                answers.len(),
+                2,
+                "{case}: both pipelined answers within 2 s: {answers:?}"
+            );
+            for ((answer, _), path) in answers.iter().zip(["/one", "/two"]) {
+                assert!(answer.contains(&format!("answer for {path}")), "{case}: {answer}");
+                assert!(
+                    answer.starts_with("HTTP/1.1 200"),
+                    "{case}: RFC 9110 6.2, the proxy's own version:\n{answer}"
+                );
+            }
             gaps.push(answers[1].1 - answers[0].1);
+            if attempt == 2 {
+                stream
+                    .write_all(b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                let third = read_responses(&mut stream, 1, Duration::from_secs(2)).await;
+                assert_eq!(third.len(), 1, "{case}: the connection stays open for a third request");
+                assert!(third[0].0.contains("answer for /three"), "{case}");
+            }
         }
         let smallest = gaps.iter().min().unwrap();
         eprintln!("{case}: second answer after the first: {gaps:?}");
@@ -1523,36 +1543,6 @@ async fn pipelined_answers_from_an_upstream_writing_in_pieces_all_arrive_without
             *smallest < Duration::from_millis(35),
             "{case}: the second answer was held back by a delayed ACK: {gaps:?}"
         );
-        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        stream
-            .write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let answers = read_responses(&mut stream, 2, Duration::from_secs(2)).await;
-        assert_eq!(
-            answers.len(),
-            2,
-            "{case}: both pipelined answers within 2 s: {answers:?}"
-        );
-        assert!(answers[0].0.contains("answer for /one"), "{case}: {}", answers[0].0);
-        assert!(answers[1].0.contains("answer for /two"), "{case}: {}", answers[1].0);
-        for (answer, _) in &answers {
-            assert!(
-                answer.starts_with("HTTP/1.1 200"),
-                "{case}: RFC 9110 6.2, the proxy's own version:\n{answer}"
-            );
-        }
-        stream
-            .write_all(b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let third = read_responses(&mut stream, 1, Duration::from_secs(2)).await;
-        assert_eq!(
-            third.len(),
-            1,
-            "{case}: the connection stays open and serves a third request"
-        );
-        assert!(third[0].0.contains("answer for /three"), "{case}");
     }
 }
 
@@ -1645,7 +1635,7 @@ async fn the_local_instance_is_reached_through_its_unix_socket() {
     assert_eq!(way, "unix", "POD_IP picks the local instance");
 }
 
-/// The real app on its Unix socket behind the sidecar: catalog, login and an order go through.
+/// The real app on its Unix socket behind the sidecar: a read and a POST with a body go through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_app_serves_the_sidecar_over_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
@@ -1671,21 +1661,8 @@ async fn the_app_serves_the_sidecar_over_a_unix_socket() {
         .json()
         .await
         .unwrap();
-    let token = login["token"].as_str().expect("logged in over the socket").to_string();
-    let cart = http
-        .post(sidecar.url("/api/cart/items"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"product_id": 2, "quantity": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert!(cart.status().is_success(), "cart: {}", cart.status());
-    let order = http
-        .post(sidecar.url("/api/orders"))
-        .bearer_auth(&token)
-        .header("idempotency-key", "over-the-socket")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(order.status(), 201);
+    assert!(
+        login["token"].is_string(),
+        "a POST with a body, over the socket: {login}"
+    );
 }

@@ -814,7 +814,11 @@ impl ProxyHttp for MallProxy {
         // forwarded as it came, beside `Connection: keep-alive`, tells an HTTP/1.1 client the
         // connection may close after it (RFC 9112 9.3), so a pipelining client waits or resends.
         resp.set_version(http::Version::HTTP_11);
-        ack_now(ctx.upstream_fd);
+        // A body written after `request_body_filter`'s last call may have put the connection back
+        // in interactive mode; a request without one needs no second syscall.
+        if ctx.request_body_bytes > 0 {
+            ack_now(ctx.upstream_fd);
+        }
         Ok(())
     }
 
@@ -953,7 +957,7 @@ impl ProxyHttp for MallProxy {
 /// and the body apart) cannot send the next piece until the last is acknowledged, so a response on
 /// a reused connection (a pipelined one, any keep-alive one) arrived 40 ms late. Set once the
 /// request is written (a later write puts the connection back in that mode), and again when the
-/// response header arrives, for a request whose body was written after the first call.
+/// response header arrives for a request with a body (written after the first call).
 fn ack_now(fd: Option<std::os::unix::io::RawFd>) {
     let Some(fd) = fd else { return };
     let on: libc::c_int = 1;

@@ -154,6 +154,18 @@ impl Sidecar {
     }
 
     async fn start_with(body: &str, env: &[(&str, &str)], soft_nofile: Option<u64>) -> Sidecar {
+        // `free_port` hands out a port that another test may bind before the sidecar does (the
+        // suite runs in parallel); a sidecar that cannot bind exits, and is started again on
+        // other ports.
+        for _ in 0..3 {
+            if let Some(sidecar) = Self::try_start(body, env, soft_nofile).await {
+                return sidecar;
+            }
+        }
+        panic!("the sidecar did not start in three tries (its errors are above)");
+    }
+
+    async fn try_start(body: &str, env: &[(&str, &str)], soft_nofile: Option<u64>) -> Option<Sidecar> {
         let (port, admin_port) = (free_port(), free_port());
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("sidecar.toml");
@@ -197,7 +209,9 @@ impl Sidecar {
             child,
             _dir: dir,
         };
-        wait_for(&format!("{}/health", sidecar.admin)).await;
+        if !answers(&format!("{}/health", sidecar.admin)).await {
+            return None;
+        }
         // The proxy port opens alongside the admin port; make sure it accepts.
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
@@ -205,7 +219,7 @@ impl Sidecar {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        sidecar
+        Some(sidecar)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -277,14 +291,15 @@ impl Drop for Sidecar {
     }
 }
 
-pub async fn wait_for(url: &str) {
+/// Whether `url` answers with a success within 6 s.
+async fn answers(url: &str) -> bool {
     for _ in 0..300 {
         if reqwest::get(url).await.is_ok_and(|r| r.status().is_success()) {
-            return;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{url} never answered");
+    false
 }
 
 /// `[upstream]` for these instances (health checks fast, so tests need not wait).

@@ -185,11 +185,6 @@ impl LocalInstance {
     pub fn resolve(&self, pod_ip: Option<&str>) -> Option<LocalAddress> {
         self.address.as_deref().or(pod_ip).and_then(parse_local_address)
     }
-
-    /// Whether `addr` is the local instance, given `address` or else `pod_ip`.
-    pub fn is(&self, addr: std::net::SocketAddr, pod_ip: Option<&str>) -> bool {
-        self.resolve(pod_ip).is_some_and(|local| local.matches(addr))
-    }
 }
 
 /// The local instance's address: exactly `ip:port`, or an IP on any port.
@@ -1013,18 +1008,22 @@ mod tests {
             socket: "/run/mall/app.sock".into(),
             address: address.map(str::to_string),
         };
+        // What the proxy asks: the address resolved once, then matched per connection.
+        let is = |local: LocalInstance, addr: std::net::SocketAddr, pod_ip: Option<&str>| {
+            local.resolve(pod_ip).is_some_and(|local| local.matches(addr))
+        };
         let a: std::net::SocketAddr = "10.1.2.3:8080".parse().unwrap();
         let b: std::net::SocketAddr = "10.1.2.4:8080".parse().unwrap();
-        assert!(by(Some("10.1.2.3")).is(a, None));
-        assert!(!by(Some("10.1.2.3")).is(b, None));
+        assert!(is(by(Some("10.1.2.3")), a, None));
+        assert!(!is(by(Some("10.1.2.3")), b, None));
         assert!(
-            by(Some("10.1.2.3:8080")).is(a, Some("10.1.2.4")),
+            is(by(Some("10.1.2.3:8080")), a, Some("10.1.2.4")),
             "the address wins over POD_IP"
         );
-        assert!(!by(Some("10.1.2.3:9090")).is(a, None));
-        assert!(by(None).is(b, Some("10.1.2.4")));
-        assert!(!by(None).is(b, None), "neither: no instance is local");
-        assert!(by(None).is("[fd00::4]:8080".parse().unwrap(), Some("fd00::4")));
+        assert!(!is(by(Some("10.1.2.3:9090")), a, None));
+        assert!(is(by(None), b, Some("10.1.2.4")));
+        assert!(!is(by(None), b, None), "neither: no instance is local");
+        assert!(is(by(None), "[fd00::4]:8080".parse().unwrap(), Some("fd00::4")));
     }
 
     #[test]

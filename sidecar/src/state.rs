@@ -47,7 +47,7 @@ impl Live {
                 if address.is_none() {
                     tracing::warn!(
                         socket = %local.socket,
-                        "upstream.local has no address and POD_IP is not set: no instance is reached through the socket"
+                        "upstream.local names no instance (no address, and POD_IP unset or not an address): no instance is reached through the socket"
                     );
                 }
                 Some((address?, local.socket.clone()))

@@ -254,9 +254,8 @@ fn push_host(out: &mut Vec<u8>, req: &RequestHeader) {
         .or_else(|| req.headers.get(http::header::HOST).map(|h| h.as_bytes()))
         .unwrap_or_default();
     let host = host.strip_suffix(b":80").unwrap_or(host);
-    out.extend_from_slice(&(host.len() as u32).to_be_bytes());
-    let start = out.len();
-    out.extend_from_slice(host);
+    let start = out.len() + 4;
+    push_framed(out, host);
     out[start..].make_ascii_lowercase();
 }
 

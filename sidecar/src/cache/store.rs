@@ -105,7 +105,7 @@ impl Coding {
 /// Brotli's quality for compression level `level` (gzip's 1..=9 scale): the copy is made once per
 /// entry, so it gets more effort than a streamed response would (level 6 is quality 9; brotli's
 /// 10 and 11 cost tens of times more for a few per cent).
-pub fn brotli_quality(level: u32) -> i32 {
+fn brotli_quality(level: u32) -> i32 {
     (level as i32 + 3).clamp(1, 9)
 }
 

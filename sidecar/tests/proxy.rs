@@ -1640,6 +1640,8 @@ async fn the_local_instance_is_reached_through_its_unix_socket() {
 async fn the_app_serves_the_sidecar_over_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("app.sock");
+    // A socket file left by a previous run (a restarted container keeps its emptyDir) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     let data = tempfile::tempdir().unwrap();
     let app = AppInstance::start_in(data.path(), &[&format!("--listen-socket={}", socket.display())]).await;
     let config = format!(
@@ -1664,5 +1666,15 @@ async fn the_app_serves_the_sidecar_over_a_unix_socket() {
     assert!(
         login["token"].is_string(),
         "a POST with a body, over the socket: {login}"
+    );
+    let unix = sidecar
+        .metric("sidecar_upstream_connections_total", "transport=\"unix\"")
+        .await;
+    let tcp = sidecar
+        .metric("sidecar_upstream_connections_total", "transport=\"tcp\"")
+        .await;
+    assert!(
+        unix >= 1.0 && tcp == 0.0,
+        "both went through the socket: unix {unix}, tcp {tcp}"
     );
 }

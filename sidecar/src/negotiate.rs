@@ -20,60 +20,81 @@ pub const FRESH_HITS: [&str; 3] = ["br", "zstd", "gzip"];
 pub fn choose(accept_encoding: Option<&str>, offered: &[&'static str]) -> Option<&'static str> {
     // No Accept-Encoding: any coding is acceptable, but the safe answer is identity (what
     // browsers and curl without --compressed expect, and what nginx does).
-    let header = accept_encoding?;
-    let mut star: Option<f32> = None;
-    let mut identity: Option<f32> = None;
-    let mut listed: Vec<(&str, f32, usize)> = Vec::new();
-    for (position, element) in header.split(',').enumerate() {
-        let mut parts = element.split(';');
-        let coding = parts.next().unwrap_or("").trim();
-        if coding.is_empty() {
-            continue;
-        }
-        let mut q = 1.0f32;
-        for param in parts {
-            if let Some((name, value)) = param.split_once('=') {
-                if name.trim().eq_ignore_ascii_case("q") {
-                    // A malformed weight makes the element unusable rather than preferred.
-                    q = value
-                        .trim()
-                        .parse::<f32>()
-                        .ok()
-                        .filter(|q| (0.0..=1.0).contains(q))
-                        .unwrap_or(0.0);
+    Accepted::parse(accept_encoding?).best(offered)
+}
+
+/// An `Accept-Encoding` header's weights, parsed once and asked for the best of several offers
+/// (a fresh hit's and a streamed response's).
+pub struct Accepted<'a> {
+    star: Option<f32>,
+    identity: Option<f32>,
+    listed: Vec<(&'a str, f32)>,
+}
+
+impl<'a> Accepted<'a> {
+    pub fn parse(header: &'a str) -> Accepted<'a> {
+        let mut accepted = Accepted {
+            star: None,
+            identity: None,
+            listed: Vec::new(),
+        };
+        for element in header.split(',') {
+            let mut parts = element.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            if coding.is_empty() {
+                continue;
+            }
+            let mut q = 1.0f32;
+            for param in parts {
+                if let Some((name, value)) = param.split_once('=') {
+                    if name.trim().eq_ignore_ascii_case("q") {
+                        // A malformed weight makes the element unusable rather than preferred.
+                        q = value
+                            .trim()
+                            .parse::<f32>()
+                            .ok()
+                            .filter(|q| (0.0..=1.0).contains(q))
+                            .unwrap_or(0.0);
+                    }
                 }
             }
+            if coding == "*" {
+                accepted.star = Some(q);
+            } else if coding.eq_ignore_ascii_case("identity") {
+                accepted.identity = Some(q);
+            } else {
+                accepted.listed.push((coding, q));
+            }
         }
-        if coding == "*" {
-            star = Some(q);
-        } else if coding.eq_ignore_ascii_case("identity") {
-            identity = Some(q);
-        } else {
-            listed.push((coding, q, position));
+        accepted
+    }
+
+    /// The coding among `offered` (in the sidecar's order of preference at equal weights), or
+    /// `None` for identity.
+    pub fn best(&self, offered: &[&'static str]) -> Option<&'static str> {
+        let weight = |offered: &str| -> f32 {
+            self.listed
+                .iter()
+                .find(|(c, _)| c.eq_ignore_ascii_case(offered))
+                .map(|(_, q)| *q)
+                .or(self.star)
+                .unwrap_or(0.0)
+        };
+        let best = offered.iter().map(|c| (*c, weight(c))).filter(|(_, q)| *q > 0.0).fold(
+            None::<(&'static str, f32)>,
+            |best, (c, q)| match best {
+                Some((_, bq)) if bq >= q => best,
+                _ => Some((c, q)),
+            },
+        )?;
+        // Identity is acceptable unless excluded (`identity;q=0`, or `*;q=0` without identity
+        // listed); a client that weighs identity above the best coding gets identity.
+        let identity_q = self.identity.unwrap_or(if self.star == Some(0.0) { 0.0 } else { 1.0 });
+        if self.identity.is_some() && identity_q > best.1 {
+            return None;
         }
+        Some(best.0)
     }
-    let weight = |offered: &str| -> f32 {
-        listed
-            .iter()
-            .find(|(c, _, _)| c.eq_ignore_ascii_case(offered))
-            .map(|(_, q, _)| *q)
-            .or(star)
-            .unwrap_or(0.0)
-    };
-    let best = offered.iter().map(|c| (*c, weight(c))).filter(|(_, q)| *q > 0.0).fold(
-        None::<(&'static str, f32)>,
-        |best, (c, q)| match best {
-            Some((_, bq)) if bq >= q => best,
-            _ => Some((c, q)),
-        },
-    )?;
-    // Identity is acceptable unless excluded (`identity;q=0`, or `*;q=0` without identity listed);
-    // a client that weighs identity above the best coding gets identity.
-    let identity_q = identity.unwrap_or(if star == Some(0.0) { 0.0 } else { 1.0 });
-    if identity.is_some() && identity_q > best.1 {
-        return None;
-    }
-    Some(best.0)
 }
 
 #[cfg(test)]

@@ -324,7 +324,7 @@ impl ProxyHttp for MallProxy {
         // Before pingora's compression module reads Accept-Encoding: leave it only the coding
         // the q-values choose among the streamed ones (RFC 9110 12.5.3), or `identity`; a fresh
         // hit may get br as well, remembered here.
-        use crate::negotiate::{choose, FRESH_HITS, STREAMED};
+        use crate::negotiate::{Accepted, FRESH_HITS, STREAMED};
         let Some(value) = session.req_header().headers.get(http::header::ACCEPT_ENCODING) else {
             return Ok(());
         };
@@ -333,12 +333,11 @@ impl ProxyHttp for MallProxy {
             ctx.hit_coding = Some(Coding::Gzip);
             return Ok(());
         }
-        let text = value.to_str().ok();
-        let for_hits = choose(text, &FRESH_HITS);
-        let streamed = if for_hits == Some("br") {
-            choose(text, &STREAMED)
-        } else {
-            for_hits
+        let accepted = value.to_str().ok().map(Accepted::parse);
+        let for_hits = accepted.as_ref().and_then(|a| a.best(&FRESH_HITS));
+        let streamed = match (&accepted, for_hits) {
+            (Some(accepted), Some("br")) => accepted.best(&STREAMED),
+            _ => for_hits,
         };
         ctx.hit_coding = for_hits.and_then(|c| Coding::from_token(c.as_bytes()));
         if value.as_bytes() != streamed.unwrap_or("identity").as_bytes() {

@@ -79,11 +79,18 @@ impl Dialect {
 /// One sqlx pool of the full size with a semaphore in front would not do: sqlx returns a
 /// connection to its pool in a background task, so the next user, holding the freed permit,
 /// finds no idle connection and opens another (seen: 12 open with 8 permits).
+/// The PostgreSQL `application_name` of the bootstrap lock's connection, the one connection a
+/// pod opens outside its allowance (for the moments migrations and seeding take at start).
+pub const BOOTSTRAP_CONNECTION: &str = "mall-bootstrap";
+
 pub struct Allowance {
     free_slots: Semaphore,
     free: std::sync::Mutex<Vec<AnyPool>>,
     /// Slots in existence: free plus in use.
     live: AtomicUsize,
+    /// Retired slots whose connection is still being closed: they count against the allowance
+    /// until it is (otherwise a slot added meanwhile opens one more than allowed).
+    retiring: Arc<AtomicUsize>,
     target: AtomicUsize,
     make_slot: Box<dyn Fn() -> AnyPool + Send + Sync>,
 }
@@ -95,6 +102,7 @@ impl Allowance {
             free_slots: Semaphore::new(free.len()),
             free: std::sync::Mutex::new(free),
             live: AtomicUsize::new(n as usize),
+            retiring: Arc::new(AtomicUsize::new(0)),
             target: AtomicUsize::new(n as usize),
             make_slot,
         }
@@ -105,9 +113,10 @@ impl Allowance {
         self.target.load(Ordering::Relaxed) as u32
     }
 
-    /// Slots in existence now: at most this many connections are open.
+    /// Slots in existence now, counting retired ones still closing: at most this many
+    /// connections are open.
     pub fn live(&self) -> u32 {
-        self.live.load(Ordering::Relaxed) as u32
+        (self.live.load(Ordering::Relaxed) + self.retiring.load(Ordering::Relaxed)) as u32
     }
 
     /// Slots not in use.
@@ -125,10 +134,11 @@ impl Allowance {
         self.converge();
     }
 
-    /// Adds slots at once, or retires free ones.
+    /// Adds slots while the allowance has room (slots still closing take room), or retires free
+    /// ones. Called again when a retirement finishes.
     fn converge(&self) {
         let target = self.target.load(Ordering::Relaxed);
-        while self.live.load(Ordering::Relaxed) < target {
+        while self.live.load(Ordering::Relaxed) + self.retiring.load(Ordering::Relaxed) < target {
             self.live.fetch_add(1, Ordering::Relaxed);
             self.free.lock().expect("slots lock").push((self.make_slot)());
             self.free_slots.add_permits(1);
@@ -139,7 +149,7 @@ impl Allowance {
             };
             let slot = self.take_free_slot(permit);
             self.live.fetch_sub(1, Ordering::Relaxed);
-            retire(slot);
+            self.retire(slot);
         }
     }
 
@@ -171,12 +181,32 @@ impl Allowance {
                 .live
                 .compare_exchange(live, live - 1, Ordering::Relaxed, Ordering::Relaxed)
             {
-                Ok(_) => return retire(slot),
+                Ok(_) => return self.retire(slot),
                 Err(now) => live = now,
             }
         }
         self.free.lock().expect("slots lock").push(slot);
         self.free_slots.add_permits(1);
+    }
+
+    /// Closes a slot's pool (waits for its connection to come back, then closes it), counted
+    /// in `retiring` until closed. Slots wanted meanwhile are added by the allowance's next
+    /// convergence (the file watcher's tick), not here: the task cannot borrow the allowance.
+    fn retire(&self, slot: AnyPool) {
+        let retiring = self.retiring.clone();
+        retiring.fetch_add(1, Ordering::Relaxed);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    slot.close().await;
+                    retiring.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(_) => {
+                drop(slot);
+                retiring.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     async fn close(&self) {
@@ -185,16 +215,6 @@ impl Allowance {
         for slot in slots {
             slot.close().await;
         }
-    }
-}
-
-/// Closes a slot's pool: waits for its connection to come back, then closes it.
-fn retire(slot: AnyPool) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => {
-            rt.spawn(async move { slot.close().await });
-        }
-        Err(_) => drop(slot),
     }
 }
 
@@ -493,7 +513,15 @@ impl Db {
         };
         // A session lock: taken and released on one connection, held apart from the pool's
         // allowance so the work inside can use the pool.
-        let options: AnyConnectOptions = self.primary_url.parse()?;
+        // Named, so whoever counts the pod's connections on the server can tell it apart.
+        let url = match self.dialect {
+            Dialect::Postgres => {
+                let sep = if self.primary_url.contains('?') { '&' } else { '?' };
+                format!("{}{sep}application_name={BOOTSTRAP_CONNECTION}", self.primary_url)
+            }
+            _ => self.primary_url.clone(),
+        };
+        let options: AnyConnectOptions = url.parse()?;
         let mut conn = sqlx::AnyConnection::connect_with(&options).await?;
         conn.execute(lock.as_str()).await?;
         let result = f().await;
@@ -705,5 +733,47 @@ mod tests {
         assert_eq!(Dialect::from_url("sqlite:///tmp/x.db").unwrap(), Dialect::Sqlite);
         let err = Dialect::from_url("oracle://x").unwrap_err().to_string();
         assert!(err.contains("MALL_DATABASE_URL"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod allowance_tests {
+    use super::*;
+
+    /// A slot whose pool holds a connection that takes a while to close: one in use when the
+    /// allowance shrinks, so its retirement waits for it to come back.
+    fn allowance(n: u32) -> Allowance {
+        sqlx::any::install_default_drivers();
+        Allowance::new(
+            n,
+            Box::new(|| {
+                sqlx::pool::PoolOptions::<Any>::new()
+                    .max_connections(1)
+                    .connect_lazy("sqlite::memory:")
+                    .expect("lazy pool")
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_slot_still_closing_keeps_its_place_in_the_allowance() {
+        let a = allowance(4);
+        // A slot in use, with its connection open, when the allowance shrinks to 2 and at once
+        // grows back to 4: the slot retires as it comes back, and until its connection is
+        // closed no slot may replace it.
+        let lease = a.lease(Duration::from_secs(1)).await.unwrap();
+        let conn = lease.acquire().await.unwrap();
+        a.set(2);
+        drop(conn);
+        drop(lease);
+        a.set(4);
+        assert!(a.live() <= 4, "{} slots with an allowance of 4", a.live());
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while a.live() != 4 || a.retiring.load(Ordering::Relaxed) != 0 {
+            assert!(std::time::Instant::now() < until, "never converged: {} live", a.live());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            a.converge();
+        }
+        assert_eq!(a.free(), 4);
     }
 }

@@ -8,6 +8,8 @@
 //! - When Redis is down the cache serves from L1 and the database; when the subscription comes
 //!   back, L1 is cleared, because invalidations may have been missed meanwhile.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,18 +79,53 @@ impl Key {
         }
     }
 
-    fn redis_key(&self, prefix: &str) -> String {
-        format!("{prefix}:{}:{}:{}", self.category.name(), self.scope, self.id)
+    /// `category:scope:id`, as invalidation records store it.
+    pub fn encode(&self) -> String {
+        format!("{}:{}:{}", self.category.name(), self.scope, self.id)
     }
 
-    fn parse_redis_key(prefix: &str, s: &str) -> Option<Key> {
-        let mut parts = s.strip_prefix(prefix)?.strip_prefix(':')?.split(':');
+    pub fn parse(s: &str) -> Option<Key> {
+        let mut parts = s.split(':');
         let category = Category::from_name(parts.next()?)?;
         let scope = parts.next()?.parse().ok()?;
         let id = parts.next()?.parse().ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
         Some(Key { category, scope, id })
     }
+
+    /// The tag shared caches (the sidecar) file responses holding this object under:
+    /// `product:12`, or with the owner for objects scoped to a user, `order:7:42`.
+    pub fn tag(&self) -> String {
+        if self.scope == 0 {
+            format!("{}:{}", self.category.name(), self.id)
+        } else {
+            self.encode()
+        }
+    }
+
+    fn redis_key(&self, prefix: &str) -> String {
+        format!("{prefix}:{}", self.encode())
+    }
+
+    fn parse_redis_key(prefix: &str, s: &str) -> Option<Key> {
+        Key::parse(s.strip_prefix(prefix)?.strip_prefix(':')?)
+    }
+
+    /// Which of [`GENERATIONS`] counts this key's invalidations.
+    fn stripe(&self) -> usize {
+        let h = (self.id as u64)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(self.scope as u64)
+            .wrapping_add(self.category as u64);
+        (h >> 52) as usize % GENERATIONS
+    }
 }
+
+/// Invalidations are counted in this many stripes (by key hash): a load that saw its key's stripe
+/// change while it ran may hold the old value, and is not kept.
+const GENERATIONS: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Ttls {
@@ -139,6 +176,32 @@ pub struct Cache {
     l2: Option<L2>,
     ttls: Ttls,
     metrics: Arc<Metrics>,
+    generations: Box<[AtomicU64]>,
+    /// L2 keys whose deletion failed (Redis was down): L2 is not read until they are deleted.
+    l2_pending: std::sync::Mutex<HashSet<Key>>,
+    /// Whether the invalidation follower is keeping up; without one, always.
+    follower: Freshness,
+}
+
+/// How recently the invalidation follower caught up with the database's records. While it is
+/// behind by more than `max_lag`, neither L1 nor L2 is trusted: reads go to the database.
+#[derive(Default)]
+pub struct Freshness {
+    /// 0: no follower (cache entries live until invalidated or expired).
+    max_lag_ms: AtomicU64,
+    synced_at_ms: AtomicU64,
+    started: std::sync::OnceLock<Instant>,
+}
+
+impl Freshness {
+    fn now_ms(&self) -> u64 {
+        self.started.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    }
+
+    fn current(&self) -> bool {
+        let max_lag = self.max_lag_ms.load(Ordering::Relaxed);
+        max_lag == 0 || self.now_ms().saturating_sub(self.synced_at_ms.load(Ordering::Relaxed)) <= max_lag
+    }
 }
 
 /// Why a load produced no value: nothing there, or it failed.
@@ -182,6 +245,9 @@ impl Cache {
             l2,
             ttls: settings.ttls,
             metrics,
+            generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
+            l2_pending: Default::default(),
+            follower: Freshness::default(),
         }))
     }
 
@@ -193,11 +259,18 @@ impl Cache {
         Fut: std::future::Future<Output = AppResult<Option<Bytes>>>,
     {
         let category = key.category.name();
+        if !self.follower.current() {
+            // The follower is behind: any entry may be stale, so the database answers.
+            self.metrics.cache_misses.with_label_values(&["l1", category]).inc();
+            return load().await;
+        }
         if let Some(v) = self.l1.get(&key).await {
             self.metrics.cache_hits.with_label_values(&["l1", category]).inc();
             return Ok(Some(v));
         }
         self.metrics.cache_misses.with_label_values(&["l1", category]).inc();
+        let generation = &self.generations[key.stripe()];
+        let before = generation.load(Ordering::Acquire);
         let result = self
             .l1
             .try_get_with(key.clone(), async {
@@ -206,7 +279,11 @@ impl Cache {
                 }
                 match load().await {
                     Ok(Some(v)) => {
-                        self.l2_set(&key, &v).await;
+                        // A value read before an invalidation that arrived meanwhile may be
+                        // the old one: not stored for others.
+                        if generation.load(Ordering::Acquire) == before {
+                            self.l2_set(&key, &v).await;
+                        }
                         Ok(v)
                     }
                     Ok(None) => Err(LoadOutcome::Missing),
@@ -214,6 +291,9 @@ impl Cache {
                 }
             })
             .await;
+        if generation.load(Ordering::Acquire) != before {
+            self.l1.invalidate(&key).await;
+        }
         match result {
             Ok(v) => Ok(Some(v)),
             Err(outcome) => match &*outcome {
@@ -271,9 +351,7 @@ impl Cache {
     }
 
     async fn invalidate_everywhere(&self, keys: &[Key]) {
-        for key in keys {
-            self.l1.invalidate(key).await;
-        }
+        self.evict_local(keys).await;
         self.metrics
             .cache_invalidations
             .with_label_values(&["local"])
@@ -292,8 +370,78 @@ impl Cache {
         }
     }
 
+    /// Drops `keys` from L1, and makes a load of them that is running now not keep its value.
+    async fn evict_local(&self, keys: &[Key]) {
+        for key in keys {
+            self.generations[key.stripe()].fetch_add(1, Ordering::AcqRel);
+            self.l1.invalidate(key).await;
+        }
+    }
+
+    /// Applies other writers' invalidations (the follower's records): L1 at once, then L2.
+    /// Keys L2 could not drop are kept, and L2 is not read until they are dropped.
+    pub async fn evict(&self, keys: &[Key]) {
+        self.evict_local(keys).await;
+        self.metrics
+            .cache_invalidations
+            .with_label_values(&["record"])
+            .inc_by(keys.len() as u64);
+        if self.l2.is_some() {
+            self.l2_pending.lock().expect("pending").extend(keys.iter().cloned());
+            self.flush_l2_deletes().await;
+        }
+    }
+
+    /// Deletes the L2 keys still pending; true when none is left.
+    pub async fn flush_l2_deletes(&self) -> bool {
+        let Some(l2) = &self.l2 else { return true };
+        let keys: Vec<Key> = self.l2_pending.lock().expect("pending").iter().cloned().collect();
+        if keys.is_empty() {
+            return true;
+        }
+        let redis_keys: Vec<String> = keys.iter().map(|k| k.redis_key(&l2.prefix)).collect();
+        let mut conn = l2.conn.clone();
+        match tokio::time::timeout(l2.timeout, conn.del::<_, ()>(&redis_keys)).await {
+            Ok(Ok(())) => {
+                let mut pending = self.l2_pending.lock().expect("pending");
+                for k in &keys {
+                    pending.remove(k);
+                }
+                pending.is_empty()
+            }
+            _ => {
+                self.metrics.cache_errors.with_label_values(&["l2", "invalidate"]).inc();
+                false
+            }
+        }
+    }
+
+    /// Drops every L1 entry (the follower fell further behind than its records reach).
+    pub fn clear_l1(&self) {
+        for g in self.generations.iter() {
+            g.fetch_add(1, Ordering::AcqRel);
+        }
+        self.l1.invalidate_all();
+    }
+
+    /// The follower's heartbeat: entries are trusted for `max_lag` after each catch-up.
+    pub fn follower_synced(&self, max_lag: Duration) {
+        let f = &self.follower;
+        f.max_lag_ms.store(max_lag.as_millis().max(1) as u64, Ordering::Relaxed);
+        f.synced_at_ms.store(f.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the follower has kept up (always true without one).
+    pub fn follower_current(&self) -> bool {
+        self.follower.current()
+    }
+
     async fn l2_get(&self, key: &Key) -> Option<Bytes> {
         let l2 = self.l2.as_ref()?;
+        if !self.l2_pending.lock().expect("pending").is_empty() {
+            // An invalidation has not reached L2 yet: it may hold old values.
+            return None;
+        }
         let category = key.category.name();
         let mut conn = l2.conn.clone();
         let got: Result<Result<Option<Vec<u8>>, _>, _> =
@@ -334,7 +482,7 @@ impl Cache {
                     Ok(()) => {
                         if !first {
                             // Messages sent while we were away are lost: start L1 afresh.
-                            self.l1.invalidate_all();
+                            self.clear_l1();
                             self.metrics.cache_invalidations.with_label_values(&["reconnect"]).inc();
                             tracing::info!("cache invalidation channel reconnected; L1 cleared");
                         }
@@ -344,7 +492,7 @@ impl Cache {
                                 continue;
                             };
                             if let Some(key) = Key::parse_redis_key(&l2.prefix, &payload) {
-                                self.l1.invalidate(&key).await;
+                                self.evict_local(std::slice::from_ref(&key)).await;
                                 self.metrics.cache_invalidations.with_label_values(&["remote"]).inc();
                             }
                         }

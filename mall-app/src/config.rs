@@ -135,6 +135,19 @@ pub struct ServeArgs {
     /// Redis operations slower than this count as misses (the database answers instead).
     #[arg(long, env = "MALL_REDIS_TIMEOUT_MS", default_value_t = 250)]
     pub redis_timeout_ms: u64,
+    /// How often SQLite and MySQL are asked for new invalidation records (PostgreSQL is
+    /// listened to, and asked once a second besides): the longest another instance's write
+    /// stays unseen here.
+    #[arg(long, env = "MALL_INVALIDATION_POLL_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=10_000))]
+    pub invalidation_poll_ms: u64,
+    /// Invalidation records older than this are deleted. An instance cut off from the database
+    /// for longer clears its L1 when it reconnects.
+    #[arg(long, env = "MALL_INVALIDATION_RETAIN_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..))]
+    pub invalidation_retain_secs: u64,
+    /// This pod's sidecar (`http://127.0.0.1:8080`), purged of the objects in each invalidation
+    /// record, so a write through any pod empties every pod's shared cache without Redis.
+    #[arg(long, env = "MALL_SIDECAR_PURGE_URL")]
+    pub sidecar_purge_url: Option<String>,
     /// L1 cache budget in bytes. Default: a quarter of the memory limit.
     #[arg(long, env = "MALL_CACHE_BYTES")]
     pub cache_bytes: Option<u64>,

@@ -397,6 +397,22 @@ impl Db {
         self.primary.lease().await
     }
 
+    /// A pool for a read of what is committed now, off the writer where it can be: SQLite's
+    /// readers (WAL), else the primary.
+    pub async fn read_latest(&self) -> Result<Lease<'_>, sqlx::Error> {
+        match (self.dialect, self.replicas.first()) {
+            (Dialect::Sqlite, Some(reader)) => {
+                reader.reads.inc();
+                reader.lease().await
+            }
+            _ => self.read_primary().await,
+        }
+    }
+
+    pub fn primary_url(&self) -> &str {
+        &self.primary_url
+    }
+
     pub async fn write(&self) -> Result<Lease<'_>, sqlx::Error> {
         self.primary.writes.inc();
         self.primary.lease().await
@@ -684,6 +700,15 @@ const MIGRATIONS: &[(i64, &str, [&str; 3])] = &[
             include_str!("../migrations/sqlite/0002_idempotency_expiry.sql"),
             include_str!("../migrations/postgres/0002_idempotency_expiry.sql"),
             include_str!("../migrations/mysql/0002_idempotency_expiry.sql"),
+        ],
+    ),
+    (
+        3,
+        "cache invalidations",
+        [
+            include_str!("../migrations/sqlite/0003_cache_invalidations.sql"),
+            include_str!("../migrations/postgres/0003_cache_invalidations.sql"),
+            include_str!("../migrations/mysql/0003_cache_invalidations.sql"),
         ],
     ),
 ];

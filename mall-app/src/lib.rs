@@ -12,6 +12,7 @@ pub mod db;
 pub mod error;
 pub mod extract;
 pub mod ids;
+pub mod invalidation;
 pub mod metrics;
 pub mod seed;
 pub mod state;
@@ -86,6 +87,26 @@ impl App {
             metrics.clone(),
         )?;
         tokio::spawn(cache.clone().follow_invalidations());
+        let poll = Duration::from_millis(args.invalidation_poll_ms);
+        let follower = invalidation::Follower::start(
+            db.clone(),
+            cache.clone(),
+            metrics.clone(),
+            invalidation::FollowerSettings {
+                poll,
+                // PostgreSQL is caught up once a second besides its notifications; a poll may
+                // be slow for a while under load before the cache is bypassed.
+                max_lag: if db.dialect == db::Dialect::Postgres {
+                    Duration::from_secs(3)
+                } else {
+                    (poll * 10).max(Duration::from_secs(1))
+                },
+                retain: Duration::from_secs(args.invalidation_retain_secs),
+                purge_url: args.sidecar_purge_url.clone(),
+            },
+        )
+        .await?;
+        tokio::spawn(follower.run());
         tokio::spawn(
             db.clone()
                 .watch_replicas(Duration::from_secs(args.db.db_replica_check_secs.max(1))),

@@ -25,6 +25,10 @@ pub struct Metrics {
     pub transaction_retries: IntCounter,
     pub order_batch_size: prometheus::Histogram,
     pub order_batch_splits: IntCounter,
+    pub invalidation_records: IntCounter,
+    pub invalidation_polls: IntCounter,
+    pub invalidation_errors: IntCounter,
+    pub invalidation_lag: prometheus::Histogram,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -123,7 +127,7 @@ impl Metrics {
             cache_invalidations: counter_vec(
                 &registry,
                 "cache_invalidations_total",
-                "Cache invalidations by source (local, remote, reconnect).",
+                "Cache invalidations by source (local: this instance's writes; remote: Redis pub/sub; record: keys of the database's invalidation records; reconnect).",
                 &["source"],
             ),
             orders_created: counter(&registry, "orders_created_total", "Orders created."),
@@ -157,6 +161,32 @@ impl Metrics {
                 &registry,
                 "order_batch_splits_total",
                 "Order batches that failed as a whole and were placed one order at a time.",
+            ),
+            invalidation_records: counter(
+                &registry,
+                "cache_invalidation_records_total",
+                "Invalidation records applied (evicted from L1, L2 and the sidecar).",
+            ),
+            invalidation_polls: counter(
+                &registry,
+                "cache_invalidation_queries_total",
+                "Queries the invalidation follower ran for records (polls and catch-ups).",
+            ),
+            invalidation_errors: counter(
+                &registry,
+                "cache_invalidation_errors_total",
+                "Invalidation follower failures: records unreadable, listener lost, sidecar purge refused.",
+            ),
+            invalidation_lag: register(
+                &registry,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cache_invalidation_lag_seconds",
+                        "From a record's commit-time clock to its keys evicted here.",
+                    )
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+                )
+                .expect("valid metric"),
             ),
             registry,
         }

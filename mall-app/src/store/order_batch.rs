@@ -28,9 +28,11 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::orders::{self, Idempotency, LineRefused, Order, OrderItem, Placed, Source};
 use super::{int, text};
+use crate::cache::Key;
 use crate::db::{is_unique_violation, Db, Dialect};
 use crate::error::{AppError, AppResult};
 use crate::ids::{now_ms, Snowflake};
+use crate::invalidation;
 use crate::metrics::Metrics;
 
 /// How orders are grouped into transactions.
@@ -448,6 +450,9 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
         }
         q.execute(&mut *tx).await?;
     }
+    // One invalidation record for every product the batch sold from.
+    let changed: Vec<Key> = deducted.keys().map(|&id| Key::product(id)).collect();
+    invalidation::record(db, &mut tx, &changed).await?;
     tx.commit().await.map_err(|e| BatchError::Commit(e.into()))?;
     Ok(outcomes)
 }

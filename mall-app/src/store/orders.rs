@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize, Serializer};
 use sqlx::Any;
 
 use super::{int, text};
+use crate::cache::Key;
 use crate::db::{is_unique_violation, Db, Dialect};
 use crate::error::{AppError, AppResult};
 use crate::ids::{now_ms, Snowflake};
+use crate::invalidation;
 
 fn as_string<S: Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
     // Snowflake ids exceed 2^53: JSON numbers would lose digits in JavaScript clients.
@@ -190,6 +192,9 @@ async fn try_place(
             .execute(&mut *tx)
             .await?;
     }
+    // The stock of each product changed: its cached copies go, everywhere.
+    let changed: Vec<Key> = order.items.iter().map(|i| Key::product(i.product_id)).collect();
+    invalidation::record(db, &mut tx, &changed).await?;
     tx.commit().await?;
     Ok(order)
 }

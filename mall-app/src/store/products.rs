@@ -5,9 +5,11 @@ use serde_json::{Map, Value};
 use sqlx::any::AnyRow;
 
 use super::{int, text};
+use crate::cache::Key;
 use crate::db::Db;
 use crate::error::{AppError, AppResult};
 use crate::ids::now_ms;
+use crate::invalidation;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Product {
@@ -360,7 +362,13 @@ pub async fn update(db: &Db, id: i64, patch: &ProductPatch) -> AppResult<Product
     if let Some(v) = patch.version {
         query = query.bind(v);
     }
-    let updated = query.execute(&*db.write().await?).await?.rows_affected();
+    // The change and its invalidation record commit together (src/invalidation.rs).
+    let mut tx = db.begin().await?;
+    let updated = query.execute(&mut *tx).await?.rows_affected();
+    if updated > 0 {
+        invalidation::record(db, &mut tx, &[Key::product(id)]).await?;
+    }
+    tx.commit().await?;
     let current = get(db, id, true)
         .await?
         .ok_or_else(|| AppError::not_found(format!("product {id} does not exist")))?;
@@ -382,16 +390,16 @@ pub async fn adjust_stock(db: &Db, id: i64, delta: i64) -> AppResult<Product> {
     if delta == 0 || delta.abs() > 1_000_000_000 {
         return Err(AppError::bad_request("delta: must be non-zero and within ±1000000000"));
     }
-    let updated = sqlx::query(&db.sql(
+    let sql = db.sql(
         "UPDATE products SET stock = stock + ?, version = version + 1, updated_at = ? WHERE id = ? AND stock + ? >= 0",
-    ))
-    .bind(delta)
-    .bind(now_ms() as i64)
-    .bind(id)
-    .bind(delta)
-    .execute(&*db.write().await?)
-    .await?
-    .rows_affected();
+    );
+    let updated = sqlx::query(&sql).bind(delta).bind(now_ms() as i64).bind(id).bind(delta);
+    let mut tx = db.begin().await?;
+    let updated = updated.execute(&mut *tx).await?.rows_affected();
+    if updated > 0 {
+        invalidation::record(db, &mut tx, &[Key::product(id)]).await?;
+    }
+    tx.commit().await?;
     let current = get(db, id, true)
         .await?
         .ok_or_else(|| AppError::not_found(format!("product {id} does not exist")))?;

@@ -13,7 +13,7 @@
 //! raising `maxReplicas` resizes the pools of running pods instead of restarting them.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -299,6 +299,10 @@ pub struct Db {
     replicas: Vec<PoolHandle>,
     next_replica: AtomicUsize,
     metrics: Arc<Metrics>,
+    /// The primary's allowance as asked (0: none asked), and whether one connection of it is
+    /// the invalidation follower's `LISTEN` (held outside the pool, so the pool gets one less).
+    primary_asked: AtomicU32,
+    listener: AtomicBool,
 }
 
 impl Db {
@@ -367,6 +371,8 @@ impl Db {
             primary,
             replicas,
             next_replica: AtomicUsize::new(0),
+            primary_asked: AtomicU32::new(0),
+            listener: AtomicBool::new(false),
             metrics,
         })
     }
@@ -438,6 +444,10 @@ impl Db {
             return;
         }
         if let Some(n) = primary {
+            self.primary_asked.store(n, Ordering::Relaxed);
+            let n = n
+                .saturating_sub(u32::from(self.listener.load(Ordering::Relaxed)))
+                .max(1);
             let n = n.min(self.primary.size.max);
             if n != self.primary.allowance.target() {
                 tracing::info!(pool = %self.primary.name, from = self.primary.allowance.target(), to = n, "database connection allowance changed");
@@ -493,11 +503,32 @@ impl Db {
     }
 
     /// The pools' allowances: (name, allowance, slots in existence).
+    /// Each pool's allowance and the connections it may hold now; the primary's include the
+    /// follower's listener.
     pub fn allowances(&self) -> Vec<(String, u32, u32)> {
-        std::iter::once(&self.primary)
-            .chain(&self.replicas)
-            .map(|p| (p.name.clone(), p.allowance.target(), p.allowance.live()))
+        let listener = u32::from(self.listener.load(Ordering::Relaxed));
+        std::iter::once((&self.primary, listener))
+            .chain(self.replicas.iter().map(|r| (r, 0)))
+            .map(|(p, extra)| (p.name.clone(), p.allowance.target() + extra, p.allowance.live() + extra))
             .collect()
+    }
+
+    /// Takes one connection of the primary's allowance for the invalidation follower's
+    /// `LISTEN` (PostgreSQL). False when the allowance is a single connection: then the follower
+    /// polls through the pool instead.
+    pub fn reserve_listener(&self) -> bool {
+        if self.dialect != Dialect::Postgres {
+            return false;
+        }
+        let asked = self.primary_asked.load(Ordering::Relaxed);
+        if asked == 1 {
+            return false;
+        }
+        self.listener.store(true, Ordering::Relaxed);
+        if asked > 1 {
+            self.set_allowance(Some(asked), None);
+        }
+        true
     }
 
     /// Retires free slots above each pool's allowance (the ones in use retire as they return).

@@ -203,7 +203,8 @@ impl Follower {
         let mut prune =
             tokio::time::interval((self.settings.retain / 10).clamp(Duration::from_secs(5), Duration::from_secs(60)));
         prune.tick().await;
-        if self.db.dialect == Dialect::Postgres {
+        // The listener's connection comes out of the pod's allowance (or it polls).
+        if self.db.reserve_listener() {
             self.listen(&mut prune).await
         } else {
             let mut tick = tokio::time::interval(self.settings.poll);

@@ -27,9 +27,9 @@ listen="${SIDECAR_LISTEN:-127.0.0.1:8080}"
 admin="${SIDECAR_ADMIN_LISTEN:-127.0.0.1:9901}"
 data_dir="${MALL_DATA_DIR:-./data}"
 export MALL_LOG_FORMAT="${MALL_LOG_FORMAT:-text}" SIDECAR_LOG_FORMAT="${SIDECAR_LOG_FORMAT:-text}"
-# Each instance caches products in its own memory; without Redis an order taken by one instance
-# is seen by another's cache after this long (the sidecar's own cache keeps the app's max-age=5).
-export MALL_CACHE_TTL_PRODUCT_SECS="${MALL_CACHE_TTL_PRODUCT_SECS:-5}"
+# Each instance follows the database's invalidation records (a 50 ms poll on SQLite) and purges
+# the sidecar of what they name, so a write through any instance is seen everywhere within ~0.1 s.
+export MALL_SIDECAR_PURGE_URL="${MALL_SIDECAR_PURGE_URL:-http://$listen}"
 
 pids=()
 stop() {

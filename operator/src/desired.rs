@@ -321,6 +321,9 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
         env("MALL_LISTEN", format!("0.0.0.0:{APP_PORT}")),
         // The sidecar in the pod reaches the app here (other pods' sidecars use the port).
         env("MALL_LISTEN_SOCKET", APP_SOCKET),
+        // The pod's own sidecar, purged of every object in the invalidation records the app
+        // follows: a write through any pod empties every pod's shared cache, Redis or not.
+        env("MALL_SIDECAR_PURGE_URL", format!("http://127.0.0.1:{PROXY_PORT}")),
         env("MALL_LOG_FORMAT", "json"),
         env("MALL_WORKER_THREADS", tuning.app_worker_threads),
         // Ceilings from the CPU only: the share of the connection budget (which depends on

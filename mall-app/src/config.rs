@@ -220,6 +220,11 @@ pub struct ServeArgs {
     /// each other's product rows (measured no faster on PostgreSQL, slower on SQLite).
     #[arg(long, env = "MALL_ORDER_BATCH_WRITERS", default_value_t = 1)]
     pub order_batch_writers: usize,
+    /// Group commit on PostgreSQL: statements that take the batch as array parameters, so their
+    /// text (and so their prepared plan) does not depend on the batch size. `false` runs the
+    /// multi-row statements every database runs (for comparison; BENCHMARKS.md section 2c).
+    #[arg(long, env = "MALL_ORDER_BATCH_PG_ARRAYS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub order_batch_pg_arrays: bool,
     /// Seed products and users at start (idempotent).
     #[arg(long, env = "MALL_SEED")]
     pub seed: bool,

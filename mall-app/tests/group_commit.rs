@@ -82,7 +82,8 @@ async fn run(backend: Backend, extra: &[&str], batched: bool) -> Option<Outcome>
             r.body["id"].as_i64().unwrap()
         }
     };
-    let a = product("A", 100, 5).await;
+    // Names and keys that an array literal must quote (the PostgreSQL batch binds arrays).
+    let a = product(r#"A "quoted", {braced} \ back"#, 100, 5).await;
     let b = product("B", 250, 3).await;
     let unsellable = product("C", 100, 10).await;
     let dear = product("D", 100, 10).await;
@@ -137,20 +138,20 @@ async fn run(backend: Backend, extra: &[&str], batched: bool) -> Option<Outcome>
         .await
         .expect("the earlier order is placed");
     let requests = vec![
-        plain(u1, items(&[(a, 2)])),                         // sells: A 5 -> 3
-        plain(u2, Source::Cart),                             // sells A x2, B x1: A 1, B 2
-        plain(u2, Source::Cart),                             // the cart was just ordered: empty
-        plain(u3, Source::Cart),                             // B x3, but 2 left
-        keyed(u4, items(&[(b, 2), (a, 1)]), "k4", "h4"),     // sells: A 0, B 0
-        keyed(u5, items(&[(a, 1)]), "k5", "h5"),             // A sold out: refused, key released
-        keyed(u1, items(&[(1, 1)]), "earlier", "h-earlier"), // replays the earlier order
-        keyed(u1, items(&[(2, 1)]), "earlier", "h-other"),   // same key, other request: 422
-        keyed(u4, items(&[(b, 2), (a, 1)]), "k4", "h4"),     // repeat inside the batch: replays
-        plain(u5, items(&[(999_999, 1)])),                   // no such product
-        plain(u5, items(&[(unsellable, 1)])),                // not for sale
-        plain(u3, items(&[(dear, 3)])),                      // total overflows
-        keyed(u5, items(&[(a, 1)]), "k5", "h5"),             // the released key, tried again
-        plain(u2, items(&[(2, 3), (1, 1)])),                 // sells from the seeded stock
+        plain(u1, items(&[(a, 2)])),                                 // sells: A 5 -> 3
+        plain(u2, Source::Cart),                                     // sells A x2, B x1: A 1, B 2
+        plain(u2, Source::Cart),                                     // the cart was just ordered: empty
+        plain(u3, Source::Cart),                                     // B x3, but 2 left
+        keyed(u4, items(&[(b, 2), (a, 1)]), r#"k4 "q",{x}\"#, "h4"), // sells: A 0, B 0
+        keyed(u5, items(&[(a, 1)]), "k5", "h5"),                     // A sold out: refused, key released
+        keyed(u1, items(&[(1, 1)]), "earlier", "h-earlier"),         // replays the earlier order
+        keyed(u1, items(&[(2, 1)]), "earlier", "h-other"),           // same key, other request: 422
+        keyed(u4, items(&[(b, 2), (a, 1)]), r#"k4 "q",{x}\"#, "h4"), // repeat inside the batch: replays
+        plain(u5, items(&[(999_999, 1)])),                           // no such product
+        plain(u5, items(&[(unsellable, 1)])),                        // not for sale
+        plain(u3, items(&[(dear, 3)])),                              // total overflows
+        keyed(u5, items(&[(a, 1)]), "k5", "h5"),                     // the released key, tried again
+        plain(u2, items(&[(2, 3), (1, 1)])),                         // sells from the seeded stock
     ];
 
     let metrics = &app.state.metrics;
@@ -252,6 +253,23 @@ async fn database_state(app: &TestApp, products: &[i64], creator: &BTreeMap<i64,
             row.get::<String, _>(1),
             row.get::<String, _>(2),
             creator.get(&order_id).map_or("an unknown order", String::as_str)
+        );
+    }
+    for row in sqlx::query(
+        "SELECT order_id, product_id, name, unit_price, quantity FROM order_items ORDER BY order_id, product_id",
+    )
+    .fetch_all(&*db.read_primary().await.unwrap())
+    .await
+    .unwrap()
+    {
+        let order_id: i64 = row.get(0);
+        out += &format!(
+            "item of {}: product {} {:?} at {} x{}\n",
+            creator.get(&order_id).map_or("an unknown order", String::as_str),
+            row.get::<i64, _>(1),
+            row.get::<String, _>(2),
+            row.get::<i64, _>(3),
+            row.get::<i64, _>(4)
         );
     }
     let orders: i64 = sqlx::query("SELECT COUNT(*) FROM orders")

@@ -59,6 +59,9 @@ def main():
     ap.add_argument("--workloads", default="orders,flash,single")
     ap.add_argument("--on-args", default="", help="extra mall-app flags for the group-commit contender")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
+    ap.add_argument("--contenders", default=None,
+                    help="name=mall-app flags;name=flags ... (default: off=--order-batch-max 1;on=<--on-args>)")
+    ap.add_argument("--group", default="orders", help="the results' group name")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
     results = open(out / "results.jsonl", "a")
@@ -89,7 +92,9 @@ def main():
 
 
 def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, results):
-    for contender, port, extra in (("off", 3301, ["--order-batch-max", "1"]), ("on", 3302, args.on_args.split())):
+    spec = args.contenders or f"off=--order-batch-max 1;on={args.on_args}"
+    contenders = [(c.split("=", 1)[0], 3301 + i, c.split("=", 1)[1].split()) for i, c in enumerate(spec.split(";"))]
+    for contender, port, extra in contenders:
         logfile = work / f"orders-{backend}-{contender}.log"
         proc = subprocess.Popen(
             [str(bin_dir / "mall-app"), "serve", "--listen", f"127.0.0.1:{port}", *db_args, *extra],
@@ -107,7 +112,7 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
             for contender, (proc, port) in apps.items():
                 for attempt in range(3):
                     name = f"orders-{backend}-{workload}-{contender}-r{rnd}.json"
-                    log(f"{backend} {workload} round {rnd}: group commit {contender}"
+                    log(f"{backend} {workload} round {rnd}: {args.group} {contender}"
                         + (f" (again: {attempt})" if attempt else ""))
                     pg_pids = postgres_pids() if backend == "postgres" else []
                     app0 = ticks(proc.pid)
@@ -136,7 +141,7 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
                         continue
                     requests = max(report["requests"], 1)
                     results.write(json.dumps({
-                        "group": "orders", "backend": backend, "workload": workload,
+                        "group": args.group, "backend": backend, "workload": workload,
                         "contender": contender, "round": rnd, "file": name,
                         "app_cpu_us_per_req": app_cpu / CLK * 1e6 / requests,
                         "db_cpu_us_per_req": pg_cpu / CLK * 1e6 / requests if pg_pids else None,
@@ -146,7 +151,8 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
                     }) + "\n")
                     results.flush()
                     break
-    text = metrics(apps["on"][1])
+    last = contenders[-1][0]
+    text = metrics(apps[last][1])
     buckets = {}
     for line in text.splitlines():
         m = re.match(r'order_batch_size_bucket\{le="([^"]+)"\} (\S+)', line)
@@ -155,7 +161,8 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
     count = re.search(r"^order_batch_size_count (\S+)", text, re.M)
     total = re.search(r"^order_batch_size_sum (\S+)", text, re.M)
     results.write(json.dumps({
-        "group": "order_batches", "backend": backend, "buckets": buckets,
+        "group": "order_batches" if args.group == "orders" else f"{args.group}_batches",
+        "contender": last, "backend": backend, "buckets": buckets,
         "count": float(count.group(1)) if count else 0, "sum": float(total.group(1)) if total else 0,
     }) + "\n")
     results.flush()

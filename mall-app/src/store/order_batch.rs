@@ -15,6 +15,11 @@
 //! set-based batch cuts the database's CPU per order several-fold. A batch that fails as a whole is
 //! retried (deadlock, serialisation, an id clash) or split into orders placed one by one, never
 //! half-applied: it is one transaction.
+//!
+//! On PostgreSQL every statement takes its rows as array parameters (`unnest($1::bigint[], ...)`,
+//! `= ANY($1::bigint[])`), so its text does not depend on the batch size: each is parsed and
+//! planned once per connection and then executed from its prepared plan. The generic driver
+//! binds no arrays, so they travel as array literals ([`pg_ints`], [`pg_texts`]) cast in SQL.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +50,9 @@ pub struct BatchSettings {
     pub flush_after: Duration,
     /// Order transactions in flight at once (a batch or a lone order each).
     pub writers: usize,
+    /// On PostgreSQL, statements with array parameters (false: the multi-row statements every
+    /// database runs, whose text depends on the batch size).
+    pub pg_arrays: bool,
 }
 
 /// An order to place.
@@ -92,6 +100,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// One permit per order transaction (a batch, or a lone order) allowed at once.
     writers: Arc<Semaphore>,
+    /// PostgreSQL with array-parameter statements (see the module comment).
+    arrays: bool,
 }
 
 /// Where orders are placed: the group-commit queue, or (with `max_orders` 1) straight to the
@@ -119,6 +129,7 @@ impl OrderDesk {
     /// Starts the batch writer (on the current Tokio runtime) unless batching is off.
     pub fn start(db: Arc<Db>, ids: Arc<Snowflake>, metrics: Arc<Metrics>, settings: BatchSettings) -> OrderDesk {
         let shared = Arc::new(Shared {
+            arrays: settings.pg_arrays && db.dialect == Dialect::Postgres,
             db,
             ids,
             metrics,
@@ -330,6 +341,7 @@ struct Stocked {
 /// Runs one attempt at the batch; on success, one outcome per request in order.
 async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<AppResult<Outcome>>, BatchError> {
     let db = &*shared.db;
+    let arrays = shared.arrays;
     let now = now_ms() as i64;
     let order_ids: Vec<i64> = requests.iter().map(|_| shared.ids.next_id()).collect();
     let mut tx = db.begin().await?;
@@ -340,7 +352,7 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
         let (ka, kb) = (requests[a].key.as_ref(), requests[b].key.as_ref());
         (requests[a].user_id, ka.map(|k| &k.key)).cmp(&(requests[b].user_id, kb.map(|k| &k.key)))
     });
-    let claimed = claim_keys(db, &mut tx, requests, &keyed, &order_ids, now).await?;
+    let claimed = claim_keys(db, arrays, &mut tx, requests, &keyed, &order_ids, now).await?;
     let taken: HashSet<usize> = keyed
         .iter()
         .copied()
@@ -353,7 +365,7 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
             .filter(|i| !taken.contains(i) && matches!(requests[*i].source, Source::Cart))
             .map(|i| requests[i].user_id),
     );
-    let mut carts = read_carts(db, &mut tx, &cart_users).await?;
+    let mut carts = read_carts(db, arrays, &mut tx, &cart_users).await?;
 
     // 3. Products, locked in id order.
     let mut lines: Vec<Vec<(i64, i64)>> = requests
@@ -371,7 +383,7 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
             .filter(|i| !taken.contains(i))
             .flat_map(|i| lines[i].iter().map(|(p, _)| *p)),
     );
-    let mut products = lock_products(db, &mut tx, &product_ids).await?;
+    let mut products = lock_products(db, arrays, &mut tx, &product_ids).await?;
 
     // 4. Decide, in arrival order, as if each order ran alone after the ones before it.
     let mut outcomes: Vec<AppResult<Outcome>> = Vec::with_capacity(requests.len());
@@ -424,9 +436,22 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
     }
 
     // 5. Apply: one deduction per product, the rows, the carts, the released keys.
-    deduct(db, &mut tx, &deducted, now).await?;
-    insert_orders(db, &mut tx, &placed).await?;
-    if !emptied_carts.is_empty() {
+    deduct(db, arrays, &mut tx, &deducted, now).await?;
+    insert_orders(db, arrays, &mut tx, &placed).await?;
+    if arrays {
+        if !emptied_carts.is_empty() {
+            sqlx::query("DELETE FROM cart_items WHERE user_id = ANY($1::bigint[])")
+                .bind(pg_ints(emptied_carts.iter().copied()))
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !released.is_empty() {
+            sqlx::query("DELETE FROM idempotency_keys WHERE order_id = ANY($1::bigint[])")
+                .bind(pg_ints(released.iter().map(|&i| order_ids[i])))
+                .execute(&mut *tx)
+                .await?;
+        }
+    } else if !emptied_carts.is_empty() {
         let sql = format!(
             "DELETE FROM cart_items WHERE user_id IN ({})",
             marks(emptied_carts.len())
@@ -438,7 +463,7 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
         }
         q.execute(&mut *tx).await?;
     }
-    if !released.is_empty() {
+    if !released.is_empty() && !arrays {
         let sql = format!(
             "DELETE FROM idempotency_keys WHERE order_id IN ({})",
             marks(released.len())
@@ -500,6 +525,40 @@ fn unique(ids: impl Iterator<Item = i64>) -> Vec<i64> {
     v
 }
 
+/// A PostgreSQL array literal of integers, `{1,2,3}`, for a `$n::bigint[]` parameter.
+fn pg_ints(values: impl IntoIterator<Item = i64>) -> String {
+    let mut out = String::from("{");
+    for (i, v) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&v.to_string());
+    }
+    out.push('}');
+    out
+}
+
+/// A PostgreSQL array literal of strings for a `$n::text[]` parameter: every element quoted,
+/// with `"` and `\` escaped by a backslash (PostgreSQL 8.15.6, array input syntax).
+fn pg_texts<'a>(values: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::from("{");
+    for (i, v) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for ch in v.chars() {
+            if ch == '"' || ch == '\\' {
+                out.push('\\');
+            }
+            out.push(ch);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
 fn marks(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
@@ -510,6 +569,7 @@ type Query<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 /// claim was stored (the others found their key already stored: replays).
 async fn claim_keys(
     db: &Db,
+    arrays: bool,
     tx: &mut Tx<'_>,
     requests: &[&OrderRequest],
     keyed: &[usize],
@@ -559,6 +619,29 @@ async fn claim_keys(
         return rows.iter().map(|r| Ok(int(r, "order_id")?)).collect();
     }
     // PostgreSQL waits for a conflicting claim still in flight, then skips it if it committed.
+    if arrays {
+        let rows = sqlx::query(
+            "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, order_id, created_at) \
+             SELECT u, k, h, o, $5 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[]) AS t(u, k, h, o) \
+             ON CONFLICT DO NOTHING RETURNING order_id",
+        )
+        .bind(pg_ints(keyed.iter().map(|&i| requests[i].user_id)))
+        .bind(pg_texts(
+            keyed
+                .iter()
+                .map(|&i| requests[i].key.as_ref().expect("keyed").key.as_str()),
+        ))
+        .bind(pg_texts(
+            keyed
+                .iter()
+                .map(|&i| requests[i].key.as_ref().expect("keyed").request_hash.as_str()),
+        ))
+        .bind(pg_ints(keyed.iter().map(|&i| order_ids[i])))
+        .bind(now)
+        .fetch_all(&mut **tx)
+        .await?;
+        return rows.iter().map(|r| Ok(int(r, "order_id")?)).collect();
+    }
     let sql = db
         .sql(&format!("{insert} ON CONFLICT DO NOTHING RETURNING order_id"))
         .into_owned();
@@ -568,21 +651,36 @@ async fn claim_keys(
     rows.iter().map(|r| Ok(int(r, "order_id")?)).collect()
 }
 
-async fn read_carts(db: &Db, tx: &mut Tx<'_>, users: &[i64]) -> Result<HashMap<i64, Vec<(i64, i64)>>, BatchError> {
+async fn read_carts(
+    db: &Db,
+    arrays: bool,
+    tx: &mut Tx<'_>,
+    users: &[i64],
+) -> Result<HashMap<i64, Vec<(i64, i64)>>, BatchError> {
     let mut carts: HashMap<i64, Vec<(i64, i64)>> = HashMap::new();
     if users.is_empty() {
         return Ok(carts);
     }
-    let sql = format!(
-        "SELECT user_id, product_id, quantity FROM cart_items WHERE user_id IN ({}) ORDER BY user_id, product_id",
-        marks(users.len())
-    );
-    let sql = db.sql(&sql);
-    let mut q = sqlx::query(&sql).persistent(true);
-    for u in users {
-        q = q.bind(*u);
-    }
-    for r in q.fetch_all(&mut **tx).await? {
+    let rows = if arrays {
+        sqlx::query(
+            "SELECT user_id, product_id, quantity FROM cart_items WHERE user_id = ANY($1::bigint[]) ORDER BY user_id, product_id",
+        )
+        .bind(pg_ints(users.iter().copied()))
+        .fetch_all(&mut **tx)
+        .await?
+    } else {
+        let sql = format!(
+            "SELECT user_id, product_id, quantity FROM cart_items WHERE user_id IN ({}) ORDER BY user_id, product_id",
+            marks(users.len())
+        );
+        let sql = db.sql(&sql);
+        let mut q = sqlx::query(&sql).persistent(true);
+        for u in users {
+            q = q.bind(*u);
+        }
+        q.fetch_all(&mut **tx).await?
+    };
+    for r in rows {
         carts
             .entry(int(&r, "user_id")?)
             .or_default()
@@ -595,7 +693,12 @@ async fn read_carts(db: &Db, tx: &mut Tx<'_>, users: &[i64]) -> Result<HashMap<i
 /// and MySQL, so a large batch is a few statements instead of an error.
 const MAX_BINDS: usize = 30_000;
 
-async fn lock_products(db: &Db, tx: &mut Tx<'_>, ids: &[i64]) -> Result<HashMap<i64, Stocked>, BatchError> {
+async fn lock_products(
+    db: &Db,
+    arrays: bool,
+    tx: &mut Tx<'_>,
+    ids: &[i64],
+) -> Result<HashMap<i64, Stocked>, BatchError> {
     let mut products = HashMap::with_capacity(ids.len());
     // Ascending ids across chunks: one global lock order, so batches and single orders never
     // deadlock. SQLite has no row locks: `BEGIN IMMEDIATE` already holds its one write lock.
@@ -604,17 +707,26 @@ async fn lock_products(db: &Db, tx: &mut Tx<'_>, ids: &[i64]) -> Result<HashMap<
     } else {
         " FOR UPDATE"
     };
-    for chunk in ids.chunks(MAX_BINDS) {
-        let sql = format!(
-            "SELECT id, name, price, stock, status FROM products WHERE id IN ({}) ORDER BY id{lock}",
-            marks(chunk.len())
-        );
-        let sql = db.sql(&sql);
-        let mut q = sqlx::query(&sql).persistent(true);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for r in q.fetch_all(&mut **tx).await? {
+    let chunk_size = if arrays { ids.len().max(1) } else { MAX_BINDS };
+    for chunk in ids.chunks(chunk_size) {
+        let rows = if arrays {
+            sqlx::query("SELECT id, name, price, stock, status FROM products WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE")
+                .bind(pg_ints(chunk.iter().copied()))
+                .fetch_all(&mut **tx)
+                .await?
+        } else {
+            let sql = format!(
+                "SELECT id, name, price, stock, status FROM products WHERE id IN ({}) ORDER BY id{lock}",
+                marks(chunk.len())
+            );
+            let sql = db.sql(&sql);
+            let mut q = sqlx::query(&sql).persistent(true);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.fetch_all(&mut **tx).await?
+        };
+        for r in rows {
             products.insert(
                 int(&r, "id")?,
                 Stocked {
@@ -631,7 +743,32 @@ async fn lock_products(db: &Db, tx: &mut Tx<'_>, ids: &[i64]) -> Result<HashMap<
 
 /// One UPDATE for every product the batch sells from. The `stock >= units` guard cannot fail
 /// under the row locks; if it ever did, the batch would roll back rather than oversell.
-async fn deduct(db: &Db, tx: &mut Tx<'_>, units: &BTreeMap<i64, i64>, now: i64) -> Result<(), BatchError> {
+async fn deduct(
+    db: &Db,
+    arrays: bool,
+    tx: &mut Tx<'_>,
+    units: &BTreeMap<i64, i64>,
+    now: i64,
+) -> Result<(), BatchError> {
+    if arrays && !units.is_empty() {
+        let done = sqlx::query(
+            "UPDATE products AS p SET stock = p.stock - d.n, version = p.version + 1, updated_at = $3 \
+             FROM unnest($1::bigint[], $2::bigint[]) AS d(id, n) WHERE p.id = d.id AND p.stock >= d.n",
+        )
+        .bind(pg_ints(units.keys().copied()))
+        .bind(pg_ints(units.values().copied()))
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if done != units.len() as u64 {
+            return Err(BatchError::Failed(AppError::Internal(format!(
+                "orders: the batch deduction changed {done} of {} products",
+                units.len()
+            ))));
+        }
+        return Ok(());
+    }
     let units: Vec<(i64, i64)> = units.iter().map(|(p, q)| (*p, *q)).collect();
     for chunk in units.chunks(MAX_BINDS / 5) {
         let case = "WHEN ? THEN ? ".repeat(chunk.len());
@@ -663,7 +800,36 @@ async fn deduct(db: &Db, tx: &mut Tx<'_>, units: &BTreeMap<i64, i64>, now: i64) 
     Ok(())
 }
 
-async fn insert_orders(db: &Db, tx: &mut Tx<'_>, placed: &[Order]) -> Result<(), BatchError> {
+async fn insert_orders(db: &Db, arrays: bool, tx: &mut Tx<'_>, placed: &[Order]) -> Result<(), BatchError> {
+    if placed.is_empty() {
+        return Ok(());
+    }
+    if arrays {
+        // Every order of a batch has the same creation time and status; its number is its id's.
+        sqlx::query(
+            "INSERT INTO orders (id, order_no, user_id, status, total, created_at, updated_at) \
+             SELECT o.id, 'MO' || o.id, o.u, 'created', o.t, $4, $4 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS o(id, u, t)",
+        )
+        .bind(pg_ints(placed.iter().map(|o| o.id)))
+        .bind(pg_ints(placed.iter().map(|o| o.user_id)))
+        .bind(pg_ints(placed.iter().map(|o| o.total)))
+        .bind(placed[0].created_at)
+        .execute(&mut **tx)
+        .await?;
+        let items = || placed.iter().flat_map(|o| o.items.iter().map(move |i| (o.id, i)));
+        sqlx::query(
+            "INSERT INTO order_items (order_id, product_id, name, unit_price, quantity) \
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[])",
+        )
+        .bind(pg_ints(items().map(|(o, _)| o)))
+        .bind(pg_ints(items().map(|(_, i)| i.product_id)))
+        .bind(pg_texts(items().map(|(_, i)| i.name.as_str())))
+        .bind(pg_ints(items().map(|(_, i)| i.unit_price)))
+        .bind(pg_ints(items().map(|(_, i)| i.quantity)))
+        .execute(&mut **tx)
+        .await?;
+        return Ok(());
+    }
     for chunk in placed.chunks(MAX_BINDS / 7) {
         let sql = format!(
             "INSERT INTO orders (id, order_no, user_id, status, total, created_at, updated_at) VALUES {}",

@@ -241,6 +241,21 @@ log "orders: group commit against one order per transaction, interleaved rounds"
 python3 scripts/bench/orders.py --bin "$bin" --work "$work" --out "$out" --seconds "$seconds" \
   --rounds "${BENCH_ROUNDS:-3}" --flash-stock "${BENCH_FLASH_STOCK:-5000}"
 
+# ---------------------------------------------------------------- 2c. PostgreSQL batch statements
+log "orders on PostgreSQL: array-parameter batches against multi-row statements, interleaved rounds"
+python3 scripts/bench/orders.py --bin "$bin" --work "$work" --out "$out" --seconds "$seconds" \
+  --rounds "${BENCH_ROUNDS:-3}" --flash-stock "${BENCH_FLASH_STOCK:-5000}" --backends postgres \
+  --group orders_pg --contenders "rows=--order-batch-pg-arrays false;arrays=--order-batch-pg-arrays true"
+
+# ---------------------------------------------------------------- 3b. invalidation records
+log "invalidation: what the follower costs an idle instance"
+python3 scripts/bench/follower.py --bin "$bin" --work "$work" --out "$out"
+log "invalidation: staleness after a write, every topology (tests/tests/read_your_writes.rs)"
+MALL_TEST_POSTGRES_URL="${MALL_TEST_POSTGRES_URL:-postgres://mall:mall@127.0.0.1:5432/test}" \
+MALL_TEST_MYSQL_URL="${MALL_TEST_MYSQL_URL:-mysql://mall:mall@127.0.0.1:3306/test}" \
+  cargo test -q -p mall-e2e --test read_your_writes -- --nocapture --test-threads 1 2>&1 |
+  sed -n 's/^.*STALENESS //p' >>"$out/results.jsonl"
+
 # ---------------------------------------------------------------- 3. the app's cache
 for cache in on off; do
   args=(--database-url "$pg")

@@ -221,9 +221,10 @@ pub struct ServeArgs {
     #[arg(long, env = "MALL_ORDER_BATCH_WRITERS", default_value_t = 1)]
     pub order_batch_writers: usize,
     /// Group commit on PostgreSQL: statements that take the batch as array parameters, so their
-    /// text (and so their prepared plan) does not depend on the batch size. `false` runs the
-    /// multi-row statements every database runs (for comparison; BENCHMARKS.md section 2c).
-    #[arg(long, env = "MALL_ORDER_BATCH_PG_ARRAYS", default_value_t = true, action = clap::ArgAction::Set)]
+    /// text (and so their prepared plan) does not depend on the batch size. Off by default: in
+    /// BENCHMARKS.md section 2c it is 0.84-0.96x the multi-row statements on seed 001's orders
+    /// and collapses in a flash sale after a run of ordinary orders (not yet explained).
+    #[arg(long, env = "MALL_ORDER_BATCH_PG_ARRAYS", default_value_t = false, action = clap::ArgAction::Set)]
     pub order_batch_pg_arrays: bool,
     /// Seed products and users at start (idempotent).
     #[arg(long, env = "MALL_SEED")]

@@ -273,12 +273,14 @@ async fn writes(mall: &Mall, topology: &str, rounds: u32, first_price: i64) -> V
 fn report(topology: &str, mut seen: Vec<Duration>) {
     seen.sort();
     let at = |q: f64| seen[((seen.len() - 1) as f64 * q).round() as usize];
+    // One JSON line per topology, which scripts/bench.sh collects for BENCHMARKS.md.
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     eprintln!(
-        "STALENESS {topology}: {} writes, p50 {:?}, p99 {:?}, max {:?}",
-        seen.len(),
-        at(0.5),
-        at(0.99),
-        seen.last().unwrap()
+        "STALENESS {}",
+        json!({
+            "group": "staleness", "topology": topology, "writes": seen.len(),
+            "p50_ms": ms(at(0.5)), "p99_ms": ms(at(0.99)), "max_ms": ms(*seen.last().unwrap()),
+        })
     );
 }
 

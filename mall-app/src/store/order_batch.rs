@@ -16,10 +16,12 @@
 //! retried (deadlock, serialisation, an id clash) or split into orders placed one by one, never
 //! half-applied: it is one transaction.
 //!
-//! On PostgreSQL every statement takes its rows as array parameters (`unnest($1::bigint[], ...)`,
-//! `= ANY($1::bigint[])`), so its text does not depend on the batch size: each is parsed and
-//! planned once per connection and then executed from its prepared plan. The generic driver
-//! binds no arrays, so they travel as array literals ([`pg_ints`], [`pg_texts`]) cast in SQL.
+//! Every statement is prepared (`persistent`) per text, so a batch size seen before runs from its
+//! cached plan. With `MALL_ORDER_BATCH_PG_ARRAYS` PostgreSQL instead gets statements that take
+//! their rows as array parameters (`unnest($1::bigint[], ...)`, `= ANY($1::bigint[])`), one
+//! text whatever the batch size; the generic driver binds no arrays, so they travel as array
+//! literals ([`pg_ints`], [`pg_texts`]) cast in SQL. Measured slower (BENCHMARKS.md section 2c),
+//! so off by default.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -751,9 +753,13 @@ async fn deduct(
     now: i64,
 ) -> Result<(), BatchError> {
     if arrays && !units.is_empty() {
+        // `p.id = ANY(...)` gives the generic plan an index condition: joined on `d.id` alone,
+        // it scanned the whole table, walking every dead version of a hot product's row (a
+        // flash sale ran at 0.04x of the multi-row statement, 3.5 ms of PostgreSQL CPU per order).
         let done = sqlx::query(
             "UPDATE products AS p SET stock = p.stock - d.n, version = p.version + 1, updated_at = $3 \
-             FROM unnest($1::bigint[], $2::bigint[]) AS d(id, n) WHERE p.id = d.id AND p.stock >= d.n",
+             FROM unnest($1::bigint[], $2::bigint[]) AS d(id, n) \
+             WHERE p.id = ANY($1::bigint[]) AND p.id = d.id AND p.stock >= d.n",
         )
         .bind(pg_ints(units.keys().copied()))
         .bind(pg_ints(units.values().copied()))

@@ -70,6 +70,9 @@ pub struct FlashSale {
     /// Orders created per second over the sale (until sold out, or the run's end).
     pub orders_per_sec: f64,
     pub resent_after_transport_error: u64,
+    /// Waiting-room tickets received (202 answers), and the longest a buyer waited in the room.
+    pub waiting_room_tickets: u64,
+    pub longest_wait_ms: u64,
 }
 
 impl Report {
@@ -131,6 +134,8 @@ impl Report {
                     orders,
                     orders_per_sec: orders as f64 / seconds,
                     resent_after_transport_error: ledger.resent,
+                    waiting_room_tickets: ledger.tickets,
+                    longest_wait_ms: ledger.longest_wait_ms,
                 }
             }),
             ledger,
@@ -182,6 +187,13 @@ impl fmt::Display for Report {
                 "flash sale    product {}: sold {} of {} units in {} orders ({:.0} orders/s); {} resent after transport errors",
                 sale.product, sale.sold_units, sale.stock, sale.orders, sale.orders_per_sec, sale.resent_after_transport_error
             )?;
+            if sale.waiting_room_tickets > 0 {
+                writeln!(
+                    f,
+                    "waiting room  {} tickets handed out; the longest wait {} ms",
+                    sale.waiting_room_tickets, sale.longest_wait_ms
+                )?;
+            }
         }
         if !self.ledger.orders.is_empty() {
             writeln!(

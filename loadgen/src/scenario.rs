@@ -85,6 +85,10 @@ pub struct LedgerData {
     pub created: BTreeMap<u64, i64>,
     /// Requests resent after a transport error (same key, same body).
     pub resent: u64,
+    /// Waiting-room answers (202 with a ticket) and the longest wait a buyer had, from its
+    /// first ticket to its admission, in milliseconds.
+    pub tickets: u64,
+    pub longest_wait_ms: u64,
 }
 
 impl Ledger {
@@ -240,18 +244,48 @@ async fn flash_order(shared: &Shared, worker: usize, n: u64, rng: &mut impl Rng)
     let quantity: u64 = rng.gen_range(1..=2);
     let key = format!("lg-{}-{worker}-{n}", shared.run_id);
     let body = json!({ "items": [{ "product_id": product, "quantity": quantity }] });
-    for attempt in 0..5u64 {
+    // A waiting-room ticket, once the sidecar hands one out, and when the first one came.
+    let mut ticket: Option<(String, std::time::Instant)> = None;
+    let mut attempt = 0u64;
+    while attempt < 5 {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(10 * attempt)).await;
         }
-        let response = shared
+        let mut request = shared
             .http
             .post(format!("{}/api/orders", shared.options.target))
             .bearer_auth(token(shared, worker))
-            .header("idempotency-key", &key)
-            .json(&body)
-            .send()
-            .await;
+            .header("idempotency-key", &key);
+        if let Some((t, _)) = &ticket {
+            request = request.header("waiting-room-ticket", t);
+        }
+        let response = request.json(&body).send().await;
+        attempt += 1;
+        // The waiting room: wait for the turn it names (its millisecond figure, else
+        // Retry-After in seconds, RFC 9110 10.2.3) and come back with the ticket, as a browser
+        // following the room's page does. Not an attempt: the room answered.
+        if let Ok(r) = &response {
+            if r.status().as_u16() == 202 {
+                let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+                let wait_ms = header("waiting-room-wait-ms")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .or_else(|| header("retry-after").and_then(|v| v.parse::<u64>().ok()).map(|s| s * 1000))
+                    .unwrap_or(1000);
+                let since = ticket.as_ref().map_or_else(std::time::Instant::now, |(_, at)| *at);
+                ticket = header("waiting-room-ticket").map(|t| (t, since));
+                shared.ledger.with(|l| l.tickets += 1);
+                attempt -= 1;
+                if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return 202;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(wait_ms.min(30_000))).await;
+                continue;
+            }
+        }
+        if let Some((_, since)) = &ticket {
+            let waited = since.elapsed().as_millis() as u64;
+            shared.ledger.with(|l| l.longest_wait_ms = l.longest_wait_ms.max(waited));
+        }
         let Ok(response) = response else {
             // Only resends after a transport error are counted: a 409 "key in use" is asked again
             // too, but the mall answered it.

@@ -51,6 +51,7 @@ pub struct SidecarConfig {
     pub cache: Cache,
     pub compression: Compression,
     pub rate_limit: RateLimit,
+    pub waiting_room: WaitingRoom,
     pub access_log: AccessLog,
 }
 
@@ -493,6 +494,71 @@ impl Default for RateLimit {
     }
 }
 
+/// A waiting room in front of one route (the order path in a flash sale): while admissions
+/// stay under `admit_per_second` requests pass; above it each new buyer gets a signed ticket and
+/// is let through in arrival order at that rate, across every pod through Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WaitingRoom {
+    pub enabled: bool,
+    /// The route in front of which the room stands: this method and exactly this path.
+    pub method: String,
+    pub path: String,
+    /// Admissions per second the route sustains (the whole fleet's budget).
+    pub admit_per_second: f64,
+    /// Admissions at once when nobody waits (a burst above the rate).
+    pub burst: u32,
+    /// How long after its turn a ticket is still honoured.
+    pub ticket_ttl_seconds: u64,
+    /// The HMAC-SHA256 key tickets are signed with (at least 32 bytes), the same on every pod:
+    /// from a Secret (`SIDECAR__WAITING_ROOM__SECRET`).
+    pub secret: String,
+    /// The request header a ticket is bound to (whose value only its buyer sends).
+    pub bind_header: String,
+    /// Shared admission through Redis; without it, or while Redis is down, each pod admits
+    /// `admit_per_second / replicas` from a queue of its own.
+    pub redis: Option<RoomRedis>,
+    /// How many pods share the budget (the local fallback's divisor).
+    pub replicas: u32,
+}
+
+impl Default for WaitingRoom {
+    fn default() -> Self {
+        WaitingRoom {
+            enabled: false,
+            method: "POST".into(),
+            path: "/api/orders".into(),
+            admit_per_second: 100.0,
+            burst: 10,
+            ticket_ttl_seconds: 60,
+            secret: String::new(),
+            bind_header: "authorization".into(),
+            redis: None,
+            replicas: 1,
+        }
+    }
+}
+
+/// The Redis the waiting room keeps its counters in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomRedis {
+    pub url: String,
+    #[serde(default = "default_room_prefix")]
+    pub key_prefix: String,
+    /// A Redis slower than this counts as down for that request (the local queue decides).
+    #[serde(default = "default_room_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_room_prefix() -> String {
+    "sidecar:room".into()
+}
+
+fn default_room_timeout() -> u64 {
+    100
+}
+
 /// The key a limit counts per.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -792,6 +858,45 @@ impl SidecarConfig {
                 "compression.content_types",
                 "must list at least one type when enabled",
             ));
+        }
+
+        let w = &self.waiting_room;
+        if w.enabled {
+            if w.secret.len() < 32 {
+                return Err(ConfigError::invalid(
+                    "waiting_room.secret",
+                    "must be at least 32 bytes (set SIDECAR__WAITING_ROOM__SECRET from a Secret)",
+                ));
+            }
+            if !(w.admit_per_second >= 0.001 && w.admit_per_second.is_finite()) {
+                return Err(ConfigError::invalid("waiting_room.admit_per_second", "must be at least 0.001"));
+            }
+            if !w.path.starts_with('/') {
+                return Err(ConfigError::invalid("waiting_room.path", "must start with `/`"));
+            }
+            if w.method.is_empty() || !w.method.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(ConfigError::invalid("waiting_room.method", "must be an upper-case method such as POST"));
+            }
+            if w.replicas == 0 {
+                return Err(ConfigError::invalid("waiting_room.replicas", "must be at least 1"));
+            }
+            if w.burst == 0 {
+                return Err(ConfigError::invalid("waiting_room.burst", "must be at least 1"));
+            }
+            if !(1..=86_400).contains(&w.ticket_ttl_seconds) {
+                return Err(ConfigError::invalid("waiting_room.ticket_ttl_seconds", "must be 1..=86400"));
+            }
+            if http_token(&w.bind_header).is_none() {
+                return Err(ConfigError::invalid("waiting_room.bind_header", "must be a header name"));
+            }
+            if let Some(r) = &w.redis {
+                if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+                    return Err(ConfigError::invalid(
+                        "waiting_room.redis.url",
+                        "must start with redis:// or rediss://",
+                    ));
+                }
+            }
         }
 
         let r = &self.rate_limit;

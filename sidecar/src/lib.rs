@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod header_deadline;
 pub mod invalidation;
+pub mod waiting_room;
 pub mod limits;
 pub mod log_limit;
 pub mod metrics;

@@ -48,6 +48,13 @@ pub struct Metrics {
     pub cache_hit_ratio: Gauge,
     /// `cache_results`' series, looked up once (`HIT`, `MISS`, `STALE`, `BYPASS`, `PURGE`).
     cache_result_series: [IntCounter; 5],
+    /// The waiting room: tickets by outcome (`issued`, `admitted` with a ticket, `direct`
+    /// without one, `expired`, `rejected`), buyers ahead of the last one seen, the wait of those
+    /// admitted with a ticket, and whether the line is the fleet's (1, Redis) or this pod's (0).
+    pub waiting_room_tickets: IntCounterVec,
+    pub waiting_room_queue: Gauge,
+    pub waiting_room_wait: prometheus::Histogram,
+    pub waiting_room_shared: Gauge,
 }
 
 const CACHE_RESULTS: [&str; 5] = ["HIT", "MISS", "STALE", "BYPASS", "PURGE"];
@@ -200,9 +207,39 @@ impl Metrics {
                 "Pooled app connections the app had closed, found when reused (a new one is opened)",
             )
             .expect("metric"),
+            waiting_room_tickets: IntCounterVec::new(
+                Opts::new(
+                    "waiting_room_tickets_total",
+                    "Waiting-room decisions: issued, admitted (with a ticket), direct, expired, rejected",
+                ),
+                &["outcome"],
+            )
+            .expect("metric"),
+            waiting_room_queue: Gauge::new(
+                "waiting_room_queue_length",
+                "Buyers in the waiting room ahead of the latest one (as this pod last saw the line)",
+            )
+            .expect("metric"),
+            waiting_room_wait: prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "waiting_room_wait_seconds",
+                    "From a ticket's issue to its admission",
+                )
+                .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+            )
+            .expect("metric"),
+            waiting_room_shared: Gauge::new(
+                "waiting_room_shared",
+                "1 while the waiting room's line is the fleet's (Redis answers), 0 while this pod keeps its own",
+            )
+            .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 24] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
+            Box::new(m.waiting_room_tickets.clone()),
+            Box::new(m.waiting_room_queue.clone()),
+            Box::new(m.waiting_room_wait.clone()),
+            Box::new(m.waiting_room_shared.clone()),
             Box::new(m.cache_invalidations.clone()),
             Box::new(m.cache_invalidated_entries.clone()),
             Box::new(m.requests.clone()),

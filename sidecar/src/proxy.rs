@@ -18,6 +18,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, PurgeStatus, Session};
 
+use crate::waiting_room::Admission;
 use crate::cache::store::Coding;
 use crate::limits::Decision;
 use crate::state::{Live, Shared};
@@ -472,8 +473,60 @@ impl ProxyHttp for MallProxy {
             return Ok(false);
         }
 
+        // The waiting room stands in front of its route: it admits, hands out a ticket, or
+        // refuses a bad one. What it admits is budgeted already, so the rate limit skips it.
+        let mut room_admitted = false;
+        if let Some(room) = live.waiting_room.as_ref().filter(|r| r.applies(req.method.as_str(), &path)) {
+            let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+            let cookies = req
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok().map(str::to_string));
+            let ticket = crate::waiting_room::presented_ticket(header(crate::waiting_room::TICKET_HEADER), cookies);
+            let binding = header(room.bind_header()).unwrap_or("").to_string();
+            match room.admit(ticket.as_deref(), &binding).await {
+                Admission::Admit { .. } => room_admitted = true,
+                Admission::Wait(t) => {
+                    let retry_after = t.wait_ms.div_ceil(1000).max(1);
+                    let body = serde_json::json!({
+                        "status": "waiting",
+                        "ticket": t.token,
+                        "position": t.position,
+                        "wait_ms": t.wait_ms,
+                        "retry_after": retry_after,
+                        "expires_at_ms": t.expires_ms,
+                    })
+                    .to_string();
+                    let max_age = t.expires_ms.saturating_sub(now_unix_ms()).div_ceil(1000);
+                    let headers = [
+                        ("retry-after", retry_after.to_string()),
+                        (crate::waiting_room::TICKET_HEADER, t.token.clone()),
+                        ("waiting-room-position", t.position.to_string()),
+                        ("waiting-room-wait-ms", t.wait_ms.to_string()),
+                        (
+                            "set-cookie",
+                            format!(
+                                "{}={}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict",
+                                crate::waiting_room::TICKET_COOKIE,
+                                t.token
+                            ),
+                        ),
+                        ("x-request-id", ctx.request_id.clone()),
+                    ];
+                    Self::reply_body(session, 202, "application/json", body, &headers).await?;
+                    return Ok(true);
+                }
+                Admission::Refuse { status, code, detail } => {
+                    let headers = [("x-request-id", ctx.request_id.clone())];
+                    Self::reply_problem(session, status, code, "Waiting-room ticket refused", &detail, &headers).await?;
+                    return Ok(true);
+                }
+            }
+        }
+
         // The limit key (a header or the client address) is only built when limits are on.
-        let decision = if live.limiter.enabled() {
+        let decision = if live.limiter.enabled() && !room_admitted {
             let key = match live.limiter.key_header() {
                 Some(header) => req
                     .headers
@@ -1084,4 +1137,11 @@ fn same_origin_path(value: &str) -> Option<String> {
     let uri: http::Uri = value.parse().ok()?;
     let path = uri.path();
     path.starts_with('/').then(|| path.to_string())
+}
+
+/// Milliseconds since the Unix epoch (a ticket's cookie lifetime).
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

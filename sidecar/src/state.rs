@@ -22,6 +22,8 @@ pub struct Live {
     pub config: SidecarConfig,
     pub cache: CachePolicy,
     pub limiter: Limiter,
+    /// The waiting room, when enabled (its local line starts afresh on a reload).
+    pub waiting_room: Option<crate::waiting_room::Room>,
     /// Route prefixes used as the `route` metric label (bounded, unlike raw paths).
     pub routes: Vec<Arc<str>>,
     /// The label of a path no route matches.
@@ -38,7 +40,8 @@ impl Live {
         routes.dedup();
         Live {
             cache: CachePolicy::new(&config.cache),
-            limiter: Limiter::new(&config.rate_limit, metrics),
+            limiter: Limiter::new(&config.rate_limit, metrics.clone()),
+            waiting_room: crate::waiting_room::Room::new(&config.waiting_room, metrics),
             routes: routes.into_iter().map(Arc::from).collect(),
             other_route: Arc::from("other"),
             local: config.upstream.local.as_ref().and_then(|local| {

@@ -269,7 +269,11 @@ async fn flash_order(shared: &Shared, worker: usize, n: u64, rng: &mut impl Rng)
                 let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
                 let wait_ms = header("waiting-room-wait-ms")
                     .and_then(|v| v.parse::<u64>().ok())
-                    .or_else(|| header("retry-after").and_then(|v| v.parse::<u64>().ok()).map(|s| s * 1000))
+                    .or_else(|| {
+                        header("retry-after")
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .map(|s| s * 1000)
+                    })
                     .unwrap_or(1000);
                 let since = ticket.as_ref().map_or_else(std::time::Instant::now, |(_, at)| *at);
                 ticket = header("waiting-room-ticket").map(|t| (t, since));
@@ -284,7 +288,9 @@ async fn flash_order(shared: &Shared, worker: usize, n: u64, rng: &mut impl Rng)
         }
         if let Some((_, since)) = &ticket {
             let waited = since.elapsed().as_millis() as u64;
-            shared.ledger.with(|l| l.longest_wait_ms = l.longest_wait_ms.max(waited));
+            shared
+                .ledger
+                .with(|l| l.longest_wait_ms = l.longest_wait_ms.max(waited));
         }
         let Ok(response) = response else {
             // Only resends after a transport error are counted: a 409 "key in use" is asked again

@@ -869,13 +869,19 @@ impl SidecarConfig {
                 ));
             }
             if !(w.admit_per_second >= 0.001 && w.admit_per_second.is_finite()) {
-                return Err(ConfigError::invalid("waiting_room.admit_per_second", "must be at least 0.001"));
+                return Err(ConfigError::invalid(
+                    "waiting_room.admit_per_second",
+                    "must be at least 0.001",
+                ));
             }
             if !w.path.starts_with('/') {
                 return Err(ConfigError::invalid("waiting_room.path", "must start with `/`"));
             }
             if w.method.is_empty() || !w.method.bytes().all(|b| b.is_ascii_uppercase()) {
-                return Err(ConfigError::invalid("waiting_room.method", "must be an upper-case method such as POST"));
+                return Err(ConfigError::invalid(
+                    "waiting_room.method",
+                    "must be an upper-case method such as POST",
+                ));
             }
             if w.replicas == 0 {
                 return Err(ConfigError::invalid("waiting_room.replicas", "must be at least 1"));
@@ -884,10 +890,16 @@ impl SidecarConfig {
                 return Err(ConfigError::invalid("waiting_room.burst", "must be at least 1"));
             }
             if !(1..=86_400).contains(&w.ticket_ttl_seconds) {
-                return Err(ConfigError::invalid("waiting_room.ticket_ttl_seconds", "must be 1..=86400"));
+                return Err(ConfigError::invalid(
+                    "waiting_room.ticket_ttl_seconds",
+                    "must be 1..=86400",
+                ));
             }
             if http_token(&w.bind_header).is_none() {
-                return Err(ConfigError::invalid("waiting_room.bind_header", "must be a header name"));
+                return Err(ConfigError::invalid(
+                    "waiting_room.bind_header",
+                    "must be a header name",
+                ));
             }
             if let Some(r) = &w.redis {
                 if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {

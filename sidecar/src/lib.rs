@@ -4,7 +4,6 @@
 pub mod cache;
 pub mod header_deadline;
 pub mod invalidation;
-pub mod waiting_room;
 pub mod limits;
 pub mod log_limit;
 pub mod metrics;
@@ -13,6 +12,7 @@ pub mod proxy;
 pub mod services;
 pub mod state;
 pub mod upstreams;
+pub mod waiting_room;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

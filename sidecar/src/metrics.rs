@@ -221,11 +221,8 @@ impl Metrics {
             )
             .expect("metric"),
             waiting_room_wait: prometheus::Histogram::with_opts(
-                HistogramOpts::new(
-                    "waiting_room_wait_seconds",
-                    "From a ticket's issue to its admission",
-                )
-                .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+                HistogramOpts::new("waiting_room_wait_seconds", "From a ticket's issue to its admission")
+                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
             )
             .expect("metric"),
             waiting_room_shared: Gauge::new(

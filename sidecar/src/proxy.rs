@@ -18,11 +18,11 @@ use pingora_error::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, PurgeStatus, Session};
 
-use crate::waiting_room::Admission;
 use crate::cache::store::Coding;
 use crate::limits::Decision;
 use crate::state::{Live, Shared};
 use crate::upstreams::Lease;
+use crate::waiting_room::Admission;
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction. The first
 /// `HOP_BY_HOP_IN_RESPONSES` are the ones an upstream response may carry that pingora does not
@@ -476,7 +476,11 @@ impl ProxyHttp for MallProxy {
         // The waiting room stands in front of its route: it admits, hands out a ticket, or
         // refuses a bad one. What it admits is budgeted already, so the rate limit skips it.
         let mut room_admitted = false;
-        if let Some(room) = live.waiting_room.as_ref().filter(|r| r.applies(req.method.as_str(), &path)) {
+        if let Some(room) = live
+            .waiting_room
+            .as_ref()
+            .filter(|r| r.applies(req.method.as_str(), &path))
+        {
             let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
             let cookies = req
                 .headers
@@ -519,7 +523,8 @@ impl ProxyHttp for MallProxy {
                 }
                 Admission::Refuse { status, code, detail } => {
                     let headers = [("x-request-id", ctx.request_id.clone())];
-                    Self::reply_problem(session, status, code, "Waiting-room ticket refused", &detail, &headers).await?;
+                    Self::reply_problem(session, status, code, "Waiting-room ticket refused", &detail, &headers)
+                        .await?;
                     return Ok(true);
                 }
             }

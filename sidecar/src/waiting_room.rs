@@ -158,23 +158,26 @@ impl Room {
         if !config.enabled {
             return None;
         }
-        let redis = config.redis.as_ref().and_then(|r| match redis::Client::open(r.url.as_str()) {
-            Ok(client) => Some(SharedLine {
-                client,
-                conn: std::sync::OnceLock::new(),
-                config: redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_millis(r.timeout_ms.max(200))))
-                    .set_response_timeout(Some(Duration::from_millis(r.timeout_ms)))
-                    .set_number_of_retries(0),
-                key: format!("{}:{}:{}", r.key_prefix, config.method, config.path),
-                timeout: Duration::from_millis(r.timeout_ms),
-                script: redis::Script::new(LINE_LUA),
-            }),
-            Err(e) => {
-                tracing::error!(error = %e, "waiting_room.redis unusable; each pod keeps its own line");
-                None
-            }
-        });
+        let redis = config
+            .redis
+            .as_ref()
+            .and_then(|r| match redis::Client::open(r.url.as_str()) {
+                Ok(client) => Some(SharedLine {
+                    client,
+                    conn: std::sync::OnceLock::new(),
+                    config: redis::aio::ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(Duration::from_millis(r.timeout_ms.max(200))))
+                        .set_response_timeout(Some(Duration::from_millis(r.timeout_ms)))
+                        .set_number_of_retries(0),
+                    key: format!("{}:{}:{}", r.key_prefix, config.method, config.path),
+                    timeout: Duration::from_millis(r.timeout_ms),
+                    script: redis::Script::new(LINE_LUA),
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "waiting_room.redis unusable; each pod keeps its own line");
+                    None
+                }
+            });
         let rate_ms = config.admit_per_second / 1000.0;
         let ttl_ms = config.ticket_ttl_seconds * 1000;
         let now = now_ms();
@@ -247,21 +250,26 @@ impl Room {
         let on_line = |name: &str| presented.as_ref().filter(|t| t.line == name).map(|t| t.n);
         let (line, (outcome, n, horizon, _)) = match self.shared_step(on_line("g")).await {
             Some(step) => ("g", step),
-            None => (self.local_name.as_str(), self.local_step(on_line(&self.local_name), now)),
+            None => (
+                self.local_name.as_str(),
+                self.local_step(on_line(&self.local_name), now),
+            ),
         };
         let foreign = presented.as_ref().is_some_and(|t| t.line != line);
         self.queue_length
             .store((n as f64 - horizon).max(0.0) as u64, Ordering::Relaxed);
-        self.metrics
-            .waiting_room_queue
-            .set((n as f64 - horizon).max(0.0));
+        self.metrics.waiting_room_queue.set((n as f64 - horizon).max(0.0));
         match outcome {
             1 => {
                 let waited_ms = presented
                     .as_ref()
                     .filter(|_| !foreign)
                     .map_or(0, |t| (now as u64).saturating_sub(t.issued_ms));
-                self.count(if presented.is_some() && !foreign { "admitted" } else { "direct" });
+                self.count(if presented.is_some() && !foreign {
+                    "admitted"
+                } else {
+                    "direct"
+                });
                 if waited_ms > 0 {
                     self.metrics.waiting_room_wait.observe(waited_ms as f64 / 1000.0);
                 }
@@ -377,7 +385,10 @@ impl Room {
 
     /// Checks a presented ticket's form, signature and binding.
     fn verify(&self, token: &str, bind: &str) -> Result<Presented, (&'static str, &'static str)> {
-        const FORGED: (&str, &str) = ("ticket_invalid", "the ticket is malformed or not signed by this waiting room");
+        const FORGED: (&str, &str) = (
+            "ticket_invalid",
+            "the ticket is malformed or not signed by this waiting room",
+        );
         let (text, sig) = token.rsplit_once('.').ok_or(FORGED)?;
         let parts: Vec<&str> = text.split('.').collect();
         let [n, line, issued, expires, owner] = parts[..] else {
@@ -483,10 +494,17 @@ mod tests {
         // Once admitted, the ticket is spent.
         assert!(matches!(
             room.admit(Some(&t4.token), "dave").await,
-            Admission::Refuse { status: 409, code: "ticket_used", .. }
+            Admission::Refuse {
+                status: 409,
+                code: "ticket_used",
+                ..
+            }
         ));
         // Carol's turn came before Dave's: she is admitted too.
-        assert!(matches!(room.admit(Some(&t3.token), "carol").await, Admission::Admit { .. }));
+        assert!(matches!(
+            room.admit(Some(&t3.token), "carol").await,
+            Admission::Admit { .. }
+        ));
     }
 
     #[tokio::test]
@@ -502,7 +520,10 @@ mod tests {
         // Moving the number ahead breaks the signature.
         let mut parts: Vec<String> = t.token.split('.').map(String::from).collect();
         parts[0] = "1".into();
-        assert_eq!(refused(room.admit(Some(&parts.join(".")), "bob").await), "ticket_invalid");
+        assert_eq!(
+            refused(room.admit(Some(&parts.join(".")), "bob").await),
+            "ticket_invalid"
+        );
         assert_eq!(refused(room.admit(Some("garbage"), "bob").await), "ticket_invalid");
         // Signed by another room (another secret).
         let other = {

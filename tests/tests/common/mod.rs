@@ -1,0 +1,92 @@
+//! What the end-to-end tests share: free ports, private Redis servers, fresh databases.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+pub fn ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A private redis-server on `port` (no persistence: a restart starts empty, as a killed pod's).
+pub fn redis(port: u16) -> Option<Proc> {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(child) = child else {
+        assert!(
+            !ci(),
+            "redis-server not found: apt-get install redis-server (scripts/test.sh does it)"
+        );
+        eprintln!("SKIPPED: redis-server not installed");
+        return None;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(Proc(child))
+}
+
+/// A fresh database on the test server (`MALL_TEST_POSTGRES_URL` / `MALL_TEST_MYSQL_URL`).
+pub async fn fresh_database(env: &str, default: &str) -> Option<String> {
+    sqlx::any::install_default_drivers();
+    let admin_url = std::env::var(env).unwrap_or_else(|_| default.into());
+    let mut admin = match sqlx::AnyConnection::connect(&admin_url).await {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                !ci(),
+                "{admin_url} unreachable ({e}): run scripts/test.sh, which installs and starts it, or set {env}"
+            );
+            eprintln!("SKIPPED: {admin_url} unreachable ({e})");
+            return None;
+        }
+    };
+    let name = format!(
+        "ryw_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000
+    );
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    Some(format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0))
+}

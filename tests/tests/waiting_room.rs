@@ -1,0 +1,331 @@
+//! The flash-sale waiting room end to end (issue #26), at reduced size: two "pods" (a sidecar in
+//! front of its own app instance each) sharing PostgreSQL and Redis, buyers arriving 40 ms apart
+//! for a product with less stock than buyers, each at one pod or the other. The same sale runs
+//! twice on fresh databases: behind the waiting room, and behind today's 429 limit on the order
+//! path (buyers honour `Retry-After`). For each it reports, and for the room checks:
+//!
+//! - fairness: the fraction of buyers let through before someone who arrived earlier;
+//! - no oversell and no lost order (the database's stock and orders against the answers);
+//! - load: order requests that reached an app per order created;
+//! - the p99 of the admitted order request and the longest wait in the room.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{free_addr, fresh_database, redis};
+use mall_app::testing::{RunningApp, PASSWORD};
+use mall_sidecar_config::{LimitRule, RedisLimits, RoomRedis, SidecarConfig, WaitingRoom};
+use serde_json::{json, Value};
+use sqlx::Connection;
+
+const BUYERS: usize = 90;
+const ARRIVAL_GAP: Duration = Duration::from_millis(40);
+const STOCK: i64 = 30;
+const ADMIT_PER_SECOND: f64 = 15.0;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Front {
+    WaitingRoom,
+    RateLimit,
+}
+
+#[derive(Debug, Default)]
+struct Buyer {
+    arrived: Option<Instant>,
+    /// When the request that reached the app was sent, and its answer.
+    admitted: Option<(Instant, Duration, u16)>,
+}
+
+struct Sale {
+    fairness: f64,
+    orders: usize,
+    app_requests: f64,
+    p99_ms: f64,
+    longest_wait_ms: u128,
+    tickets: usize,
+}
+
+async fn sale(front: Front) -> Option<Sale> {
+    let url = fresh_database("MALL_TEST_POSTGRES_URL", "postgres://mall:mall@127.0.0.1:5432/test").await?;
+    let redis_port = free_addr().port();
+    let _redis = redis(redis_port)?;
+    let redis_url = format!("redis://127.0.0.1:{redis_port}");
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [format!("--database-url={url}")];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let apps = [
+        RunningApp::start_in(dir.path(), &flags).await,
+        RunningApp::start_in(dir.path(), &flags).await,
+    ];
+    let mut sidecars = Vec::new();
+    for app in &apps {
+        let listen = free_addr();
+        let mut config = SidecarConfig::default();
+        config.server.listen = listen;
+        config.server.admin_listen = free_addr();
+        config.server.threads = 1;
+        config.upstream.servers = vec![mall_sidecar_config::UpstreamServer {
+            address: app.addr.to_string(),
+            weight: 1,
+        }];
+        config.access_log.enabled = false;
+        config.cache.enabled = false;
+        match front {
+            Front::WaitingRoom => {
+                config.rate_limit.enabled = false;
+                config.waiting_room = WaitingRoom {
+                    enabled: true,
+                    admit_per_second: ADMIT_PER_SECOND,
+                    burst: 3,
+                    secret: "the-fleet-shares-this-secret-of-32-bytes".into(),
+                    redis: Some(RoomRedis {
+                        url: redis_url.clone(),
+                        key_prefix: format!("room-{redis_port}"),
+                        timeout_ms: 200,
+                    }),
+                    replicas: 2,
+                    ..WaitingRoom::default()
+                };
+            }
+            Front::RateLimit => {
+                // Today's sale-window limit: the order path at the same budget, shared by both
+                // pods through Redis, every buyer behind one address (one key).
+                config.rate_limit.rules = vec![LimitRule {
+                    name: "orders".into(),
+                    path_prefix: "/api/orders".into(),
+                    methods: vec!["POST".into()],
+                    requests_per_second: ADMIT_PER_SECOND,
+                    burst: 3,
+                }];
+                config.rate_limit.redis = Some(RedisLimits {
+                    url: redis_url.clone(),
+                    key_prefix: format!("rl-{redis_port}"),
+                    timeout_ms: 200,
+                });
+            }
+        }
+        std::thread::spawn(move || mall_sidecar::run(config, None));
+        sidecars.push(listen);
+    }
+    let http = reqwest::Client::new();
+    for s in &sidecars {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http
+            .get(format!("http://{s}/api/products/1"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+            != Some(200)
+        {
+            assert!(Instant::now() < deadline, "the sidecar at {s} never served");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let base = format!("http://{}", sidecars[0]);
+    let admin = mall_loadgen::login(&http, &base, "admin", PASSWORD).await.unwrap();
+    let product = http
+        .post(format!("{base}/api/products"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "Flash", "category": "flash-sale", "price": 100, "stock": STOCK}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let tokens = [
+        mall_loadgen::login(&http, &base, "user1", PASSWORD).await.unwrap(),
+        mall_loadgen::login(&http, &base, "user2", PASSWORD).await.unwrap(),
+    ];
+    let app_orders_before = order_requests(&http, &apps).await;
+
+    let sold_out = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..BUYERS {
+        let (http, sold_out) = (http.clone(), sold_out.clone());
+        let target = format!("http://{}/api/orders", sidecars[i % 2]);
+        let token = tokens[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until((start + ARRIVAL_GAP * i as u32).into()).await;
+            let mut buyer = Buyer::default();
+            let mut ticket: Option<String> = None;
+            let mut tickets = 0usize;
+            let mut waiting_since = None;
+            let key = format!("buyer-{i}");
+            while !sold_out.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                buyer.arrived.get_or_insert(sent);
+                let mut request = http
+                    .post(&target)
+                    .bearer_auth(&token)
+                    .header("idempotency-key", &key)
+                    .json(&json!({"items": [{"product_id": product, "quantity": 1}]}));
+                if let Some(t) = &ticket {
+                    request = request.header("waiting-room-ticket", t);
+                }
+                let r = request.send().await.unwrap();
+                let status = r.status().as_u16();
+                let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+                match status {
+                    202 => {
+                        tickets += 1;
+                        waiting_since.get_or_insert(sent);
+                        ticket = header("waiting-room-ticket");
+                        let wait: u64 = header("waiting-room-wait-ms").unwrap().parse().unwrap();
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                    }
+                    429 => {
+                        let wait: u64 = header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(1);
+                        tokio::time::sleep(Duration::from_secs(wait)).await;
+                    }
+                    _ => {
+                        let body: Value = r.json().await.unwrap_or(Value::Null);
+                        if status == 409 && body["error"]["code"] == "insufficient_stock" {
+                            sold_out.store(true, Ordering::Relaxed);
+                        }
+                        buyer.admitted = Some((sent, sent.elapsed(), status));
+                        break;
+                    }
+                }
+            }
+            let waited = waiting_since.map(|w: Instant| buyer.admitted.map_or(w.elapsed(), |(at, _, _)| at - w));
+            (buyer, tickets, waited)
+        }));
+    }
+    let mut buyers = Vec::new();
+    let mut tickets = 0;
+    let mut longest_wait = Duration::ZERO;
+    for t in tasks {
+        let (buyer, n, waited) = t.await.unwrap();
+        tickets += n;
+        longest_wait = longest_wait.max(waited.unwrap_or_default());
+        buyers.push(buyer);
+    }
+    let app_requests = order_requests(&http, &apps).await - app_orders_before;
+
+    // No oversell, no lost order: what the buyers were told against the database.
+    let created = buyers
+        .iter()
+        .filter(|b| matches!(b.admitted, Some((_, _, 201))))
+        .count();
+    let statuses: Vec<u16> = buyers.iter().filter_map(|b| b.admitted.map(|a| a.2)).collect();
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 409),
+        "{front:?}: an admitted order failed: {statuses:?}"
+    );
+    let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let stock: i64 = sqlx::query_scalar(&format!("SELECT stock FROM products WHERE id = {product}"))
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    let stored: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM order_items WHERE product_id = {product}"
+    ))
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert!(stock >= 0, "{front:?}: oversold ({stock} left)");
+    assert_eq!(
+        stored as usize, created,
+        "{front:?}: orders stored against orders confirmed"
+    );
+    assert_eq!(
+        stock,
+        STOCK - created as i64,
+        "{front:?}: stock against orders confirmed"
+    );
+    assert_eq!(created as i64, STOCK, "{front:?}: the sale sold out");
+
+    // Fairness: buyers let through while someone who arrived before them was still waiting.
+    // (Buyers who arrived after the sale ended never asked.)
+    let mut order: Vec<&Buyer> = buyers.iter().filter(|b| b.arrived.is_some()).collect();
+    order.sort_by_key(|b| b.arrived);
+    let mut unfair = 0;
+    let mut latest_before: Option<Instant> = None;
+    let mut someone_before_never = false;
+    for b in &order {
+        if let Some((at, _, _)) = b.admitted {
+            if someone_before_never || latest_before.is_some_and(|l| l > at) {
+                unfair += 1;
+            }
+        }
+        match b.admitted {
+            Some((at, _, _)) => latest_before = Some(latest_before.map_or(at, |l| l.max(at))),
+            None => someone_before_never = true,
+        }
+    }
+    let admitted = buyers.iter().filter(|b| b.admitted.is_some()).count();
+    let mut latencies: Vec<Duration> = buyers.iter().filter_map(|b| b.admitted.map(|a| a.1)).collect();
+    latencies.sort();
+    let p99 = latencies[((latencies.len() - 1) as f64 * 0.99).round() as usize];
+    Some(Sale {
+        fairness: unfair as f64 / admitted.max(1) as f64,
+        orders: created,
+        app_requests: app_requests / created.max(1) as f64,
+        p99_ms: p99.as_secs_f64() * 1000.0,
+        longest_wait_ms: longest_wait.as_millis(),
+        tickets,
+    })
+}
+
+/// `POST /api/orders` requests the apps answered, from their own metrics.
+async fn order_requests(http: &reqwest::Client, apps: &[RunningApp]) -> f64 {
+    let mut total = 0.0;
+    for app in apps {
+        let text = http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        total += text
+            .lines()
+            .filter(|l| {
+                l.starts_with("http_requests_total{") && l.contains("method=\"POST\"") && l.contains("/api/orders")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flash_sale_behind_the_waiting_room_admits_in_arrival_order() {
+    let Some(room) = sale(Front::WaitingRoom).await else {
+        return;
+    };
+    let Some(limit) = sale(Front::RateLimit).await else {
+        return;
+    };
+    for (name, s) in [("waiting room", &room), ("429 limit", &limit)] {
+        eprintln!(
+            "SALE {}",
+            json!({
+                "group": "waiting_room", "front": name, "buyers": BUYERS, "stock": STOCK,
+                "admit_per_second": ADMIT_PER_SECOND, "orders": s.orders,
+                "fairness": s.fairness, "app_requests_per_order": s.app_requests,
+                "p99_ms": s.p99_ms, "longest_wait_ms": s.longest_wait_ms as u64, "tickets": s.tickets,
+            })
+        );
+    }
+    assert!(room.tickets > 0, "the room handed out tickets");
+    assert!(
+        room.fairness < 0.03,
+        "{:.1} % of buyers were let through before someone who arrived earlier",
+        room.fairness * 100.0
+    );
+    assert!(
+        room.app_requests <= 1.5,
+        "{:.2} order requests reached the apps per order created",
+        room.app_requests
+    );
+}

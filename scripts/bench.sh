@@ -256,6 +256,12 @@ MALL_TEST_MYSQL_URL="${MALL_TEST_MYSQL_URL:-mysql://mall:mall@127.0.0.1:3306/tes
   cargo test -q -p mall-e2e --test read_your_writes -- --nocapture --test-threads 1 2>&1 |
   sed -n 's/^.*STALENESS //p' >>"$out/results.jsonl"
 
+# ---------------------------------------------------------------- 5. the waiting room
+log "waiting room against today's 429 limit: a flash sale over two pods (tests/tests/waiting_room.rs)"
+MALL_TEST_POSTGRES_URL="${MALL_TEST_POSTGRES_URL:-postgres://mall:mall@127.0.0.1:5432/test}" \
+  cargo test -q -p mall-e2e --test waiting_room -- --nocapture 2>&1 |
+  sed -n 's/^.*SALE //p' >>"$out/results.jsonl"
+
 # ---------------------------------------------------------------- 3. the app's cache
 for cache in on off; do
   args=(--database-url "$pg")

@@ -129,6 +129,30 @@ def invalidation_section(md, lines):
             md.append(f"| {l['backend']} | {l['label']} | {l['queries_per_sec']:.1f} | {l['app_cpu_ms_per_sec']:.1f} | {db} |")
 
 
+def waiting_room_section(md, lines):
+    sales = [l for l in lines if l["group"] == "waiting_room"]
+    if not sales:
+        return
+    s0 = sales[0]
+    md.append("\n## 5. Flash sale: the waiting room against today's 429 limit\n")
+    md.append(
+        f"`tests/tests/waiting_room.rs` (dev build): two pods (a sidecar in front of its own app each) on one "
+        f"PostgreSQL and one Redis; {s0['buyers']} buyers arriving 40 ms apart, alternately at each pod, for a product "
+        f"with {s0['stock']} units, at a budget of {s0['admit_per_second']:g} admissions per second. Behind the room "
+        "buyers wait for the turn their ticket names; behind the 429 limit (the same budget, shared through Redis) "
+        "they wait `Retry-After` and try again. Fairness is the fraction of admitted buyers let through while "
+        "someone who arrived earlier was still waiting (or never got in); load is the order requests that reached "
+        "an app per order created; p99 is the admitted order request's.\n"
+    )
+    md.append("| front | orders | unfair admissions | app requests per order | admitted p99 ms | longest wait ms | tickets |")
+    md.append("|---|---:|---:|---:|---:|---:|---:|")
+    for l in sales:
+        md.append(
+            f"| {l['front']} | {l['orders']} | {100 * l['fairness']:.1f} % | {l['app_requests_per_order']:.2f} | "
+            f"{l['p99_ms']:.1f} | {l['longest_wait_ms']:,} | {l['tickets']:,} |"
+        )
+
+
 def orders_pg_section(md, out, lines):
     rows = [l for l in lines if l["group"] == "orders_pg"]
     if not rows:
@@ -408,9 +432,11 @@ def main():
     previous = pathlib.Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
     if previous.exists():
         text = previous.read_text()
-        start, end = text.find("## 4. Pods"), text.find("## How to read and rerun")
+        start = text.find("## 4. Pods")
+        end = min(i for i in (text.find("## 5. Flash sale"), text.find("## How to read and rerun")) if i != -1)
         if start != -1 and end > start:
             md.append("\n" + text[start:end].rstrip() + "\n")
+    waiting_room_section(md, lines)
     md.append("\n## How to read and rerun\n")
     md.append(
         "Raw outputs (wrk text, mall-load JSON) are in `bench/results/`. `scripts/bench.sh` reruns everything "

@@ -865,7 +865,7 @@ impl SidecarConfig {
             if w.secret.len() < 32 {
                 return Err(ConfigError::invalid(
                     "waiting_room.secret",
-                    "must be at least 32 bytes (set SIDECAR__WAITING_ROOM__SECRET from a Secret)",
+                    "must be at least 32 bytes when waiting_room.enabled (set SIDECAR__WAITING_ROOM__SECRET from a Secret)",
                 ));
             }
             if !(w.admit_per_second >= 0.001 && w.admit_per_second.is_finite()) {

@@ -579,6 +579,27 @@ pub struct SaleWindow {
     /// tighter of this and the usual limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_limit: Option<OrderLimit>,
+    /// A waiting room in front of `POST /api/orders` during the window: above the budget,
+    /// buyers get a ticket and are admitted in arrival order across every pod (docs/sidecar.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_room: Option<WaitingRoomSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingRoomSpec {
+    /// Orders per second the whole fleet admits (what the order path sustains).
+    #[schemars(range(min = 0.001))]
+    pub admit_per_second: f64,
+    /// Admitted at once when nobody waits (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub burst: Option<u32>,
+    /// How long after its turn a ticket is still honoured (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub ticket_ttl_seconds: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -207,6 +207,18 @@ pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> 
             );
         }
     }
+    if let Some(room) = &sale.waiting_room {
+        // The secret (the app's token key, from its Secret) and Redis come from the environment.
+        c.waiting_room.enabled = true;
+        c.waiting_room.admit_per_second = room.admit_per_second;
+        c.waiting_room.burst = room.burst.unwrap_or(c.waiting_room.burst);
+        c.waiting_room.ticket_ttl_seconds = room
+            .ticket_ttl_seconds
+            .map_or(c.waiting_room.ticket_ttl_seconds, u64::from);
+        // Without Redis each pod admits its share; with as many pods as may run, the fleet
+        // never admits more than the budget.
+        c.waiting_room.replicas = s.max_replicas.max(1) as u32;
+    }
     // Only the proxies the user names may speak for their clients (validation refuses a range
     // that does not parse, naming its field, before anything is rendered for a cluster).
     c.rate_limit.trusted_proxies = s
@@ -406,6 +418,13 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
     if let Some(redis) = &s.redis {
         // Writes through any pod purge every pod's sidecar (the app publishes on this Redis).
         sidecar_env.push(secret_env("SIDECAR__CACHE__INVALIDATION__REDIS_URL", &redis.url));
+    }
+    if sale.waiting_room.is_some() {
+        // Tickets are signed with a key derived from the app's token secret (every pod has it).
+        sidecar_env.push(secret_value_env("SIDECAR__WAITING_ROOM__SECRET", &jwt_secret(md)));
+        if let Some(redis) = &s.redis {
+            sidecar_env.push(secret_env("SIDECAR__WAITING_ROOM__REDIS__URL", &redis.url));
+        }
     }
     // Any change to what the pods run with (sidecar config, env, images, resources) changes the
     // hash and so rolls the pods.

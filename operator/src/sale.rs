@@ -13,7 +13,7 @@ use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
 use jiff::ToSpan;
 
-use crate::crd::{MallDeploymentSpec, OrderLimit, Recurrence, SaleWindow};
+use crate::crd::{MallDeploymentSpec, OrderLimit, Recurrence, SaleWindow, WaitingRoomSpec};
 
 /// One occurrence of a window, in Unix seconds.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +160,16 @@ impl<'a> Schedule<'a> {
                 }
             }
             plan.warm_top = plan.warm_top.max(w.hot_products.top);
+            if let Some(room) = &w.waiting_room {
+                // Two windows with a room: the smaller budget.
+                let tighter = plan
+                    .waiting_room
+                    .as_ref()
+                    .is_none_or(|r| room.admit_per_second < r.admit_per_second);
+                if tighter {
+                    plan.waiting_room = Some(room.clone());
+                }
+            }
             if let Some(limit) = &w.order_limit {
                 let tighter = plan
                     .order_limit
@@ -187,6 +197,8 @@ pub struct SalePlan {
     pub warm_top: Option<u32>,
     /// The tightest order limit.
     pub order_limit: Option<OrderLimit>,
+    /// The waiting room with the smallest budget.
+    pub waiting_room: Option<WaitingRoomSpec>,
 }
 
 /// What the sale windows in effect at `now` change.
@@ -218,6 +230,7 @@ mod tests {
             min_replicas: 6,
             hot_products: HotProducts::default(),
             order_limit: None,
+            waiting_room: None,
         }
     }
 

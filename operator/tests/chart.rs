@@ -177,6 +177,7 @@ fn dashboard_queries_parse_and_cover_the_panels() {
         "Replicas and firing",
         "Monitoring heartbeat",
         "Sale windows",
+        "Waiting room",
     ] {
         assert!(
             titles.iter().any(|t| t.starts_with(want)),

@@ -55,13 +55,46 @@ fn rendered_manifests_match_the_golden_files() {
             golden.display(),
             example.display()
         );
-        // The ConfigMap holds a configuration the sidecar accepts.
-        for doc in serde_yaml::Deserializer::from_str(&rendered) {
-            let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
-            if value["kind"] == "ConfigMap" && value["data"].get("sidecar.toml").is_some() {
-                let toml = value["data"]["sidecar.toml"].as_str().unwrap();
-                SidecarConfig::from_toml(toml)
+        // The ConfigMap holds a configuration the sidecar accepts, with the `SIDECAR__*`
+        // variables its container gets (values from Secrets stand in as the kubelet would fill
+        // them: a 40-byte secret, a Redis URL).
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
+            .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+            .collect();
+        let mut env = Vec::new();
+        for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
+            for c in d["spec"]["template"]["spec"]["containers"].as_sequence().unwrap() {
+                if c["name"] != "sidecar" {
+                    continue;
+                }
+                for e in c["env"].as_sequence().into_iter().flatten() {
+                    let name = e["name"].as_str().unwrap().to_string();
+                    let value = match e["value"].as_str() {
+                        Some(v) => v.to_string(),
+                        None if e["valueFrom"].get("secretKeyRef").is_some() => {
+                            if name.ends_with("__URL") || name.ends_with("_URL") {
+                                "redis://redis:6379".into()
+                            } else {
+                                "a-stand-in-secret-of-forty-bytes-length!".into()
+                            }
+                        }
+                        None => continue,
+                    };
+                    env.push((name, value));
+                }
+            }
+        }
+        for value in docs.iter().filter(|d| d["kind"] == "ConfigMap") {
+            if let Some(toml) = value["data"]["sidecar.toml"].as_str() {
+                let config = SidecarConfig::from_toml_with_env(toml, "sidecar.toml", env.clone())
                     .unwrap_or_else(|e| panic!("{}: sidecar config rejected: {e}", example.display()));
+                if golden.to_string_lossy().contains("during-sale") {
+                    assert!(config.waiting_room.enabled, "the sale's waiting room is on");
+                    assert!(
+                        config.waiting_room.redis.is_some(),
+                        "the room's line is shared through Redis"
+                    );
+                }
             }
         }
     }

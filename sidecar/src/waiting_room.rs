@@ -188,7 +188,14 @@ impl Room {
             local_rate_ms: rate_ms / config.replicas.max(1) as f64,
             burst: config.burst as f64,
             ttl_ms,
-            key: config.secret.as_bytes().to_vec(),
+            // A key of the room's own, derived from the configured secret (which the operator
+            // shares with the app's token signing): HMAC(secret, label), so a ticket's MAC can
+            // never stand for anything signed with the secret itself.
+            key: {
+                let mut mac = Hmac::<Sha256>::new_from_slice(config.secret.as_bytes()).expect("any key length");
+                mac.update(b"mall waiting-room tickets v1");
+                mac.finalize().into_bytes().to_vec()
+            },
             bind_header: config.bind_header.to_ascii_lowercase(),
             shared_up: AtomicBool::new(redis.is_some()),
             redis,

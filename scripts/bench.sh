@@ -257,6 +257,8 @@ MALL_TEST_MYSQL_URL="${MALL_TEST_MYSQL_URL:-mysql://mall:mall@127.0.0.1:3306/tes
   sed -n 's/^.*STALENESS //p' >>"$out/results.jsonl"
 
 # ---------------------------------------------------------------- 5. the waiting room
+log "waiting room against today's 429 limit: a flash sale at full size, interleaved rounds"
+python3 scripts/bench/room.py --bin "$bin" --work "$work" --out "$out" --rounds "${BENCH_ROUNDS:-3}"
 log "waiting room against today's 429 limit: a flash sale over two pods (tests/tests/waiting_room.rs)"
 MALL_TEST_POSTGRES_URL="${MALL_TEST_POSTGRES_URL:-postgres://mall:mall@127.0.0.1:5432/test}" \
   cargo test -q -p mall-e2e --test waiting_room -- --nocapture 2>&1 |

@@ -6,6 +6,7 @@
 //! database with what the run was told: stock consumed equals the items of successful orders, and
 //! no idempotency key made two orders.
 
+pub mod arrivals;
 pub mod check;
 mod report;
 mod scenario;

@@ -60,6 +60,17 @@ struct Cli {
     /// Fail (exit 1) when the success rate is below this percentage.
     #[arg(long)]
     min_success: Option<f64>,
+    /// The flash sale with buyers who arrive once (`--scenario flash-sale`): this many, spread
+    /// evenly over --arrival-seconds, each buying one unit until let through (honouring a
+    /// waiting room's tickets and 429's Retry-After). Reports fairness instead of throughput.
+    #[arg(long)]
+    buyers: Option<usize>,
+    #[arg(long, default_value_t = 3.0)]
+    arrival_seconds: f64,
+    /// Base URLs to spread the buyers over (one per pod's sidecar), comma-separated; default
+    /// --target.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
 }
 
 #[tokio::main]
@@ -76,6 +87,9 @@ async fn main() -> ExitCode {
 }
 
 async fn go(cli: Cli) -> anyhow::Result<bool> {
+    if let Some(buyers) = cli.buyers {
+        return arrivals(&cli, buyers).await;
+    }
     let options = Options {
         target: cli.target.trim_end_matches('/').to_string(),
         scenario: cli.scenario,
@@ -112,6 +126,59 @@ async fn go(cli: Cli) -> anyhow::Result<bool> {
     if cli.json {
         let mut value = serde_json::to_value(&report)?;
         value.as_object_mut().expect("object").remove("ledger");
+        if let Some((problems, passed)) = verdict {
+            value["check"] = serde_json::json!({ "problems": problems, "passed": passed });
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{report}");
+        if let Some((problems, passed)) = verdict {
+            for line in passed {
+                println!("check ok      {line}");
+            }
+            for line in problems {
+                println!("CHECK FAILED  {line}");
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// `--buyers`: the flash sale with arrivals, and the database check against what buyers were told.
+async fn arrivals(cli: &Cli, buyers: usize) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        cli.scenario == Scenario::FlashSale,
+        "--buyers: only with --scenario flash-sale"
+    );
+    let targets: Vec<String> = if cli.targets.is_empty() {
+        vec![cli.target.trim_end_matches('/').to_string()]
+    } else {
+        cli.targets.iter().map(|t| t.trim_end_matches('/').to_string()).collect()
+    };
+    let db = match &cli.check_database {
+        Some(url) => Some(check::connect(url).await?),
+        None => None,
+    };
+    let before = match &db {
+        Some(db) => Some(check::snapshot(db).await?),
+        None => None,
+    };
+    let report = mall_loadgen::arrivals::run(mall_loadgen::arrivals::Arrivals {
+        targets,
+        buyers,
+        over: Duration::from_secs_f64(cli.arrival_seconds.max(0.0)),
+        stock: cli.flash_stock,
+        users: cli.users,
+        password: cli.password.clone(),
+    })
+    .await?;
+    let verdict = match (&db, &before) {
+        (Some(db), Some(before)) => Some(check::verify(db, before, &report.ledger).await?),
+        _ => None,
+    };
+    let ok = verdict.as_ref().is_none_or(|(problems, _)| problems.is_empty());
+    if cli.json {
+        let mut value = serde_json::to_value(&report)?;
         if let Some((problems, passed)) = verdict {
             value["check"] = serde_json::json!({ "problems": problems, "passed": passed });
         }

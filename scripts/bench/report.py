@@ -130,13 +130,46 @@ def invalidation_section(md, lines):
 
 
 def waiting_room_section(md, lines):
+    full = [l for l in lines if l["group"] == "room_sale"]
     sales = [l for l in lines if l["group"] == "waiting_room"]
+    if not sales and not full:
+        return
+    md.append("\n## 5. Flash sale: the waiting room against today's 429 limit\n")
+    if full:
+        f0 = full[0]
+        md.append(
+            f"`scripts/bench/room.py` (release): two app instances on one freshly seeded PostgreSQL and the local "
+            f"Redis, each behind two sidecars, one with the waiting room on `POST /api/orders` and one with today's "
+            f"sale-window limit there (the same budget, {f0['budget']:g} per second, shared through Redis). Each "
+            f"round, `mall-load --scenario flash-sale --buyers {f0['buyers']:,} --arrival-seconds "
+            f"{f0['arrival_seconds']:g}` sells a new product of {f0['stock']:,} units: buyer i arrives at i × "
+            f"{f0['arrival_seconds']:g} s / {f0['buyers']:,} at one pod or the other and buys one unit until let "
+            "through (honouring tickets, and `Retry-After` on 429), leaving once it is sold out. The fronts take "
+            "turns in interleaved rounds; medians over rounds, with the range.\n"
+        )
+        md.append("| front | rounds | orders | unfair admissions | app requests per order | let-through p50 / p99 ms | longest wait ms | tickets | 429 answers | database check |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for front, label in (("room", "waiting room"), ("limit", "429 limit")):
+            rows = [l for l in full if l["front"] == front]
+            if not rows:
+                continue
+            def med(k):
+                return median([r[k] for r in rows])
+            def rng(k, scale=1.0, fmt="{:.1f}"):
+                v = [r[k] * scale for r in rows]
+                return f"{fmt.format(median(v))} ({fmt.format(min(v))}..{fmt.format(max(v))})"
+            problems = sum(len(r["check_problems"]) for r in rows)
+            md.append(
+                f"| {label} | {len(rows)} | {med('orders'):,.0f} | {rng('unfair_fraction', 100.0, '{:.2f}')} % | "
+                f"{rng('app_requests_per_order', 1.0, '{:.2f}')} | {med('admitted_p50_ms'):.1f} / {med('admitted_p99_ms'):.1f} | "
+                f"{med('longest_wait_ms'):,.0f} | {med('tickets'):,.0f} | {med('rate_limited'):,.0f} | "
+                f"{'ok' if not problems else f'{problems} problems'} |"
+            )
     if not sales:
         return
     s0 = sales[0]
-    md.append("\n## 5. Flash sale: the waiting room against today's 429 limit\n")
     md.append(
-        f"`tests/tests/waiting_room.rs` (dev build): two pods (a sidecar in front of its own app each) on one "
+        f"\nAt reduced size, `tests/tests/waiting_room.rs` (dev build): two pods (a sidecar in front of its own app each) on one "
         f"PostgreSQL and one Redis; {s0['buyers']} buyers arriving 40 ms apart, alternately at each pod, for a product "
         f"with {s0['stock']} units, at a budget of {s0['admit_per_second']:g} admissions per second. Behind the room "
         "buyers wait for the turn their ticket names; behind the 429 limit (the same budget, shared through Redis) "

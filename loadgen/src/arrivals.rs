@@ -1,0 +1,318 @@
+//! A flash sale with buyers who arrive once (`--buyers N --arrival-seconds S`), as a sale's
+//! audience does, instead of a closed loop: buyer `i` arrives at `i * S / N`, at target
+//! `i % targets` (one URL per pod, so the sale spreads over pods without a balancer), and tries
+//! to buy one unit until let through, as a browser would:
+//!
+//! - 202 from a waiting room: waits the turn it names (`Waiting-Room-Wait-Ms`, else
+//!   `Retry-After`) and sends the order again with its ticket;
+//! - 429: waits `Retry-After` (RFC 9110 10.2.3) and tries again;
+//! - anything else came from the app: the buyer was let through (201 bought, 409 sold out).
+//!
+//! Once the product is sold out, buyers still waiting leave. Reported: fairness (the fraction of
+//! buyers let through while someone who arrived earlier was still waiting or never got in), the
+//! requests that reached the app per order created, the let-through order's latency, the
+//! longest wait, and the ledger the database check compares with.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::scenario::{self, LedgerData};
+
+#[derive(Debug, Clone)]
+pub struct Arrivals {
+    /// One base URL per pod (the sidecar of each).
+    pub targets: Vec<String>,
+    pub buyers: usize,
+    pub over: Duration,
+    pub stock: u64,
+    pub users: usize,
+    pub password: String,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct SaleReport {
+    pub buyers: usize,
+    pub arrival_seconds: f64,
+    pub stock: u64,
+    pub product: u64,
+    pub orders: usize,
+    pub sold_out_answers: usize,
+    /// Buyers who left without being let through (the sale sold out first).
+    pub left: usize,
+    pub unfair_fraction: f64,
+    /// Requests answered by the app (not by the sidecar's room or limit) per order created.
+    pub app_requests_per_order: f64,
+    pub tickets: u64,
+    pub rate_limited: u64,
+    pub admitted_p50_ms: f64,
+    pub admitted_p99_ms: f64,
+    pub longest_wait_ms: u64,
+    /// From the first arrival to the last buyer's answer.
+    pub seconds: f64,
+    #[serde(skip)]
+    pub ledger: LedgerData,
+}
+
+struct Buyer {
+    arrived: Option<Instant>,
+    /// When the let-through request was sent, how long it took, its status.
+    admitted: Option<(Instant, Duration, u16)>,
+    app_requests: u64,
+    tickets: u64,
+    rate_limited: u64,
+    waited: Duration,
+    order: Option<String>,
+}
+
+pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
+    anyhow::ensure!(!a.targets.is_empty() && a.buyers > 0, "--buyers needs at least one buyer and one target");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(a.buyers.min(1024))
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let base = &a.targets[0];
+    let admin = scenario::login(&http, base, "admin", &a.password).await?;
+    let product = scenario::create_flash_product(&http, base, &admin, a.stock).await?;
+    let mut tokens = Vec::new();
+    for i in 1..=a.users.max(1) {
+        tokens.push(scenario::login(&http, base, &format!("user{i}"), &a.password).await?);
+    }
+    let run_id = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
+    let sold_out = Arc::new(AtomicBool::new(false));
+    let start = Instant::now() + Duration::from_millis(200);
+    let gap = a.over.as_secs_f64() / a.buyers as f64;
+    let mut tasks = Vec::with_capacity(a.buyers);
+    for i in 0..a.buyers {
+        let http = http.clone();
+        let sold_out = sold_out.clone();
+        let url = format!("{}/api/orders", a.targets[i % a.targets.len()]);
+        let token = tokens[i % tokens.len()].clone();
+        let key = format!("lg-{run_id}-b{i}");
+        let at = start + Duration::from_secs_f64(gap * i as f64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            buy(&http, &url, &token, &key, product, &sold_out).await
+        }));
+    }
+    let mut buyers = Vec::with_capacity(a.buyers);
+    for t in tasks {
+        buyers.push(t.await?);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+
+    let mut ledger = LedgerData {
+        run_id,
+        ..LedgerData::default()
+    };
+    ledger.created.insert(product, a.stock as i64);
+    for (i, b) in buyers.iter().enumerate() {
+        if let Some(order) = &b.order {
+            ledger.orders.insert(format!("lg-{}-b{i}", ledger.run_id), format!("{order}:{product}"));
+            *ledger.ordered.entry(product).or_default() += 1;
+        }
+    }
+    let orders = ledger.orders.len();
+    let mut latencies: Vec<Duration> = buyers.iter().filter_map(|b| b.admitted.map(|x| x.1)).collect();
+    latencies.sort();
+    let quantile = |q: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * q).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    Ok(SaleReport {
+        buyers: a.buyers,
+        arrival_seconds: a.over.as_secs_f64(),
+        stock: a.stock,
+        product,
+        orders,
+        sold_out_answers: buyers.iter().filter(|b| matches!(b.admitted, Some((_, _, 409)))).count(),
+        left: buyers.iter().filter(|b| b.arrived.is_some() && b.admitted.is_none()).count(),
+        unfair_fraction: unfair_fraction(&buyers),
+        app_requests_per_order: buyers.iter().map(|b| b.app_requests).sum::<u64>() as f64 / orders.max(1) as f64,
+        tickets: buyers.iter().map(|b| b.tickets).sum(),
+        rate_limited: buyers.iter().map(|b| b.rate_limited).sum(),
+        admitted_p50_ms: quantile(0.5),
+        admitted_p99_ms: quantile(0.99),
+        longest_wait_ms: buyers.iter().map(|b| b.waited.as_millis() as u64).max().unwrap_or(0),
+        seconds,
+        ledger,
+    })
+}
+
+async fn buy(http: &reqwest::Client, url: &str, token: &str, key: &str, product: u64, sold_out: &AtomicBool) -> Buyer {
+    let mut b = Buyer {
+        arrived: None,
+        admitted: None,
+        app_requests: 0,
+        tickets: 0,
+        rate_limited: 0,
+        waited: Duration::ZERO,
+        order: None,
+    };
+    let mut ticket: Option<String> = None;
+    let mut errors = 0;
+    let body = json!({ "items": [{ "product_id": product, "quantity": 1 }] });
+    while !sold_out.load(Ordering::Relaxed) {
+        let sent = Instant::now();
+        let first = *b.arrived.get_or_insert(sent);
+        let mut request = http.post(url).bearer_auth(token).header("idempotency-key", key).json(&body);
+        if let Some(t) = &ticket {
+            request = request.header("waiting-room-ticket", t);
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(_) if errors < 5 => {
+                // The same key again: safe to resend (the mall replays an order already made).
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(20 * errors)).await;
+                continue;
+            }
+            Err(_) => break,
+        };
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let retry_after_ms = header("retry-after")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|s| s * 1000);
+        match status {
+            202 => {
+                b.tickets += 1;
+                ticket = header("waiting-room-ticket");
+                let wait = header("waiting-room-wait-ms")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .or(retry_after_ms)
+                    .unwrap_or(1000);
+                b.waited = sent.duration_since(first) + Duration::from_millis(wait);
+                sleep_unless_sold_out(Duration::from_millis(wait.min(60_000)), sold_out).await;
+            }
+            429 => {
+                b.rate_limited += 1;
+                sleep_unless_sold_out(Duration::from_millis(retry_after_ms.unwrap_or(1000)), sold_out).await;
+            }
+            _ => {
+                b.app_requests += 1;
+                let took = sent.elapsed();
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                if status == 409 && body["error"]["code"] == "insufficient_stock" {
+                    sold_out.store(true, Ordering::Relaxed);
+                }
+                if status == 201 {
+                    b.order = body["id"].as_str().map(str::to_string);
+                }
+                if status >= 500 {
+                    // The app failed this order: a buyer tries again.
+                    continue;
+                }
+                b.waited = sent.duration_since(first);
+                b.admitted = Some((sent, took, status));
+                break;
+            }
+        }
+    }
+    b
+}
+
+async fn sleep_unless_sold_out(d: Duration, sold_out: &AtomicBool) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && !sold_out.load(Ordering::Relaxed) {
+        tokio::time::sleep((until - Instant::now()).min(Duration::from_millis(50))).await;
+    }
+}
+
+/// The fraction of let-through buyers let through while someone who arrived earlier had not been
+/// yet (or never was).
+fn unfair_fraction(buyers: &[Buyer]) -> f64 {
+    let mut arrived: Vec<&Buyer> = buyers.iter().filter(|b| b.arrived.is_some()).collect();
+    arrived.sort_by_key(|b| b.arrived);
+    // Admission time of each, in arrival order; `None` never got in.
+    let times: Vec<Option<Instant>> = arrived.iter().map(|b| b.admitted.map(|a| a.0)).collect();
+    let mut unfair = 0usize;
+    let mut latest: Option<Instant> = None;
+    let mut someone_never = false;
+    for t in &times {
+        if let Some(at) = t {
+            if someone_never || latest.is_some_and(|l| l > *at) {
+                unfair += 1;
+            }
+            latest = Some(latest.map_or(*at, |l| l.max(*at)));
+        } else {
+            someone_never = true;
+        }
+    }
+    let admitted = times.iter().filter(|t| t.is_some()).count();
+    unfair as f64 / admitted.max(1) as f64
+}
+
+impl std::fmt::Display for SaleReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "flash sale    {} buyers over {:.1} s for {} units: {} orders, {} sold-out answers, {} left waiting",
+            self.buyers, self.arrival_seconds, self.stock, self.orders, self.sold_out_answers, self.left
+        )?;
+        writeln!(
+            f,
+            "fairness      {:.2} % let through before someone who arrived earlier",
+            self.unfair_fraction * 100.0
+        )?;
+        writeln!(
+            f,
+            "load          {:.2} app requests per order; {} tickets, {} answers 429",
+            self.app_requests_per_order, self.tickets, self.rate_limited
+        )?;
+        writeln!(
+            f,
+            "latency       let-through order p50 {:.1} ms, p99 {:.1} ms; longest wait {} ms; {:.1} s in all",
+            self.admitted_p50_ms, self.admitted_p99_ms, self.longest_wait_ms, self.seconds
+        )
+    }
+}
+
+/// For tests of the fairness measure.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buyer(arrived_ms: u64, admitted_ms: Option<u64>, t0: Instant) -> Buyer {
+        Buyer {
+            arrived: Some(t0 + Duration::from_millis(arrived_ms)),
+            admitted: admitted_ms.map(|a| (t0 + Duration::from_millis(a), Duration::ZERO, 201)),
+            app_requests: 1,
+            tickets: 0,
+            rate_limited: 0,
+            waited: Duration::ZERO,
+            order: None,
+        }
+    }
+
+    #[test]
+    fn fairness_counts_buyers_let_through_ahead_of_an_earlier_one() {
+        let t0 = Instant::now();
+        let in_order = [buyer(0, Some(10), t0), buyer(1, Some(20), t0), buyer(2, Some(30), t0)];
+        assert_eq!(unfair_fraction(&in_order), 0.0);
+        // The third passes the second; the fourth gets in while the first never does.
+        let mixed = [
+            buyer(0, None, t0),
+            buyer(1, Some(20), t0),
+            buyer(2, Some(15), t0),
+            buyer(3, Some(40), t0),
+        ];
+        assert_eq!(unfair_fraction(&mixed), 1.0);
+        let one_pass = [buyer(0, Some(10), t0), buyer(1, Some(30), t0), buyer(2, Some(20), t0)];
+        assert!((unfair_fraction(&one_pass) - 1.0 / 3.0).abs() < 1e-9);
+    }
+}

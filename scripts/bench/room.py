@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""A flash sale at full size: the waiting room against today's 429 limit (called by bench.sh).
+
+Two pods' worth of processes on one freshly seeded PostgreSQL database and the local Redis: two
+app instances, and in front of each two sidecars, one with the waiting room on the order path
+and one with today's sale-window limit on it (the same budget, shared through Redis). Each round
+`mall-load --scenario flash-sale --buyers N --arrival-seconds S --targets <both pods>` sells a new
+product with less stock than buyers, with the database check; the fronts take turns in
+interleaved rounds (room, limit, room, limit, ...). Results go to results.jsonl for report.py.
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import time
+import urllib.request
+
+from orders import wait_ready
+from procstat import log
+
+SECRET = "bench-waiting-room-secret-of-32-bytes-at-least"
+
+
+def sidecar_toml(listen, admin, app_port, front, budget, burst, prefix):
+    common = f"""
+[server]
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+threads = 1
+
+[upstream]
+servers = [{{ address = "127.0.0.1:{app_port}" }}]
+
+[cache]
+enabled = false
+
+[access_log]
+enabled = false
+"""
+    if front == "room":
+        return common + f"""
+[rate_limit]
+enabled = false
+
+[waiting_room]
+enabled = true
+admit_per_second = {budget}
+burst = {burst}
+secret = "{SECRET}"
+replicas = 2
+
+[waiting_room.redis]
+url = "redis://127.0.0.1:6379"
+key_prefix = "{prefix}:room"
+timeout_ms = 200
+"""
+    return common + f"""
+[rate_limit]
+enabled = true
+
+[[rate_limit.rules]]
+name = "sale-orders"
+path_prefix = "/api/orders"
+methods = ["POST"]
+requests_per_second = {budget}
+burst = {burst}
+
+[rate_limit.redis]
+url = "redis://127.0.0.1:6379"
+key_prefix = "{prefix}:rl"
+timeout_ms = 200
+"""
+
+
+def wait_sidecar(admin):
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"sidecar with admin port {admin} did not become ready")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--buyers", type=int, default=5000)
+    ap.add_argument("--arrival-seconds", type=float, default=3.0)
+    ap.add_argument("--stock", type=int, default=2000)
+    ap.add_argument("--budget", type=float, default=1000.0)
+    ap.add_argument("--burst", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
+    args = ap.parse_args()
+    bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
+    results = open(out / "results.jsonl", "a")
+    pg = args.pg_admin.rsplit("/", 1)[0] + "/mall_room_bench"
+    subprocess.run(["psql", "-q", args.pg_admin, "-c", "DROP DATABASE IF EXISTS mall_room_bench",
+                    "-c", "CREATE DATABASE mall_room_bench"], check=True)
+    subprocess.run([str(bin_dir / "mall-app"), "seed", "--database-url", pg], check=True,
+                   stdout=subprocess.DEVNULL)
+    prefix = f"bench-{int(time.time())}"
+    procs = []
+    try:
+        for i, port in enumerate((3501, 3502)):
+            logfile = work / f"room-app-{i}.log"
+            p = subprocess.Popen([str(bin_dir / "mall-app"), "serve", "--listen", f"127.0.0.1:{port}",
+                                  "--database-url", pg, "--worker-id", str(i + 1)],
+                                 stdout=open(logfile, "w"), stderr=subprocess.STDOUT,
+                                 env={"MALL_LOG_FORMAT": "json", "PATH": "/usr/bin:/bin"})
+            procs.append(p)
+            wait_ready(port, p, logfile)
+        fronts = {}
+        for front, base in (("room", 8501), ("limit", 8511)):
+            urls = []
+            for i, app_port in enumerate((3501, 3502)):
+                listen, admin = base + i, base + 1000 + i
+                conf = work / f"room-sidecar-{front}-{i}.toml"
+                conf.write_text(sidecar_toml(listen, admin, app_port, front, args.budget, args.burst, prefix))
+                p = subprocess.Popen([str(bin_dir / "sidecar"), "-c", str(conf)],
+                                     stdout=open(work / f"room-sidecar-{front}-{i}.log", "w"),
+                                     stderr=subprocess.STDOUT)
+                procs.append(p)
+                wait_sidecar(admin)
+                urls.append(f"http://127.0.0.1:{listen}")
+            fronts[front] = urls
+        for rnd in range(1, args.rounds + 1):
+            for front, urls in fronts.items():
+                log(f"flash sale round {rnd}: {args.buyers} buyers over {args.arrival_seconds} s, {front}")
+                name = f"room-{front}-r{rnd}.json"
+                run = subprocess.run(
+                    [str(bin_dir / "mall-load"), "--scenario", "flash-sale", "--buyers", str(args.buyers),
+                     "--arrival-seconds", str(args.arrival_seconds), "--flash-stock", str(args.stock),
+                     "--targets", ",".join(urls), "--json", "--check-database", pg],
+                    capture_output=True, text=True)
+                if run.returncode == 2 or not run.stdout.strip():
+                    raise SystemExit(f"mall-load failed: {run.stderr}")
+                (out / name).write_text(run.stdout)
+                report = json.loads(run.stdout)
+                report.update({"group": "room_sale", "front": front, "round": rnd, "budget": args.budget,
+                               "file": name, "check_problems": report.get("check", {}).get("problems", [])})
+                report.pop("check", None)
+                results.write(json.dumps(report) + "\n")
+                results.flush()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -43,6 +43,9 @@ pub struct SaleReport {
     /// Buyers who left without being let through (the sale sold out first).
     pub left: usize,
     pub unfair_fraction: f64,
+    /// The same, counting only inversions larger than 10 ms and 100 ms both ways.
+    pub unfair_fraction_10ms: f64,
+    pub unfair_fraction_100ms: f64,
     /// Requests answered by the app (not by the sidecar's room or limit) per order created.
     pub app_requests_per_order: f64,
     pub tickets: u64,
@@ -68,7 +71,10 @@ struct Buyer {
 }
 
 pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
-    anyhow::ensure!(!a.targets.is_empty() && a.buyers > 0, "--buyers needs at least one buyer and one target");
+    anyhow::ensure!(
+        !a.targets.is_empty() && a.buyers > 0,
+        "--buyers needs at least one buyer and one target"
+    );
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(a.buyers.min(1024))
         .timeout(Duration::from_secs(60))
@@ -115,7 +121,9 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
     ledger.created.insert(product, a.stock as i64);
     for (i, b) in buyers.iter().enumerate() {
         if let Some(order) = &b.order {
-            ledger.orders.insert(format!("lg-{}-b{i}", ledger.run_id), format!("{order}:{product}"));
+            ledger
+                .orders
+                .insert(format!("lg-{}-b{i}", ledger.run_id), format!("{order}:{product}"));
             *ledger.ordered.entry(product).or_default() += 1;
         }
     }
@@ -133,9 +141,17 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         stock: a.stock,
         product,
         orders,
-        sold_out_answers: buyers.iter().filter(|b| matches!(b.admitted, Some((_, _, 409)))).count(),
-        left: buyers.iter().filter(|b| b.arrived.is_some() && b.admitted.is_none()).count(),
-        unfair_fraction: unfair_fraction(&buyers),
+        sold_out_answers: buyers
+            .iter()
+            .filter(|b| matches!(b.admitted, Some((_, _, 409))))
+            .count(),
+        left: buyers
+            .iter()
+            .filter(|b| b.arrived.is_some() && b.admitted.is_none())
+            .count(),
+        unfair_fraction: unfair_fraction(&buyers, Duration::ZERO),
+        unfair_fraction_10ms: unfair_fraction(&buyers, Duration::from_millis(10)),
+        unfair_fraction_100ms: unfair_fraction(&buyers, Duration::from_millis(100)),
         app_requests_per_order: buyers.iter().map(|b| b.app_requests).sum::<u64>() as f64 / orders.max(1) as f64,
         tickets: buyers.iter().map(|b| b.tickets).sum(),
         rate_limited: buyers.iter().map(|b| b.rate_limited).sum(),
@@ -163,7 +179,11 @@ async fn buy(http: &reqwest::Client, url: &str, token: &str, key: &str, product:
     while !sold_out.load(Ordering::Relaxed) {
         let sent = Instant::now();
         let first = *b.arrived.get_or_insert(sent);
-        let mut request = http.post(url).bearer_auth(token).header("idempotency-key", key).json(&body);
+        let mut request = http
+            .post(url)
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(&body);
         if let Some(t) = &ticket {
             request = request.header("waiting-room-ticket", t);
         }
@@ -233,27 +253,25 @@ async fn sleep_unless_sold_out(d: Duration, sold_out: &AtomicBool) {
     }
 }
 
-/// The fraction of let-through buyers let through while someone who arrived earlier had not been
-/// yet (or never was).
-fn unfair_fraction(buyers: &[Buyer]) -> f64 {
-    let mut arrived: Vec<&Buyer> = buyers.iter().filter(|b| b.arrived.is_some()).collect();
-    arrived.sort_by_key(|b| b.arrived);
-    // Admission time of each, in arrival order; `None` never got in.
-    let times: Vec<Option<Instant>> = arrived.iter().map(|b| b.admitted.map(|a| a.0)).collect();
-    let mut unfair = 0usize;
-    let mut latest: Option<Instant> = None;
-    let mut someone_never = false;
-    for t in &times {
-        if let Some(at) = t {
-            if someone_never || latest.is_some_and(|l| l > *at) {
-                unfair += 1;
-            }
-            latest = Some(latest.map_or(*at, |l| l.max(*at)));
-        } else {
-            someone_never = true;
-        }
-    }
-    let admitted = times.iter().filter(|t| t.is_some()).count();
+/// The fraction of let-through buyers let through while someone who arrived more than `slack`
+/// earlier was let through more than `slack` later, or never. With no slack, any inversion
+/// counts, including ones inside the network's and the scheduler's jitter; the slack shows how
+/// much of the figure is that jitter.
+fn unfair_fraction(buyers: &[Buyer], slack: Duration) -> f64 {
+    let arrived: Vec<(Instant, Option<Instant>)> = buyers
+        .iter()
+        .filter_map(|b| Some((b.arrived?, b.admitted.map(|a| a.0))))
+        .collect();
+    let admitted = arrived.iter().filter(|(_, t)| t.is_some()).count();
+    let unfair = arrived
+        .iter()
+        .filter(|(arrived_b, admitted_b)| {
+            let Some(admitted_b) = admitted_b else { return false };
+            arrived.iter().any(|(arrived_a, admitted_a)| {
+                *arrived_a + slack < *arrived_b && admitted_a.is_none_or(|at| at > *admitted_b + slack)
+            })
+        })
+        .count();
     unfair as f64 / admitted.max(1) as f64
 }
 
@@ -266,8 +284,10 @@ impl std::fmt::Display for SaleReport {
         )?;
         writeln!(
             f,
-            "fairness      {:.2} % let through before someone who arrived earlier",
-            self.unfair_fraction * 100.0
+            "fairness      {:.2} % let through before someone who arrived earlier ({:.2} % beyond 10 ms, {:.2} % beyond 100 ms)",
+            self.unfair_fraction * 100.0,
+            self.unfair_fraction_10ms * 100.0,
+            self.unfair_fraction_100ms * 100.0
         )?;
         writeln!(
             f,
@@ -302,8 +322,9 @@ mod tests {
     #[test]
     fn fairness_counts_buyers_let_through_ahead_of_an_earlier_one() {
         let t0 = Instant::now();
+        let none = Duration::ZERO;
         let in_order = [buyer(0, Some(10), t0), buyer(1, Some(20), t0), buyer(2, Some(30), t0)];
-        assert_eq!(unfair_fraction(&in_order), 0.0);
+        assert_eq!(unfair_fraction(&in_order, none), 0.0);
         // The third passes the second; the fourth gets in while the first never does.
         let mixed = [
             buyer(0, None, t0),
@@ -311,8 +332,17 @@ mod tests {
             buyer(2, Some(15), t0),
             buyer(3, Some(40), t0),
         ];
-        assert_eq!(unfair_fraction(&mixed), 1.0);
+        assert_eq!(unfair_fraction(&mixed, none), 1.0);
         let one_pass = [buyer(0, Some(10), t0), buyer(1, Some(30), t0), buyer(2, Some(20), t0)];
-        assert!((unfair_fraction(&one_pass) - 1.0 / 3.0).abs() < 1e-9);
+        assert!((unfair_fraction(&one_pass, none) - 1.0 / 3.0).abs() < 1e-9);
+        // A pass of 10 ms is within a slack of 10 ms; a buyer who never got in is not.
+        assert_eq!(unfair_fraction(&one_pass, Duration::from_millis(10)), 0.0);
+        assert_eq!(
+            unfair_fraction(&mixed, Duration::from_millis(10)),
+            0.0,
+            "arrivals 1 ms apart"
+        );
+        let late = [buyer(0, None, t0), buyer(50, Some(60), t0)];
+        assert_eq!(unfair_fraction(&late, Duration::from_millis(10)), 1.0);
     }
 }

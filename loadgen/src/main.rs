@@ -153,7 +153,10 @@ async fn arrivals(cli: &Cli, buyers: usize) -> anyhow::Result<bool> {
     let targets: Vec<String> = if cli.targets.is_empty() {
         vec![cli.target.trim_end_matches('/').to_string()]
     } else {
-        cli.targets.iter().map(|t| t.trim_end_matches('/').to_string()).collect()
+        cli.targets
+            .iter()
+            .map(|t| t.trim_end_matches('/').to_string())
+            .collect()
     };
     let db = match &cli.check_database {
         Some(url) => Some(check::connect(url).await?),

@@ -29,6 +29,8 @@ const ADMIT_PER_SECOND: f64 = 15.0;
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Front {
     WaitingRoom,
+    /// The room, with its Redis killed before the sale: each pod keeps its own line.
+    WaitingRoomRedisDown,
     RateLimit,
 }
 
@@ -46,12 +48,14 @@ struct Sale {
     p99_ms: f64,
     longest_wait_ms: u128,
     tickets: usize,
+    /// `sidecar_waiting_room_shared` of each sidecar after the sale.
+    shared: Vec<f64>,
 }
 
 async fn sale(front: Front) -> Option<Sale> {
     let url = fresh_database("MALL_TEST_POSTGRES_URL", "postgres://mall:mall@127.0.0.1:5432/test").await?;
     let redis_port = free_addr().port();
-    let _redis = redis(redis_port)?;
+    let mut redis_server = Some(redis(redis_port)?);
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
     let dir = tempfile::tempdir().unwrap();
     let flags = [format!("--database-url={url}")];
@@ -61,11 +65,14 @@ async fn sale(front: Front) -> Option<Sale> {
         RunningApp::start_in(dir.path(), &flags).await,
     ];
     let mut sidecars = Vec::new();
+    let mut admins = Vec::new();
     for app in &apps {
         let listen = free_addr();
+        let admin_listen = free_addr();
+        admins.push(admin_listen);
         let mut config = SidecarConfig::default();
         config.server.listen = listen;
-        config.server.admin_listen = free_addr();
+        config.server.admin_listen = admin_listen;
         config.server.threads = 1;
         config.upstream.servers = vec![mall_sidecar_config::UpstreamServer {
             address: app.addr.to_string(),
@@ -74,7 +81,7 @@ async fn sale(front: Front) -> Option<Sale> {
         config.access_log.enabled = false;
         config.cache.enabled = false;
         match front {
-            Front::WaitingRoom => {
+            Front::WaitingRoom | Front::WaitingRoomRedisDown => {
                 config.rate_limit.enabled = false;
                 config.waiting_room = WaitingRoom {
                     enabled: true,
@@ -144,6 +151,9 @@ async fn sale(front: Front) -> Option<Sale> {
         mall_loadgen::login(&http, &base, "user2", PASSWORD).await.unwrap(),
     ];
     let app_orders_before = order_requests(&http, &apps).await;
+    if front == Front::WaitingRoomRedisDown {
+        redis_server = None;
+    }
 
     let sold_out = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
@@ -209,6 +219,24 @@ async fn sale(front: Front) -> Option<Sale> {
         buyers.push(buyer);
     }
     let app_requests = order_requests(&http, &apps).await - app_orders_before;
+    let mut shared = Vec::new();
+    for admin in &admins {
+        let text = http
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        shared.push(
+            text.lines()
+                .find(|l| l.starts_with("sidecar_waiting_room_shared "))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(-1.0),
+        );
+    }
+    drop(redis_server);
 
     // No oversell, no lost order: what the buyers were told against the database.
     let created = buyers
@@ -272,6 +300,7 @@ async fn sale(front: Front) -> Option<Sale> {
         p99_ms: p99.as_secs_f64() * 1000.0,
         longest_wait_ms: longest_wait.as_millis(),
         tickets,
+        shared,
     })
 }
 
@@ -318,6 +347,11 @@ async fn a_flash_sale_behind_the_waiting_room_admits_in_arrival_order() {
         );
     }
     assert!(room.tickets > 0, "the room handed out tickets");
+    assert_eq!(
+        room.shared,
+        vec![1.0, 1.0],
+        "both sidecars share one line through Redis"
+    );
     assert!(
         room.fairness < 0.03,
         "{:.1} % of buyers were let through before someone who arrived earlier",
@@ -327,5 +361,26 @@ async fn a_flash_sale_behind_the_waiting_room_admits_in_arrival_order() {
         room.app_requests <= 1.5,
         "{:.2} order requests reached the apps per order created",
         room.app_requests
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_each_pod_keeps_a_line_of_its_own_and_sells_nothing_twice() {
+    let Some(room) = sale(Front::WaitingRoomRedisDown).await else {
+        return;
+    };
+    // `sale` checked the database: sold out exactly, orders stored = orders confirmed.
+    assert!(room.tickets > 0, "each pod's own line handed out tickets");
+    assert_eq!(room.shared, vec![0.0, 0.0], "both sidecars say their line is their own");
+    assert!(
+        room.app_requests <= 1.5,
+        "{:.2} app requests per order",
+        room.app_requests
+    );
+    eprintln!(
+        "SALE-REDIS-DOWN fairness {:.1} % (each pod's line is fair within itself), {} tickets, longest wait {} ms",
+        room.fairness * 100.0,
+        room.tickets,
+        room.longest_wait_ms
     );
 }

@@ -62,6 +62,17 @@ pub fn rules(md: &MallDeployment, tuning: &Tuning) -> Vec<Rule> {
         "always firing: monitoring is alive (the operator holds alert-driven scale-down while it stops)".into(),
     );
     heartbeat.labels.insert("action".into(), "heartbeat".into());
+    // A sidecar whose waiting room cannot reach Redis admits from a line of its own: the
+    // operator says so in the `WaitingRoom` condition.
+    let mut local_line = rule(
+        WAITING_ROOM_LOCAL,
+        format!("min by (pod) (sidecar_waiting_room_shared{{{sel}}}) == 0"),
+        "1m",
+        "warning",
+        false,
+        "{{ $labels.pod }}'s waiting room cannot reach Redis: it admits from a line of its own".into(),
+    );
+    local_line.labels.insert("action".into(), "waiting_room".into());
     vec![
         rule("HighQPS", format!("{qps} > {}", slo.high_qps), "2m", "warning", false,
             format!("{{{{ $labels.pod }}}} serves more than {} requests/s", slo.high_qps)),
@@ -109,12 +120,16 @@ pub fn rules(md: &MallDeployment, tuning: &Tuning) -> Vec<Rule> {
             "10m", "warning", false,
             format!("sidecar cache hit rate below {} %", slo.cache_hit_rate_percent),
         ),
+        local_line,
         heartbeat,
     ]
 }
 
 /// The `alertname` of the always-firing heartbeat.
 pub const HEARTBEAT: &str = "MallMonitoringHeartbeat";
+
+/// The alert a pod's waiting room raises while it keeps a line of its own.
+pub const WAITING_ROOM_LOCAL: &str = "WaitingRoomLocalLine";
 
 /// The rule file promtool reads (and the PrometheusRule's `spec`).
 pub fn rule_groups(md: &MallDeployment, tuning: &Tuning) -> Value {
@@ -275,6 +290,20 @@ pub fn promtool_tests(md: &MallDeployment, tuning: &Tuning, rules_file: &str) ->
             Some(alert_labels("CacheHitRateLow", "warning", false, false)),
         ),
         case(hits(99.0, 1.0), "CacheHitRateLow", None),
+        case(
+            vec![gauge("sidecar_waiting_room_shared", "", 0.0)],
+            WAITING_ROOM_LOCAL,
+            Some({
+                let mut l = alert_labels(WAITING_ROOM_LOCAL, "warning", true, false);
+                l["action"] = json!("waiting_room");
+                l
+            }),
+        ),
+        case(
+            vec![gauge("sidecar_waiting_room_shared", "", 1.0)],
+            WAITING_ROOM_LOCAL,
+            None,
+        ),
         case(vec![], HEARTBEAT, {
             let mut l = alert_labels(HEARTBEAT, "none", false, false);
             l["action"] = json!("heartbeat");
@@ -308,6 +337,7 @@ mod tests {
                 "DatabaseConnectionsHigh",
                 "HighMemoryUsage",
                 "CacheHitRateLow",
+                "WaitingRoomLocalLine",
                 "MallMonitoringHeartbeat"
             ]
         );

@@ -275,6 +275,32 @@ pub async fn handle(State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: 
         }
         heartbeats += 1;
     }
+    // Pods whose waiting room keeps its own line (the `WaitingRoom` condition says so).
+    let mut rooms: BTreeMap<(String, String), Vec<(String, bool)>> = BTreeMap::new();
+    for a in &payload.alerts {
+        if a.labels.get("action").map(String::as_str) != Some("waiting_room") {
+            continue;
+        }
+        let (Some(ns), Some(name), Some(pod)) = (
+            a.labels.get("namespace"),
+            a.labels.get("malldeployment"),
+            a.labels.get("pod"),
+        ) else {
+            m.webhook.with_label_values(&["unknown_target"]).inc();
+            continue;
+        };
+        rooms
+            .entry((ns.clone(), name.clone()))
+            .or_default()
+            .push((pod.clone(), a.status == "firing"));
+    }
+    for ((ns, name), pods) in rooms {
+        if let Err(e) = record_waiting_room(&hook.ctx, &ns, &name, &pods).await {
+            m.webhook.with_label_values(&["error"]).inc();
+            tracing::error!(%ns, %name, error = %e, "waiting-room alert not recorded");
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+        }
+    }
     // Group scale-up alerts by the MallDeployment they name.
     let mut targets: BTreeMap<(String, String), Vec<AlertView>> = BTreeMap::new();
     for a in &payload.alerts {
@@ -351,6 +377,46 @@ pub async fn record_heartbeat(ctx: &Context, ns: &str, name: &str, now: i64) -> 
         &Patch::Merge(&json!({ "status": { "alertScaling": alert_scaling } })),
     )
     .await?;
+    Ok(())
+}
+
+/// The pods whose waiting room keeps its own line, after `alerts` (pod, firing).
+pub fn on_waiting_room_alerts(local: &[String], alerts: &[(String, bool)]) -> Vec<String> {
+    let mut pods: std::collections::BTreeSet<String> = local.iter().cloned().collect();
+    for (pod, firing) in alerts {
+        if *firing {
+            pods.insert(pod.clone());
+        } else {
+            pods.remove(pod);
+        }
+    }
+    pods.into_iter().collect()
+}
+
+async fn record_waiting_room(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    alerts: &[(String, bool)],
+) -> Result<(), kube::Error> {
+    let api: Api<MallDeployment> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(md) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let local = md
+        .status
+        .as_ref()
+        .map(|s| s.alert_scaling.waiting_room_local.clone())
+        .unwrap_or_default();
+    let next = on_waiting_room_alerts(&local, alerts);
+    if next != local {
+        api.patch_status(
+            name,
+            &autoscaler_params(),
+            &Patch::Merge(&json!({ "status": { "alertScaling": { "waitingRoomLocal": next } } })),
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -569,5 +635,18 @@ mod tests {
                 .len(),
             0
         );
+    }
+}
+
+#[cfg(test)]
+mod waiting_room_tests {
+    use super::on_waiting_room_alerts;
+
+    #[test]
+    fn pods_join_while_firing_and_leave_when_resolved() {
+        let local = on_waiting_room_alerts(&[], &[("b".into(), true), ("a".into(), true)]);
+        assert_eq!(local, ["a", "b"]);
+        let local = on_waiting_room_alerts(&local, &[("a".into(), false), ("a".into(), false)]);
+        assert_eq!(local, ["b"]);
     }
 }

@@ -437,6 +437,28 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         ),
         (None, None) => status.conditions.retain(|c| c.type_ != "SaleWindow"),
     }
+    // While a window's waiting room is on: whether every pod admits from the fleet's line.
+    if sale.waiting_room.is_some() {
+        let local = &status.alert_scaling.waiting_room_local;
+        if local.is_empty() {
+            set_condition(
+                &mut status,
+                md,
+                "WaitingRoom",
+                true,
+                "SharedLine",
+                "every pod admits from one line through Redis",
+            );
+        } else {
+            let message = format!(
+                "{} cannot reach Redis: each admits admitPerSecond / maxReplicas from a line of its own",
+                local.join(", ")
+            );
+            set_condition(&mut status, md, "WaitingRoom", false, "LocalLines", &message);
+        }
+    } else {
+        status.conditions.retain(|c| c.type_ != "WaitingRoom");
+    }
 
     let children = desired::children(
         md_now,

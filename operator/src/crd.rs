@@ -819,6 +819,10 @@ pub struct AlertScaling {
     /// Unix seconds of the last monitoring heartbeat the webhook received.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<i64>,
+    /// Pods whose waiting room keeps a line of its own (Redis does not answer it): the
+    /// `WaitingRoomLocalLine` alert, firing per pod. Drives the `WaitingRoom` condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_room_local: Vec<String>,
 }
 
 impl Default for MallDeploymentSpec {

@@ -317,3 +317,63 @@ async fn writing_the_scaling_state_keeps_a_newer_heartbeat() {
         Some(2_000)
     );
 }
+
+fn room_alert(target: &str, pod: &str, status: &str) -> Value {
+    json!({
+        "version": "4", "groupKey": "{}:{alertname=\"WaitingRoomLocalLine\"}", "status": status, "receiver": "mall-operator",
+        "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://alertmanager", "truncatedAlerts": 0,
+        "alerts": [{
+            "status": status,
+            "labels": { "alertname": "WaitingRoomLocalLine", "severity": "warning", "action": "waiting_room", "malldeployment": target, "namespace": NS, "pod": pod },
+            "annotations": {}, "startsAt": "2026-11-22T00:00:00Z", "endsAt": "0001-01-01T00:00:00Z", "fingerprint": format!("room-{pod}")
+        }]
+    })
+}
+
+fn condition(md: &MallDeployment, type_: &str) -> Option<(String, String, String)> {
+    md.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test]
+async fn a_pod_whose_waiting_room_lost_redis_shows_in_the_waiting_room_condition() {
+    let mut shop = mall("room", "alerts", 60);
+    shop.spec.sale_windows = serde_json::from_value(json!([{
+        "name": "all-year", "start": "2026-01-01T00:00", "end": "2027-12-31T23:00", "timeZone": "UTC",
+        "minReplicas": 2, "waitingRoom": { "admitPerSecond": 100 }
+    }]))
+    .unwrap();
+    let client = ClientBuilder::new()
+        .with_resource::<MallDeployment>()
+        .with_status_subresource::<MallDeployment>()
+        .with_object(shop)
+        .build()
+        .await
+        .unwrap();
+    let (url, ctx) = serve(&client).await;
+    reconcile(&client, &ctx, "room").await;
+    let (status, reason, _) = condition(&md(&client, "room").await, "WaitingRoom").expect("a WaitingRoom condition");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "SharedLine"));
+
+    assert_eq!(post(&url, &room_alert("room", "room-abc", "firing")).await.0, 200);
+    let local = md(&client, "room")
+        .await
+        .status
+        .unwrap()
+        .alert_scaling
+        .waiting_room_local;
+    assert_eq!(local, vec!["room-abc".to_string()]);
+    reconcile(&client, &ctx, "room").await;
+    let (status, reason, message) = condition(&md(&client, "room").await, "WaitingRoom").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "LocalLines"));
+    assert!(message.contains("room-abc"), "{message}");
+
+    assert_eq!(post(&url, &room_alert("room", "room-abc", "resolved")).await.0, 200);
+    reconcile(&client, &ctx, "room").await;
+    let (status, _, _) = condition(&md(&client, "room").await, "WaitingRoom").unwrap();
+    assert_eq!(status, "True");
+}

@@ -24,6 +24,7 @@ conns="${BENCH_CONNECTIONS:-64}"
 apt_install cmake nginx-light wrk postgresql-client redis-tools curl
 ensure_postgres
 ensure_redis
+ensure_mariadb  # the staleness test (3b) runs against MariaDB too
 cargo build --release -p mall-app -p mall-sidecar -p mall-loadgen --bins
 bin="${CARGO_TARGET_DIR:-target}/release"
 out=bench/results

@@ -123,15 +123,26 @@ async fn go(cli: Cli) -> anyhow::Result<bool> {
     if let Some((problems, _)) = &verdict {
         ok &= problems.is_empty();
     }
-    if cli.json {
-        let mut value = serde_json::to_value(&report)?;
-        value.as_object_mut().expect("object").remove("ledger");
+    let mut value = serde_json::to_value(&report)?;
+    value.as_object_mut().expect("object").remove("ledger");
+    print_report(cli.json, value, &report, verdict)?;
+    Ok(ok)
+}
+
+/// The report as JSON (with the check under `check`) or as text, then the check's lines.
+fn print_report(
+    json: bool,
+    mut value: serde_json::Value,
+    text: &impl std::fmt::Display,
+    verdict: Option<(Vec<String>, Vec<String>)>,
+) -> anyhow::Result<()> {
+    if json {
         if let Some((problems, passed)) = verdict {
             value["check"] = serde_json::json!({ "problems": problems, "passed": passed });
         }
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        print!("{report}");
+        print!("{text}");
         if let Some((problems, passed)) = verdict {
             for line in passed {
                 println!("check ok      {line}");
@@ -141,7 +152,7 @@ async fn go(cli: Cli) -> anyhow::Result<bool> {
             }
         }
     }
-    Ok(ok)
+    Ok(())
 }
 
 /// `--buyers`: the flash sale with arrivals, and the database check against what buyers were told.
@@ -180,22 +191,6 @@ async fn arrivals(cli: &Cli, buyers: usize) -> anyhow::Result<bool> {
         _ => None,
     };
     let ok = verdict.as_ref().is_none_or(|(problems, _)| problems.is_empty());
-    if cli.json {
-        let mut value = serde_json::to_value(&report)?;
-        if let Some((problems, passed)) = verdict {
-            value["check"] = serde_json::json!({ "problems": problems, "passed": passed });
-        }
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    } else {
-        print!("{report}");
-        if let Some((problems, passed)) = verdict {
-            for line in passed {
-                println!("check ok      {line}");
-            }
-            for line in problems {
-                println!("CHECK FAILED  {line}");
-            }
-        }
-    }
+    print_report(cli.json, serde_json::to_value(&report)?, &report, verdict)?;
     Ok(ok)
 }

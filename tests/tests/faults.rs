@@ -2,44 +2,13 @@
 //! database (no failed read), writes still land, and once Redis is back cross-instance
 //! invalidation resumes by itself.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mall_app::testing::{RunningApp, PASSWORD};
 use serde_json::{json, Value};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis(port: u16) -> Proc {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server runs (apt-get install redis-server; scripts/test.sh does it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Proc(child)
-}
 
 async fn price(http: &reqwest::Client, app: &RunningApp, id: u32) -> (u16, i64) {
     let r = http.get(app.url(&format!("/api/products/{id}"))).send().await.unwrap();
@@ -81,7 +50,7 @@ async fn redis_killed_under_load_loses_no_read_and_invalidation_resumes() {
         .local_addr()
         .unwrap()
         .port();
-    let server = redis(port);
+    let server = common::redis(port).expect("redis-server was found above");
     let shared = tempfile::tempdir().unwrap();
     let flags = [
         format!("--redis-url=redis://127.0.0.1:{port}"),
@@ -121,7 +90,7 @@ async fn redis_killed_under_load_loses_no_read_and_invalidation_resumes() {
     assert!(errors > 0.0, "Redis was really down (the app counted its errors)");
 
     // Redis returns on the same port: invalidation resumes by itself.
-    let _server = redis(port);
+    let _server = common::redis(port).expect("redis-server was found above");
     assert_eq!(price(&http, &b, 11).await.0, 200);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut round = 0;

@@ -431,11 +431,6 @@ impl Cache {
         f.synced_at_ms.store(f.now_ms(), Ordering::Relaxed);
     }
 
-    /// Whether the follower has kept up (always true without one).
-    pub fn follower_current(&self) -> bool {
-        self.follower.current()
-    }
-
     async fn l2_get(&self, key: &Key) -> Option<Bytes> {
         let l2 = self.l2.as_ref()?;
         if !self.l2_pending.lock().expect("pending").is_empty() {

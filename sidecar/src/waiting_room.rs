@@ -78,7 +78,6 @@ pub struct Room {
     /// Numbers of the local line already admitted (a ticket is admitted once).
     local_used: moka::sync::Cache<u64, ()>,
     shared_up: AtomicBool,
-    queue_length: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -143,8 +142,8 @@ redis.call('PEXPIRE', KEYS[1], 86400000)
 return {outcome, n, tostring(horizon), tostring(now)}
 "#;
 
-/// What a line answered: outcome (as in [`LINE_LUA`]), the number, the front, the line's clock.
-type Step = (i64, u64, f64, f64);
+/// What a line answered: outcome (as in [`LINE_LUA`]), the number, the front.
+type Step = (i64, u64, f64);
 
 fn now_ms() -> f64 {
     SystemTime::now()
@@ -209,7 +208,6 @@ impl Room {
                 .max_capacity(1_000_000)
                 .time_to_live(Duration::from_millis(ttl_ms * 2 + 60_000))
                 .build(),
-            queue_length: AtomicU64::new(0),
             metrics,
         })
     }
@@ -255,7 +253,7 @@ impl Room {
         // cannot be consulted here (another pod's, or the shared one while Redis is down)
         // counts as none: its holder takes a new number.
         let on_line = |name: &str| presented.as_ref().filter(|t| t.line == name).map(|t| t.n);
-        let (line, (outcome, n, horizon, _)) = match self.shared_step(on_line("g")).await {
+        let (line, (outcome, n, horizon)) = match self.shared_step(on_line("g")).await {
             Some(step) => ("g", step),
             None => (
                 self.local_name.as_str(),
@@ -263,8 +261,6 @@ impl Room {
             ),
         };
         let foreign = presented.as_ref().is_some_and(|t| t.line != line);
-        self.queue_length
-            .store((n as f64 - horizon).max(0.0) as u64, Ordering::Relaxed);
         self.metrics.waiting_room_queue.set((n as f64 - horizon).max(0.0));
         match outcome {
             1 => {
@@ -349,8 +345,8 @@ impl Room {
             }
         }
         self.metrics.waiting_room_shared.set(if up { 1.0 } else { 0.0 });
-        let (outcome, n, horizon, now) = answer.ok()?.ok()?;
-        Some((outcome, n, horizon.parse().unwrap_or(0.0), now.parse().unwrap_or(0.0)))
+        let (outcome, n, horizon, _clock) = answer.ok()?.ok()?;
+        Some((outcome, n, horizon.parse().unwrap_or(0.0)))
     }
 
     fn local_step(&self, n: Option<u64>, now: f64) -> Step {
@@ -360,17 +356,17 @@ impl Room {
             None => {
                 line.issued += 1;
                 let n = line.issued;
-                (i64::from(n as f64 <= line.horizon), n, line.horizon, now)
+                (i64::from(n as f64 <= line.horizon), n, line.horizon)
             }
-            Some(n) if n > line.issued => (3, n, line.horizon, now),
+            Some(n) if n > line.issued => (3, n, line.horizon),
             Some(n) if n as f64 <= line.horizon => {
                 let fresh = !self.local_used.contains_key(&n);
                 if fresh {
                     self.local_used.insert(n, ());
                 }
-                (if fresh { 1 } else { 2 }, n, line.horizon, now)
+                (if fresh { 1 } else { 2 }, n, line.horizon)
             }
-            Some(n) => (0, n, line.horizon, now),
+            Some(n) => (0, n, line.horizon),
         }
     }
 

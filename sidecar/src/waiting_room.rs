@@ -16,7 +16,7 @@
 //! Tickets are `n.line.issued_ms.turn_ms.expires_ms.binding.signature`: HMAC-SHA256 (RFC 2104)
 //! under the room's secret, bound to the buyer by a hash of the header they authenticate with.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

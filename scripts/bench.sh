@@ -246,7 +246,7 @@ python3 scripts/bench/orders.py --bin "$bin" --work "$work" --out "$out" --secon
 log "orders on PostgreSQL: array-parameter batches against multi-row statements, interleaved rounds"
 python3 scripts/bench/orders.py --bin "$bin" --work "$work" --out "$out" --seconds "$seconds" \
   --rounds "${BENCH_ROUNDS:-3}" --flash-stock "${BENCH_FLASH_STOCK:-5000}" --backends postgres \
-  --group orders_pg --contenders "rows=--order-batch-pg-arrays false;arrays=--order-batch-pg-arrays true"
+  --group orders_pg --contenders "rows=--order-batch-arrays false;arrays=--order-batch-arrays true"
 
 # ---------------------------------------------------------------- 3b. invalidation records
 log "invalidation: what the follower costs an idle instance"

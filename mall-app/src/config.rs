@@ -220,12 +220,12 @@ pub struct ServeArgs {
     /// each other's product rows (measured no faster on PostgreSQL, slower on SQLite).
     #[arg(long, env = "MALL_ORDER_BATCH_WRITERS", default_value_t = 1)]
     pub order_batch_writers: usize,
-    /// Group commit on PostgreSQL: statements that take the batch as array parameters, so their
-    /// text (and so their prepared plan) does not depend on the batch size. Off by default: in
-    /// BENCHMARKS.md section 2c it is 0.84-0.96x the multi-row statements on seed 001's orders
-    /// and collapses in a flash sale after a run of ordinary orders (not yet explained).
-    #[arg(long, env = "MALL_ORDER_BATCH_PG_ARRAYS", default_value_t = false, action = clap::ArgAction::Set)]
-    pub order_batch_pg_arrays: bool,
+    /// Group commit on PostgreSQL, MySQL and MariaDB: statements that take the batch as one array
+    /// parameter each (PostgreSQL arrays with `unnest`, a JSON array through `JSON_TABLE`), so
+    /// their text (and so their prepared plan) does not depend on the batch size. Off by default:
+    /// no faster than the multi-row statements in BENCHMARKS.md section 2c.
+    #[arg(long, env = "MALL_ORDER_BATCH_ARRAYS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub order_batch_arrays: bool,
     /// Seed products and users at start (idempotent).
     #[arg(long, env = "MALL_SEED")]
     pub seed: bool,

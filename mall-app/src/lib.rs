@@ -125,7 +125,7 @@ impl App {
                 max_orders: args.order_batch_max,
                 flush_after: Duration::from_micros(args.order_batch_flush_us),
                 writers: args.order_batch_writers,
-                pg_arrays: args.order_batch_pg_arrays,
+                arrays: args.order_batch_arrays,
             },
         );
         let state = AppState::new(Inner {

@@ -201,8 +201,8 @@ def orders_pg_section(md, out, lines):
     md.append("\n## 2c. Orders on PostgreSQL: array-parameter batches against multi-row statements\n")
     md.append(
         "Two apps with group commit over one freshly seeded PostgreSQL database: `rows` runs the batch as the "
-        "multi-row statements whose text depends on the batch size (`--order-batch-pg-arrays false`, the "
-        "default), `arrays` takes the batch as array parameters (`--order-batch-pg-arrays true`: `unnest` / "
+        "multi-row statements whose text depends on the batch size (`--order-batch-arrays false`, the "
+        "default), `arrays` takes the batch as array parameters (`--order-batch-arrays true`: `unnest` / "
         "`= ANY`, one text per statement, prepared once per connection). Interleaved rounds of equal length, as in "
         "2b; the ratio is arrays ÷ rows per round. Seed 001's orders figure is 2,471/s at 20 concurrent, so 2× is "
         "4,942/s.\n"

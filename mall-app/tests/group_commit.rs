@@ -17,9 +17,99 @@ use mall_app::error::AppResult;
 use mall_app::store::order_batch::{KeyClaim, OrderRequest};
 use mall_app::store::orders::{Placed, Source};
 use serde_json::json;
-use sqlx::Row;
+use sqlx::{Connection, Row};
 
 backend_tests!(a_batch_decides_as_serial_orders);
+
+/// A refused order's claim is released by its key alone. Releasing it by `order_id`, which has no
+/// index, scanned every stored key: on PostgreSQL that was a scan per batch of refusals (95 ms at
+/// 128,000 keys, the flash-sale collapse of BENCHMARKS.md 2c), and on MySQL/MariaDB the scan
+/// also locks every key it reads, so it waited for any transaction holding an unrelated key.
+/// Here another buyer's key is held locked while a batch refuses an order: the batch must finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_released_claim_touches_no_other_key() {
+    for arrays in ["--order-batch-arrays=false", "--order-batch-arrays=true"] {
+        let Some(db) = database(Backend::MySql).await else {
+            return;
+        };
+        let app = spawn_app(
+            &db,
+            &[
+                "--order-batch-max=64",
+                "--order-batch-flush-us=100000",
+                "--order-batch-writers=1",
+                arrays,
+            ],
+        )
+        .await;
+        let admin = app.login("admin").await;
+        let r = app
+            .post(
+                "/api/products",
+                Some(&admin),
+                json!({"name": "last one", "category": "sale", "price": 100, "stock": 1}),
+            )
+            .await;
+        let product = r.body["id"].as_i64().unwrap();
+        let mut user_ids = Vec::new();
+        for i in 1..=3 {
+            let token = app.login(&format!("user{i}")).await;
+            user_ids.push(app.get("/api/me", Some(&token)).await.body["id"].as_i64().unwrap());
+        }
+        // Another buyer's claim, locked by its own transaction (its primary key alone: no gap lock).
+        let mut other = sqlx::AnyConnection::connect(db.url.as_deref().unwrap()).await.unwrap();
+        sqlx::query("INSERT INTO idempotency_keys (user_id, idem_key, request_hash, order_id, created_at) VALUES (?, 'theirs', 'h', 1, 0)")
+            .bind(user_ids[2])
+            .execute(&mut other)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+        sqlx::query("SELECT order_id FROM idempotency_keys WHERE user_id = ? AND idem_key = 'theirs' FOR UPDATE")
+            .bind(user_ids[2])
+            .fetch_all(&mut other)
+            .await
+            .unwrap();
+
+        let order = |user_id: i64, key: &str| OrderRequest {
+            user_id,
+            source: Source::Items(vec![(product, 1)]),
+            key: Some(KeyClaim {
+                key: key.into(),
+                request_hash: format!("h-{key}"),
+            }),
+        };
+        // A lone order first, so the next two queue behind it and form one batch.
+        let requests = [
+            order(user_ids[0], "warm-up"),
+            order(user_ids[0], "mine"),
+            order(user_ids[1], "mine"),
+        ];
+        let placed = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            futures_util::future::join_all(requests.iter().map(|r| app.state.orders.place(r.clone()))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{arrays}: the batch waited on another buyer's locked key"));
+        assert!(
+            placed[0].is_ok(),
+            "{arrays}: the lone order sells the last unit: {:?}",
+            placed[0].as_ref().err()
+        );
+        for p in &placed[1..] {
+            assert!(
+                p.is_err(),
+                "{arrays}: sold out, yet order {:?}",
+                p.as_ref().map(|p| p.order.id)
+            );
+        }
+        assert_eq!(
+            app.state.metrics.order_batch_splits.get(),
+            0,
+            "{arrays}: the batch was not split"
+        );
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    }
+}
 
 async fn a_batch_decides_as_serial_orders(backend: Backend) {
     let Some(serial) = run(backend, &["--order-batch-max=1"], false).await else {

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Group commit against one order per transaction, side by side (called by scripts/bench.sh).
 
-For each backend (SQLite, PostgreSQL) two apps run over one freshly seeded database: `off`
+For each backend (SQLite, PostgreSQL, MariaDB) two apps run over one freshly seeded database: `off`
 (`--order-batch-max 1`, one transaction per order) and `on` (the defaults). For each workload
 (seed 001's orders at 20 concurrent, the flash sale at 500, one client alone) they take turns in
 interleaved rounds of equal length (off, on, off, on, ...). Each round records mall-load's JSON
 report with its database check, and the CPU time of the app, of PostgreSQL and of the load
-generator; a round in which other processes took more than 5 % of the machine is run again
+generator (the database's CPU: every PostgreSQL process, or mariadbd); a round in which other processes took more than 5 % of the machine is run again
 (at most twice). Results are appended to results.jsonl for report.py.
 """
 
@@ -23,8 +23,12 @@ import urllib.request
 from procstat import CLK, NCPU, children_ticks, log, machine_busy, ticks
 
 
-def postgres_pids():
-    out = subprocess.run(["pgrep", "-u", "postgres"], capture_output=True, text=True).stdout
+def db_pids(backend):
+    """The database server's processes: PostgreSQL's (one per connection), or mariadbd."""
+    if backend == "sqlite":
+        return []
+    command = ["pgrep", "-u", "postgres"] if backend == "postgres" else ["pgrep", "-x", "mariadbd"]
+    out = subprocess.run(command, capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
 
@@ -59,6 +63,8 @@ def main():
     ap.add_argument("--workloads", default="orders,flash,single")
     ap.add_argument("--on-args", default="", help="extra mall-app flags for the group-commit contender")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
+    ap.add_argument("--mysql-url", default="mysql://mall:mall@127.0.0.1:3306",
+                    help="MariaDB (the bench database is created in it)")
     ap.add_argument("--contenders", default=None,
                     help="name=mall-app flags;name=flags ... (default: off=--order-batch-max 1;on=<--on-args>)")
     ap.add_argument("--group", default="orders", help="the results' group name")
@@ -73,13 +79,23 @@ def main():
             subprocess.run(["rm", "-rf", str(data)], check=True)
             db_args = ["--data-dir", str(data)]
             check_url = f"sqlite://{data}/mall.db?mode=ro"
-        else:
+        elif backend == "mariadb":
+            url = args.mysql_url.rstrip("/") + "/mall_orders_bench"
+            m = re.match(r"mysql://([^:]+):([^@]+)@([^:/]+):(\d+)", args.mysql_url)
+            subprocess.run(
+                ["mariadb", "-u", m.group(1), f"-p{m.group(2)}", "-h", m.group(3), "-P", m.group(4), "-e",
+                 "DROP DATABASE IF EXISTS mall_orders_bench; CREATE DATABASE mall_orders_bench"], check=True)
+            db_args = ["--database-url", url]
+            check_url = url
+        elif backend == "postgres":
             pg = args.pg_admin.rsplit("/", 1)[0] + "/mall_orders_bench"
             subprocess.run(
                 ["psql", "-q", args.pg_admin, "-c", "DROP DATABASE IF EXISTS mall_orders_bench",
                  "-c", "CREATE DATABASE mall_orders_bench"], check=True)
             db_args = ["--database-url", pg]
             check_url = pg
+        else:
+            sys.exit(f"unknown backend {backend!r}: sqlite, postgres or mariadb")
         subprocess.run([str(bin_dir / "mall-app"), "seed", *db_args, "--seed-stock", "1000000"],
                        check=True, stdout=subprocess.DEVNULL)
         apps = {}
@@ -114,7 +130,7 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
                     name = f"orders-{backend}-{workload}-{contender}-r{rnd}.json"
                     log(f"{backend} {workload} round {rnd}: {args.group} {contender}"
                         + (f" (again: {attempt})" if attempt else ""))
-                    pg_pids = postgres_pids() if backend == "postgres" else []
+                    pg_pids = db_pids(backend)
                     app0 = ticks(proc.pid)
                     pg0 = {p: ticks(p) for p in pg_pids}
                     busy0 = machine_busy()

@@ -2,7 +2,7 @@
 # The benchmarks (not run in CI): everything side by side in one run on this machine, written to
 # BENCHMARKS.md (tables, ratios, the commands) and bench/results/ (raw outputs, SVG plot).
 #
-#   scripts/bench.sh                 # about 12 minutes; BENCH_SECONDS=N per measurement (default 10)
+#   scripts/bench.sh                 # about 35 minutes; BENCH_SECONDS=N per measurement (default 10)
 #
 # 1. Proxies: the sidecar, nginx (Debian's, configured to do the same job: proxy_cache, gzip,
 #    upstream keep-alive) and a bare pingora ProxyHttp (pingora's floor: hits from a map, one
@@ -11,8 +11,10 @@
 #    interleaved rounds after a warm-up past max-age (scripts/bench/proxies.py); req/s, p99 and
 #    CPU per request of each proxy's processes, medians and the per-round ratios to nginx.
 # 2. The app: seed 001's four scenarios (mall-load) on SQLite, PostgreSQL, PostgreSQL + Redis; then
-#    group commit against one order per transaction (scripts/bench/orders.py): the orders scenario,
-#    the flash sale and one lone client, in interleaved rounds, with the database check.
+#    group commit against one order per transaction on SQLite, PostgreSQL and MariaDB, and the
+#    array-parameter batches against the multi-row ones on PostgreSQL and MariaDB
+#    (scripts/bench/orders.py): the orders scenario, the flash sale and one lone client, in
+#    interleaved rounds, with the database check.
 # 3. The caches: database queries per 1,000 catalog reads with the app cache on and off, hit
 #    ratios under a Zipf key distribution, bytes on the wire with and without gzip.
 set -euo pipefail
@@ -21,10 +23,10 @@ cd "$(dirname "$0")/.."
 
 seconds="${BENCH_SECONDS:-10}"
 conns="${BENCH_CONNECTIONS:-64}"
-apt_install cmake nginx-light wrk postgresql-client redis-tools curl
+apt_install cmake nginx-light wrk postgresql-client mariadb-client redis-tools curl
 ensure_postgres
 ensure_redis
-ensure_mariadb  # the staleness test (3b) runs against MariaDB too
+ensure_mariadb  # orders (2b, 2c) and the staleness test (3b) run against MariaDB too
 cargo build --release -p mall-app -p mall-sidecar -p mall-loadgen --bins
 bin="${CARGO_TARGET_DIR:-target}/release"
 out=bench/results
@@ -240,13 +242,13 @@ stop_pid "$app_pid"
 # ---------------------------------------------------------------- 2b. group commit of orders
 log "orders: group commit against one order per transaction, interleaved rounds"
 python3 scripts/bench/orders.py --bin "$bin" --work "$work" --out "$out" --seconds "$seconds" \
-  --rounds "${BENCH_ROUNDS:-3}" --flash-stock "${BENCH_FLASH_STOCK:-5000}"
+  --rounds "${BENCH_ROUNDS:-3}" --flash-stock "${BENCH_FLASH_STOCK:-5000}" --backends sqlite,postgres,mariadb
 
-# ---------------------------------------------------------------- 2c. PostgreSQL batch statements
-log "orders on PostgreSQL: array-parameter batches against multi-row statements, interleaved rounds"
+# ---------------------------------------------------------------- 2c. batch statements with array parameters
+log "orders on PostgreSQL and MariaDB: array-parameter batches against multi-row statements, interleaved rounds"
 python3 scripts/bench/orders.py --bin "$bin" --work "$work" --out "$out" --seconds "$seconds" \
-  --rounds "${BENCH_ROUNDS:-3}" --flash-stock "${BENCH_FLASH_STOCK:-5000}" --backends postgres \
-  --group orders_pg --contenders "rows=--order-batch-arrays false;arrays=--order-batch-arrays true"
+  --rounds "${BENCH_ROUNDS:-3}" --flash-stock "${BENCH_FLASH_STOCK:-5000}" --backends postgres,mariadb \
+  --group orders_arrays --contenders "rows=--order-batch-arrays false;arrays=--order-batch-arrays true"
 
 # ---------------------------------------------------------------- 3b. invalidation records
 log "invalidation: what the follower costs an idle instance"

@@ -996,9 +996,12 @@ async fn release_keys(db: &Db, arrays: bool, tx: &mut Tx<'_>, keys: &[(i64, &str
     }
     let mut sql = String::new();
     let query = match (db.dialect, arrays) {
+        // A join, so each key is one primary-key lookup. Written as `user_id = ANY(...) AND
+        // (user_id, idem_key) IN (SELECT ...)`, the generic plan took `user_id = ANY` as its index
+        // condition, which with a few buyers holding many keys reads them all (75 ms a batch).
         (Dialect::Postgres, true) => sqlx::query(
-            "DELETE FROM idempotency_keys WHERE user_id = ANY($1::bigint[]) \
-             AND (user_id, idem_key) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))",
+            "DELETE FROM idempotency_keys AS ik USING unnest($1::bigint[], $2::text[]) AS r(u, k) \
+             WHERE ik.user_id = r.u AND ik.idem_key = r.k",
         )
         .bind(pg_ints(keys.iter().map(|(u, _)| *u)))
         .bind(pg_texts(keys.iter().map(|(_, k)| *k))),
@@ -1011,11 +1014,7 @@ async fn release_keys(db: &Db, arrays: bool, tx: &mut Tx<'_>, keys: &[(i64, &str
         .bind(json_rows(keys)),
         _ => {
             let lookup = vec!["(user_id = ? AND idem_key = ?)"; keys.len()].join(" OR ");
-            let mut q = prepared(
-                &mut sql,
-                db,
-                &format!("DELETE FROM idempotency_keys WHERE {lookup}"),
-            );
+            let mut q = prepared(&mut sql, db, &format!("DELETE FROM idempotency_keys WHERE {lookup}"));
             for (u, k) in keys {
                 q = q.bind(*u).bind(*k);
             }

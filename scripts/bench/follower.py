@@ -17,7 +17,7 @@ import re
 import subprocess
 import time
 
-from orders import metrics, postgres_pids, wait_ready
+from orders import db_pids, metrics, wait_ready
 from procstat import CLK, log, ticks
 
 
@@ -54,7 +54,7 @@ def main():
                 wait_ready(3401, proc, logfile)
                 time.sleep(2)
                 log(f"idle follower on {backend} ({label}), {args.seconds:.0f} s")
-                pg_pids = {"postgres": postgres_pids, "mariadb": mariadb_pids}.get(backend, list)()
+                pg_pids = db_pids(backend)
                 q0 = queries(metrics(3401))
                 app0 = ticks(proc.pid)
                 pg0 = {p: ticks(p) for p in pg_pids}
@@ -72,11 +72,6 @@ def main():
                 "db_cpu_ms_per_sec": 1000 * pg_cpu / args.seconds if pg_pids else None,
             }) + "\n")
             results.flush()
-
-
-def mariadb_pids():
-    out = subprocess.run(["pgrep", "-x", "mariadbd"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def queries(text):

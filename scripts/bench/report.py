@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import os
 import pathlib
 
 SEED_QPS = {"stock": 1167, "cart": 1245, "orders": 2471, "mixed": 1862}
@@ -40,6 +41,10 @@ def svg_bars(groups, title, unit):
             y += 22
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+NCPU_BOUND = os.cpu_count() or 2
+SEED_ORDERS = 2471  # seed 001's orders scenario, orders per second at 20 concurrent
 
 
 def median(values):
@@ -194,6 +199,27 @@ def waiting_room_section(md, lines):
         )
 
 
+def bound_section(md, rows, contender):
+    """What the machine allows: the CPU every process spends on one order, against two cores."""
+    parts = []
+    for backend in ("sqlite", "postgres", "mariadb"):
+        per = [r for r in rows if r["backend"] == backend and r["workload"] == "orders" and r["contender"] == contender]
+        if not per:
+            continue
+        total = median([r["app_cpu_us_per_req"] + (r["db_cpu_us_per_req"] or 0) + r["load_cpu_us_per_req"] for r in per])
+        load = median([r["load_cpu_us_per_req"] for r in per])
+        parts.append(
+            f"{backend} {total:,.0f} µs per order (of which the load generator {load:,.0f}), so at most "
+            f"{NCPU_BOUND * 1e6 / total:,.0f} orders/s ({NCPU_BOUND * 1e6 / total / SEED_ORDERS:.2f}× seed 001)"
+        )
+    if parts:
+        md.append(
+            f"\nThe bound, seed 001's orders with `{contender}`: the app, the database and the load generator share "
+            f"{NCPU_BOUND} cores, and their CPU per order, summed, is {'; '.join(parts)}. A run below that is waiting, "
+            "not computing; one at it can only go faster by spending less CPU per order.\n"
+        )
+
+
 def orders_arrays_section(md, out, lines):
     rows = [l for l in lines if l["group"] == "orders_arrays"]
     if not rows:
@@ -231,6 +257,7 @@ def orders_section(md, out, lines):
         "the database server (all of PostgreSQL's processes, or mariadbd).\n"
     )
     contender_table(md, out, rows, ("sqlite", "postgres", "mariadb"), "off", "on")
+    bound_section(md, rows, "on")
     flash = [l for l in rows if l["workload"] == "flash" and l["contender"] == "on"]
     if flash:
         parts = []

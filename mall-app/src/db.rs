@@ -742,6 +742,15 @@ const MIGRATIONS: &[(i64, &str, [&str; 3])] = &[
             include_str!("../migrations/mysql/0003_cache_invalidations.sql"),
         ],
     ),
+    (
+        4,
+        "idempotency keys compared exactly",
+        [
+            include_str!("../migrations/sqlite/0004_idempotency_key_exact.sql"),
+            include_str!("../migrations/postgres/0004_idempotency_key_exact.sql"),
+            include_str!("../migrations/mysql/0004_idempotency_key_exact.sql"),
+        ],
+    ),
 ];
 
 impl<'s> MigrationSource<'s> for EmbeddedMigrations {

@@ -481,6 +481,21 @@ async fn cart_and_orders(backend: Backend) {
     assert_eq!(ids, [&order["id"]]);
     assert!(page2.body["next_cursor"].is_null());
 
+    // Keys are opaque strings compared exactly: one differing only in case is another key, so
+    // another order (MySQL/MariaDB's default collation once replayed the first order here).
+    let upper = app
+        .request(
+            Method::POST,
+            "/api/orders",
+            Some(&alice),
+            Some(json!({"items": [{"product_id": 10, "quantity": 2}]})),
+            &[("idempotency-key", "ORDER-ABC-1")],
+        )
+        .await;
+    assert_eq!(upper.status, StatusCode::CREATED);
+    assert!(upper.headers.get("idempotent-replayed").is_none(), "a new key is not a replay");
+    assert_ne!(upper.body["id"], first.body["id"]);
+
     assert!(app.metric("orders_created_total", "").await >= 3.0);
     assert!(app.metric("stock_conflicts_total", "").await >= 1.0);
     assert!(app.metric("idempotent_replays_total", "").await >= 1.0);

@@ -493,7 +493,10 @@ async fn cart_and_orders(backend: Backend) {
         )
         .await;
     assert_eq!(upper.status, StatusCode::CREATED);
-    assert!(upper.headers.get("idempotent-replayed").is_none(), "a new key is not a replay");
+    assert!(
+        upper.headers.get("idempotent-replayed").is_none(),
+        "a new key is not a replay"
+    );
     assert_ne!(upper.body["id"], first.body["id"]);
 
     assert!(app.metric("orders_created_total", "").await >= 3.0);

@@ -54,13 +54,13 @@ def main():
                 wait_ready(3401, proc, logfile)
                 time.sleep(2)
                 log(f"idle follower on {backend} ({label}), {args.seconds:.0f} s")
-                pg_pids = db_pids(backend)
+                server_pids = db_pids(backend)
                 q0 = queries(metrics(3401))
                 app0 = ticks(proc.pid)
-                pg0 = {p: ticks(p) for p in pg_pids}
+                server0 = {p: ticks(p) for p in server_pids}
                 time.sleep(args.seconds)
                 app_cpu = (ticks(proc.pid) - app0) / CLK
-                pg_cpu = sum(ticks(p) - t for p, t in pg0.items()) / CLK
+                server_cpu = sum(ticks(p) - t for p, t in server0.items()) / CLK
                 q1 = queries(metrics(3401))
             finally:
                 proc.terminate()
@@ -69,7 +69,7 @@ def main():
                 "group": "follower", "backend": backend, "label": label, "seconds": args.seconds,
                 "queries_per_sec": (q1 - q0) / args.seconds,
                 "app_cpu_ms_per_sec": 1000 * app_cpu / args.seconds,
-                "db_cpu_ms_per_sec": 1000 * pg_cpu / args.seconds if pg_pids else None,
+                "db_cpu_ms_per_sec": 1000 * server_cpu / args.seconds if server_pids else None,
             }) + "\n")
             results.flush()
 

@@ -130,9 +130,9 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
                     name = f"orders-{backend}-{workload}-{contender}-r{rnd}.json"
                     log(f"{backend} {workload} round {rnd}: {args.group} {contender}"
                         + (f" (again: {attempt})" if attempt else ""))
-                    pg_pids = db_pids(backend)
+                    server_pids = db_pids(backend)
                     app0 = ticks(proc.pid)
-                    pg0 = {p: ticks(p) for p in pg_pids}
+                    server0 = {p: ticks(p) for p in server_pids}
                     busy0 = machine_busy()
                     kids0 = children_ticks()
                     t0 = time.monotonic()
@@ -145,13 +145,13 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
                     kids1 = children_ticks()
                     busy = machine_busy() - busy0
                     app_cpu = ticks(proc.pid) - app0
-                    pg_cpu = sum(ticks(p) - t for p, t in pg0.items()) if pg_pids else 0
+                    server_cpu = sum(ticks(p) - t for p, t in server0.items()) if server_pids else 0
                     load_cpu = kids1 - kids0
                     if run.returncode == 2 or not run.stdout.strip():
                         sys.exit(f"mall-load failed: {run.stderr}")
                     (out / name).write_text(run.stdout)
                     report = json.loads(run.stdout)
-                    other = max(busy - app_cpu - pg_cpu - load_cpu, 0) / max(elapsed * NCPU * CLK, 1)
+                    other = max(busy - app_cpu - server_cpu - load_cpu, 0) / max(elapsed * NCPU * CLK, 1)
                     if other > 0.05 and attempt < 2:
                         log(f"other processes took {other:.0%} of the machine: round run again")
                         continue
@@ -160,7 +160,7 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
                         "group": args.group, "backend": backend, "workload": workload,
                         "contender": contender, "round": rnd, "file": name,
                         "app_cpu_us_per_req": app_cpu / CLK * 1e6 / requests,
-                        "db_cpu_us_per_req": pg_cpu / CLK * 1e6 / requests if pg_pids else None,
+                        "db_cpu_us_per_req": server_cpu / CLK * 1e6 / requests if server_pids else None,
                         "load_cpu_us_per_req": load_cpu / CLK * 1e6 / requests,
                         "other_share": other, "runs": attempt + 1,
                         "check_problems": report.get("check", {}).get("problems", []),

@@ -393,7 +393,8 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
     let mut placed: Vec<Order> = Vec::new();
     let mut deducted: BTreeMap<i64, i64> = BTreeMap::new();
     let mut emptied_carts: Vec<i64> = Vec::new();
-    let mut released: Vec<usize> = Vec::new();
+    // The claims of refused orders, by their key (user, key).
+    let mut released: Vec<(i64, &str)> = Vec::new();
     for (i, request) in requests.iter().enumerate() {
         if taken.contains(&i) {
             outcomes.push(Ok(Outcome::KeyTaken));
@@ -430,8 +431,8 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
                 outcomes.push(Ok(Outcome::Created(order)));
             }
             Err(e) => {
-                if request.key.is_some() {
-                    released.push(i);
+                if let Some(key) = &request.key {
+                    released.push((request.user_id, key.key.as_str()));
                 }
                 outcomes.push(Err(e));
             }
@@ -442,15 +443,6 @@ async fn place_batch(shared: &Shared, requests: &[&OrderRequest]) -> Result<Vec<
     deduct(db, arrays, &mut tx, &deducted, now).await?;
     insert_orders(db, arrays, &mut tx, &placed).await?;
     empty_carts(db, arrays, &mut tx, &emptied_carts).await?;
-    let released: Vec<(i64, &str)> = released
-        .iter()
-        .map(|&i| {
-            (
-                requests[i].user_id,
-                requests[i].key.as_ref().expect("keyed").key.as_str(),
-            )
-        })
-        .collect();
     release_keys(db, arrays, &mut tx, &released).await?;
     // One invalidation record for every product the batch sold from.
     let changed: Vec<Key> = deducted.keys().map(|&id| Key::product(id)).collect();

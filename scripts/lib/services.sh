@@ -75,7 +75,8 @@ ensure_mariadb() {
   command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || apt_install mariadb-server mariadb-client
   if ! mariadb_up >/dev/null 2>&1; then
     mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
-    start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+    # By its pid file: the replicas below are mariadbd processes too.
+    start-stop-daemon --start --oknodo --background --pidfile /run/mysqld/mysqld.pid --exec /usr/sbin/mariadbd -- --user=mysql
     wait_for 60 mariadb_up || { echo "error: MariaDB did not start" >&2; return 1; }
   fi
   if ! mariadb --protocol=tcp -h 127.0.0.1 -P 3306 -u mall -pmall -e 'select 1' test >/dev/null 2>&1; then
@@ -109,4 +110,94 @@ PY
   chmod +x /usr/local/bin/helm
   rm -rf "$dir"
   helm version --short >&2
+}
+
+# Read replicas that lag on purpose, beside the primaries (issue 32: a write must never be hidden
+# by a replica that has not replayed it). Each is a second server on this machine; the tests
+# reach them as
+#   PostgreSQL  postgres://mall:mall@127.0.0.1:5433  (streaming, recovery_min_apply_delay 1500ms)
+#               postgres://mall:mall@127.0.0.1:5434  (streaming, 5000ms)
+#   MariaDB     mysql://mall:mall@127.0.0.1:3307     (binlog replication, MASTER_DELAY 2 s: whole
+#               mysql://mall:mall@127.0.0.1:3308      seconds only; 5 s) of the databases mall_r_*
+# A replica that is not running is rebuilt from the primary (a base backup, or a fresh server that
+# replicates from the primary's current binlog position), so a run never meets a half-broken one.
+
+ensure_pg_replica() { # ensure_pg_replica PORT DELAY
+  local port=$1 delay=$2 version bin dir max
+  pg_isready -h 127.0.0.1 -p "$port" >/dev/null 2>&1 && return 0
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  bin=/usr/lib/postgresql/$version/bin
+  dir=/var/lib/postgresql/mall-replica-$port
+  runuser -u postgres -- "$bin/pg_ctl" -D "$dir" stop -m immediate >/dev/null 2>&1 || true
+  rm -rf "$dir"
+  runuser -u postgres -- "$bin/pg_basebackup" -h /var/run/postgresql -p 5432 -D "$dir" -R -X stream -c fast
+  # A hot standby needs at least the primary's max_connections.
+  max=$(pg_as_admin -c 'SHOW max_connections')
+  cat >"$dir/postgresql.conf" <<CONF
+port = $port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '/var/run/postgresql'
+hot_standby = on
+recovery_min_apply_delay = '$delay'
+max_connections = $max
+hba_file = '/etc/postgresql/$version/main/pg_hba.conf'
+ident_file = '/etc/postgresql/$version/main/pg_ident.conf'
+CONF
+  chown postgres:postgres "$dir/postgresql.conf"
+  runuser -u postgres -- "$bin/pg_ctl" -D "$dir" -l "/var/log/postgresql/mall-replica-$port.log" -w -t 60 start >/dev/null \
+    || { echo "error: the PostgreSQL replica on $port did not start (/var/log/postgresql/mall-replica-$port.log)" >&2; return 1; }
+}
+
+ensure_pg_replicas() {
+  ensure_pg_replica 5433 1500ms
+  ensure_pg_replica 5434 5000ms
+}
+
+# The primary writes a binlog (row format) so replicas can follow it; restarted once to turn it on.
+mariadb_binlog_on() {
+  local cnf=/etc/mysql/mariadb.conf.d/60-mall-replication.cnf
+  if [ ! -f "$cnf" ]; then
+    printf '[mariadbd]\nserver-id = 1\nlog-bin = mall-bin\nbinlog-format = ROW\nexpire-logs-days = 1\n' >"$cnf"
+  fi
+  if [ "$(mariadb -u root -N -e 'SELECT @@log_bin')" != 1 ]; then
+    local pid
+    pid=$(cat "$(mariadb -u root -N -e 'SELECT @@pid_file')")
+    mariadb-admin -u root shutdown
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    start-stop-daemon --start --oknodo --background --pidfile /run/mysqld/mysqld.pid --exec /usr/sbin/mariadbd -- --user=mysql
+    wait_for 60 mariadb_up || { echo "error: MariaDB did not restart with its binlog" >&2; return 1; }
+  fi
+  mariadb -u root -e "CREATE USER IF NOT EXISTS 'mall_repl'@'127.0.0.1' IDENTIFIED BY 'mall_repl';
+    GRANT REPLICATION SLAVE ON *.* TO 'mall_repl'@'127.0.0.1';"
+}
+
+ensure_mariadb_replica() { # ensure_mariadb_replica PORT DELAY_SECONDS SERVER_ID
+  local port=$1 delay=$2 id=$3 dir sock file pos
+  dir=/var/lib/mall-mariadb-replica-$port
+  sock=/run/mysqld/mall-replica-$port.sock
+  if [ "$(mariadb -S "$sock" -u root -e 'SHOW SLAVE STATUS\G' 2>/dev/null | grep -cE '^ *Slave_(IO|SQL)_Running: Yes')" = 2 ]; then
+    return 0
+  fi
+  mariadb-admin -S "$sock" -u root shutdown >/dev/null 2>&1 || true
+  rm -rf "$dir"
+  mkdir -p "$dir" /run/mysqld && chown mysql:mysql "$dir" /run/mysqld
+  mariadb-install-db --no-defaults --user=mysql --datadir="$dir" --auth-root-authentication-method=socket >/dev/null
+  read -r file pos < <(mariadb -u root -N -e 'SHOW MASTER STATUS' | awk '{print $1, $2}')
+  start-stop-daemon --start --background --pidfile "$dir/mariadbd.pid" --exec /usr/sbin/mariadbd -- --no-defaults --user=mysql \
+    --datadir="$dir" --port="$port" --bind-address=127.0.0.1 --socket="$sock" --pid-file="$dir/mariadbd.pid" \
+    --log-error="$dir/error.log" --server-id="$id" --read-only=1 --relay-log=mall-relay \
+    --replicate-wild-do-table='mall\_r\_%.%' --slave-skip-errors=1007,1008
+  wait_for 60 mariadb -S "$sock" -u root -e 'SELECT 1' \
+    || { echo "error: the MariaDB replica on $port did not start ($dir/error.log)" >&2; return 1; }
+  mariadb -S "$sock" -u root -e "CREATE USER 'mall'@'127.0.0.1' IDENTIFIED BY 'mall';
+    GRANT ALL PRIVILEGES ON *.* TO 'mall'@'127.0.0.1';
+    CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=3306, MASTER_USER='mall_repl',
+      MASTER_PASSWORD='mall_repl', MASTER_LOG_FILE='$file', MASTER_LOG_POS=$pos, MASTER_DELAY=$delay;
+    START SLAVE;"
+}
+
+ensure_mariadb_replicas() {
+  mariadb_binlog_on
+  ensure_mariadb_replica 3307 2 2
+  ensure_mariadb_replica 3308 5 3
 }

@@ -90,6 +90,12 @@ pub struct DbArgs {
     /// Connections are recycled after this long (seed 000: 1 h).
     #[arg(long, env = "MALL_DB_MAX_LIFETIME_SECS", default_value_t = 3600)]
     pub db_max_lifetime_secs: u64,
+    /// A replica whose oldest unreplayed write (of those this instance knows) has waited longer
+    /// than this leaves the read rotation until it catches up; until then its reads go to the
+    /// others or the primary. Reads a replica has not replayed the write for go to the primary
+    /// whatever the bound (docs/app.md, "Consistency").
+    #[arg(long, env = "MALL_DB_REPLICA_MAX_LAG_MS", default_value_t = 3000)]
+    pub db_replica_max_lag_ms: u64,
     /// How often replicas are health-checked.
     #[arg(long, env = "MALL_DB_REPLICA_CHECK_SECS", default_value_t = 5)]
     pub db_replica_check_secs: u64,

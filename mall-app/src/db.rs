@@ -13,9 +13,9 @@
 //! raising `maxReplicas` resizes the pools of running pods instead of restarting them.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use prometheus::IntCounter;
@@ -24,7 +24,9 @@ use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Transaction};
 use tokio::sync::Semaphore;
 
+use crate::cache::Key;
 use crate::config::DbArgs;
+use crate::fences::{Fences, CHECK_EVERY};
 use crate::metrics::Metrics;
 use crate::tuning::{PoolSize, Tuning};
 
@@ -245,11 +247,34 @@ pub struct Tx<'a> {
     // Declared first: dropped (rolled back, its connection on its way back) before the slot is.
     tx: Transaction<'static, Any>,
     _lease: Lease<'a>,
+    db: &'a Db,
+    /// The invalidation records this transaction inserted: fenced once it commits.
+    records: Vec<(i64, Vec<Key>)>,
 }
 
 impl Tx<'_> {
+    /// Commits; then the records it inserted fence their keys on the replicas (this instance's
+    /// next read of them must not come from a replica that has not replayed this write) and
+    /// count as this instance's latest write (`Mall-Seq`).
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+        let Tx {
+            tx,
+            _lease,
+            db,
+            records,
+        } = self;
+        tx.commit().await?;
+        let now = Instant::now();
+        for (seq, keys) in &records {
+            db.fences.fence(*seq, keys, now);
+            db.last_write_seq.fetch_max(*seq, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Notes an invalidation record inserted in this transaction.
+    pub fn recorded(&mut self, seq: i64, keys: &[Key]) {
+        self.records.push((seq, keys.to_vec()));
     }
 }
 
@@ -274,6 +299,8 @@ pub struct PoolHandle {
     acquire_timeout: Duration,
     timeouts: [(&'static str, Duration); 3],
     healthy: AtomicBool,
+    /// Lagging no more than the bound (see `Db::watch_fences`).
+    in_rotation: AtomicBool,
     reads: IntCounter,
     writes: IntCounter,
 }
@@ -282,6 +309,15 @@ impl PoolHandle {
     async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
         self.allowance.lease(self.acquire_timeout).await
     }
+}
+
+/// What `/ready` says of a replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaState {
+    pub name: String,
+    pub healthy: bool,
+    pub lag: Duration,
+    pub in_rotation: bool,
 }
 
 /// `MALL_DB_ALLOWANCE_FILE`'s content, written by the operator.
@@ -303,6 +339,12 @@ pub struct Db {
     /// the invalidation follower's `LISTEN` (held outside the pool, so the pool gets one less).
     primary_asked: AtomicU32,
     listener: AtomicBool,
+    /// What each replica has replayed of the writes this instance knows of (see `fences.rs`).
+    pub fences: Fences,
+    /// A replica whose oldest unreplayed write is older than this takes no reads.
+    max_lag: Duration,
+    /// The highest invalidation record this instance's own writes committed.
+    last_write_seq: AtomicI64,
 }
 
 impl Db {
@@ -329,6 +371,7 @@ impl Db {
                 ("max_lifetime", Duration::from_secs(args.db_max_lifetime_secs)),
             ],
             healthy: AtomicBool::new(true),
+            in_rotation: AtomicBool::new(true),
             reads: metrics.db_operations.with_label_values(&[name, "read"]),
             writes: metrics.db_operations.with_label_values(&[name, "write"]),
         };
@@ -365,10 +408,15 @@ impl Db {
             // Create the file and switch it to WAL before readers open it read-only.
             primary.lease().await?.execute("SELECT 1").await?;
         }
+        // SQLite's "replica" is a reader of the same file: it sees every commit at once.
+        let fences = Fences::new(if dialect == Dialect::Sqlite { 0 } else { replicas.len() });
         Ok(Db {
             dialect,
             primary_url: primary_url.clone(),
             primary,
+            fences,
+            max_lag: Duration::from_millis(args.db_replica_max_lag_ms),
+            last_write_seq: AtomicI64::new(0),
             replicas,
             next_replica: AtomicUsize::new(0),
             primary_asked: AtomicU32::new(0),
@@ -381,20 +429,135 @@ impl Db {
         self.dialect.sql(query)
     }
 
-    /// A pool for a read that may be slightly behind: a healthy replica, else the primary.
+    /// A pool for a read that may come from a replica (a list page): a replica in rotation that
+    /// has replayed every write this instance knows of, else the primary.
     pub async fn read(&self) -> Result<Lease<'_>, sqlx::Error> {
+        self.read_fenced(None).await
+    }
+
+    /// A pool for a read of one cached object: a replica in rotation that has replayed the
+    /// object's last write this instance knows of, else the primary.
+    pub async fn read_key(&self, key: &Key) -> Result<Lease<'_>, sqlx::Error> {
+        self.read_fenced(Some(key)).await
+    }
+
+    async fn read_fenced(&self, key: Option<&Key>) -> Result<Lease<'_>, sqlx::Error> {
         let n = self.replicas.len();
         if n > 0 {
             let start = self.next_replica.fetch_add(1, Ordering::Relaxed);
+            let mut fenced = false;
             for i in 0..n {
-                let replica = &self.replicas[(start + i) % n];
-                if replica.healthy.load(Ordering::Relaxed) {
-                    replica.reads.inc();
-                    return replica.lease().await;
+                let at = (start + i) % n;
+                let replica = &self.replicas[at];
+                if !replica.healthy.load(Ordering::Relaxed) || !replica.in_rotation.load(Ordering::Relaxed) {
+                    continue;
                 }
+                if !self.fences.readable(at, key) {
+                    fenced = true;
+                    continue;
+                }
+                replica.reads.inc();
+                return replica.lease().await;
+            }
+            if fenced {
+                self.metrics.reads_fenced.inc();
             }
         }
         self.read_primary().await
+    }
+
+    /// The highest invalidation record this instance's own writes committed (0: none yet).
+    pub fn last_write_seq(&self) -> i64 {
+        self.last_write_seq.load(Ordering::Acquire)
+    }
+
+    /// Each replica: its name, whether it answers, its lag, and whether it takes reads.
+    pub fn replica_states(&self) -> Vec<ReplicaState> {
+        if self.dialect == Dialect::Sqlite {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        self.replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ReplicaState {
+                name: r.name.clone(),
+                healthy: r.healthy.load(Ordering::Relaxed),
+                lag: self.fences.lag(i, now),
+                in_rotation: r.healthy.load(Ordering::Relaxed) && r.in_rotation.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Asks the replicas which fenced records they hold, forever (see `fences.rs`); keeps each
+    /// replica's lag and its place in the read rotation up to date.
+    pub async fn watch_fences(self: Arc<Self>) {
+        if !self.fences.enabled() {
+            return;
+        }
+        let mut tick = tokio::time::interval(CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut primary_checked = Instant::now();
+        loop {
+            tick.tick().await;
+            for (i, replica) in self.replicas.iter().enumerate() {
+                let waiting = self.fences.waiting_on(i);
+                if !waiting.is_empty() && replica.healthy.load(Ordering::Relaxed) {
+                    if let Ok(Ok(held)) =
+                        tokio::time::timeout(Duration::from_secs(1), self.records_on(replica, &waiting)).await
+                    {
+                        self.fences.held(i, &held);
+                    }
+                }
+                let lag = self.fences.lag(i, Instant::now());
+                let within = lag <= self.max_lag;
+                if replica.in_rotation.swap(within, Ordering::Relaxed) != within {
+                    tracing::warn!(
+                        replica = %replica.name,
+                        lag_ms = lag.as_millis() as u64,
+                        max_lag_ms = self.max_lag.as_millis() as u64,
+                        in_rotation = within,
+                        "replica {} the read rotation",
+                        if within { "rejoins" } else { "leaves" }
+                    );
+                }
+                self.metrics
+                    .replica_lag
+                    .with_label_values(&[&replica.name])
+                    .set(lag.as_secs_f64());
+                self.metrics
+                    .replica_in_rotation
+                    .with_label_values(&[&replica.name])
+                    .set((within && replica.healthy.load(Ordering::Relaxed)) as i64);
+            }
+            // Fences a replica has not lifted for a long while: is the record still there at all?
+            if primary_checked.elapsed() >= Duration::from_secs(1) {
+                primary_checked = Instant::now();
+                let old = self.fences.older_than(Duration::from_secs(10), primary_checked);
+                if !old.is_empty() {
+                    if let Ok(Ok(held)) =
+                        tokio::time::timeout(Duration::from_secs(1), self.records_on(&self.primary, &old)).await
+                    {
+                        let gone: Vec<i64> = old.into_iter().filter(|s| !held.contains(s)).collect();
+                        self.fences.forget(&gone);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Which of `seqs` the pool's server holds.
+    async fn records_on(&self, pool: &PoolHandle, seqs: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
+        let marks = vec!["?"; seqs.len()].join(", ");
+        let sql = format!("SELECT seq FROM cache_invalidations WHERE seq IN ({marks})");
+        let sql = self.sql(&sql);
+        let mut query = sqlx::query(&sql);
+        for seq in seqs {
+            query = query.bind(*seq);
+        }
+        let lease = pool.lease().await?;
+        let rows = query.fetch_all(&*lease).await?;
+        rows.iter().map(|r| sqlx::Row::try_get::<i64, _>(r, "seq")).collect()
     }
 
     /// A pool for a read that must see this caller's own committed writes.
@@ -433,7 +596,12 @@ impl Db {
             Dialect::Sqlite => lease.begin_with("BEGIN IMMEDIATE").await?,
             _ => lease.begin().await?,
         };
-        Ok(Tx { tx, _lease: lease })
+        Ok(Tx {
+            tx,
+            _lease: lease,
+            db: self,
+            records: Vec::new(),
+        })
     }
 
     /// Sets how many connections each pool may hold open (`None` leaves a pool as it is); each

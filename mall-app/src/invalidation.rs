@@ -57,24 +57,79 @@ pub fn decode_keys(text: &str) -> Vec<Key> {
 
 /// Inserts the records for `keys` in the write's transaction `tx` (on PostgreSQL, with their
 /// notifications, delivered when `tx` commits): one record per [`MAX_RECORD`] bytes of keys.
+/// `tx` notes each record's sequence number, to fence its keys once it commits (`fences.rs`).
 pub async fn record(db: &Db, tx: &mut Tx<'_>, keys: &[Key]) -> Result<(), sqlx::Error> {
     let now = now_ms() as i64;
     for text in chunks(keys) {
-        if db.dialect == Dialect::Postgres {
+        let seq = if db.dialect == Dialect::Postgres {
             let sql = format!(
                 "WITH r AS (INSERT INTO cache_invalidations (cache_keys, created_at) VALUES ($1, $2) RETURNING seq) \
-                 SELECT pg_notify('{CHANNEL}', r.seq || ' ' || $1) FROM r"
+                 SELECT r.seq AS seq, pg_notify('{CHANNEL}', r.seq || ' ' || $1)::text AS notified FROM r"
             );
-            sqlx::query(&sql).bind(text).bind(now).execute(&mut **tx).await?;
+            let row = sqlx::query(&sql).bind(&text).bind(now).fetch_one(&mut **tx).await?;
+            row.try_get::<i64, _>("seq")?
+        } else if db.dialect == Dialect::Sqlite {
+            let row =
+                sqlx::query("INSERT INTO cache_invalidations (cache_keys, created_at) VALUES (?, ?) RETURNING seq")
+                    .bind(&text)
+                    .bind(now)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            row.try_get::<i64, _>("seq")?
         } else {
-            sqlx::query("INSERT INTO cache_invalidations (cache_keys, created_at) VALUES (?, ?)")
-                .bind(text)
+            let done = sqlx::query("INSERT INTO cache_invalidations (cache_keys, created_at) VALUES (?, ?)")
+                .bind(&text)
                 .bind(now)
                 .execute(&mut **tx)
                 .await?;
-        }
+            done.last_insert_id()
+                .ok_or_else(|| sqlx::Error::Protocol("no sequence number for an invalidation record".into()))?
+        };
+        tx.recorded(seq, &decode_keys(&text));
     }
     Ok(())
+}
+
+/// Which records this instance has applied, for requests that must read after a write
+/// (`Mall-Min-Seq`, set by the sidecar after a write it proxied): they wait until the
+/// write's record is applied here, asking the follower to catch up at once.
+#[derive(Default)]
+pub struct Applied {
+    progress: std::sync::Mutex<Option<(i64, BTreeSet<i64>)>>,
+    changed: tokio::sync::Notify,
+    wanted: tokio::sync::Notify,
+}
+
+impl Applied {
+    fn publish(&self, progress: &Progress) {
+        *self.progress.lock().expect("applied") = Some((progress.floor, progress.above.clone()));
+        self.changed.notify_waiters();
+    }
+
+    /// Has record `seq` been applied here? (Always, without a follower.)
+    pub fn has(&self, seq: i64) -> bool {
+        match &*self.progress.lock().expect("applied") {
+            Some((floor, above)) => seq <= *floor || above.contains(&seq),
+            None => true,
+        }
+    }
+
+    /// Waits until record `seq` is applied, at most `limit`; false when it was not in time.
+    pub async fn wait_for(&self, seq: i64, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.has(seq) {
+                return true;
+            }
+            self.wanted.notify_one();
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.has(seq);
+            }
+        }
+    }
 }
 
 /// The keys as record texts of at most [`MAX_RECORD`] bytes each.
@@ -157,6 +212,7 @@ pub struct FollowerSettings {
 
 pub struct Follower {
     db: Arc<Db>,
+    applied: Arc<Applied>,
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     settings: FollowerSettings,
@@ -176,6 +232,7 @@ impl Follower {
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
         settings: FollowerSettings,
+        applied: Arc<Applied>,
     ) -> anyhow::Result<Follower> {
         let before = now_ms() as i64 - HOLE_PATIENCE.as_millis() as i64;
         let floor: i64 = {
@@ -186,12 +243,15 @@ impl Follower {
         };
         let sidecar = settings.purge_url.as_deref().map(SidecarPurge::new).transpose()?;
         cache.follower_synced(settings.max_lag);
+        let progress = Progress::starting_at(floor);
+        applied.publish(&progress);
         Ok(Follower {
             db,
+            applied,
             cache,
             metrics,
             settings,
-            progress: Progress::starting_at(floor),
+            progress,
             sidecar,
             synced: Instant::now(),
             failing: false,
@@ -210,8 +270,10 @@ impl Follower {
             let mut tick = tokio::time::interval(self.settings.poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                let wanted = self.applied.clone();
                 tokio::select! {
                     _ = tick.tick() => self.catch_up().await,
+                    _ = wanted.wanted.notified() => self.catch_up().await,
                     _ = prune.tick() => self.prune().await,
                 }
             }
@@ -241,7 +303,9 @@ impl Follower {
             // Anything committed before LISTEN took effect is read by sequence.
             self.catch_up().await;
             loop {
+                let wanted = self.applied.clone();
                 tokio::select! {
+                    _ = wanted.wanted.notified() => self.catch_up().await,
                     n = listener.try_recv() => match n {
                         Ok(Some(first)) => {
                             let mut batch = vec![first];
@@ -261,6 +325,7 @@ impl Follower {
                                 self.catch_up().await;
                             } else {
                                 self.progress.advance(Instant::now(), HOLE_PATIENCE);
+                                self.applied.publish(&self.progress);
                             }
                         }
                         // The connection was lost (sqlx reconnects on the next call): what was
@@ -307,6 +372,7 @@ impl Follower {
             }
         }
         self.progress.advance(Instant::now(), HOLE_PATIENCE);
+        self.applied.publish(&self.progress);
         if std::mem::replace(&mut self.failing, false) {
             tracing::info!("cache invalidation records readable again");
         }
@@ -343,10 +409,14 @@ impl Follower {
     async fn apply(&mut self, records: Vec<(i64, Vec<Key>, Option<i64>)>) {
         let mut keys: Vec<Key> = Vec::new();
         let now = now_ms() as i64;
+        let fenced_at = Instant::now();
         for (seq, record_keys, created_at) in records {
             if !self.progress.accept(seq) {
                 continue;
             }
+            // Fenced before evicted: a read after the eviction must not re-read the old value
+            // from a replica that has not replayed this write.
+            self.db.fences.fence(seq, &record_keys, fenced_at);
             self.metrics.invalidation_records.inc();
             if let Some(at) = created_at {
                 self.metrics.invalidation_lag.observe((now - at).max(0) as f64 / 1000.0);

@@ -11,6 +11,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod extract;
+pub mod fences;
 pub mod ids;
 pub mod invalidation;
 pub mod metrics;
@@ -87,6 +88,7 @@ impl App {
             metrics.clone(),
         )?;
         tokio::spawn(cache.clone().follow_invalidations());
+        let applied = Arc::new(invalidation::Applied::default());
         let poll = Duration::from_millis(args.invalidation_poll_ms);
         let follower = invalidation::Follower::start(
             db.clone(),
@@ -104,8 +106,10 @@ impl App {
                 retain: Duration::from_secs(args.invalidation_retain_secs),
                 purge_url: args.sidecar_purge_url.clone(),
             },
+            applied.clone(),
         )
         .await?;
+        tokio::spawn(db.clone().watch_fences());
         tokio::spawn(follower.run());
         tokio::spawn(
             db.clone()
@@ -134,6 +138,7 @@ impl App {
             tokens: auth::Tokens::new(&config.jwt_secret, args.jwt_ttl_secs),
             readiness: Readiness::default(),
             in_flight_keys: Default::default(),
+            applied,
             config,
             db,
             cache,

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub invalidation_polls: IntCounter,
     pub invalidation_errors: IntCounter,
     pub invalidation_lag: prometheus::Histogram,
+    pub replica_lag: prometheus::GaugeVec,
+    pub replica_in_rotation: IntGaugeVec,
+    pub reads_fenced: IntCounter,
+    pub read_after_write_waits: IntCounterVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -187,6 +191,39 @@ impl Metrics {
                     .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
                 )
                 .expect("valid metric"),
+            ),
+            replica_lag: register(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "db_replica_lag_seconds",
+                        "How long the oldest write this instance knows of has waited for the replica to replay it (0: none waits).",
+                    ),
+                    &["replica"],
+                )
+                .expect("valid metric"),
+            ),
+            replica_in_rotation: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "db_replica_in_rotation",
+                        "1 while the replica takes reads: healthy and lagging no more than MALL_DB_REPLICA_MAX_LAG_MS.",
+                    ),
+                    &["replica"],
+                )
+                .expect("valid metric"),
+            ),
+            reads_fenced: counter(
+                &registry,
+                "db_reads_fenced_total",
+                "Reads sent to the primary because no replica in rotation had replayed a write they must see.",
+            ),
+            read_after_write_waits: counter_vec(
+                &registry,
+                "read_after_write_waits_total",
+                "Requests carrying Mall-Min-Seq that waited for this instance to apply a write's invalidation, by outcome (applied, timed_out).",
+                &["outcome"],
             ),
             registry,
         }

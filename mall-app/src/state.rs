@@ -25,6 +25,8 @@ pub struct Inner {
     pub tokens: Tokens,
     pub readiness: Readiness,
     pub in_flight_keys: InFlightKeys,
+    /// The invalidation records applied here (read-after-write, `api/causal.rs`).
+    pub applied: Arc<crate::invalidation::Applied>,
 }
 
 /// The `Idempotency-Key`s this instance is processing now. A repeat that arrives meanwhile gets

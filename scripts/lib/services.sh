@@ -64,7 +64,7 @@ ensure_postgres() {
     pg_as_admin -d test -c "GRANT ALL ON SCHEMA public TO mall" || true
   fi
   # Databases the API suite created in earlier runs.
-  for db in $(PGPASSWORD=mall psql -h 127.0.0.1 -U mall -d test -qAt -c "SELECT datname FROM pg_database WHERE datname LIKE 'mall_t_%'"); do
+  for db in $(PGPASSWORD=mall psql -h 127.0.0.1 -U mall -d test -qAt -c "SELECT datname FROM pg_database WHERE datname LIKE 'mall_t_%' OR datname LIKE 'mall_r_%'"); do
     PGPASSWORD=mall psql -h 127.0.0.1 -U mall -d test -q -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
   done
 }
@@ -87,7 +87,7 @@ ensure_mariadb() {
       GRANT ALL PRIVILEGES ON *.* TO 'mall'@'localhost';
       FLUSH PRIVILEGES;"
   fi
-  for db in $(mariadb --protocol=tcp -h 127.0.0.1 -u mall -pmall -N -e "SHOW DATABASES LIKE 'mall\\_t\\_%'" 2>/dev/null); do
+  for db in $(mariadb --protocol=tcp -h 127.0.0.1 -u mall -pmall -N -e "SHOW DATABASES WHERE \`Database\` LIKE 'mall\\_t\\_%' OR \`Database\` LIKE 'mall\\_r\\_%'" 2>/dev/null); do
     mariadb --protocol=tcp -h 127.0.0.1 -u mall -pmall -e "DROP DATABASE IF EXISTS \`$db\`" >/dev/null 2>&1 || true
   done
 }

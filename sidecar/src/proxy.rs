@@ -42,6 +42,10 @@ const HOP_BY_HOP_IN_RESPONSES: usize = 5;
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Read-after-write between the sidecar and the mall app: a write's answer carries the app's
+/// latest invalidation record (`Mall-Seq`), and reads ask for it (`Mall-Min-Seq`).
+const WRITE_SEQ: &str = "mall-seq";
+const MIN_SEQ: &str = "mall-min-seq";
 
 /// Whether `headers` holds any of `names`: one pass over the (few) headers present instead of a
 /// lookup per name (each `remove_header` by name hashes it even when it is absent).
@@ -807,6 +811,16 @@ impl ProxyHttp for MallProxy {
         };
         upstream.insert_header("x-forwarded-proto", proto)?;
         upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        // Read-after-write (the app's `api/causal.rs`): the instance answering a read first
+        // applies the last write this sidecar proxied. A client's own value is never passed on:
+        // it could make the app wait for a write that does not exist.
+        upstream.remove_header(MIN_SEQ);
+        if session.req_header().method.is_safe() {
+            let seq = self.shared.write_seq.load(std::sync::atomic::Ordering::Acquire);
+            if seq > 0 {
+                upstream.insert_header(MIN_SEQ, seq.to_string())?;
+            }
+        }
         Ok(())
     }
 
@@ -889,13 +903,28 @@ impl ProxyHttp for MallProxy {
             };
         }
         // Tags are between the app and the cache; clients never see them.
-        resp.remove_header(crate::cache::store::TAG_HEADER);
+        let app_tags = resp.remove_header(crate::cache::store::TAG_HEADER);
         // RFC 9111 4.4: a successful unsafe request invalidates its target URI, and the URIs in
         // Location and Content-Location. Done before the response leaves, so the client's next
         // read cannot see the old entry.
         let method = &session.req_header().method;
         if !method.is_safe() && method.as_str() != "PURGE" && resp.status.as_u16() < 400 {
             let mut tags = vec![path_tag(session.req_header().uri.path())];
+            // The objects the write changed, as the app names them (list pages included):
+            // purged here before the answer leaves, not when the fleet's purge arrives.
+            if let Some(named) = app_tags.as_ref().and_then(|v| v.to_str().ok()) {
+                tags.extend(named.split_whitespace().map(str::to_string));
+            }
+            if let Some(seq) = resp
+                .headers
+                .get(WRITE_SEQ)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<i64>().ok())
+            {
+                self.shared
+                    .write_seq
+                    .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+            }
             for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
                 if let Some(path) = resp
                     .headers

@@ -72,6 +72,9 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     pub in_flight: AtomicUsize,
     pub draining: AtomicBool,
+    /// The highest `Mall-Seq` a successful write through this sidecar was answered with: sent on
+    /// every read as `Mall-Min-Seq`, so whichever instance answers it has applied that write.
+    pub write_seq: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -91,6 +94,7 @@ impl Shared {
             store,
             cache_lock,
             config_path,
+            write_seq: Default::default(),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         })

@@ -2,6 +2,7 @@
 
 mod auth;
 mod cart;
+pub mod causal;
 mod observe;
 mod ops;
 mod orders;
@@ -41,6 +42,10 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.config.args.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            causal::read_after_write,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe::observe))
         .with_state(state)
 }

@@ -34,9 +34,29 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Replicas never make the instance unready (the primary answers their reads); they are
+    // listed so a lagging or unreachable one is seen where the other checks are.
+    let replicas: serde_json::Map<String, serde_json::Value> = state
+        .db
+        .replica_states()
+        .into_iter()
+        .map(|r| {
+            let value = json!({
+                "healthy": r.healthy,
+                "lag_ms": r.lag.as_millis() as u64,
+                "in_rotation": r.in_rotation,
+            });
+            (r.name, value)
+        })
+        .collect();
+    let mut checks =
+        json!({ "database": database, "migrations": "ok", "warmup": warmup, "shutting_down": shutting_down });
+    if !replicas.is_empty() {
+        checks["replicas"] = serde_json::Value::Object(replicas);
+    }
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": { "database": database, "migrations": "ok", "warmup": warmup, "shutting_down": shutting_down },
+        "checks": checks,
     });
     (status, [(header::CACHE_CONTROL, "no-store")], axum::Json(body))
 }

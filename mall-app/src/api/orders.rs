@@ -144,7 +144,13 @@ pub async fn create(
         let changed = order.items.iter().map(|i| Key::product(i.product_id)).collect();
         state.cache.invalidate(changed).await;
     }
-    let mut response = (StatusCode::CREATED, [(header::CACHE_CONTROL, PRIVATE)], Json(&order)).into_response();
+    let ids: Vec<i64> = order.items.iter().map(|i| i.product_id).collect();
+    let mut response = (
+        StatusCode::CREATED,
+        [(header::CACHE_CONTROL, PRIVATE), super::products::changed_tags(&ids)],
+        Json(&order),
+    )
+        .into_response();
     if placed.replayed {
         response
             .headers_mut()

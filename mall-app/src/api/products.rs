@@ -28,6 +28,21 @@ fn product_tag(id: i64) -> String {
     format!("product:{id}")
 }
 
+/// A write's `Surrogate-Key`: the products it changed and the list pages (a new price or stock
+/// may move a product into or out of a filtered page). The sidecar that proxied the write
+/// purges them before the answer leaves (docs/sidecar.md, "Invalidation").
+pub(crate) fn changed_tags(ids: &[i64]) -> (header::HeaderName, HeaderValue) {
+    let mut tags = String::from("list:products");
+    for id in ids {
+        tags.push(' ');
+        tags.push_str(&product_tag(*id));
+    }
+    (
+        header::HeaderName::from_static(SURROGATE_KEY),
+        HeaderValue::from_str(&tags).unwrap_or_else(|_| HeaderValue::from_static("list:products")),
+    )
+}
+
 #[derive(Deserialize)]
 pub struct ListParams {
     category: Option<String>,
@@ -147,7 +162,10 @@ pub async fn update(
 ) -> AppResult<impl IntoResponse> {
     let product = products::update(&state.db, id, &patch).await?;
     state.cache.invalidate(vec![Key::product(id)]).await;
-    Ok(([(header::CACHE_CONTROL, super::PRIVATE)], Json(product)))
+    Ok((
+        [(header::CACHE_CONTROL, super::PRIVATE), changed_tags(&[id])],
+        Json(product),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -165,5 +183,8 @@ pub async fn adjust_stock(
 ) -> AppResult<impl IntoResponse> {
     let product = products::adjust_stock(&state.db, id, change.delta).await?;
     state.cache.invalidate(vec![Key::product(id)]).await;
-    Ok(([(header::CACHE_CONTROL, super::PRIVATE)], Json(product)))
+    Ok((
+        [(header::CACHE_CONTROL, super::PRIVATE), changed_tags(&[id])],
+        Json(product),
+    ))
 }

@@ -388,7 +388,7 @@ pub async fn get(db: &Db, user_id: i64, order_id: i64, primary: bool) -> AppResu
     let pool = if primary {
         db.read_primary().await?
     } else {
-        db.read().await?
+        db.read_key(&Key::order(user_id, order_id)).await?
     };
     let row = sqlx::query(
         &db.sql("SELECT id, order_no, user_id, status, total, created_at FROM orders WHERE id = ? AND user_id = ?"),

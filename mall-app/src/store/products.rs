@@ -109,7 +109,7 @@ pub async fn get(db: &Db, id: i64, primary: bool) -> AppResult<Option<Product>> 
     let pool = if primary {
         db.read_primary().await?
     } else {
-        db.read().await?
+        db.read_key(&Key::product(id)).await?
     };
     let row = sqlx::query(&db.sql(&format!("SELECT {ALL_COLUMNS} FROM products WHERE id = ?")))
         .bind(id)

@@ -86,7 +86,7 @@ pub async fn find_by_username(db: &Db, username: &str) -> AppResult<Option<User>
 pub async fn get(db: &Db, id: i64) -> AppResult<Option<User>> {
     let row = sqlx::query(&db.sql(&format!("SELECT {COLUMNS} FROM users WHERE id = ?")))
         .bind(id)
-        .fetch_optional(&*db.read().await?)
+        .fetch_optional(&*db.read_key(&crate::cache::Key::user(id)).await?)
         .await?;
     Ok(row.as_ref().map(from_row).transpose()?)
 }

@@ -62,6 +62,13 @@ pub fn redis(port: u16) -> Option<Proc> {
 
 /// A fresh database on the test server (`MALL_TEST_POSTGRES_URL` / `MALL_TEST_MYSQL_URL`).
 pub async fn fresh_database(env: &str, default: &str) -> Option<String> {
+    fresh_database_named(env, default, "ryw").await
+}
+
+/// [`fresh_database`] whose name starts with `prefix` (`mall_r`: the MariaDB replicas of
+/// scripts/lib/services.sh replicate only the databases named `mall_r_*`).
+#[allow(dead_code)]
+pub async fn fresh_database_named(env: &str, default: &str, prefix: &str) -> Option<String> {
     sqlx::any::install_default_drivers();
     let admin_url = std::env::var(env).unwrap_or_else(|_| default.into());
     let mut admin = match sqlx::AnyConnection::connect(&admin_url).await {
@@ -76,7 +83,7 @@ pub async fn fresh_database(env: &str, default: &str) -> Option<String> {
         }
     };
     let name = format!(
-        "ryw_{}_{}",
+        "{prefix}_{}_{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

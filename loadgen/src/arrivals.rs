@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 
 use crate::scenario::{self, LedgerData};
@@ -82,10 +83,17 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
     let base = &a.targets[0];
     let admin = scenario::login(&http, base, "admin", &a.password).await?;
     let product = scenario::create_flash_product(&http, base, &admin, a.stock).await?;
-    let mut tokens = Vec::new();
-    for i in 1..=a.users.max(1) {
-        tokens.push(scenario::login(&http, base, &format!("user{i}"), &a.password).await?);
-    }
+    // Buyers are users user1..userN (a waiting room gives one place per user); logged in a few
+    // at a time before the sale opens.
+    let tokens: Vec<String> = futures_util::stream::iter(1..=a.users.max(1))
+        .map(|i| {
+            let http = http.clone();
+            let password = a.password.clone();
+            async move { scenario::login(&http, base, &format!("user{i}"), &password).await }
+        })
+        .buffered(8)
+        .try_collect()
+        .await?;
     let run_id = format!(
         "{:x}",
         std::time::SystemTime::now()

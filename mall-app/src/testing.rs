@@ -52,10 +52,12 @@ impl RunningApp {
             format!("--data-dir={}", data_dir.display()),
             "--seed".into(),
             "--seed-products=60".into(),
-            "--seed-users=2".into(),
             format!("--seed-password={PASSWORD}"),
             "--log-format=text".into(),
         ];
+        if !extra.iter().any(|a| a.starts_with("--seed-users")) {
+            args.push("--seed-users=2".into());
+        }
         // Tests stop apps often: no readiness delay unless a test asks for one.
         if !extra.iter().any(|a| a.starts_with("--shutdown-delay-ms")) {
             args.push("--shutdown-delay-ms=0".into());

@@ -49,6 +49,7 @@ admit_per_second = {budget}
 burst = {burst}
 secret = "{SECRET}"
 replicas = 2
+numbers_per_address_per_minute = 0  # every buyer of the benchmark is on loopback
 
 [waiting_room.redis]
 url = "redis://127.0.0.1:6379"
@@ -103,7 +104,8 @@ def main():
     pg = args.pg_admin.rsplit("/", 1)[0] + "/mall_room_bench"
     subprocess.run(["psql", "-q", args.pg_admin, "-c", "DROP DATABASE IF EXISTS mall_room_bench",
                     "-c", "CREATE DATABASE mall_room_bench"], check=True)
-    subprocess.run([str(bin_dir / "mall-app"), "seed", "--database-url", pg], check=True,
+    # One account per buyer: the room gives one place per user.
+    subprocess.run([str(bin_dir / "mall-app"), "seed", "--database-url", pg, "--seed-users", str(args.buyers)], check=True,
                    stdout=subprocess.DEVNULL)
     prefix = f"bench-{int(time.time())}"
     procs = []
@@ -137,6 +139,7 @@ def main():
                 run = subprocess.run(
                     [str(bin_dir / "mall-load"), "--scenario", "flash-sale", "--buyers", str(args.buyers),
                      "--arrival-seconds", str(args.arrival_seconds), "--flash-stock", str(args.stock),
+                     "--users", str(args.buyers),
                      "--targets", ",".join(urls), "--json", "--check-database", pg],
                     capture_output=True, text=True)
                 if run.returncode == 2 or not run.stdout.strip():

@@ -513,8 +513,18 @@ pub struct WaitingRoom {
     /// The HMAC-SHA256 key tickets are signed with (at least 32 bytes), the same on every pod:
     /// from a Secret (`SIDECAR__WAITING_ROOM__SECRET`).
     pub secret: String,
-    /// The request header a ticket is bound to (whose value only its buyer sends).
+    /// The request header a ticket is bound to (whose value only its buyer sends). A buyer is
+    /// the `sub` of an HS256 bearer token the room's `secret` verifies (the mall's tokens: one
+    /// place per user, however often they log in), else the header's value. A request without
+    /// the header takes no number: it goes on to the app (which answers 401) under the rate limit.
     pub bind_header: String,
+    /// How long after its turn a ticket's holder has to come back before the turn passes to the
+    /// next buyer: numbers nobody uses do not consume the admission rate.
+    pub no_show_grace_ms: u64,
+    /// New numbers one client address may take per minute (after a burst of as many), judged by
+    /// the rate limiter's trusted-proxy rules; per pod. 0: no limit. A buyer's repeat of its own
+    /// place never counts.
+    pub numbers_per_address_per_minute: u32,
     /// Shared admission through Redis; without it, or while Redis is down, each pod admits
     /// `admit_per_second / replicas` from a queue of its own.
     pub redis: Option<RoomRedis>,
@@ -533,6 +543,8 @@ impl Default for WaitingRoom {
             ticket_ttl_seconds: 60,
             secret: String::new(),
             bind_header: "authorization".into(),
+            no_show_grace_ms: 2000,
+            numbers_per_address_per_minute: 30,
             redis: None,
             replicas: 1,
         }
@@ -893,6 +905,12 @@ impl SidecarConfig {
                 return Err(ConfigError::invalid(
                     "waiting_room.ticket_ttl_seconds",
                     "must be 1..=86400",
+                ));
+            }
+            if !(100..=600_000).contains(&w.no_show_grace_ms) {
+                return Err(ConfigError::invalid(
+                    "waiting_room.no_show_grace_ms",
+                    "must be 100..=600000: a buyer needs a moment to come back when its turn comes",
                 ));
             }
             if http_token(&w.bind_header).is_none() {

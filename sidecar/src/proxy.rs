@@ -493,8 +493,10 @@ impl ProxyHttp for MallProxy {
                 .filter_map(|v| v.to_str().ok().map(str::to_string));
             let ticket = crate::waiting_room::presented_ticket(header(crate::waiting_room::TICKET_HEADER), cookies);
             let binding = header(room.bind_header()).unwrap_or("").to_string();
-            match room.admit(ticket.as_deref(), &binding).await {
+            match room.admit(ticket.as_deref(), &binding, ctx.client_ip).await {
                 Admission::Admit { .. } => room_admitted = true,
+                // No buyer to place: the rate limit below decides, and the app answers 401.
+                Admission::Pass => {}
                 Admission::Wait(t) => {
                     let retry_after = t.wait_ms.div_ceil(1000).max(1);
                     let body = serde_json::json!({
@@ -526,7 +528,11 @@ impl ProxyHttp for MallProxy {
                     return Ok(true);
                 }
                 Admission::Refuse { status, code, detail } => {
-                    let headers = [("x-request-id", ctx.request_id.clone())];
+                    let mut headers = vec![("x-request-id", ctx.request_id.clone())];
+                    if status == 429 {
+                        // RFC 9110 10.2.3: when a new place may be asked for again.
+                        headers.push(("retry-after", room.address_retry_after_secs().to_string()));
+                    }
                     Self::reply_problem(session, status, code, "Waiting-room ticket refused", &detail, &headers)
                         .await?;
                     return Ok(true);

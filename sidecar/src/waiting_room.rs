@@ -13,8 +13,21 @@
 //! `admit_per_second / replicas`; a ticket of another line (another pod's, or the shared one
 //! while Redis is down) cannot be honoured there and its holder is given a new one.
 //!
-//! Tickets are `n.line.issued_ms.turn_ms.expires_ms.binding.signature`: HMAC-SHA256 (RFC 2104)
-//! under the room's secret, bound to the buyer by a hash of the header they authenticate with.
+//! Tickets are `n.line.issued_ms.expires_ms.binding.signature`: HMAC-SHA256 (RFC 2104) under
+//! the room's secret, bound to the buyer.
+//!
+//! Against buyers who game the line (issue 34):
+//! - **One live place per buyer.** A buyer is the `sub` of an HS256 bearer token the room's secret
+//!   verifies (the mall's own tokens: logging in again is the same buyer), else the bound
+//!   header's value. A buyer who asks again without its ticket gets the place it holds, not a
+//!   new number, until that number is admitted or expires. A request without the bound header
+//!   takes no number at all: it goes on, under the rate limit, to the app (which answers 401).
+//! - **No-shows cost nobody.** A number the front passed more than `no_show_grace_ms` ago that
+//!   was never admitted gives its turn to the next number: the front moves one further. Numbers
+//!   admitted at once are marked used like tickets, so only real no-shows are passed over.
+//! - **Per-address numbers.** One client address (the rate limiter's trusted-proxy rules) takes
+//!   at most `numbers_per_address_per_minute` new numbers (per pod), so one address with many
+//!   accounts cannot fill the line.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,6 +61,9 @@ pub enum Admission {
         code: &'static str,
         detail: String,
     },
+    /// No buyer to place (the bound header is absent): not the room's to decide; the request
+    /// goes on under the rate limit.
+    Pass,
 }
 
 /// A ticket handed out, for the 202 answer.
@@ -71,32 +87,106 @@ pub struct Room {
     ttl_ms: u64,
     key: Vec<u8>,
     bind_header: String,
+    /// The configured secret itself: it verifies the mall's HS256 tokens (the buyer's `sub`).
+    token_key: Vec<u8>,
+    /// A number whose turn came this long ago and is still unused gives its turn away.
+    grace_ms: f64,
+    addresses: Option<AddressBudget>,
     redis: Option<SharedLine>,
     local: parking_lot::Mutex<Line>,
     /// This process's local line: tickets of another pod's line carry another name.
     local_name: String,
     /// Numbers of the local line already admitted (a ticket is admitted once).
     local_used: moka::sync::Cache<u64, ()>,
+    /// The places of the local line's buyers: buyer tag -> (number, issued at).
+    local_places: moka::sync::Cache<String, (u64, u64)>,
     shared_up: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
-/// One line's state: the last number issued and the front.
+/// One line's state: the last number issued, the front, and for no-shows: the last number
+/// looked at, the front as it was at `snap_at_ms`, and `ripe` (every number up to it had its
+/// turn at least the grace ago).
 #[derive(Debug)]
 struct Line {
     issued: u64,
     horizon: f64,
     at_ms: f64,
+    checked: u64,
+    snap: f64,
+    snap_at_ms: f64,
+    ripe: f64,
 }
 
 impl Line {
-    /// Moves the front to `now_ms`; returns whether `n` (or, for 0, a new number) is admitted.
-    fn step(&mut self, now_ms: f64, rate_ms: f64, burst: f64) {
+    fn new(burst: f64, now_ms: f64) -> Line {
+        Line {
+            issued: 0,
+            horizon: burst,
+            at_ms: now_ms,
+            checked: 0,
+            snap: burst,
+            snap_at_ms: now_ms,
+            ripe: 0.0,
+        }
+    }
+
+    /// Moves the front to `now_ms`, then one further for each number whose turn came at least
+    /// `grace_ms` ago (between one and two graces) that `used` does not know (a no-show);
+    /// returns how many were passed over. The front a pass moves is only taken as ripe a grace
+    /// later, so the numbers a pass reaches get their own grace.
+    fn step(&mut self, now_ms: f64, rate_ms: f64, burst: f64, grace_ms: f64, used: impl Fn(u64) -> bool) -> u64 {
         if now_ms > self.at_ms {
             self.horizon += (now_ms - self.at_ms) * rate_ms;
             self.at_ms = now_ms;
         }
         self.horizon = self.horizon.min(self.issued as f64 + burst);
+        let promote = now_ms - self.snap_at_ms >= grace_ms;
+        if promote {
+            self.ripe = self.snap;
+        }
+        let mut passed = 0;
+        let mut looked = 0;
+        while (self.checked + 1) as f64 <= self.ripe && self.checked < self.issued && looked < NO_SHOW_SCAN {
+            self.checked += 1;
+            looked += 1;
+            if !used(self.checked) {
+                self.horizon += 1.0;
+                passed += 1;
+            }
+        }
+        self.horizon = self.horizon.min(self.issued as f64 + burst);
+        if promote {
+            self.snap = self.horizon;
+            self.snap_at_ms = now_ms;
+        }
+        passed
+    }
+}
+
+/// Numbers looked at for no-shows per decision at most (each is looked at once).
+const NO_SHOW_SCAN: u32 = 256;
+
+/// New numbers per client address: a token bucket per address, per pod.
+struct AddressBudget {
+    per_ms: f64,
+    burst: f64,
+    buckets: moka::sync::Cache<std::net::IpAddr, (f64, f64)>,
+}
+
+impl AddressBudget {
+    fn take(&self, ip: std::net::IpAddr, now: f64) -> bool {
+        let (tokens, at) = self.buckets.get(&ip).unwrap_or((self.burst, now));
+        let tokens = (tokens + (now - at).max(0.0) * self.per_ms).min(self.burst);
+        let ok = tokens >= 1.0;
+        self.buckets.insert(ip, (if ok { tokens - 1.0 } else { tokens }, now));
+        ok
+    }
+
+    fn give_back(&self, ip: std::net::IpAddr) {
+        if let Some((tokens, at)) = self.buckets.get(&ip) {
+            self.buckets.insert(ip, ((tokens + 1.0).min(self.burst), at));
+        }
     }
 }
 
@@ -109,16 +199,25 @@ struct SharedLine {
     script: redis::Script,
 }
 
-/// The shared line, on Redis's clock. `ARGV`: rate per ms, burst, ticket number (0: a newcomer),
-/// how long a used mark lives (ms). Returns `{outcome, n, horizon, now_ms}`: outcome 1 admitted,
-/// 0 wait, 2 the ticket was used already, 3 the number was never issued (the line was reset).
+/// The shared line, on Redis's clock. `ARGV`: rate per ms, burst, ticket number (0: none
+/// presented), how long a used mark lives (ms), the buyer's tag, how long a place outlives its
+/// wait (ms), the no-show grace (ms), the issue time of a new place (ms), whether this
+/// address may take a new number (1/0). Returns `{outcome, n, horizon, now_ms, issued_ms,
+/// reused, passed}`: outcome 1 admitted, 0 wait, 2 the ticket was used already, 3 the number was
+/// never issued (the line was reset), 4 no new number for this address; `reused` 1 when the
+/// buyer's own place was found; `passed` the no-shows passed over.
 const LINE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local s = redis.call('HMGET', KEYS[1], 'issued', 'horizon', 'at')
+local s = redis.call('HMGET', KEYS[1], 'issued', 'horizon', 'at', 'checked', 'snap', 'snap_at', 'ripe')
 local issued = tonumber(s[1]) or 0
-local horizon = tonumber(s[2]) or 0
+-- A new line is idle: its front starts a burst ahead, as the local line's does.
+local horizon = tonumber(s[2]) or tonumber(ARGV[2])
 local at = tonumber(s[3]) or now
+local checked = tonumber(s[4]) or 0
+local snap = tonumber(s[5]) or horizon
+local snap_at = tonumber(s[6]) or now
+local ripe = tonumber(s[7]) or 0
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 if now > at then
@@ -126,24 +225,76 @@ if now > at then
   at = now
 end
 if horizon > issued + burst then horizon = issued + burst end
+local promote = now - snap_at >= tonumber(ARGV[7])
+if promote then ripe = snap end
+local passed = 0
+local looked = 0
+while checked + 1 <= ripe and checked < issued and looked < 256 do
+  checked = checked + 1
+  looked = looked + 1
+  if redis.call('EXISTS', KEYS[1] .. ':used:' .. checked) == 0 then
+    horizon = horizon + 1
+    passed = passed + 1
+  end
+end
+if horizon > issued + burst then horizon = issued + burst end
+if promote then
+  snap = horizon
+  snap_at = now
+end
 local n = tonumber(ARGV[3])
+local place = KEYS[1] .. ':b:' .. ARGV[5]
+local issued_ms = ARGV[8]
+local reused = 0
+if n == 0 then
+  local held = redis.call('GET', place)
+  if held then
+    local sep = string.find(held, ':', 1, true)
+    local hn = tonumber(string.sub(held, 1, sep - 1))
+    if hn and hn <= issued and redis.call('EXISTS', KEYS[1] .. ':used:' .. hn) == 0 then
+      n = hn
+      issued_ms = string.sub(held, sep + 1)
+      reused = 1
+    end
+  end
+end
 local outcome = 0
 if n == 0 then
-  issued = issued + 1
-  n = issued
-  if n <= horizon then outcome = 1 end
+  if ARGV[9] == '0' then
+    outcome = 4
+  else
+    issued = issued + 1
+    n = issued
+    if n <= horizon then
+      outcome = 1
+      redis.call('SET', KEYS[1] .. ':used:' .. n, '1', 'PX', ARGV[4])
+    else
+      local wait = math.floor((n - horizon) / rate)
+      redis.call('SET', place, n .. ':' .. issued_ms, 'PX', wait + tonumber(ARGV[6]))
+    end
+  end
 elseif n > issued then
   outcome = 3
 elseif n <= horizon then
   if redis.call('SET', KEYS[1] .. ':used:' .. n, '1', 'NX', 'PX', ARGV[4]) then outcome = 1 else outcome = 2 end
 end
-redis.call('HSET', KEYS[1], 'issued', issued, 'horizon', tostring(horizon), 'at', tostring(at))
+redis.call('HSET', KEYS[1], 'issued', issued, 'horizon', tostring(horizon), 'at', tostring(at), 'checked', checked,
+  'snap', tostring(snap), 'snap_at', tostring(snap_at), 'ripe', tostring(ripe))
 redis.call('PEXPIRE', KEYS[1], 86400000)
-return {outcome, n, tostring(horizon), tostring(now)}
+return {outcome, n, tostring(horizon), tostring(now), tostring(issued_ms), reused, passed}
 "#;
 
-/// What a line answered: outcome (as in [`LINE_LUA`]), the number, the front.
-type Step = (i64, u64, f64);
+/// What a line answered (as in [`LINE_LUA`]).
+#[derive(Debug)]
+struct Step {
+    outcome: i64,
+    n: u64,
+    horizon: f64,
+    /// When the number was first given out (a reused place keeps its own).
+    issued_ms: u64,
+    reused: bool,
+    passed: u64,
+}
 
 fn now_ms() -> f64 {
     SystemTime::now()
@@ -180,11 +331,27 @@ impl Room {
         let rate_ms = config.admit_per_second / 1000.0;
         let ttl_ms = config.ticket_ttl_seconds * 1000;
         let now = now_ms();
+        let local_rate_ms = rate_ms / config.replicas.max(1) as f64;
+        let places_live = Duration::from_millis(ttl_ms * 2 + 60_000);
         Some(Room {
+            token_key: config.secret.as_bytes().to_vec(),
+            grace_ms: config.no_show_grace_ms as f64,
+            addresses: (config.numbers_per_address_per_minute > 0).then(|| AddressBudget {
+                per_ms: config.numbers_per_address_per_minute as f64 / 60_000.0,
+                burst: config.numbers_per_address_per_minute as f64,
+                buckets: moka::sync::Cache::builder()
+                    .max_capacity(200_000)
+                    .time_to_idle(Duration::from_secs(120))
+                    .build(),
+            }),
+            local_places: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(places_live)
+                .build(),
             method: config.method.clone(),
             path: config.path.clone(),
             rate_ms,
-            local_rate_ms: rate_ms / config.replicas.max(1) as f64,
+            local_rate_ms,
             burst: config.burst as f64,
             ttl_ms,
             // A key of the room's own, derived from the configured secret (which the operator
@@ -198,11 +365,7 @@ impl Room {
             bind_header: config.bind_header.to_ascii_lowercase(),
             shared_up: AtomicBool::new(redis.is_some()),
             redis,
-            local: parking_lot::Mutex::new(Line {
-                issued: 0,
-                horizon: config.burst as f64,
-                at_ms: now,
-            }),
+            local: parking_lot::Mutex::new(Line::new(config.burst as f64, now)),
             local_name: format!("l{:08x}", rand_u32()),
             local_used: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
@@ -220,10 +383,23 @@ impl Room {
         &self.bind_header
     }
 
+    /// When an address refused a new number gets its next one.
+    pub fn address_retry_after_secs(&self) -> u64 {
+        self.addresses
+            .as_ref()
+            .map_or(1, |a| (1.0 / a.per_ms / 1000.0).ceil().max(1.0) as u64)
+    }
+
     /// Decides for a request to the room's route: `ticket` as presented, `binding` the value of
-    /// the bind header (empty when absent).
-    pub async fn admit(&self, ticket: Option<&str>, binding: &str) -> Admission {
-        let bind = bind_tag(binding);
+    /// the bind header (empty when absent), `client` the client's address (trusted-proxy rules
+    /// applied).
+    pub async fn admit(&self, ticket: Option<&str>, binding: &str, client: Option<std::net::IpAddr>) -> Admission {
+        let now = now_ms();
+        let Some(buyer) = self.buyer(binding, now) else {
+            self.count("unbound");
+            return Admission::Pass;
+        };
+        let bind = bind_tag(&buyer);
         let presented = match ticket.map(|t| self.verify(t, &bind)) {
             None => None,
             Some(Ok(t)) => Some(t),
@@ -236,7 +412,6 @@ impl Room {
                 };
             }
         };
-        let now = now_ms();
         if let Some(t) = &presented {
             if now as u64 > t.expires_ms {
                 self.count("expired");
@@ -249,26 +424,51 @@ impl Room {
                 };
             }
         }
+        // A new number costs the address one of its numbers, unless this buyer is known here
+        // to hold a place (a repeat gets its own place back, whatever the address).
+        let known_here = self.local_places.contains_key(&bind);
+        let charged = match (&self.addresses, client) {
+            (Some(budget), Some(ip)) if presented.is_none() && !known_here => Some((budget, ip)),
+            _ => None,
+        };
+        let allow_new = charged.is_none_or(|(budget, ip)| budget.take(ip, now));
         // The shared line when Redis answers; else this pod's own. A ticket of a line that
         // cannot be consulted here (another pod's, or the shared one while Redis is down)
-        // counts as none: its holder takes a new number.
+        // counts as none: its holder takes a new number (or finds its place on this line).
         let on_line = |name: &str| presented.as_ref().filter(|t| t.line == name).map(|t| t.n);
-        let (line, (outcome, n, horizon)) = match self.shared_step(on_line("g")).await {
+        let (line, step) = match self.shared_step(on_line("g"), &bind, allow_new, now).await {
             Some(step) => ("g", step),
             None => (
                 self.local_name.as_str(),
-                self.local_step(on_line(&self.local_name), now),
+                self.local_step(on_line(&self.local_name), &bind, allow_new, now),
             ),
         };
+        if step.passed > 0 {
+            self.metrics
+                .waiting_room_tickets
+                .with_label_values(&["no_show"])
+                .inc_by(step.passed);
+        }
+        if step.reused {
+            self.count("reused");
+            if let Some((budget, ip)) = charged.filter(|_| allow_new) {
+                budget.give_back(ip);
+            }
+        }
         let foreign = presented.as_ref().is_some_and(|t| t.line != line);
+        let (outcome, n, horizon) = (step.outcome, step.n, step.horizon);
         self.metrics.waiting_room_queue.set((n as f64 - horizon).max(0.0));
         match outcome {
             1 => {
-                let waited_ms = presented
-                    .as_ref()
-                    .filter(|_| !foreign)
-                    .map_or(0, |t| (now as u64).saturating_sub(t.issued_ms));
-                self.count(if presented.is_some() && !foreign {
+                let waited_ms = if step.reused {
+                    (now as u64).saturating_sub(step.issued_ms)
+                } else {
+                    presented
+                        .as_ref()
+                        .filter(|_| !foreign)
+                        .map_or(0, |t| (now as u64).saturating_sub(t.issued_ms))
+                };
+                self.count(if (presented.is_some() && !foreign) || step.reused {
                     "admitted"
                 } else {
                     "direct"
@@ -295,19 +495,30 @@ impl Room {
                         .into(),
                 }
             }
+            4 => {
+                self.count("address_limited");
+                Admission::Refuse {
+                    status: 429,
+                    code: "too_many_numbers_from_address",
+                    detail: "this client address took waiting_room.numbers_per_address_per_minute places in line \
+                             already; retry later"
+                        .into(),
+                }
+            }
             _ => {
                 let ahead = (n as f64 - horizon).max(0.0);
                 let wait_ms = (ahead / if line == "g" { self.rate_ms } else { self.local_rate_ms }).ceil() as u64;
-                let (issued_ms, line_name) = match presented.as_ref().filter(|_| !foreign) {
-                    Some(t) => (t.issued_ms, t.line.clone()),
+                let issued_ms = match presented.as_ref().filter(|_| !foreign) {
+                    Some(t) => t.issued_ms,
+                    None if step.reused => step.issued_ms,
                     None => {
                         self.count("issued");
-                        (now as u64, line.to_string())
+                        step.issued_ms
                     }
                 };
                 let turn_ms = now as u64 + wait_ms;
                 let expires_ms = turn_ms + self.ttl_ms;
-                let token = self.sign(n, &line_name, issued_ms, expires_ms, &bind);
+                let token = self.sign(n, line, issued_ms, expires_ms, &bind);
                 Admission::Wait(Ticket {
                     token,
                     position: ahead.ceil() as u64,
@@ -318,8 +529,45 @@ impl Room {
         }
     }
 
+    /// Who the buyer is: `sub:<user>` for a bearer token the room's secret verifies (HS256, not
+    /// expired), else `h:<header value>`; None without the header.
+    fn buyer(&self, binding: &str, now: f64) -> Option<String> {
+        let binding = binding.trim();
+        if binding.is_empty() {
+            return None;
+        }
+        Some(match self.verified_subject(binding, now) {
+            Some(sub) => format!("sub:{sub}"),
+            None => format!("h:{binding}"),
+        })
+    }
+
+    /// The `sub` of an HS256 JWT (RFC 7519) in `Bearer <token>` signed with the room's secret.
+    fn verified_subject(&self, binding: &str, now: f64) -> Option<String> {
+        let (scheme, token) = binding.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let (signed, sig) = token.trim().rsplit_once('.')?;
+        let (header, payload) = signed.split_once('.')?;
+        let header: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
+        if header.get("alg")?.as_str()? != "HS256" {
+            return None;
+        }
+        Hmac::<Sha256>::new_from_slice(&self.token_key)
+            .ok()?
+            .chain_update(signed.as_bytes())
+            .verify_slice(&URL_SAFE_NO_PAD.decode(sig).ok()?)
+            .ok()?;
+        let claims: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
+        if claims.get("exp")?.as_f64()? * 1000.0 < now {
+            return None;
+        }
+        Some(claims.get("sub")?.as_str()?.to_string())
+    }
+
     /// One step of the shared line; None when there is none or Redis does not answer.
-    async fn shared_step(&self, n: Option<u64>) -> Option<Step> {
+    async fn shared_step(&self, n: Option<u64>, bind: &str, allow_new: bool, now: f64) -> Option<Step> {
         let shared = self.redis.as_ref()?;
         let conn = shared.conn.get_or_init(|| {
             redis::aio::ConnectionManager::new_lazy_with_config(shared.client.clone(), shared.config.clone())
@@ -330,10 +578,15 @@ impl Room {
         call.arg(self.rate_ms)
             .arg(self.burst)
             .arg(n.unwrap_or(0))
-            .arg(self.ttl_ms * 2 + 60_000);
+            .arg(self.ttl_ms * 2 + 60_000)
+            .arg(bind)
+            .arg(self.ttl_ms + 60_000)
+            .arg(self.grace_ms)
+            .arg(now as u64)
+            .arg(if allow_new { "1" } else { "0" });
         let answer = tokio::time::timeout(
             shared.timeout,
-            call.invoke_async::<(i64, u64, String, String)>(&mut conn),
+            call.invoke_async::<(i64, u64, String, String, String, i64, u64)>(&mut conn),
         )
         .await;
         let up = matches!(answer, Ok(Ok(_)));
@@ -345,28 +598,68 @@ impl Room {
             }
         }
         self.metrics.waiting_room_shared.set(if up { 1.0 } else { 0.0 });
-        let (outcome, n, horizon, _clock) = answer.ok()?.ok()?;
-        Some((outcome, n, horizon.parse().unwrap_or(0.0)))
+        let (outcome, n, horizon, _clock, issued_ms, reused, passed) = answer.ok()?.ok()?;
+        if outcome == 0 {
+            // Remembered here too, so a repeat on this pod is not charged to its address.
+            self.local_places.insert(bind.to_string(), (0, 0));
+        }
+        Some(Step {
+            outcome,
+            n,
+            horizon: horizon.parse().unwrap_or(0.0),
+            issued_ms: issued_ms.parse().unwrap_or(now as u64),
+            reused: reused == 1,
+            passed,
+        })
     }
 
-    fn local_step(&self, n: Option<u64>, now: f64) -> Step {
+    fn local_step(&self, n: Option<u64>, bind: &str, allow_new: bool, now: f64) -> Step {
         let mut line = self.local.lock();
-        line.step(now, self.local_rate_ms, self.burst);
-        match n {
+        let used = |m: u64| self.local_used.contains_key(&m);
+        let passed = line.step(now, self.local_rate_ms, self.burst, self.grace_ms, used);
+        let mut issued_ms = now as u64;
+        let mut reused = false;
+        let mut n = n;
+        if n.is_none() {
+            // The buyer's own place, while its number is live.
+            if let Some((held, at)) = self.local_places.get(bind) {
+                if held > 0 && held <= line.issued && !self.local_used.contains_key(&held) {
+                    n = Some(held);
+                    issued_ms = at;
+                    reused = true;
+                }
+            }
+        }
+        let (outcome, n) = match n {
+            None if !allow_new => (4, 0),
             None => {
                 line.issued += 1;
                 let n = line.issued;
-                (i64::from(n as f64 <= line.horizon), n, line.horizon)
+                if n as f64 <= line.horizon {
+                    self.local_used.insert(n, ());
+                    (1, n)
+                } else {
+                    self.local_places.insert(bind.to_string(), (n, issued_ms));
+                    (0, n)
+                }
             }
-            Some(n) if n > line.issued => (3, n, line.horizon),
+            Some(n) if n > line.issued => (3, n),
             Some(n) if n as f64 <= line.horizon => {
                 let fresh = !self.local_used.contains_key(&n);
                 if fresh {
                     self.local_used.insert(n, ());
                 }
-                (if fresh { 1 } else { 2 }, n, line.horizon)
+                (if fresh { 1 } else { 2 }, n)
             }
-            Some(n) => (0, n, line.horizon),
+            Some(n) => (0, n),
+        };
+        Step {
+            outcome,
+            n,
+            horizon: line.horizon,
+            issued_ms,
+            reused,
+            passed,
         }
     }
 
@@ -483,20 +776,22 @@ mod tests {
     #[tokio::test]
     async fn a_burst_goes_through_then_buyers_wait_in_line_and_are_admitted_in_order() {
         let room = room(10.0, 2);
-        assert!(matches!(room.admit(None, "alice").await, Admission::Admit { .. }));
-        assert!(matches!(room.admit(None, "bob").await, Admission::Admit { .. }));
-        let t3 = ticket(room.admit(None, "carol").await);
-        let t4 = ticket(room.admit(None, "dave").await);
+        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        assert!(matches!(room.admit(None, "bob", None).await, Admission::Admit { .. }));
+        let t3 = ticket(room.admit(None, "carol", None).await);
+        let t4 = ticket(room.admit(None, "dave", None).await);
         assert!(t3.position >= 1 && t4.position == t3.position + 1, "{t3:?} {t4:?}");
         assert!(t4.wait_ms > t3.wait_ms && t4.wait_ms <= 250, "{t3:?} {t4:?}");
         // Dave comes back before his turn: still waiting, same place.
-        let again = ticket(room.admit(Some(&t4.token), "dave").await);
+        let again = ticket(room.admit(Some(&t4.token), "dave", None).await);
         assert!(again.position <= t4.position);
         tokio::time::sleep(Duration::from_millis(t4.wait_ms + 20)).await;
-        assert!(matches!(room.admit(Some(&t4.token), "dave").await, Admission::Admit { waited_ms } if waited_ms > 0));
+        assert!(
+            matches!(room.admit(Some(&t4.token), "dave", None).await, Admission::Admit { waited_ms } if waited_ms > 0)
+        );
         // Once admitted, the ticket is spent.
         assert!(matches!(
-            room.admit(Some(&t4.token), "dave").await,
+            room.admit(Some(&t4.token), "dave", None).await,
             Admission::Refuse {
                 status: 409,
                 code: "ticket_used",
@@ -505,7 +800,7 @@ mod tests {
         ));
         // Carol's turn came before Dave's: she is admitted too.
         assert!(matches!(
-            room.admit(Some(&t3.token), "carol").await,
+            room.admit(Some(&t3.token), "carol", None).await,
             Admission::Admit { .. }
         ));
     }
@@ -513,21 +808,27 @@ mod tests {
     #[tokio::test]
     async fn forged_foreign_and_expired_tickets_are_refused() {
         let room = room(0.5, 1);
-        assert!(matches!(room.admit(None, "alice").await, Admission::Admit { .. }));
-        let t = ticket(room.admit(None, "bob").await);
+        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        let t = ticket(room.admit(None, "bob", None).await);
         let refused = |a: Admission| match a {
             Admission::Refuse { code, .. } => code,
             other => panic!("expected a refusal, got {other:?}"),
         };
-        assert_eq!(refused(room.admit(Some(&t.token), "mallory").await), "ticket_not_yours");
+        assert_eq!(
+            refused(room.admit(Some(&t.token), "mallory", None).await),
+            "ticket_not_yours"
+        );
         // Moving the number ahead breaks the signature.
         let mut parts: Vec<String> = t.token.split('.').map(String::from).collect();
         parts[0] = "1".into();
         assert_eq!(
-            refused(room.admit(Some(&parts.join(".")), "bob").await),
+            refused(room.admit(Some(&parts.join(".")), "bob", None).await),
             "ticket_invalid"
         );
-        assert_eq!(refused(room.admit(Some("garbage"), "bob").await), "ticket_invalid");
+        assert_eq!(
+            refused(room.admit(Some("garbage"), "bob", None).await),
+            "ticket_invalid"
+        );
         // Signed by another room (another secret).
         let other = {
             let config = WaitingRoom {
@@ -537,12 +838,140 @@ mod tests {
             };
             Room::new(&config, Arc::new(Metrics::new())).unwrap()
         };
-        assert_eq!(refused(other.admit(Some(&t.token), "bob").await), "ticket_invalid");
+        assert_eq!(
+            refused(other.admit(Some(&t.token), "bob", None).await),
+            "ticket_invalid"
+        );
         // Expired: signed with an expiry in the past.
         let mut p: Vec<&str> = t.token.split('.').collect();
         p.truncate(5);
         let old = room.sign(p[0].parse().unwrap(), p[1], 1, 2, p[4]);
-        assert_eq!(refused(room.admit(Some(&old), "bob").await), "ticket_expired");
+        assert_eq!(refused(room.admit(Some(&old), "bob", None).await), "ticket_expired");
+    }
+
+    /// An HS256 token as the mall signs them (RFC 7519), for `sub` with `key`.
+    fn jwt(sub: &str, iat: u64, key: &[u8]) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let exp = (now_ms() / 1000.0) as u64 + 3600;
+        let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"{sub}","role":"user","iat":{iat},"exp":{exp}}}"#));
+        let signed = format!("{header}.{claims}");
+        let sig = Hmac::<Sha256>::new_from_slice(key)
+            .unwrap()
+            .chain_update(signed.as_bytes())
+            .finalize()
+            .into_bytes();
+        format!("Bearer {signed}.{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    const SECRET: &[u8] = b"a-secret-of-at-least-thirty-two-bytes!";
+
+    #[tokio::test]
+    async fn a_buyer_who_asks_again_keeps_its_place_and_takes_no_new_number() {
+        let room = room(1.0, 1);
+        assert!(matches!(
+            room.admit(None, "opener", None).await,
+            Admission::Admit { .. }
+        ));
+        let first = ticket(room.admit(None, "greedy", None).await);
+        for _ in 0..29 {
+            let again = ticket(room.admit(None, "greedy", None).await);
+            assert_eq!(again.position, first.position, "the same place, not a new number");
+        }
+        let honest = ticket(room.admit(None, "honest", None).await);
+        assert_eq!(honest.position, first.position + 1, "the next buyer is right behind");
+        // Logging in again (a new token for the same user) is the same buyer.
+        let a = jwt("42", 1, SECRET);
+        let b = jwt("42", 2, SECRET);
+        let t = ticket(room.admit(None, &a, None).await);
+        assert_eq!(ticket(room.admit(None, &b, None).await).position, t.position);
+        // The ticket is bound to the user, so the new token may present it.
+        assert!(matches!(room.admit(Some(&t.token), &b, None).await, Admission::Wait(_)));
+        // A token the room's secret does not verify is only its own bytes: a place of its own.
+        let forged = jwt("42", 3, b"another-key-of-thirty-two-bytes-or-more!");
+        assert_eq!(ticket(room.admit(None, &forged, None).await).position, t.position + 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_without_the_bound_header_takes_no_number() {
+        let room = room(1.0, 1);
+        assert_eq!(room.admit(None, "", None).await, Admission::Pass);
+        assert_eq!(room.admit(None, "  ", None).await, Admission::Pass);
+        assert!(matches!(room.admit(None, "first", None).await, Admission::Admit { .. }));
+        assert_eq!(ticket(room.admit(None, "second", None).await).position, 1);
+    }
+
+    #[tokio::test]
+    async fn no_shows_pass_their_turn_to_the_next_buyer_after_the_grace() {
+        // 10 a second, burst 1, grace 100 ms: ten buyers take numbers and never come back; dave,
+        // behind them, would wait 1.1 s if their turns were kept for them.
+        let config = WaitingRoom {
+            enabled: true,
+            admit_per_second: 10.0,
+            burst: 1,
+            no_show_grace_ms: 100,
+            secret: "a-secret-of-at-least-thirty-two-bytes!".into(),
+            ..WaitingRoom::default()
+        };
+        let room = Room::new(&config, Arc::new(Metrics::new())).unwrap();
+        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        for i in 0..10 {
+            ticket(room.admit(None, &format!("no-show{i}"), None).await);
+        }
+        let dave = ticket(room.admit(None, "dave", None).await);
+        assert!(dave.wait_ms >= 1000, "{dave:?}");
+        let started = std::time::Instant::now();
+        loop {
+            match room.admit(Some(&dave.token), "dave", None).await {
+                Admission::Admit { .. } => break,
+                Admission::Wait(_) => {}
+                other => panic!("{other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_millis(2000), "dave never admitted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let waited = started.elapsed();
+        // Each no-show's turn is passed one to two graces after it came; a number a pass reaches
+        // gets its own grace, so the passes snowball but never skip a live buyer's grace.
+        assert!(waited < Duration::from_millis(900), "dave waited {waited:?}");
+        // Only numbers never used were passed: alice's (admitted at once) was not.
+        let passed = room.metrics.waiting_room_tickets.with_label_values(&["no_show"]).get();
+        assert!((1..=10).contains(&passed), "{passed} no-shows");
+    }
+
+    #[tokio::test]
+    async fn one_address_takes_a_bounded_number_of_places() {
+        let config = WaitingRoom {
+            enabled: true,
+            admit_per_second: 1.0,
+            burst: 1,
+            numbers_per_address_per_minute: 3,
+            secret: "a-secret-of-at-least-thirty-two-bytes!".into(),
+            ..WaitingRoom::default()
+        };
+        let room = Room::new(&config, Arc::new(Metrics::new())).unwrap();
+        let farm: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+        let other: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+        for i in 0..3 {
+            assert!(!matches!(
+                room.admit(None, &format!("account{i}"), Some(farm)).await,
+                Admission::Refuse { .. }
+            ));
+        }
+        match room.admit(None, "account3", Some(farm)).await {
+            Admission::Refuse { status: 429, code, .. } => assert_eq!(code, "too_many_numbers_from_address"),
+            other => panic!("{other:?}"),
+        }
+        // A buyer of that address asking again for its own place is not refused.
+        assert!(matches!(
+            room.admit(None, "account2", Some(farm)).await,
+            Admission::Wait(_)
+        ));
+        // Other addresses are not affected.
+        assert!(matches!(
+            room.admit(None, "someone", Some(other)).await,
+            Admission::Wait(_)
+        ));
+        assert!(room.address_retry_after_secs() >= 20);
     }
 
     #[test]

@@ -380,6 +380,108 @@ async fn redis_limits_hold_across_sidecars_and_fall_back_when_redis_is_down() {
     );
 }
 
+/// The waiting room on one line shared through Redis by two sidecars (issue 34), with buyers
+/// who game it: one asking again and again (on either pod) keeps one place; a request without
+/// credentials takes no number and goes on; one address gets at most its quota of new numbers;
+/// and the turns of numbers nobody comes back for pass to the buyer behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shared_waiting_room_gives_one_place_per_buyer_and_passes_no_shows_over() {
+    let Some(redis) = common::redis_url().await else { return };
+    let stub = Stub::start("app", 0).await;
+    let prefix = format!("room-test-{}-{}", std::process::id(), common::free_port());
+    let config = format!(
+        "{}\n[rate_limit]\nenabled = false\n[waiting_room]\nenabled = true\nmethod = \"GET\"\npath = \"/who\"\n\
+         admit_per_second = 1.0\nburst = 1\nno_show_grace_ms = 300\nnumbers_per_address_per_minute = 5\n\
+         secret = \"a-secret-of-at-least-thirty-two-bytes!!\"\n[waiting_room.redis]\nurl = \"{redis}\"\n\
+         key_prefix = \"{prefix}\"\ntimeout_ms = 500\n",
+        upstream_section(&[stub.addr], "round_robin")
+    );
+    let a = Sidecar::start(&config).await;
+    let b = Sidecar::start(&config).await;
+    let http = client();
+    let ask = |sidecar: &Sidecar, who: Option<&str>, ticket: Option<&str>| {
+        let mut r = http.get(sidecar.url("/who"));
+        if let Some(who) = who {
+            r = r.header("authorization", format!("Bearer {who}"));
+        }
+        if let Some(t) = ticket {
+            r = r.header("waiting-room-ticket", t);
+        }
+        r.send()
+    };
+    // The burst: the first buyer goes straight through.
+    assert_eq!(ask(&a, Some("opener"), None).await.unwrap().status(), 200);
+    // A buyer asking 30 times without its ticket, on both pods: one place, not 30 numbers.
+    let mut positions = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        let r = ask(if i % 2 == 0 { &a } else { &b }, Some("greedy"), None)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "greedy request {i}");
+        positions.insert(r.headers()["waiting-room-position"].to_str().unwrap().to_string());
+    }
+    assert_eq!(positions.len(), 1, "one place for one buyer: {positions:?}");
+    assert_eq!(
+        a.metric("sidecar_waiting_room_tickets_total", "outcome=\"reused\"")
+            .await
+            + b.metric("sidecar_waiting_room_tickets_total", "outcome=\"reused\"")
+                .await,
+        29.0
+    );
+    // No credentials: no number; the request goes on (the mall's app would answer 401).
+    let anonymous = ask(&a, None, None).await.unwrap();
+    assert_eq!(anonymous.status(), 200);
+    assert!(anonymous.headers().get("waiting-room-ticket").is_none());
+    // One address, many "accounts": 5 new numbers a minute on a pod (the opener and greedy took
+    // two on pod a), then 429 with a code and Retry-After.
+    for i in 0..3 {
+        assert_eq!(
+            ask(&a, Some(&format!("bot{i}")), None).await.unwrap().status(),
+            202,
+            "bot {i}"
+        );
+    }
+    let refused = ask(&a, Some("bot3"), None).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(
+        refused.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["error"]["code"], "too_many_numbers_from_address", "{problem}");
+    // The honest buyer, behind greedy and three bots who never come back (4 s of turns at 1/s):
+    // admitted once their turns have passed over, each a 0.3-0.6 s grace after it came.
+    let honest = ask(&b, Some("honest"), None).await.unwrap();
+    assert_eq!(honest.status(), 202);
+    let ticket = honest.headers()["waiting-room-ticket"].to_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    loop {
+        let r = ask(&b, Some("honest"), Some(&ticket)).await.unwrap();
+        match r.status().as_u16() {
+            200 => break,
+            202 => {}
+            other => panic!("honest buyer got {other}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the honest buyer was never admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(4200),
+        "the honest buyer waited {waited:?} behind no-shows"
+    );
+    let passed = a
+        .metric("sidecar_waiting_room_tickets_total", "outcome=\"no_show\"")
+        .await
+        + b.metric("sidecar_waiting_room_tickets_total", "outcome=\"no_show\"")
+            .await;
+    assert!((1.0..=4.0).contains(&passed), "{passed} no-shows passed over");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn round_robin_spreads_consistent_hashing_sticks() {
     let one = AppInstance::start().await;

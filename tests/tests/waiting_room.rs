@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_addr, fresh_database, redis};
+use futures_util::StreamExt;
 use mall_app::testing::{RunningApp, PASSWORD};
 use mall_sidecar_config::{LimitRule, RedisLimits, RoomRedis, SidecarConfig, WaitingRoom};
 use serde_json::{json, Value};
@@ -58,7 +59,8 @@ async fn sale(front: Front) -> Option<Sale> {
     let mut redis_server = Some(redis(redis_port)?);
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
     let dir = tempfile::tempdir().unwrap();
-    let flags = [format!("--database-url={url}")];
+    // One account per buyer: the room gives one place per user (issue 34).
+    let flags = [format!("--database-url={url}"), format!("--seed-users={BUYERS}")];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let apps = [
         RunningApp::start_in(dir.path(), &flags).await,
@@ -94,6 +96,8 @@ async fn sale(front: Front) -> Option<Sale> {
                         timeout_ms: 200,
                     }),
                     replicas: 2,
+                    // Every buyer of this test shares the loopback address.
+                    numbers_per_address_per_minute: 0,
                     ..WaitingRoom::default()
                 };
             }
@@ -146,10 +150,19 @@ async fn sale(front: Front) -> Option<Sale> {
         .unwrap()["id"]
         .as_i64()
         .unwrap();
-    let tokens = [
-        mall_loadgen::login(&http, &base, "user1", PASSWORD).await.unwrap(),
-        mall_loadgen::login(&http, &base, "user2", PASSWORD).await.unwrap(),
-    ];
+    // A few at a time: argon2 is slow by design.
+    let tokens: Vec<String> = futures_util::stream::iter(1..=BUYERS)
+        .map(|i| {
+            let (http, base) = (&http, &base);
+            async move {
+                mall_loadgen::login(http, base, &format!("user{i}"), PASSWORD)
+                    .await
+                    .unwrap_or_else(|e| panic!("user{i} logs in: {e}"))
+            }
+        })
+        .buffered(4)
+        .collect()
+        .await;
     let app_orders_before = order_requests(&http, &apps).await;
     if front == Front::WaitingRoomRedisDown {
         redis_server = None;
@@ -161,7 +174,7 @@ async fn sale(front: Front) -> Option<Sale> {
     for i in 0..BUYERS {
         let (http, sold_out) = (http.clone(), sold_out.clone());
         let target = format!("http://{}/api/orders", sidecars[i % 2]);
-        let token = tokens[i % 2].clone();
+        let token = tokens[i].clone();
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until((start + ARRIVAL_GAP * i as u32).into()).await;
             let mut buyer = Buyer::default();

@@ -8,6 +8,11 @@
 //! - 429: waits `Retry-After` (RFC 9110 10.2.3) and tries again;
 //! - anything else came from the app: the buyer was let through (201 bought, 409 sold out).
 //!
+//! Attackers (`--attackers N`, accounts after the buyers') each send `--attacker-requests`
+//! ticketless orders, four at a time, as fast as they can, ignoring tickets and `Retry-After`;
+//! anonymous clients (`--anonymous K`) send orders without credentials in a loop until the
+//! honest buyers are done. Their answers and orders are reported beside the honest buyers'.
+//!
 //! Once the product is sold out, buyers still waiting leave. Reported: fairness (the fraction of
 //! buyers let through while someone who arrived earlier was still waiting or never got in), the
 //! requests that reached the app per order created, the let-through order's latency, the
@@ -31,6 +36,9 @@ pub struct Arrivals {
     pub stock: u64,
     pub users: usize,
     pub password: String,
+    pub attackers: usize,
+    pub attacker_requests: usize,
+    pub anonymous: usize,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -56,6 +64,16 @@ pub struct SaleReport {
     pub longest_wait_ms: u64,
     /// From the first arrival to the last buyer's answer.
     pub seconds: f64,
+    pub attackers: usize,
+    pub attacker_requests: u64,
+    /// Orders the most successful attacker got (the room allows one place per account).
+    pub attacker_orders_max: u64,
+    pub attacker_orders: u64,
+    /// Answers to attackers and anonymous clients by status.
+    pub attacker_statuses: std::collections::BTreeMap<u16, u64>,
+    pub anonymous: usize,
+    pub anonymous_requests: u64,
+    pub anonymous_statuses: std::collections::BTreeMap<u16, u64>,
     #[serde(skip)]
     pub ledger: LedgerData,
 }
@@ -116,11 +134,100 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
             buy(&http, &url, &token, &key, product, &sold_out).await
         }));
     }
+    // The attackers: accounts after the buyers', from the sale's start.
+    let honest_done = Arc::new(AtomicBool::new(false));
+    let mut attack = Vec::new();
+    for j in 0..a.attackers {
+        let token = scenario::login(&http, base, &format!("user{}", a.users.max(1) + 1 + j), &a.password).await?;
+        let (http, url, run_id, sold_out) = (
+            http.clone(),
+            format!("{}/api/orders", a.targets[j % a.targets.len()]),
+            run_id.clone(),
+            sold_out.clone(),
+        );
+        let requests = a.attacker_requests;
+        attack.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            let body = json!({ "items": [{ "product_id": product, "quantity": 1 }] });
+            let results: Vec<(u16, Option<(String, String)>)> = futures_util::stream::iter(0..requests)
+                .map(|k| {
+                    let (http, url, token, body, key) = (&http, &url, &token, &body, format!("lg-{run_id}-a{j}-{k}"));
+                    async move {
+                        let Ok(r) = http
+                            .post(url)
+                            .bearer_auth(token)
+                            .header("idempotency-key", &key)
+                            .json(body)
+                            .send()
+                            .await
+                        else {
+                            return (0, None);
+                        };
+                        let status = r.status().as_u16();
+                        let order = if status == 201 {
+                            let v: Value = r.json().await.unwrap_or(Value::Null);
+                            v["id"].as_str().map(|id| (key, id.to_string()))
+                        } else {
+                            None
+                        };
+                        (status, order)
+                    }
+                })
+                .buffer_unordered(4)
+                .take_while(|_| std::future::ready(!sold_out.load(Ordering::Relaxed)))
+                .collect()
+                .await;
+            results
+        }));
+    }
+    let mut lurkers = Vec::new();
+    for j in 0..a.anonymous {
+        let (http, url, honest_done) = (
+            http.clone(),
+            format!("{}/api/orders", a.targets[j % a.targets.len()]),
+            honest_done.clone(),
+        );
+        lurkers.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            let body = json!({ "items": [{ "product_id": product, "quantity": 1 }] });
+            let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
+            while !honest_done.load(Ordering::Relaxed) {
+                let status = match http.post(&url).json(&body).send().await {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                };
+                *statuses.entry(status).or_default() += 1;
+            }
+            statuses
+        }));
+    }
     let mut buyers = Vec::with_capacity(a.buyers);
     for t in tasks {
         buyers.push(t.await?);
     }
     let seconds = start.elapsed().as_secs_f64();
+    honest_done.store(true, Ordering::Relaxed);
+    let mut attacker_statuses = std::collections::BTreeMap::<u16, u64>::new();
+    let mut attacker_orders_max = 0;
+    let mut attacker_orders = Vec::new();
+    for t in attack {
+        let results = t.await?;
+        let mut got = 0;
+        for (status, order) in results {
+            *attacker_statuses.entry(status).or_default() += 1;
+            if let Some(order) = order {
+                got += 1;
+                attacker_orders.push(order);
+            }
+        }
+        attacker_orders_max = attacker_orders_max.max(got);
+    }
+    let mut anonymous_statuses = std::collections::BTreeMap::<u16, u64>::new();
+    for t in lurkers {
+        for (status, n) in t.await? {
+            *anonymous_statuses.entry(status).or_default() += n;
+        }
+    }
 
     let mut ledger = LedgerData {
         run_id,
@@ -136,6 +243,10 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         }
     }
     let orders = ledger.orders.len();
+    for (key, order) in &attacker_orders {
+        ledger.orders.insert(key.clone(), format!("{order}:{product}"));
+        *ledger.ordered.entry(product).or_default() += 1;
+    }
     let mut latencies: Vec<Duration> = buyers.iter().filter_map(|b| b.admitted.map(|x| x.1)).collect();
     latencies.sort();
     let quantile = |q: f64| {
@@ -167,6 +278,14 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         admitted_p99_ms: quantile(0.99),
         longest_wait_ms: buyers.iter().map(|b| b.waited.as_millis() as u64).max().unwrap_or(0),
         seconds,
+        attackers: a.attackers,
+        attacker_requests: attacker_statuses.values().sum(),
+        attacker_orders_max,
+        attacker_orders: attacker_orders.len() as u64,
+        attacker_statuses,
+        anonymous: a.anonymous,
+        anonymous_requests: anonymous_statuses.values().sum(),
+        anonymous_statuses,
         ledger,
     })
 }
@@ -306,7 +425,26 @@ impl std::fmt::Display for SaleReport {
             f,
             "latency       let-through order p50 {:.1} ms, p99 {:.1} ms; longest wait {} ms; {:.1} s in all",
             self.admitted_p50_ms, self.admitted_p99_ms, self.longest_wait_ms, self.seconds
-        )
+        )?;
+        if self.attackers > 0 {
+            writeln!(
+                f,
+                "attackers     {} accounts, {} requests, {} orders (at most {} each); answers {:?}",
+                self.attackers,
+                self.attacker_requests,
+                self.attacker_orders,
+                self.attacker_orders_max,
+                self.attacker_statuses
+            )?;
+        }
+        if self.anonymous > 0 {
+            writeln!(
+                f,
+                "anonymous     {} clients, {} requests; answers {:?}",
+                self.anonymous, self.anonymous_requests, self.anonymous_statuses
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -67,6 +67,15 @@ struct Cli {
     buyers: Option<usize>,
     #[arg(long, default_value_t = 3.0)]
     arrival_seconds: f64,
+    /// Flash sale: accounts (users after the buyers') that each send `--attacker-requests`
+    /// ticketless orders as fast as they can, ignoring the waiting room's answers.
+    #[arg(long, default_value_t = 0)]
+    attackers: usize,
+    #[arg(long, default_value_t = 500)]
+    attacker_requests: usize,
+    /// Flash sale: clients without credentials sending orders in a loop until the sale ends.
+    #[arg(long, default_value_t = 0)]
+    anonymous: usize,
     /// Base URLs to spread the buyers over (one per pod's sidecar), comma-separated; default
     /// --target.
     #[arg(long, value_delimiter = ',')]
@@ -184,6 +193,9 @@ async fn arrivals(cli: &Cli, buyers: usize) -> anyhow::Result<bool> {
         stock: cli.flash_stock,
         users: cli.users,
         password: cli.password.clone(),
+        attackers: cli.attackers,
+        attacker_requests: cli.attacker_requests,
+        anonymous: cli.anonymous,
     })
     .await?;
     let verdict = match (&db, &before) {

@@ -97,6 +97,9 @@ def main():
     ap.add_argument("--budget", type=float, default=1000.0)
     ap.add_argument("--burst", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--attackers", type=int, default=20)
+    ap.add_argument("--attacker-requests", type=int, default=500)
+    ap.add_argument("--anonymous", type=int, default=200)
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
@@ -105,7 +108,8 @@ def main():
     subprocess.run(["psql", "-q", args.pg_admin, "-c", "DROP DATABASE IF EXISTS mall_room_bench",
                     "-c", "CREATE DATABASE mall_room_bench"], check=True)
     # One account per buyer: the room gives one place per user.
-    subprocess.run([str(bin_dir / "mall-app"), "seed", "--database-url", pg, "--seed-users", str(args.buyers)], check=True,
+    subprocess.run([str(bin_dir / "mall-app"), "seed", "--database-url", pg,
+                    "--seed-users", str(args.buyers + args.attackers)], check=True,
                    stdout=subprocess.DEVNULL)
     prefix = f"bench-{int(time.time())}"
     procs = []
@@ -132,14 +136,25 @@ def main():
                 wait_sidecar(admin)
                 urls.append(f"http://127.0.0.1:{listen}")
             fronts[front] = urls
+        # Contenders in interleaved rounds: the room, today's 429 limit, and the room under attack
+        # (accounts sending ticketless orders as fast as they can, clients without credentials).
+        attack = ["--attackers", str(args.attackers), "--attacker-requests", str(args.attacker_requests),
+                  "--anonymous", str(args.anonymous)]
+        contenders = [("room", fronts["room"], []), ("limit", fronts["limit"], []),
+                      ("room-attacked", fronts["room"], attack)]
         for rnd in range(1, args.rounds + 1):
-            for front, urls in fronts.items():
+            for front, urls, extra in contenders:
+                # Each sale starts with an empty line: places held from the last one are gone.
+                keys = subprocess.run(["redis-cli", "--scan", "--pattern", f"{prefix}:room*"],
+                                      capture_output=True, text=True).stdout.split()
+                if keys:
+                    subprocess.run(["redis-cli", "del", *keys], check=True, stdout=subprocess.DEVNULL)
                 log(f"flash sale round {rnd}: {args.buyers} buyers over {args.arrival_seconds} s, {front}")
                 name = f"room-{front}-r{rnd}.json"
                 run = subprocess.run(
                     [str(bin_dir / "mall-load"), "--scenario", "flash-sale", "--buyers", str(args.buyers),
                      "--arrival-seconds", str(args.arrival_seconds), "--flash-stock", str(args.stock),
-                     "--users", str(args.buyers),
+                     "--users", str(args.buyers), *extra,
                      "--targets", ",".join(urls), "--json", "--check-database", pg],
                     capture_output=True, text=True)
                 if run.returncode == 2 or not run.stdout.strip():

@@ -525,6 +525,9 @@ pub struct WaitingRoom {
     /// the rate limiter's trusted-proxy rules; per pod. 0: no limit. A buyer's repeat of its own
     /// place never counts.
     pub numbers_per_address_per_minute: u32,
+    /// A buyer let through gets no new place for this long (429 `already_admitted`): one
+    /// order per buyer in a sale, however many requests it sends. 0: a new place at once.
+    pub readmit_after_seconds: u64,
     /// Shared admission through Redis; without it, or while Redis is down, each pod admits
     /// `admit_per_second / replicas` from a queue of its own.
     pub redis: Option<RoomRedis>,
@@ -545,6 +548,7 @@ impl Default for WaitingRoom {
             bind_header: "authorization".into(),
             no_show_grace_ms: 2000,
             numbers_per_address_per_minute: 30,
+            readmit_after_seconds: 60,
             redis: None,
             replicas: 1,
         }

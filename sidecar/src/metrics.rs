@@ -210,7 +210,7 @@ impl Metrics {
             waiting_room_tickets: IntCounterVec::new(
                 Opts::new(
                     "waiting_room_tickets_total",
-                    "Waiting-room decisions: issued, admitted (with a ticket), direct, expired, rejected, reused (a buyer's own place), unbound (no credentials, no number), no_show (a turn passed over), address_limited",
+                    "Waiting-room decisions: issued, admitted (with a ticket), direct, expired, rejected, reused (a buyer's own place), unbound (no credentials, no number), no_show (a turn passed over), address_limited, readmit_refused (let through already)",
                 ),
                 &["outcome"],
             )

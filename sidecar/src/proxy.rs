@@ -527,11 +527,16 @@ impl ProxyHttp for MallProxy {
                     Self::reply_body(session, 202, "application/json", body, &headers).await?;
                     return Ok(true);
                 }
-                Admission::Refuse { status, code, detail } => {
+                Admission::Refuse {
+                    status,
+                    code,
+                    detail,
+                    retry_after_secs,
+                } => {
                     let mut headers = vec![("x-request-id", ctx.request_id.clone())];
-                    if status == 429 {
+                    if retry_after_secs > 0 {
                         // RFC 9110 10.2.3: when a new place may be asked for again.
-                        headers.push(("retry-after", room.address_retry_after_secs().to_string()));
+                        headers.push(("retry-after", retry_after_secs.to_string()));
                     }
                     Self::reply_problem(session, status, code, "Waiting-room ticket refused", &detail, &headers)
                         .await?;

@@ -60,6 +60,8 @@ pub enum Admission {
         status: u16,
         code: &'static str,
         detail: String,
+        /// `Retry-After` (RFC 9110 10.2.3) in seconds; 0: none.
+        retry_after_secs: u64,
     },
     /// No buyer to place (the bound header is absent): not the room's to decide; the request
     /// goes on under the rate limit.
@@ -99,7 +101,9 @@ pub struct Room {
     /// Numbers of the local line already admitted (a ticket is admitted once).
     local_used: moka::sync::Cache<u64, ()>,
     /// The places of the local line's buyers: buyer tag -> (number, issued at).
-    local_places: moka::sync::Cache<String, (u64, u64)>,
+    local_places: moka::sync::Cache<String, Place>,
+    /// How long an admitted buyer is given no new place (ms; 0: at once).
+    readmit_ms: u64,
     shared_up: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -164,6 +168,17 @@ impl Line {
     }
 }
 
+/// What a pod knows of a buyer's place.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Place {
+    /// On the local line: the number and when it was given out.
+    Waiting(u64, u64),
+    /// On the fleet's line (Redis keeps it): a repeat here is not charged to the address.
+    Shared,
+    /// Admitted at this time (ms): no new place until `readmit_after_seconds` later.
+    Admitted(u64),
+}
+
 /// Numbers looked at for no-shows per decision at most (each is looked at once).
 const NO_SHOW_SCAN: u32 = 256;
 
@@ -202,9 +217,11 @@ struct SharedLine {
 /// The shared line, on Redis's clock. `ARGV`: rate per ms, burst, ticket number (0: none
 /// presented), how long a used mark lives (ms), the buyer's tag, how long a place outlives its
 /// wait (ms), the no-show grace (ms), the issue time of a new place (ms), whether this
-/// address may take a new number (1/0). Returns `{outcome, n, horizon, now_ms, issued_ms,
+/// address may take a new number (1/0), how long an admitted buyer gets no new place (ms).
+/// Returns `{outcome, n, horizon, now_ms, issued_ms,
 /// reused, passed}`: outcome 1 admitted, 0 wait, 2 the ticket was used already, 3 the number was
-/// never issued (the line was reset), 4 no new number for this address; `reused` 1 when the
+/// never issued (the line was reset), 4 no new number for this address, 5 the buyer was
+/// admitted within the readmit window (`issued_ms`: when); `reused` 1 when the
 /// buyer's own place was found; `passed` the no-shows passed over.
 const LINE_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -246,9 +263,13 @@ local n = tonumber(ARGV[3])
 local place = KEYS[1] .. ':b:' .. ARGV[5]
 local issued_ms = ARGV[8]
 local reused = 0
+local outcome = 0
 if n == 0 then
   local held = redis.call('GET', place)
-  if held then
+  if held and string.sub(held, 1, 2) == 'a:' then
+    outcome = 5
+    issued_ms = string.sub(held, 3)
+  elseif held then
     local sep = string.find(held, ':', 1, true)
     local hn = tonumber(string.sub(held, 1, sep - 1))
     if hn and hn <= issued and redis.call('EXISTS', KEYS[1] .. ':used:' .. hn) == 0 then
@@ -258,8 +279,9 @@ if n == 0 then
     end
   end
 end
-local outcome = 0
-if n == 0 then
+if outcome == 5 then
+  n = 0
+elseif n == 0 then
   if ARGV[9] == '0' then
     outcome = 4
   else
@@ -277,6 +299,9 @@ elseif n > issued then
   outcome = 3
 elseif n <= horizon then
   if redis.call('SET', KEYS[1] .. ':used:' .. n, '1', 'NX', 'PX', ARGV[4]) then outcome = 1 else outcome = 2 end
+end
+if outcome == 1 and tonumber(ARGV[10]) > 0 then
+  redis.call('SET', place, 'a:' .. ARGV[8], 'PX', ARGV[10])
 end
 redis.call('HSET', KEYS[1], 'issued', issued, 'horizon', tostring(horizon), 'at', tostring(at), 'checked', checked,
   'snap', tostring(snap), 'snap_at', tostring(snap_at), 'ripe', tostring(ripe))
@@ -332,7 +357,7 @@ impl Room {
         let ttl_ms = config.ticket_ttl_seconds * 1000;
         let now = now_ms();
         let local_rate_ms = rate_ms / config.replicas.max(1) as f64;
-        let places_live = Duration::from_millis(ttl_ms * 2 + 60_000);
+        let places_live = Duration::from_millis((ttl_ms * 2 + 60_000).max(config.readmit_after_seconds * 1000));
         Some(Room {
             token_key: config.secret.as_bytes().to_vec(),
             grace_ms: config.no_show_grace_ms as f64,
@@ -344,6 +369,7 @@ impl Room {
                     .time_to_idle(Duration::from_secs(120))
                     .build(),
             }),
+            readmit_ms: config.readmit_after_seconds * 1000,
             local_places: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_live(places_live)
@@ -409,6 +435,7 @@ impl Room {
                     status: 403,
                     code,
                     detail: detail.into(),
+                    retry_after_secs: 0,
                 };
             }
         };
@@ -421,6 +448,7 @@ impl Room {
                     detail: "the ticket's turn passed more than waiting_room.ticket_ttl_seconds ago; \
                              send the request without it for a new one"
                         .into(),
+                    retry_after_secs: 0,
                 };
             }
         }
@@ -484,6 +512,7 @@ impl Room {
                     status: 409,
                     code: "ticket_used",
                     detail: "this ticket was already admitted once; send the request without it for a new one".into(),
+                    retry_after_secs: 0,
                 }
             }
             3 => {
@@ -493,6 +522,7 @@ impl Room {
                     code: "ticket_unknown",
                     detail: "the waiting room does not know this ticket (it was reset); send the request without it"
                         .into(),
+                    retry_after_secs: 0,
                 }
             }
             4 => {
@@ -503,6 +533,19 @@ impl Room {
                     detail: "this client address took waiting_room.numbers_per_address_per_minute places in line \
                              already; retry later"
                         .into(),
+                    retry_after_secs: self.address_retry_after_secs(),
+                }
+            }
+            5 => {
+                self.count("readmit_refused");
+                let again_ms = (step.issued_ms + self.readmit_ms).saturating_sub(now as u64);
+                Admission::Refuse {
+                    status: 429,
+                    code: "already_admitted",
+                    detail: "this buyer was let through already; a new place in line is given \
+                             waiting_room.readmit_after_seconds after that"
+                        .into(),
+                    retry_after_secs: again_ms.div_ceil(1000).max(1),
                 }
             }
             _ => {
@@ -583,7 +626,8 @@ impl Room {
             .arg(self.ttl_ms + 60_000)
             .arg(self.grace_ms)
             .arg(now as u64)
-            .arg(if allow_new { "1" } else { "0" });
+            .arg(if allow_new { "1" } else { "0" })
+            .arg(self.readmit_ms);
         let answer = tokio::time::timeout(
             shared.timeout,
             call.invoke_async::<(i64, u64, String, String, String, i64, u64)>(&mut conn),
@@ -601,7 +645,10 @@ impl Room {
         let (outcome, n, horizon, _clock, issued_ms, reused, passed) = answer.ok()?.ok()?;
         if outcome == 0 {
             // Remembered here too, so a repeat on this pod is not charged to its address.
-            self.local_places.insert(bind.to_string(), (0, 0));
+            self.local_places.insert(bind.to_string(), Place::Shared);
+        }
+        if outcome == 1 && self.readmit_ms > 0 {
+            self.local_places.insert(bind.to_string(), Place::Admitted(now as u64));
         }
         Some(Step {
             outcome,
@@ -622,12 +669,23 @@ impl Room {
         let mut n = n;
         if n.is_none() {
             // The buyer's own place, while its number is live.
-            if let Some((held, at)) = self.local_places.get(bind) {
-                if held > 0 && held <= line.issued && !self.local_used.contains_key(&held) {
+            match self.local_places.get(bind) {
+                Some(Place::Waiting(held, at)) if held <= line.issued && !self.local_used.contains_key(&held) => {
                     n = Some(held);
                     issued_ms = at;
                     reused = true;
                 }
+                Some(Place::Admitted(at)) if (now as u64) < at + self.readmit_ms => {
+                    return Step {
+                        outcome: 5,
+                        n: 0,
+                        horizon: line.horizon,
+                        issued_ms: at,
+                        reused: false,
+                        passed,
+                    };
+                }
+                _ => {}
             }
         }
         let (outcome, n) = match n {
@@ -639,7 +697,7 @@ impl Room {
                     self.local_used.insert(n, ());
                     (1, n)
                 } else {
-                    self.local_places.insert(bind.to_string(), (n, issued_ms));
+                    self.local_places.insert(bind.to_string(), Place::Waiting(n, issued_ms));
                     (0, n)
                 }
             }
@@ -653,6 +711,9 @@ impl Room {
             }
             Some(n) => (0, n),
         };
+        if outcome == 1 && self.readmit_ms > 0 {
+            self.local_places.insert(bind.to_string(), Place::Admitted(now as u64));
+        }
         Step {
             outcome,
             n,
@@ -898,6 +959,23 @@ mod tests {
         assert_eq!(room.admit(None, "  ", None).await, Admission::Pass);
         assert!(matches!(room.admit(None, "first", None).await, Admission::Admit { .. }));
         assert_eq!(ticket(room.admit(None, "second", None).await).position, 1);
+    }
+
+    #[tokio::test]
+    async fn a_buyer_let_through_gets_no_new_place_until_the_readmit_window_passes() {
+        let room = room(1.0, 2);
+        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        match room.admit(None, "alice", None).await {
+            Admission::Refuse {
+                status: 429,
+                code: "already_admitted",
+                retry_after_secs,
+                ..
+            } => assert!((59..=60).contains(&retry_after_secs), "{retry_after_secs}"),
+            other => panic!("{other:?}"),
+        }
+        // Others are not affected.
+        assert!(matches!(room.admit(None, "bob", None).await, Admission::Admit { .. }));
     }
 
     #[tokio::test]

@@ -26,12 +26,18 @@ const BUYERS: usize = 90;
 const ARRIVAL_GAP: Duration = Duration::from_millis(40);
 const STOCK: i64 = 30;
 const ADMIT_PER_SECOND: f64 = 15.0;
+const ATTACKERS: usize = 5;
+const ATTACKER_REQUESTS: usize = 60;
+const ANONYMOUS: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Front {
     WaitingRoom,
     /// The room, with its Redis killed before the sale: each pod keeps its own line.
     WaitingRoomRedisDown,
+    /// The room, with [`ATTACKERS`] accounts sending ticketless orders as fast as they can and
+    /// [`ANONYMOUS`] clients without credentials (issue 34).
+    WaitingRoomAttacked,
     RateLimit,
 }
 
@@ -44,6 +50,9 @@ struct Buyer {
 
 struct Sale {
     fairness: f64,
+    /// The same, counting a buyer as passed over only by one who arrived more than 100 ms later
+    /// (two pods' queues under load can swap requests sent 40 ms apart before the line sees them).
+    fairness_100ms: f64,
     orders: usize,
     app_requests: f64,
     p99_ms: f64,
@@ -51,6 +60,9 @@ struct Sale {
     tickets: usize,
     /// `sidecar_waiting_room_shared` of each sidecar after the sale.
     shared: Vec<f64>,
+    /// The most orders one attacker got, and the answers attackers and anonymous clients got.
+    attacker_orders_max: usize,
+    attack_statuses: std::collections::BTreeMap<u16, usize>,
 }
 
 async fn sale(front: Front) -> Option<Sale> {
@@ -60,7 +72,10 @@ async fn sale(front: Front) -> Option<Sale> {
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
     let dir = tempfile::tempdir().unwrap();
     // One account per buyer: the room gives one place per user (issue 34).
-    let flags = [format!("--database-url={url}"), format!("--seed-users={BUYERS}")];
+    let flags = [
+        format!("--database-url={url}"),
+        format!("--seed-users={}", BUYERS + ATTACKERS),
+    ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let apps = [
         RunningApp::start_in(dir.path(), &flags).await,
@@ -83,7 +98,7 @@ async fn sale(front: Front) -> Option<Sale> {
         config.access_log.enabled = false;
         config.cache.enabled = false;
         match front {
-            Front::WaitingRoom | Front::WaitingRoomRedisDown => {
+            Front::WaitingRoom | Front::WaitingRoomRedisDown | Front::WaitingRoomAttacked => {
                 config.rate_limit.enabled = false;
                 config.waiting_room = WaitingRoom {
                     enabled: true,
@@ -168,8 +183,58 @@ async fn sale(front: Front) -> Option<Sale> {
         redis_server = None;
     }
 
+    let mut attacker_tokens = Vec::new();
+    if front == Front::WaitingRoomAttacked {
+        for j in 0..ATTACKERS {
+            let user = format!("user{}", BUYERS + 1 + j);
+            attacker_tokens.push(mall_loadgen::login(&http, &base, &user, PASSWORD).await.unwrap());
+        }
+    }
     let sold_out = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
+    // The attack, from the sale's start: accounts ignoring the room, and clients without any.
+    let honest_done = Arc::new(AtomicBool::new(false));
+    let mut attack = Vec::new();
+    if front == Front::WaitingRoomAttacked {
+        for (j, token) in attacker_tokens.into_iter().enumerate() {
+            let (http, target) = (http.clone(), format!("http://{}/api/orders", sidecars[j % 2]));
+            attack.push(tokio::spawn(async move {
+                futures_util::stream::iter(0..ATTACKER_REQUESTS)
+                    .map(|k| {
+                        let (http, target, token) = (&http, &target, &token);
+                        async move {
+                            http.post(target)
+                                .bearer_auth(token)
+                                .header("idempotency-key", format!("attack-{j}-{k}"))
+                                .json(&json!({"items": [{"product_id": product, "quantity": 1}]}))
+                                .send()
+                                .await
+                                .map_or(0, |r| r.status().as_u16())
+                        }
+                    })
+                    .buffer_unordered(4)
+                    .collect::<Vec<u16>>()
+                    .await
+            }));
+        }
+        for j in 0..ANONYMOUS {
+            let (http, honest_done) = (http.clone(), honest_done.clone());
+            let target = format!("http://{}/api/orders", sidecars[j % 2]);
+            attack.push(tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !honest_done.load(Ordering::Relaxed) {
+                    let r = http
+                        .post(&target)
+                        .json(&json!({"items": [{"product_id": product, "quantity": 1}]}))
+                        .send()
+                        .await;
+                    statuses.push(r.map_or(0, |r| r.status().as_u16()));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                statuses
+            }));
+        }
+    }
     let mut tasks = Vec::new();
     for i in 0..BUYERS {
         let (http, sold_out) = (http.clone(), sold_out.clone());
@@ -231,6 +296,23 @@ async fn sale(front: Front) -> Option<Sale> {
         longest_wait = longest_wait.max(waited.unwrap_or_default());
         buyers.push(buyer);
     }
+    honest_done.store(true, Ordering::Relaxed);
+    let mut attack_statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut attacker_orders_max = 0;
+    let mut attacker_orders = 0;
+    for (j, t) in attack.into_iter().enumerate() {
+        let statuses = t.await.unwrap();
+        let orders = statuses.iter().filter(|s| **s == 201).count();
+        if j < ATTACKERS {
+            attacker_orders_max = attacker_orders_max.max(orders);
+            attacker_orders += orders;
+        } else {
+            assert_eq!(orders, 0, "an order without credentials");
+        }
+        for s in statuses {
+            *attack_statuses.entry(s).or_default() += 1;
+        }
+    }
     let app_requests = order_requests(&http, &apps).await - app_orders_before;
     let mut shared = Vec::new();
     for admin in &admins {
@@ -274,15 +356,20 @@ async fn sale(front: Front) -> Option<Sale> {
     .unwrap();
     assert!(stock >= 0, "{front:?}: oversold ({stock} left)");
     assert_eq!(
-        stored as usize, created,
+        stored as usize,
+        created + attacker_orders,
         "{front:?}: orders stored against orders confirmed"
     );
     assert_eq!(
         stock,
-        STOCK - created as i64,
+        STOCK - (created + attacker_orders) as i64,
         "{front:?}: stock against orders confirmed"
     );
-    assert_eq!(created as i64, STOCK, "{front:?}: the sale sold out");
+    assert_eq!(
+        (created + attacker_orders) as i64,
+        STOCK,
+        "{front:?}: the sale sold out"
+    );
 
     // Fairness: buyers let through while someone who arrived before them was still waiting.
     // (Buyers who arrived after the sale ended never asked.)
@@ -303,17 +390,42 @@ async fn sale(front: Front) -> Option<Sale> {
         }
     }
     let admitted = buyers.iter().filter(|b| b.admitted.is_some()).count();
+    let slack = Duration::from_millis(100);
+    let unfair_100ms = order
+        .iter()
+        .filter(|b| {
+            let (Some(arrived), Some((at, _, _))) = (b.arrived, b.admitted) else {
+                return false;
+            };
+            order.iter().any(|e| {
+                e.arrived.is_some_and(|e_arrived| e_arrived + slack < arrived)
+                    && e.admitted.is_none_or(|(e_at, _, _)| e_at > at)
+            })
+        })
+        .count();
+    if std::env::var("SALE_DEBUG").is_ok() {
+        for b in &order {
+            eprintln!(
+                "arrived {:?} admitted {:?}",
+                b.arrived.map(|a| a - start),
+                b.admitted.map(|(at, _, s)| (at - start, s))
+            );
+        }
+    }
     let mut latencies: Vec<Duration> = buyers.iter().filter_map(|b| b.admitted.map(|a| a.1)).collect();
     latencies.sort();
     let p99 = latencies[((latencies.len() - 1) as f64 * 0.99).round() as usize];
     Some(Sale {
         fairness: unfair as f64 / admitted.max(1) as f64,
+        fairness_100ms: unfair_100ms as f64 / admitted.max(1) as f64,
         orders: created,
         app_requests: app_requests / created.max(1) as f64,
         p99_ms: p99.as_secs_f64() * 1000.0,
         longest_wait_ms: longest_wait.as_millis(),
         tickets,
         shared,
+        attacker_orders_max,
+        attack_statuses,
     })
 }
 
@@ -395,5 +507,47 @@ async fn with_redis_down_each_pod_keeps_a_line_of_its_own_and_sells_nothing_twic
         room.fairness * 100.0,
         room.tickets,
         room.longest_wait_ms
+    );
+}
+
+/// Issue 34's goal at reduced size: the same sale with attackers beside the honest buyers. Each
+/// attacker account gets at most one order (one place per buyer), anonymous clients none, and the
+/// honest buyers' fairness holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attackers_get_one_place_each_and_honest_buyers_keep_their_order() {
+    let Some(room) = sale(Front::WaitingRoomAttacked).await else {
+        return;
+    };
+    eprintln!(
+        "SALE-ATTACKED {}",
+        json!({
+            "group": "waiting_room", "front": "waiting room, attacked", "buyers": BUYERS, "stock": STOCK,
+            "attackers": ATTACKERS, "attacker_requests": ATTACKER_REQUESTS, "anonymous": ANONYMOUS,
+            "orders": room.orders, "fairness": room.fairness, "fairness_100ms": room.fairness_100ms,
+            "attacker_orders_max": room.attacker_orders_max,
+            "attack_statuses": room.attack_statuses, "longest_wait_ms": room.longest_wait_ms as u64,
+        })
+    );
+    assert!(
+        room.attacker_orders_max <= 1,
+        "an attacker got {} orders",
+        room.attacker_orders_max
+    );
+    assert!(
+        room.fairness_100ms < 0.03,
+        "{:.1} % of honest buyers were let through before someone who arrived 100 ms earlier",
+        room.fairness_100ms * 100.0
+    );
+    // Repeats got the attacker's own place back (202) or, once let through, 429 already_admitted;
+    // requests without credentials went on to the app (401).
+    assert!(
+        room.attack_statuses.get(&429).copied().unwrap_or(0) > 0,
+        "{:?}",
+        room.attack_statuses
+    );
+    assert!(
+        room.attack_statuses.get(&401).copied().unwrap_or(0) > 0,
+        "{:?}",
+        room.attack_statuses
     );
 }

@@ -1678,3 +1678,92 @@ async fn the_app_serves_the_sidecar_over_a_unix_socket() {
         "both went through the socket: unix {unix}, tcp {tcp}"
     );
 }
+
+/// A DNS outage (issue 32): the instances' name does not resolve (RFC 6761's `.invalid`), as when
+/// the cluster DNS is down or the headless Service does not list this pod yet. The pod's own app
+/// (`upstream.local`) is an instance whatever DNS says: `/ready` turns 200 as soon as it answers
+/// (not a whole health-check interval later), requests go to it through its socket, and `/ready`
+/// and `sidecar_upstream_discovery_failing` say that discovery is failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dns_outage_leaves_the_pods_own_app_serving_and_says_so() {
+    use axum::routing::get;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("app.sock");
+    let port = common::free_port();
+    // A 5 s check interval: only the own app's start-up checks can make it ready sooner.
+    let config = format!(
+        "[upstream]\nservers = []\n[upstream.dns]\nname = \"mall-app.invalid\"\nport = {port}\nrefresh_seconds = 1\n\
+         [upstream.local]\nsocket = \"{}\"\naddress = \"127.0.0.1:{port}\"\n\
+         [upstream.health_check]\ninterval_ms = 5000\n",
+        socket.display()
+    );
+    let sidecar = Sidecar::start(&config).await;
+    let http = client();
+    let ready = || async {
+        let response = http.get(format!("{}/ready", sidecar.admin)).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+
+    // The app is not up yet: not ready, and discovery has nothing either.
+    let mut report = (0, String::new());
+    for _ in 0..100 {
+        report = ready().await;
+        if report.1.contains("discovery: failing") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(report.0, 503, "{}", report.1);
+    assert!(report.1.contains("discovery: failing"), "{}", report.1);
+    assert!(report.1.contains("mall-app.invalid"), "{}", report.1);
+    assert!(
+        report.1.contains(&format!("own app: 127.0.0.1:{port} starting")),
+        "{}",
+        report.1
+    );
+    assert_eq!(http.get(sidecar.url("/way")).send().await.unwrap().status(), 503);
+
+    // The pod's own app starts: on its port (health checks) and its socket (traffic).
+    let router = |way: &'static str| {
+        axum::Router::new()
+            .route("/way", get(move || async move { way }))
+            .route("/ready", get(|| async { "ok" }))
+    };
+    let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let unix = tokio::net::UnixListener::bind(&socket).unwrap();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move { axum::serve(tcp, router("tcp")).await.unwrap() });
+    tokio::spawn(async move { axum::serve(unix, router("unix")).await.unwrap() });
+    while ready().await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "ready as soon as the own app answers: {}",
+            ready().await.1
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    eprintln!("ready {took:?} after the own app started");
+    assert!(
+        took < Duration::from_secs(2),
+        "not a whole check interval later: {took:?}"
+    );
+
+    for _ in 0..5 {
+        let response = http.get(sidecar.url("/way")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "unix", "through the own app's socket");
+    }
+    let (status, body) = ready().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ready\n"), "{body}");
+    assert!(body.contains("discovery: failing"), "still said while serving: {body}");
+    assert!(body.contains(&format!("own app: 127.0.0.1:{port} up")), "{body}");
+    assert_eq!(sidecar.metric("sidecar_upstream_discovery_failing", "").await, 1.0);
+    assert!(
+        sidecar
+            .metric("sidecar_upstream_discovery_lookups_total", "result=\"error\"")
+            .await
+            >= 1.0
+    );
+}

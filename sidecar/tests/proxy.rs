@@ -1767,3 +1767,91 @@ async fn a_dns_outage_leaves_the_pods_own_app_serving_and_says_so() {
             >= 1.0
     );
 }
+
+/// Issue 32, section 4: one proxy thread and a 2 s header deadline in front of Python's
+/// `http.server` (HTTP/1.1 keep-alive, the header block and the body written apart, `no-store`).
+/// Two pipelined GETs are answered in order (RFC 9112 9.3.2), whether the second comes with the
+/// first or while the first's answer is between its header and its body, on a cached route or
+/// not, the same URL twice or two; the connection then idles past the header deadline and still
+/// serves. A client that half-closes after pipelining (`printf ... | nc -N`) gets the first
+/// answer, then the second or a `Connection: close` that tells it to send the second again; and
+/// its FIN is not held against the app (no retry elsewhere, no ejection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_gets_to_a_python_http_server_are_answered_in_order_on_one_thread() {
+    use tokio::io::AsyncWriteExt;
+    let Some(upstream) = common::PythonUpstream::start(30).await else {
+        return;
+    };
+    let sidecar = Sidecar::start_with_env(
+        &upstream_section(&[upstream.addr], "round_robin"),
+        &[
+            ("SIDECAR__SERVER__THREADS", "1"),
+            ("SIDECAR__SERVER__REQUEST_HEADER_TIMEOUT_SECONDS", "2"),
+        ],
+    )
+    .await;
+    let addr = sidecar.base.trim_start_matches("http://").to_string();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let pairs = [
+        ("/one", "/two"),
+        ("/api/products/1", "/api/products/2"),
+        ("/api/products/3", "/api/products/3"),
+    ];
+    let mut idle_checked = false;
+    for (first, second) in pairs {
+        // 0: both in one write; 15: the second while the upstream pauses inside the first answer.
+        for second_after_ms in [0u64, 15] {
+            let case = format!("{first} then {second}, {second_after_ms} ms apart");
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            if second_after_ms == 0 {
+                let both = format!("{}{}", get(first), get(second));
+                stream.write_all(both.as_bytes()).await.unwrap();
+            } else {
+                stream.write_all(get(first).as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(second_after_ms)).await;
+                stream.write_all(get(second).as_bytes()).await.unwrap();
+            }
+            let answers = read_responses(&mut stream, 2, Duration::from_secs(3)).await;
+            assert_eq!(answers.len(), 2, "{case}: both answered: {answers:?}");
+            for ((answer, _), path) in answers.iter().zip([first, second]) {
+                assert!(answer.starts_with("HTTP/1.1 200"), "{case}:\n{answer}");
+                assert!(
+                    answer.ends_with(&format!("answer for {path}\n")),
+                    "{case}, in order:\n{answer}"
+                );
+            }
+            if !idle_checked {
+                idle_checked = true;
+                // Past the header deadline, idle between requests: no 408, the connection serves.
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                stream.write_all(get("/three").as_bytes()).await.unwrap();
+                let third = read_responses(&mut stream, 1, Duration::from_secs(3)).await;
+                assert_eq!(third.len(), 1, "{case}: a third request after idling");
+                assert!(third[0].0.ends_with("answer for /three\n"), "{case}: {third:?}");
+            }
+        }
+    }
+
+    // Pipelined, then the client's FIN: RFC 9112 9.3.2 lets the server answer the first and
+    // close, so long as it says so; the client then sends the second again.
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let both = format!("{}{}", get("/one"), get("/two"));
+        stream.write_all(both.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let answers = read_responses(&mut stream, 2, Duration::from_secs(3)).await;
+        assert!(
+            !answers.is_empty(),
+            "a half-closed client gets the first answer at least"
+        );
+        let first = answers[0].0.to_ascii_lowercase();
+        assert!(first.ends_with("answer for /one\n"), "{first}");
+        assert!(
+            answers.len() == 2 || first.contains("\r\nconnection: close\r\n"),
+            "the second answered, or the first says close: {answers:?}"
+        );
+    }
+    let after = client().get(sidecar.url("/after")).send().await.unwrap();
+    assert_eq!(after.status(), 200, "a client's FIN does not take the app out");
+    assert_eq!(sidecar.metric("sidecar_upstream_ejections_total", "").await, 0.0);
+}

@@ -1771,11 +1771,12 @@ async fn a_dns_outage_leaves_the_pods_own_app_serving_and_says_so() {
 /// Issue 32, section 4: one proxy thread and a 2 s header deadline in front of Python's
 /// `http.server` (HTTP/1.1 keep-alive, the header block and the body written apart, `no-store`).
 /// Two pipelined GETs are answered in order (RFC 9112 9.3.2), whether the second comes with the
-/// first or while the first's answer is between its header and its body, on a cached route or
-/// not, the same URL twice or two; the connection then idles past the header deadline and still
-/// serves. A client that half-closes after pipelining (`printf ... | nc -N`) gets the first
-/// answer, then the second or a `Connection: close` that tells it to send the second again; and
-/// its FIN is not held against the app (no retry elsewhere, no ejection).
+/// first, while the first's answer is between its header and its body, or begun with the first
+/// and ended later (its empty line split across the two writes), on a cached route or not, the
+/// same URL twice or two; the connections then idle past the header deadline and still serve. A
+/// client that half-closes after pipelining (`printf ... | nc -N`) gets the first answer, then the
+/// second or a `Connection: close` that tells it to send the second again; and its FIN is not
+/// held against the app (no retry elsewhere, no ejection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pipelined_gets_to_a_python_http_server_are_answered_in_order_on_one_thread() {
     use tokio::io::AsyncWriteExt;
@@ -1797,19 +1798,28 @@ async fn pipelined_gets_to_a_python_http_server_are_answered_in_order_on_one_thr
         ("/api/products/1", "/api/products/2"),
         ("/api/products/3", "/api/products/3"),
     ];
-    let mut idle_checked = false;
+    let mut idling = Vec::new();
     for (first, second) in pairs {
-        // 0: both in one write; 15: the second while the upstream pauses inside the first answer.
-        for second_after_ms in [0u64, 15] {
-            let case = format!("{first} then {second}, {second_after_ms} ms apart");
+        // How the bytes go: both in one write; the second while the upstream pauses inside the
+        // first answer; the second begun with the first and its last CR LF 15 ms later.
+        for (how, second_after_ms, split_at) in [("one write", 0, 0), ("15 ms apart", 15, 0), ("split", 15, 2)] {
+            let case = format!("{first} then {second}, {how}");
             let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let (begun, rest) = {
+                let second = get(second);
+                let at = second.len() - split_at;
+                (format!("{}{}", get(first), &second[..at]), second[at..].to_string())
+            };
             if second_after_ms == 0 {
-                let both = format!("{}{}", get(first), get(second));
-                stream.write_all(both.as_bytes()).await.unwrap();
-            } else {
+                stream.write_all(format!("{begun}{rest}").as_bytes()).await.unwrap();
+            } else if split_at == 0 {
                 stream.write_all(get(first).as_bytes()).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(second_after_ms)).await;
                 stream.write_all(get(second).as_bytes()).await.unwrap();
+            } else {
+                stream.write_all(begun.as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(second_after_ms)).await;
+                stream.write_all(rest.as_bytes()).await.unwrap();
             }
             let answers = read_responses(&mut stream, 2, Duration::from_secs(3)).await;
             assert_eq!(answers.len(), 2, "{case}: both answered: {answers:?}");
@@ -1820,16 +1830,16 @@ async fn pipelined_gets_to_a_python_http_server_are_answered_in_order_on_one_thr
                     "{case}, in order:\n{answer}"
                 );
             }
-            if !idle_checked {
-                idle_checked = true;
-                // Past the header deadline, idle between requests: no 408, the connection serves.
-                tokio::time::sleep(Duration::from_millis(2500)).await;
-                stream.write_all(get("/three").as_bytes()).await.unwrap();
-                let third = read_responses(&mut stream, 1, Duration::from_secs(3)).await;
-                assert_eq!(third.len(), 1, "{case}: a third request after idling");
-                assert!(third[0].0.ends_with("answer for /three\n"), "{case}: {third:?}");
-            }
+            idling.push((case, stream));
         }
+    }
+    // Past the header deadline, idle between requests: no 408, every connection still serves.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for (case, mut stream) in idling {
+        stream.write_all(get("/three").as_bytes()).await.unwrap();
+        let third = read_responses(&mut stream, 1, Duration::from_secs(3)).await;
+        assert_eq!(third.len(), 1, "{case}: a third request after idling: {third:?}");
+        assert!(third[0].0.ends_with("answer for /three\n"), "{case}: {third:?}");
     }
 
     // Pipelined, then the client's FIN: RFC 9112 9.3.2 lets the server answer the first and

@@ -65,7 +65,10 @@ impl BackgroundService for Discovery {
             let dns = shared.live.load().config.upstream.dns.clone();
             let wait = match &dns {
                 Some(dns) => shared.discovery.refresh(&shared.pool, dns).await,
-                None => Duration::from_secs(1),
+                None => {
+                    shared.metrics.discovery_failing.set(0);
+                    Duration::from_secs(1)
+                }
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

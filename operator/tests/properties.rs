@@ -77,6 +77,10 @@ proptest! {
                 let config = desired::sidecar_config(&md, &t, &Default::default());
                 let text = config.to_toml();
                 prop_assert!(SidecarConfig::from_toml(&text).is_ok(), "{:?}", SidecarConfig::from_toml(&text));
+                // Every pod's sidecar names its own app (POD_IP on the app's port), which serves
+                // whatever DNS answers: a DNS outage never leaves a pod without an instance.
+                let own_app = config.upstream.own_app(Some("10.1.2.3"));
+                prop_assert_eq!(own_app, Some(([10, 1, 2, 3], desired::APP_PORT as u16).into()));
                 let children = desired::children(
                     &md,
                     &t,

@@ -116,6 +116,7 @@ pub struct Upstream {
     /// A DNS name re-resolved periodically (a headless Service); replaces `servers` when set.
     pub dns: Option<DnsDiscovery>,
     /// The app instance in this pod, reached through a Unix domain socket instead of loopback TCP.
+    /// With `dns`, it is an instance whatever DNS answers (see [`Upstream::own_app`]).
     pub local: Option<LocalInstance>,
     pub balance: Balance,
     /// Connecting to an instance gives up after this long (then the next instance is tried).
@@ -185,6 +186,21 @@ impl LocalInstance {
     /// Which instance is local: `address`, else `pod_ip`; `None` when neither names one.
     pub fn resolve(&self, pod_ip: Option<&str>) -> Option<LocalAddress> {
         self.address.as_deref().or(pod_ip).and_then(parse_local_address)
+    }
+}
+
+impl Upstream {
+    /// The pod's own app as an instance of its own, whatever DNS answers: with `dns` and `local`
+    /// set, `local.address` when it is `ip:port`, else that IP (or `pod_ip`) on `dns.port`.
+    /// Discovery only adds peers to it, so a DNS outage, or a first lookup made before the
+    /// headless Service lists this pod, never leaves the sidecar without an instance. `None` for
+    /// a static list (which names every instance itself) or when no address is known.
+    pub fn own_app(&self, pod_ip: Option<&str>) -> Option<SocketAddr> {
+        let dns = self.dns.as_ref()?;
+        match self.local.as_ref()?.resolve(pod_ip)? {
+            LocalAddress::Exact(addr) => Some(addr),
+            LocalAddress::Ip(ip) => Some(SocketAddr::new(ip, dns.port)),
+        }
     }
 }
 
@@ -1163,6 +1179,46 @@ mod tests {
         assert!(is(by(None), b, Some("10.1.2.4")));
         assert!(!is(by(None), b, None), "neither: no instance is local");
         assert!(is(by(None), "[fd00::4]:8080".parse().unwrap(), Some("fd00::4")));
+    }
+
+    #[test]
+    fn the_pods_own_app_is_an_instance_whatever_dns_answers() {
+        let upstream = |dns: bool, address: Option<&str>| Upstream {
+            dns: dns.then(|| DnsDiscovery {
+                name: "demo-app.shop.svc.cluster.local".into(),
+                port: 3000,
+                refresh_seconds: 5,
+            }),
+            local: Some(LocalInstance {
+                socket: "/run/mall/app.sock".into(),
+                address: address.map(str::to_string),
+            }),
+            ..Default::default()
+        };
+        let own = |u: Upstream, pod_ip: Option<&str>| u.own_app(pod_ip).map(|a| a.to_string());
+        let table = [
+            // The operator's pods: POD_IP on the Service's port.
+            (upstream(true, None), Some("10.1.2.3"), Some("10.1.2.3:3000")),
+            (
+                upstream(true, Some("10.1.2.9")),
+                Some("10.1.2.3"),
+                Some("10.1.2.9:3000"),
+            ),
+            (upstream(true, Some("127.0.0.1:8080")), None, Some("127.0.0.1:8080")),
+            (upstream(true, None), Some("fd00::4"), Some("[fd00::4]:3000")),
+            (upstream(true, None), None, None),
+            // A static list names its instances itself.
+            (upstream(false, Some("127.0.0.1:8080")), None, None),
+        ];
+        for (config, pod_ip, want) in table {
+            let local = config.local.clone();
+            assert_eq!(own(config, pod_ip).as_deref(), want, "{local:?} with POD_IP {pod_ip:?}");
+        }
+        let no_local = Upstream {
+            local: None,
+            ..upstream(true, None)
+        };
+        assert_eq!(no_local.own_app(Some("10.1.2.3")), None);
     }
 
     #[test]

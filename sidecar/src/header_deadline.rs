@@ -65,25 +65,63 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
 enum Phase {
     /// Between requests: no deadline until the next request's first byte.
     Idle,
-    /// Reading a header block that must be complete by `deadline`. `after_lf` is true when the
-    /// last byte seen was a line feed (possibly followed by one carriage return, `cr`).
-    Header {
-        deadline: Instant,
-        received: usize,
-        after_lf: bool,
-        cr: bool,
-    },
+    /// Reading a header block that must be complete by `deadline`.
+    Header { deadline: Instant, received: usize },
     /// The header is in; the body and the response are not timed here.
     Body,
 }
 
-impl Phase {
-    fn header(deadline: Instant) -> Phase {
-        Phase::Header {
-            deadline,
-            received: 0,
-            after_lf: false,
-            cr: false,
+/// Where the bytes read so far leave the current line: just after a line feed (`after_lf`),
+/// possibly followed by one carriage return (`cr`); an empty line ends a header block.
+///
+/// Kept across reads and phases, not per header: a read that ends one request's header block can
+/// carry the start of a pipelined next request, which is not scanned then (it could as well be a
+/// body). When the rest of that header arrives, its empty line may be split across the two reads
+/// (`...\r\n` then `\r\n`), and only this state finds it; without it the request's header
+/// was never seen to end, and the idle connection got a 408 and was closed after the deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Line {
+    after_lf: bool,
+    cr: bool,
+}
+
+impl Line {
+    const AFTER_LF: Line = Line {
+        after_lf: true,
+        cr: false,
+    };
+
+    /// The state after `bytes` that are not scanned for an empty line (a body, bytes past a
+    /// header block's end): their last two bytes decide it.
+    fn skip(self, bytes: &[u8]) -> Line {
+        match bytes {
+            [] => self,
+            [.., b'\n'] => Line::AFTER_LF,
+            [.., b'\n', b'\r'] => Line {
+                after_lf: true,
+                cr: true,
+            },
+            [b'\r'] if self.after_lf && !self.cr => Line {
+                after_lf: true,
+                cr: true,
+            },
+            _ => Line::default(),
+        }
+    }
+}
+
+/// The request cycle and the line state, advanced over the bytes read and written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cycle {
+    phase: Phase,
+    line: Line,
+}
+
+impl Cycle {
+    fn new(phase: Phase) -> Cycle {
+        Cycle {
+            phase,
+            line: Line::default(),
         }
     }
 
@@ -92,33 +130,30 @@ impl Phase {
         if bytes.is_empty() {
             return;
         }
-        if *self == Phase::Idle {
-            *self = Phase::header(Instant::now() + timeout);
+        if self.phase == Phase::Idle {
+            self.phase = Phase::Header {
+                deadline: Instant::now() + timeout,
+                received: 0,
+            };
         }
-        let Phase::Header {
-            received, after_lf, cr, ..
-        } = self
-        else {
+        let Phase::Header { received, .. } = &mut self.phase else {
+            self.line = self.line.skip(bytes);
             return;
         };
         *received += bytes.len();
-        for &b in bytes {
+        let line = &mut self.line;
+        for (i, &b) in bytes.iter().enumerate() {
             match b {
                 // An empty line ends the header block: LF LF or LF CR LF (HTTP/1 also tolerates
-                // bare LF line ends).
-                b'\n' if *after_lf => {
-                    *self = Phase::Body;
+                // bare LF line ends). What follows in this read is a body or the next request.
+                b'\n' if line.after_lf => {
+                    self.phase = Phase::Body;
+                    self.line = Line::default().skip(&bytes[i + 1..]);
                     return;
                 }
-                b'\n' => {
-                    *after_lf = true;
-                    *cr = false;
-                }
-                b'\r' if *after_lf && !*cr => *cr = true,
-                _ => {
-                    *after_lf = false;
-                    *cr = false;
-                }
+                b'\n' => *line = Line::AFTER_LF,
+                b'\r' if line.after_lf && !line.cr => line.cr = true,
+                _ => *line = Line::default(),
             }
         }
     }
@@ -126,8 +161,8 @@ impl Phase {
     /// Advances over bytes just written: a final response means the next bytes read belong to a
     /// new request. Interim `1xx` responses (100 Continue) keep the request going.
     fn on_write(&mut self, bytes: &[u8]) {
-        if *self == Phase::Body && !is_interim_response(bytes) {
-            *self = Phase::Idle;
+        if self.phase == Phase::Body && !is_interim_response(bytes) {
+            self.phase = Phase::Idle;
         }
     }
 }
@@ -149,7 +184,7 @@ const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Length:
 pub struct DeadlineStream {
     inner: Stream,
     timeout: Duration,
-    phase: Phase,
+    cycle: Cycle,
     /// Created the first time a header read has to wait, then reset for later requests.
     timer: Option<Pin<Box<Sleep>>>,
     /// Set once the deadline has passed: every later read fails, whatever the caller did with the
@@ -165,7 +200,10 @@ impl DeadlineStream {
             timeout,
             // A new connection's first request is timed from the accept: a client that connects
             // and sends nothing is let go after the same deadline.
-            phase: Phase::header(Instant::now() + timeout),
+            cycle: Cycle::new(Phase::Header {
+                deadline: Instant::now() + timeout,
+                received: 0,
+            }),
             timer: None,
             expired: false,
             timeouts,
@@ -174,7 +212,7 @@ impl DeadlineStream {
 
     /// Polls the header deadline while a read waits; `Ready` once it has passed.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
-        let Phase::Header { deadline, received, .. } = self.phase else {
+        let Phase::Header { deadline, received } = self.cycle.phase else {
             return Poll::Pending;
         };
         let timer = self
@@ -196,7 +234,7 @@ impl AsyncRead for DeadlineStream {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.phase.on_read(&buf.filled()[before..], this.timeout);
+                this.cycle.on_read(&buf.filled()[before..], this.timeout);
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => match this.poll_deadline(cx) {
@@ -222,7 +260,7 @@ impl AsyncWrite for DeadlineStream {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            this.phase.on_write(&buf[..n]);
+            this.cycle.on_write(&buf[..n]);
         }
         res
     }
@@ -236,7 +274,7 @@ impl AsyncWrite for DeadlineStream {
         let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
             if n > 0 {
-                this.phase
+                this.cycle
                     .on_write(bufs.iter().find(|b| !b.is_empty()).map_or(&[], |b| b));
             }
         }
@@ -260,7 +298,7 @@ impl fmt::Debug for DeadlineStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadlineStream")
             .field("inner", &self.inner)
-            .field("phase", &self.phase)
+            .field("cycle", &self.cycle)
             .finish()
     }
 }
@@ -339,12 +377,16 @@ impl Peek for DeadlineStream {
 mod tests {
     use super::*;
 
-    fn phase_after(chunks: &[&[u8]]) -> Phase {
-        let mut phase = Phase::Idle;
+    fn read_all(cycle: &mut Cycle, chunks: &[&[u8]]) {
         for chunk in chunks {
-            phase.on_read(chunk, Duration::from_secs(10));
+            cycle.on_read(chunk, Duration::from_secs(10));
         }
-        phase
+    }
+
+    fn phase_after(chunks: &[&[u8]]) -> Phase {
+        let mut cycle = Cycle::new(Phase::Idle);
+        read_all(&mut cycle, chunks);
+        cycle.phase
     }
 
     #[tokio::test]
@@ -368,13 +410,42 @@ mod tests {
 
     #[tokio::test]
     async fn a_final_response_starts_the_next_request_and_100_continue_does_not() {
-        let mut phase = phase_after(&[b"POST /api/orders HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"]);
-        phase.on_write(b"HTTP/1.1 100 Continue\r\n\r\n");
-        assert_eq!(phase, Phase::Body);
-        phase.on_write(b"HTTP/1.1 201 Created\r\n");
-        assert_eq!(phase, Phase::Idle);
+        let mut cycle = Cycle::new(Phase::Idle);
+        read_all(
+            &mut cycle,
+            &[b"POST /api/orders HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"],
+        );
+        cycle.on_write(b"HTTP/1.1 100 Continue\r\n\r\n");
+        assert_eq!(cycle.phase, Phase::Body);
+        cycle.on_write(b"HTTP/1.1 201 Created\r\n");
+        assert_eq!(cycle.phase, Phase::Idle);
         // Idle time before the next request is not timed; its first byte starts the clock.
-        phase.on_read(b"G", Duration::from_secs(10));
-        assert!(matches!(phase, Phase::Header { received: 1, .. }));
+        cycle.on_read(b"G", Duration::from_secs(10));
+        assert!(matches!(cycle.phase, Phase::Header { received: 1, .. }));
+    }
+
+    /// A pipelined request that starts in the read ending the one before (not scanned then) ends
+    /// wherever the rest of its header is split: its empty line is found, so the connection is
+    /// not timed out as if a header were still arriving.
+    #[tokio::test]
+    async fn a_pipelined_header_begun_in_the_previous_read_ends_however_the_rest_is_split() {
+        let first = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n".as_slice();
+        let second = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n".as_slice();
+        for split in 1..second.len() {
+            let (begun, rest) = second.split_at(split);
+            let mut cycle = Cycle::new(Phase::Idle);
+            read_all(&mut cycle, &[&[first, begun].concat()]);
+            assert_eq!(cycle.phase, Phase::Body, "split at {split}");
+            // pingora has the start of the second request buffered; the first is answered.
+            cycle.on_write(b"HTTP/1.1 200 OK\r\n");
+            read_all(&mut cycle, &[rest]);
+            assert_eq!(cycle.phase, Phase::Body, "the second's header ends, split at {split}");
+        }
+        // Bytes skipped in a body still leave the line state right for the next read.
+        let mut cycle = Cycle::new(Phase::Idle);
+        read_all(&mut cycle, &[first, b"G", b"ET /b HTTP/1.1\r\nHost: x\r\n"]);
+        cycle.on_write(b"HTTP/1.1 200 OK\r\n");
+        read_all(&mut cycle, &[b"\r", b"\n"]);
+        assert_eq!(cycle.phase, Phase::Body);
     }
 }

@@ -2,6 +2,7 @@
 //! rate-limits and load-balances, configured by one TOML file (see `mall-sidecar-config`).
 
 pub mod cache;
+pub mod discovery;
 pub mod header_deadline;
 pub mod invalidation;
 pub mod limits;
@@ -100,6 +101,7 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
     admin.add_tcp(&admin_listen.to_string());
     server.add_service(admin);
     server.add_service(background_service("upstreams", services::Upstreams(shared.clone())));
+    server.add_service(background_service("discovery", services::Discovery(shared.clone())));
     server.add_service(background_service("reload", services::Reloader(shared.clone())));
     server.add_service(background_service(
         "invalidation",

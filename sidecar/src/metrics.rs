@@ -32,6 +32,10 @@ pub struct Metrics {
     pub upstream_ejections: IntCounterVec,
     pub upstream_retries: IntCounter,
     pub no_healthy_upstream: IntCounter,
+    /// 1 while the instances' DNS name does not answer (the sidecar serves through the pod's own
+    /// app and the instances found before); lookups by result (`ok`, `error`, `timeout`, `empty`).
+    pub discovery_failing: IntGauge,
+    pub discovery_lookups: IntCounterVec,
     /// New connections to app instances, by transport (`unix` for the pod's own app through its
     /// socket, `tcp` otherwise): says whether the in-pod hop takes the socket.
     pub upstream_connections: IntCounterVec,
@@ -173,6 +177,19 @@ impl Metrics {
                 "Requests answered 503 for lack of an instance",
             )
             .expect("metric"),
+            discovery_failing: IntGauge::new(
+                "upstream_discovery_failing",
+                "1 while the instances' DNS name does not answer (the pod's own app and the instances found before serve)",
+            )
+            .expect("metric"),
+            discovery_lookups: IntCounterVec::new(
+                Opts::new(
+                    "upstream_discovery_lookups_total",
+                    "DNS lookups of the instances' name by result (ok, error, timeout, empty)",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
             upstream_connections: IntCounterVec::new(
                 Opts::new(
                     "upstream_connections_total",
@@ -232,7 +249,7 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 30] = [
             Box::new(m.waiting_room_tickets.clone()),
             Box::new(m.waiting_room_queue.clone()),
             Box::new(m.waiting_room_wait.clone()),
@@ -254,6 +271,8 @@ impl Metrics {
             Box::new(m.upstream_ejections.clone()),
             Box::new(m.upstream_retries.clone()),
             Box::new(m.no_healthy_upstream.clone()),
+            Box::new(m.discovery_failing.clone()),
+            Box::new(m.discovery_lookups.clone()),
             Box::new(m.upstream_connections.clone()),
             Box::new(m.config_reloads.clone()),
             Box::new(m.in_flight.clone()),

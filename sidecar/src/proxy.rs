@@ -323,8 +323,13 @@ impl ProxyHttp for MallProxy {
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         // RFC 9112 9.3.2: a client may pipeline; answer each request in order on the connection
         // (pingora's default drops the pipelined ones after answering the first with keep-alive).
+        // A client may also half-close once it has sent its requests (`printf ... | nc -N`):
+        // its FIN means it sends nothing more, not that it stopped reading (RFC 9112 9.6), so
+        // the request in hand is answered (with `Connection: close`, which tells it to send any
+        // later pipelined ones again) instead of aborted and retried on another instance.
         if let pingora_core::protocols::http::ServerSession::H1(h1) = &mut *session.downstream_session {
             h1.set_pipelining_enabled(true);
+            h1.set_abort_on_close(false);
         }
         // Before pingora's compression module reads Accept-Encoding: leave it only the coding
         // the q-values choose among the streamed ones (RFC 9110 12.5.3), or `identity`; a fresh
@@ -717,6 +722,11 @@ impl ProxyHttp for MallProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // The client went away: neither the instance's fault nor a reason to ask another one.
+        if e.esource() == &ErrorSource::Downstream {
+            e.set_retry(false);
+            return e;
+        }
         if !Self::is_replayable(session) || session.as_ref().retry_buffer_truncated() {
             e.set_retry(false);
             return e;

@@ -1,4 +1,4 @@
-//! Background work, run as pingora background services: active health checks, DNS refresh,
+//! Background work, run as pingora background services: active health checks, DNS discovery,
 //! configuration reload (SIGHUP and file change), the admin endpoints, and the bounded drain on
 //! shutdown.
 
@@ -15,25 +15,63 @@ use pingora_core::services::background::BackgroundService;
 
 use crate::state::Shared;
 
-/// Health checks every `upstream.health_check.interval_ms`, DNS every `upstream.dns.refresh_seconds`.
+/// How often the pod's own app is checked until its first check passes: the pod is ready within
+/// this of its app, not a whole `health_check.interval_ms` later. A connection refused by the
+/// pod's own address costs microseconds.
+const OWN_APP_STARTING_CHECK: Duration = Duration::from_millis(100);
+
+/// Health checks every `upstream.health_check.interval_ms` (the pod's own app more often while
+/// it starts). DNS has a loop of its own, [`Discovery`]: a lookup hanging on a DNS outage must not
+/// hold the checks, and with them readiness, back.
 pub struct Upstreams(pub Arc<Shared>);
 
 #[async_trait]
 impl BackgroundService for Upstreams {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let shared = &self.0;
-        let mut next_dns = Instant::now();
         loop {
-            let config = shared.live.load().config.upstream.clone();
-            if let Some(dns) = &config.dns {
-                if Instant::now() >= next_dns {
-                    shared.pool.resolve(&dns.name, dns.port).await;
-                    next_dns = Instant::now() + Duration::from_secs(dns.refresh_seconds);
-                }
-            }
             shared.pool.check_health().await;
+            let interval = Duration::from_millis(shared.live.load().config.upstream.health_check.interval_ms);
+            let next_round = tokio::time::Instant::now() + interval;
+            loop {
+                let starting = shared.pool.own_app().is_some_and(|own| own.awaiting_first_pass());
+                let wake = if starting {
+                    next_round.min(tokio::time::Instant::now() + OWN_APP_STARTING_CHECK)
+                } else {
+                    next_round
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = shutdown.changed() => return,
+                }
+                if wake >= next_round {
+                    break;
+                }
+                shared.pool.check_starting_own_app().await;
+            }
+        }
+    }
+}
+
+/// DNS lookups of `upstream.dns.name`: every `refresh_seconds`, sooner after a failure.
+pub struct Discovery(pub Arc<Shared>);
+
+#[async_trait]
+impl BackgroundService for Discovery {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let shared = &self.0;
+        loop {
+            // Read each time: a reload may turn DNS on or off.
+            let dns = shared.live.load().config.upstream.dns.clone();
+            let wait = match &dns {
+                Some(dns) => shared.discovery.refresh(&shared.pool, dns).await,
+                None => {
+                    shared.metrics.discovery_failing.set(0);
+                    Duration::from_secs(1)
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(config.health_check.interval_ms)) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -120,9 +158,10 @@ impl ServeHttp for Admin {
         let (status, content_type, body) = match session.req_header().uri.path() {
             "/metrics" => (200, "text/plain; version=0.0.4", shared.metrics.render()),
             "/health" => (200, "text/plain", b"ok\n".to_vec()),
-            "/ready" if shared.ready() => (200, "text/plain", b"ready\n".to_vec()),
-            "/ready" if shared.draining.load(Ordering::Relaxed) => (503, "text/plain", b"draining\n".to_vec()),
-            "/ready" => (503, "text/plain", b"no healthy upstream instance\n".to_vec()),
+            "/ready" => {
+                let (ready, report) = readiness(shared);
+                (if ready { 200 } else { 503 }, "text/plain", report.into_bytes())
+            }
             "/reload" if session.req_header().method == http::Method::POST => {
                 let token = shared.live.load().config.server.admin_token.clone();
                 let presented = session
@@ -154,6 +193,53 @@ impl ServeHttp for Admin {
             .body(body)
             .expect("valid response")
     }
+}
+
+/// Whether the sidecar can serve, and why, for `/ready`: a first line that says it (`ready`,
+/// `draining`, `no healthy upstream instance`), then one line per check: the instances, the pod's
+/// own app, and DNS discovery (failing says so, with the lookup's error, while the pod's own app
+/// and the instances found before serve).
+fn readiness(shared: &Shared) -> (bool, String) {
+    use std::fmt::Write;
+    let ready = shared.ready();
+    let mut report = String::from(if ready {
+        "ready\n"
+    } else if shared.draining.load(Ordering::Relaxed) {
+        "draining\n"
+    } else {
+        "no healthy upstream instance\n"
+    });
+    let instances = shared.pool.instances();
+    let available = instances.iter().filter(|i| i.is_available()).count();
+    let _ = writeln!(report, "instances: {available} of {} available", instances.len());
+    if let Some(own) = shared.pool.own_app() {
+        let state = if own.is_available() {
+            "up"
+        } else if own.awaiting_first_pass() {
+            "starting (no check passed yet)"
+        } else {
+            "down"
+        };
+        let _ = writeln!(report, "own app: {} {state}", own.label());
+    }
+    if let Some(dns) = &shared.live.load().config.upstream.dns {
+        let status = shared.discovery.status();
+        if status.failing() {
+            let since = status.failing_since.map_or(0, |t| t.elapsed().as_secs());
+            let _ = writeln!(
+                report,
+                "discovery: failing for {since} s ({} lookups in a row): {}: {}",
+                status.failures,
+                dns.name,
+                status.error.as_deref().unwrap_or("unknown error"),
+            );
+        } else if status.name.is_empty() {
+            let _ = writeln!(report, "discovery: no answer yet from {}", dns.name);
+        } else {
+            let _ = writeln!(report, "discovery: ok, {} instances at {}", status.found, dns.name);
+        }
+    }
+    (ready, report)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -45,8 +45,7 @@ impl Live {
             routes: routes.into_iter().map(Arc::from).collect(),
             other_route: Arc::from("other"),
             local: config.upstream.local.as_ref().and_then(|local| {
-                let pod_ip = std::env::var("POD_IP").ok();
-                let address = local.resolve(pod_ip.as_deref());
+                let address = local.resolve(pod_ip().as_deref());
                 if address.is_none() {
                     tracing::warn!(
                         socket = %local.socket,
@@ -60,9 +59,15 @@ impl Live {
     }
 }
 
+/// This pod's address (Kubernetes' downward API), which names the pod's own app.
+fn pod_ip() -> Option<String> {
+    std::env::var("POD_IP").ok()
+}
+
 pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub pool: Arc<Pool>,
+    pub discovery: crate::discovery::Discovery,
     pub store: &'static MemoryStore,
     pub cache_lock: &'static CacheKeyLockImpl,
     /// Remembers keys whose responses were not cacheable, so later requests for them skip the
@@ -88,7 +93,12 @@ impl Shared {
         let predictor: &'static Predictor<16> = Box::leak(Box::new(Predictor::new(1024, None)));
         Arc::new(Shared {
             predictor,
-            pool: Arc::new(Pool::new(&config.upstream, metrics.clone())),
+            pool: Arc::new(Pool::new(
+                &config.upstream,
+                config.upstream.own_app(pod_ip().as_deref()),
+                metrics.clone(),
+            )),
+            discovery: crate::discovery::Discovery::new(metrics.clone()),
             live: ArcSwap::from_pointee(Live::new(config, metrics.clone())),
             metrics,
             store,
@@ -134,7 +144,8 @@ impl Shared {
         if config.server != old.server || config.cache.max_bytes != old.cache.max_bytes {
             tracing::warn!("server.* and cache.max_bytes changes take effect after a restart");
         }
-        self.pool.reconfigure(&config.upstream);
+        self.pool
+            .reconfigure(&config.upstream, config.upstream.own_app(pod_ip().as_deref()));
         self.live.store(Arc::new(Live::new(config, self.metrics.clone())));
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         tracing::info!(path = %path.display(), "configuration reloaded");

@@ -1,7 +1,8 @@
-//! The app instances behind the sidecar: who they are (a static list or a DNS name), whether they
-//! take traffic (active `/health` checks with thresholds, passive ejection on connect errors), and
-//! which one serves a request (round robin, weighted, consistent hashing from
-//! pingora-load-balancing, and least-connections, which pingora does not have).
+//! The app instances behind the sidecar: who they are (a static list, or the pod's own app plus
+//! the peers DNS finds: see `discovery`), whether they take traffic (active health checks with
+//! thresholds, passive ejection on connect errors), and which one serves a request (round robin,
+//! weighted, consistent hashing from pingora-load-balancing, and least-connections, which pingora
+//! does not have).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use mall_sidecar_config::{Balance, HealthCheck, PassiveEjection, Upstream as UpstreamConfig};
 use pingora_load_balancing::selection::{BackendIter, BackendSelection, Consistent, RoundRobin, UniqueIterator};
 use pingora_load_balancing::Backend;
@@ -33,6 +34,8 @@ pub struct Instance {
     connect_failures: AtomicU32,
     ejected_until_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// No check has passed yet; the first that does makes the instance healthy at once.
+    awaiting_first_pass: AtomicBool,
 }
 
 impl Instance {
@@ -50,7 +53,18 @@ impl Instance {
             connect_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            awaiting_first_pass: AtomicBool::new(false),
         }
+    }
+
+    /// The pod's own app: out of rotation until its first check passes, then in at once, so the
+    /// sidecar is ready exactly when its app is and sends it nothing before (a refused connection
+    /// would eject it for `passive.eject_seconds`).
+    fn own_app(addr: SocketAddr) -> Self {
+        let instance = Instance::new(addr, 1);
+        instance.healthy.store(false, Ordering::Relaxed);
+        instance.awaiting_first_pass.store(true, Ordering::Relaxed);
+        instance
     }
 
     pub fn label(&self) -> &str {
@@ -74,6 +88,16 @@ impl Instance {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether it takes traffic now.
+    pub fn is_available(&self) -> bool {
+        self.available(now_ms())
+    }
+
+    /// Whether no check has passed yet.
+    pub fn awaiting_first_pass(&self) -> bool {
+        self.awaiting_first_pass.load(Ordering::Relaxed)
     }
 }
 
@@ -113,50 +137,76 @@ struct Settings {
 
 pub struct Pool {
     members: ArcSwap<Members>,
+    /// The instances named by the static list or found by DNS (with their weights).
+    peers: parking_lot::Mutex<Vec<(SocketAddr, usize)>>,
+    /// The pod's own app, an instance whatever `peers` holds (`Upstream::own_app`).
+    own_app: ArcSwapOption<SocketAddr>,
     settings: ArcSwap<Settings>,
     next: AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
 impl Pool {
-    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Self {
-        let settings = settings(config);
-        let addrs = static_addrs(config);
+    /// The pool of `config`'s instances, with `own_app` (the pod's own app) among them.
+    pub fn new(config: &UpstreamConfig, own_app: Option<SocketAddr>, metrics: Arc<Metrics>) -> Self {
         let pool = Pool {
             members: ArcSwap::from_pointee(Members {
                 list: Vec::new(),
                 by_addr: HashMap::new(),
                 selector: Selector::LeastConnections,
             }),
-            settings: ArcSwap::from_pointee(settings),
+            peers: parking_lot::Mutex::new(static_addrs(config)),
+            own_app: ArcSwapOption::new(own_app.map(Arc::new)),
+            settings: ArcSwap::from_pointee(settings(config)),
             next: AtomicUsize::new(0),
             metrics,
         };
-        pool.set_members(addrs);
+        pool.rebuild();
         pool
     }
 
-    /// Applies a reloaded configuration: the static list (when DNS is off), balancing and checks.
+    /// Applies a reloaded configuration: the static list (when DNS is off; with DNS the peers
+    /// found so far stay until the next answer), the pod's own app, balancing and checks.
     /// Instances that stay keep their health and in-flight counts.
-    pub fn reconfigure(&self, config: &UpstreamConfig) {
+    pub fn reconfigure(&self, config: &UpstreamConfig, own_app: Option<SocketAddr>) {
         self.settings.store(Arc::new(settings(config)));
+        self.own_app.store(own_app.map(Arc::new));
         if config.dns.is_none() {
-            self.set_members(static_addrs(config));
-        } else {
-            let current = self
-                .members
-                .load()
-                .list
-                .iter()
-                .map(|i| (i.addr, i.weight.load(Ordering::Relaxed)))
-                .collect();
-            self.set_members(current);
+            *self.peers.lock() = static_addrs(config);
         }
+        self.rebuild();
+    }
+
+    /// Replaces the peers with what discovery found; `false` when they are the same.
+    pub fn set_peers(&self, found: &[SocketAddr]) -> bool {
+        {
+            let mut peers = self.peers.lock();
+            let mut current: Vec<SocketAddr> = peers.iter().map(|(addr, _)| *addr).collect();
+            current.sort();
+            if current == found {
+                return false;
+            }
+            *peers = found.iter().map(|addr| (*addr, 1)).collect();
+        }
+        self.rebuild();
+        true
+    }
+
+    /// The members: the peers, and the pod's own app unless it is one of them already.
+    fn rebuild(&self) {
+        let mut addrs = self.peers.lock().clone();
+        if let Some(own) = self.own_app.load().as_deref() {
+            if !addrs.iter().any(|(addr, _)| addr == own) {
+                addrs.insert(0, (*own, 1));
+            }
+        }
+        self.set_members(addrs);
     }
 
     fn set_members(&self, addrs: Vec<(SocketAddr, usize)>) {
         let old = self.members.load();
         let balance = self.settings.load().balance;
+        let own_app = self.own_app.load().as_deref().copied();
         let list: Vec<Arc<Instance>> = addrs
             .into_iter()
             .map(|(addr, weight)| match old.by_addr.get(&addr) {
@@ -164,6 +214,7 @@ impl Pool {
                     existing.weight.store(weight, Ordering::Relaxed);
                     existing.clone()
                 }
+                None if Some(addr) == own_app => Arc::new(Instance::own_app(addr)),
                 None => Arc::new(Instance::new(addr, weight)),
             })
             .collect();
@@ -200,6 +251,13 @@ impl Pool {
 
     pub fn instances(&self) -> Vec<Arc<Instance>> {
         self.members.load().list.clone()
+    }
+
+    /// The pod's own app, when the configuration names one (`Upstream::own_app`).
+    pub fn own_app(&self) -> Option<Arc<Instance>> {
+        let own = self.own_app.load();
+        let own = own.as_deref()?;
+        self.members.load().by_addr.get(own).cloned()
     }
 
     /// Picks an available instance for `key` (the cache key, used by consistent hashing), skipping
@@ -268,8 +326,19 @@ impl Pool {
 
     /// One round of active checks on every instance, concurrently.
     pub async fn check_health(&self) {
+        self.check(self.instances()).await
+    }
+
+    /// A check of the pod's own app alone, while none of its checks has passed yet: the health
+    /// loop runs it between rounds so the sidecar is ready as soon as its app is.
+    pub async fn check_starting_own_app(&self) {
+        if let Some(own) = self.own_app().filter(|i| i.awaiting_first_pass()) {
+            self.check(vec![own]).await
+        }
+    }
+
+    async fn check(&self, instances: Vec<Arc<Instance>>) {
         let health = self.settings.load().health.clone();
-        let instances = self.instances();
         let probes = instances
             .iter()
             .map(|i| probe(i.addr, &health.path, Duration::from_millis(health.timeout_ms)));
@@ -284,7 +353,11 @@ impl Pool {
         if ok {
             instance.fail_streak.store(0, Ordering::Relaxed);
             let streak = instance.ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
-            if !was_healthy && streak >= health.healthy_threshold {
+            let first_pass = instance.awaiting_first_pass.swap(false, Ordering::Relaxed);
+            if first_pass && !was_healthy {
+                instance.healthy.store(true, Ordering::Relaxed);
+                tracing::info!(upstream = %instance.label, "the pod's own app answers its first check");
+            } else if !was_healthy && streak >= health.healthy_threshold {
                 instance.healthy.store(true, Ordering::Relaxed);
                 tracing::info!(upstream = %instance.label, "instance healthy again");
             }
@@ -309,25 +382,6 @@ impl Pool {
             .upstream_healthy
             .with_label_values(&[&instance.label])
             .set(available as i64);
-    }
-
-    /// Replaces the instance set with what `name:port` resolves to, when it changed.
-    pub async fn resolve(&self, name: &str, port: u16) {
-        match tokio::net::lookup_host((name, port)).await {
-            Ok(addrs) => {
-                let mut found: Vec<SocketAddr> = addrs.collect();
-                found.sort();
-                found.dedup();
-                let mut current: Vec<SocketAddr> = self.members.load().list.iter().map(|i| i.addr).collect();
-                current.sort();
-                if found != current && !found.is_empty() {
-                    tracing::info!(name, instances = found.len(), "upstream DNS answer changed");
-                    self.set_members(found.into_iter().map(|a| (a, 1)).collect());
-                }
-            }
-            // Keep the last answer: a DNS hiccup must not empty the pool.
-            Err(e) => tracing::warn!(name, error = %e, "upstream DNS lookup failed; keeping the previous instances"),
-        }
     }
 }
 
@@ -401,7 +455,7 @@ mod tests {
                 weight: *w,
             })
             .collect();
-        Pool::new(&config, Arc::new(Metrics::new()))
+        Pool::new(&config, None, Arc::new(Metrics::new()))
     }
 
     fn pick_port(pool: &Pool, key: &[u8]) -> u16 {
@@ -443,6 +497,46 @@ mod tests {
         }
         drop(busy);
         assert!(lc.instances().iter().all(|i| i.in_flight() == 0));
+    }
+
+    #[test]
+    fn the_pods_own_app_is_a_member_whatever_dns_finds_and_serves_from_its_first_passing_check() {
+        let config = UpstreamConfig {
+            servers: Vec::new(),
+            dns: Some(mall_sidecar_config::DnsDiscovery {
+                name: "mall-app.invalid".into(),
+                port: 3000,
+                refresh_seconds: 5,
+            }),
+            ..Default::default()
+        };
+        let own: SocketAddr = "10.0.0.5:3000".parse().unwrap();
+        let peer: SocketAddr = "10.0.0.7:3000".parse().unwrap();
+        let p = Pool::new(&config, Some(own), Arc::new(Metrics::new()));
+        let members = |p: &Pool| {
+            let mut addrs: Vec<SocketAddr> = p.instances().iter().map(|i| i.addr).collect();
+            addrs.sort();
+            addrs
+        };
+        assert_eq!(members(&p), [own], "before any DNS answer");
+        assert!(p.select(b"", &[]).is_none(), "nothing is sent before its app answers");
+        let health = HealthCheck::default();
+        let instance = p.own_app().unwrap();
+        p.observe(&instance, false, &health);
+        assert!(p.select(b"", &[]).is_none() && instance.awaiting_first_pass());
+        p.observe(&instance, true, &health);
+        assert_eq!(
+            p.select(b"", &[]).unwrap().instance.addr,
+            own,
+            "one passing check, not healthy_threshold"
+        );
+
+        assert!(p.set_peers(&[own, peer]));
+        assert_eq!(members(&p), [own, peer]);
+        assert!(p.set_peers(&[peer]));
+        assert_eq!(members(&p), [own, peer], "an answer without this pod keeps its app");
+        assert!(!p.set_peers(&[peer]), "the same answer changes nothing");
+        assert!(p.own_app().unwrap().is_available(), "its health is kept across answers");
     }
 
     #[test]

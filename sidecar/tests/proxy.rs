@@ -1780,3 +1780,201 @@ async fn the_app_serves_the_sidecar_over_a_unix_socket() {
         "both went through the socket: unix {unix}, tcp {tcp}"
     );
 }
+
+/// A DNS outage (issue 32): the instances' name does not resolve (RFC 6761's `.invalid`), as when
+/// the cluster DNS is down or the headless Service does not list this pod yet. The pod's own app
+/// (`upstream.local`) is an instance whatever DNS says: `/ready` turns 200 as soon as it answers
+/// (not a whole health-check interval later), requests go to it through its socket, and `/ready`
+/// and `sidecar_upstream_discovery_failing` say that discovery is failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dns_outage_leaves_the_pods_own_app_serving_and_says_so() {
+    use axum::routing::get;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("app.sock");
+    let port = common::free_port();
+    // A 5 s check interval: only the own app's start-up checks can make it ready sooner.
+    let config = format!(
+        "[upstream]\nservers = []\n[upstream.dns]\nname = \"mall-app.invalid\"\nport = {port}\nrefresh_seconds = 1\n\
+         [upstream.local]\nsocket = \"{}\"\naddress = \"127.0.0.1:{port}\"\n\
+         [upstream.health_check]\ninterval_ms = 5000\n",
+        socket.display()
+    );
+    let sidecar = Sidecar::start(&config).await;
+    let http = client();
+    let ready = || async {
+        let response = http.get(format!("{}/ready", sidecar.admin)).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+
+    // The app is not up yet: not ready, and discovery has nothing either.
+    let mut report = (0, String::new());
+    for _ in 0..100 {
+        report = ready().await;
+        if report.1.contains("discovery: failing") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(report.0, 503, "{}", report.1);
+    assert!(report.1.contains("discovery: failing"), "{}", report.1);
+    assert!(report.1.contains("mall-app.invalid"), "{}", report.1);
+    assert!(
+        report.1.contains(&format!("own app: 127.0.0.1:{port} starting")),
+        "{}",
+        report.1
+    );
+    assert_eq!(http.get(sidecar.url("/way")).send().await.unwrap().status(), 503);
+
+    // The pod's own app starts: on its port (health checks) and its socket (traffic).
+    let router = |way: &'static str| {
+        axum::Router::new()
+            .route("/way", get(move || async move { way }))
+            .route("/ready", get(|| async { "ok" }))
+    };
+    let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let unix = tokio::net::UnixListener::bind(&socket).unwrap();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move { axum::serve(tcp, router("tcp")).await.unwrap() });
+    tokio::spawn(async move { axum::serve(unix, router("unix")).await.unwrap() });
+    while ready().await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "ready as soon as the own app answers: {}",
+            ready().await.1
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    eprintln!("ready {took:?} after the own app started");
+    assert!(
+        took < Duration::from_secs(2),
+        "not a whole check interval later: {took:?}"
+    );
+
+    for _ in 0..5 {
+        let response = http.get(sidecar.url("/way")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "unix", "through the own app's socket");
+    }
+    let (status, body) = ready().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ready\n"), "{body}");
+    assert!(body.contains("discovery: failing"), "still said while serving: {body}");
+    assert!(body.contains(&format!("own app: 127.0.0.1:{port} up")), "{body}");
+    assert_eq!(sidecar.metric("sidecar_upstream_discovery_failing", "").await, 1.0);
+    assert!(
+        sidecar
+            .metric("sidecar_upstream_discovery_lookups_total", "result=\"error\"")
+            .await
+            >= 1.0
+    );
+}
+
+/// Issue 32, section 4: one proxy thread (then two) and a 2 s header deadline in front of Python's
+/// `http.server` (HTTP/1.1 keep-alive, the header block and the body written apart, `no-store`).
+/// Two pipelined GETs are answered in order (RFC 9112 9.3.2), whether the second comes with the
+/// first, while the first's answer is between its header and its body, or begun with the first
+/// and ended later (its empty line split across the two writes), on a cached route or not, the
+/// same URL twice or two; the connections then idle past the header deadline and still serve. A
+/// client that half-closes after pipelining (`printf ... | nc -N`) gets the first answer, then the
+/// second or the connection's close (with `Connection: close` on the first when the FIN came in
+/// time) that tells it to send the second again; and its FIN is not held against the app (no
+/// retry elsewhere, no ejection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_gets_to_a_python_http_server_are_answered_in_order_on_one_thread_or_two() {
+    let Some(upstream) = common::PythonUpstream::start(30).await else {
+        return;
+    };
+    for threads in ["1", "2"] {
+        pipelining_through_a_sidecar_with(threads, upstream.addr).await;
+    }
+}
+
+async fn pipelining_through_a_sidecar_with(threads: &str, upstream: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sidecar = Sidecar::start_with_env(
+        &upstream_section(&[upstream], "round_robin"),
+        &[
+            ("SIDECAR__SERVER__THREADS", threads),
+            ("SIDECAR__SERVER__REQUEST_HEADER_TIMEOUT_SECONDS", "2"),
+        ],
+    )
+    .await;
+    let addr = sidecar.base.trim_start_matches("http://").to_string();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let pairs = [
+        ("/one", "/two"),
+        ("/api/products/1", "/api/products/2"),
+        ("/api/products/3", "/api/products/3"),
+    ];
+    let mut idling = Vec::new();
+    for (first, second) in pairs {
+        // How the bytes go: both in one write; the second while the upstream pauses inside the
+        // first answer; the second begun with the first and its last CR LF 15 ms later.
+        for (how, second_after_ms, split_at) in [("one write", 0, 0), ("15 ms apart", 15, 0), ("split", 15, 2)] {
+            let case = format!("{threads} thread(s), {first} then {second}, {how}");
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let (begun, rest) = {
+                let second = get(second);
+                let at = second.len() - split_at;
+                (format!("{}{}", get(first), &second[..at]), second[at..].to_string())
+            };
+            if second_after_ms == 0 {
+                stream.write_all(format!("{begun}{rest}").as_bytes()).await.unwrap();
+            } else if split_at == 0 {
+                stream.write_all(get(first).as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(second_after_ms)).await;
+                stream.write_all(get(second).as_bytes()).await.unwrap();
+            } else {
+                stream.write_all(begun.as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(second_after_ms)).await;
+                stream.write_all(rest.as_bytes()).await.unwrap();
+            }
+            let answers = read_responses(&mut stream, 2, Duration::from_secs(3)).await;
+            assert_eq!(answers.len(), 2, "{case}: both answered: {answers:?}");
+            for ((answer, _), path) in answers.iter().zip([first, second]) {
+                assert!(answer.starts_with("HTTP/1.1 200"), "{case}:\n{answer}");
+                assert!(
+                    answer.ends_with(&format!("answer for {path}\n")),
+                    "{case}, in order:\n{answer}"
+                );
+            }
+            idling.push((case, stream));
+        }
+    }
+    // Past the header deadline, idle between requests: no 408, every connection still serves.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for (case, mut stream) in idling {
+        stream.write_all(get("/three").as_bytes()).await.unwrap();
+        let third = read_responses(&mut stream, 1, Duration::from_secs(3)).await;
+        assert_eq!(third.len(), 1, "{case}: a third request after idling: {third:?}");
+        assert!(third[0].0.ends_with("answer for /three\n"), "{case}: {third:?}");
+    }
+
+    // Pipelined, then the client's FIN: RFC 9112 9.3.2 lets the server answer the first and
+    // close (saying so when it knows in time); the client then sends the second again.
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let both = format!("{}{}", get("/one"), get("/two"));
+        stream.write_all(both.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let answers = read_responses(&mut stream, 2, Duration::from_secs(3)).await;
+        assert!(
+            !answers.is_empty(),
+            "a half-closed client gets the first answer at least"
+        );
+        let first = answers[0].0.to_ascii_lowercase();
+        assert!(first.ends_with("answer for /one\n"), "{first}");
+        if answers.len() < 2 {
+            let mut more = [0u8; 1];
+            let end = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut more)).await;
+            assert!(
+                matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+                "the unanswered second is refused by a close, not left hanging"
+            );
+        }
+    }
+    let after = client().get(sidecar.url("/after")).send().await.unwrap();
+    assert_eq!(after.status(), 200, "a client's FIN does not take the app out");
+    assert_eq!(sidecar.metric("sidecar_upstream_ejections_total", "").await, 0.0);
+}

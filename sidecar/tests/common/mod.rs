@@ -360,3 +360,80 @@ pub fn strict_brotli_decode(stream: &[u8]) -> Option<Vec<u8>> {
     output.truncate(output_offset);
     Some(output)
 }
+
+/// An upstream written with Python's `http.server`, as issue 32 found it: HTTP/1.1 keep-alive,
+/// `Cache-Control: no-store`, the header block and the body in two writes `pause_ms` apart (the
+/// body names the path). `None`, loudly, when python3 is missing outside CI.
+pub struct PythonUpstream {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+const PYTHON_UPSTREAM: &str = r#"
+import http.server, sys, time
+pause = float(sys.argv[1]) / 1000
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("answer for %s\n" % self.path).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        time.sleep(pause)
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    def handle_error(self, request, client_address):
+        pass  # the sidecar's health check hangs up once it has the status line
+server = Server(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+impl PythonUpstream {
+    pub async fn start(pause_ms: u64) -> Option<PythonUpstream> {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("upstream.py");
+        std::fs::write(&script, PYTHON_UPSTREAM).unwrap();
+        let spawned = Command::new("python3")
+            .arg(&script)
+            .arg(pause_ms.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("python3: {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: python3 does not run here: {e}");
+                return None;
+            }
+        };
+        let stdout = child.stdout.take().unwrap();
+        let port = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+            line.trim().parse::<u16>().expect("the upstream prints its port")
+        })
+        .await
+        .unwrap();
+        Some(PythonUpstream {
+            addr: ([127, 0, 0, 1], port).into(),
+            child,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for PythonUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -73,6 +73,44 @@ async fn demo(tag: &str) -> Demo {
     }
 }
 
+/// The demo pod started while cluster DNS knows nothing of its headless Service (a CoreDNS
+/// outage, or the first lookup before the Service lists the new pod; issue 32): it turns Ready
+/// as soon as its app is, serves through its own app, and its sidecar says discovery is failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_started_during_a_dns_outage_serves_through_its_own_app() {
+    if !images_ready() {
+        return;
+    }
+    let w = world("dns", &render("examples/mall.yaml"), "unused").await;
+    // Never published: the Service's name resolves to nothing for the whole test.
+    let pod = w.start("demo-dns").await;
+    let took = pod_runner::wait_ready(&pod, Duration::from_secs(60)).await;
+    let http = reqwest::Client::new();
+    let ready = http
+        .get(format!("http://{}:9901/ready", pod.ip))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    let body = match http.get(format!("http://{}:9901/ready", pod.ip)).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(e) => e.to_string(),
+    };
+    let product = http
+        .get(format!("http://{}:8080/api/products/1", pod.ip))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    pod.delete();
+    let took = took.unwrap_or_else(|e| panic!("the pod never turned Ready without DNS: {e}; sidecar /ready: {body}"));
+    eprintln!("dns outage: pod ready {took:?} after its containers started");
+    assert_eq!(ready.ok(), Some(200), "{body}");
+    assert!(
+        body.contains("discovery: failing"),
+        "/ready says discovery is failing: {body}"
+    );
+    assert_eq!(product.ok(), Some(200), "served through its own app");
+}
+
 /// Replaces the demo's rendered sidecar configuration with `edit` of it.
 fn edit_sidecar_config(cluster: &mut Cluster, edit: impl Fn(&str) -> String) {
     let file = cluster

@@ -556,6 +556,7 @@ impl Db {
             query = query.bind(*seq);
         }
         let lease = pool.lease().await?;
+        self.metrics.fence_checks.with_label_values(&[&pool.name]).inc();
         let rows = query.fetch_all(&*lease).await?;
         rows.iter().map(|r| sqlx::Row::try_get::<i64, _>(r, "seq")).collect()
     }

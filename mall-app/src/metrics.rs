@@ -32,6 +32,7 @@ pub struct Metrics {
     pub replica_lag: prometheus::GaugeVec,
     pub replica_in_rotation: IntGaugeVec,
     pub reads_fenced: IntCounter,
+    pub fence_checks: IntCounterVec,
     pub read_after_write_waits: IntCounterVec,
 }
 
@@ -213,6 +214,12 @@ impl Metrics {
                     &["replica"],
                 )
                 .expect("valid metric"),
+            ),
+            fence_checks: counter_vec(
+                &registry,
+                "db_fence_checks_total",
+                "Queries asking a server which fenced invalidation records it holds (replicas; the primary for old fences).",
+                &["pool"],
             ),
             reads_fenced: counter(
                 &registry,

@@ -446,6 +446,35 @@ async fn lagging_replica(topology: &str, primary: String, replica_port: u16, rou
         after_ack.push(stale_at.unwrap_or_default());
         after_replay.push(replayed);
     }
+    // What the replica path cost: the checker's queries and the reads a fence sent to the primary.
+    let mut checks = 0.0;
+    let mut fenced = 0.0;
+    for app in &mall.apps {
+        let text = mall
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let sum = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        checks += sum("db_fence_checks_total");
+        fenced += sum("db_reads_fenced_total");
+    }
+    eprintln!(
+        "REPLICA-COST {}",
+        json!({
+            "topology": topology, "writes": rounds, "fence_checks_per_write": checks / rounds as f64,
+            "reads_fenced_per_write": fenced / rounds as f64,
+        })
+    );
     report(
         &format!("{topology}, replica replayed after p50 {:?}", {
             after_replay.sort();

@@ -62,6 +62,11 @@ pub struct SaleReport {
     pub admitted_p50_ms: f64,
     pub admitted_p99_ms: f64,
     pub longest_wait_ms: u64,
+    /// The wait of the buyers let through (from arrival to the let-through request), and the
+    /// honest orders created per second of the sale.
+    pub wait_p50_ms: f64,
+    pub wait_p99_ms: f64,
+    pub orders_per_second: f64,
     /// From the first arrival to the last buyer's answer.
     pub seconds: f64,
     pub attackers: usize,
@@ -254,7 +259,23 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
             .get(((latencies.len().max(1) - 1) as f64 * q).round() as usize)
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
+    let mut waits: Vec<f64> = buyers
+        .iter()
+        .filter(|b| b.admitted.is_some())
+        .map(|b| b.waited.as_secs_f64() * 1000.0)
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    let wait_at = |q: f64| {
+        waits
+            .get(((waits.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (wait_p50_ms, wait_p99_ms) = (wait_at(0.5), wait_at(0.99));
     Ok(SaleReport {
+        wait_p50_ms,
+        wait_p99_ms,
+        orders_per_second: orders as f64 / seconds.max(1e-9),
         buyers: a.buyers,
         arrival_seconds: a.over.as_secs_f64(),
         stock: a.stock,

@@ -160,7 +160,8 @@ def waiting_room_section(md, lines):
         )
         md.append("| front | rounds | orders | unfair: any / >10 ms / >100 ms | app requests per order | let-through p50 / p99 ms | longest wait ms | tickets | 429 answers | database check |")
         md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        for front, label in (("room", "waiting room"), ("limit", "429 limit")):
+        for front, label in (("room", "waiting room"), ("limit", "429 limit"),
+                             ("room-attacked", "waiting room, attacked")):
             rows = [l for l in full if l["front"] == front]
             if not rows:
                 continue
@@ -178,6 +179,31 @@ def waiting_room_section(md, lines):
                 f"{med('longest_wait_ms'):,.0f} | {med('tickets'):,.0f} | {med('rate_limited'):,.0f} | "
                 f"{'ok' if not problems else f'{problems} problems'} |"
             )
+    attacked = [l for l in full if l["front"] == "room-attacked"]
+    calm = [l for l in full if l["front"] == "room"]
+    if attacked and calm:
+        a0 = attacked[0]
+        md.append(
+            f"\nUnder attack (issue 34): beside the honest buyers, {a0['attackers']} accounts each send "
+            f"{a0.get('attacker_requests', 0) // max(a0['attackers'], 1):,} ticketless orders four at a time as fast as they can, and "
+            f"{a0['anonymous']} clients without credentials send orders in a loop until the sale ends. The honest buyers "
+            "against the same room's unattacked rounds (ratios of medians, with the range of the per-round ratios):\n"
+        )
+        md.append("| measure | unattacked | attacked | ratio (range) |")
+        md.append("|---|---:|---:|---|")
+        for key, label in (("orders_per_second", "honest orders per second"), ("wait_p50_ms", "wait p50 ms"),
+                           ("wait_p99_ms", "wait p99 ms"), ("unfair_fraction_10ms", "unfair beyond 10 ms")):
+            if key not in calm[0] or key not in a0:
+                continue
+            base, hit = median([r[key] for r in calm]), median([r[key] for r in attacked])
+            ratios = [b[key] / c[key] for c, b in zip(calm, attacked) if c[key]]
+            rr = f"{median(ratios):.3f} ({min(ratios):.3f}..{max(ratios):.3f})" if ratios else "—"
+            md.append(f"| {label} | {base:.4g} | {hit:.4g} | {rr} |")
+        md.append(
+            f"\nAttackers: at most {max(r['attacker_orders_max'] for r in attacked)} order per account in any round; "
+            f"their answers {attacked[-1]['attacker_statuses']}, the anonymous clients' {attacked[-1]['anonymous_statuses']} "
+            "(last round).\n"
+        )
     if not sales:
         return
     s0 = sales[0]

@@ -4,29 +4,25 @@
 //! cluster's), so a steady-state pass makes no API request. The controller watches every child
 //! kind it owns so drift is corrected, and the Prometheus Operator's kinds once their CRDs exist.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, store::Writer, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::context::{monitoring_crds_exist, monitoring_crds_probe, rfc3339, Stores};
+use crate::context::{rfc3339, Stores};
 pub use crate::context::{Context, MANAGER};
 pub use crate::context::{MONITORING_CRDS, MONITORING_PROBE};
 use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
 use crate::desired::{self, Children};
+pub use crate::watches::run;
 use crate::{autoscale, budget, sale, tuning, validation};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,121 +48,6 @@ impl Error {
             Error::CachesNotReady => "caches_not_ready",
         }
     }
-}
-
-/// The operator watches its own objects only: those labelled `managed-by: mall-operator`.
-fn managed_watch() -> watcher::Config {
-    watcher::Config::default().labels(&desired::managed_selector())
-}
-
-/// A label-selected watch of one child kind that feeds its store and triggers the owner.
-fn watch_into<K>(api: Api<K>, writer: Writer<K>) -> impl futures_util::Stream<Item = Result<K, watcher::Error>>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
-    reflector::reflector(writer, watcher(api, managed_watch())).touched_objects()
-}
-
-/// Like `watch_into`, for a Prometheus Operator kind: the watch starts (in its own task) once the
-/// kind's CRD exists, and its objects reach the controller through a channel.
-fn watch_dynamic_when_installed(
-    ctx: Arc<Context>,
-    resource: ApiResource,
-    writer: Writer<DynamicObject>,
-) -> impl futures_util::Stream<Item = Result<DynamicObject, watcher::Error>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        while !ctx.monitoring_available() {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &resource);
-        let mut objects = std::pin::pin!(reflector::reflector(writer, watcher(api, managed_watch())).touched_objects());
-        while let Some(item) = objects.next().await {
-            if tx.send(item).await.is_err() {
-                return;
-            }
-        }
-    });
-    stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// Runs the controller until the stream ends (shutdown).
-pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
-    let writers = ctx
-        .writers
-        .lock()
-        .expect("writers lock")
-        .take()
-        .expect("the controller runs once per Context");
-    let mds: Api<MallDeployment> = Api::all(client.clone());
-
-    // The Prometheus Operator may be installed after the operator, or removed: probe for its
-    // CRDs, and when they arrive or go, reconcile every mall so `status.monitoring` says so at
-    // once (and, on arrival, start watching its kinds). The first probe is made before the
-    // first reconcile, so no mall is told its rules are applied when they cannot be.
-    let first = monitoring_crds_exist(&ctx.client).await;
-    ctx.monitoring.store(first, Ordering::Relaxed);
-    let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let probe_ctx = ctx.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(MONITORING_PROBE).await;
-            let Ok(now) = monitoring_crds_probe(&probe_ctx.client).await else {
-                continue;
-            };
-            let before = probe_ctx.monitoring.swap(now, Ordering::Relaxed);
-            if now != before {
-                if now {
-                    tracing::info!("Prometheus Operator CRDs found: managing PrometheusRules and ServiceMonitors");
-                } else {
-                    tracing::warn!(
-                        "Prometheus Operator CRDs gone: alert rules and ServiceMonitors can no longer be applied"
-                    );
-                }
-                let _ = arrived_tx.send(());
-            }
-        }
-    });
-    let arrivals = stream::poll_fn(move |cx| arrived_rx.poll_recv(cx));
-
-    Controller::new(mds, watcher::Config::default())
-        .owns_stream(watch_into(Api::<Deployment>::all(client.clone()), writers.deployments))
-        .owns_stream(watch_into(Api::<Service>::all(client.clone()), writers.services))
-        .owns_stream(watch_into(Api::<ConfigMap>::all(client.clone()), writers.config_maps))
-        .owns_stream(watch_into(
-            Api::<HorizontalPodAutoscaler>::all(client.clone()),
-            writers.hpas,
-        ))
-        .owns_stream(watch_into(
-            Api::<PodDisruptionBudget>::all(client.clone()),
-            writers.pdbs,
-        ))
-        .owns_stream_with(
-            watch_dynamic_when_installed(
-                ctx.clone(),
-                desired::prometheus_rule_resource(),
-                writers.prometheus_rules,
-            ),
-            desired::prometheus_rule_resource(),
-        )
-        .owns_stream_with(
-            watch_dynamic_when_installed(
-                ctx.clone(),
-                desired::service_monitor_resource(),
-                writers.service_monitors,
-            ),
-            desired::service_monitor_resource(),
-        )
-        .reconcile_all_on(arrivals)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile stream");
-            }
-        })
-        .await;
 }
 
 pub fn error_policy(md: Arc<MallDeployment>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -13,6 +13,8 @@
 //! - `render.rs`: the offline `operator render`;
 //! - `events.rs`, `metrics.rs`, `context.rs`: what reconciles and the webhook share;
 //! - `autoscale.rs`: the Alertmanager webhook; `controller.rs`: reconcile (apply + status);
+//!   `watches.rs`: what triggers a reconcile (each watch with its own backoff, the Prometheus
+//!   Operator's kinds only while their CRDs exist);
 //! - `verify.rs`: asks Prometheus whether it loaded the rules and scrapes the pods;
 //! - `leader.rs`: Lease-based leader election.
 
@@ -32,3 +34,4 @@ pub mod sale;
 pub mod tuning;
 pub mod validation;
 pub mod verify;
+pub mod watches;

@@ -1,0 +1,303 @@
+//! The controller's watch wiring: which watches trigger a reconcile (the MallDeployments, every
+//! child kind, the Prometheus Operator's kinds while their CRDs exist) and the probe that says
+//! whether those CRDs exist. `controller` builds the kube-runtime `Controller` from `Sources`, so
+//! tests can feed it streams of their own (a watch that fails, a CRD that goes).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures_util::stream::BoxStream;
+use futures_util::{stream, Stream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+
+use crate::context::{monitoring_crds_exist, monitoring_crds_probe, Context, Writers, MONITORING_PROBE};
+use crate::crd::MallDeployment;
+use crate::desired;
+
+/// One watch's events, as `kube::runtime::watcher` yields them.
+pub type Events<K> = BoxStream<'static, watcher::Result<watcher::Event<K>>>;
+
+/// Starts a watch of one Prometheus Operator kind; called each time its CRD appears.
+pub type StartWatch = Box<dyn FnMut() -> Events<DynamicObject> + Send>;
+
+/// What the controller watches.
+pub struct Sources {
+    pub malls: Events<MallDeployment>,
+    pub deployments: Events<Deployment>,
+    pub services: Events<Service>,
+    pub config_maps: Events<ConfigMap>,
+    pub hpas: Events<HorizontalPodAutoscaler>,
+    pub pdbs: Events<PodDisruptionBudget>,
+    pub prometheus_rules: StartWatch,
+    pub service_monitors: StartWatch,
+    /// Whether the Prometheus Operator's CRDs exist, as the probe last saw them.
+    pub monitoring: watch::Receiver<bool>,
+    /// Reconcile every mall (the CRDs came or went).
+    pub reconcile_all: BoxStream<'static, ()>,
+}
+
+/// The operator watches its own objects only: those labelled `managed-by: mall-operator`.
+fn managed_watch() -> watcher::Config {
+    watcher::Config::default().labels(&desired::managed_selector())
+}
+
+fn watch_all<K>(client: &Client) -> Events<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    watcher(Api::<K>::all(client.clone()), managed_watch()).boxed()
+}
+
+fn start_dynamic(client: Client, resource: ApiResource) -> StartWatch {
+    Box::new(move || {
+        watcher(
+            Api::<DynamicObject>::all_with(client.clone(), &resource),
+            managed_watch(),
+        )
+        .boxed()
+    })
+}
+
+/// Runs the controller until the stream ends (shutdown).
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let writers = ctx
+        .writers
+        .lock()
+        .expect("writers lock")
+        .take()
+        .expect("the controller runs once per Context");
+
+    // The Prometheus Operator may be installed after the operator, or removed: probe for its
+    // CRDs, and when they arrive or go, reconcile every mall so `status.monitoring` says so at
+    // once (and start or stop watching its kinds). The first probe is made before the first
+    // reconcile, so no mall is told its rules are applied when they cannot be.
+    let first = monitoring_crds_exist(&ctx.client).await;
+    ctx.monitoring.store(first, Ordering::Relaxed);
+    let (installed_tx, installed_rx) = tokio::sync::watch::channel(first);
+    let (changed_tx, mut changed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let probe_ctx = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(MONITORING_PROBE).await;
+            let Ok(now) = monitoring_crds_probe(&probe_ctx.client).await else {
+                continue;
+            };
+            let before = probe_ctx.monitoring.swap(now, Ordering::Relaxed);
+            if now != before {
+                if now {
+                    tracing::info!("Prometheus Operator CRDs found: managing PrometheusRules and ServiceMonitors");
+                } else {
+                    tracing::warn!(
+                        "Prometheus Operator CRDs gone: alert rules and ServiceMonitors can no longer be applied"
+                    );
+                }
+                let _ = installed_tx.send(now);
+                let _ = changed_tx.send(());
+            }
+        }
+    });
+
+    let sources = Sources {
+        malls: watcher(Api::<MallDeployment>::all(client.clone()), watcher::Config::default()).boxed(),
+        deployments: watch_all(&client),
+        services: watch_all(&client),
+        config_maps: watch_all(&client),
+        hpas: watch_all(&client),
+        pdbs: watch_all(&client),
+        prometheus_rules: start_dynamic(client.clone(), desired::prometheus_rule_resource()),
+        service_monitors: start_dynamic(client.clone(), desired::service_monitor_resource()),
+        monitoring: installed_rx,
+        reconcile_all: stream::poll_fn(move |cx| changed_rx.poll_recv(cx)).boxed(),
+    };
+    controller(sources, writers)
+        .shutdown_on_signal()
+        .run(crate::controller::reconcile, crate::controller::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile stream");
+            }
+        })
+        .await;
+}
+
+/// The controller over `sources`, feeding the children's caches through `writers`.
+///
+/// kube-runtime pauses *every* trigger after any trigger stream yields an error (one backoff for
+/// them all): a watch that kept failing (the Prometheus Operator's kinds once their CRDs were
+/// deleted) held back the MallDeployment watch itself for up to 53 s on a real cluster, so
+/// created malls waited and deleted ones were reconciled from a stale cache, their children
+/// re-created against the garbage collector. Here each watch backs off on its own (client-go's
+/// backoff, 0.8 s doubling to 30 s) and its errors are logged and go no further: no error ever
+/// reaches the controller's trigger stream.
+pub fn controller(sources: Sources, writers: Writers) -> Controller<MallDeployment> {
+    let (malls, malls_writer) = reflector::store();
+    let malls_stream = logged(
+        "MallDeployment",
+        sources.malls.default_backoff().reflect(malls_writer).applied_objects(),
+    );
+    Controller::for_stream(malls_stream, malls)
+        .owns_stream(cached("Deployment", sources.deployments, writers.deployments))
+        .owns_stream(cached("Service", sources.services, writers.services))
+        .owns_stream(cached("ConfigMap", sources.config_maps, writers.config_maps))
+        .owns_stream(cached("HorizontalPodAutoscaler", sources.hpas, writers.hpas))
+        .owns_stream(cached("PodDisruptionBudget", sources.pdbs, writers.pdbs))
+        .owns_stream_with(
+            watch_while_installed(
+                "PrometheusRule",
+                sources.monitoring.clone(),
+                sources.prometheus_rules,
+                writers.prometheus_rules,
+            ),
+            desired::prometheus_rule_resource(),
+        )
+        .owns_stream_with(
+            watch_while_installed(
+                "ServiceMonitor",
+                sources.monitoring,
+                sources.service_monitors,
+                writers.service_monitors,
+            ),
+            desired::service_monitor_resource(),
+        )
+        .reconcile_all_on(sources.reconcile_all)
+}
+
+/// One child kind's watch, with its own backoff, feeding its cache; yields the objects it touched
+/// (the controller reconciles their owners).
+fn cached<K>(kind: &'static str, events: Events<K>, writer: Writer<K>) -> impl Stream<Item = watcher::Result<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    logged(kind, events.default_backoff().reflect(writer).touched_objects())
+}
+
+/// Logs a watch's errors and drops them (the watch itself retries after its own backoff).
+fn logged<K>(
+    kind: &'static str,
+    objects: impl Stream<Item = watcher::Result<K>>,
+) -> impl Stream<Item = watcher::Result<K>> {
+    objects.filter_map(move |item| async move {
+        match item {
+            Ok(object) => Some(Ok(object)),
+            Err(e) => {
+                tracing::warn!(kind, error = %e, "watch failed; it retries after its own backoff");
+                None
+            }
+        }
+    })
+}
+
+/// A Prometheus Operator kind, watched only while its CRD exists: the watch starts (in its own
+/// task, with its own backoff) when `installed` turns true, stops when it turns false, and starts
+/// again when it returns. Its objects reach the controller through a channel, never an error.
+fn watch_while_installed(
+    kind: &'static str,
+    installed: watch::Receiver<bool>,
+    start: StartWatch,
+    writer: Writer<DynamicObject>,
+) -> impl Stream<Item = watcher::Result<DynamicObject>> {
+    let (tx, mut rx) = mpsc::channel(64);
+    tokio::spawn(supervise(kind, installed, start, writer, tx));
+    stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Ok)
+}
+
+async fn supervise(
+    kind: &'static str,
+    mut installed: watch::Receiver<bool>,
+    mut start: StartWatch,
+    mut writer: Writer<DynamicObject>,
+    tx: mpsc::Sender<DynamicObject>,
+) {
+    loop {
+        if installed.wait_for(|on| *on).await.is_err() {
+            return;
+        }
+        tracing::info!(kind, "CRD present: watching");
+        let mut events = Box::pin(start().default_backoff());
+        loop {
+            tokio::select! {
+                changed = installed.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if !*installed.borrow_and_update() {
+                        break;
+                    }
+                }
+                event = events.next() => match event {
+                    Some(Ok(event)) => {
+                        for object in apply_event(&mut writer, event) {
+                            if tx.send(object).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => tracing::warn!(kind, error = %e, "watch failed; it retries after its own backoff"),
+                    // A watcher does not end; should one, wait for the CRD to go before anything else.
+                    None => {
+                        if installed.wait_for(|on| !*on).await.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                },
+            }
+        }
+        drop(events);
+        // The CRD took its objects along: forget them, so the next apply after the CRD returns
+        // creates them rather than finding them "already there" in the cache; their owners are
+        // reconciled.
+        let vanished = forget_all(&mut writer);
+        tracing::info!(kind, "CRD gone: stopped watching");
+        for object in vanished {
+            if tx.send(object).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Applies one event to the cache; returns the objects whose owners should be reconciled: the
+/// object touched, or, when a re-list completes (after a 410, or a watch that failed while the
+/// CRD was deleted and created again), the objects it no longer lists.
+fn apply_event(writer: &mut Writer<DynamicObject>, event: watcher::Event<DynamicObject>) -> Vec<DynamicObject> {
+    let before = matches!(event, watcher::Event::InitDone).then(|| writer.as_reader().state());
+    writer.apply_watcher_event(&event);
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o) => vec![o],
+        watcher::Event::Init => Vec::new(),
+        watcher::Event::InitDone => {
+            let now: std::collections::HashSet<(Option<String>, Option<String>)> = writer
+                .as_reader()
+                .state()
+                .iter()
+                .map(|o| (o.metadata.namespace.clone(), o.metadata.name.clone()))
+                .collect();
+            before
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|o| !now.contains(&(o.metadata.namespace.clone(), o.metadata.name.clone())))
+                .map(|o| (*o).clone())
+                .collect()
+        }
+    }
+}
+
+/// Empties the cache; returns what it held.
+fn forget_all(writer: &mut Writer<DynamicObject>) -> Vec<DynamicObject> {
+    let held = writer.as_reader().state();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    held.into_iter().map(|o| (*o).clone()).collect()
+}

@@ -12,13 +12,16 @@
 //! - `validation.rs`: what the API server and the sidecar would refuse, checked offline;
 //! - `render.rs`: the offline `operator render`;
 //! - `events.rs`, `metrics.rs`, `context.rs`: what reconciles and the webhook share;
-//! - `autoscale.rs`: the Alertmanager webhook; `controller.rs`: reconcile (apply + status);
+//! - `apply.rs`: applying one child (skip when the cache matches, repair a 422);
+//!   `token_secret.rs`: the generated `<name>-jwt` Secret (created when missing, never changed);
+//! - `autoscale.rs`: the Alertmanager webhook; `controller.rs`: reconcile (desired state, status);
 //!   `watches.rs`: what triggers a reconcile (each watch with its own backoff, the Prometheus
 //!   Operator's kinds only while their CRDs exist);
 //! - `verify.rs`: asks Prometheus whether it loaded the rules and scrapes the pods;
 //! - `leader.rs`: Lease-based leader election.
 
 pub mod alerts;
+pub mod apply;
 pub mod autoscale;
 pub mod budget;
 pub mod context;
@@ -31,6 +34,7 @@ pub mod metrics;
 pub mod quantity;
 pub mod render;
 pub mod sale;
+pub mod token_secret;
 pub mod tuning;
 pub mod validation;
 pub mod verify;

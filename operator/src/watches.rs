@@ -10,9 +10,10 @@ use futures_util::stream::BoxStream;
 use futures_util::{stream, Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ApiResource, DynamicObject};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -38,6 +39,8 @@ pub struct Sources {
     pub config_maps: Events<ConfigMap>,
     pub hpas: Events<HorizontalPodAutoscaler>,
     pub pdbs: Events<PodDisruptionBudget>,
+    /// The generated token Secrets, metadata only.
+    pub secrets: Events<PartialObjectMeta<Secret>>,
     pub prometheus_rules: StartWatch,
     pub service_monitors: StartWatch,
     /// Whether the Prometheus Operator's CRDs exist, as the probe last saw them.
@@ -115,6 +118,7 @@ pub async fn run(ctx: Arc<Context>) {
         config_maps: watch_all(&client),
         hpas: watch_all(&client),
         pdbs: watch_all(&client),
+        secrets: watch_all::<PartialObjectMeta<Secret>>(&client),
         prometheus_rules: start_dynamic(client.clone(), desired::prometheus_rule_resource()),
         service_monitors: start_dynamic(client.clone(), desired::service_monitor_resource()),
         monitoring: installed_rx,
@@ -152,6 +156,7 @@ pub fn controller(sources: Sources, writers: Writers) -> Controller<MallDeployme
         .owns_stream(cached("ConfigMap", sources.config_maps, writers.config_maps))
         .owns_stream(cached("HorizontalPodAutoscaler", sources.hpas, writers.hpas))
         .owns_stream(cached("PodDisruptionBudget", sources.pdbs, writers.pdbs))
+        .owns_stream(cached("Secret", sources.secrets, writers.secrets))
         .owns_stream_with(
             watch_while_installed(
                 "PrometheusRule",

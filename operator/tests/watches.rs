@@ -99,6 +99,7 @@ async fn start(prometheus_rules: StartWatch, service_monitors: StartWatch, insta
         config_maps: listed_empty(),
         hpas: listed_empty(),
         pdbs: listed_empty(),
+        secrets: listed_empty(),
         prometheus_rules,
         service_monitors,
         monitoring: installed_rx,

@@ -248,18 +248,11 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     if status.sale.active != was {
         match &status.sale.active {
             Some(active) => {
-                let message = format!(
-                    "sale window {active} in effect until {}: replica floor {}, pods warm {} listed products{}{}",
+                let message = sale_started_note(
+                    active,
                     status.sale.active_end.as_deref().unwrap_or("?"),
-                    sale.floor.unwrap_or(md.spec.min_replicas),
-                    sale.warm_ids.len(),
-                    sale.warm_top
-                        .map(|top| format!(" and the {top} most ordered"))
-                        .unwrap_or_default(),
-                    sale.order_limit
-                        .as_ref()
-                        .map(|l| format!(", orders limited to {}/s (burst {})", l.requests_per_second, l.burst))
-                        .unwrap_or_default()
+                    &sale,
+                    md.spec.min_replicas,
                 );
                 ctx.event(md, false, "SaleWindowStarted", message).await;
             }
@@ -564,6 +557,31 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         next = next.min(Duration::from_secs(15));
     }
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
+}
+
+/// The `SaleWindowStarted` event's note: what the windows in effect change, and only that.
+fn sale_started_note(active: &str, until: &str, sale: &sale::SalePlan, spec_floor: i32) -> String {
+    let mut changes = vec![format!("replica floor {}", sale.floor.unwrap_or(spec_floor))];
+    match (sale.warm_ids.len(), sale.warm_top) {
+        (0, None) => {}
+        (0, Some(top)) => changes.push(format!("pods warm the {top} most ordered products")),
+        (ids, None) => changes.push(format!("pods warm {ids} listed products")),
+        (ids, Some(top)) => changes.push(format!("pods warm {ids} listed products and the {top} most ordered")),
+    }
+    if let Some(l) = &sale.order_limit {
+        changes.push(format!(
+            "orders limited to {}/s (burst {})",
+            l.requests_per_second, l.burst
+        ));
+    }
+    if let Some(room) = &sale.waiting_room {
+        changes.push(format!(
+            "a waiting room in front of orders admits {}/s for the whole fleet (burst {})",
+            room.admit_per_second,
+            room.burst.unwrap_or(10)
+        ));
+    }
+    format!("sale window {active} in effect until {until}: {}", changes.join(", "))
 }
 
 /// Which windows are in effect at `now`, and which comes next.

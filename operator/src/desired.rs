@@ -532,6 +532,8 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
                 }),
                 spec: Some(PodSpec {
                     containers: vec![app, sidecar],
+                    // The mall never calls the API server: no token to steal from a pod.
+                    automount_service_account_token: Some(false),
                     termination_grace_period_seconds: Some(30),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),

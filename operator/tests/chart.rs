@@ -293,3 +293,18 @@ fn dockerfiles_build_workspace_binaries_as_non_root() {
         );
     }
 }
+
+/// What a user reads after `helm install` has no placeholder to fill in, and the values say how
+/// fast a standby takes over as it is now (issue 33). (`helm install --dry-run` needs a cluster, so
+/// the template is read as it is.)
+#[test]
+fn notes_and_values_say_what_is_true() {
+    let notes = std::fs::read_to_string(chart().join("templates/NOTES.txt")).unwrap();
+    assert!(!notes.contains("<your-"), "a placeholder in NOTES.txt: {notes}");
+    assert!(notes.contains("helm show crds"), "{notes}");
+    let values = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
+    assert!(
+        !values.contains("~15 s"),
+        "values.yaml still says a standby takes ~15 s"
+    );
+}

@@ -36,17 +36,13 @@ pub const KUBELET_SYNC_JITTER: f64 = 0.5;
 /// this long.
 pub const GRACE_SECS: i64 = 30;
 
-pub const ALLOWANCE_KEY: &str = "allowance.json";
+pub use crate::desired::{allowance_config_map_name as config_map_name, ALLOWANCE_KEY};
 /// The share before the last change (while the pods may still hold it).
 const PREVIOUS: &str = "mall.example.com/previous-share";
 /// When the share now in the ConfigMap was written (Unix seconds).
 const WRITTEN_AT: &str = "mall.example.com/share-written-at";
 /// Since when a larger share has been waiting for the extra pods to be gone (Unix seconds).
 const PENDING_SINCE: &str = "mall.example.com/larger-share-pending-since";
-
-pub fn config_map_name(md: &MallDeployment) -> String {
-    format!("{}-db-allowance", desired::name(md))
-}
 
 /// What the live allowance ConfigMap says.
 #[derive(Debug, Clone, PartialEq, Eq)]

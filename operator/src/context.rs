@@ -33,10 +33,7 @@ pub const HANDOVER_MANAGER: &str = "mall-operator-handover";
 /// part of the status), so the audit log and `managedFields` say who scaled.
 pub const AUTOSCALER_MANAGER: &str = "mall-operator-autoscaler";
 
-/// The User-Agent of every request, so the API server's audit log names the operator.
-pub fn user_agent() -> String {
-    format!("mall-operator/{}", env!("CARGO_PKG_VERSION"))
-}
+pub use crate::user_agent;
 
 /// Unix seconds now.
 pub fn now() -> i64 {

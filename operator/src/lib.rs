@@ -20,6 +20,11 @@
 //! - `verify.rs`: asks Prometheus whether it loaded the rules and scrapes the pods;
 //! - `leader.rs`: Lease-based leader election.
 
+/// The User-Agent of every request, so the API server's audit log names the operator.
+pub fn user_agent() -> String {
+    format!("mall-operator/{}", env!("CARGO_PKG_VERSION"))
+}
+
 pub mod alerts;
 pub mod apply;
 pub mod autoscale;

@@ -11,10 +11,10 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use clap::{Parser, Subcommand};
 use mall_operator::autoscale::{self, Webhook};
-use mall_operator::context::user_agent;
 use mall_operator::controller::{self, Context};
 use mall_operator::leader::{self, Elector, Timing};
 use mall_operator::render;
+use mall_operator::user_agent;
 
 #[derive(Parser)]
 #[command(name = "operator", version, about = "MallDeployment operator")]

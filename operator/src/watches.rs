@@ -306,3 +306,40 @@ fn forget_all(writer: &mut Writer<DynamicObject>) -> Vec<DynamicObject> {
     writer.apply_watcher_event(&watcher::Event::InitDone);
     held.into_iter().map(|o| (*o).clone()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str) -> DynamicObject {
+        DynamicObject::new(name, &desired::prometheus_rule_resource()).within("shop")
+    }
+
+    /// A CRD deleted and created again between two probes: its watch fails and re-lists, and the
+    /// objects the re-list no longer finds are handed on (their malls are reconciled, which
+    /// re-creates them), as are the objects it forgets when the CRD goes.
+    #[test]
+    fn a_relist_hands_on_what_it_no_longer_finds() {
+        let mut writer = Writer::new(desired::prometheus_rule_resource());
+        let names = |objects: Vec<DynamicObject>| -> Vec<String> {
+            objects.into_iter().filter_map(|o| o.metadata.name).collect()
+        };
+        assert!(apply_event(&mut writer, watcher::Event::Init).is_empty());
+        assert_eq!(
+            names(apply_event(&mut writer, watcher::Event::InitApply(rule("a")))),
+            ["a"]
+        );
+        assert_eq!(
+            names(apply_event(&mut writer, watcher::Event::InitApply(rule("b")))),
+            ["b"]
+        );
+        assert!(apply_event(&mut writer, watcher::Event::InitDone).is_empty());
+        // The re-list after the watch failed: `a` went with the CRD, `b` was created again.
+        apply_event(&mut writer, watcher::Event::Init);
+        apply_event(&mut writer, watcher::Event::InitApply(rule("b")));
+        assert_eq!(names(apply_event(&mut writer, watcher::Event::InitDone)), ["a"]);
+        assert_eq!(writer.as_reader().state().len(), 1);
+        assert_eq!(names(forget_all(&mut writer)), ["b"]);
+        assert!(writer.as_reader().state().is_empty());
+    }
+}

@@ -1,8 +1,8 @@
-//! Reconcile: compute the desired children (pure, `desired.rs`), apply what differs with
-//! server-side apply under one field manager, then write status. Children are read from the
-//! controller's watch caches (label-selected: the operator caches its own objects, not the
-//! cluster's), so a steady-state pass makes no API request. The controller watches every child
-//! kind it owns so drift is corrected, and the Prometheus Operator's kinds once their CRDs exist.
+//! Reconcile: compute the desired children (pure, `desired.rs`), apply what differs (`apply.rs`,
+//! the token Secret in `token_secret.rs`), then write status (`status.rs` says what). Children are
+//! read from the watch caches (label-selected: the operator caches its own objects, not the
+//! cluster's), so a steady-state pass makes no API request. Which watches trigger a reconcile,
+//! and how their failures are kept from the others, is `watches.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,8 +19,10 @@ use crate::apply::{hand_over_replicas, Applier, ChildResult, ChildResults};
 use crate::context::{rfc3339, Stores};
 pub use crate::context::{Context, MANAGER};
 pub use crate::context::{MONITORING_CRDS, MONITORING_PROBE};
-use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
+use crate::crd::{MallDeployment, MallDeploymentStatus};
 use crate::desired::{self, Children};
+pub use crate::status::set_condition;
+use crate::status::{sale_started_note, sale_status, verify_monitoring};
 pub use crate::watches::run;
 use crate::{autoscale, budget, sale, token_secret, tuning, validation};
 
@@ -559,99 +561,6 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
 }
 
-/// The `SaleWindowStarted` event's note: what the windows in effect change, and only that.
-fn sale_started_note(active: &str, until: &str, sale: &sale::SalePlan, spec_floor: i32) -> String {
-    let mut changes = vec![format!("replica floor {}", sale.floor.unwrap_or(spec_floor))];
-    match (sale.warm_ids.len(), sale.warm_top) {
-        (0, None) => {}
-        (0, Some(top)) => changes.push(format!("pods warm the {top} most ordered products")),
-        (ids, None) => changes.push(format!("pods warm {ids} listed products")),
-        (ids, Some(top)) => changes.push(format!("pods warm {ids} listed products and the {top} most ordered")),
-    }
-    if let Some(l) = &sale.order_limit {
-        changes.push(format!(
-            "orders limited to {}/s (burst {})",
-            l.requests_per_second, l.burst
-        ));
-    }
-    if let Some(room) = &sale.waiting_room {
-        changes.push(format!(
-            "a waiting room in front of orders admits {}/s for the whole fleet (burst {})",
-            room.admit_per_second,
-            room.burst.unwrap_or(10)
-        ));
-    }
-    format!("sale window {active} in effect until {until}: {}", changes.join(", "))
-}
-
-/// Which windows are in effect at `now`, and which comes next.
-fn sale_status(schedule: &sale::Schedule) -> crate::crd::SaleStatus {
-    let (active, next) = (&schedule.active, &schedule.next);
-    let mut names: Vec<&str> = active.iter().map(|o| o.window.name.as_str()).collect();
-    names.dedup();
-    crate::crd::SaleStatus {
-        active: (!names.is_empty()).then(|| names.join(",")),
-        active_start: active.iter().map(|o| o.start).min().map(rfc3339),
-        active_end: active.iter().map(|o| o.end).max().map(rfc3339),
-        next: next.as_ref().map(|o| o.window.name.clone()),
-        next_applies: next.as_ref().map(|o| rfc3339(o.applies)),
-        next_start: next.as_ref().map(|o| rfc3339(o.start)),
-    }
-}
-
-/// Asks the configured Prometheus whether it loaded this mall's rules and scrapes its pods, and
-/// says so in `status.monitoring` and the `MonitoringVerified` condition.
-async fn verify_monitoring(
-    check: &crate::verify::PrometheusCheck,
-    md: &MallDeployment,
-    tuning: &crate::tuning::Tuning,
-    status: &mut MallDeploymentStatus,
-) {
-    use crate::verify::Verdict;
-    let alerts: Vec<String> = crate::alerts::rules(md, tuning).into_iter().map(|r| r.alert).collect();
-    let verdict = check
-        .verdict(&desired::namespace(md), &desired::name(md), &alerts)
-        .await;
-    let (ok, reason, message) = match verdict {
-        Verdict::Checked {
-            rules_found,
-            rules_expected,
-            targets,
-            targets_up,
-        } => {
-            status.monitoring.rules_loaded = Some(rules_found == rules_expected);
-            status.monitoring.targets = Some(targets);
-            status.monitoring.targets_up = Some(targets_up);
-            if rules_found < rules_expected {
-                (
-                    false,
-                    "RulesNotLoaded",
-                    format!("Prometheus has loaded {rules_found} of the {rules_expected} alert rules: its ruleSelector does not select the PrometheusRule's labels (the chart's monitoring.labels)"),
-                )
-            } else if targets_up == 0 {
-                (
-                    false,
-                    "NoTargetsUp",
-                    format!("Prometheus scrapes {targets} targets of this mall, none up: its serviceMonitorSelector does not select the ServiceMonitor's labels, or the pods are down"),
-                )
-            } else {
-                (
-                    true,
-                    "Verified",
-                    format!("Prometheus has loaded every alert rule and scrapes {targets_up} of {targets} targets"),
-                )
-            }
-        }
-        Verdict::Unreachable(e) => {
-            status.monitoring.rules_loaded = None;
-            status.monitoring.targets = None;
-            status.monitoring.targets_up = None;
-            (false, "PrometheusUnreachable", format!("cannot ask Prometheus: {e}"))
-        }
-    };
-    set_condition(status, md, "MonitoringVerified", ok, reason, &message);
-}
-
 async fn write_status(
     mds: &Api<MallDeployment>,
     name: &str,
@@ -675,36 +584,4 @@ async fn write_status(
     mds.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
         .await?;
     Ok(true)
-}
-
-/// Sets a condition; `lastTransitionTime` moves only when the status flips.
-pub fn set_condition(
-    status: &mut MallDeploymentStatus,
-    md: &MallDeployment,
-    type_: &str,
-    on: bool,
-    reason: &str,
-    message: &str,
-) {
-    let value = if on { "True" } else { "False" };
-    let generation = md.metadata.generation;
-    match status.conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) => {
-            if c.status != value {
-                c.last_transition_time = rfc3339(crate::context::now());
-            }
-            c.status = value.into();
-            c.reason = reason.into();
-            c.message = message.into();
-            c.observed_generation = generation;
-        }
-        None => status.conditions.push(Condition {
-            type_: type_.into(),
-            status: value.into(),
-            reason: reason.into(),
-            message: message.into(),
-            last_transition_time: rfc3339(crate::context::now()),
-            observed_generation: generation,
-        }),
-    }
 }

@@ -14,6 +14,7 @@
 //! - `events.rs`, `metrics.rs`, `context.rs`: what reconciles and the webhook share;
 //! - `apply.rs`: applying one child (skip when the cache matches, repair a 422);
 //!   `token_secret.rs`: the generated `<name>-jwt` Secret (created when missing, never changed);
+//! - `status.rs`: conditions, sale and monitoring status (pure);
 //! - `autoscale.rs`: the Alertmanager webhook; `controller.rs`: reconcile (desired state, status);
 //!   `watches.rs`: what triggers a reconcile (each watch with its own backoff, the Prometheus
 //!   Operator's kinds only while their CRDs exist);
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod quantity;
 pub mod render;
 pub mod sale;
+pub mod status;
 pub mod token_secret;
 pub mod tuning;
 pub mod validation;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{stream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::DynamicObject;
 use kube::runtime::controller::Action;
 use kube::runtime::watcher;
@@ -85,6 +86,15 @@ struct Harness {
 }
 
 async fn start(prometheus_rules: StartWatch, service_monitors: StartWatch, installed: bool) -> Harness {
+    start_with(listed_empty(), prometheus_rules, service_monitors, installed).await
+}
+
+async fn start_with(
+    deployments: Events<Deployment>,
+    prometheus_rules: StartWatch,
+    service_monitors: StartWatch,
+    installed: bool,
+) -> Harness {
     let client = ClientBuilder::new().build().await.unwrap();
     let ctx = Arc::new(Context::new(client));
     let writers: Writers = ctx.writers.lock().unwrap().take().unwrap();
@@ -94,7 +104,7 @@ async fn start(prometheus_rules: StartWatch, service_monitors: StartWatch, insta
     let (installed_tx, installed_rx) = watch::channel(installed);
     let sources = Sources {
         malls: stream::poll_fn(move |cx| malls_rx.poll_recv(cx)).boxed(),
-        deployments: listed_empty(),
+        deployments,
         services: listed_empty(),
         config_maps: listed_empty(),
         hpas: listed_empty(),
@@ -191,6 +201,27 @@ async fn a_failing_optional_watch_never_delays_a_mall() {
     assert!(
         after.iter().all(|d| *d < Duration::from_millis(200)),
         "a deleted mall was reconciled (written to) after its deletion: {after:?}"
+    );
+}
+
+/// The same holds for the core kinds: a Deployment watch failing for good (RBAC taken away, say)
+/// delays no mall either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_child_watch_never_delays_a_mall() {
+    let failing: Events<Deployment> = stream::repeat_with(|| Err(gone(410))).boxed();
+    let (rules, _, _) = counted_watch(vec![]);
+    let (monitors, _, _) = counted_watch(vec![]);
+    let h = start_with(failing, rules, monitors, true).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let created = Instant::now();
+    h.malls.send(Ok(watcher::Event::Apply(mall("late", "u-late")))).unwrap();
+    let waited = h
+        .first_reconcile_of("late", Duration::from_secs(10))
+        .await
+        .map(|t| t.duration_since(created));
+    assert!(
+        waited.is_some_and(|w| w < Duration::from_secs(1)),
+        "a mall created while the Deployment watch fails waited {waited:?}"
     );
 }
 

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use crate::context::{monitoring_crds_exist, monitoring_crds_probe, Context, Writers, MONITORING_PROBE};
 use crate::crd::MallDeployment;
 use crate::desired;
+use crate::metrics::Metrics;
 
 /// One watch's events, as `kube::runtime::watcher` yields them.
 pub type Events<K> = BoxStream<'static, watcher::Result<watcher::Event<K>>>;
@@ -124,7 +125,7 @@ pub async fn run(ctx: Arc<Context>) {
         monitoring: installed_rx,
         reconcile_all: stream::poll_fn(move |cx| changed_rx.poll_recv(cx)).boxed(),
     };
-    controller(sources, writers)
+    controller(sources, writers, ctx.metrics.clone())
         .shutdown_on_signal()
         .run(crate::controller::reconcile, crate::controller::error_policy, ctx)
         .for_each(|result| async move {
@@ -144,22 +145,25 @@ pub async fn run(ctx: Arc<Context>) {
 /// re-created against the garbage collector. Here each watch backs off on its own (client-go's
 /// backoff, 0.8 s doubling to 30 s) and its errors are logged and go no further: no error ever
 /// reaches the controller's trigger stream.
-pub fn controller(sources: Sources, writers: Writers) -> Controller<MallDeployment> {
+pub fn controller(sources: Sources, writers: Writers, metrics: Arc<Metrics>) -> Controller<MallDeployment> {
     let (malls, malls_writer) = reflector::store();
+    let m = &metrics;
     let malls_stream = logged(
         "MallDeployment",
+        m,
         sources.malls.default_backoff().reflect(malls_writer).applied_objects(),
     );
     Controller::for_stream(malls_stream, malls)
-        .owns_stream(cached("Deployment", sources.deployments, writers.deployments))
-        .owns_stream(cached("Service", sources.services, writers.services))
-        .owns_stream(cached("ConfigMap", sources.config_maps, writers.config_maps))
-        .owns_stream(cached("HorizontalPodAutoscaler", sources.hpas, writers.hpas))
-        .owns_stream(cached("PodDisruptionBudget", sources.pdbs, writers.pdbs))
-        .owns_stream(cached("Secret", sources.secrets, writers.secrets))
+        .owns_stream(cached("Deployment", m, sources.deployments, writers.deployments))
+        .owns_stream(cached("Service", m, sources.services, writers.services))
+        .owns_stream(cached("ConfigMap", m, sources.config_maps, writers.config_maps))
+        .owns_stream(cached("HorizontalPodAutoscaler", m, sources.hpas, writers.hpas))
+        .owns_stream(cached("PodDisruptionBudget", m, sources.pdbs, writers.pdbs))
+        .owns_stream(cached("Secret", m, sources.secrets, writers.secrets))
         .owns_stream_with(
             watch_while_installed(
                 "PrometheusRule",
+                m,
                 sources.monitoring.clone(),
                 sources.prometheus_rules,
                 writers.prometheus_rules,
@@ -169,6 +173,7 @@ pub fn controller(sources: Sources, writers: Writers) -> Controller<MallDeployme
         .owns_stream_with(
             watch_while_installed(
                 "ServiceMonitor",
+                m,
                 sources.monitoring,
                 sources.service_monitors,
                 writers.service_monitors,
@@ -180,24 +185,40 @@ pub fn controller(sources: Sources, writers: Writers) -> Controller<MallDeployme
 
 /// One child kind's watch, with its own backoff, feeding its cache; yields the objects it touched
 /// (the controller reconciles their owners).
-fn cached<K>(kind: &'static str, events: Events<K>, writer: Writer<K>) -> impl Stream<Item = watcher::Result<K>>
+fn cached<K>(
+    kind: &'static str,
+    metrics: &Metrics,
+    events: Events<K>,
+    writer: Writer<K>,
+) -> impl Stream<Item = watcher::Result<K>>
 where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    logged(kind, events.default_backoff().reflect(writer).touched_objects())
+    logged(
+        kind,
+        metrics,
+        events.default_backoff().reflect(writer).touched_objects(),
+    )
 }
 
-/// Logs a watch's errors and drops them (the watch itself retries after its own backoff).
+/// Logs and counts a watch's errors and drops them (the watch itself retries after its own
+/// backoff).
 fn logged<K>(
     kind: &'static str,
+    metrics: &Metrics,
     objects: impl Stream<Item = watcher::Result<K>>,
 ) -> impl Stream<Item = watcher::Result<K>> {
-    objects.filter_map(move |item| async move {
-        match item {
-            Ok(object) => Some(Ok(object)),
-            Err(e) => {
-                tracing::warn!(kind, error = %e, "watch failed; it retries after its own backoff");
-                None
+    let errors = metrics.watch_errors.with_label_values(&[kind]);
+    objects.filter_map(move |item| {
+        let errors = errors.clone();
+        async move {
+            match item {
+                Ok(object) => Some(Ok(object)),
+                Err(e) => {
+                    errors.inc();
+                    tracing::warn!(kind, error = %e, "watch failed; it retries after its own backoff");
+                    None
+                }
             }
         }
     })
@@ -208,17 +229,20 @@ fn logged<K>(
 /// again when it returns. Its objects reach the controller through a channel, never an error.
 fn watch_while_installed(
     kind: &'static str,
+    metrics: &Metrics,
     installed: watch::Receiver<bool>,
     start: StartWatch,
     writer: Writer<DynamicObject>,
 ) -> impl Stream<Item = watcher::Result<DynamicObject>> {
     let (tx, mut rx) = mpsc::channel(64);
-    tokio::spawn(supervise(kind, installed, start, writer, tx));
+    let errors = metrics.watch_errors.with_label_values(&[kind]);
+    tokio::spawn(supervise(kind, errors, installed, start, writer, tx));
     stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Ok)
 }
 
 async fn supervise(
     kind: &'static str,
+    errors: prometheus::IntCounter,
     mut installed: watch::Receiver<bool>,
     mut start: StartWatch,
     mut writer: Writer<DynamicObject>,
@@ -248,7 +272,10 @@ async fn supervise(
                             }
                         }
                     }
-                    Some(Err(e)) => tracing::warn!(kind, error = %e, "watch failed; it retries after its own backoff"),
+                    Some(Err(e)) => {
+                        errors.inc();
+                        tracing::warn!(kind, error = %e, "watch failed; it retries after its own backoff");
+                    }
                     // A watcher does not end; should one, wait for the CRD to go before anything else.
                     None => {
                         if installed.wait_for(|on| !*on).await.is_err() {

@@ -117,7 +117,7 @@ async fn start_with(
     };
     let reconciled: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let record = reconciled.clone();
-    let controller = watches::controller(sources, writers);
+    let controller = watches::controller(sources, writers, ctx.metrics.clone());
     tokio::spawn(
         controller
             .run(
@@ -182,6 +182,12 @@ async fn a_failing_optional_watch_never_delays_a_mall() {
     assert!(
         waited.is_some_and(|w| w < Duration::from_secs(1)),
         "a mall created while the optional watches fail waited {waited:?} for its reconcile"
+    );
+    // The failures show where a platform team looks: a metric per kind (and the log).
+    let metrics = String::from_utf8(h.ctx.metrics.render()).unwrap();
+    assert!(
+        metrics.contains(r#"mall_operator_watch_errors_total{kind="PrometheusRule"}"#),
+        "{metrics}"
     );
 
     // Deleted: it requeues itself every 0.5 s while it exists; after the deletion none may start.

@@ -61,6 +61,17 @@ async fn api_server() -> u16 {
     port
 }
 
+/// The operator process; killed if a failed assertion leaves it running (std's `kill` signals
+/// only a child not yet reaped, never a recycled pid).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -83,28 +94,30 @@ async fn a_standby_says_who_leads_is_ready_and_exits_at_once_on_sigterm() {
     )
     .unwrap();
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_operator"))
-        .arg("run")
-        .env_clear()
-        .env("KUBECONFIG", &kubeconfig)
-        .env("OPERATOR_LISTEN", format!("127.0.0.1:{port}"))
-        .env("POD_NAME", "mall-operator-7d9f-standby")
-        .env("POD_NAMESPACE", "mall-system")
-        .env("OPERATOR_DEPLOYMENT", "mall-operator")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_operator"))
+            .arg("run")
+            .env_clear()
+            .env("KUBECONFIG", &kubeconfig)
+            .env("OPERATOR_LISTEN", format!("127.0.0.1:{port}"))
+            .env("POD_NAME", "mall-operator-7d9f-standby")
+            .env("POD_NAMESPACE", "mall-system")
+            .env("OPERATOR_DEPLOYMENT", "mall-operator")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let log: Arc<Mutex<Vec<String>>> = Arc::default();
     let lines = log.clone();
-    let stdout = child.stdout.take().unwrap();
+    let stdout = child.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             lines.lock().unwrap().push(line);
         }
     });
-    let (stderr, lines) = (child.stderr.take().unwrap(), log.clone());
+    let (stderr, lines) = (child.0.stderr.take().unwrap(), log.clone());
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             lines.lock().unwrap().push(line);
@@ -152,16 +165,15 @@ async fn a_standby_says_who_leads_is_ready_and_exits_at_once_on_sigterm() {
     // SIGTERM: gone at once, and cleanly.
     let sent = Instant::now();
     let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         if sent.elapsed() > Duration::from_secs(5) {
-            child.kill().unwrap();
             panic!("a standby still runs 5 s after SIGTERM");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -88,8 +88,8 @@ pub async fn run(ctx: Arc<Context>) {
     // reconcile, so no mall is told its rules are applied when they cannot be.
     let first = monitoring_crds_exist(&ctx.client).await;
     ctx.monitoring.store(first, Ordering::Relaxed);
-    let (installed_tx, installed_rx) = tokio::sync::watch::channel(first);
-    let (changed_tx, mut changed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (installed_tx, installed_rx) = watch::channel(first);
+    let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<()>();
     let probe_ctx = ctx.clone();
     tokio::spawn(async move {
         loop {

@@ -19,7 +19,7 @@ use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::context::{monitoring_crds_exist, monitoring_crds_probe, Context, Writers, MONITORING_PROBE};
 use crate::crd::MallDeployment;
@@ -48,6 +48,9 @@ pub struct Sources {
     pub monitoring: watch::Receiver<bool>,
     /// Reconcile every mall (the CRDs came or went).
     pub reconcile_all: BoxStream<'static, ()>,
+    /// Notified when a watch of an optional kind fails: its CRD may just have gone, so the probe
+    /// looks at once rather than at its next tick.
+    pub probe_now: Arc<Notify>,
 }
 
 /// The operator watches its own objects only: those labelled `managed-by: mall-operator`.
@@ -91,9 +94,15 @@ pub async fn run(ctx: Arc<Context>) {
     let (installed_tx, installed_rx) = watch::channel(first);
     let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<()>();
     let probe_ctx = ctx.clone();
+    let probe_now = Arc::new(Notify::new());
+    let kicked = probe_now.clone();
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(MONITORING_PROBE).await;
+            // Every 5 s, or at once when a watch of either kind fails (paced by its backoff).
+            tokio::select! {
+                _ = tokio::time::sleep(MONITORING_PROBE) => {}
+                _ = kicked.notified() => {}
+            }
             let Ok(now) = monitoring_crds_probe(&probe_ctx.client).await else {
                 continue;
             };
@@ -124,6 +133,7 @@ pub async fn run(ctx: Arc<Context>) {
         service_monitors: start_dynamic(client.clone(), desired::service_monitor_resource()),
         monitoring: installed_rx,
         reconcile_all: stream::poll_fn(move |cx| changed_rx.poll_recv(cx)).boxed(),
+        probe_now,
     };
     controller(sources, writers, ctx.metrics.clone())
         .shutdown_on_signal()
@@ -164,6 +174,7 @@ pub fn controller(sources: Sources, writers: Writers, metrics: Arc<Metrics>) -> 
             watch_while_installed(
                 "PrometheusRule",
                 m,
+                sources.probe_now.clone(),
                 sources.monitoring.clone(),
                 sources.prometheus_rules,
                 writers.prometheus_rules,
@@ -174,6 +185,7 @@ pub fn controller(sources: Sources, writers: Writers, metrics: Arc<Metrics>) -> 
             watch_while_installed(
                 "ServiceMonitor",
                 m,
+                sources.probe_now,
                 sources.monitoring,
                 sources.service_monitors,
                 writers.service_monitors,
@@ -230,19 +242,21 @@ fn logged<K>(
 fn watch_while_installed(
     kind: &'static str,
     metrics: &Metrics,
+    probe_now: Arc<Notify>,
     installed: watch::Receiver<bool>,
     start: StartWatch,
     writer: Writer<DynamicObject>,
 ) -> impl Stream<Item = watcher::Result<DynamicObject>> {
     let (tx, mut rx) = mpsc::channel(64);
     let errors = metrics.watch_errors.with_label_values(&[kind]);
-    tokio::spawn(supervise(kind, errors, installed, start, writer, tx));
+    tokio::spawn(supervise(kind, errors, probe_now, installed, start, writer, tx));
     stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Ok)
 }
 
 async fn supervise(
     kind: &'static str,
     errors: prometheus::IntCounter,
+    probe_now: Arc<Notify>,
     mut installed: watch::Receiver<bool>,
     mut start: StartWatch,
     mut writer: Writer<DynamicObject>,
@@ -274,6 +288,7 @@ async fn supervise(
                     }
                     Some(Err(e)) => {
                         errors.inc();
+                        probe_now.notify_one();
                         tracing::warn!(kind, error = %e, "watch failed; it retries after its own backoff");
                     }
                     // A watcher does not end; should one, wait for the CRD to go before anything else.

@@ -81,6 +81,8 @@ fn failing_for_good() -> StartWatch {
 struct Harness {
     malls: mpsc::UnboundedSender<watcher::Result<watcher::Event<MallDeployment>>>,
     installed: watch::Sender<bool>,
+    /// What the CRD probe is woken by.
+    probe_now: Arc<tokio::sync::Notify>,
     reconciled: Arc<Mutex<Vec<(String, Instant)>>>,
     ctx: Arc<Context>,
 }
@@ -102,6 +104,7 @@ async fn start_with(
     malls.send(Ok(watcher::Event::Init)).unwrap();
     malls.send(Ok(watcher::Event::InitDone)).unwrap();
     let (installed_tx, installed_rx) = watch::channel(installed);
+    let probe_now = Arc::new(tokio::sync::Notify::new());
     let sources = Sources {
         malls: stream::poll_fn(move |cx| malls_rx.poll_recv(cx)).boxed(),
         deployments,
@@ -114,6 +117,7 @@ async fn start_with(
         service_monitors,
         monitoring: installed_rx,
         reconcile_all: stream::pending().boxed(),
+        probe_now: probe_now.clone(),
     };
     let reconciled: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let record = reconciled.clone();
@@ -137,6 +141,7 @@ async fn start_with(
     Harness {
         malls,
         installed: installed_tx,
+        probe_now,
         reconciled,
         ctx,
     }
@@ -171,6 +176,14 @@ impl Harness {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_optional_watch_never_delays_a_mall() {
     let h = start(failing_for_good(), failing_for_good(), true).await;
+    // A failing watch wakes the CRD probe at once (its CRD may just have gone): the malls hear
+    // that monitoring is gone within a second, not at the probe's next 5 s tick.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), h.probe_now.notified())
+            .await
+            .is_ok(),
+        "the CRD probe was not woken by the failing watch"
+    );
     // The optional watches fail for a while: long enough for kube-runtime's trigger backoff to
     // have grown to seconds had their errors reached it.
     tokio::time::sleep(Duration::from_secs(4)).await;

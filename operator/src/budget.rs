@@ -22,24 +22,27 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use crate::crd::MallDeployment;
 use crate::desired;
 
-/// How long a ConfigMap change takes to reach every pod's app: the kubelet's default
-/// `--sync-frequency` (1 min) for the volume, the app's 2 s reading interval, and a margin.
-pub const PROPAGATION_SECS: i64 = 90;
+/// How long a ConfigMap change takes to reach every pod's app. The kubelet refreshes a pod's
+/// ConfigMap volume when it syncs the pod, every `--sync-frequency` (1 min) plus a jitter of up to
+/// half of it: 60-90 s (measured on a real kubelet: the slowest pod applied a new share after
+/// 73.5 s). Then the app reads the file every 2 s. 120 s covers the jitter's ceiling with about
+/// 30 s for a loaded node and the watch that brings the change to the kubelet. A margin rather
+/// than evidence: no pod reports which share it applied.
+pub const PROPAGATION_SECS: i64 = 120;
+/// The kubelet's default `--sync-frequency`, and the jitter it adds to a pod's resync (a factor).
+pub const KUBELET_SYNC_SECS: i64 = 60;
+pub const KUBELET_SYNC_JITTER: f64 = 0.5;
 /// The pods' `terminationGracePeriodSeconds`: a pod being removed may hold its connections
 /// this long.
 pub const GRACE_SECS: i64 = 30;
 
-pub const ALLOWANCE_KEY: &str = "allowance.json";
+pub use crate::desired::{allowance_config_map_name as config_map_name, ALLOWANCE_KEY};
 /// The share before the last change (while the pods may still hold it).
 const PREVIOUS: &str = "mall.example.com/previous-share";
 /// When the share now in the ConfigMap was written (Unix seconds).
 const WRITTEN_AT: &str = "mall.example.com/share-written-at";
 /// Since when a larger share has been waiting for the extra pods to be gone (Unix seconds).
 const PENDING_SINCE: &str = "mall.example.com/larger-share-pending-since";
-
-pub fn config_map_name(md: &MallDeployment) -> String {
-    format!("{}-db-allowance", desired::name(md))
-}
 
 /// What the live allowance ConfigMap says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +196,19 @@ pub fn config_map(md: &MallDeployment, written: &Written) -> ConfigMap {
 
 #[cfg(test)]
 mod tests {
+
+    /// Issue 33: 90 s was the jittered resync's ceiling itself, with nothing for the app's read
+    /// or a slow node.
+    #[test]
+    fn propagation_covers_the_kubelets_jittered_resync_with_a_margin() {
+        let slowest_resync = (KUBELET_SYNC_SECS as f64 * (1.0 + KUBELET_SYNC_JITTER)) as i64;
+        let app_reads_every = 2;
+        assert!(
+            PROPAGATION_SECS >= slowest_resync + app_reads_every + 15,
+            "{PROPAGATION_SECS} s does not cover a {slowest_resync} s resync, the app's {app_reads_every} s and a margin"
+        );
+    }
+
     use super::*;
 
     fn w(share: u32, previous: Option<u32>, written_at: i64) -> Written {

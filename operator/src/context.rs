@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, store::Writer, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource};
@@ -32,10 +33,7 @@ pub const HANDOVER_MANAGER: &str = "mall-operator-handover";
 /// part of the status), so the audit log and `managedFields` say who scaled.
 pub const AUTOSCALER_MANAGER: &str = "mall-operator-autoscaler";
 
-/// The User-Agent of every request, so the API server's audit log names the operator.
-pub fn user_agent() -> String {
-    format!("mall-operator/{}", env!("CARGO_PKG_VERSION"))
-}
+pub use crate::user_agent;
 
 /// Unix seconds now.
 pub fn now() -> i64 {
@@ -87,6 +85,8 @@ pub struct Stores {
     pub config_maps: Store<ConfigMap>,
     pub hpas: Store<HorizontalPodAutoscaler>,
     pub pdbs: Store<PodDisruptionBudget>,
+    /// The generated token Secrets, metadata only (`token_secret.rs`).
+    pub secrets: Store<PartialObjectMeta<Secret>>,
     pub prometheus_rules: Store<DynamicObject>,
     pub service_monitors: Store<DynamicObject>,
     /// Set once every core cache has listed; every reconcile waits on this (see `ready`).
@@ -100,6 +100,7 @@ pub struct Writers {
     pub config_maps: Writer<ConfigMap>,
     pub hpas: Writer<HorizontalPodAutoscaler>,
     pub pdbs: Writer<PodDisruptionBudget>,
+    pub secrets: Writer<PartialObjectMeta<Secret>>,
     pub prometheus_rules: Writer<DynamicObject>,
     pub service_monitors: Writer<DynamicObject>,
 }
@@ -111,6 +112,7 @@ impl Stores {
         let (config_maps, w_config_maps) = reflector::store();
         let (hpas, w_hpas) = reflector::store();
         let (pdbs, w_pdbs) = reflector::store();
+        let (secrets, w_secrets) = reflector::store();
         let w_rules = Writer::new(desired::prometheus_rule_resource());
         let w_monitors = Writer::new(desired::service_monitor_resource());
         let stores = Stores {
@@ -119,6 +121,7 @@ impl Stores {
             config_maps,
             hpas,
             pdbs,
+            secrets,
             prometheus_rules: w_rules.as_reader(),
             service_monitors: w_monitors.as_reader(),
             ready: Arc::default(),
@@ -129,6 +132,7 @@ impl Stores {
             config_maps: w_config_maps,
             hpas: w_hpas,
             pdbs: w_pdbs,
+            secrets: w_secrets,
             prometheus_rules: w_rules,
             service_monitors: w_monitors,
         };
@@ -149,6 +153,7 @@ impl Stores {
                 let _ = self.config_maps.wait_until_ready().await;
                 let _ = self.hpas.wait_until_ready().await;
                 let _ = self.pdbs.wait_until_ready().await;
+                let _ = self.secrets.wait_until_ready().await;
             })
             .await;
     }
@@ -185,9 +190,6 @@ pub struct Context {
     /// Labels put on every PrometheusRule and ServiceMonitor, so the Prometheus selects them
     /// (`--monitoring-labels`, the chart's `monitoring.labels`).
     pub monitoring_labels: std::collections::BTreeMap<String, String>,
-    /// Generated token-signing Secrets known to exist (`namespace/name`): created, or found, once
-    /// per operator process, so a steady state makes no request for them.
-    pub jwt_secrets: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -202,7 +204,6 @@ impl Context {
             monitoring: AtomicBool::new(false),
             prometheus: None,
             monitoring_labels: Default::default(),
-            jwt_secrets: Default::default(),
         }
     }
 
@@ -243,6 +244,7 @@ impl Context {
         let config_maps = list::<ConfigMap>(client, &lp).await?;
         let hpas = list::<HorizontalPodAutoscaler>(client, &lp).await?;
         let pdbs = list::<PodDisruptionBudget>(client, &lp).await?;
+        let secrets = Api::<Secret>::all(client.clone()).list_metadata(&lp).await?.items;
         let (rules, monitors) = if monitoring {
             (
                 list_dynamic(client, &desired::prometheus_rule_resource(), &lp).await?,
@@ -258,6 +260,7 @@ impl Context {
         fill(&mut w.config_maps, config_maps);
         fill(&mut w.hpas, hpas);
         fill(&mut w.pdbs, pdbs);
+        fill(&mut w.secrets, secrets);
         fill(&mut w.prometheus_rules, rules);
         fill(&mut w.service_monitors, monitors);
         Ok(())

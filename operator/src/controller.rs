@@ -1,33 +1,30 @@
-//! Reconcile: compute the desired children (pure, `desired.rs`), apply what differs with
-//! server-side apply under one field manager, then write status. Children are read from the
-//! controller's watch caches (label-selected: the operator caches its own objects, not the
-//! cluster's), so a steady-state pass makes no API request. The controller watches every child
-//! kind it owns so drift is corrected, and the Prometheus Operator's kinds once their CRDs exist.
+//! Reconcile: compute the desired children (pure, `desired.rs`), apply what differs (`apply.rs`,
+//! the token Secret in `token_secret.rs`), then write status (`status.rs` says what). Children are
+//! read from the watch caches (label-selected: the operator caches its own objects, not the
+//! cluster's), so a steady-state pass makes no API request. Which watches trigger a reconcile,
+//! and how their failures are kept from the others, is `watches.rs`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, store::Writer, Store};
-use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::ResourceExt;
 use serde_json::{json, Value};
 
-use crate::context::{monitoring_crds_exist, monitoring_crds_probe, rfc3339, Stores};
+pub use crate::apply::{contains, Outcome};
+use crate::apply::{hand_over_replicas, Applier, ChildResult, ChildResults};
+use crate::context::{rfc3339, Stores};
 pub use crate::context::{Context, MANAGER};
 pub use crate::context::{MONITORING_CRDS, MONITORING_PROBE};
-use crate::crd::{Condition, MallDeployment, MallDeploymentStatus};
+use crate::crd::{MallDeployment, MallDeploymentStatus};
 use crate::desired::{self, Children};
-use crate::{autoscale, budget, sale, tuning, validation};
+pub use crate::status::set_condition;
+use crate::status::{sale_started_note, sale_status, verify_monitoring};
+pub use crate::watches::run;
+use crate::{autoscale, budget, sale, token_secret, tuning, validation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -54,121 +51,6 @@ impl Error {
     }
 }
 
-/// The operator watches its own objects only: those labelled `managed-by: mall-operator`.
-fn managed_watch() -> watcher::Config {
-    watcher::Config::default().labels(&desired::managed_selector())
-}
-
-/// A label-selected watch of one child kind that feeds its store and triggers the owner.
-fn watch_into<K>(api: Api<K>, writer: Writer<K>) -> impl futures_util::Stream<Item = Result<K, watcher::Error>>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
-    reflector::reflector(writer, watcher(api, managed_watch())).touched_objects()
-}
-
-/// Like `watch_into`, for a Prometheus Operator kind: the watch starts (in its own task) once the
-/// kind's CRD exists, and its objects reach the controller through a channel.
-fn watch_dynamic_when_installed(
-    ctx: Arc<Context>,
-    resource: ApiResource,
-    writer: Writer<DynamicObject>,
-) -> impl futures_util::Stream<Item = Result<DynamicObject, watcher::Error>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        while !ctx.monitoring_available() {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &resource);
-        let mut objects = std::pin::pin!(reflector::reflector(writer, watcher(api, managed_watch())).touched_objects());
-        while let Some(item) = objects.next().await {
-            if tx.send(item).await.is_err() {
-                return;
-            }
-        }
-    });
-    stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// Runs the controller until the stream ends (shutdown).
-pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
-    let writers = ctx
-        .writers
-        .lock()
-        .expect("writers lock")
-        .take()
-        .expect("the controller runs once per Context");
-    let mds: Api<MallDeployment> = Api::all(client.clone());
-
-    // The Prometheus Operator may be installed after the operator, or removed: probe for its
-    // CRDs, and when they arrive or go, reconcile every mall so `status.monitoring` says so at
-    // once (and, on arrival, start watching its kinds). The first probe is made before the
-    // first reconcile, so no mall is told its rules are applied when they cannot be.
-    let first = monitoring_crds_exist(&ctx.client).await;
-    ctx.monitoring.store(first, Ordering::Relaxed);
-    let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let probe_ctx = ctx.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(MONITORING_PROBE).await;
-            let Ok(now) = monitoring_crds_probe(&probe_ctx.client).await else {
-                continue;
-            };
-            let before = probe_ctx.monitoring.swap(now, Ordering::Relaxed);
-            if now != before {
-                if now {
-                    tracing::info!("Prometheus Operator CRDs found: managing PrometheusRules and ServiceMonitors");
-                } else {
-                    tracing::warn!(
-                        "Prometheus Operator CRDs gone: alert rules and ServiceMonitors can no longer be applied"
-                    );
-                }
-                let _ = arrived_tx.send(());
-            }
-        }
-    });
-    let arrivals = stream::poll_fn(move |cx| arrived_rx.poll_recv(cx));
-
-    Controller::new(mds, watcher::Config::default())
-        .owns_stream(watch_into(Api::<Deployment>::all(client.clone()), writers.deployments))
-        .owns_stream(watch_into(Api::<Service>::all(client.clone()), writers.services))
-        .owns_stream(watch_into(Api::<ConfigMap>::all(client.clone()), writers.config_maps))
-        .owns_stream(watch_into(
-            Api::<HorizontalPodAutoscaler>::all(client.clone()),
-            writers.hpas,
-        ))
-        .owns_stream(watch_into(
-            Api::<PodDisruptionBudget>::all(client.clone()),
-            writers.pdbs,
-        ))
-        .owns_stream_with(
-            watch_dynamic_when_installed(
-                ctx.clone(),
-                desired::prometheus_rule_resource(),
-                writers.prometheus_rules,
-            ),
-            desired::prometheus_rule_resource(),
-        )
-        .owns_stream_with(
-            watch_dynamic_when_installed(
-                ctx.clone(),
-                desired::service_monitor_resource(),
-                writers.service_monitors,
-            ),
-            desired::service_monitor_resource(),
-        )
-        .reconcile_all_on(arrivals)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile stream");
-            }
-        })
-        .await;
-}
-
 pub fn error_policy(md: Arc<MallDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconcile_errors
@@ -176,13 +58,6 @@ pub fn error_policy(md: Arc<MallDeployment>, error: &Error, ctx: Arc<Context>) -
         .inc();
     tracing::warn!(name = %md.name_any(), error = %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(15))
-}
-
-/// What one reconcile wrote, for tests and logs.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Outcome {
-    pub applied: Vec<String>,
-    pub status_written: bool,
 }
 
 pub async fn reconcile(md: Arc<MallDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -375,18 +250,11 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     if status.sale.active != was {
         match &status.sale.active {
             Some(active) => {
-                let message = format!(
-                    "sale window {active} in effect until {}: replica floor {}, pods warm {} listed products{}{}",
+                let message = sale_started_note(
+                    active,
                     status.sale.active_end.as_deref().unwrap_or("?"),
-                    sale.floor.unwrap_or(md.spec.min_replicas),
-                    sale.warm_ids.len(),
-                    sale.warm_top
-                        .map(|top| format!(" and the {top} most ordered"))
-                        .unwrap_or_default(),
-                    sale.order_limit
-                        .as_ref()
-                        .map(|l| format!(", orders limited to {}/s (burst {})", l.requests_per_second, l.burst))
-                        .unwrap_or_default()
+                    &sale,
+                    md.spec.min_replicas,
                 );
                 ctx.event(md, false, "SaleWindowStarted", message).await;
             }
@@ -497,7 +365,7 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     children.record(applier.apply(&stores.services, &metrics_service, &mut outcome).await);
     if md.spec.auth.jwt_secret.is_none() {
         // Before the Deployment: its pods read the key at start.
-        children.record(ensure_jwt_secret(ctx, md, &ns).await);
+        children.record(token_secret::ensure(ctx, md, &ns, &mut outcome).await);
     }
     // A new HPA-mode Deployment starts at the HPA's floor rather than Kubernetes' default of one
     // pod; the field is then handed over and left to the HPA.
@@ -693,404 +561,6 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
 }
 
-/// Which windows are in effect at `now`, and which comes next.
-fn sale_status(schedule: &sale::Schedule) -> crate::crd::SaleStatus {
-    let (active, next) = (&schedule.active, &schedule.next);
-    let mut names: Vec<&str> = active.iter().map(|o| o.window.name.as_str()).collect();
-    names.dedup();
-    crate::crd::SaleStatus {
-        active: (!names.is_empty()).then(|| names.join(",")),
-        active_start: active.iter().map(|o| o.start).min().map(rfc3339),
-        active_end: active.iter().map(|o| o.end).max().map(rfc3339),
-        next: next.as_ref().map(|o| o.window.name.clone()),
-        next_applies: next.as_ref().map(|o| rfc3339(o.applies)),
-        next_start: next.as_ref().map(|o| rfc3339(o.start)),
-    }
-}
-
-/// Creates `<name>-jwt` (48 random bytes, key `secret`) unless it exists: the key every pod signs
-/// login tokens with when `spec.auth.jwtSecret` names none. Created once and never changed
-/// (changing it would log every user out); owned by the MallDeployment, so deleted with it.
-async fn ensure_jwt_secret(ctx: &Context, md: &MallDeployment, ns: &str) -> ChildResult {
-    let name = desired::generated_jwt_secret_name(md);
-    let known = format!("{ns}/{name}");
-    if ctx.jwt_secrets.lock().expect("jwt secrets lock").contains(&known) {
-        return ChildResult::Ok;
-    }
-    let child = format!("Secret/{name}");
-    let mut key = [0u8; 48];
-    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key)) {
-        return ChildResult::Failed(Failed {
-            child,
-            message: format!("no random bytes for the token key: {e}"),
-        });
-    }
-    let secret = k8s_openapi::api::core::v1::Secret {
-        metadata: desired::meta(md, name.clone()),
-        type_: Some("Opaque".into()),
-        data: Some(std::collections::BTreeMap::from([(
-            "secret".to_string(),
-            k8s_openapi::ByteString(key.to_vec()),
-        )])),
-        ..Default::default()
-    };
-    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let params = kube::api::PostParams {
-        field_manager: Some(MANAGER.into()),
-        ..Default::default()
-    };
-    match api.create(&params, &secret).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => {
-            return ChildResult::Failed(Failed {
-                child,
-                message: api_message(&e),
-            })
-        }
-    }
-    ctx.jwt_secrets.lock().expect("jwt secrets lock").insert(known);
-    ChildResult::Ok
-}
-
-/// Applies `spec.replicas` alone under `HANDOVER_MANAGER`, not forced: where the HPA already set
-/// another value it owns the field and nothing is fought over.
-async fn hand_over_replicas(client: &Client, ns: &str, name: &str, replicas: i32) -> ChildResult {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let patch = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": { "name": name },
-        "spec": { "replicas": replicas },
-    });
-    match api
-        .patch(
-            name,
-            &PatchParams::apply(crate::context::HANDOVER_MANAGER),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
-        Ok(_) => ChildResult::Ok,
-        Err(kube::Error::Api(status)) if status.code == 409 => ChildResult::Ok,
-        Err(e) => ChildResult::Failed(Failed {
-            child: format!("Deployment/{name}"),
-            message: format!("handing spec.replicas over to the HPA: {}", api_message(&e)),
-        }),
-    }
-}
-
-/// One child's apply: done (or already right), repaired after server-side apply could not merge
-/// the live object, or failed.
-pub enum ChildResult {
-    Ok,
-    Repaired(Repaired),
-    Failed(Failed),
-}
-
-impl ChildResult {
-    fn from_delete(child: &str, result: Result<(), kube::Error>) -> ChildResult {
-        match result {
-            Ok(()) => ChildResult::Ok,
-            Err(e) => ChildResult::Failed(Failed {
-                child: child.into(),
-                message: api_message(&e),
-            }),
-        }
-    }
-}
-
-pub struct Repaired {
-    /// `Kind/name`.
-    pub child: String,
-    /// `replaced` (a field) or `recreated` (the object).
-    pub how: &'static str,
-    pub message: String,
-}
-
-pub struct Failed {
-    /// `Kind/name`.
-    pub child: String,
-    /// The API server's message.
-    pub message: String,
-}
-
-fn kind_of(child: &str) -> &str {
-    child.split('/').next().unwrap_or_default()
-}
-
-impl Repaired {
-    fn kind(&self) -> &str {
-        kind_of(&self.child)
-    }
-}
-
-impl Failed {
-    fn kind(&self) -> &str {
-        kind_of(&self.child)
-    }
-}
-
-#[derive(Default)]
-struct ChildResults {
-    repaired: Vec<Repaired>,
-    failed: Vec<Failed>,
-}
-
-impl ChildResults {
-    fn record(&mut self, result: ChildResult) {
-        match result {
-            ChildResult::Ok => {}
-            ChildResult::Repaired(r) => self.repaired.push(r),
-            ChildResult::Failed(f) => self.failed.push(f),
-        }
-    }
-}
-
-fn api_message(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
-        other => other.to_string(),
-    }
-}
-
-/// The fields whose list-maps server-side apply merges by key (Service ports by port and
-/// protocol, containers by name, and the like). A drift keyed differently from what the operator
-/// owns (kubectl changing a Service's port) makes the merged object invalid, and the forced
-/// apply fails with 422 however often it is retried; replacing these fields with the spec's,
-/// then applying again, repairs it. Kinds without an entry are recreated instead: nothing runs
-/// from them, so recreating costs nothing.
-fn replaceable_fields(kind: &str) -> &'static [&'static str] {
-    match kind {
-        "Service" => &["/spec/ports"],
-        // Recreating a Deployment would delete every pod.
-        "Deployment" => &["/spec/template/spec/containers", "/spec/template/spec/volumes"],
-        _ => &[],
-    }
-}
-
-struct Applier<'a> {
-    client: &'a Client,
-    ns: &'a str,
-    pp: &'a PatchParams,
-}
-
-impl Applier<'_> {
-    /// Applies `desired` unless the live object already holds every field of it (then nothing is
-    /// written, so a steady state makes no API writes and no watch events).
-    async fn apply<K>(&self, store: &Store<K>, desired: &K, outcome: &mut Outcome) -> ChildResult
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + std::fmt::Debug
-            + 'static,
-    {
-        let api: Api<K> = Api::namespaced(self.client.clone(), self.ns);
-        let kind = K::kind(&()).to_string();
-        let name = desired.meta().name.clone().unwrap_or_default();
-        let want = match serde_json::to_value(desired) {
-            Ok(v) => v,
-            Err(e) => {
-                return ChildResult::Failed(Failed {
-                    child: format!("{kind}/{name}"),
-                    message: e.to_string(),
-                })
-            }
-        };
-        if let Some(live) = Stores::get(store, self.ns, &name) {
-            if serde_json::to_value(&*live).is_ok_and(|live| contains(&live, &want)) {
-                return ChildResult::Ok;
-            }
-        }
-        let patch = Patch::Apply(desired);
-        let result = self
-            .apply_repairing(&kind, &name, &want, || api.patch(&name, self.pp, &patch), &api)
-            .await;
-        if !matches!(result, ChildResult::Failed(_)) {
-            outcome.applied.push(format!("{kind}/{name}"));
-        }
-        result
-    }
-
-    async fn apply_dynamic(
-        &self,
-        store: &Store<DynamicObject>,
-        desired: &DynamicObject,
-        resource: &ApiResource,
-        outcome: &mut Outcome,
-    ) -> ChildResult {
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), self.ns, resource);
-        let name = desired.name_any();
-        let want = serde_json::to_value(desired).unwrap_or_default();
-        if let Some(live) = Stores::get_dynamic(store, resource, self.ns, &name) {
-            if serde_json::to_value(&*live).is_ok_and(|live| contains(&live, &want)) {
-                return ChildResult::Ok;
-            }
-        }
-        let patch = Patch::Apply(desired);
-        let result = self
-            .apply_repairing(&resource.kind, &name, &want, || api.patch(&name, self.pp, &patch), &api)
-            .await;
-        if !matches!(result, ChildResult::Failed(_)) {
-            outcome.applied.push(format!("{}/{name}", resource.kind));
-        }
-        result
-    }
-
-    /// Applies; on a 422 (the merged object is invalid), replaces the list-map fields with the
-    /// spec's or recreates the object, and applies again.
-    async fn apply_repairing<K, F, Fut>(
-        &self,
-        kind: &str,
-        name: &str,
-        want: &Value,
-        apply: F,
-        api: &Api<K>,
-    ) -> ChildResult
-    where
-        K: Clone + DeserializeOwned + std::fmt::Debug,
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<K, kube::Error>>,
-    {
-        let child = format!("{kind}/{name}");
-        let refused = match apply().await {
-            Ok(_) => return ChildResult::Ok,
-            Err(kube::Error::Api(status)) if status.code == 422 => status.message.clone(),
-            Err(e) => {
-                return ChildResult::Failed(Failed {
-                    child,
-                    message: api_message(&e),
-                })
-            }
-        };
-        let fields = replaceable_fields(kind);
-        let how = if fields.is_empty() {
-            if let Err(e) = api.delete(name, &Default::default()).await {
-                return ChildResult::Failed(Failed {
-                    child,
-                    message: format!("{refused}; recreating it failed: {}", api_message(&e)),
-                });
-            }
-            "recreated"
-        } else {
-            // A JSON merge patch (RFC 7386) replaces a list whole, keys and all.
-            let mut patch = json!({});
-            for path in fields {
-                if let Some(value) = want.pointer(path) {
-                    let mut at = &mut patch;
-                    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-                    for (i, segment) in segments.iter().enumerate() {
-                        let next = if i + 1 == segments.len() {
-                            value.clone()
-                        } else {
-                            json!({})
-                        };
-                        at = at
-                            .as_object_mut()
-                            .expect("patch levels are objects")
-                            .entry(segment.to_string())
-                            .or_insert(next);
-                    }
-                }
-            }
-            let params = PatchParams {
-                field_manager: Some(MANAGER.into()),
-                ..PatchParams::default()
-            };
-            if let Err(e) = api.patch(name, &params, &Patch::Merge(&patch)).await {
-                return ChildResult::Failed(Failed {
-                    child,
-                    message: format!("{refused}; replacing {} failed: {}", fields.join(", "), api_message(&e)),
-                });
-            }
-            "replaced"
-        };
-        match apply().await {
-            Ok(_) => {
-                let what = if how == "recreated" {
-                    "deleted and created it again".to_string()
-                } else {
-                    format!("replaced {} with the spec's", fields.join(" and "))
-                };
-                ChildResult::Repaired(Repaired {
-                    message: format!("{child}: server-side apply could not merge the live object ({refused}); {what}"),
-                    child,
-                    how,
-                })
-            }
-            Err(e) => ChildResult::Failed(Failed {
-                child,
-                message: format!("{refused}; after the repair: {}", api_message(&e)),
-            }),
-        }
-    }
-}
-
-/// Asks the configured Prometheus whether it loaded this mall's rules and scrapes its pods, and
-/// says so in `status.monitoring` and the `MonitoringVerified` condition.
-async fn verify_monitoring(
-    check: &crate::verify::PrometheusCheck,
-    md: &MallDeployment,
-    tuning: &crate::tuning::Tuning,
-    status: &mut MallDeploymentStatus,
-) {
-    use crate::verify::Verdict;
-    let alerts: Vec<String> = crate::alerts::rules(md, tuning).into_iter().map(|r| r.alert).collect();
-    let verdict = check
-        .verdict(&desired::namespace(md), &desired::name(md), &alerts)
-        .await;
-    let (ok, reason, message) = match verdict {
-        Verdict::Checked {
-            rules_found,
-            rules_expected,
-            targets,
-            targets_up,
-        } => {
-            status.monitoring.rules_loaded = Some(rules_found == rules_expected);
-            status.monitoring.targets = Some(targets);
-            status.monitoring.targets_up = Some(targets_up);
-            if rules_found < rules_expected {
-                (
-                    false,
-                    "RulesNotLoaded",
-                    format!("Prometheus has loaded {rules_found} of the {rules_expected} alert rules: its ruleSelector does not select the PrometheusRule's labels (the chart's monitoring.labels)"),
-                )
-            } else if targets_up == 0 {
-                (
-                    false,
-                    "NoTargetsUp",
-                    format!("Prometheus scrapes {targets} targets of this mall, none up: its serviceMonitorSelector does not select the ServiceMonitor's labels, or the pods are down"),
-                )
-            } else {
-                (
-                    true,
-                    "Verified",
-                    format!("Prometheus has loaded every alert rule and scrapes {targets_up} of {targets} targets"),
-                )
-            }
-        }
-        Verdict::Unreachable(e) => {
-            status.monitoring.rules_loaded = None;
-            status.monitoring.targets = None;
-            status.monitoring.targets_up = None;
-            (false, "PrometheusUnreachable", format!("cannot ask Prometheus: {e}"))
-        }
-    };
-    set_condition(status, md, "MonitoringVerified", ok, reason, &message);
-}
-
-/// Whether every field of `want` is in `live` with the same value (extra live fields are fine:
-/// defaults and other managers' fields).
-pub fn contains(live: &Value, want: &Value) -> bool {
-    match (live, want) {
-        (Value::Object(l), Value::Object(w)) => w.iter().all(|(k, wv)| l.get(k).is_some_and(|lv| contains(lv, wv))),
-        (Value::Array(l), Value::Array(w)) => l.len() == w.len() && l.iter().zip(w).all(|(lv, wv)| contains(lv, wv)),
-        (l, w) => l == w,
-    }
-}
-
 async fn write_status(
     mds: &Api<MallDeployment>,
     name: &str,
@@ -1114,51 +584,4 @@ async fn write_status(
     mds.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
         .await?;
     Ok(true)
-}
-
-/// Sets a condition; `lastTransitionTime` moves only when the status flips.
-pub fn set_condition(
-    status: &mut MallDeploymentStatus,
-    md: &MallDeployment,
-    type_: &str,
-    on: bool,
-    reason: &str,
-    message: &str,
-) {
-    let value = if on { "True" } else { "False" };
-    let generation = md.metadata.generation;
-    match status.conditions.iter_mut().find(|c| c.type_ == type_) {
-        Some(c) => {
-            if c.status != value {
-                c.last_transition_time = rfc3339(crate::context::now());
-            }
-            c.status = value.into();
-            c.reason = reason.into();
-            c.message = message.into();
-            c.observed_generation = generation;
-        }
-        None => status.conditions.push(Condition {
-            type_: type_.into(),
-            status: value.into(),
-            reason: reason.into(),
-            message: message.into(),
-            last_transition_time: rfc3339(crate::context::now()),
-            observed_generation: generation,
-        }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::contains;
-    use serde_json::json;
-
-    #[test]
-    fn contains_ignores_extra_live_fields_but_not_changed_ones() {
-        let live = json!({"a": 1, "b": {"c": [1, {"d": 2, "e": 3}]}, "x": true});
-        assert!(contains(&live, &json!({"b": {"c": [1, {"d": 2}]}})));
-        assert!(!contains(&live, &json!({"b": {"c": [1, {"d": 3}]}})));
-        assert!(!contains(&live, &json!({"b": {"c": [1]}})));
-        assert!(!contains(&live, &json!({"missing": 1})));
-    }
 }

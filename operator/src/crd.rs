@@ -38,7 +38,27 @@ pub fn definition() -> CustomResourceDefinition {
         }
     });
     exact_fractional_minimums(schema);
+    drop_unknown_formats(schema);
     serde_json::from_value(crd).expect("the CRD deserialises")
+}
+
+/// schemars marks Rust's unsigned integers `format: uint32` / `uint64`, which the API server does
+/// not know (every apply of the CRD warned `unrecognized format`); their `minimum: 0` stays.
+fn drop_unknown_formats(schema: &mut Value) {
+    match schema {
+        Value::Object(object) => {
+            let unknown = object
+                .get("format")
+                .and_then(Value::as_str)
+                .is_some_and(|f| matches!(f, "uint" | "uint8" | "uint16" | "uint32" | "uint64" | "int8" | "int16"));
+            if unknown {
+                object.remove("format");
+            }
+            object.values_mut().for_each(drop_unknown_formats);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_unknown_formats),
+        _ => {}
+    }
 }
 
 fn exact_fractional_minimums(schema: &mut Value) {

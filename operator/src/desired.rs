@@ -364,7 +364,7 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
     if s.database.primary.is_some() {
         e.push(env(
             "MALL_DB_ALLOWANCE_FILE",
-            format!("{ALLOWANCE_DIR}/{}", crate::budget::ALLOWANCE_KEY),
+            format!("{ALLOWANCE_DIR}/{}", ALLOWANCE_KEY),
         ));
     }
     // A sale's hot products are in every pod's cache before it reports ready.
@@ -532,6 +532,8 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
                 }),
                 spec: Some(PodSpec {
                     containers: vec![app, sidecar],
+                    // The mall never calls the API server: no token to steal from a pod.
+                    automount_service_account_token: Some(false),
                     termination_grace_period_seconds: Some(30),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -556,6 +558,14 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
 
 /// Where the app reads its share of the database's connection budget (budget.rs).
 pub const ALLOWANCE_DIR: &str = "/etc/mall/db-allowance";
+/// The file in `<name>-db-allowance` the app reads its share from (written by `budget.rs`).
+pub const ALLOWANCE_KEY: &str = "allowance.json";
+
+/// The ConfigMap holding each pod's share of the connection budget (`budget.rs` decides its
+/// content; the name is here so the Deployment can mount it without depending on budget.rs).
+pub fn allowance_config_map_name(md: &MallDeployment) -> String {
+    format!("{}-db-allowance", name(md))
+}
 
 /// The emptyDir both containers mount, holding the app's Unix socket.
 pub const RUN_DIR: &str = "/run/mall";
@@ -602,7 +612,7 @@ fn volumes(md: &MallDeployment) -> Vec<Volume> {
         v.push(Volume {
             name: "db-allowance".into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: crate::budget::config_map_name(md),
+                name: allowance_config_map_name(md),
                 ..ConfigMapVolumeSource::default()
             }),
             ..Volume::default()

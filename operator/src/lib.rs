@@ -12,11 +12,22 @@
 //! - `validation.rs`: what the API server and the sidecar would refuse, checked offline;
 //! - `render.rs`: the offline `operator render`;
 //! - `events.rs`, `metrics.rs`, `context.rs`: what reconciles and the webhook share;
-//! - `autoscale.rs`: the Alertmanager webhook; `controller.rs`: reconcile (apply + status);
+//! - `apply.rs`: applying one child (skip when the cache matches, repair a 422);
+//!   `token_secret.rs`: the generated `<name>-jwt` Secret (created when missing, never changed);
+//! - `status.rs`: conditions, sale and monitoring status (pure);
+//! - `autoscale.rs`: the Alertmanager webhook; `controller.rs`: reconcile (desired state, status);
+//!   `watches.rs`: what triggers a reconcile (each watch with its own backoff, the Prometheus
+//!   Operator's kinds only while their CRDs exist);
 //! - `verify.rs`: asks Prometheus whether it loaded the rules and scrapes the pods;
 //! - `leader.rs`: Lease-based leader election.
 
+/// The User-Agent of every request, so the API server's audit log names the operator.
+pub fn user_agent() -> String {
+    format!("mall-operator/{}", env!("CARGO_PKG_VERSION"))
+}
+
 pub mod alerts;
+pub mod apply;
 pub mod autoscale;
 pub mod budget;
 pub mod context;
@@ -29,6 +40,9 @@ pub mod metrics;
 pub mod quantity;
 pub mod render;
 pub mod sale;
+pub mod status;
+pub mod token_secret;
 pub mod tuning;
 pub mod validation;
 pub mod verify;
+pub mod watches;

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +11,10 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use clap::{Parser, Subcommand};
 use mall_operator::autoscale::{self, Webhook};
-use mall_operator::context::user_agent;
 use mall_operator::controller::{self, Context};
 use mall_operator::leader::{self, Elector, Timing};
 use mall_operator::render;
+use mall_operator::user_agent;
 
 #[derive(Parser)]
 #[command(name = "operator", version, about = "MallDeployment operator")]
@@ -63,7 +62,31 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: the host name plus a random suffix).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The operator's own Deployment (in `POD_NAMESPACE`): made the Lease's owner, so deleting
+    /// it (`helm uninstall`) deletes the Lease.
+    #[arg(long, env = "OPERATOR_DEPLOYMENT")]
+    deployment: Option<String>,
 }
+
+/// SIGTERM (what the kubelet sends) or SIGINT. As PID 1 in a container the process has no default
+/// handler for either: without this a standby waited out the whole grace period and was killed.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// How recently a standby must have read the Lease to be Ready (five tries of the retry period).
+const READY_WITHIN: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -112,8 +135,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         prometheus_url,
         monitoring_labels,
         identity,
+        deployment,
     } = args;
     let identity = identity.unwrap_or_else(leader::default_identity);
+    // Already installed (a second call) is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -134,7 +160,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ctx = ctx.with_prometheus(check);
     }
     let ctx = Arc::new(ctx);
-    let leading = Arc::new(AtomicBool::new(false));
+
+    let timing = Timing::default();
+    let owner = match deployment.as_deref().filter(|d| !d.is_empty()) {
+        Some(name) => match leader::deployment_owner(&client, &namespace, name).await {
+            Ok(owner) => Some(owner),
+            Err(e) => {
+                tracing::warn!(error = %e, deployment = name, "the Lease gets no owner: it may outlive an uninstall");
+                None
+            }
+        },
+        None => None,
+    };
+    let elector = Arc::new(
+        Elector::new(
+            client.clone(),
+            &namespace,
+            "mall-operator-leader",
+            &identity,
+            timing.lease,
+        )
+        .with_owner(owner),
+    );
+    let pod = std::env::var("POD_NAME").ok().filter(|p| !p.is_empty());
 
     let mut app = axum::Router::new()
         .route("/health", get(|| async { "ok\n" }))
@@ -147,16 +195,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             axum::Router::new()
                 .route(
                     "/ready",
-                    get(|State(leading): State<Arc<AtomicBool>>| async move {
-                        // Only the leader is ready, so the Service sends webhooks to it alone.
-                        if leading.load(Ordering::Relaxed) {
-                            (StatusCode::OK, "leader\n")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "standby\n")
-                        }
-                    }),
+                    get(
+                        |State((elector, identity)): State<(Arc<Elector>, Arc<str>)>| async move {
+                            // Every replica that can take over is Ready, so rollouts proceed; the
+                            // webhook Service selects the leader by its pod label (leader.rs).
+                            let (ready, body) = elector.standing().readiness(&identity, READY_WITHIN);
+                            let code = if ready {
+                                StatusCode::OK
+                            } else {
+                                StatusCode::SERVICE_UNAVAILABLE
+                            };
+                            (code, body)
+                        },
+                    ),
                 )
-                .with_state(leading.clone()),
+                .with_state((elector.clone(), Arc::<str>::from(identity.as_str()))),
         );
     match webhook_token {
         Some(token) => {
@@ -175,12 +228,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let timing = Timing::default();
-    let elector = Elector::new(client, &namespace, "mall-operator-leader", &identity, timing.lease);
-    elector.acquire(timing).await;
-    leading.store(true, Ordering::Relaxed);
+    // A container restarted after losing the Lease must not keep the leader's label.
+    if let Some(pod) = &pod {
+        if let Err(e) = leader::label_pod(&client, &namespace, pod, false).await {
+            tracing::warn!(error = %e, %pod, "could not take the leader label off this pod");
+        }
+    }
+    tracing::info!(%identity, "standing by for the Lease mall-operator-leader");
+    tokio::select! {
+        _ = elector.acquire(timing) => {}
+        _ = shutdown_signal() => {
+            tracing::info!(%identity, "standby: SIGTERM; exiting (nothing to hand over)");
+            return Ok(());
+        }
+    }
     tracing::info!(%identity, "leading");
-    let elector = Arc::new(elector);
+    if let Some(pod) = pod.clone() {
+        let (client, namespace) = (client.clone(), namespace.clone());
+        tokio::spawn(async move {
+            // Until it succeeds: without the label the webhook Service has no endpoint.
+            while let Err(e) = leader::label_pod(&client, &namespace, &pod, true).await {
+                tracing::warn!(error = %e, %pod, "could not label this pod as the leader; retrying");
+                tokio::time::sleep(timing.retry_period).await;
+            }
+        });
+    }
     let holder = elector.clone();
     let holding = tokio::spawn(async move {
         let why = holder.hold(timing).await;
@@ -191,7 +263,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Returns on SIGTERM or SIGINT, once the reconciles in flight have finished.
     controller::run(ctx).await;
     holding.abort();
-    leading.store(false, Ordering::Relaxed);
     match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
         Ok(Ok(true)) => tracing::info!(%identity, "lease released: a standby leads at its next try"),
         Ok(Ok(false)) => tracing::info!(%identity, "lease no longer ours; nothing to release"),

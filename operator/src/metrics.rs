@@ -18,6 +18,9 @@ pub struct Metrics {
     /// Children that could not be applied, by kind and what was done (`failed`, `repaired`,
     /// `recreated`): one child's failure never stops the others, so this is where it shows.
     pub child_apply: IntCounterVec,
+    /// Watch failures by kind. Each watch retries on its own backoff and nothing else waits on
+    /// it, so this (and the log) is where a failing watch shows.
+    pub watch_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -63,6 +66,14 @@ impl Metrics {
                 &["kind", "result"],
             )
             .expect("metric"),
+            watch_errors: IntCounterVec::new(
+                Opts::new(
+                    "watch_errors_total",
+                    "Watch failures by kind (each watch retries after its own backoff)",
+                ),
+                &["kind"],
+            )
+            .expect("metric"),
             registry,
         };
         m.registry.register(Box::new(m.reconciles.clone())).expect("unique");
@@ -78,6 +89,7 @@ impl Metrics {
             .register(Box::new(m.sale_window_active.clone()))
             .expect("unique");
         m.registry.register(Box::new(m.child_apply.clone())).expect("unique");
+        m.registry.register(Box::new(m.watch_errors.clone())).expect("unique");
         m
     }
 

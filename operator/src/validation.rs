@@ -105,6 +105,11 @@ fn sidecar_config(md: &MallDeployment) -> Result<(), String> {
             } else {
                 format!("the rendered sidecar config's {field}")
             };
+            // The sidecar names its own keys; a MallDeployment user sets the CRD's field.
+            let message = message.replace(
+                "set allow_broad_trusted_proxies = true",
+                "set spec.rateLimits.allowBroadTrustedProxies: true",
+            );
             Err(format!(
                 "{spec_field}: {message} (the sidecar would refuse this configuration)"
             ))

@@ -42,7 +42,7 @@ impl PrometheusCheck {
         }
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
-            .user_agent(crate::context::user_agent())
+            .user_agent(crate::user_agent())
             .build()
             .map_err(|e| e.to_string())?;
         Ok(PrometheusCheck {

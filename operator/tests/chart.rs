@@ -293,3 +293,90 @@ fn dockerfiles_build_workspace_binaries_as_non_root() {
         );
     }
 }
+
+/// What a user reads after `helm install` has no placeholder to fill in, and the values say how
+/// fast a standby takes over as it is now (issue 33). (`helm install --dry-run` needs a cluster, so
+/// the template is read as it is.)
+#[test]
+fn notes_and_values_say_what_is_true() {
+    let notes = std::fs::read_to_string(chart().join("templates/NOTES.txt")).unwrap();
+    assert!(!notes.contains("<your-"), "a placeholder in NOTES.txt: {notes}");
+    assert!(notes.contains("helm show crds"), "{notes}");
+    let values = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
+    assert!(
+        !values.contains("~15 s"),
+        "values.yaml still says a standby takes ~15 s"
+    );
+}
+
+/// Upgrades complete and uninstall leaves no Lease (issue 33), as far as the chart decides it:
+/// the webhook Service selects the leader's pod label (every replica is Ready, so a rollout's
+/// surge pod, a standby, does not hold the rollout), the operator is told its Deployment's name
+/// (the Lease's owner) and may read that Deployment alone, and patch pods (its own label).
+#[test]
+fn the_webhook_reaches_the_leader_alone_and_the_lease_is_owned_by_the_deployment() {
+    if !tool(
+        "helm",
+        "scripts/test.sh installs it (ensure_helm in scripts/lib/services.sh)",
+    ) {
+        return;
+    }
+    let chart = chart();
+    let out = helm(&[
+        "template",
+        "shop-ops",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "mall-system",
+        "--set",
+        "replicas=2",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let objects = docs(&String::from_utf8(out.stdout).unwrap());
+    let find = |kind: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    let service = find("Service");
+    assert_eq!(
+        service["spec"]["selector"]["mall.example.com/leader"], "true",
+        "{service}"
+    );
+    let deployment = find("Deployment");
+    let name = deployment["metadata"]["name"].as_str().unwrap();
+    let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+    let owner = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "OPERATOR_DEPLOYMENT")
+        .expect("OPERATOR_DEPLOYMENT");
+    assert_eq!(owner["value"], name);
+    let role = objects
+        .iter()
+        .find(|o| o["kind"] == "Role")
+        .expect("the leader-election Role");
+    let rules = role["rules"].as_array().unwrap();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["resources"] == serde_json::json!(["deployments"])
+                && r["resourceNames"] == serde_json::json!([name])
+                && r["verbs"] == serde_json::json!(["get"])),
+        "{rules:#?}"
+    );
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["resources"] == serde_json::json!(["pods"]) && r["verbs"] == serde_json::json!(["patch"])),
+        "{rules:#?}"
+    );
+    assert!(
+        !rules
+            .iter()
+            .any(|r| r["verbs"].as_array().unwrap().contains(&"delete".into())),
+        "the Lease is released, not deleted: {rules:#?}"
+    );
+}

@@ -303,3 +303,91 @@ async fn an_hpa_mode_deployment_starts_at_the_floor_and_is_then_left_to_the_hpa(
         "writes to the Deployment, by field manager"
     );
 }
+
+fn degraded(md: &MallDeployment) -> (String, String) {
+    let c = md
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .expect("a Degraded condition");
+    (c.status.clone(), c.message.clone())
+}
+
+/// Issue 33, section 2: the generated `<name>-jwt` Secret is a child like the others. Deleted, it is
+/// created again at the next reconcile (not once per process); an existing one is never changed
+/// (its key signs every session); and after the mall is deleted and created again under the same
+/// name, the new mall gets a Secret of its own once the old one is gone, with `Degraded` saying so
+/// meanwhile (never "the children match" while the Deployment's `secretKeyRef` points at nothing).
+#[tokio::test]
+async fn the_token_secret_is_recreated_when_missing_and_never_changed_when_present() {
+    use k8s_openapi::api::core::v1::Secret;
+    let fake = fake(mall(production())).await;
+    let api = Recorded::wrap(fake.clone());
+    let ctx = Context::new(api.client.clone());
+    let secrets: Api<Secret> = Api::namespaced(fake.clone(), NS);
+    let mds: Api<MallDeployment> = Api::namespaced(fake.clone(), NS);
+
+    pass(&api, &ctx).await;
+    let first = secrets.get("shop-jwt").await.expect("the Secret is created");
+    pass(&api, &ctx).await;
+    let again = secrets.get("shop-jwt").await.unwrap();
+    assert_eq!(again.data, first.data, "an existing Secret keeps its key");
+    assert_eq!(again.metadata.resource_version, first.metadata.resource_version);
+    // A second operator process (a new leader) changes nothing either.
+    let successor = Context::new(api.client.clone());
+    pass(&api, &successor).await;
+    assert_eq!(
+        secrets.get("shop-jwt").await.unwrap().metadata.resource_version,
+        first.metadata.resource_version
+    );
+
+    // kubectl delete secret shop-jwt
+    secrets.delete("shop-jwt", &Default::default()).await.unwrap();
+    pass(&api, &ctx).await;
+    assert!(
+        secrets.get_opt("shop-jwt").await.unwrap().is_some(),
+        "a deleted Secret is created again by the same process"
+    );
+    assert_eq!(degraded(&mds.get("shop").await.unwrap()).0, "False");
+
+    // The mall is deleted and created again with the same name (the in-memory API deletes the
+    // owned Secret with it, as the garbage collector does): the new mall gets a Secret of its own.
+    let reborn = |uid: &str| {
+        let mut md = mall(production());
+        md.metadata.uid = Some(uid.into());
+        md
+    };
+    let owner_of = |s: Secret| s.metadata.owner_references.unwrap()[0].uid.clone();
+    mds.delete("shop", &Default::default()).await.unwrap();
+    mds.create(&PostParams::default(), &reborn("mall-uid-2")).await.unwrap();
+    pass(&api, &ctx).await;
+    let owned = secrets
+        .get_opt("shop-jwt")
+        .await
+        .unwrap()
+        .expect("the new mall's Secret");
+    assert_eq!(owner_of(owned), "mall-uid-2");
+    assert_eq!(degraded(&mds.get("shop").await.unwrap()).0, "False");
+
+    // Again, with the garbage collector behind: the old mall's Secret is still there.
+    let old = secrets.get("shop-jwt").await.unwrap();
+    mds.delete("shop", &Default::default()).await.unwrap();
+    mds.create(&PostParams::default(), &reborn("mall-uid-3")).await.unwrap();
+    let mut lagging = old.clone();
+    lagging.metadata.resource_version = None;
+    lagging.metadata.uid = None;
+    secrets.create(&PostParams::default(), &lagging).await.unwrap();
+    pass(&api, &ctx).await;
+    let (status, message) = degraded(&mds.get("shop").await.unwrap());
+    assert_eq!(status, "True", "the old mall's Secret is not the new mall's: {message}");
+    assert!(message.contains("Secret/shop-jwt"), "{message}");
+    assert_eq!(secrets.get("shop-jwt").await.unwrap().data, old.data, "not changed");
+    // The garbage collector removes it: the new mall's Secret is created.
+    secrets.delete("shop-jwt", &Default::default()).await.unwrap();
+    pass(&api, &ctx).await;
+    assert_eq!(owner_of(secrets.get("shop-jwt").await.unwrap()), "mall-uid-3");
+    assert_eq!(degraded(&mds.get("shop").await.unwrap()).0, "False");
+}

@@ -305,3 +305,45 @@ fn the_schema_refuses_what_the_operator_refuses() {
     let good = mall("shop", rule(json!(0.5)));
     assert_eq!(api_server_refuses(&good), None);
 }
+
+/// The API server knows a few formats (int32, int64, float, double, byte, date-time, ...); any other
+/// (`uint32`, `uint64`, which schemars derives from Rust's unsigned integers) makes every apply of
+/// the CRD print `unrecognized format` warnings (issue 33).
+#[test]
+fn the_schema_uses_only_formats_the_api_server_knows() {
+    fn formats(v: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                for (k, child) in o {
+                    if k == "format" {
+                        if let Some(f) = child.as_str() {
+                            out.push(format!("{path}: {f}"));
+                        }
+                    } else {
+                        formats(child, &format!("{path}.{k}"), out);
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|c| formats(c, path, out)),
+            _ => {}
+        }
+    }
+    let crd = serde_json::to_value(mall_operator::crd::definition()).unwrap();
+    let mut found = Vec::new();
+    formats(&crd["spec"]["versions"][0]["schema"], "", &mut found);
+    let known = [
+        "int32",
+        "int64",
+        "float",
+        "double",
+        "byte",
+        "date",
+        "date-time",
+        "duration",
+    ];
+    let unknown: Vec<&String> = found
+        .iter()
+        .filter(|f| !known.contains(&f.rsplit(": ").next().unwrap()))
+        .collect();
+    assert!(unknown.is_empty(), "formats the API server does not know: {unknown:#?}");
+}

@@ -112,6 +112,14 @@ fn every_rendered_pod_passes_the_restricted_pod_security_standard() {
                 pods += 1;
                 let problems = violations(&value["spec"]["template"]);
                 assert!(problems.is_empty(), "{}: {problems:#?}", path.display());
+                // Tighter than the standard asks: the mall never calls the API server, so its
+                // pods mount no ServiceAccount token (issue 33).
+                assert_eq!(
+                    value["spec"]["template"]["spec"]["automountServiceAccountToken"],
+                    Value::Bool(false),
+                    "{}: the pods mount a ServiceAccount token",
+                    path.display()
+                );
             }
         }
     }

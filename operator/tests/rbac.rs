@@ -18,7 +18,7 @@ use kube_fake_client::ClientBuilder;
 use mall_operator::autoscale::{self, AlertView};
 use mall_operator::controller::{self, reconcile_once, Context};
 use mall_operator::crd::MallDeployment;
-use mall_operator::leader::Elector;
+use mall_operator::leader::{self, Elector};
 use serde_json::json;
 
 const NS: &str = "shop";
@@ -36,6 +36,26 @@ fn mall(mode: &str) -> MallDeployment {
     md
 }
 
+/// The operator's own Deployment and pod, as the chart makes them (release `mall-operator`).
+fn operator_deployment() -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": "mall-operator", "namespace": "mall-system" },
+        "spec": { "selector": { "matchLabels": { "app": "op" } },
+                  "template": { "metadata": { "labels": { "app": "op" } }, "spec": { "containers": [] } } }
+    }))
+    .unwrap()
+}
+
+fn operator_pod() -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "mall-operator-abc12", "namespace": "mall-system", "labels": { "app": "op" } },
+        "spec": { "containers": [] }
+    }))
+    .unwrap()
+}
+
 async fn everything_the_operator_does() -> Vec<common::Call> {
     let fake = ClientBuilder::new()
         .with_resource::<MallDeployment>()
@@ -46,6 +66,8 @@ async fn everything_the_operator_does() -> Vec<common::Call> {
         .with_object(mall("both"))
         .with_object(crd_named("prometheusrules.monitoring.coreos.com"))
         .with_object(crd_named("servicemonitors.monitoring.coreos.com"))
+        .with_object(operator_deployment())
+        .with_object(operator_pod())
         .build()
         .await
         .unwrap();
@@ -138,17 +160,28 @@ async fn everything_the_operator_does() -> Vec<common::Call> {
         ctx.event(&md, true, "InvalidSpec", "the same note".into()).await;
     }
 
-    // Leader election: take the free lease, renew it.
+    // Leader election: the Lease's owner (the operator's Deployment), a starting replica takes the
+    // leader label off its pod, takes the free lease, labels its pod, renews.
+    let owner = leader::deployment_owner(&client, "mall-system", "mall-operator")
+        .await
+        .unwrap();
+    leader::label_pod(&client, "mall-system", "mall-operator-abc12", false)
+        .await
+        .unwrap();
     let elector = Elector::new(
         client.clone(),
         "mall-system",
         "mall-operator-leader",
         "a",
         Duration::from_secs(15),
-    );
+    )
+    .with_owner(Some(owner));
     assert!(elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await.unwrap());
+    leader::label_pod(&client, "mall-system", "mall-operator-abc12", true)
+        .await
+        .unwrap();
     assert!(elector.try_lead(k8s_openapi::jiff::Timestamp::now()).await.unwrap());
-    // SIGTERM: the lease is deleted.
+    // SIGTERM: the lease is released.
     assert!(elector.release().await.unwrap());
 
     // The controller's own requests: its label-selected lists and watches, the CRD probe.

@@ -539,3 +539,36 @@ async fn a_sale_window_removed_while_active_leaves_no_metric() {
         assert_eq!(metrics.contains(series), present, "{metrics}");
     }
 }
+
+/// The `SaleWindowStarted` event says what the window changes: the waiting room when it has one,
+/// and nothing about warming when no product is listed (issue 33: "pods warm 0 listed products").
+#[tokio::test]
+async fn the_sale_window_started_event_says_what_changes() {
+    let spec = json!({
+        "saleWindows": [{ "name": "lunch", "start": "2026-11-27T12:00", "end": "2026-11-27T13:00", "minReplicas": 3,
+                          "waitingRoom": { "admitPerSecond": 400, "burst": 40 } }]
+    });
+    let (client, ctx) = setup(mall("shop", spec)).await;
+    let now = mall_operator::sale::parse_instant("2026-11-27T12:30:00Z").unwrap();
+    ctx.sync().await.unwrap();
+    let md = Api::<MallDeployment>::namespaced(client.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap();
+    reconcile_once(&md, &ctx, now).await.unwrap();
+    let notes: Vec<String> = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("SaleWindowStarted"))
+        .filter_map(|e| e.note)
+        .collect();
+    let [note] = &notes[..] else {
+        panic!("one SaleWindowStarted event: {notes:?}")
+    };
+    assert!(note.contains("replica floor 3"), "{note}");
+    assert!(note.contains("waiting room") && note.contains("400"), "{note}");
+    assert!(!note.contains("warm"), "{note}");
+}

@@ -162,6 +162,12 @@ fn render_refuses_what_the_api_server_refuses() {
         let err = mall_operator::render::render(&trusting(proxies, false)).expect_err(proxies);
         assert!(err.contains(field), "{proxies}: {err}");
     }
+    // The refusal names the CRD's field, not the sidecar's key (issue 33).
+    let broad = mall_operator::render::render(&trusting("10.0.0.0/8", false)).unwrap_err();
+    assert!(
+        broad.contains("spec.rateLimits.allowBroadTrustedProxies") && !broad.contains("allow_broad_trusted_proxies"),
+        "{broad}"
+    );
     let insisted = mall_operator::render::render(&trusting("10.0.0.0/8", true)).unwrap();
     assert!(insisted.contains("10.0.0.0/8") && insisted.contains("allow_broad_trusted_proxies = true"));
     let named = mall_operator::render::render(&trusting("10.4.0.0/16", false)).unwrap();

@@ -620,6 +620,21 @@ pub struct WaitingRoomSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub ticket_ttl_seconds: Option<u32>,
+    /// How long after its turn a buyer has to come back before the turn passes to the next
+    /// buyer, in milliseconds (default 2000): numbers nobody uses do not consume the rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 600000))]
+    pub no_show_grace_ms: Option<u32>,
+    /// New places one client address may take per minute on each pod (default 30; 0: no limit).
+    /// Behind an ingress, name it in `spec.rateLimits.trustedProxies` so this counts clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub numbers_per_address_per_minute: Option<u32>,
+    /// A buyer let through gets no new place for this long, in seconds (default 60; 0: at
+    /// once): one order per buyer in a sale, however many requests it sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub readmit_after_seconds: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -500,8 +500,6 @@ impl ProxyHttp for MallProxy {
             let binding = header(room.bind_header()).unwrap_or("").to_string();
             match room.admit(ticket.as_deref(), &binding, ctx.client_ip).await {
                 Admission::Admit { .. } => room_admitted = true,
-                // No buyer to place: the rate limit below decides, and the app answers 401.
-                Admission::Pass => {}
                 Admission::Wait(t) => {
                     let retry_after = t.wait_ms.div_ceil(1000).max(1);
                     let body = serde_json::json!({
@@ -542,6 +540,10 @@ impl ProxyHttp for MallProxy {
                     if retry_after_secs > 0 {
                         // RFC 9110 10.2.3: when a new place may be asked for again.
                         headers.push(("retry-after", retry_after_secs.to_string()));
+                    }
+                    if status == 401 {
+                        // RFC 9110 11.6.1 and RFC 6750 section 3: the scheme the route expects.
+                        headers.push(("www-authenticate", "Bearer".to_string()));
                     }
                     Self::reply_problem(session, status, code, "Waiting-room ticket refused", &detail, &headers)
                         .await?;

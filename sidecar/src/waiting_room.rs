@@ -63,9 +63,6 @@ pub enum Admission {
         /// `Retry-After` (RFC 9110 10.2.3) in seconds; 0: none.
         retry_after_secs: u64,
     },
-    /// No buyer to place (the bound header is absent): not the room's to decide; the request
-    /// goes on under the rate limit.
-    Pass,
 }
 
 /// A ticket handed out, for the 202 answer.
@@ -422,8 +419,19 @@ impl Room {
     pub async fn admit(&self, ticket: Option<&str>, binding: &str, client: Option<std::net::IpAddr>) -> Admission {
         let now = now_ms();
         let Some(buyer) = self.buyer(binding, now) else {
+            // Refused here, not passed on for the app to refuse: under attack, clients without
+            // credentials cost the pod one small answer each, and the app nothing.
             self.count("unbound");
-            return Admission::Pass;
+            let authorization = self.bind_header == "authorization";
+            return Admission::Refuse {
+                status: if authorization { 401 } else { 400 },
+                code: "credentials_required",
+                detail: format!(
+                    "the waiting room places buyers by their {} header; send the request with it",
+                    self.bind_header
+                ),
+                retry_after_secs: 0,
+            };
         };
         let bind = bind_tag(&buyer);
         let presented = match ticket.map(|t| self.verify(t, &bind)) {
@@ -955,8 +963,12 @@ mod tests {
     #[tokio::test]
     async fn a_request_without_the_bound_header_takes_no_number() {
         let room = room(1.0, 1);
-        assert_eq!(room.admit(None, "", None).await, Admission::Pass);
-        assert_eq!(room.admit(None, "  ", None).await, Admission::Pass);
+        for blank in ["", "  "] {
+            match room.admit(None, blank, None).await {
+                Admission::Refuse { status: 401, code, .. } => assert_eq!(code, "credentials_required"),
+                other => panic!("{other:?}"),
+            }
+        }
         assert!(matches!(room.admit(None, "first", None).await, Admission::Admit { .. }));
         assert_eq!(ticket(room.admit(None, "second", None).await).position, 1);
     }

@@ -428,9 +428,10 @@ async fn the_shared_waiting_room_gives_one_place_per_buyer_and_passes_no_shows_o
                 .await,
         29.0
     );
-    // No credentials: no number; the request goes on (the mall's app would answer 401).
+    // No credentials: no number, and the room answers 401 itself (the stub app answers 200).
     let anonymous = ask(&a, None, None).await.unwrap();
-    assert_eq!(anonymous.status(), 200);
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
     assert!(anonymous.headers().get("waiting-room-ticket").is_none());
     // One address, many "accounts": 5 new numbers a minute on a pod (the opener and greedy took
     // two on pod a), then 429 with a code and Retry-After.

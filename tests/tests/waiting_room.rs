@@ -539,7 +539,7 @@ async fn attackers_get_one_place_each_and_honest_buyers_keep_their_order() {
         room.fairness_100ms * 100.0
     );
     // Repeats got the attacker's own place back (202) or, once let through, 429 already_admitted;
-    // requests without credentials went on to the app (401).
+    // requests without credentials were refused by the room (401), the app never asked.
     assert!(
         room.attack_statuses.get(&429).copied().unwrap_or(0) > 0,
         "{:?}",

@@ -184,8 +184,9 @@ def waiting_room_section(md, lines):
     if attacked and calm:
         a0 = attacked[0]
         md.append(
-            f"\nUnder attack (issue 34): beside the honest buyers, {a0['attackers']} accounts each send "
-            f"{a0.get('attacker_requests', 0) // max(a0['attackers'], 1):,} ticketless orders four at a time as fast as they can, and "
+            f"\nUnder attack (issue 34): beside the honest buyers, {a0['attackers']} accounts send ticketless orders "
+            f"four at a time as fast as they can until the sale sells out ({a0.get('attacker_requests', 0) // max(a0['attackers'], 1):,} "
+            "each on average), and "
             f"{a0['anonymous']} clients without credentials send orders in a loop until the sale ends. The honest buyers "
             "against the same room's unattacked rounds (ratios of medians, with the range of the per-round ratios):\n"
         )

@@ -183,7 +183,8 @@ impl Fences {
         self.count.store(open.records.len(), Ordering::Release);
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.count.load(Ordering::Acquire) == 0
     }
 

@@ -187,18 +187,29 @@ struct AddressBudget {
 }
 
 impl AddressBudget {
+    /// Takes one number from `ip`'s bucket; false when it is empty. Read and write are one
+    /// step per key, so concurrent requests of one address cannot both take the last token.
     fn take(&self, ip: std::net::IpAddr, now: f64) -> bool {
-        let (tokens, at) = self.buckets.get(&ip).unwrap_or((self.burst, now));
-        let tokens = (tokens + (now - at).max(0.0) * self.per_ms).min(self.burst);
-        let ok = tokens >= 1.0;
-        self.buckets.insert(ip, (if ok { tokens - 1.0 } else { tokens }, now));
+        use moka::ops::compute::Op;
+        let mut ok = false;
+        self.buckets.entry(ip).and_compute_with(|held| {
+            let (tokens, at) = held.map_or((self.burst, now), |e| *e.value());
+            let tokens = (tokens + (now - at).max(0.0) * self.per_ms).min(self.burst);
+            ok = tokens >= 1.0;
+            Op::Put((if ok { tokens - 1.0 } else { tokens }, now))
+        });
         ok
     }
 
     fn give_back(&self, ip: std::net::IpAddr) {
-        if let Some((tokens, at)) = self.buckets.get(&ip) {
-            self.buckets.insert(ip, ((tokens + 1.0).min(self.burst), at));
-        }
+        use moka::ops::compute::Op;
+        self.buckets.entry(ip).and_compute_with(|held| match held {
+            Some(e) => {
+                let (tokens, at) = *e.value();
+                Op::Put(((tokens + 1.0).min(self.burst), at))
+            }
+            None => Op::Nop,
+        });
     }
 }
 

@@ -22,7 +22,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{ci, free_addr, fresh_database, fresh_database_named, redis};
+use common::{ci, free_addr, fresh_database, fresh_database_named, metric_sum, redis, until_ok};
 
 use mall_app::testing::{RunningApp, PASSWORD};
 use mall_sidecar_config::SidecarConfig;
@@ -87,29 +87,15 @@ async fn mall(database: Option<String>, replicas: &[String], redis_url: Option<&
     // A replica may not have replayed the seed yet: wait for the last seeded product.
     let deadline = Instant::now() + Duration::from_secs(30);
     for app in [&a, &b] {
-        while http
-            .get(app.url("/api/products/60"))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .ok()
-            != Some(200)
-        {
-            assert!(Instant::now() < deadline, "an app never served the seed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_ok(&http, &app.url("/api/products/60"), deadline, "an app's seed").await;
     }
-    while http
-        .get(format!("http://{sidecar}/api/products/1"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .ok()
-        != Some(200)
-    {
-        assert!(Instant::now() < deadline, "the sidecar never served");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ok(
+        &http,
+        &format!("http://{sidecar}/api/products/1"),
+        deadline,
+        "the sidecar",
+    )
+    .await;
     let admin = mall_loadgen::login(&http, &format!("http://{sidecar}"), "admin", PASSWORD)
         .await
         .unwrap();
@@ -138,6 +124,19 @@ impl Mall {
         readers
     }
 
+    /// The admin's PATCH of product `id`'s price through the sidecar; asserts its 200.
+    async fn write_price(&self, id: u32, price: i64) {
+        let r = self
+            .http
+            .patch(format!("http://{}/api/products/{id}", self.sidecar))
+            .bearer_auth(&self.admin)
+            .json(&json!({ "price": price }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "the write of product {id}");
+    }
+
     async fn price(&self, url: &str, id: u32) -> Option<i64> {
         let body: Value = self.http.get(url).send().await.ok()?.json().await.ok()?;
         if let Some(items) = body["items"].as_array() {
@@ -160,15 +159,7 @@ impl Mall {
                 assert_eq!(self.price(url, id).await, Some(old), "{url} before the write");
             }
         }
-        let r = self
-            .http
-            .patch(format!("http://{}/api/products/{id}", self.sidecar))
-            .bearer_auth(&self.admin)
-            .json(&json!({ "price": new }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200, "the write");
+        self.write_price(id, new).await;
         let acked = Instant::now();
         let mut staleness = Duration::ZERO;
         let mut late = Vec::new();
@@ -299,15 +290,7 @@ async fn next_reads_see_the_write(mall: &Mall, topology: &str, rounds: u32, firs
             assert!(mall.price(url, id).await.is_some(), "{url} before the write");
         }
         let new = first_price + round as i64;
-        let r = mall
-            .http
-            .patch(&product)
-            .bearer_auth(&mall.admin)
-            .json(&json!({ "price": new }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200, "the write");
+        mall.write_price(id, new).await;
         for (i, url) in [&product, &product, &list].into_iter().enumerate() {
             assert_eq!(
                 mall.price(url, id).await,
@@ -366,15 +349,11 @@ async fn lagging_replica(topology: &str, primary: String, replica_port: u16, rou
     };
     let mall = &mall(Some(primary), std::slice::from_ref(&replica), None).await;
     let mut direct = sqlx::AnyConnection::connect(&replica).await.unwrap();
-    let readers = mall.readers(1);
     let mut after_replay = Vec::new();
     let mut after_ack = Vec::new();
     for round in 0..rounds {
         let id = 1 + round;
-        let readers: Vec<(String, String)> = readers
-            .iter()
-            .map(|(n, u)| (n.clone(), u.replace("/api/products/1", &format!("/api/products/{id}"))))
-            .collect();
+        let readers = mall.readers(id);
         let old = mall.price(&readers[3].1, id).await.unwrap();
         for _ in 0..2 {
             for (name, url) in &readers {
@@ -382,15 +361,7 @@ async fn lagging_replica(topology: &str, primary: String, replica_port: u16, rou
             }
         }
         let new = first_price + round as i64;
-        let r = mall
-            .http
-            .patch(format!("http://{}/api/products/{id}", mall.sidecar))
-            .bearer_auth(&mall.admin)
-            .json(&json!({ "price": new }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200, "the write");
+        mall.write_price(id, new).await;
         let acked = Instant::now();
         // The writer's next read, through the sidecar, back to back (checked after the watch,
         // so a replica's old value served after its replay is reported first).
@@ -450,23 +421,8 @@ async fn lagging_replica(topology: &str, primary: String, replica_port: u16, rou
     let mut checks = 0.0;
     let mut fenced = 0.0;
     for app in &mall.apps {
-        let text = mall
-            .http
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let sum = |name: &str| -> f64 {
-            text.lines()
-                .filter(|l| l.starts_with(name))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
-        checks += sum("db_fence_checks_total");
-        fenced += sum("db_reads_fenced_total");
+        checks += metric_sum(&mall.http, &app.url("/metrics"), "db_fence_checks_total").await;
+        fenced += metric_sum(&mall.http, &app.url("/metrics"), "db_reads_fenced_total").await;
     }
     eprintln!(
         "REPLICA-COST {}",

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_addr, fresh_database, redis};
+use common::{free_addr, fresh_database, redis, until_ok};
 use futures_util::StreamExt;
 use mall_app::testing::{RunningApp, PASSWORD};
 use mall_sidecar_config::{LimitRule, RedisLimits, RoomRedis, SidecarConfig, WaitingRoom};
@@ -139,17 +139,7 @@ async fn sale(front: Front) -> Option<Sale> {
     let http = reqwest::Client::new();
     for s in &sidecars {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while http
-            .get(format!("http://{s}/api/products/1"))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .ok()
-            != Some(200)
-        {
-            assert!(Instant::now() < deadline, "the sidecar at {s} never served");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_ok(&http, &format!("http://{s}/api/products/1"), deadline, "a sidecar").await;
     }
     let base = format!("http://{}", sidecars[0]);
     let admin = mall_loadgen::login(&http, &base, "admin", PASSWORD).await.unwrap();

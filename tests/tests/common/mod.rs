@@ -97,3 +97,22 @@ pub async fn fresh_database_named(env: &str, default: &str, prefix: &str) -> Opt
         .unwrap();
     Some(format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0))
 }
+
+/// Waits until `url` answers 200, failing with `what` at `deadline`.
+#[allow(dead_code)]
+pub async fn until_ok(http: &reqwest::Client, url: &str, deadline: Instant, what: &str) {
+    while http.get(url).send().await.map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(Instant::now() < deadline, "{what} never answered 200 at {url}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sum of every series of metric `name` in the Prometheus text at `url`.
+#[allow(dead_code)]
+pub async fn metric_sum(http: &reqwest::Client, url: &str, name: &str) -> f64 {
+    let text = http.get(url).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -501,3 +501,35 @@ async fn mariadb_replica_5s_behind() {
     };
     lagging_replica("mariadb, replica 5 s behind, 2 instances", url, 3308, 2, 73_000).await;
 }
+
+/// A replica that is down (never started, or gone under a running app) costs no read: the
+/// reads that would have gone to it go to the primary, and the instance stays ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_is_down_costs_no_read() {
+    let Some(url) = fresh_database("MALL_TEST_POSTGRES_URL", "postgres://mall:mall@127.0.0.1:5432/test").await else {
+        return;
+    };
+    let dead = free_addr().port();
+    let (server, db) = url.rsplit_once('/').unwrap();
+    let (scheme_auth, _) = server.rsplit_once(':').unwrap();
+    let replica = format!("{scheme_auth}:{dead}/{db}");
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [format!("--database-url={url}"), format!("--replica-urls={replica}")];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let app = RunningApp::start_in(dir.path(), &flags).await;
+    let http = reqwest::Client::new();
+    for id in 1..=20 {
+        let r = http.get(app.url(&format!("/api/products/{id}"))).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "product {id} with the replica down");
+        let r = http
+            .get(app.url(&format!("/api/products?limit=5&min_price={id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "a list page with the replica down");
+    }
+    let ready = http.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "the primary answers: ready");
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"]["replicas"]["replica0"]["healthy"], false, "{body}");
+}

@@ -19,6 +19,7 @@ use moka::future::Cache as Moka;
 use moka::Expiry;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
+use tracing::Instrument;
 
 use crate::error::{AppError, AppResult};
 use crate::metrics::Metrics;
@@ -258,17 +259,37 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = AppResult<Option<Bytes>>>,
     {
+        // A span of a sampled request's trace (DEBUG: nothing is built while tracing is off);
+        // Redis calls and the loader's statements are its children.
+        let span = tracing::debug_span!(
+            "cache",
+            cache.category = key.category.name(),
+            cache.l1 = tracing::field::Empty,
+            cache.l2 = tracing::field::Empty
+        );
+        self.lookup(key, load).instrument(span).await
+    }
+
+    async fn lookup<F, Fut>(&self, key: Key, load: F) -> AppResult<Option<Bytes>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = AppResult<Option<Bytes>>>,
+    {
+        let span = tracing::Span::current();
         let category = key.category.name();
         if !self.follower.current() {
             // The follower is behind: any entry may be stale, so the database answers.
             self.metrics.cache_misses.with_label_values(&["l1", category]).inc();
+            span.record("cache.l1", "bypassed");
             return load().await;
         }
         if let Some(v) = self.l1.get(&key).await {
             self.metrics.cache_hits.with_label_values(&["l1", category]).inc();
+            span.record("cache.l1", "hit");
             return Ok(Some(v));
         }
         self.metrics.cache_misses.with_label_values(&["l1", category]).inc();
+        span.record("cache.l1", "miss");
         let generation = &self.generations[key.stripe()];
         let before = generation.load(Ordering::Acquire);
         let result = self
@@ -439,19 +460,24 @@ impl Cache {
         }
         let category = key.category.name();
         let mut conn = l2.conn.clone();
-        let got: Result<Result<Option<Vec<u8>>, _>, _> =
-            tokio::time::timeout(l2.timeout, conn.get(key.redis_key(&l2.prefix))).await;
+        let get = tokio::time::timeout(l2.timeout, conn.get(key.redis_key(&l2.prefix)));
+        let got: Result<Result<Option<Vec<u8>>, _>, _> = get
+            .instrument(tracing::debug_span!("redis GET", db.system.name = "redis", db.operation.name = "GET"))
+            .await;
         match got {
             Ok(Ok(Some(v))) => {
                 self.metrics.cache_hits.with_label_values(&["l2", category]).inc();
+                tracing::Span::current().record("cache.l2", "hit");
                 Some(Bytes::from(v))
             }
             Ok(Ok(None)) => {
                 self.metrics.cache_misses.with_label_values(&["l2", category]).inc();
+                tracing::Span::current().record("cache.l2", "miss");
                 None
             }
             _ => {
                 self.metrics.cache_errors.with_label_values(&["l2", "get"]).inc();
+                tracing::Span::current().record("cache.l2", "error");
                 None
             }
         }
@@ -462,7 +488,9 @@ impl Cache {
         let mut conn = l2.conn.clone();
         let ttl = self.ttls.of(key.category).as_secs().max(1);
         let set = conn.set_ex::<_, _, ()>(key.redis_key(&l2.prefix), value.as_ref(), ttl);
-        if !matches!(tokio::time::timeout(l2.timeout, set).await, Ok(Ok(()))) {
+        let set = tokio::time::timeout(l2.timeout, set)
+            .instrument(tracing::debug_span!("redis SETEX", db.system.name = "redis", db.operation.name = "SETEX"));
+        if !matches!(set.await, Ok(Ok(()))) {
             self.metrics.cache_errors.with_label_values(&["l2", "set"]).inc();
         }
     }

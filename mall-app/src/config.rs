@@ -96,6 +96,10 @@ pub struct DbArgs {
     /// whatever the bound (docs/app.md, "Consistency").
     #[arg(long, env = "MALL_DB_REPLICA_MAX_LAG_MS", default_value_t = 3000)]
     pub db_replica_max_lag_ms: u64,
+    /// Statements at least this slow are logged with their name and text, and on PostgreSQL
+    /// their plan once (0: off). Every statement is timed in `db_statement_duration_seconds`.
+    #[arg(long, env = "MALL_DB_SLOW_MS", default_value_t = crate::telemetry::DEFAULT_SLOW_MS)]
+    pub db_slow_ms: u64,
     /// How often replicas are health-checked.
     #[arg(long, env = "MALL_DB_REPLICA_CHECK_SECS", default_value_t = 5)]
     pub db_replica_check_secs: u64,

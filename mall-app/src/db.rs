@@ -21,7 +21,7 @@ use futures_util::future::BoxFuture;
 use prometheus::IntCounter;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
-use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Transaction};
+use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Transaction};
 use tokio::sync::Semaphore;
 
 use crate::cache::Key;
@@ -814,6 +814,11 @@ fn slots(
     sqlite: Option<bool>,
 ) -> anyhow::Result<Box<dyn Fn() -> AnyPool + Send + Sync>> {
     let options: AnyConnectOptions = url.parse().map_err(|e| anyhow::anyhow!("database URL: {e}"))?;
+    // Every statement as a DEBUG event for telemetry.rs (which times it, logs it when slow and
+    // makes it a span); sqlx's own slow-statement WARN never fires (the threshold is ours).
+    let options = options
+        .log_statements(log::LevelFilter::Debug)
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(365 * 24 * 3600));
     let args = args.clone();
     let made = AtomicUsize::new(0);
     Ok(Box::new(move || {

@@ -16,8 +16,10 @@ pub mod ids;
 pub mod invalidation;
 pub mod metrics;
 pub mod seed;
+pub mod slow_plans;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tuning;
@@ -110,6 +112,13 @@ impl App {
         )
         .await?;
         tokio::spawn(db.clone().watch_fences());
+        telemetry::set_slow_statement_ms(args.db.db_slow_ms);
+        telemetry::set_db_system(match db.dialect {
+            db::Dialect::Postgres => "postgresql",
+            db::Dialect::MySql => "mysql",
+            db::Dialect::Sqlite => "sqlite",
+        });
+        slow_plans::start(db.clone());
         tokio::spawn(follower.run());
         tokio::spawn(
             db.clone()

@@ -124,18 +124,11 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// Log lines, statement timings and (with OTEL_* set) spans: `mall_app::telemetry`. A bad
+/// OTEL_* variable stops the start with its name.
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MALL_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-        LogFormat::Text => builder.init(),
+    if let Err(e) = mall_app::telemetry::install(format) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
     }
 }

@@ -59,6 +59,8 @@ impl Metrics {
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("process collector registers once");
+        // Statement timings come from the process's tracing subscriber (telemetry.rs).
+        register(&registry, crate::telemetry::statement_histogram());
         let http_duration = register(
             &registry,
             HistogramVec::new(

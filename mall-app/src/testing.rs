@@ -64,6 +64,7 @@ impl RunningApp {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let config = Config::from_args(args).expect("valid app config");
+        crate::telemetry::install_for_tests();
         let socket = config.args.listen_socket.clone();
         let app = App::start(config).await.expect("app starts");
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");

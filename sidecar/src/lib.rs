@@ -12,6 +12,7 @@ pub mod negotiate;
 pub mod proxy;
 pub mod services;
 pub mod state;
+pub mod trace;
 pub mod upstreams;
 pub mod waiting_room;
 
@@ -87,7 +88,11 @@ pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Resul
 
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
-    let shared = state::Shared::new(config, config_path);
+    // Traces: the standard OpenTelemetry variables (OTEL_EXPORTER_OTLP_ENDPOINT and the rest).
+    let tracer = mall_telemetry::TraceConfig::from_env("mall-sidecar")
+        .map_err(|e| anyhow::anyhow!(e))?
+        .map(|c| mall_telemetry::Exporter::start(c, "mall-sidecar"));
+    let shared = state::Shared::new(config, config_path, tracer);
 
     let header_timeout = Duration::from_secs(shared.live.load().config.server.request_header_timeout_seconds);
     let configuration = server.configuration.clone();

@@ -21,6 +21,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, PurgeStatus, Session};
 use crate::cache::store::Coding;
 use crate::limits::Decision;
 use crate::state::{Live, Shared};
+use crate::trace::RequestTrace;
 use crate::upstreams::Lease;
 use crate::waiting_room::Admission;
 
@@ -84,6 +85,8 @@ pub struct Ctx {
     hit_coding: Option<Coding>,
     /// The upstream connection's socket while this request uses it.
     upstream_fd: Option<std::os::unix::io::RawFd>,
+    /// The request's trace (`trace.rs`): `None` with tracing off and no `traceparent`.
+    trace: Option<RequestTrace>,
 }
 
 /// Counts a client request from its first hook to its context being dropped.
@@ -317,6 +320,7 @@ impl ProxyHttp for MallProxy {
             precompressed: None,
             hit_coding: None,
             upstream_fd: None,
+            trace: None,
         }
     }
 
@@ -400,6 +404,11 @@ impl ProxyHttp for MallProxy {
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_string)
             .unwrap_or_else(crate::state::new_request_id);
+        ctx.trace = RequestTrace::start(
+            self.shared.tracer.as_ref(),
+            req.headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            ctx.started,
+        );
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let forwarded_for = req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
         ctx.client_ip = live.limiter.client_ip(peer, forwarded_for);
@@ -499,8 +508,12 @@ impl ProxyHttp for MallProxy {
             let ticket = crate::waiting_room::presented_ticket(header(crate::waiting_room::TICKET_HEADER), cookies);
             let binding = header(room.bind_header()).unwrap_or("").to_string();
             match room.admit(ticket.as_deref(), &binding, ctx.client_ip).await {
-                Admission::Admit { .. } => room_admitted = true,
+                Admission::Admit { .. } => {
+                    room_admitted = true;
+                    ctx.note_room("admitted");
+                }
                 Admission::Wait(t) => {
+                    ctx.note_room("waiting");
                     let retry_after = t.wait_ms.div_ceil(1000).max(1);
                     let body = serde_json::json!({
                         "status": "waiting",
@@ -536,6 +549,7 @@ impl ProxyHttp for MallProxy {
                     detail,
                     retry_after_secs,
                 } => {
+                    ctx.note_room(code);
                     let mut headers = vec![("x-request-id", ctx.request_id.clone())];
                     if retry_after_secs > 0 {
                         // RFC 9110 10.2.3: when a new place may be asked for again.
@@ -587,8 +601,14 @@ impl ProxyHttp for MallProxy {
                     "rate limit `{}` exceeded; retry after {} s",
                     decision.rule, decision.retry_after_secs
                 );
+                if let Some(t) = ctx.trace.as_mut() {
+                    t.limit = Some("refused");
+                }
                 Self::reply_problem(session, 429, "rate_limited", "Too Many Requests", &message, &headers).await?;
                 return Ok(true);
+            }
+            if let Some(t) = ctx.trace.as_mut() {
+                t.limit = Some("allowed");
             }
             ctx.limit = Some(decision);
         }
@@ -696,6 +716,10 @@ impl ProxyHttp for MallProxy {
             Some((local, socket)) if local.matches(addr) => HttpPeer::new_uds(socket, false, String::new())?,
             _ => HttpPeer::new(addr, false, String::new()),
         };
+        if let (Some(t), Some(lease)) = (ctx.trace.as_mut(), &ctx.lease) {
+            let transport = if peer._address.as_inet().is_some() { "tcp" } else { "unix" };
+            t.attempt(lease.instance.label().to_string(), transport);
+        }
         peer.options.connection_timeout = Some(Duration::from_millis(upstream.connect_timeout_ms));
         peer.options.read_timeout = Some(Duration::from_millis(upstream.read_timeout_ms));
         peer.options.idle_timeout = Some(Duration::from_secs(60));
@@ -771,6 +795,9 @@ impl ProxyHttp for MallProxy {
             self.shared.pool.report_connected(lease.instance.addr);
         }
         ctx.upstream_sent = Some(Instant::now());
+        if let Some(a) = ctx.trace.as_mut().and_then(|t| t.attempts.last_mut()) {
+            a.reused = reused;
+        }
         // Delayed ACKs are TCP's: a Unix socket has none to avoid.
         let tcp = peer._address.as_inet().is_some();
         ctx.upstream_fd = tcp.then_some(fd);
@@ -834,6 +861,11 @@ impl ProxyHttp for MallProxy {
         };
         upstream.insert_header("x-forwarded-proto", proto)?;
         upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        // W3C Trace Context: the app continues the trace under this attempt's span. With tracing
+        // off, the caller's `traceparent` goes on untouched.
+        if let (Some(t), Some(_)) = (&ctx.trace, &self.shared.tracer) {
+            upstream.insert_header("traceparent", t.upstream_header())?;
+        }
         // Read-after-write (the app's `api/causal.rs`): the instance answering a read first
         // applies the last write this sidecar proxied. A client's own value is never passed on:
         // it could make the app wait for a write that does not exist.
@@ -1041,6 +1073,7 @@ impl ProxyHttp for MallProxy {
             tracing::info!(
                 target: "access",
                 request_id = %ctx.request_id,
+                trace_id = ctx.trace.as_ref().map(|t| t.trace_id.to_string()).unwrap_or_default(),
                 client = ctx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
                 method = %method,
                 path = req.uri.path(),
@@ -1055,7 +1088,28 @@ impl ProxyHttp for MallProxy {
                 error = e.map(|e| e.to_string()).unwrap_or_default(),
             );
         }
+        if let (Some(tracer), Some(trace)) = (&self.shared.tracer, ctx.trace.take()) {
+            let req = session.req_header();
+            trace.finish(
+                tracer,
+                method.as_str(),
+                &ctx.route,
+                req.uri.path(),
+                status,
+                ctx.cache_result,
+                e.map(|e| e.to_string()),
+                &ctx.request_id,
+            );
+        }
         ctx.lease = None;
+    }
+}
+
+impl Ctx {
+    fn note_room(&mut self, decision: &'static str) {
+        if let Some(t) = self.trace.as_mut() {
+            t.room = Some(decision);
+        }
     }
 }
 

@@ -80,10 +80,16 @@ pub struct Shared {
     /// The highest `Mall-Seq` a successful write through this sidecar was answered with: sent on
     /// every read as `Mall-Min-Seq`, so whichever instance answers it has applied that write.
     pub write_seq: std::sync::atomic::AtomicI64,
+    /// Spans of sampled requests go here (OTEL_* variables; `None`: tracing off).
+    pub tracer: Option<mall_telemetry::Exporter>,
 }
 
 impl Shared {
-    pub fn new(config: SidecarConfig, config_path: Option<PathBuf>) -> Arc<Self> {
+    pub fn new(
+        config: SidecarConfig,
+        config_path: Option<PathBuf>,
+        tracer: Option<mall_telemetry::Exporter>,
+    ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
         // The storage and lock live as long as the process: pingora-cache takes `&'static`.
         let store: &'static MemoryStore = Box::leak(Box::new(MemoryStore::new(config.cache.max_bytes)));
@@ -105,6 +111,7 @@ impl Shared {
             cache_lock,
             config_path,
             write_seq: Default::default(),
+            tracer,
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         })

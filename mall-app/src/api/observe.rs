@@ -25,13 +25,33 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         .filter(|v| v.len() <= 128 && v.to_str().is_ok_and(|s| !s.is_empty()))
         .cloned()
         .unwrap_or_else(new_request_id);
-    let span = tracing::info_span!("request", request_id = request_id.to_str().unwrap_or(""), method = %method, route = %route);
+    // The caller's trace (the sidecar's upstream span), continued: the trace id goes into every
+    // log line of this request and, when sampled, the spans go to the collector (telemetry.rs).
+    let trace = crate::telemetry::incoming(req.headers().get("traceparent").and_then(|v| v.to_str().ok()));
+    let span = match &trace {
+        None => tracing::info_span!("request", request_id = request_id.to_str().unwrap_or(""), method = %method, route = %route, http.response.status_code = tracing::field::Empty, error = tracing::field::Empty),
+        Some(t) => tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or(""),
+            method = %method,
+            route = %route,
+            trace_id = %t.trace_id,
+            parent_span_id = t.parent.map(|p| p.to_string()).unwrap_or_default(),
+            sampled = t.sampled,
+            http.response.status_code = tracing::field::Empty,
+            error = tracing::field::Empty,
+        ),
+    };
 
     let mut response = next.run(req).instrument(span.clone()).await;
     response.headers_mut().insert(REQUEST_ID, request_id);
 
     let elapsed = start.elapsed();
     let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("error", status.as_str());
+    }
     let m = &state.metrics;
     m.http_requests
         .with_label_values(&[method.as_str(), route, status.as_str()])

@@ -1,0 +1,163 @@
+//! A request's place in a trace: the `traceparent` header of W3C Trace Context (Level 1,
+//! section 3.2), parsed leniently where the spec says a receiver must (a higher version's extra
+//! fields are ignored) and refused where it says to restart the trace (all-zero ids, bad hex,
+//! version `ff`).
+
+use std::fmt;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct TraceId(pub [u8; 16]);
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct SpanId(pub [u8; 8]);
+
+impl TraceId {
+    /// A random, non-zero id.
+    pub fn random() -> TraceId {
+        loop {
+            let id: [u8; 16] = rand::random();
+            if id != [0; 16] {
+                return TraceId(id);
+            }
+        }
+    }
+
+    pub fn parse(hex: &str) -> Option<TraceId> {
+        let mut id = [0u8; 16];
+        parse_hex(hex, &mut id)?;
+        (id != [0; 16]).then_some(TraceId(id))
+    }
+}
+
+impl SpanId {
+    /// A random, non-zero id.
+    pub fn random() -> SpanId {
+        loop {
+            let id: [u8; 8] = rand::random();
+            if id != [0; 8] {
+                return SpanId(id);
+            }
+        }
+    }
+
+    pub fn parse(hex: &str) -> Option<SpanId> {
+        let mut id = [0u8; 8];
+        parse_hex(hex, &mut id)?;
+        (id != [0; 8]).then_some(SpanId(id))
+    }
+}
+
+/// Lowercase hex only: the spec forbids uppercase in `traceparent`.
+fn parse_hex(hex: &str, out: &mut [u8]) -> Option<()> {
+    let b = hex.as_bytes();
+    if b.len() != out.len() * 2 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = nibble(b[2 * i])? << 4 | nibble(b[2 * i + 1])?;
+    }
+    Some(())
+}
+
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    for b in bytes {
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+impl fmt::Display for SpanId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+/// The caller's span: `00-<trace id>-<parent id>-<flags>`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TraceParent {
+    pub trace_id: TraceId,
+    pub parent_id: SpanId,
+    /// Flag `01`: the caller records this trace.
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// `None` for anything the spec says to ignore (the request then starts a new trace).
+    pub fn parse(header: &str) -> Option<TraceParent> {
+        let header = header.trim_matches([' ', '\t']);
+        let mut parts = header.split('-');
+        let version = parts.next()?;
+        let (trace_id, parent_id, flags) = (parts.next()?, parts.next()?, parts.next()?);
+        if version.len() != 2 || version == "ff" || !version.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        // Version 00 has exactly four fields; a later version may append more (section 3.2.4).
+        if version == "00" && parts.next().is_some() {
+            return None;
+        }
+        if version != "00" && header.len() > 55 && header.as_bytes()[55] != b'-' {
+            return None;
+        }
+        let mut flag = [0u8; 1];
+        parse_hex(flags, &mut flag)?;
+        Some(TraceParent {
+            trace_id: TraceId::parse(trace_id)?,
+            parent_id: SpanId::parse(parent_id)?,
+            sampled: flag[0] & 1 == 1,
+        })
+    }
+
+    /// The header a hop sends on: this trace, `span` as the parent.
+    pub fn header(trace_id: TraceId, span: SpanId, sampled: bool) -> String {
+        format!("00-{trace_id}-{span}-{}", if sampled { "01" } else { "00" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_specs_example_and_writes_it_back() {
+        let h = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let p = TraceParent::parse(h).unwrap();
+        assert!(p.sampled);
+        assert_eq!(TraceParent::header(p.trace_id, p.parent_id, p.sampled), h);
+        let unsampled = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
+        assert!(!unsampled.sampled);
+    }
+
+    #[test]
+    fn refuses_what_the_spec_says_to_restart() {
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+            "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_later_version_keeps_the_fields_it_shares_with_00() {
+        let p = TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09-more").unwrap();
+        assert!(p.sampled);
+    }
+}

@@ -144,11 +144,13 @@ pub fn statement_name(sql: &str) -> String {
         return "other".into();
     };
     let verb = verb.to_ascii_uppercase();
+    if verb == "WITH" {
+        return with_statement_name(words);
+    }
     let table_after = match verb.as_str() {
         "SELECT" | "DELETE" => Some("FROM"),
         "INSERT" | "REPLACE" => Some("INTO"),
         "UPDATE" => None,
-        "WITH" => Some("FROM"),
         _ => return verb,
     };
     let table = match table_after {
@@ -164,9 +166,37 @@ pub fn statement_name(sql: &str) -> String {
             found
         }
     };
+    with_table(verb, table)
+}
+
+/// A statement with common table expressions is named by the first row it writes
+/// (`WITH placed AS (INSERT INTO orders ...) INSERT INTO order_items ...` is `INSERT orders`),
+/// else by the first table it reads.
+fn with_statement_name<'a>(mut words: impl Iterator<Item = &'a str>) -> String {
+    let mut read = None;
+    while let Some(w) = words.next() {
+        let upper = w.to_ascii_uppercase();
+        match upper.as_str() {
+            "INSERT" => {
+                let table = words.by_ref().find(|w| w.eq_ignore_ascii_case("INTO")).and_then(|_| words.next());
+                return with_table("INSERT".into(), table);
+            }
+            "UPDATE" => return with_table("UPDATE".into(), words.next()),
+            "DELETE" => {
+                let table = words.by_ref().find(|w| w.eq_ignore_ascii_case("FROM")).and_then(|_| words.next());
+                return with_table("DELETE".into(), table);
+            }
+            "FROM" if read.is_none() => read = words.next(),
+            _ => {}
+        }
+    }
+    with_table("SELECT".into(), read)
+}
+
+fn with_table(verb: String, table: Option<&str>) -> String {
     match table {
         Some(t) => {
-            let t = t.trim_matches(|c| c == '"' || c == '`');
+            let t = t.trim_matches(|c| c == '"' || c == '`' || c == ')');
             let t = t.rsplit('.').next().unwrap_or(t);
             if t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !t.is_empty() {
                 format!("{verb} {}", t.to_ascii_lowercase())
@@ -454,10 +484,12 @@ pub struct Incoming {
     pub sampled: bool,
 }
 
-pub fn incoming(traceparent: Option<&str>) -> Option<Incoming> {
+/// `root`: whether a request without a caller's trace may start one.
+pub fn incoming(traceparent: Option<&str>, root: bool) -> Option<Incoming> {
     let parent = traceparent.and_then(TraceParent::parse);
     match (EXPORTER.get(), parent) {
         (None, None) => None,
+        (Some(_), None) if !root => None,
         // Tracing off here: the caller's trace id still goes into the log lines.
         (None, Some(p)) => Some(Incoming {
             trace_id: p.trace_id,
@@ -487,7 +519,12 @@ mod tests {
             ("INSERT INTO orders (id, user_id) VALUES ($1, $2)", "INSERT orders"),
             ("UPDATE products SET stock = stock - ? WHERE id = ?", "UPDATE products"),
             ("DELETE FROM cart_items WHERE user_id = ANY($1::bigint[])", "DELETE cart_items"),
-            ("WITH x AS (SELECT 1) SELECT * FROM mall.users", "WITH users"),
+            ("WITH x AS (SELECT 1) SELECT * FROM mall.users", "SELECT users"),
+            (
+                "WITH placed AS (INSERT INTO orders (id) VALUES ($1)) INSERT INTO order_items (order_id) VALUES ($1)",
+                "INSERT orders",
+            ),
+            ("WITH r AS (SELECT seq FROM cache_invalidations) DELETE FROM x", "DELETE x"),
             ("SELECT 1", "SELECT"),
             ("BEGIN", "BEGIN"),
             ("PRAGMA journal_mode = WAL", "PRAGMA"),

@@ -27,7 +27,10 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         .unwrap_or_else(new_request_id);
     // The caller's trace (the sidecar's upstream span), continued: the trace id goes into every
     // log line of this request and, when sampled, the spans go to the collector (telemetry.rs).
-    let trace = crate::telemetry::incoming(req.headers().get("traceparent").and_then(|v| v.to_str().ok()));
+    // Probes and scrapes (a kubelet's, the sidecar's, Prometheus's: several a second) start no
+    // trace of their own; one that comes with a sampled caller's trace is still recorded.
+    let probe = matches!(route, "/health" | "/ready" | "/metrics");
+    let trace = crate::telemetry::incoming(req.headers().get("traceparent").and_then(|v| v.to_str().ok()), !probe);
     let span = match &trace {
         None => tracing::info_span!("request", request_id = request_id.to_str().unwrap_or(""), method = %method, route = %route, http.response.status_code = tracing::field::Empty, error = tracing::field::Empty),
         Some(t) => tracing::info_span!(

@@ -61,6 +61,11 @@ impl Metrics {
             .expect("process collector registers once");
         // Statement timings come from the process's tracing subscriber (telemetry.rs).
         register(&registry, crate::telemetry::statement_histogram());
+        if let Some(exporter) = crate::telemetry::exporter() {
+            registry
+                .register(exporter.stats.collector())
+                .expect("metric names are unique");
+        }
         let http_duration = register(
             &registry,
             HistogramVec::new(

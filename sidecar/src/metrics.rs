@@ -287,6 +287,11 @@ impl Metrics {
         m
     }
 
+    /// Adds a collector owned elsewhere (the span exporter's counts).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        self.registry.register(c).expect("unique metric");
+    }
+
     /// The `cache_requests_total` series of `result`.
     pub fn cache_result(&self, result: &str) -> &IntCounter {
         let index = CACHE_RESULTS.iter().position(|r| *r == result).unwrap_or(3);

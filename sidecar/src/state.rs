@@ -91,6 +91,9 @@ impl Shared {
         tracer: Option<mall_telemetry::Exporter>,
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
+        if let Some(t) = &tracer {
+            metrics.register(t.stats.collector());
+        }
         // The storage and lock live as long as the process: pingora-cache takes `&'static`.
         let store: &'static MemoryStore = Box::leak(Box::new(MemoryStore::new(config.cache.max_bytes)));
         let cache_lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(std::time::Duration::from_millis(

@@ -27,6 +27,54 @@ pub struct Stats {
     pub export_requests_failed: AtomicU64,
 }
 
+impl Stats {
+    /// `trace_spans_total{outcome}` for a Prometheus registry (the program's prefix added).
+    pub fn collector(self: &Arc<Self>) -> Box<dyn prometheus::core::Collector> {
+        let counters = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "trace_spans_total",
+                "Finished spans of sampled requests: exported, dropped_queue_full (the collector is slower than the spans come), dropped_export_failed (the collector could not be reached or refused)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
+        Box::new(StatsCollector {
+            stats: self.clone(),
+            counters,
+            update: std::sync::Mutex::new(()),
+        })
+    }
+}
+
+/// Copies the exporter's atomics into counters as they are scraped.
+struct StatsCollector {
+    stats: Arc<Stats>,
+    counters: prometheus::IntCounterVec,
+    update: std::sync::Mutex<()>,
+}
+
+impl prometheus::core::Collector for StatsCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.counters.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _one_at_a_time = self.update.lock().expect("stats");
+        for (outcome, n) in [
+            ("exported", &self.stats.exported),
+            ("dropped_queue_full", &self.stats.dropped_queue_full),
+            ("dropped_export_failed", &self.stats.dropped_export_failed),
+        ] {
+            let c = self.counters.with_label_values(&[outcome]);
+            let now = n.load(Ordering::Relaxed);
+            if now > c.get() {
+                c.inc_by(now - c.get());
+            }
+        }
+        self.counters.collect()
+    }
+}
+
 #[derive(Clone)]
 pub struct Exporter {
     tx: SyncSender<SpanData>,

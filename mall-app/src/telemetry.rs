@@ -361,7 +361,9 @@ where
         // A request span starts or continues a trace; any other span belongs to the trace of the
         // nearest recorded span above it, if any.
         let (trace_id, parent, kind) = match f.trace_id {
-            Some(trace_id) if f.sampled => (trace_id, f.parent, SpanKind::Server),
+            // A request is served; an order batch is the app's own work.
+            Some(trace_id) if f.sampled && attrs.metadata().name() == "request" => (trace_id, f.parent, SpanKind::Server),
+            Some(trace_id) if f.sampled => (trace_id, f.parent, SpanKind::Internal),
             Some(_) => return,
             None => {
                 let Some(above) = span.scope().skip(1).find_map(|s| {
@@ -474,6 +476,43 @@ where
         data.end_unix_nanos = now_nanos();
         exporter.export(data);
     }
+}
+
+/// The ids of the current span if it is recorded (a sampled request's).
+pub fn current_span_ids() -> Option<(TraceId, SpanId)> {
+    span_ids(&tracing::Span::current())
+}
+
+/// The ids of `span` if it is recorded.
+pub fn span_ids(span: &tracing::Span) -> Option<(TraceId, SpanId)> {
+    with_recorded(span, |r| (r.trace_id, r.span_id))
+}
+
+/// Links the current span to `to` (the order batch a request joined).
+pub fn link_current(to: (TraceId, SpanId)) {
+    with_recorded(&tracing::Span::current(), |r| r.data.links.push(to));
+}
+
+fn with_recorded<T>(span: &tracing::Span, f: impl FnOnce(&mut Recorded) -> T) -> Option<T> {
+    span.with_subscriber(|(id, dispatch)| {
+        let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+        let data = registry.span(id)?;
+        let mut ext = data.extensions_mut();
+        ext.get_mut::<Recorded>().map(f)
+    })
+    .flatten()
+}
+
+/// The span of an order batch placed for `members` (the spans of the requests in it): a trace
+/// of its own, recorded when any member is, linked to each member (and each member to it, see
+/// `order_batch.rs`). Disabled when no member is recorded.
+pub fn batch_span(members: &[(TraceId, SpanId)], orders: usize) -> tracing::Span {
+    if members.is_empty() || EXPORTER.get().is_none() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!("order batch", trace_id = %TraceId::random(), sampled = true, orders = orders as u64);
+    with_recorded(&span, |r| r.data.links.extend_from_slice(members));
+    span
 }
 
 /// The request's place in a trace, from its `traceparent` (W3C Trace Context): `None` when

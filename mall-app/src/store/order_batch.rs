@@ -26,8 +26,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use mall_telemetry::{SpanId, TraceId};
+use tracing::Instrument;
 
 use crate::db::Tx;
 use sqlx::any::AnyArguments;
@@ -95,6 +98,10 @@ enum Outcome {
 struct Pending {
     request: OrderRequest,
     reply: oneshot::Sender<AppResult<Outcome>>,
+    /// The request's span, when its trace is recorded, and where the batch it joins leaves its
+    /// own span's ids for the request to link to (telemetry.rs).
+    trace: Option<(TraceId, SpanId)>,
+    batch_span: Arc<OnceLock<(TraceId, SpanId)>>,
 }
 
 struct Shared {
@@ -171,12 +178,22 @@ impl OrderDesk {
         let (reply, answer) = oneshot::channel();
         let user_id = request.user_id;
         let key = request.key.clone();
+        let batch_span = Arc::new(OnceLock::new());
         queue
-            .send(Pending { request, reply })
+            .send(Pending {
+                request,
+                reply,
+                trace: crate::telemetry::current_span_ids(),
+                batch_span: batch_span.clone(),
+            })
             .map_err(|_| AppError::Unavailable("orders: the order queue has stopped".into()))?;
-        let outcome = answer
-            .await
-            .map_err(|_| AppError::Internal("orders: the batch writer dropped an order".into()))??;
+        let answered = answer.await;
+        // The trace shows which batch placed this order (its statements are in the batch's span).
+        if let Some(ids) = batch_span.get() {
+            crate::telemetry::link_current(*ids);
+        }
+        let outcome =
+            answered.map_err(|_| AppError::Internal("orders: the batch writer dropped an order".into()))??;
         match outcome {
             Outcome::Created(order) => Ok(Placed { order, replayed: false }),
             Outcome::Alone(placed) => Ok(placed),
@@ -286,7 +303,18 @@ impl From<sqlx::Error> for BatchError {
     }
 }
 
-async fn execute(shared: &Shared, mut batch: Vec<Pending>) {
+async fn execute(shared: &Shared, batch: Vec<Pending>) {
+    let members: Vec<(TraceId, SpanId)> = batch.iter().filter_map(|p| p.trace).collect();
+    let span = crate::telemetry::batch_span(&members, batch.len());
+    if let Some(ids) = crate::telemetry::span_ids(&span) {
+        for p in &batch {
+            let _ = p.batch_span.set(ids);
+        }
+    }
+    execute_batch(shared, batch).instrument(span).await
+}
+
+async fn execute_batch(shared: &Shared, mut batch: Vec<Pending>) {
     if batch.len() == 1 {
         // Alone in its batch (low load): the one-order path takes fewer round trips (no separate
         // lock read; RETURNING), so a lone order costs what it cost before group commit.

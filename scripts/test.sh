@@ -16,6 +16,7 @@ ensure_postgres
 ensure_mariadb
 ensure_pg_replicas
 ensure_mariadb_replicas
+ensure_otlp_proto
 
 # The images, run as pods by tests/tests/pods.rs on the Docker Engine (bases from Debian packages,
 # binaries from the workspace's release build; see scripts/images.sh).

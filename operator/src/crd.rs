@@ -196,6 +196,49 @@ pub struct MallDeploymentSpec {
     /// Accounts and the key that signs login tokens.
     #[serde(default)]
     pub auth: Auth,
+    /// What the pods report besides their Prometheus metrics: traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observability: Option<Observability>,
+}
+
+/// Telemetry beyond metrics.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct Observability {
+    /// Traces of the app and the sidecar, exported over OTLP/HTTP (protobuf) to an OpenTelemetry
+    /// collector. Without it neither program traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+}
+
+/// Where the app and the sidecar send their spans, and how many traces they keep. Both read it
+/// from the standard OpenTelemetry variables the operator sets in their containers
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER`, ...; docs/operator.md, "Tracing").
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct Tracing {
+    /// The collector's OTLP/HTTP base URL, such as `http://otel-collector.monitoring:4318`:
+    /// `http://` or `https://`, a host, an optional port and path, no query, fragment or
+    /// credentials (those go in `headersSecret`). Each program posts to `<endpoint>/v1/traces`.
+    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$"))]
+    #[x_kube(
+        validation = Rule::new("!self.endsWith('/v1/traces') && !self.endsWith('/v1/traces/')")
+            .message("must be the collector's base URL: each program appends /v1/traces itself")
+    )]
+    pub endpoint: String,
+    /// Share of the traces that start in the mall to keep, from 0 to 1 (default 0.01). A request
+    /// that arrives with a W3C `traceparent` follows its caller's decision instead, so 0 keeps
+    /// only traces a caller sampled.
+    #[serde(default = "defaults::sample_ratio")]
+    #[schemars(range(min = 0, max = 1))]
+    pub sample_ratio: f64,
+    /// Headers sent with every export (an API key for a hosted backend), as a key of a Secret in
+    /// the MallDeployment's namespace holding `name=value` pairs separated by commas, values
+    /// percent-encoded (the format of `OTEL_EXPORTER_OTLP_HEADERS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret: Option<SecretValue>,
 }
 
 /// The mall's secrets, each a key of a Secret in the MallDeployment's namespace.
@@ -935,5 +978,11 @@ pub mod defaults {
     }
     pub fn balance() -> Balance {
         Balance::LeastConnections
+    }
+    /// 1 % of the traces that start in the mall: at a few hundred requests per second per pod
+    /// that is still several traces a second to find a slow path in, while export stays a small
+    /// cost beside serving; raise it for a quiet mall or while chasing a problem.
+    pub fn sample_ratio() -> f64 {
+        0.01
     }
 }

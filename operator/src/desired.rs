@@ -398,7 +398,56 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
     if let Some(redis) = &s.redis {
         e.push(secret_env("MALL_REDIS_URL", &redis.url));
     }
+    e.extend(tracing_env(md, "mall-app"));
     e
+}
+
+/// With `spec.observability.tracing`: the standard OpenTelemetry variables both the app and the
+/// sidecar read (`mall_telemetry::TraceConfig`; `service` is each one's `service.name`). Nothing without it, so a mall that
+/// does not trace renders as before and rolls no pod.
+fn tracing_env(md: &MallDeployment, service: &str) -> Vec<EnvVar> {
+    let Some(tracing) = md.spec.observability.as_ref().and_then(|o| o.tracing.as_ref()) else {
+        return Vec::new();
+    };
+    // `service.namespace` tells two malls' `mall-app`s apart across the cluster; the pod's name
+    // comes from the downward API, and the kubelet expands `$(POD_NAME)` because it is defined
+    // first in the same container.
+    let resource = [
+        format!("service.namespace={}/{}", namespace(md), name(md)),
+        format!("k8s.namespace.name={}", namespace(md)),
+        format!("k8s.deployment.name={}", name(md)),
+        "k8s.pod.name=$(POD_NAME)".to_string(),
+    ];
+    let mut e = vec![
+        field_env("POD_NAME", "metadata.name"),
+        env("OTEL_SERVICE_NAME", service),
+        env("OTEL_RESOURCE_ATTRIBUTES", resource.join(",")),
+        // Each program appends `/v1/traces`; a trailing slash would double it.
+        env("OTEL_EXPORTER_OTLP_ENDPOINT", tracing.endpoint.trim_end_matches('/')),
+    ];
+    if let Some(headers) = &tracing.headers_secret {
+        e.push(secret_value_env("OTEL_EXPORTER_OTLP_HEADERS", headers));
+    }
+    // The ratio decides where a trace starts; every hop after it follows its parent's decision
+    // (the W3C `traceparent`), so a kept trace is kept whole.
+    e.push(env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"));
+    e.push(env("OTEL_TRACES_SAMPLER_ARG", tracing.sample_ratio));
+    e
+}
+
+/// A variable from the downward API (`metadata.name`, `status.podIP`).
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
 }
 
 fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale: &SalePlan) -> Deployment {
@@ -407,17 +456,7 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
     let mut sidecar_env = vec![
         env("SIDECAR_LOG_FORMAT", "json"),
         // Which of the instances DNS returns is this pod's own app (reached through its socket).
-        EnvVar {
-            name: "POD_IP".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "status.podIP".into(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        },
+        field_env("POD_IP", "status.podIP"),
     ];
     if let (Some(redis), true) = (&s.redis, s.rate_limits.shared) {
         sidecar_env.push(secret_env("SIDECAR__RATE_LIMIT__REDIS__URL", &redis.url));
@@ -433,6 +472,7 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
             sidecar_env.push(secret_env("SIDECAR__WAITING_ROOM__REDIS__URL", &redis.url));
         }
     }
+    sidecar_env.extend(tracing_env(md, "mall-sidecar"));
     // Any change to what the pods run with (sidecar config, env, images, resources) changes the
     // hash and so rolls the pods.
     let mut hasher = Sha256::new();

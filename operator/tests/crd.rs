@@ -229,6 +229,12 @@ fn window(fields: Value) -> Value {
     json!({"saleWindows": [w]})
 }
 
+fn tracing(fields: Value) -> Value {
+    let mut t = json!({"endpoint": "http://otel-collector.monitoring:4318"});
+    t.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+    json!({"observability": {"tracing": t}})
+}
+
 /// Each spec the operator refuses, the API server refuses too (and both name the field), so
 /// `kubectl apply` and `operator render` agree.
 #[test]
@@ -284,6 +290,54 @@ fn the_schema_refuses_what_the_operator_refuses() {
             mall("shop", window(json!({"timeZone": "Europe/ Berlin"}))),
             "timeZone",
         ),
+        (
+            "sample ratio 1.5",
+            mall("shop", tracing(json!({"sampleRatio": 1.5}))),
+            "sampleRatio",
+        ),
+        (
+            "sample ratio 2",
+            mall("shop", tracing(json!({"sampleRatio": 2}))),
+            "sampleRatio",
+        ),
+        (
+            "sample ratio -0.1",
+            mall("shop", tracing(json!({"sampleRatio": -0.1}))),
+            "sampleRatio",
+        ),
+        (
+            "endpoint without a scheme",
+            mall("shop", tracing(json!({"endpoint": "collector:4318"}))),
+            "endpoint",
+        ),
+        (
+            "endpoint with a query",
+            mall("shop", tracing(json!({"endpoint": "http://collector:4318/?x=1"}))),
+            "endpoint",
+        ),
+        (
+            "endpoint with credentials",
+            mall("shop", tracing(json!({"endpoint": "https://user:key@collector:4318"}))),
+            "endpoint",
+        ),
+        (
+            "endpoint ending in /v1/traces",
+            mall("shop", tracing(json!({"endpoint": "http://collector:4318/v1/traces"}))),
+            "endpoint",
+        ),
+        (
+            "headers secret without a name",
+            mall(
+                "shop",
+                tracing(json!({"headersSecret": {"name": "", "key": "headers"}})),
+            ),
+            "name",
+        ),
+        (
+            "tracing without an endpoint",
+            mall("shop", json!({"observability": {"tracing": {"sampleRatio": 0.5}}})),
+            "endpoint",
+        ),
     ];
     for (what, doc, field) in cases {
         let operator = serde_json::from_value::<mall_operator::crd::MallDeployment>(doc.clone())
@@ -304,6 +358,16 @@ fn the_schema_refuses_what_the_operator_refuses() {
     // And a valid spec passes both.
     let good = mall("shop", rule(json!(0.5)));
     assert_eq!(api_server_refuses(&good), None);
+    for tracing in [
+        tracing(json!({})),
+        tracing(json!({"sampleRatio": 0, "endpoint": "https://otlp.example.com/otlp/"})),
+        tracing(json!({"sampleRatio": 1, "headersSecret": {"name": "otel-auth", "key": "headers"}})),
+    ] {
+        let doc = mall("shop", tracing);
+        assert_eq!(api_server_refuses(&doc), None, "{doc}");
+        let md: mall_operator::crd::MallDeployment = serde_json::from_value(doc.clone()).unwrap();
+        assert_eq!(mall_operator::validation::validate(&md), Ok(()), "{doc}");
+    }
 }
 
 /// The API server knows a few formats (int32, int64, float, double, byte, date-time, ...); any other

@@ -26,20 +26,59 @@ fn examples() -> Vec<PathBuf> {
 const BEFORE_SALES: &str = "2026-11-01T00:00:00Z";
 const DURING_SALE: &str = "2026-11-27T08:00:00Z";
 
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name)
+}
+
+/// examples/production.yaml with its commented-out `observability` block switched on, so the
+/// block a user would uncomment is what the golden file shows.
+fn production_with_tracing() -> String {
+    let text = std::fs::read_to_string(example("production.yaml")).unwrap();
+    let (mut on, mut found) = (false, false);
+    let mut out = String::new();
+    for line in text.lines() {
+        if line == "  # observability:" {
+            (on, found) = (true, true);
+        } else if !line.starts_with("  #   ") {
+            on = false;
+        }
+        if on {
+            out.push_str("  ");
+            out.push_str(&line[4..]);
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    assert!(
+        found,
+        "examples/production.yaml shows spec.observability, commented out"
+    );
+    out
+}
+
 #[test]
 fn rendered_manifests_match_the_golden_files() {
-    let mut cases: Vec<(PathBuf, &str, String)> = examples()
+    let mut cases: Vec<(PathBuf, String, &str, String)> = examples()
         .into_iter()
         .map(|e| {
             let name = e.file_name().unwrap().to_string_lossy().into_owned();
-            (e, BEFORE_SALES, name)
+            let text = std::fs::read_to_string(&e).unwrap();
+            (e, text, BEFORE_SALES, name)
         })
         .collect();
-    let sale = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/flash-sale.yaml");
-    cases.push((sale, DURING_SALE, "flash-sale.during-sale.yaml".into()));
-    for (example, at, golden_name) in cases {
+    let sale = example("flash-sale.yaml");
+    let text = std::fs::read_to_string(&sale).unwrap();
+    cases.push((sale, text, DURING_SALE, "flash-sale.during-sale.yaml".into()));
+    cases.push((
+        example("production.yaml"),
+        production_with_tracing(),
+        BEFORE_SALES,
+        "production.tracing.yaml".into(),
+    ));
+    for (example, text, at, golden_name) in cases {
         let at = mall_operator::sale::parse_instant(at).unwrap();
-        let rendered = mall_operator::render::render_at(&std::fs::read_to_string(&example).unwrap(), at).unwrap();
+        let rendered = mall_operator::render::render_at(&text, at).unwrap();
         let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/golden")
             .join(golden_name);
@@ -137,6 +176,20 @@ fn render_refuses_what_the_api_server_refuses() {
             format!("{one}, rateLimits: {{rules: [{{name: a, path_prefix: /a, requests_per_second: 1, burst: 1}}, {{name: a, path_prefix: /b, requests_per_second: 1, burst: 1}}]}}"),
             "spec.rateLimits.rules[1].name",
         ),
+        (format!("{one}, observability: {{tracing: {{endpoint: \"collector:4318\"}}}}"), "spec.observability.tracing.endpoint"),
+        (
+            format!("{one}, observability: {{tracing: {{endpoint: \"http://collector:4318/v1/traces\"}}}}"),
+            "spec.observability.tracing.endpoint: must be the collector's base URL",
+        ),
+        (format!("{one}, observability: {{tracing: {{endpoint: \"http://c:4318\", sampleRatio: 1.5}}}}"), "spec.observability.tracing.sampleRatio"),
+        (format!("{one}, observability: {{tracing: {{endpoint: \"http://c:4318\", sampleRatio: -0.1}}}}"), "spec.observability.tracing.sampleRatio"),
+        (
+            format!("{one}, observability: {{tracing: {{endpoint: \"http://c:4318\", headersSecret: {{name: \"\", key: headers}}}}}}"),
+            "spec.observability.tracing.headersSecret.name",
+        ),
+        (format!("{one}, observability: {{tracing: {{sampleRatio: 0.5}}}}"), "spec.observability.tracing: missing field `endpoint`"),
+        // Not implemented, so not configurable.
+        (format!("{one}, observability: {{profiling: {{}}}}"), "spec.observability.profiling: unknown field `profiling`"),
     ];
     for (spec, want) in cases {
         let doc = format!(
@@ -299,4 +352,117 @@ fn the_service_monitor_feeds_the_series_the_rules_select() {
         .map(|p| p["port"].as_i64().unwrap())
         .collect();
     assert_eq!(ports, [80], "clients reach the sidecar only");
+}
+
+fn json_docs(rendered: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(rendered)
+        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+        .collect()
+}
+
+fn render_before_sales(text: &str) -> Vec<serde_json::Value> {
+    let at = mall_operator::sale::parse_instant(BEFORE_SALES).unwrap();
+    json_docs(&mall_operator::render::render_at(text, at).unwrap())
+}
+
+fn containers(docs: &mut [serde_json::Value]) -> &mut Vec<serde_json::Value> {
+    let deployment = docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap();
+    deployment["spec"]["template"]["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+}
+
+/// `spec.observability.tracing` gives the app and the sidecar the standard OpenTelemetry
+/// variables (each its own service name, the pod's name through the downward API), and changes
+/// nothing else but the pods' config hash; without it nothing of it is rendered.
+#[test]
+fn tracing_renders_the_opentelemetry_variables_into_both_containers_and_nothing_else() {
+    let mut traced = render_before_sales(&production_with_tracing());
+    for container in containers(&mut traced).iter() {
+        let env = container["env"].as_array().unwrap();
+        let named = |name: &str| {
+            let at = env.iter().position(|e| e["name"] == name);
+            let at = at.unwrap_or_else(|| panic!("{}: no {name}", container["name"]));
+            (at, env[at].clone())
+        };
+        let value = |name: &str| named(name).1["value"].as_str().unwrap().to_string();
+        let service = match container["name"].as_str().unwrap() {
+            "app" => "mall-app",
+            "sidecar" => "mall-sidecar",
+            other => panic!("a container {other}"),
+        };
+        assert_eq!(value("OTEL_SERVICE_NAME"), service);
+        assert_eq!(
+            value("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            "http://otel-collector.monitoring:4318"
+        );
+        assert_eq!(value("OTEL_TRACES_SAMPLER"), "parentbased_traceidratio");
+        assert_eq!(value("OTEL_TRACES_SAMPLER_ARG"), "0.05");
+        let (pod_name_at, pod_name) = named("POD_NAME");
+        assert_eq!(pod_name["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+        let (attributes_at, _) = named("OTEL_RESOURCE_ATTRIBUTES");
+        assert!(
+            pod_name_at < attributes_at,
+            "the kubelet expands $(POD_NAME) only once defined"
+        );
+        assert_eq!(
+            value("OTEL_RESOURCE_ATTRIBUTES"),
+            "service.namespace=shop/shop,k8s.namespace.name=shop,k8s.deployment.name=shop,k8s.pod.name=$(POD_NAME)"
+        );
+        assert_eq!(
+            named("OTEL_EXPORTER_OTLP_HEADERS").1["valueFrom"]["secretKeyRef"],
+            serde_json::json!({ "name": "otel-auth", "key": "headers", "optional": false })
+        );
+        let mut names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        names.sort();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(names.len(), before, "{}: a variable twice", container["name"]);
+    }
+
+    // The same render without the tracing variables and the hash is the render without tracing.
+    let mut plain = render_before_sales(&std::fs::read_to_string(example("production.yaml")).unwrap());
+    let hash = |docs: &mut [serde_json::Value]| {
+        let deployment = docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap();
+        let annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap();
+        annotations.remove(mall_operator::desired::CONFIG_HASH).unwrap()
+    };
+    assert_ne!(hash(&mut traced), hash(&mut plain), "turning tracing on rolls the pods");
+    for container in containers(&mut plain).iter() {
+        for e in container["env"].as_array().unwrap() {
+            let name = e["name"].as_str().unwrap();
+            assert!(
+                !name.starts_with("OTEL_") && name != "POD_NAME",
+                "{name} without tracing"
+            );
+        }
+    }
+    for container in containers(&mut traced).iter_mut() {
+        container["env"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|e| e["name"] != "POD_NAME" && !e["name"].as_str().unwrap().starts_with("OTEL_"));
+    }
+    assert_eq!(traced, plain);
+
+    // Only an endpoint: the default ratio, no headers, and no trailing slash for `/v1/traces`.
+    let minimal = "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {name: demo, namespace: web}\nspec: {replicas: 1, minReplicas: 1, maxReplicas: 1, observability: {tracing: {endpoint: \"https://otlp.example.com/\"}}}\n";
+    let mut docs = render_before_sales(minimal);
+    for container in containers(&mut docs).iter() {
+        let env = container["env"].as_array().unwrap();
+        let value = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].clone());
+        assert_eq!(
+            value("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            Some("https://otlp.example.com".into())
+        );
+        assert_eq!(value("OTEL_TRACES_SAMPLER_ARG"), Some("0.01".into()));
+        assert_eq!(value("OTEL_EXPORTER_OTLP_HEADERS"), None);
+        let attributes = value("OTEL_RESOURCE_ATTRIBUTES").unwrap();
+        assert!(
+            attributes.as_str().unwrap().starts_with("service.namespace=web/demo,"),
+            "{attributes}"
+        );
+    }
 }

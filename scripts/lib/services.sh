@@ -201,3 +201,23 @@ ensure_mariadb_replicas() {
   ensure_mariadb_replica 3307 2 2
   ensure_mariadb_replica 3308 5 3
 }
+
+# The OTLP test receiver (tests/otlp/receiver.py) decodes spans with the official protobuf
+# definitions, PyPI's opentelemetry-proto, in a venv of its own (no OpenTelemetry Collector is
+# installable from the package registries, and Debian's python3 refuses pip outside a venv).
+# Exports MALL_TEST_OTLP_PYTHON, the interpreter tests/tests/common/otlp.rs starts it with.
+MALL_PY_VENV=${MALL_PY_VENV:-/var/tmp/mall-py}
+otlp_proto_importable() {
+  "$MALL_PY_VENV/bin/python" -c 'import opentelemetry.proto.collector.trace.v1.trace_service_pb2' >/dev/null 2>&1
+}
+
+ensure_otlp_proto() {
+  if ! otlp_proto_importable; then
+    apt_install python3-venv
+    # A venv whose pip is gone (or half-created) is made again.
+    "$MALL_PY_VENV/bin/python" -m pip --version >/dev/null 2>&1 || /usr/bin/python3 -m venv --clear "$MALL_PY_VENV"
+    "$MALL_PY_VENV/bin/python" -m pip install --quiet 'opentelemetry-proto>=1.20,<2'
+    otlp_proto_importable || { echo "error: opentelemetry-proto does not import in $MALL_PY_VENV" >&2; return 1; }
+  fi
+  export MALL_TEST_OTLP_PYTHON="$MALL_PY_VENV/bin/python"
+}

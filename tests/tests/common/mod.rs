@@ -1,6 +1,9 @@
-//! What the end-to-end tests share: free ports, private Redis servers, fresh databases.
+//! What the end-to-end tests share: free ports, private Redis servers, fresh databases, an OTLP
+//! trace receiver (`otlp`).
 
 #![allow(dead_code)]
+
+pub mod otlp;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

@@ -1089,6 +1089,10 @@ impl ProxyHttp for MallProxy {
             );
         }
         if let (Some(tracer), Some(trace)) = (&self.shared.tracer, ctx.trace.take()) {
+            if trace.sampled {
+                let seconds = ctx.started.elapsed().as_secs_f64();
+                self.shared.slowest_traced.observe(seconds, &ctx.route, trace.trace_id);
+            }
             let req = session.req_header();
             trace.finish(
                 tracer,

@@ -82,6 +82,8 @@ pub struct Shared {
     pub write_seq: std::sync::atomic::AtomicI64,
     /// Spans of sampled requests go here (OTEL_* variables; `None`: tracing off).
     pub tracer: Option<mall_telemetry::Exporter>,
+    /// The slowest sampled request of the last minute, for the dashboard's link to its trace.
+    pub slowest_traced: crate::trace::SlowestTraced,
 }
 
 impl Shared {
@@ -91,8 +93,10 @@ impl Shared {
         tracer: Option<mall_telemetry::Exporter>,
     ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
+        let slowest_traced = crate::trace::SlowestTraced::new();
         if let Some(t) = &tracer {
             metrics.register(t.stats.collector());
+            metrics.register(slowest_traced.collector());
         }
         // The storage and lock live as long as the process: pingora-cache takes `&'static`.
         let store: &'static MemoryStore = Box::leak(Box::new(MemoryStore::new(config.cache.max_bytes)));
@@ -115,6 +119,7 @@ impl Shared {
             config_path,
             write_seq: Default::default(),
             tracer,
+            slowest_traced,
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         })

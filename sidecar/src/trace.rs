@@ -161,3 +161,88 @@ impl RequestTrace {
         tracer.export(span);
     }
 }
+
+/// The slowest sampled request of the last minute, as a series whose labels name its route and
+/// trace id (`sidecar_slowest_traced_request_seconds`): the dashboard links from it to the trace.
+/// One series at a time per sidecar; the previous one is removed when a slower request (or the
+/// first of a new minute) replaces it.
+pub struct SlowestTraced {
+    gauge: prometheus::GaugeVec,
+    window: std::sync::Mutex<Window>,
+}
+
+struct Window {
+    started: Instant,
+    best: Option<(f64, [String; 2])>,
+    shown: Option<[String; 2]>,
+}
+
+const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl SlowestTraced {
+    pub fn new() -> SlowestTraced {
+        SlowestTraced {
+            gauge: prometheus::GaugeVec::new(
+                prometheus::Opts::new(
+                    "slowest_traced_request_seconds",
+                    "The slowest sampled request of the last minute, by route and trace id (follow the trace id to the trace)",
+                ),
+                &["route", "trace_id"],
+            )
+            .expect("metric"),
+            window: std::sync::Mutex::new(Window {
+                started: Instant::now(),
+                best: None,
+                shown: None,
+            }),
+        }
+    }
+
+    pub fn collector(&self) -> Box<dyn prometheus::core::Collector> {
+        Box::new(self.gauge.clone())
+    }
+
+    pub fn observe(&self, seconds: f64, route: &str, trace_id: TraceId) {
+        let mut w = self.window.lock().expect("window");
+        if w.started.elapsed() >= WINDOW {
+            w.started = Instant::now();
+            w.best = None;
+        }
+        if w.best.as_ref().is_some_and(|(best, _)| *best >= seconds) {
+            return;
+        }
+        let labels = [route.to_string(), trace_id.to_string()];
+        if let Some(old) = w.shown.take() {
+            let _ = self.gauge.remove_label_values(&[&old[0], &old[1]]);
+        }
+        self.gauge.with_label_values(&[&labels[0], &labels[1]]).set(seconds);
+        w.shown = Some(labels.clone());
+        w.best = Some((seconds, labels));
+    }
+}
+
+impl Default for SlowestTraced {
+    fn default() -> Self {
+        SlowestTraced::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_series_names_the_slowest_sampled_request() {
+        let s = SlowestTraced::new();
+        let (a, b) = (TraceId::random(), TraceId::random());
+        s.observe(0.2, "/api/products", a);
+        s.observe(0.1, "/api/orders", b);
+        s.observe(0.5, "/api/orders", b);
+        let families = s.collector().collect();
+        let metrics = families[0].get_metric();
+        assert_eq!(metrics.len(), 1);
+        assert_eq!(metrics[0].get_gauge().get_value(), 0.5);
+        let labels: Vec<&str> = metrics[0].get_label().iter().map(|l| l.value()).collect();
+        assert_eq!(labels, ["/api/orders", b.to_string().as_str()]);
+    }
+}

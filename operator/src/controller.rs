@@ -24,7 +24,7 @@ use crate::desired::{self, Children};
 pub use crate::status::set_condition;
 use crate::status::{sale_started_note, sale_status, verify_monitoring};
 pub use crate::watches::run;
-use crate::{autoscale, budget, sale, token_secret, tuning, validation};
+use crate::{autoscale, budget, room_counts, sale, token_secret, tuning, validation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -306,25 +306,27 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         (None, None) => status.conditions.retain(|c| c.type_ != "SaleWindow"),
     }
     // While a window's waiting room is on: whether every pod admits from the fleet's line.
+    // And what it issued, handed back and refused, read from the pods (room_counts.rs).
     if sale.waiting_room.is_some() {
+        status.waiting_room = room_counts::refresh(ctx, md, old_status.waiting_room.as_ref(), now).await;
+        let counts = status
+            .waiting_room
+            .as_ref()
+            .map(|r| format!("; {}", room_counts::summary(r)))
+            .unwrap_or_default();
         let local = &status.alert_scaling.waiting_room_local;
         if local.is_empty() {
-            set_condition(
-                &mut status,
-                md,
-                "WaitingRoom",
-                true,
-                "SharedLine",
-                "every pod admits from one line through Redis",
-            );
+            let message = format!("every pod admits from one line through Redis{counts}");
+            set_condition(&mut status, md, "WaitingRoom", true, "SharedLine", &message);
         } else {
             let message = format!(
-                "{} cannot reach Redis: each admits admitPerSecond / maxReplicas from a line of its own",
+                "{} cannot reach Redis: each admits admitPerSecond / maxReplicas from a line of its own{counts}",
                 local.join(", ")
             );
             set_condition(&mut status, md, "WaitingRoom", false, "LocalLines", &message);
         }
     } else {
+        status.waiting_room = None;
         status.conditions.retain(|c| c.type_ != "WaitingRoom");
     }
 
@@ -552,6 +554,10 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     if let Some(at) = allowance.as_ref().and_then(|p| p.recheck_at) {
         // Be there when the held ceiling or the waiting share can move.
         next = next.min(Duration::from_secs((at - now).max(1) as u64));
+    }
+    if status.waiting_room.is_some() {
+        // Keep the room's counts current while it is on.
+        next = next.min(Duration::from_secs(room_counts::REFRESH_SECS as u64));
     }
     if !children.failed.is_empty() {
         // The others are applied and reported; retry the failed ones as error_policy would.

@@ -2,6 +2,8 @@
 //! and the status the operator reports back. Defaults and validation live in the schema so
 //! `kubectl explain` and the API server both know them.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use mall_sidecar_config::{Balance, CacheRule, LimitRule};
@@ -775,6 +777,32 @@ pub struct MallDeploymentStatus {
     /// Sale windows: the one in effect and the next.
     #[serde(default)]
     pub sale: SaleStatus,
+    /// While a sale's waiting room is on: its decisions, summed over the running pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_room: Option<WaitingRoomStatus>,
+}
+
+/// The waiting room's decisions, read from the pods' sidecars (`operator/src/room_counts.rs`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingRoomStatus {
+    /// When the pods were read (RFC 3339).
+    #[serde(default)]
+    pub observed_at: String,
+    /// The same instant in Unix seconds (when to read again).
+    #[serde(default)]
+    pub observed_at_unix: i64,
+    /// Running pods.
+    #[serde(default)]
+    pub pods: u32,
+    /// Running pods whose sidecar answered.
+    #[serde(default)]
+    pub pods_read: u32,
+    /// Decisions since each pod started, by outcome: issued, admitted, direct, reused (a buyer
+    /// asking again got its own place), no_show (a turn passed over), expired, and the refusals:
+    /// unbound (no credentials), address_limited, readmit_refused, rejected.
+    #[serde(default)]
+    pub decisions: BTreeMap<String, u64>,
 }
 
 /// What is known of the mall's monitoring.

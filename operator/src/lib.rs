@@ -39,6 +39,7 @@ pub mod leader;
 pub mod metrics;
 pub mod quantity;
 pub mod render;
+pub mod room_counts;
 pub mod sale;
 pub mod status;
 pub mod token_secret;

@@ -141,6 +141,17 @@ async fn everything_the_operator_does() -> Vec<common::Call> {
     .await
     .unwrap();
     pass().await;
+    // A sale window's waiting room: the mall's pods are listed to read their rooms' counts.
+    mds.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "saleWindows": [{
+            "name": "all-year", "start": "2026-01-01T00:00", "end": "2099-12-31T23:00", "timeZone": "UTC",
+            "minReplicas": 2, "waitingRoom": { "admitPerSecond": 100 } }] } })),
+    )
+    .await
+    .unwrap();
+    pass().await;
 
     // The webhook: a scale-up alert patches spec.replicas and the autoscaler's status.
     let alert = AlertView {
@@ -242,12 +253,18 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
             .any(|c| c.field_manager().as_deref() == Some("mall-operator-autoscaler")),
         "alert scaling writes as mall-operator-autoscaler"
     );
-    // The watches cache the operator's own objects only.
+    // The watches cache the operator's own objects only; the one list of pods (a waiting room's
+    // counts) selects one mall's pods.
     for c in calls
         .iter()
         .filter(|c| c.method == "GET" && c.accesses().iter().any(|a| a.verb == "list" || a.verb == "watch"))
     {
-        if !c.path.contains("malldeployments") && !c.path.contains("customresourcedefinitions") {
+        if c.path.ends_with("/pods") {
+            assert!(
+                c.query.contains("app.kubernetes.io%2Finstance%3Dshop") && !c.query.contains("watch"),
+                "pods are listed for one mall only, never watched: {c:?}"
+            );
+        } else if !c.path.contains("malldeployments") && !c.path.contains("customresourcedefinitions") {
             assert!(
                 c.query
                     .contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dmall-operator"),

@@ -377,3 +377,108 @@ async fn a_pod_whose_waiting_room_lost_redis_shows_in_the_waiting_room_condition
     let (status, _, _) = condition(&md(&client, "room").await, "WaitingRoom").unwrap();
     assert_eq!(status, "True");
 }
+
+/// Serves `body` as a sidecar's `/metrics` on a loopback port; counts the requests.
+async fn metrics_server(body: &'static str) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let head = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\r\n{body}");
+            let _ = s.write_all(head.as_bytes()).await;
+        }
+    });
+    (port, hits)
+}
+
+fn pod(name: &str, admin_port: u16, phase: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": NS,
+                      "labels": { "app.kubernetes.io/name": "mall", "app.kubernetes.io/instance": "room" } },
+        "spec": { "containers": [
+            { "name": "app", "image": "mall-app", "ports": [{ "name": "http", "containerPort": 8080 }] },
+            { "name": "sidecar", "image": "mall-sidecar", "ports": [
+                { "name": "http", "containerPort": 8000 }, { "name": "admin", "containerPort": admin_port }] }
+        ] },
+        "status": { "phase": phase, "podIP": "127.0.0.1" }
+    }))
+    .unwrap()
+}
+
+/// Issue 34: the `WaitingRoom` condition says how many numbers were refused or reused, and why,
+/// summed from the pods' own sidecars; a pod that does not answer is counted as not read, a pod
+/// not running is not asked, and the pods are read at most every 30 s (the status write this
+/// causes triggers the next reconcile, which must not read them again).
+#[tokio::test]
+async fn the_waiting_room_condition_counts_refusals_and_reused_places_from_the_pods() {
+    const ONE: &str = "# TYPE sidecar_waiting_room_tickets_total counter\n\
+        sidecar_waiting_room_tickets_total{outcome=\"issued\"} 300\n\
+        sidecar_waiting_room_tickets_total{outcome=\"admitted\"} 250\n\
+        sidecar_waiting_room_tickets_total{outcome=\"reused\"} 9000\n\
+        sidecar_waiting_room_tickets_total{outcome=\"unbound\"} 120\n\
+        sidecar_waiting_room_tickets_total{outcome=\"readmit_refused\"} 19\n";
+    const TWO: &str = "sidecar_waiting_room_tickets_total{outcome=\"issued\"} 200\n\
+        sidecar_waiting_room_tickets_total{outcome=\"reused\"} 980\n\
+        sidecar_waiting_room_tickets_total{outcome=\"address_limited\"} 45\n\
+        sidecar_waiting_room_tickets_total{outcome=\"no_show\"} 7\n";
+    let (one, one_hits) = metrics_server(ONE).await;
+    let (two, _) = metrics_server(TWO).await;
+    let (pending, pending_hits) = metrics_server(ONE).await;
+    // A port nothing listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut shop = mall("room", "alerts", 60);
+    shop.spec.sale_windows = serde_json::from_value(json!([{
+        "name": "all-year", "start": "2026-01-01T00:00", "end": "2027-12-31T23:00", "timeZone": "UTC",
+        "minReplicas": 2, "waitingRoom": { "admitPerSecond": 100 }
+    }]))
+    .unwrap();
+    let client = ClientBuilder::new()
+        .with_resource::<MallDeployment>()
+        .with_status_subresource::<MallDeployment>()
+        .with_object(shop)
+        .with_object(pod("room-a", one, "Running"))
+        .with_object(pod("room-b", two, "Running"))
+        .with_object(pod("room-c", dead, "Running"))
+        .with_object(pod("room-d", pending, "Pending"))
+        .build()
+        .await
+        .unwrap();
+    let (_url, ctx) = serve(&client).await;
+    ctx.sync().await.unwrap();
+    let now = autoscale::now();
+    reconcile_once(&md(&client, "room").await, &ctx, now).await.unwrap();
+    let status = md(&client, "room").await.status.unwrap();
+    let room = status.waiting_room.clone().expect("status.waitingRoom");
+    assert_eq!((room.pods, room.pods_read), (3, 2));
+    assert_eq!(room.decisions["reused"], 9980);
+    assert_eq!(room.decisions["unbound"], 120);
+    assert_eq!(room.decisions["address_limited"], 45);
+    let (status_, reason, message) = condition(&md(&client, "room").await, "WaitingRoom").unwrap();
+    assert_eq!((status_.as_str(), reason.as_str()), ("True", "SharedLine"));
+    assert!(
+        message.ends_with(
+            "500 numbers issued, 250 admitted; 9980 asks answered with the buyer's own place; 7 no-shows passed over; \
+             refused 120 without credentials, 45 over the per-address limit on new numbers, 19 admitted already"
+        ),
+        "{message}"
+    );
+    assert!(message.contains("(2 of 3 read at "), "{message}");
+    assert_eq!(pending_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // The reconcile its own status write triggers does not read the pods again; 30 s later does.
+    let read = one_hits.load(std::sync::atomic::Ordering::SeqCst);
+    reconcile_once(&md(&client, "room").await, &ctx, now + 5).await.unwrap();
+    assert_eq!(one_hits.load(std::sync::atomic::Ordering::SeqCst), read);
+    reconcile_once(&md(&client, "room").await, &ctx, now + 31).await.unwrap();
+    assert_eq!(one_hits.load(std::sync::atomic::Ordering::SeqCst), read + 1);
+}

@@ -63,6 +63,9 @@ struct Sale {
     /// The most orders one attacker got, and the answers attackers and anonymous clients got.
     attacker_orders_max: usize,
     attack_statuses: std::collections::BTreeMap<u16, usize>,
+    /// The rooms' decisions by outcome, summed over the sidecars as the operator reads them for
+    /// the `WaitingRoom` condition.
+    decisions: std::collections::BTreeMap<String, u64>,
 }
 
 async fn sale(front: Front) -> Option<Sale> {
@@ -305,7 +308,11 @@ async fn sale(front: Front) -> Option<Sale> {
     }
     let app_requests = order_requests(&http, &apps).await - app_orders_before;
     let mut shared = Vec::new();
+    let mut decisions = std::collections::BTreeMap::<String, u64>::new();
     for admin in &admins {
+        for (outcome, n) in mall_operator::room_counts::read_pod(*admin).await.unwrap() {
+            *decisions.entry(outcome).or_default() += n;
+        }
         let text = http
             .get(format!("http://{admin}/metrics"))
             .send()
@@ -416,6 +423,7 @@ async fn sale(front: Front) -> Option<Sale> {
         shared,
         attacker_orders_max,
         attack_statuses,
+        decisions,
     })
 }
 
@@ -539,5 +547,19 @@ async fn attackers_get_one_place_each_and_honest_buyers_keep_their_order() {
         room.attack_statuses.get(&401).copied().unwrap_or(0) > 0,
         "{:?}",
         room.attack_statuses
+    );
+    // What the operator reads from the sidecars for the `WaitingRoom` condition says the same:
+    // every 401 an unbound request, and the repeats handed the attacker's own place back.
+    assert_eq!(
+        room.decisions.get("unbound").copied().unwrap_or(0),
+        room.attack_statuses.get(&401).copied().unwrap_or(0) as u64,
+        "{:?}",
+        room.decisions
+    );
+    assert!(room.decisions.get("reused").copied().unwrap_or(0) > 0, "{:?}", room.decisions);
+    assert!(
+        room.decisions.get("readmit_refused").copied().unwrap_or(0) > 0,
+        "{:?}",
+        room.decisions
     );
 }

@@ -178,6 +178,10 @@ fn dashboard_queries_parse_and_cover_the_panels() {
         "Monitoring heartbeat",
         "Sale windows",
         "Waiting room",
+        "Top statements by total time",
+        "Statement latency p99",
+        "Slowest traced request",
+        "Spans exported and dropped",
     ] {
         assert!(
             titles.iter().any(|t| t.starts_with(want)),

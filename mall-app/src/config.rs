@@ -130,6 +130,17 @@ pub struct ServeArgs {
     /// it, in a shared emptyDir). A stale socket file left by a previous run is replaced.
     #[arg(long, env = "MALL_LISTEN_SOCKET")]
     pub listen_socket: Option<std::path::PathBuf>,
+    /// A private admin port (e.g. `127.0.0.1:9902`) serving profiles on demand:
+    /// `GET /debug/pprof/profile?seconds=N` (CPU, pprof protobuf, 1..=60 s, one at a time) and
+    /// `/debug/pprof/heap` (501: mimalloc records no allocation stacks), behind
+    /// `MALL_ADMIN_TOKEN`. Unset: no admin port. Profiles are never served on `MALL_LISTEN`: the
+    /// sidecar forwards every path of that port to the world.
+    #[arg(long, env = "MALL_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// The bearer token the admin port requires (`Authorization: Bearer <token>`); required with
+    /// `MALL_ADMIN_LISTEN`. Never logged.
+    #[arg(long, env = "MALL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Redacted>,
     #[arg(long, env = "MALL_ENV", value_enum, default_value = "development")]
     pub env: Environment,
     #[arg(long, env = "MALL_LOG_FORMAT", value_enum, default_value = "json")]
@@ -400,6 +411,17 @@ impl Config {
         if args.admin_password.as_ref().is_some_and(|p| p.0.chars().count() < 12) {
             return Err(invalid("MALL_ADMIN_PASSWORD", "must be at least 12 characters"));
         }
+        if let Some(admin) = args.admin_listen {
+            if args.admin_token.as_ref().is_none_or(|t| t.0.is_empty()) {
+                return Err(invalid(
+                    "MALL_ADMIN_TOKEN",
+                    "is required with MALL_ADMIN_LISTEN: the admin port serves profiles only to its bearer",
+                ));
+            }
+            if admin == args.listen {
+                return Err(invalid("MALL_ADMIN_LISTEN", "must differ from MALL_LISTEN"));
+            }
+        }
         if args.env == Environment::Production && args.seed && args.seed_args.password == "mall-password" {
             return Err(invalid(
                 "MALL_SEED_PASSWORD",
@@ -476,6 +498,26 @@ mod tests {
         assert_eq!(c.tuning.cache_bytes, 1000);
         let c = parse(&["--db-max-connections", "1"]).unwrap();
         assert_eq!(c.tuning.primary_pool.min, 1, "min never exceeds max");
+    }
+
+    #[test]
+    fn the_admin_port_needs_a_token() {
+        let err = parse(&["--admin-listen", "127.0.0.1:9902"]).unwrap_err();
+        assert_eq!(err.field, "MALL_ADMIN_TOKEN");
+        assert!(err.to_string().contains("MALL_ADMIN_LISTEN"), "{err}");
+        let err = parse(&["--admin-listen", "127.0.0.1:9902", "--admin-token", ""]).unwrap_err();
+        assert_eq!(err.field, "MALL_ADMIN_TOKEN");
+        let err = parse(&["--admin-listen", "127.0.0.1:8080", "--admin-token", "t"]).unwrap_err();
+        assert_eq!(err.field, "MALL_ADMIN_LISTEN");
+        let ok = parse(&["--admin-listen", "127.0.0.1:9902", "--admin-token", "s3cret"]).unwrap();
+        assert!(
+            !format!("{:?}", ok.args).contains("s3cret"),
+            "the token is never printed"
+        );
+        assert!(
+            parse(&[]).unwrap().args.admin_listen.is_none(),
+            "no admin port by default"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! [`App::start`] wires the parts together; [`api::app`] is the router the binary serves and
 //! the tests drive over a real socket.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod cache;

@@ -70,7 +70,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         let listen = config.args.listen;
         let socket = config.args.listen_socket.clone();
+        // Config::resolve refuses an admin port without its token.
+        let admin = config.args.admin_listen.zip(config.args.admin_token.clone());
         let app = App::start(config).await?;
+        if let Some((admin, token)) = admin {
+            let listener = tokio::net::TcpListener::bind(admin)
+                .await
+                .map_err(|e| anyhow::anyhow!("MALL_ADMIN_LISTEN: cannot bind {admin}: {e}"))?;
+            tracing::info!(url = %format!("http://{}", listener.local_addr()?), "admin port (profiles) listening");
+            tokio::spawn(mall_app::admin::serve(listener, token.0));
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("MALL_LISTEN: cannot bind {listen}: {e}"))?;

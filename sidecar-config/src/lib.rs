@@ -84,10 +84,18 @@ pub struct Server {
     /// connection, from the request's first byte on a kept-alive one), else 408 and the
     /// connection is closed: a slowloris client cannot hold a connection by trickling bytes.
     pub request_header_timeout_seconds: u64,
-    /// Bearer token that `POST /reload` on the admin port requires. Unset: the admin port is
-    /// read-only (metrics, health, readiness) and only SIGHUP or a change of the file reloads.
+    /// Bearer token that `POST /reload` and the profiles on the admin port require. Unset: the
+    /// admin port is read-only (metrics, health, readiness) and only SIGHUP or a change of the
+    /// file reloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// Profiles on demand on the admin port: `GET /debug/pprof/profile?seconds=N` (CPU, pprof
+    /// protobuf, 1..=60 s, one at a time) behind `admin_token`, which it requires. Off by default:
+    /// a running profile interrupts the process 99 times a second to record a stack, and with it
+    /// off the port answers 404.
+    // Left out of the rendered TOML when off, so configurations written before it read the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub profiling: bool,
 }
 
 impl Default for Server {
@@ -103,6 +111,7 @@ impl Default for Server {
             keepalive_timeout_seconds: 60,
             request_header_timeout_seconds: 10,
             admin_token: None,
+            profiling: false,
         }
     }
 }
@@ -727,6 +736,12 @@ impl SidecarConfig {
                 "must differ from server.listen",
             ));
         }
+        if s.profiling && s.admin_token.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::invalid(
+                "server.profiling",
+                "requires server.admin_token: profiles are served only to its bearer",
+            ));
+        }
         if s.max_request_header_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "server.max_request_header_bytes",
@@ -1133,6 +1148,9 @@ mod tests {
         );
         assert!(err("[server]\nshutdown_grace_seconds = 300").contains("server.shutdown_grace_seconds"));
         assert!(err("[server]\nrequest_header_timeout_seconds = 0").contains("server.request_header_timeout_seconds"));
+        assert!(err("[server]\nprofiling = true").contains("server.profiling"));
+        assert!(err("[server]\nprofiling = true\nadmin_token = \"\"").contains("server.profiling"));
+        SidecarConfig::from_toml("[server]\nprofiling = true\nadmin_token = \"t\"").unwrap();
         assert!(err("[server]\nthreads = \"two\"").contains("threads"));
         let bad_addr = "[upstream]\nservers = [{ address = \"127.0.0.1:1\" }, { address = \"nope\" }]";
         assert!(

@@ -148,13 +148,17 @@ impl BackgroundService for Drain {
     }
 }
 
-/// The admin port: `/metrics`, `/health` (the process is up), `/ready` (it can serve).
+/// The admin port: `/metrics`, `/health` (the process is up), `/ready` (it can serve), `POST
+/// /reload`, and with `server.profiling` the profiles of [`mall_telemetry::profile`].
 pub struct Admin(pub Arc<Shared>);
 
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let shared = &self.0;
+        if let Some(response) = profile(shared, session).await {
+            return response;
+        }
         let (status, content_type, body) = match session.req_header().uri.path() {
             "/metrics" => (200, "text/plain; version=0.0.4", shared.metrics.render()),
             "/health" => (200, "text/plain", b"ok\n".to_vec()),
@@ -193,6 +197,74 @@ impl ServeHttp for Admin {
             .body(body)
             .expect("valid response")
     }
+}
+
+/// `/debug/pprof/profile?seconds=N` and `/debug/pprof/heap`; `None` for other paths. The profile
+/// is taken on a blocking thread while this connection waits: pingora serves each admin
+/// connection on a task of its own, so probes and scrapes carry on meanwhile.
+async fn profile(shared: &Shared, session: &ServerSession) -> Option<Response<Vec<u8>>> {
+    use mall_telemetry::profile::{authorize, Profile, ProfileError};
+    let req = session.req_header();
+    let asked = Profile::from_request(req.uri.path(), req.uri.query())?;
+    let (profiling, token) = {
+        let server = &shared.live.load().config.server;
+        (server.profiling, server.admin_token.clone().unwrap_or_default())
+    };
+    if !profiling {
+        let body = b"profiles are off: set server.profiling (and server.admin_token) to serve them\n";
+        return Some(text(404, body).body(body.to_vec()).expect("valid response"));
+    }
+    let authorization = req
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let allowed = authorize(authorization, &token);
+    let taken = match allowed.and(asked) {
+        Ok(profile) => {
+            let started = Instant::now();
+            let taken = tokio::task::spawn_blocking(move || profile.take())
+                .await
+                .unwrap_or_else(|e| Err(ProfileError::Failed(e.to_string())));
+            if taken.is_ok() {
+                tracing::info!(
+                    ?profile,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "profile taken"
+                );
+            }
+            taken
+        }
+        Err(e) => Err(e),
+    };
+    Some(
+        match taken {
+            Ok(pprof) => Response::builder()
+                .status(200)
+                .header("content-type", "application/octet-stream")
+                .header("content-disposition", "attachment; filename=\"profile.pb\"")
+                .header("content-length", pprof.len())
+                .body(pprof),
+            Err(e) => {
+                let body = format!("{e}\n").into_bytes();
+                let mut response = text(e.status(), &body);
+                if e.status() == 401 {
+                    response = response.header(http::header::WWW_AUTHENTICATE, "Bearer");
+                }
+                if let Some(seconds) = e.retry_after() {
+                    response = response.header(http::header::RETRY_AFTER, seconds);
+                }
+                response.body(body)
+            }
+        }
+        .expect("valid response"),
+    )
+}
+
+fn text(status: u16, body: &[u8]) -> http::response::Builder {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .header("content-length", body.len())
 }
 
 /// Whether the sidecar can serve, and why, for `/ready`: a first line that says it (`ready`,

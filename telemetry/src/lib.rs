@@ -11,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod export;
 pub mod otlp;
+pub mod profile;
 pub mod sampler;
 pub mod span;
 

@@ -112,9 +112,12 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
     contenders = [(c.split("=", 1)[0], 3301 + i, c.split("=", 1)[1].split()) for i, c in enumerate(spec.split(";"))]
     for contender, port, extra in contenders:
         logfile = work / f"orders-{backend}-{contender}.log"
+        # NAME=value words are the contender's environment (the OTEL_* variables), the rest flags.
+        own_env = dict(env, **dict(w.split("=", 1) for w in extra if re.match(r"^[A-Z][A-Z0-9_]*=", w)))
+        flags = [w for w in extra if not re.match(r"^[A-Z][A-Z0-9_]*=", w)]
         proc = subprocess.Popen(
-            [str(bin_dir / "mall-app"), "serve", "--listen", f"127.0.0.1:{port}", *db_args, *extra],
-            stdout=open(logfile, "w"), stderr=subprocess.STDOUT, env=env)
+            [str(bin_dir / "mall-app"), "serve", "--listen", f"127.0.0.1:{port}", *db_args, *flags],
+            stdout=open(logfile, "w"), stderr=subprocess.STDOUT, env=own_env)
         wait_ready(port, proc, logfile)
         apps[contender] = (proc, port)
 

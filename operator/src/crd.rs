@@ -198,7 +198,7 @@ pub struct MallDeploymentSpec {
     /// Accounts and the key that signs login tokens.
     #[serde(default)]
     pub auth: Auth,
-    /// What the pods report besides their Prometheus metrics: traces.
+    /// What the pods report besides their Prometheus metrics: traces, and CPU profiles on demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observability: Option<Observability>,
 }
@@ -212,6 +212,23 @@ pub struct Observability {
     /// collector. Without it neither program traces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
+    /// CPU profiles of a live pod on demand (pprof's protobuf format; `scripts/profile.sh` turns
+    /// one into a flame graph). Without it no pod serves a profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profiling: Option<Profiling>,
+}
+
+/// Who may take a profile. The app serves `/debug/pprof/profile?seconds=N` on its admin port
+/// (127.0.0.1:9902 in the pod: reach it with `kubectl port-forward`), the sidecar on its admin
+/// port (9901); both ask for this token as a bearer token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct Profiling {
+    /// The bearer token, a key of a Secret in the MallDeployment's namespace (a long random
+    /// value; pods do not start until it exists). The sidecar's `POST /reload` takes the same
+    /// token.
+    pub token_secret: SecretValue,
 }
 
 /// Where the app and the sidecar send their spans, and how many traces they keep. Both read it

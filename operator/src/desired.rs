@@ -399,7 +399,20 @@ fn app_env(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> Vec<EnvVar>
         e.push(secret_env("MALL_REDIS_URL", &redis.url));
     }
     e.extend(tracing_env(md, "mall-app"));
+    if let Some(p) = profiling(md) {
+        // Loopback only: `kubectl port-forward` reaches it, other pods do not, and it is on no
+        // Service.
+        e.push(env("MALL_ADMIN_LISTEN", format!("127.0.0.1:{APP_ADMIN_PORT}")));
+        e.push(secret_value_env("MALL_ADMIN_TOKEN", &p.token_secret));
+    }
     e
+}
+
+/// The app's admin port (profiles) when `spec.observability.profiling` is on.
+pub const APP_ADMIN_PORT: i32 = 9902;
+
+fn profiling(md: &MallDeployment) -> Option<&crate::crd::Profiling> {
+    md.spec.observability.as_ref().and_then(|o| o.profiling.as_ref())
 }
 
 /// With `spec.observability.tracing`: the standard OpenTelemetry variables both the app and the
@@ -473,6 +486,11 @@ fn deployment(md: &MallDeployment, tuning: &Tuning, config_map: &ConfigMap, sale
         }
     }
     sidecar_env.extend(tracing_env(md, "mall-sidecar"));
+    if let Some(p) = profiling(md) {
+        // The token stays in the Secret, not in the ConfigMap (SIDECAR__* overrides the file).
+        sidecar_env.push(env("SIDECAR__SERVER__PROFILING", "true"));
+        sidecar_env.push(secret_value_env("SIDECAR__SERVER__ADMIN_TOKEN", &p.token_secret));
+    }
     // Any change to what the pods run with (sidecar config, env, images, resources) changes the
     // hash and so rolls the pods.
     let mut hasher = Sha256::new();

@@ -334,6 +334,16 @@ fn the_schema_refuses_what_the_operator_refuses() {
             "name",
         ),
         (
+            "profiling token secret without a name",
+            mall("shop", json!({"observability": {"profiling": {"tokenSecret": {"name": "", "key": "token"}}}})),
+            "name",
+        ),
+        (
+            "profiling without a token secret",
+            mall("shop", json!({"observability": {"profiling": {}}})),
+            "tokenSecret",
+        ),
+        (
             "tracing without an endpoint",
             mall("shop", json!({"observability": {"tracing": {"sampleRatio": 0.5}}})),
             "endpoint",

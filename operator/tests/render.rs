@@ -188,8 +188,11 @@ fn render_refuses_what_the_api_server_refuses() {
             "spec.observability.tracing.headersSecret.name",
         ),
         (format!("{one}, observability: {{tracing: {{sampleRatio: 0.5}}}}"), "spec.observability.tracing: missing field `endpoint`"),
-        // Not implemented, so not configurable.
-        (format!("{one}, observability: {{profiling: {{}}}}"), "spec.observability.profiling: unknown field `profiling`"),
+        (format!("{one}, observability: {{profiling: {{}}}}"), "spec.observability.profiling: missing field `tokenSecret`"),
+        (
+            format!("{one}, observability: {{profiling: {{tokenSecret: {{name: \"\", key: token}}}}}}"),
+            "spec.observability.profiling.tokenSecret.name",
+        ),
     ];
     for (spec, want) in cases {
         let doc = format!(
@@ -464,5 +467,67 @@ fn tracing_renders_the_opentelemetry_variables_into_both_containers_and_nothing_
             attributes.as_str().unwrap().starts_with("service.namespace=web/demo,"),
             "{attributes}"
         );
+    }
+}
+
+/// `spec.observability.profiling`: the app gets a loopback admin port and the token from the
+/// Secret, the sidecar profiling and the same token as `SIDECAR__*` overrides, and the sidecar
+/// accepts its rendered file with those overrides (the token filled in as the kubelet would).
+/// Without it nothing of it is rendered.
+#[test]
+fn profiling_renders_the_admin_token_into_both_containers_and_the_sidecar_accepts_it() {
+    let spec = "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {name: demo, namespace: web}\nspec: {replicas: 1, minReplicas: 1, maxReplicas: 1, observability: {profiling: {tokenSecret: {name: demo-admin, key: token}}}}\n";
+    let mut docs = render_before_sales(spec);
+    let config_map = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["data"][mall_operator::desired::SIDECAR_CONFIG_KEY].is_string())
+        .unwrap()["data"][mall_operator::desired::SIDECAR_CONFIG_KEY]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token_ref = serde_json::json!({ "name": "demo-admin", "key": "token", "optional": false });
+    for container in containers(&mut docs).iter() {
+        let env = container["env"].as_array().unwrap();
+        let get = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+        match container["name"].as_str().unwrap() {
+            "app" => {
+                assert_eq!(get("MALL_ADMIN_LISTEN").unwrap()["value"], "127.0.0.1:9902");
+                assert_eq!(get("MALL_ADMIN_TOKEN").unwrap()["valueFrom"]["secretKeyRef"], token_ref);
+            }
+            "sidecar" => {
+                assert_eq!(get("SIDECAR__SERVER__PROFILING").unwrap()["value"], "true");
+                assert_eq!(
+                    get("SIDECAR__SERVER__ADMIN_TOKEN").unwrap()["valueFrom"]["secretKeyRef"],
+                    token_ref
+                );
+                // What the sidecar reads at start: the file, then its SIDECAR__* variables.
+                let overrides = env.iter().filter_map(|e| {
+                    let name = e["name"].as_str()?.to_string();
+                    let value = match e["value"].as_str() {
+                        Some(v) => v.to_string(),
+                        None if e["valueFrom"]["secretKeyRef"].is_object() => "a-long-random-token-from-the-secret".into(),
+                        None => return None,
+                    };
+                    Some((name, value))
+                });
+                let config = mall_sidecar_config::SidecarConfig::from_toml_with_env(&config_map, "sidecar.toml", overrides)
+                    .expect("the sidecar accepts its rendered config with the overrides");
+                assert!(config.server.profiling);
+                assert_eq!(config.server.admin_token.as_deref(), Some("a-long-random-token-from-the-secret"));
+            }
+            other => panic!("a container {other}"),
+        }
+    }
+    // Without it: no admin port, no token, no profiling.
+    let plain = "apiVersion: mall.example.com/v1alpha1\nkind: MallDeployment\nmetadata: {name: demo, namespace: web}\nspec: {replicas: 1, minReplicas: 1, maxReplicas: 1}\n";
+    let mut docs = render_before_sales(plain);
+    for container in containers(&mut docs).iter() {
+        for e in container["env"].as_array().unwrap() {
+            let name = e["name"].as_str().unwrap();
+            assert!(
+                !matches!(name, "MALL_ADMIN_LISTEN" | "MALL_ADMIN_TOKEN" | "SIDECAR__SERVER__PROFILING" | "SIDECAR__SERVER__ADMIN_TOKEN"),
+                "{name} without profiling"
+            );
+        }
     }
 }

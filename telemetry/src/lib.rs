@@ -6,6 +6,9 @@
 //! Export runs on a thread of its own behind a bounded queue: a request only ever pushes a
 //! finished span (dropped and counted when the queue is full), so a slow or dead collector costs
 //! users nothing.
+//!
+//! CPU profiles on demand ([`profile`]: pprof's protobuf, one at a time, behind a token) are here
+//! too, so the app's and the sidecar's admin ports serve them the same way.
 
 pub mod config;
 pub mod context;

@@ -9,7 +9,7 @@ use mall_app::{db::Db, metrics::Metrics, tuning, App};
 /// Every request allocates (headers, JSON, sqlx rows) on tokio's worker threads; mimalloc's
 /// per-thread heaps spend less on it than glibc's malloc (measured in BENCHMARKS.md's orders runs).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: mall_telemetry::heap::Sampled<mimalloc::MiMalloc> = mall_telemetry::heap::Sampled(mimalloc::MiMalloc);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -79,6 +79,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("MALL_ADMIN_LISTEN: cannot bind {admin}: {e}"))?;
             tracing::info!(url = %format!("http://{}", listener.local_addr()?), "admin port (profiles) listening");
             tokio::spawn(mall_app::admin::serve(listener, token.0));
+            // Heap profiles: the allocator samples from now on (mall_telemetry::heap).
+            mall_telemetry::heap::enable();
         }
         let listener = tokio::net::TcpListener::bind(listen)
             .await

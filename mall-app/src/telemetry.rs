@@ -112,7 +112,7 @@ pub fn install(format: LogFormat) -> Result<(), String> {
     tracing_subscriber::registry()
         .with(fmt)
         .with(Statements.with_filter(sqlx_statements()))
-        .with(exporter.map(|_| Spans))
+        .with(exporter.map(|_| Spans.with_filter(InSampledTrace)))
         .try_init()
         .map_err(|e| e.to_string())
 }
@@ -126,7 +126,7 @@ pub fn install_for_tests() {
     let exporter = exporter_from_env().expect("valid OTEL_* variables");
     let _ = tracing_subscriber::registry()
         .with(Statements.with_filter(sqlx_statements()))
-        .with(exporter.map(|_| Spans))
+        .with(exporter.map(|_| Spans.with_filter(InSampledTrace)))
         .try_init();
 }
 
@@ -344,6 +344,25 @@ impl Visit for Fields {
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.attributes.push((Cow::Borrowed(field.name()), (value as i64).into()));
+    }
+}
+
+/// What [`Spans`] sees: the root span of a sampled request or order batch (the only shape with a
+/// `sampled` field), and spans and statement events inside a recorded span. Everything of an
+/// unsampled request is filtered out before it is built (with the log lines at INFO, its DEBUG
+/// cache and Redis spans are not created at all).
+pub struct InSampledTrace;
+
+impl<S> tracing_subscriber::layer::Filter<S> for InSampledTrace
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(&self, meta: &tracing::Metadata<'_>, cx: &Context<'_, S>) -> bool {
+        if meta.is_span() && meta.fields().field("sampled").is_some() {
+            return true;
+        }
+        cx.lookup_current()
+            .is_some_and(|s| s.extensions().get::<Recorded>().is_some())
     }
 }
 

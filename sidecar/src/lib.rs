@@ -49,6 +49,10 @@ fn cgroup_cpus() -> Option<f64> {
 /// second SIGINT exits at once).
 pub fn run(config: SidecarConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_open_files_limit();
+    if config.server.profiling {
+        // Heap profiles: the allocator samples from now on (mall_telemetry::heap).
+        mall_telemetry::heap::enable();
+    }
     // Unset: one worker per CPU of the cgroup's quota (as automaxprocs), else of the host.
     let (threads, threads_from) = match config.server.threads {
         0 => match cgroup_cpus() {

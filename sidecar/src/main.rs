@@ -13,7 +13,7 @@ use tracing_subscriber::Layer;
 /// pingora runs several runtimes' worker threads that all allocate per request; glibc's malloc
 /// serialises them on its arena locks (the profile showed it), mimalloc's per-thread heaps do not.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: mall_telemetry::heap::Sampled<mimalloc::MiMalloc> = mall_telemetry::heap::Sampled(mimalloc::MiMalloc);
 
 #[derive(Parser)]
 #[command(

@@ -718,7 +718,7 @@ impl ProxyHttp for MallProxy {
         };
         if let (Some(t), Some(lease)) = (ctx.trace.as_mut(), &ctx.lease) {
             let transport = if peer._address.as_inet().is_some() { "tcp" } else { "unix" };
-            t.attempt(lease.instance.label().to_string(), transport);
+            t.attempt(lease.instance.label(), transport);
         }
         peer.options.connection_timeout = Some(Duration::from_millis(upstream.connect_timeout_ms));
         peer.options.read_timeout = Some(Duration::from_millis(upstream.read_timeout_ms));
@@ -1088,11 +1088,9 @@ impl ProxyHttp for MallProxy {
                 error = e.map(|e| e.to_string()).unwrap_or_default(),
             );
         }
-        if let (Some(tracer), Some(trace)) = (&self.shared.tracer, ctx.trace.take()) {
-            if trace.sampled {
-                let seconds = ctx.started.elapsed().as_secs_f64();
-                self.shared.slowest_traced.observe(seconds, &ctx.route, trace.trace_id);
-            }
+        if let (Some(tracer), Some(trace)) = (&self.shared.tracer, ctx.trace.take().filter(|t| t.sampled)) {
+            let seconds = ctx.started.elapsed().as_secs_f64();
+            self.shared.slowest_traced.observe(seconds, &ctx.route, trace.trace_id);
             let req = session.req_header();
             trace.finish(
                 tracer,

@@ -46,13 +46,19 @@ impl RequestTrace {
                 (trace_id, t.sampler.sample(p.as_ref(), trace_id))
             }
         };
-        let elapsed = started.elapsed().as_nanos() as u64;
+        // An unsampled request (most of them) only carries its ids on: no clock is read and no
+        // attempt is kept for it.
+        let start = if sampled {
+            now_nanos().saturating_sub(started.elapsed().as_nanos() as u64)
+        } else {
+            0
+        };
         Some(RequestTrace {
             trace_id,
             span_id: SpanId::random(),
             parent: parent.map(|p| p.parent_id),
             sampled,
-            start: now_nanos().saturating_sub(elapsed),
+            start,
             started,
             attempts: Vec::new(),
             room: None,
@@ -60,8 +66,11 @@ impl RequestTrace {
         })
     }
 
-    /// A new upstream attempt: the previous one (if any) ended now.
-    pub fn attempt(&mut self, instance: String, transport: &'static str) {
+    /// A new upstream attempt: the previous one (if any) ended now. Kept for sampled requests.
+    pub fn attempt(&mut self, instance: &str, transport: &'static str) {
+        if !self.sampled {
+            return;
+        }
         let now = self.now();
         if let Some(last) = self.attempts.last_mut() {
             last.end.get_or_insert(now);
@@ -70,7 +79,7 @@ impl RequestTrace {
             span_id: SpanId::random(),
             start: now,
             end: None,
-            instance,
+            instance: instance.to_string(),
             transport,
             reused: false,
         });
@@ -86,7 +95,7 @@ impl RequestTrace {
         self.start + self.started.elapsed().as_nanos() as u64
     }
 
-    /// The request's spans, to `tracer` if sampled.
+    /// The request's spans, to `tracer` (sampled requests only: the caller checks).
     #[allow(clippy::too_many_arguments)]
     pub fn finish(
         mut self,
@@ -99,9 +108,7 @@ impl RequestTrace {
         error: Option<String>,
         request_id: &str,
     ) {
-        if !self.sampled {
-            return;
-        }
+        debug_assert!(self.sampled);
         let end = self.now();
         let attempts = std::mem::take(&mut self.attempts);
         let last = attempts.len().saturating_sub(1);

@@ -11,11 +11,29 @@ pub struct TraceId(pub [u8; 16]);
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct SpanId(pub [u8; 8]);
 
+/// Ids come from a per-thread wyrand generator seeded once from the OS's randomness: ids must be
+/// unique and unpredictable enough to sample by (W3C Trace Context, "random"), not secret, and
+/// every request makes one; rand's cryptographic generator cost a measurable share of a cached
+/// answer (BENCHMARKS.md, section 6).
+fn random_u64() -> u64 {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(rand::random());
+    }
+    STATE.with(|s| {
+        let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
+        s.set(x);
+        let t = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
+        (t >> 64) as u64 ^ t as u64
+    })
+}
+
 impl TraceId {
     /// A random, non-zero id.
     pub fn random() -> TraceId {
         loop {
-            let id: [u8; 16] = rand::random();
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&random_u64().to_be_bytes());
+            id[8..].copy_from_slice(&random_u64().to_be_bytes());
             if id != [0; 16] {
                 return TraceId(id);
             }
@@ -33,7 +51,7 @@ impl SpanId {
     /// A random, non-zero id.
     pub fn random() -> SpanId {
         loop {
-            let id: [u8; 8] = rand::random();
+            let id = random_u64().to_be_bytes();
             if id != [0; 8] {
                 return SpanId(id);
             }

@@ -13,6 +13,7 @@
 pub mod config;
 pub mod context;
 pub mod export;
+pub mod heap;
 pub mod otlp;
 pub mod profile;
 pub mod sampler;

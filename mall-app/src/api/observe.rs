@@ -31,8 +31,18 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     // trace of their own; one that comes with a sampled caller's trace is still recorded.
     let probe = matches!(route, "/health" | "/ready" | "/metrics");
     let trace = crate::telemetry::incoming(req.headers().get("traceparent").and_then(|v| v.to_str().ok()), !probe);
+    // Three shapes of one span: only a sampled request's carries what its spans need (and only
+    // that shape has a `sampled` field, which is what telemetry.rs's span layer looks for).
+    let sampled = trace.as_ref().is_some_and(|t| t.sampled);
     let span = match &trace {
-        None => tracing::info_span!("request", request_id = request_id.to_str().unwrap_or(""), method = %method, route = %route, http.response.status_code = tracing::field::Empty, error = tracing::field::Empty),
+        None => tracing::info_span!("request", request_id = request_id.to_str().unwrap_or(""), method = %method, route = %route),
+        Some(t) if !t.sampled => tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or(""),
+            method = %method,
+            route = %route,
+            trace_id = %t.trace_id,
+        ),
         Some(t) => tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or(""),
@@ -40,7 +50,7 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
             route = %route,
             trace_id = %t.trace_id,
             parent_span_id = t.parent.map(|p| p.to_string()).unwrap_or_default(),
-            sampled = t.sampled,
+            sampled = true,
             http.response.status_code = tracing::field::Empty,
             error = tracing::field::Empty,
         ),
@@ -51,9 +61,11 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
 
     let elapsed = start.elapsed();
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
-    if status.is_server_error() {
-        span.record("error", status.as_str());
+    if sampled {
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("error", status.as_str());
+        }
     }
     let m = &state.metrics;
     m.http_requests

@@ -27,25 +27,17 @@ pub async fn serve(listener: TcpListener, token: String) -> std::io::Result<()> 
 
 /// Takes the profile on a blocking thread: the port's other requests (and the app's) go on.
 async fn take_profile(State(token): State<std::sync::Arc<str>>, uri: Uri, headers: HeaderMap) -> Response {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let asked = Profile::from_request(uri.path(), uri.query()).expect("routed to a profile's path");
-    let taken = match profile::authorize(authorization, &token).and(asked) {
-        Ok(profile) => {
-            let started = std::time::Instant::now();
-            let taken = tokio::task::spawn_blocking(move || profile.take())
-                .await
-                .unwrap_or_else(|e| Err(ProfileError::Failed(e.to_string())));
-            if taken.is_ok() {
-                tracing::info!(
-                    ?profile,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "profile taken"
-                );
-            }
-            taken
-        }
-        Err(e) => Err(e),
-    };
+    let taken = tokio::task::spawn_blocking(move || profile::answer(authorization.as_deref(), &token, asked))
+        .await
+        .unwrap_or_else(|e| Err(ProfileError::Failed(e.to_string())));
+    if taken.is_ok() {
+        tracing::info!(path = uri.path(), "profile taken");
+    }
     match taken {
         Ok(pprof) => (
             [

@@ -318,6 +318,16 @@ async fn writing_the_scaling_state_keeps_a_newer_heartbeat() {
     );
 }
 
+/// `md` with a sale window in effect all year whose waiting room is on.
+fn with_a_waiting_room(mut md: MallDeployment) -> MallDeployment {
+    md.spec.sale_windows = serde_json::from_value(json!([{
+        "name": "all-year", "start": "2026-01-01T00:00", "end": "2099-12-31T23:00", "timeZone": "UTC",
+        "minReplicas": 2, "waitingRoom": { "admitPerSecond": 100 }
+    }]))
+    .unwrap();
+    md
+}
+
 fn room_alert(target: &str, pod: &str, status: &str) -> Value {
     json!({
         "version": "4", "groupKey": "{}:{alertname=\"WaitingRoomLocalLine\"}", "status": status, "receiver": "mall-operator",
@@ -341,12 +351,7 @@ fn condition(md: &MallDeployment, type_: &str) -> Option<(String, String, String
 
 #[tokio::test]
 async fn a_pod_whose_waiting_room_lost_redis_shows_in_the_waiting_room_condition() {
-    let mut shop = mall("room", "alerts", 60);
-    shop.spec.sale_windows = serde_json::from_value(json!([{
-        "name": "all-year", "start": "2026-01-01T00:00", "end": "2027-12-31T23:00", "timeZone": "UTC",
-        "minReplicas": 2, "waitingRoom": { "admitPerSecond": 100 }
-    }]))
-    .unwrap();
+    let shop = with_a_waiting_room(mall("room", "alerts", 60));
     let client = ClientBuilder::new()
         .with_resource::<MallDeployment>()
         .with_status_subresource::<MallDeployment>()
@@ -436,12 +441,7 @@ async fn the_waiting_room_condition_counts_refusals_and_reused_places_from_the_p
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut shop = mall("room", "alerts", 60);
-    shop.spec.sale_windows = serde_json::from_value(json!([{
-        "name": "all-year", "start": "2026-01-01T00:00", "end": "2027-12-31T23:00", "timeZone": "UTC",
-        "minReplicas": 2, "waitingRoom": { "admitPerSecond": 100 }
-    }]))
-    .unwrap();
+    let shop = with_a_waiting_room(mall("room", "alerts", 60));
     let client = ClientBuilder::new()
         .with_resource::<MallDeployment>()
         .with_status_subresource::<MallDeployment>()

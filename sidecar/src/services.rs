@@ -203,7 +203,7 @@ impl ServeHttp for Admin {
 /// is taken on a blocking thread while this connection waits: pingora serves each admin
 /// connection on a task of its own, so probes and scrapes carry on meanwhile.
 async fn profile(shared: &Shared, session: &ServerSession) -> Option<Response<Vec<u8>>> {
-    use mall_telemetry::profile::{authorize, Profile, ProfileError};
+    use mall_telemetry::profile::{answer, Profile, ProfileError};
     let req = session.req_header();
     let asked = Profile::from_request(req.uri.path(), req.uri.query())?;
     let (profiling, token) = {
@@ -217,25 +217,14 @@ async fn profile(shared: &Shared, session: &ServerSession) -> Option<Response<Ve
     let authorization = req
         .headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let allowed = authorize(authorization, &token);
-    let taken = match allowed.and(asked) {
-        Ok(profile) => {
-            let started = Instant::now();
-            let taken = tokio::task::spawn_blocking(move || profile.take())
-                .await
-                .unwrap_or_else(|e| Err(ProfileError::Failed(e.to_string())));
-            if taken.is_ok() {
-                tracing::info!(
-                    ?profile,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "profile taken"
-                );
-            }
-            taken
-        }
-        Err(e) => Err(e),
-    };
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let taken = tokio::task::spawn_blocking(move || answer(authorization.as_deref(), &token, asked))
+        .await
+        .unwrap_or_else(|e| Err(ProfileError::Failed(e.to_string())));
+    if taken.is_ok() {
+        tracing::info!(path = req.uri.path(), "profile taken");
+    }
     Some(
         match taken {
             Ok(pprof) => Response::builder()

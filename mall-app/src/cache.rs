@@ -462,7 +462,11 @@ impl Cache {
         let mut conn = l2.conn.clone();
         let get = tokio::time::timeout(l2.timeout, conn.get(key.redis_key(&l2.prefix)));
         let got: Result<Result<Option<Vec<u8>>, _>, _> = get
-            .instrument(tracing::debug_span!("redis GET", db.system.name = "redis", db.operation.name = "GET"))
+            .instrument(tracing::debug_span!(
+                "redis GET",
+                db.system.name = "redis",
+                db.operation.name = "GET"
+            ))
             .await;
         match got {
             Ok(Ok(Some(v))) => {
@@ -488,8 +492,11 @@ impl Cache {
         let mut conn = l2.conn.clone();
         let ttl = self.ttls.of(key.category).as_secs().max(1);
         let set = conn.set_ex::<_, _, ()>(key.redis_key(&l2.prefix), value.as_ref(), ttl);
-        let set = tokio::time::timeout(l2.timeout, set)
-            .instrument(tracing::debug_span!("redis SETEX", db.system.name = "redis", db.operation.name = "SETEX"));
+        let set = tokio::time::timeout(l2.timeout, set).instrument(tracing::debug_span!(
+            "redis SETEX",
+            db.system.name = "redis",
+            db.operation.name = "SETEX"
+        ));
         if !matches!(set.await, Ok(Ok(()))) {
             self.metrics.cache_errors.with_label_values(&["l2", "set"]).inc();
         }

@@ -128,7 +128,10 @@ async fn plan(db: &Db, sql: &str) -> Result<String, sqlx::Error> {
 mod tests {
     #[test]
     fn counts_the_positional_parameters() {
-        assert_eq!(super::parameters("SELECT * FROM products WHERE id = $1 AND stock > $12"), 12);
+        assert_eq!(
+            super::parameters("SELECT * FROM products WHERE id = $1 AND stock > $12"),
+            12
+        );
         assert_eq!(super::parameters("SELECT 1"), 0);
         assert_eq!(super::parameters("SELECT '$' || $2"), 2);
     }

@@ -178,12 +178,18 @@ fn with_statement_name<'a>(mut words: impl Iterator<Item = &'a str>) -> String {
         let upper = w.to_ascii_uppercase();
         match upper.as_str() {
             "INSERT" => {
-                let table = words.by_ref().find(|w| w.eq_ignore_ascii_case("INTO")).and_then(|_| words.next());
+                let table = words
+                    .by_ref()
+                    .find(|w| w.eq_ignore_ascii_case("INTO"))
+                    .and_then(|_| words.next());
                 return with_table("INSERT".into(), table);
             }
             "UPDATE" => return with_table("UPDATE".into(), words.next()),
             "DELETE" => {
-                let table = words.by_ref().find(|w| w.eq_ignore_ascii_case("FROM")).and_then(|_| words.next());
+                let table = words
+                    .by_ref()
+                    .find(|w| w.eq_ignore_ascii_case("FROM"))
+                    .and_then(|_| words.next());
                 return with_table("DELETE".into(), table);
             }
             "FROM" if read.is_none() => read = words.next(),
@@ -343,7 +349,8 @@ impl Visit for Fields {
         self.attributes.push((Cow::Borrowed(field.name()), value.into()));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.attributes.push((Cow::Borrowed(field.name()), (value as i64).into()));
+        self.attributes
+            .push((Cow::Borrowed(field.name()), (value as i64).into()));
     }
 }
 
@@ -381,15 +388,17 @@ where
         // nearest recorded span above it, if any.
         let (trace_id, parent, kind) = match f.trace_id {
             // A request is served; an order batch is the app's own work.
-            Some(trace_id) if f.sampled && attrs.metadata().name() == "request" => (trace_id, f.parent, SpanKind::Server),
+            Some(trace_id) if f.sampled && attrs.metadata().name() == "request" => {
+                (trace_id, f.parent, SpanKind::Server)
+            }
             Some(trace_id) if f.sampled => (trace_id, f.parent, SpanKind::Internal),
             Some(_) => return,
             None => {
-                let Some(above) = span.scope().skip(1).find_map(|s| {
-                    s.extensions()
-                        .get::<Recorded>()
-                        .map(|r| (r.trace_id, r.span_id))
-                }) else {
+                let Some(above) = span
+                    .scope()
+                    .skip(1)
+                    .find_map(|s| s.extensions().get::<Recorded>().map(|r| (r.trace_id, r.span_id)))
+                else {
                     return;
                 };
                 let kind = if attrs.metadata().name().starts_with("redis") {
@@ -490,7 +499,10 @@ where
         };
         let Some(exporter) = EXPORTER.get() else { return };
         let mut data = r.data;
-        debug_assert_eq!((data.trace_id, data.span_id, data.parent_span_id), (r.trace_id, r.span_id, r.parent));
+        debug_assert_eq!(
+            (data.trace_id, data.span_id, data.parent_span_id),
+            (r.trace_id, r.span_id, r.parent)
+        );
         data.start_unix_nanos = r.start;
         data.end_unix_nanos = now_nanos();
         exporter.export(data);
@@ -529,7 +541,8 @@ pub fn batch_span(members: &[(TraceId, SpanId)], orders: usize) -> tracing::Span
     if members.is_empty() || EXPORTER.get().is_none() {
         return tracing::Span::none();
     }
-    let span = tracing::info_span!("order batch", trace_id = %TraceId::random(), sampled = true, orders = orders as u64);
+    let span =
+        tracing::info_span!("order batch", trace_id = %TraceId::random(), sampled = true, orders = orders as u64);
     with_recorded(&span, |r| r.data.links.extend_from_slice(members));
     span
 }
@@ -573,16 +586,25 @@ mod tests {
     fn statements_are_named_by_verb_and_table() {
         for (sql, name) in [
             ("SELECT id, name FROM products WHERE id = ?", "SELECT products"),
-            ("select stock, status from \"products\" where id = $1", "SELECT products"),
+            (
+                "select stock, status from \"products\" where id = $1",
+                "SELECT products",
+            ),
             ("INSERT INTO orders (id, user_id) VALUES ($1, $2)", "INSERT orders"),
             ("UPDATE products SET stock = stock - ? WHERE id = ?", "UPDATE products"),
-            ("DELETE FROM cart_items WHERE user_id = ANY($1::bigint[])", "DELETE cart_items"),
+            (
+                "DELETE FROM cart_items WHERE user_id = ANY($1::bigint[])",
+                "DELETE cart_items",
+            ),
             ("WITH x AS (SELECT 1) SELECT * FROM mall.users", "SELECT users"),
             (
                 "WITH placed AS (INSERT INTO orders (id) VALUES ($1)) INSERT INTO order_items (order_id) VALUES ($1)",
                 "INSERT orders",
             ),
-            ("WITH r AS (SELECT seq FROM cache_invalidations) DELETE FROM x", "DELETE x"),
+            (
+                "WITH r AS (SELECT seq FROM cache_invalidations) DELETE FROM x",
+                "DELETE x",
+            ),
             ("SELECT 1", "SELECT"),
             ("BEGIN", "BEGIN"),
             ("PRAGMA journal_mode = WAL", "PRAGMA"),

@@ -335,7 +335,10 @@ fn the_schema_refuses_what_the_operator_refuses() {
         ),
         (
             "profiling token secret without a name",
-            mall("shop", json!({"observability": {"profiling": {"tokenSecret": {"name": "", "key": "token"}}}})),
+            mall(
+                "shop",
+                json!({"observability": {"profiling": {"tokenSecret": {"name": "", "key": "token"}}}}),
+            ),
             "name",
         ),
         (

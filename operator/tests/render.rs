@@ -505,15 +505,21 @@ fn profiling_renders_the_admin_token_into_both_containers_and_the_sidecar_accept
                     let name = e["name"].as_str()?.to_string();
                     let value = match e["value"].as_str() {
                         Some(v) => v.to_string(),
-                        None if e["valueFrom"]["secretKeyRef"].is_object() => "a-long-random-token-from-the-secret".into(),
+                        None if e["valueFrom"]["secretKeyRef"].is_object() => {
+                            "a-long-random-token-from-the-secret".into()
+                        }
                         None => return None,
                     };
                     Some((name, value))
                 });
-                let config = mall_sidecar_config::SidecarConfig::from_toml_with_env(&config_map, "sidecar.toml", overrides)
-                    .expect("the sidecar accepts its rendered config with the overrides");
+                let config =
+                    mall_sidecar_config::SidecarConfig::from_toml_with_env(&config_map, "sidecar.toml", overrides)
+                        .expect("the sidecar accepts its rendered config with the overrides");
                 assert!(config.server.profiling);
-                assert_eq!(config.server.admin_token.as_deref(), Some("a-long-random-token-from-the-secret"));
+                assert_eq!(
+                    config.server.admin_token.as_deref(),
+                    Some("a-long-random-token-from-the-secret")
+                );
             }
             other => panic!("a container {other}"),
         }
@@ -525,7 +531,13 @@ fn profiling_renders_the_admin_token_into_both_containers_and_the_sidecar_accept
         for e in container["env"].as_array().unwrap() {
             let name = e["name"].as_str().unwrap();
             assert!(
-                !matches!(name, "MALL_ADMIN_LISTEN" | "MALL_ADMIN_TOKEN" | "SIDECAR__SERVER__PROFILING" | "SIDECAR__SERVER__ADMIN_TOKEN"),
+                !matches!(
+                    name,
+                    "MALL_ADMIN_LISTEN"
+                        | "MALL_ADMIN_TOKEN"
+                        | "SIDECAR__SERVER__PROFILING"
+                        | "SIDECAR__SERVER__ADMIN_TOKEN"
+                ),
                 "{name} without profiling"
             );
         }

@@ -479,6 +479,8 @@ async fn the_waiting_room_condition_counts_refusals_and_reused_places_from_the_p
     let read = one_hits.load(std::sync::atomic::Ordering::SeqCst);
     reconcile_once(&md(&client, "room").await, &ctx, now + 5).await.unwrap();
     assert_eq!(one_hits.load(std::sync::atomic::Ordering::SeqCst), read);
-    reconcile_once(&md(&client, "room").await, &ctx, now + 31).await.unwrap();
+    reconcile_once(&md(&client, "room").await, &ctx, now + 31)
+        .await
+        .unwrap();
     assert_eq!(one_hits.load(std::sync::atomic::Ordering::SeqCst), read + 1);
 }

@@ -717,7 +717,11 @@ impl ProxyHttp for MallProxy {
             _ => HttpPeer::new(addr, false, String::new()),
         };
         if let (Some(t), Some(lease)) = (ctx.trace.as_mut(), &ctx.lease) {
-            let transport = if peer._address.as_inet().is_some() { "tcp" } else { "unix" };
+            let transport = if peer._address.as_inet().is_some() {
+                "tcp"
+            } else {
+                "unix"
+            };
             t.attempt(lease.instance.label(), transport);
         }
         peer.options.connection_timeout = Some(Duration::from_millis(upstream.connect_timeout_ms));

@@ -34,14 +34,20 @@ impl TraceConfig {
     }
 
     /// From `var` (the environment in production, a map in tests).
-    pub fn from_vars(default_service: &str, var: impl Fn(&str) -> Option<String>) -> Result<Option<TraceConfig>, String> {
+    pub fn from_vars(
+        default_service: &str,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<TraceConfig>, String> {
         let var = |k: &str| var(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
             || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v == "none")
         {
             return Ok(None);
         }
-        let endpoint = match (var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), var("OTEL_EXPORTER_OTLP_ENDPOINT")) {
+        let endpoint = match (
+            var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            var("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
             // The signal-specific URL is used as given.
             (Some(url), _) => url,
             // The base URL gets the signal's path.
@@ -55,7 +61,8 @@ impl TraceConfig {
                 ));
             }
         }
-        crate::export::Target::parse(&endpoint).map_err(|e| format!("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT {endpoint:?}: {e}"))?;
+        crate::export::Target::parse(&endpoint)
+            .map_err(|e| format!("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT {endpoint:?}: {e}"))?;
         let mut headers = Vec::new();
         for name in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
             if let Some(list) = var(name) {
@@ -98,10 +105,13 @@ impl TraceConfig {
         // OTEL_SERVICE_NAME wins over a service.name in the attributes.
         let service = var("OTEL_SERVICE_NAME")
             .or_else(|| {
-                resource.iter().find(|(k, _)| k == "service.name").and_then(|(_, v)| match v {
-                    Value::Str(s) => Some(s.to_string()),
-                    _ => None,
-                })
+                resource
+                    .iter()
+                    .find(|(k, _)| k == "service.name")
+                    .and_then(|(_, v)| match v {
+                        Value::Str(s) => Some(s.to_string()),
+                        _ => None,
+                    })
             })
             .unwrap_or_else(|| default_service.to_string());
         resource.retain(|(k, _)| k != "service.name");
@@ -131,7 +141,10 @@ fn pairs(list: &str) -> Result<Vec<(String, String)>, String> {
         if k.is_empty() {
             return Err(format!("{item:?} has no key"));
         }
-        out.push((k.to_string(), percent_decode(v.trim()).ok_or_else(|| format!("{item:?}: bad percent-encoding"))?));
+        out.push((
+            k.to_string(),
+            percent_decode(v.trim()).ok_or_else(|| format!("{item:?}: bad percent-encoding"))?,
+        ));
     }
     Ok(out)
 }
@@ -166,14 +179,19 @@ mod tests {
     #[test]
     fn off_without_an_endpoint_or_when_disabled() {
         assert!(config(&[]).unwrap().is_none());
-        assert!(config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), ("OTEL_SDK_DISABLED", "true")])
-            .unwrap()
-            .is_none());
+        assert!(config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_SDK_DISABLED", "true")
+        ])
+        .unwrap()
+        .is_none());
     }
 
     #[test]
     fn the_base_endpoint_gets_the_signal_path_and_the_signal_endpoint_is_kept() {
-        let c = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap().unwrap();
+        let c = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")])
+            .unwrap()
+            .unwrap();
         assert_eq!(c.endpoint, "http://collector:4318/v1/traces");
         let c = config(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
@@ -197,7 +215,10 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(c.sampler, Sampler::ParentBased(Root::Ratio(0.25)));
-        assert_eq!(c.headers, [("api-key".into(), "a b".into()), ("x-tenant".into(), "shop".into())]);
+        assert_eq!(
+            c.headers,
+            [("api-key".into(), "a b".into()), ("x-tenant".into(), "shop".into())]
+        );
         assert_eq!(c.resource[0], ("service.name".into(), "checkout".to_string().into()));
         assert_eq!(c.resource[1], ("k8s.pod.name".into(), "shop-1".to_string().into()));
     }
@@ -207,10 +228,16 @@ mod tests {
         let e = |vars: &[(&str, &str)]| config(vars).unwrap_err();
         let base = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
         assert!(e(&[base, ("OTEL_TRACES_SAMPLER", "sometimes")]).starts_with("OTEL_TRACES_SAMPLER:"));
-        assert!(e(&[base, ("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "2")])
-            .starts_with("OTEL_TRACES_SAMPLER_ARG:"));
+        assert!(e(&[
+            base,
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2")
+        ])
+        .starts_with("OTEL_TRACES_SAMPLER_ARG:"));
         assert!(e(&[base, ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]).starts_with("OTEL_EXPORTER_OTLP_HEADERS:"));
         assert!(e(&[base, ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).starts_with("OTEL_EXPORTER_OTLP_PROTOCOL:"));
-        assert!(e(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")]).starts_with("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"));
+        assert!(
+            e(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")]).starts_with("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        );
     }
 }

@@ -139,7 +139,9 @@ fn run(config: TraceConfig, scope: &'static str, rx: Receiver<SpanData>, stats: 
             }
             Err(e) => {
                 conn = None;
-                stats.dropped_export_failed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats
+                    .dropped_export_failed
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 stats.export_requests_failed.fetch_add(1, Ordering::Relaxed);
                 // One line when exports start failing, not one per batch.
                 if failing_since.is_none() {
@@ -270,7 +272,9 @@ fn post(t: &Target, c: &TraceConfig, conn: &mut Option<Conn>, scope: &str, batch
         }
         let Some(open) = conn.as_mut() else { continue };
         let sent = open.write_all(head.as_bytes()).and_then(|_| open.write_all(&body));
-        let answer = sent.map_err(|e| e.to_string()).and_then(|_| read_response(open.reader()));
+        let answer = sent
+            .map_err(|e| e.to_string())
+            .and_then(|_| read_response(open.reader()));
         match answer {
             Ok((status, keep_alive)) => {
                 if !keep_alive {
@@ -361,9 +365,11 @@ mod tests {
     }
 
     fn config(endpoint: String, queue: usize) -> TraceConfig {
-        let mut c = TraceConfig::from_vars("t", |k| (k == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| endpoint.clone()))
-            .unwrap()
-            .unwrap();
+        let mut c = TraceConfig::from_vars("t", |k| {
+            (k == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| endpoint.clone())
+        })
+        .unwrap()
+        .unwrap();
         c.queue = queue;
         c.flush_every = Duration::from_millis(20);
         c.timeout = Duration::from_millis(300);
@@ -373,7 +379,10 @@ mod tests {
     #[test]
     fn urls_split_into_scheme_host_port_and_path() {
         let t = Target::parse("http://collector.monitoring:4318/v1/traces").unwrap();
-        assert_eq!((t.tls, t.host.as_str(), t.port, t.path.as_str()), (false, "collector.monitoring", 4318, "/v1/traces"));
+        assert_eq!(
+            (t.tls, t.host.as_str(), t.port, t.path.as_str()),
+            (false, "collector.monitoring", 4318, "/v1/traces")
+        );
         let t = Target::parse("https://api.example.com/v1/traces").unwrap();
         assert_eq!((t.tls, t.port), (true, 443));
         let t = Target::parse("http://[::1]:4318/v1/traces").unwrap();
@@ -432,7 +441,11 @@ mod tests {
         for _ in 0..10_000 {
             exporter.export(span());
         }
-        assert!(started.elapsed() < Duration::from_secs(2), "export blocked: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "export blocked: {:?}",
+            started.elapsed()
+        );
         // Every span is accounted for: dropped at the queue, or dropped with its failed batch.
         let dropped = || {
             exporter.stats.dropped_queue_full.load(Ordering::Relaxed)

@@ -284,10 +284,7 @@ fn build() -> Vec<u8> {
                             .name()
                             .map(|n| format!("{n:#}"))
                             .unwrap_or_else(|| format!("{ip:#x}"));
-                        let file = symbol
-                            .filename()
-                            .map(|f| f.display().to_string())
-                            .unwrap_or_default();
+                        let file = symbol.filename().map(|f| f.display().to_string()).unwrap_or_default();
                         let function_id = match functions.get(&name) {
                             Some(f) => *f,
                             None => {
@@ -401,9 +398,14 @@ mod tests {
         drop(kept);
         let p = pprof::protos::Profile::decode(profile().as_slice()).unwrap();
         let after = inuse_space_under(&p, "allocate_for_the_heap_profile");
-        assert!(after < 8 << 20, "{after} bytes still attributed after the blocks were freed");
+        assert!(
+            after < 8 << 20,
+            "{after} bytes still attributed after the blocks were freed"
+        );
         // What the admin ports serve.
-        let served = crate::profile::Profile::Heap.take().expect("a heap profile once sampling is on");
+        let served = crate::profile::Profile::Heap
+            .take()
+            .expect("a heap profile once sampling is on");
         pprof::protos::Profile::decode(served.as_slice()).expect("pprof protobuf");
     }
 }

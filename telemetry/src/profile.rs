@@ -118,7 +118,11 @@ pub fn authorize(authorization: Option<&str>, token: &str) -> Result<(), Profile
 /// A profile request from start to end, as both admin ports answer it: the token, then the
 /// profile. Blocks for a CPU profile's duration: run it on a thread of its own (tokio's
 /// `spawn_blocking`), so the port's probes and scrapes go on meanwhile.
-pub fn answer(authorization: Option<&str>, token: &str, asked: Result<Profile, ProfileError>) -> Result<Vec<u8>, ProfileError> {
+pub fn answer(
+    authorization: Option<&str>,
+    token: &str,
+    asked: Result<Profile, ProfileError>,
+) -> Result<Vec<u8>, ProfileError> {
     authorize(authorization, token)?;
     asked?.take()
 }

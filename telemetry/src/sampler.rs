@@ -65,7 +65,11 @@ mod tests {
         let kept = (0..20_000).filter(|_| s.sample(None, TraceId::random())).count();
         assert!((1_600..2_400).contains(&kept), "{kept}");
         let id = TraceId::random();
-        let parent = |sampled| TraceParent { trace_id: id, parent_id: SpanId::random(), sampled };
+        let parent = |sampled| TraceParent {
+            trace_id: id,
+            parent_id: SpanId::random(),
+            sampled,
+        };
         assert!(s.sample(Some(&parent(true)), id));
         assert!(!s.sample(Some(&parent(false)), id));
         assert!(!Sampler::AlwaysOff.sample(Some(&parent(true)), id));

@@ -168,7 +168,10 @@ async fn profiles_parse_with_go_pprof_and_name_our_functions() {
         let heap = http_get_heap(admin).await;
         let top = pprof_top(&go, &heap);
         assert!(top.contains("inuse_space"), "{who}: not a heap profile:\n{top}");
-        eprintln!("{who}: heap profile; go tool pprof -top -cum:\n{}", &top[..top.len().min(2000)]);
+        eprintln!(
+            "{who}: heap profile; go tool pprof -top -cum:\n{}",
+            &top[..top.len().min(2000)]
+        );
     }
 }
 

@@ -108,7 +108,13 @@ async fn one_trace_follows_a_request_through_the_sidecar_the_app_and_the_databas
         }
     });
     let http = reqwest::Client::new();
-    until_ok(&http, &format!("http://{front}/api/products/2"), Instant::now() + WAIT, "the sidecar").await;
+    until_ok(
+        &http,
+        &format!("http://{front}/api/products/2"),
+        Instant::now() + WAIT,
+        "the sidecar",
+    )
+    .await;
 
     // 1. A cache miss: sidecar -> app -> cache (L1 miss, Redis) -> PostgreSQL.
     let r = http.get(format!("http://{front}/api/products/1")).send().await.unwrap();
@@ -133,7 +139,10 @@ async fn one_trace_follows_a_request_through_the_sidecar_the_app_and_the_databas
     assert_eq!(server["resource"]["deployment.environment.name"], "test");
     let upstream = child_of(&trace, &server, |s| s["kind"] == 3).expect("the sidecar's upstream attempt");
     assert_eq!(attr(upstream, "network.transport"), "tcp");
-    assert_eq!(attr(upstream, "server.address").as_str(), Some(app.addr.to_string().as_str()));
+    assert_eq!(
+        attr(upstream, "server.address").as_str(),
+        Some(app.addr.to_string().as_str())
+    );
     // The app continued the trace under the upstream attempt.
     let app_span = child_of(&trace, upstream, |s| service(s) == "mall-app").expect("the app's span under the attempt");
     assert_eq!(app_span["name"], "GET /api/products/{id}");
@@ -153,7 +162,10 @@ async fn one_trace_follows_a_request_through_the_sidecar_the_app_and_the_databas
     assert_eq!(attr(select, "db.collection.name"), "products");
     assert_eq!(attr(select, "db.response.returned_rows"), 1);
     let (start, end) = (&select["start_time_unix_nano"], &select["end_time_unix_nano"]);
-    assert!(start.as_u64().unwrap() > 0 && end.as_u64() >= start.as_u64(), "{select}");
+    assert!(
+        start.as_u64().unwrap() > 0 && end.as_u64() >= start.as_u64(),
+        "{select}"
+    );
     // Every span of the trace hangs from the sidecar's server span.
     assert_eq!(below(&trace, &server).len(), trace.len() - 1, "{trace:#?}");
 
@@ -222,7 +234,10 @@ async fn one_trace_follows_a_request_through_the_sidecar_the_app_and_the_databas
             let r = http
                 .post(url)
                 .bearer_auth(&token)
-                .header("traceparent", format!("00-{:032x}-{:016x}-01", 0xabc000 + i, 0xdef000 + i))
+                .header(
+                    "traceparent",
+                    format!("00-{:032x}-{:016x}-01", 0xabc000 + i, 0xdef000 + i),
+                )
                 .header("idempotency-key", format!("batched-{i}"))
                 .json(&json!({"items": [{"product_id": 4, "quantity": 1}]}))
                 .send()
@@ -241,7 +256,9 @@ async fn one_trace_follows_a_request_through_the_sidecar_the_app_and_the_databas
                     && s["links"].as_array().is_some_and(|l| l.len() > 1)
                     && spans.iter().any(|r| {
                         r["name"] == "POST /api/orders"
-                            && r["links"].as_array().is_some_and(|l| l.iter().any(|l| l["span_id"] == s["span_id"]))
+                            && r["links"]
+                                .as_array()
+                                .is_some_and(|l| l.iter().any(|l| l["span_id"] == s["span_id"]))
                     })
             })
         },
@@ -263,19 +280,30 @@ async fn one_trace_follows_a_request_through_the_sidecar_the_app_and_the_databas
             .find(|s| s["span_id"] == link["span_id"])
             .expect("each linked request's span");
         assert_eq!(member["name"], "POST /api/orders");
-        assert!(member["links"].as_array().unwrap().iter().any(|l| l["span_id"] == batch["span_id"]));
+        assert!(member["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["span_id"] == batch["span_id"]));
     }
 
     // 4. A request that failed upstream (the sidecar's health checks took the instance out, so
     // no attempt is made): the server span is an error and says why.
-    let r = http.get(format!("http://{broken}/api/products/1")).send().await.unwrap();
+    let r = http
+        .get(format!("http://{broken}/api/products/1"))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_server_error(), "{}", r.status());
     let failed_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let spans = receiver.wait_for(|spans| server_span(spans, &failed_id).is_some(), WAIT);
     let failed = server_span(&spans, &failed_id).unwrap();
     assert_eq!(failed["status"]["code"], 2, "{failed}");
     assert!(
-        failed["status"]["message"].as_str().unwrap().contains("no healthy upstream"),
+        failed["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no healthy upstream"),
         "{failed}"
     );
     assert_eq!(attr(&failed, "http.response.status_code"), 503);
@@ -283,11 +311,21 @@ async fn one_trace_follows_a_request_through_the_sidecar_the_app_and_the_databas
     // The statements are timed by name, whether or not a request was sampled.
     let selects = metric_sum(&http, &app.url("/metrics"), "db_statement_duration_seconds_count").await;
     assert!(selects > 0.0);
-    let text = http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         text.contains("db_statement_duration_seconds_count{statement=\"SELECT products\"}"),
         "{}",
-        text.lines().filter(|l| l.starts_with("db_statement")).collect::<Vec<_>>().join("\n")
+        text.lines()
+            .filter(|l| l.starts_with("db_statement"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(receiver.refusals().is_empty(), "{:?}", receiver.refusals());
     // What became of the spans, in both programs' metrics.
@@ -313,7 +351,13 @@ async fn one_trace_follows_a_request_through_the_sidecar_the_app_and_the_databas
     for endpoint in [format!("http://{dead}"), refusing.endpoint.clone()] {
         std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
         let (front, admin) = sidecar(&app.addr.to_string());
-        until_ok(&http, &format!("http://{front}/api/products/2"), Instant::now() + WAIT, "the sidecar").await;
+        until_ok(
+            &http,
+            &format!("http://{front}/api/products/2"),
+            Instant::now() + WAIT,
+            "the sidecar",
+        )
+        .await;
         for i in 0..200 {
             let r = http
                 .get(format!("http://{front}/api/products?page={}", i % 5 + 1))

@@ -556,7 +556,11 @@ async fn attackers_get_one_place_each_and_honest_buyers_keep_their_order() {
         "{:?}",
         room.decisions
     );
-    assert!(room.decisions.get("reused").copied().unwrap_or(0) > 0, "{:?}", room.decisions);
+    assert!(
+        room.decisions.get("reused").copied().unwrap_or(0) > 0,
+        "{:?}",
+        room.decisions
+    );
     assert!(
         room.decisions.get("readmit_refused").copied().unwrap_or(0) > 0,
         "{:?}",

@@ -38,7 +38,9 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     // lines to the sidecar's access line.
     let sampled = trace.as_ref().is_some_and(|t| t.sampled);
     let span = match trace.as_ref().filter(|t| t.sampled) {
-        None => tracing::info_span!("request", request_id = request_id.to_str().unwrap_or(""), method = %method, route = %route),
+        None => {
+            tracing::info_span!("request", request_id = request_id.to_str().unwrap_or(""), method = %method, route = %route)
+        }
         Some(t) => tracing::info_span!(
             "request",
             request_id = request_id.to_str().unwrap_or(""),

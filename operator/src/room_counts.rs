@@ -100,29 +100,58 @@ pub async fn read_pod(addr: SocketAddr) -> Result<BTreeMap<String, u64>, String>
     Ok(counter_by_label(&text, METRIC, "outcome"))
 }
 
-/// `GET /metrics` as HTTP/1.0, so the answer is delimited by the connection's close (no chunked
-/// coding to undo; RFC 9112 section 6.3).
+/// `GET /metrics` as HTTP/1.0 with `Connection: close`, so no chunked coding comes back. The body
+/// ends at its `Content-Length`, else at the connection's close (RFC 9112 section 6.3): a server
+/// that keeps the connection open anyway (the sidecar's admin port does) still ends the read.
 async fn get_metrics(addr: SocketAddr) -> Result<String, String> {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     stream
-        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
+    const MAX: usize = 8 << 20;
     let mut raw = Vec::new();
-    stream
-        .take(8 << 20)
-        .read_to_end(&mut raw)
-        .await
-        .map_err(|e| format!("read: {e}"))?;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = stream.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if raw.len() > MAX {
+            return Err(format!("more than {MAX} bytes"));
+        }
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]);
+            let length = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            });
+            if length.is_some_and(|len| raw.len() >= end + 4 + len) {
+                break;
+            }
+        }
+    }
     let raw = String::from_utf8_lossy(&raw);
     let (head, body) = raw.split_once("\r\n\r\n").ok_or("no end of headers")?;
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if status != "200" {
         return Err(format!("status {status}"));
     }
-    Ok(body.to_string())
+    let length = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    });
+    Ok(match length {
+        Some(len) if body.len() >= len => body[..len].to_string(),
+        _ => body.to_string(),
+    })
 }
 
 /// Sums `metric`'s samples by the value of `label`, from the Prometheus text format.

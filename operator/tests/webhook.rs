@@ -383,7 +383,8 @@ async fn a_pod_whose_waiting_room_lost_redis_shows_in_the_waiting_room_condition
     assert_eq!(status, "True");
 }
 
-/// Serves `body` as a sidecar's `/metrics` on a loopback port; counts the requests.
+/// Serves `body` as a sidecar's `/metrics` on a loopback port; counts the requests. Like the
+/// sidecar's admin port, it answers with a `Content-Length` and keeps the connection open.
 async fn metrics_server(body: &'static str) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -395,8 +396,15 @@ async fn metrics_server(body: &'static str) -> (u16, Arc<std::sync::atomic::Atom
             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
-            let head = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\r\n{body}");
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
             let _ = s.write_all(head.as_bytes()).await;
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                drop(s);
+            });
         }
     });
     (port, hits)

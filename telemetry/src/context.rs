@@ -82,11 +82,21 @@ fn parse_hex(hex: &str, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
-fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lowercase hex of `bytes` appended to `out`, a table look-up per nibble: every proxied request
+/// formats a `traceparent`, and `write!("{:02x}")` per byte showed in the sidecar's profile.
+fn push_hex(out: &mut String, bytes: &[u8]) {
     for b in bytes {
-        write!(f, "{b:02x}")?;
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
     }
-    Ok(())
+}
+
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut s, bytes);
+    f.write_str(&s)
 }
 
 impl fmt::Display for TraceId {
@@ -138,7 +148,13 @@ impl TraceParent {
 
     /// The header a hop sends on: this trace, `span` as the parent.
     pub fn header(trace_id: TraceId, span: SpanId, sampled: bool) -> String {
-        format!("00-{trace_id}-{span}-{}", if sampled { "01" } else { "00" })
+        let mut h = String::with_capacity(55);
+        h.push_str("00-");
+        push_hex(&mut h, &trace_id.0);
+        h.push('-');
+        push_hex(&mut h, &span.0);
+        h.push_str(if sampled { "-01" } else { "-00" });
+        h
     }
 }
 

@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::otlp::OtlpReceiver;
-use common::{free_addr, fresh_database, metric_sum, redis, until_ok};
+use common::{free_addr, fresh_database, metric_sum, metric_sum_where, redis, until_ok};
 use mall_app::testing::{RunningApp, PASSWORD};
 use mall_sidecar_config::{SidecarConfig, UpstreamServer};
 use serde_json::{json, Value};
@@ -311,33 +311,19 @@ async fn one_trace_follows_a_request_through_the_sidecar_the_app_and_the_databas
     // The statements are timed by name, whether or not a request was sampled.
     let selects = metric_sum(&http, &app.url("/metrics"), "db_statement_duration_seconds_count").await;
     assert!(selects > 0.0);
-    let text = http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains("db_statement_duration_seconds_count{statement=\"SELECT products\"}"),
-        "{}",
-        text.lines()
-            .filter(|l| l.starts_with("db_statement"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    let named = metric_sum_where(
+        &http,
+        &app.url("/metrics"),
+        "db_statement_duration_seconds_count",
+        "statement=\"SELECT products\"",
+    )
+    .await;
+    assert!(named > 0.0, "no SELECT products statement timed");
     assert!(receiver.refusals().is_empty(), "{:?}", receiver.refusals());
     // What became of the spans, in both programs' metrics.
     let exported = |url: String, name: &'static str| {
         let http = http.clone();
-        async move {
-            let text = http.get(url).send().await.unwrap().text().await.unwrap();
-            text.lines()
-                .find(|l| l.starts_with(name) && l.contains("outcome=\"exported\""))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        }
+        async move { metric_sum_where(&http, &url, name, "outcome=\"exported\"").await }
     };
     assert!(exported(app.url("/metrics"), "trace_spans_total").await > 0.0);
     assert!(exported(format!("http://{front_admin}/metrics"), "sidecar_trace_spans_total").await > 0.0);

@@ -113,9 +113,14 @@ pub async fn until_ok(http: &reqwest::Client, url: &str, deadline: Instant, what
 /// The sum of every series of metric `name` in the Prometheus text at `url`.
 #[allow(dead_code)]
 pub async fn metric_sum(http: &reqwest::Client, url: &str, name: &str) -> f64 {
+    metric_sum_where(http, url, name, "").await
+}
+
+/// [`metric_sum`] over the samples whose line contains `label` (e.g. `outcome="exported"`).
+pub async fn metric_sum_where(http: &reqwest::Client, url: &str, name: &str, label: &str) -> f64 {
     let text = http.get(url).send().await.unwrap().text().await.unwrap();
     text.lines()
-        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

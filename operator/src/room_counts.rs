@@ -124,13 +124,7 @@ async fn get_metrics(addr: SocketAddr) -> Result<String, String> {
             return Err(format!("more than {MAX} bytes"));
         }
         if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&raw[..end]);
-            let length = head.lines().find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse::<usize>().ok())?
-            });
+            let length = content_length(&String::from_utf8_lossy(&raw[..end]));
             if length.is_some_and(|len| raw.len() >= end + 4 + len) {
                 break;
             }
@@ -142,15 +136,19 @@ async fn get_metrics(addr: SocketAddr) -> Result<String, String> {
     if status != "200" {
         return Err(format!("status {status}"));
     }
-    let length = head.lines().find_map(|l| {
+    Ok(match content_length(head) {
+        Some(len) if body.len() >= len => body[..len].to_string(),
+        _ => body.to_string(),
+    })
+}
+
+/// The `Content-Length` of a response's header block.
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.trim()
             .eq_ignore_ascii_case("content-length")
-            .then(|| v.trim().parse::<usize>().ok())?
-    });
-    Ok(match length {
-        Some(len) if body.len() >= len => body[..len].to_string(),
-        _ => body.to_string(),
+            .then(|| v.trim().parse().ok())?
     })
 }
 

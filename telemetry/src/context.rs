@@ -71,18 +71,27 @@ fn parse_hex(hex: &str, out: &mut [u8]) -> Option<()> {
     if b.len() != out.len() * 2 {
         return None;
     }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = nibble(b[2 * i])? << 4 | nibble(b[2 * i + 1])?;
+    // One table look-up per nibble; 0xff marks a byte that is not lowercase hex.
+    let mut bad = 0u8;
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+        bad |= hi | lo;
+        *o = hi << 4 | (lo & 0xf);
     }
-    Some(())
+    (bad & 0xf0 == 0).then_some(())
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+const NIBBLE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 16 {
+        t[HEX[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Lowercase hex of `bytes` appended to `out`, a table look-up per nibble: every proxied request
 /// formats a `traceparent`, and `write!("{:02x}")` per byte showed in the sidecar's profile.
@@ -123,6 +132,18 @@ pub struct TraceParent {
 impl TraceParent {
     /// `None` for anything the spec says to ignore (the request then starts a new trace).
     pub fn parse(header: &str) -> Option<TraceParent> {
+        // Every hop of ours, and most tracers, send version 00 exactly: 55 bytes, dashes at fixed
+        // offsets (section 3.2.2). Read that at the offsets; anything else takes the general path.
+        let b = header.as_bytes();
+        if b.len() == 55 && b[..3] == *b"00-" && b[35] == b'-' && b[52] == b'-' {
+            let mut flag = [0u8; 1];
+            parse_hex(&header[53..], &mut flag)?;
+            return Some(TraceParent {
+                trace_id: TraceId::parse(&header[3..35])?,
+                parent_id: SpanId::parse(&header[36..52])?,
+                sampled: flag[0] & 1 == 1,
+            });
+        }
         let header = header.trim_matches([' ', '\t']);
         let mut parts = header.split('-');
         let version = parts.next()?;
@@ -184,9 +205,20 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
             "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00F067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-g1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0\u{e9}",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn surrounding_blanks_are_allowed() {
+        let p = TraceParent::parse(" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\t").unwrap();
+        assert!(p.sampled);
     }
 
     #[test]

@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--contenders", default=None,
                     help="name=mall-app flags;name=flags ... (default: off=--order-batch-max 1;on=<--on-args>)")
     ap.add_argument("--group", default="orders", help="the results' group name")
+    ap.add_argument("--rotate", action="store_true",
+                    help="round r starts with the r-th contender (A B C, B C A, ...): no contender always runs first")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
     results = open(out / "results.jsonl", "a")
@@ -128,7 +130,9 @@ def measure(args, backend, db_args, check_url, apps, bin_dir, work, out, env, re
     }
     for workload, load_args in ((w, workloads[w]) for w in args.workloads.split(",")):
         for rnd in range(1, args.rounds + 1):
-            for contender, (proc, port) in apps.items():
+            order = list(apps.items())
+            shift = (rnd - 1) % len(order) if args.rotate else 0
+            for contender, (proc, port) in order[shift:] + order[:shift]:
                 for attempt in range(3):
                     name = f"orders-{backend}-{workload}-{contender}-r{rnd}.json"
                     log(f"{backend} {workload} round {rnd}: {args.group} {contender}"

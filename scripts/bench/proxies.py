@@ -59,6 +59,8 @@ def main():
     ap.add_argument("--app-pid", type=int, required=True)
     ap.add_argument("--contender", action="append", required=True, help="NAME=BASE_URL=PID[,PID]")
     ap.add_argument("--skip", action="append", default=[], help="NAME:PATH pairs not measured")
+    ap.add_argument("--rotate", action="store_true",
+                    help="round r starts with the r-th contender (A B C, B C A, ...): no contender always runs first")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     results = open(out / "results.jsonl", "a")
@@ -73,7 +75,8 @@ def main():
             log(f"{path}: warming {name} for {args.warmup} s")
             wrk(base + url_path, header, args.warmup, args.connections)
         for rnd in range(1, args.rounds + 1):
-            for name, base, pids in here:
+            shift = (rnd - 1) % len(here) if args.rotate else 0
+            for name, base, pids in here[shift:] + here[:shift]:
                 for attempt in range(3):
                     log(f"{path} round {rnd}: {name}" + (f" (again: {attempt})" if attempt else ""))
                     own0 = sum(ticks(p) for p in pids)

@@ -190,7 +190,13 @@ pub struct Context {
     /// Labels put on every PrometheusRule and ServiceMonitor, so the Prometheus selects them
     /// (`--monitoring-labels`, the chart's `monitoring.labels`).
     pub monitoring_labels: std::collections::BTreeMap<String, String>,
+    /// Each canary release's window baseline: the pods' counters when the step's window began
+    /// (`rollout.rs`), by `namespace/name`, tagged with the revision, step and weight.
+    pub rollout_windows: RolloutWindows,
 }
+
+pub type RolloutWindows =
+    Mutex<std::collections::HashMap<String, (String, std::collections::HashMap<String, crate::rollout::PodSample>)>>;
 
 impl Context {
     pub fn new(client: Client) -> Self {
@@ -204,6 +210,7 @@ impl Context {
             monitoring: AtomicBool::new(false),
             prometheus: None,
             monitoring_labels: Default::default(),
+            rollout_windows: Default::default(),
         }
     }
 

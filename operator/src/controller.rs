@@ -24,7 +24,7 @@ use crate::desired::{self, Children};
 pub use crate::status::set_condition;
 use crate::status::{sale_started_note, sale_status, verify_monitoring};
 pub use crate::watches::run;
-use crate::{autoscale, budget, room_counts, sale, token_secret, tuning, validation};
+use crate::{autoscale, budget, rollout, room_counts, sale, token_secret, tuning, validation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -230,17 +230,16 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         None => status.conditions.retain(|c| c.type_ != "ConnectionBudget"),
     }
     // The children are built for the ceiling in force.
-    let held;
-    let md_now = if ceiling < md.spec.max_replicas {
-        let mut m = md.clone();
-        m.spec.max_replicas = ceiling;
-        m.spec.replicas = m.spec.replicas.min(ceiling);
-        m.spec.min_replicas = m.spec.min_replicas.min(ceiling);
-        held = m;
-        &held
-    } else {
-        md
+    let hold = |m: &MallDeployment| -> MallDeployment {
+        let mut m = m.clone();
+        if ceiling < m.spec.max_replicas {
+            m.spec.max_replicas = ceiling;
+            m.spec.replicas = m.spec.replicas.min(ceiling);
+            m.spec.min_replicas = m.spec.min_replicas.min(ceiling);
+        }
+        m
     };
+    let md_now = &hold(md);
 
     // Sale windows: what is in effect now, said in status, events and a metric.
     let schedule = sale::Schedule::at(&md.spec, now);
@@ -330,13 +329,52 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         status.conditions.retain(|c| c.type_ != "WaitingRoom");
     }
 
-    let children = desired::children(
-        md_now,
-        &tuning,
+    // Canary releases (rollout.rs): which spec the stable pods run, and the canary's objects.
+    let live_stable = Stores::get(&ctx.stores.deployments, &ns, &name);
+    let live_canary = Stores::get(&ctx.stores.deployments, &ns, &rollout::canary_name(md));
+    let plan = match &md.spec.rollout {
+        // Boxed: the release's pass is a large future, and reconcile's is large already.
+        Some(r) => Some(
+            Box::pin(rollout::step(
+                client,
+                &ctx.rollout_windows,
+                md,
+                r,
+                old_status.rollout.as_ref(),
+                rollout::Live {
+                    stable: live_stable.as_deref(),
+                    canary: live_canary.as_deref(),
+                },
+                now,
+            ))
+            .await,
+        ),
+        None => None,
+    };
+    let stable_source = plan.as_ref().and_then(|p| p.stable.as_ref()).map(hold);
+    let stable_tuning = stable_source.as_ref().map(|m| tuning::tune(&m.spec));
+    let mut children = desired::children(
+        stable_source.as_ref().unwrap_or(md_now),
+        stable_tuning.as_ref().unwrap_or(&tuning),
         status.alert_scaling.floor,
         &sale,
         &ctx.monitoring_labels,
     );
+    if let Some(p) = &plan {
+        if p.stable_weight > 0 {
+            rollout::set_canary(&mut children.config_map, md, p.stable_weight, false);
+        }
+        let stable_revision = match &p.stable {
+            Some(_) => p.status.stable_revision.clone(),
+            None => rollout::revision(md),
+        };
+        children
+            .deployment
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(rollout::REVISION.into(), stable_revision);
+    }
     let Children {
         deployment,
         service,
@@ -388,6 +426,32 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         // out. (Should the operator stop between the two writes, the next apply drops the field
         // and Kubernetes defaults it to 1 until the HPA's next sync, as before this existed.)
         children.record(hand_over_replicas(client, &ns, &name, floor).await);
+    }
+    // The canary's Deployment, ConfigMap and headless Service while a release runs; none after.
+    let canary_weight = plan.as_ref().and_then(|p| p.canary_weight);
+    match (canary_weight, &plan) {
+        (Some(weight), Some(p)) => {
+            let stable_replicas = live_stable
+                .as_ref()
+                .and_then(|d| d.spec.as_ref()?.replicas)
+                .unwrap_or(md.spec.replicas);
+            let rendered = desired::children(md_now, &tuning, None, &sale, &ctx.monitoring_labels);
+            let (mut canary, canary_config, canary_service) =
+                rollout::canary_children(rendered, md, rollout::canary_replicas(stable_replicas, weight), weight);
+            canary
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(rollout::REVISION.into(), p.status.canary_revision.clone());
+            children.record(applier.apply(&stores.config_maps, &canary_config, &mut outcome).await);
+            children.record(applier.apply(&stores.services, &canary_service, &mut outcome).await);
+            children.record(applier.apply(&stores.deployments, &canary, &mut outcome).await);
+        }
+        _ => {
+            for removed in Box::pin(remove_canary(ctx, md, &ns, &mut outcome)).await {
+                children.record(removed);
+            }
+        }
     }
     children.record(applier.apply(&stores.pdbs, &pdb, &mut outcome).await);
     match &hpa {
@@ -536,6 +600,43 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         set_condition(&mut status, md, "Degraded", true, "ChildNotApplied", &message);
     }
 
+    let mut release_running = false;
+    match plan {
+        Some(p) => {
+            let r = &p.status;
+            let (ok, reason) = match r.phase.as_str() {
+                rollout::phase::ROLLED_BACK => (false, r.phase.as_str()),
+                other => (true, other),
+            };
+            set_condition(&mut status, md, "Rollout", ok, reason, &r.message.clone());
+            release_running = !r.canary_revision.is_empty();
+            ctx.metrics
+                .rollout_weight
+                .with_label_values(&[ns.as_str(), name.as_str()])
+                .set(if release_running { i64::from(r.weight) } else { 0 });
+            if let Some(how) = p.finished {
+                ctx.metrics
+                    .rollouts
+                    .with_label_values(&[ns.as_str(), name.as_str(), how])
+                    .inc();
+            }
+            for (warning, reason, note) in p.events {
+                ctx.event(md, warning, reason, note).await;
+            }
+            if p.clear_annotation {
+                let patch = json!({ "metadata": { "annotations": { rollout::ANNOTATION: null } } });
+                if let Err(e) = mds.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    tracing::warn!(%ns, %name, error = %e, "the rollout annotation could not be removed");
+                }
+            }
+            status.rollout = Some(p.status);
+        }
+        None => {
+            status.rollout = None;
+            status.conditions.retain(|c| c.type_ != "Rollout");
+        }
+    }
+
     outcome.status_written = write_status(&mds, &name, &old_status, &status).await?;
     if !outcome.applied.is_empty() {
         tracing::info!(%ns, %name, applied = ?outcome.applied, "reconciled");
@@ -559,12 +660,47 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         // Keep the room's counts current while it is on.
         next = next.min(Duration::from_secs(room_counts::REFRESH_SECS as u64));
     }
+    if release_running {
+        // A release is judged every few seconds.
+        next = next.min(rollout::POLL);
+    }
     if !children.failed.is_empty() {
         // The others are applied and reported; retry the failed ones as error_policy would.
         ctx.metrics.reconcile_errors.with_label_values(&["child"]).inc();
         next = next.min(Duration::from_secs(15));
     }
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
+}
+
+/// Deletes the canary's Deployment, ConfigMap and headless Service where the caches hold them.
+async fn remove_canary(ctx: &Context, md: &MallDeployment, ns: &str, outcome: &mut Outcome) -> Vec<ChildResult> {
+    let stores = &ctx.stores;
+    let mut results = Vec::new();
+    let dp = kube::api::DeleteParams::default();
+    let name = rollout::canary_name(md);
+    if Stores::get(&stores.deployments, ns, &name).is_some() {
+        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+        let deleted = api.delete(&name, &dp).await.map(|_| ());
+        results.push(ChildResult::from_delete(&format!("Deployment/{name}"), deleted));
+        outcome
+            .applied
+            .push(format!("Deployment/{name} (deleted: no release in progress)"));
+    }
+    let name = rollout::canary_config_map_name(md);
+    if Stores::get(&stores.config_maps, ns, &name).is_some() {
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+        let deleted = api.delete(&name, &dp).await.map(|_| ());
+        results.push(ChildResult::from_delete(&format!("ConfigMap/{name}"), deleted));
+        outcome.applied.push(format!("ConfigMap/{name} (deleted)"));
+    }
+    let name = rollout::canary_service_name(md);
+    if Stores::get(&stores.services, ns, &name).is_some() {
+        let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.client.clone(), ns);
+        let deleted = api.delete(&name, &dp).await.map(|_| ());
+        results.push(ChildResult::from_delete(&format!("Service/{name}"), deleted));
+        outcome.applied.push(format!("Service/{name} (deleted)"));
+    }
+    results
 }
 
 async fn write_status(

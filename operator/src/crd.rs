@@ -116,6 +116,7 @@ fn exact_fractional_minimums(schema: &mut Value) {
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Rollout", type_ = "string", json_path = ".status.rollout.phase"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     cel,
     validation = Rule::new("self.spec.minReplicas <= self.spec.maxReplicas")
@@ -201,6 +202,105 @@ pub struct MallDeploymentSpec {
     /// What the pods report besides their Prometheus metrics: traces, and CPU profiles on demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observability: Option<Observability>,
+    /// How a change to the pods reaches them. Unset: a rolling update of every pod at the
+    /// Deployment's pace. `canary`: the change runs first in canary pods that get a share of the
+    /// requests, step by step, and is promoted, or rolled back by itself when it does worse than
+    /// the stable pods (docs/operator.md, "Canary releases").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// A canary release of every change to the pods (images, resources, env, sidecar settings, cache
+/// rules). Changes that leave the pods alone (replicas, autoscaling, sale windows) apply at once.
+///
+/// Manual control is the annotation `mall.example.com/rollout` on the MallDeployment: `pause`
+/// holds the current step while it is set, `promote` ends the release with the canary promoted,
+/// `abort` rolls it back; the operator removes `promote` and `abort` once done.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// `canary` (the only strategy so far; leave `spec.rollout` out for a rolling update).
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+    /// The canary's share of the requests at each step, in percent, strictly increasing, each
+    /// watched for `watchSeconds`; after the last the canary is promoted to every pod.
+    #[serde(default = "defaults::rollout_steps")]
+    #[schemars(length(min = 1, max = 10))]
+    #[x_kube(
+        validation = Rule::new("[1, 2, 3, 4, 5, 6, 7, 8, 9].all(i, i >= size(self) || self[i - 1].weight < self[i].weight)")
+            .message("weights must increase from step to step")
+    )]
+    pub steps: Vec<RolloutStep>,
+    /// What the canary may do worse than the stable pods in the same window before it is rolled
+    /// back.
+    #[serde(default)]
+    pub thresholds: RolloutThresholds,
+    /// A canary whose pods are not all ready this long after they were created (a crash loop, a
+    /// refused sidecar config, a failing readiness probe) is rolled back.
+    #[serde(default = "defaults::ready_timeout_seconds")]
+    #[schemars(range(min = 10, max = 3600))]
+    pub ready_timeout_seconds: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutStrategy {
+    #[default]
+    Canary,
+}
+
+/// One step of a canary release.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStep {
+    /// The canary's share of the requests every sidecar sends to the apps, 1 to 100 %.
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: u8,
+    /// How long the step is watched once every pod balances with its weight.
+    #[serde(default = "defaults::watch_seconds")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub watch_seconds: u32,
+}
+
+/// The canary against the stable pods, both measured by every sidecar over the same window.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutThresholds {
+    /// How much higher the canary's share of failed requests (5xx, connection errors) may be
+    /// than the stable pods', as a fraction: 0.01 allows 1.5 % where stable has 0.5 %.
+    #[serde(default = "defaults::max_ratio_increase")]
+    #[schemars(range(max = 1))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("must be above 0: 0 would roll back on one failed request"))]
+    pub max_error_ratio_increase: f64,
+    /// How many milliseconds the canary's p99 response time may exceed the stable pods'.
+    #[serde(default = "defaults::max_p99_increase_ms")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub max_p99_increase_ms: u32,
+    /// How much higher the canary's share of failed orders (`POST /api/orders` answered 5xx by
+    /// the app) may be than the stable pods'.
+    #[serde(default = "defaults::max_ratio_increase")]
+    #[schemars(range(max = 1))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("must be above 0: 0 would roll back on one failed order"))]
+    pub max_order_failure_ratio_increase: f64,
+    /// Requests the canary must have answered in a step before it is judged; a step with fewer
+    /// is watched longer.
+    #[serde(default = "defaults::min_requests")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub min_requests: u32,
+}
+
+impl Default for RolloutThresholds {
+    fn default() -> Self {
+        RolloutThresholds {
+            max_error_ratio_increase: defaults::max_ratio_increase(),
+            max_p99_increase_ms: defaults::max_p99_increase_ms(),
+            max_order_failure_ratio_increase: defaults::max_ratio_increase(),
+            min_requests: defaults::min_requests(),
+        }
+    }
 }
 
 /// Telemetry beyond metrics.
@@ -797,6 +897,51 @@ pub struct MallDeploymentStatus {
     /// While a sale's waiting room is on: its decisions, summed over the running pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_room: Option<WaitingRoomStatus>,
+    /// With `spec.rollout`: the stable revision, and the canary release in progress or the last
+    /// one's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Where a canary release stands (`operator/src/rollout.rs`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Stable (no release in progress), Progressing, Paused, Promoting (the stable pods take the
+    /// new revision), RolledBack (the spec's revision was rolled back; a new change starts a new
+    /// release).
+    #[serde(default)]
+    pub phase: String,
+    /// The revision every stable pod runs: a hash of the pod template.
+    #[serde(default)]
+    pub stable_revision: String,
+    /// The spec of the stable revision (JSON), which the stable pods are rendered from while a
+    /// canary runs and which a rollback restores.
+    #[serde(default)]
+    pub stable_spec: String,
+    /// The revision under test, while a release is in progress (empty otherwise; always written,
+    /// so a status apply clears it).
+    #[serde(default)]
+    pub canary_revision: String,
+    /// The step in progress, from 1.
+    #[serde(default)]
+    pub step: u32,
+    /// The canary's share of the requests now, in percent.
+    #[serde(default)]
+    pub weight: u8,
+    /// When the canary pods were first asked for (Unix seconds): the ready timeout runs from it.
+    #[serde(default)]
+    pub canary_since_unix: i64,
+    /// When the current step's window started (Unix seconds; 0 until every pod balances with
+    /// the step's weight).
+    #[serde(default)]
+    pub window_since_unix: i64,
+    /// The last revision rolled back, not tried again until the spec changes (empty if none).
+    #[serde(default)]
+    pub failed_revision: String,
+    /// The last judgement, measured against allowed, in words.
+    #[serde(default)]
+    pub message: String,
 }
 
 /// The waiting room's decisions, read from the pods' sidecars (`operator/src/room_counts.rs`).
@@ -970,6 +1115,31 @@ pub mod defaults {
             request: request.into(),
             limit: limit.into(),
         }
+    }
+    /// Rollout steps: a tenth of the requests, then half, a minute each.
+    pub fn rollout_steps() -> Vec<super::RolloutStep> {
+        [10, 50]
+            .into_iter()
+            .map(|weight| super::RolloutStep {
+                weight,
+                watch_seconds: watch_seconds(),
+            })
+            .collect()
+    }
+    pub fn watch_seconds() -> u32 {
+        60
+    }
+    pub fn ready_timeout_seconds() -> u32 {
+        120
+    }
+    pub fn max_ratio_increase() -> f64 {
+        0.01
+    }
+    pub fn max_p99_increase_ms() -> u32 {
+        25
+    }
+    pub fn min_requests() -> u32 {
+        50
     }
     pub fn app_image() -> String {
         APP_IMAGE.into()

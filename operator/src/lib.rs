@@ -15,6 +15,8 @@
 //! - `apply.rs`: applying one child (skip when the cache matches, repair a 422);
 //!   `token_secret.rs`: the generated `<name>-jwt` Secret (created when missing, never changed);
 //! - `status.rs`: conditions, sale and monitoring status (pure);
+//! - `rollout.rs`: canary releases (revisions, the canary's objects, the judgement from the
+//!   pods' metrics, the release's state machine);
 //! - `autoscale.rs`: the Alertmanager webhook; `controller.rs`: reconcile (desired state, status);
 //!   `watches.rs`: what triggers a reconcile (each watch with its own backoff, the Prometheus
 //!   Operator's kinds only while their CRDs exist);
@@ -39,6 +41,7 @@ pub mod leader;
 pub mod metrics;
 pub mod quantity;
 pub mod render;
+pub mod rollout;
 pub mod room_counts;
 pub mod sale;
 pub mod status;

@@ -21,6 +21,11 @@ pub struct Metrics {
     /// Watch failures by kind. Each watch retries on its own backoff and nothing else waits on
     /// it, so this (and the log) is where a failing watch shows.
     pub watch_errors: IntCounterVec,
+    /// Canary releases that ended, by namespace, name and outcome: promoted, rolled_back,
+    /// aborted, cancelled (the spec went back to the stable revision).
+    pub rollouts: IntCounterVec,
+    /// The canary's share of the requests, in percent, while a release runs (0 otherwise).
+    pub rollout_weight: IntGaugeVec,
 }
 
 impl Metrics {
@@ -74,6 +79,19 @@ impl Metrics {
                 &["kind"],
             )
             .expect("metric"),
+            rollouts: IntCounterVec::new(
+                Opts::new("rollouts_total", "Canary releases that ended, by outcome"),
+                &["namespace", "name", "outcome"],
+            )
+            .expect("metric"),
+            rollout_weight: IntGaugeVec::new(
+                Opts::new(
+                    "rollout_canary_weight_percent",
+                    "The canary's share of the requests while a release runs",
+                ),
+                &["namespace", "name"],
+            )
+            .expect("metric"),
             registry,
         };
         m.registry.register(Box::new(m.reconciles.clone())).expect("unique");
@@ -90,6 +108,8 @@ impl Metrics {
             .expect("unique");
         m.registry.register(Box::new(m.child_apply.clone())).expect("unique");
         m.registry.register(Box::new(m.watch_errors.clone())).expect("unique");
+        m.registry.register(Box::new(m.rollouts.clone())).expect("unique");
+        m.registry.register(Box::new(m.rollout_weight.clone())).expect("unique");
         m
     }
 

@@ -75,29 +75,39 @@ pub async fn refresh(
 }
 
 /// A running pod's sidecar admin address (its IP and the container port named `admin`).
-fn admin_address(pod: &Pod) -> Option<SocketAddr> {
+pub fn admin_address(pod: &Pod) -> Option<SocketAddr> {
+    port_address(pod, "admin")
+}
+
+/// A running pod's IP with its container port named `port`.
+pub fn port_address(pod: &Pod, port: &str) -> Option<SocketAddr> {
     let status = pod.status.as_ref()?;
     if status.phase.as_deref() != Some("Running") || pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
     let ip = status.pod_ip.as_deref()?.parse().ok()?;
-    let port = pod
+    let number = pod
         .spec
         .as_ref()?
         .containers
         .iter()
         .flat_map(|c| c.ports.iter().flatten())
-        .find(|p| p.name.as_deref() == Some("admin"))?
+        .find(|p| p.name.as_deref() == Some(port))?
         .container_port;
-    Some(SocketAddr::new(ip, u16::try_from(port).ok()?))
+    Some(SocketAddr::new(ip, u16::try_from(number).ok()?))
 }
 
 /// One sidecar's room decisions by outcome, from its `/metrics`.
 pub async fn read_pod(addr: SocketAddr) -> Result<BTreeMap<String, u64>, String> {
-    let text = tokio::time::timeout(SCRAPE_TIMEOUT, get_metrics(addr))
-        .await
-        .map_err(|_| format!("no answer within {SCRAPE_TIMEOUT:?}"))??;
+    let text = scrape(addr).await?;
     Ok(counter_by_label(&text, METRIC, "outcome"))
+}
+
+/// The `/metrics` text at `addr`, within [`SCRAPE_TIMEOUT`].
+pub async fn scrape(addr: SocketAddr) -> Result<String, String> {
+    tokio::time::timeout(SCRAPE_TIMEOUT, get_metrics(addr))
+        .await
+        .map_err(|_| format!("no answer within {SCRAPE_TIMEOUT:?}"))?
 }
 
 /// `GET /metrics` as HTTP/1.0 with `Connection: close`, so no chunked coding comes back. The body

@@ -229,6 +229,10 @@ fn window(fields: Value) -> Value {
     json!({"saleWindows": [w]})
 }
 
+fn rollout(fields: Value) -> Value {
+    json!({"rollout": fields})
+}
+
 fn tracing(fields: Value) -> Value {
     let mut t = json!({"endpoint": "http://otel-collector.monitoring:4318"});
     t.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
@@ -351,6 +355,59 @@ fn the_schema_refuses_what_the_operator_refuses() {
             mall("shop", json!({"observability": {"tracing": {"sampleRatio": 0.5}}})),
             "endpoint",
         ),
+        (
+            "rollout steps out of order",
+            mall("shop", rollout(json!({"steps": [{"weight": 50}, {"weight": 10}]}))),
+            "steps",
+        ),
+        (
+            "rollout step repeated",
+            mall("shop", rollout(json!({"steps": [{"weight": 10}, {"weight": 10}]}))),
+            "steps",
+        ),
+        (
+            "rollout share over 100 %",
+            mall("shop", rollout(json!({"steps": [{"weight": 50}, {"weight": 150}]}))),
+            "weight",
+        ),
+        (
+            "rollout share of 0",
+            mall("shop", rollout(json!({"steps": [{"weight": 0}]}))),
+            "weight",
+        ),
+        (
+            "rollout without steps",
+            mall("shop", rollout(json!({"steps": []}))),
+            "steps",
+        ),
+        (
+            "error threshold 0",
+            mall("shop", rollout(json!({"thresholds": {"maxErrorRatioIncrease": 0}}))),
+            "maxErrorRatioIncrease",
+        ),
+        (
+            "order threshold 0",
+            mall(
+                "shop",
+                rollout(json!({"thresholds": {"maxOrderFailureRatioIncrease": 0.0}})),
+            ),
+            "maxOrderFailureRatioIncrease",
+        ),
+        (
+            "latency threshold 0",
+            mall("shop", rollout(json!({"thresholds": {"maxP99IncreaseMs": 0}}))),
+            "maxP99IncreaseMs",
+        ),
+        (
+            "minimum requests 0",
+            mall("shop", rollout(json!({"thresholds": {"minRequests": 0}}))),
+            "minRequests",
+        ),
+        (
+            "error threshold over 1",
+            mall("shop", rollout(json!({"thresholds": {"maxErrorRatioIncrease": 1.5}}))),
+            "maxErrorRatioIncrease",
+        ),
     ];
     for (what, doc, field) in cases {
         let operator = serde_json::from_value::<mall_operator::crd::MallDeployment>(doc.clone())
@@ -371,6 +428,18 @@ fn the_schema_refuses_what_the_operator_refuses() {
     // And a valid spec passes both.
     let good = mall("shop", rule(json!(0.5)));
     assert_eq!(api_server_refuses(&good), None);
+    for rollout in [
+        rollout(json!({})),
+        rollout(
+            json!({"strategy": "canary", "steps": [{"weight": 5, "watchSeconds": 300}, {"weight": 25}, {"weight": 100}],
+                       "thresholds": {"maxErrorRatioIncrease": 0.005, "maxP99IncreaseMs": 10, "maxOrderFailureRatioIncrease": 1, "minRequests": 1}}),
+        ),
+    ] {
+        let doc = mall("shop", rollout);
+        assert_eq!(api_server_refuses(&doc), None, "{doc}");
+        let md: mall_operator::crd::MallDeployment = serde_json::from_value(doc.clone()).unwrap();
+        assert_eq!(mall_operator::validation::validate(&md), Ok(()), "{doc}");
+    }
     for tracing in [
         tracing(json!({})),
         tracing(json!({"sampleRatio": 0, "endpoint": "https://otlp.example.com/otlp/"})),

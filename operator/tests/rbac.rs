@@ -152,6 +152,24 @@ async fn everything_the_operator_does() -> Vec<common::Call> {
     .await
     .unwrap();
     pass().await;
+    // A canary release: a new image starts one (the canary's Deployment, ConfigMap and headless
+    // Service are applied), and going back to the stable image deletes them.
+    let image = |image: &str| json!({ "spec": { "rollout": {}, "app": { "image": image } } });
+    for spec in [
+        image(mall_operator::crd::defaults::APP_IMAGE),
+        image("mall-app:canary"),
+        image(mall_operator::crd::defaults::APP_IMAGE),
+    ] {
+        mds.patch("shop", &PatchParams::default(), &Patch::Merge(spec))
+            .await
+            .unwrap();
+        pass().await;
+    }
+    assert!(Api::<Deployment>::namespaced(fake.clone(), NS)
+        .get_opt("shop-canary")
+        .await
+        .unwrap()
+        .is_none());
 
     // The webhook: a scale-up alert patches spec.replicas and the autoscaler's status.
     let alert = AlertView {

@@ -140,6 +140,31 @@ pub struct Upstream {
     pub keepalive_pool_size: usize,
     pub health_check: HealthCheck,
     pub passive: PassiveEjection,
+    /// A canary release in progress (the operator's `spec.rollout`): the instances of a second
+    /// group, found by their own DNS name, take `percent` % of the requests this sidecar sends
+    /// upstream; the rest (every other instance) is the stable group. Unset: one group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryGroup>,
+}
+
+/// The canary group of a release and its share of the requests.
+///
+/// Each sidecar sends `percent` % of its upstream requests to the canary instances and the rest to
+/// the stable ones, choosing within a group by `balance`; a group with no instance available
+/// gives its share to the other, so a canary that never becomes ready costs no request. Changing
+/// `percent` (a reload, no restart) moves the split at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryGroup {
+    /// The canary instances' DNS name (their headless Service), on `upstream.dns`'s port and
+    /// refresh interval. Its answer is a subset of `upstream.dns`'s: the rest are stable.
+    pub dns_name: String,
+    /// Share of the requests for the canary group, 0..=100.
+    pub percent: u8,
+    /// Whether this pod's own app (`upstream.local`) is a canary instance: true in the canary
+    /// pods. Decides its group before the first lookup answers and while DNS is down.
+    #[serde(default)]
+    pub own_app_is_canary: bool,
 }
 
 impl Default for Upstream {
@@ -158,6 +183,7 @@ impl Default for Upstream {
             keepalive_pool_size: 128,
             health_check: HealthCheck::default(),
             passive: PassiveEjection::default(),
+            canary: None,
         }
     }
 }
@@ -781,6 +807,20 @@ impl SidecarConfig {
                 ))
             }
             None => {}
+        }
+        if let Some(canary) = &u.canary {
+            if u.dns.is_none() {
+                return Err(ConfigError::invalid(
+                    "upstream.canary",
+                    "needs upstream.dns: the stable group is what upstream.dns finds beyond the canary's name",
+                ));
+            }
+            if canary.dns_name.trim().is_empty() {
+                return Err(ConfigError::invalid("upstream.canary.dns_name", "must not be empty"));
+            }
+            if canary.percent > 100 {
+                return Err(ConfigError::invalid("upstream.canary.percent", "must be 0..=100"));
+            }
         }
         if let Some(local) = &u.local {
             // sun_path holds 108 bytes with the terminating NUL.

@@ -1,0 +1,1035 @@
+//! Canary releases (`spec.rollout`): a change to the pods runs first in canary pods, which every
+//! sidecar sends a share of its requests to, step by step; the operator compares the canary with
+//! the stable pods over the same window, from the pods' own metrics, and promotes it, holds it,
+//! or rolls it back.
+//!
+//! - A **revision** is a hash of the pod template the spec renders to without a sale in effect,
+//!   so replicas, autoscaling and sale windows never start a release; images, resources, env,
+//!   sidecar and cache settings do.
+//! - While a release runs, the stable pods stay on the spec of the stable revision
+//!   (`status.rollout.stableSpec`), the canary pods (Deployment `<name>-canary`, headless Service
+//!   `<name>-can`, ConfigMap `<name>-canary-sidecar`) on the new one. Every sidecar's config gets
+//!   `upstream.canary` with the step's weight; that block is left out of the pods' config hash, so
+//!   moving the weight rolls no pod (the sidecars reload the file when the kubelet updates it).
+//! - A step's window starts once every running sidecar reports the step's weight
+//!   (`sidecar_canary_percent`). The judgement uses what every sidecar counted per group in that
+//!   window (`sidecar_upstream_requests_total`, `sidecar_upstream_response_seconds`), and the
+//!   apps' failed orders by track: the same clients, the same time, two groups.
+//! - Counters are read directly from each pod's metrics port, as `room_counts.rs` reads them, and
+//!   kept per pod: a pod that restarts (its counters back at zero) or appears counts from zero.
+//!   The window's baseline lives in the operator's memory; an operator restart starts the step's
+//!   window again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{Api, ListParams};
+use mall_sidecar_config::CanaryGroup;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{MallDeployment, MallDeploymentSpec, Rollout, RolloutStatus};
+use crate::desired::{self, Children};
+use crate::room_counts;
+use crate::sale::SalePlan;
+use crate::tuning;
+
+/// The annotation for manual control: `pause`, `promote` or `abort`.
+pub const ANNOTATION: &str = "mall.example.com/rollout";
+/// The pod label that tells canary pods from stable ones.
+pub const TRACK: &str = "mall.example.com/track";
+
+/// How often a release in progress is looked at.
+pub const POLL: Duration = Duration::from_secs(5);
+
+/// Phases, as `status.rollout.phase` and the `Rollout` condition's reason say them.
+pub mod phase {
+    pub const STABLE: &str = "Stable";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const PAUSED: &str = "Paused";
+    pub const PROMOTING: &str = "Promoting";
+    pub const ROLLED_BACK: &str = "RolledBack";
+}
+
+pub fn canary_name(md: &MallDeployment) -> String {
+    format!("{}-canary", desired::name(md))
+}
+
+/// The canary's headless Service: `<name>-can` fits the 63 characters of a Service name for every
+/// mall name (at most 59).
+pub fn canary_service_name(md: &MallDeployment) -> String {
+    format!("{}-can", desired::name(md))
+}
+
+pub fn canary_config_map_name(md: &MallDeployment) -> String {
+    format!("{}-canary-sidecar", desired::name(md))
+}
+
+/// The revision `md` renders to: a hash of its pod template without a sale in effect.
+pub fn revision(md: &MallDeployment) -> String {
+    let tuning = tuning::tune(&md.spec);
+    let c = desired::children(md, &tuning, None, &SalePlan::default(), &BTreeMap::new());
+    let template = c.deployment.spec.map(|s| s.template).unwrap_or_default();
+    let mut hasher = Sha256::new();
+    hasher.update(serde_json::to_vec(&template).expect("json"));
+    hasher.finalize().iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The mall as the stable pods run it: the stable revision's spec, with what leaves the pods
+/// alone (replicas, autoscaling, sale windows, the SLO, the rollout itself) from the current spec.
+pub fn stable_mall(md: &MallDeployment, stable_spec: &MallDeploymentSpec, stable_revision: &str) -> MallDeployment {
+    let mut stable = md.clone();
+    let mut spec = stable_spec.clone();
+    spec.replicas = md.spec.replicas;
+    spec.min_replicas = md.spec.min_replicas;
+    spec.autoscaling = md.spec.autoscaling.clone();
+    spec.sale_windows = md.spec.sale_windows.clone();
+    spec.slo = md.spec.slo.clone();
+    spec.paused = md.spec.paused;
+    spec.rollout = md.spec.rollout.clone();
+    stable.spec = spec;
+    if revision(&stable) != stable_revision {
+        // One of those fields reaches the pods after all: keep the stable spec whole but its
+        // replica counts, so the stable pods stay exactly as they are.
+        stable.spec = stable_spec.clone();
+        stable.spec.replicas = md
+            .spec
+            .replicas
+            .clamp(stable_spec.min_replicas, stable_spec.max_replicas);
+        stable.spec.min_replicas = md.spec.min_replicas.min(stable.spec.replicas);
+    }
+    stable
+}
+
+/// What the manual-control annotation asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Manual {
+    None,
+    Pause,
+    Promote,
+    Abort,
+}
+
+pub fn manual(md: &MallDeployment) -> Result<Manual, String> {
+    match md
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION))
+        .map(String::as_str)
+    {
+        None | Some("") | Some("resume") => Ok(Manual::None),
+        Some("pause") => Ok(Manual::Pause),
+        Some("promote") => Ok(Manual::Promote),
+        Some("abort") => Ok(Manual::Abort),
+        Some(other) => Err(format!(
+            "annotation {ANNOTATION}: {other:?} is not pause, resume, promote or abort"
+        )),
+    }
+}
+
+/// The canary pods at `weight` % of `replicas` stable pods: at least one, rounded up.
+pub fn canary_replicas(replicas: i32, weight: u8) -> i32 {
+    ((i64::from(replicas.max(1)) * i64::from(weight) + 99) / 100).max(1) as i32
+}
+
+/// The canary's objects: its Deployment, ConfigMap and headless Service, rendered from `md` (the
+/// new spec) and told apart from the stable pods by the `track` label.
+pub fn canary_children(
+    children: Children,
+    md: &MallDeployment,
+    replicas: i32,
+    weight: u8,
+) -> (Deployment, ConfigMap, Service) {
+    let Children {
+        mut deployment,
+        mut config_map,
+        mut app_service,
+        ..
+    } = children;
+    let stable_config_map = config_map.metadata.name.clone().unwrap_or_default();
+    deployment.metadata.name = Some(canary_name(md));
+    if let Some(spec) = deployment.spec.as_mut() {
+        spec.replicas = Some(replicas);
+        spec.selector
+            .match_labels
+            .get_or_insert_with(Default::default)
+            .insert(TRACK.into(), "canary".into());
+        let template_meta = spec.template.metadata.get_or_insert_with(Default::default);
+        template_meta
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert(TRACK.into(), "canary".into());
+        if let Some(pod) = spec.template.spec.as_mut() {
+            for volume in pod.volumes.iter_mut().flatten() {
+                if let Some(cm) = volume.config_map.as_mut().filter(|cm| cm.name == stable_config_map) {
+                    cm.name = canary_config_map_name(md);
+                }
+            }
+        }
+    }
+    config_map.metadata.name = Some(canary_config_map_name(md));
+    set_canary(&mut config_map, md, weight, true);
+    app_service.metadata.name = Some(canary_service_name(md));
+    if let Some(spec) = app_service.spec.as_mut() {
+        spec.selector
+            .get_or_insert_with(Default::default)
+            .insert(TRACK.into(), "canary".into());
+    }
+    (deployment, config_map, app_service)
+}
+
+/// Writes `upstream.canary` into a rendered sidecar ConfigMap. The pods' config hash was taken
+/// without it, so this changes the file the sidecars reload and rolls no pod.
+pub fn set_canary(config_map: &mut ConfigMap, md: &MallDeployment, weight: u8, own_app_is_canary: bool) {
+    let Some(text) = config_map
+        .data
+        .as_mut()
+        .and_then(|d| d.get_mut(desired::SIDECAR_CONFIG_KEY))
+    else {
+        return;
+    };
+    let Ok(mut config) = mall_sidecar_config::SidecarConfig::from_toml(text) else {
+        return;
+    };
+    config.upstream.canary = Some(CanaryGroup {
+        dns_name: format!(
+            "{}.{}.svc.cluster.local",
+            canary_service_name(md),
+            desired::namespace(md)
+        ),
+        percent: weight,
+        own_app_is_canary,
+    });
+    *text = config.to_toml();
+}
+
+/// What one pod's metrics said.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodSample {
+    pub canary_pod: bool,
+    /// The weight its sidecar balances with (`sidecar_canary_percent`); `None` when unread.
+    pub percent: Option<u8>,
+    /// What its sidecar counted per group of the instance that answered.
+    pub stable: Group,
+    pub canary: Group,
+    /// Orders its app placed and failed (`POST /api/orders` answered 5xx).
+    pub orders: f64,
+    pub orders_failed: f64,
+}
+
+/// Counts for one group, as cumulative counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Group {
+    pub requests: f64,
+    pub failed: f64,
+    /// The response-time histogram's cumulative buckets, by upper bound in seconds.
+    pub buckets: Vec<(f64, f64)>,
+    pub orders: f64,
+    pub orders_failed: f64,
+}
+
+impl Group {
+    fn add(&mut self, other: &Group) {
+        self.requests += other.requests;
+        self.failed += other.failed;
+        self.orders += other.orders;
+        self.orders_failed += other.orders_failed;
+        for (le, n) in &other.buckets {
+            match self.buckets.iter_mut().find(|(l, _)| l == le) {
+                Some((_, m)) => *m += n,
+                None => self.buckets.push((*le, *n)),
+            }
+        }
+        self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+
+    /// `self - base`, or `self` when a counter went backwards (the pod restarted).
+    fn since(&self, base: &Group) -> Group {
+        let restarted = self.requests < base.requests || self.orders < base.orders;
+        if restarted {
+            return self.clone();
+        }
+        Group {
+            requests: self.requests - base.requests,
+            failed: (self.failed - base.failed).max(0.0),
+            orders: self.orders - base.orders,
+            orders_failed: (self.orders_failed - base.orders_failed).max(0.0),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(le, n)| {
+                    let before = base.buckets.iter().find(|(l, _)| l == le).map_or(0.0, |(_, m)| *m);
+                    (*le, (n - before).max(0.0))
+                })
+                .collect(),
+        }
+    }
+
+    pub fn error_ratio(&self) -> f64 {
+        if self.requests > 0.0 {
+            self.failed / self.requests
+        } else {
+            0.0
+        }
+    }
+
+    pub fn order_failure_ratio(&self) -> f64 {
+        if self.orders > 0.0 {
+            self.orders_failed / self.orders
+        } else {
+            0.0
+        }
+    }
+
+    /// The 99th percentile in milliseconds, interpolated within its bucket as Prometheus'
+    /// `histogram_quantile` does; `None` without requests.
+    pub fn p99_ms(&self) -> Option<f64> {
+        let total = self.buckets.last().map(|(_, n)| *n)?;
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = 0.99 * total;
+        let mut lower = (0.0, 0.0);
+        for (le, n) in &self.buckets {
+            if *n >= rank {
+                if le.is_infinite() {
+                    return Some(lower.0 * 1000.0);
+                }
+                let within = if n - lower.1 > 0.0 {
+                    (rank - lower.1) / (n - lower.1)
+                } else {
+                    1.0
+                };
+                return Some((lower.0 + (le - lower.0) * within) * 1000.0);
+            }
+            lower = (*le, *n);
+        }
+        Some(lower.0 * 1000.0)
+    }
+}
+
+/// The two groups over one window, summed over the pods.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    pub stable: Group,
+    pub canary: Group,
+}
+
+/// Sums the pods' counts since `base` (per pod; a pod absent from `base` counts from zero).
+pub fn window(now: &HashMap<String, PodSample>, base: &HashMap<String, PodSample>) -> Window {
+    let mut w = Window::default();
+    for (pod, sample) in now {
+        let empty = PodSample::default();
+        let before = base.get(pod).unwrap_or(&empty);
+        w.stable.add(&sample.stable.since(&before.stable));
+        w.canary.add(&sample.canary.since(&before.canary));
+        let orders = Group {
+            orders: sample.orders,
+            orders_failed: sample.orders_failed,
+            ..Group::default()
+        }
+        .since(&Group {
+            orders: before.orders,
+            orders_failed: before.orders_failed,
+            ..Group::default()
+        });
+        let track = if sample.canary_pod {
+            &mut w.canary
+        } else {
+            &mut w.stable
+        };
+        track.orders += orders.orders;
+        track.orders_failed += orders.orders_failed;
+    }
+    w
+}
+
+/// The verdict on a window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Worse than allowed: roll back, saying why.
+    Fail(String),
+    /// Within every threshold so far.
+    Pass(String),
+    /// Too few canary requests to judge.
+    TooFew(String),
+}
+
+/// Compares the canary with the stable pods over `w`.
+pub fn judge(rollout: &Rollout, w: &Window) -> Verdict {
+    let t = &rollout.thresholds;
+    let (c, s) = (&w.canary, &w.stable);
+    let pct = |x: f64| format!("{:.1} %", x * 100.0);
+    if c.requests < f64::from(t.min_requests) {
+        return Verdict::TooFew(format!(
+            "canary answered {} of the {} requests needed to judge",
+            c.requests, t.min_requests
+        ));
+    }
+    let mut measured = Vec::new();
+    let (ce, se) = (c.error_ratio(), s.error_ratio());
+    if ce - se > t.max_error_ratio_increase {
+        return Verdict::Fail(format!(
+            "failed requests: canary {} of {}, stable {} of {}; allowed stable + {}",
+            pct(ce),
+            c.requests,
+            pct(se),
+            s.requests,
+            pct(t.max_error_ratio_increase)
+        ));
+    }
+    measured.push(format!("failed requests canary {} / stable {}", pct(ce), pct(se)));
+    // With the stable pods idle (a 100 % step) there is nothing to compare latency with.
+    if let (Some(cp), Some(sp)) = (
+        c.p99_ms(),
+        s.p99_ms().filter(|_| s.requests >= f64::from(t.min_requests)),
+    ) {
+        if cp - sp > f64::from(t.max_p99_increase_ms) {
+            return Verdict::Fail(format!(
+                "p99 response time: canary {cp:.0} ms, stable {sp:.0} ms; allowed stable + {} ms",
+                t.max_p99_increase_ms
+            ));
+        }
+        measured.push(format!("p99 canary {cp:.0} ms / stable {sp:.0} ms"));
+    }
+    if c.orders > 0.0 {
+        let (co, so) = (c.order_failure_ratio(), s.order_failure_ratio());
+        if co - so > t.max_order_failure_ratio_increase {
+            return Verdict::Fail(format!(
+                "failed orders: canary {} of {}, stable {} of {}; allowed stable + {}",
+                pct(co),
+                c.orders,
+                pct(so),
+                s.orders,
+                pct(t.max_order_failure_ratio_increase)
+            ));
+        }
+        measured.push(format!("failed orders canary {} / stable {}", pct(co), pct(so)));
+    }
+    Verdict::Pass(format!(
+        "{}; canary answered {} requests, stable {}",
+        measured.join(", "),
+        c.requests,
+        s.requests
+    ))
+}
+
+/// Reads every running pod of the mall: `None` when the pods cannot be listed.
+pub async fn sample_pods(client: &kube::Client, md: &MallDeployment) -> Option<HashMap<String, PodSample>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &desired::namespace(md));
+    let list = match pods
+        .list(&ListParams::default().labels(&desired::selector_string(md)))
+        .await
+    {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::warn!(name = %desired::name(md), error = %e, "cannot list the mall's pods to judge the canary");
+            return None;
+        }
+    };
+    let reads = list.items.iter().filter_map(|pod| {
+        let admin = room_counts::admin_address(pod)?;
+        let app = room_counts::port_address(pod, "app");
+        let key = pod.metadata.uid.clone().or_else(|| pod.metadata.name.clone())?;
+        let canary_pod = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(TRACK))
+            .is_some_and(|t| t == "canary");
+        Some(async move {
+            let sidecar = room_counts::scrape(admin).await;
+            let app = match app {
+                Some(app) => room_counts::scrape(app).await,
+                None => Err("no container port named app".to_string()),
+            };
+            let mut sample = PodSample {
+                canary_pod,
+                ..PodSample::default()
+            };
+            match sidecar {
+                Ok(text) => read_sidecar(&text, &mut sample),
+                Err(e) => tracing::info!(%admin, error = %e, "a pod's sidecar metrics could not be read"),
+            }
+            if let Ok(text) = app {
+                read_app(&text, &mut sample);
+            }
+            (key, sample)
+        })
+    });
+    Some(futures_util::future::join_all(reads).await.into_iter().collect())
+}
+
+/// One Prometheus text-format sample: name, labels, value.
+pub fn samples(text: &str) -> impl Iterator<Item = (&str, Vec<(&str, String)>, f64)> {
+    text.lines().filter(|l| !l.starts_with('#')).filter_map(|line| {
+        let (name_labels, value) = line.rsplit_once(' ')?;
+        let value: f64 = value.trim().parse().ok()?;
+        let (name, labels) = match name_labels.split_once('{') {
+            None => (name_labels.trim(), Vec::new()),
+            Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}')?)?),
+        };
+        Some((name, labels, value))
+    })
+}
+
+/// `a="x",b="y\"z"`, with the text format's escapes.
+fn parse_labels(mut s: &str) -> Option<Vec<(&str, String)>> {
+    let mut out = Vec::new();
+    while !s.is_empty() {
+        let (key, rest) = s.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                '"' => break i,
+                c => value.push(c),
+            }
+        };
+        out.push((key.trim_start_matches(',').trim(), value));
+        s = rest[end + 1..].trim_start_matches(',');
+    }
+    Some(out)
+}
+
+fn label<'a>(labels: &'a [(&str, String)], key: &str) -> Option<&'a str> {
+    labels.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str())
+}
+
+/// The sidecar's split and per-group counts.
+pub fn read_sidecar(text: &str, sample: &mut PodSample) {
+    sample.percent = Some(0);
+    for (name, labels, value) in samples(text) {
+        let group = match label(&labels, "group") {
+            Some("canary") => &mut sample.canary,
+            _ => &mut sample.stable,
+        };
+        match name {
+            "sidecar_canary_percent" => sample.percent = Some(value.clamp(0.0, 100.0) as u8),
+            "sidecar_upstream_requests_total" => {
+                group.requests += value;
+                if matches!(label(&labels, "status_class"), Some("5xx" | "error")) {
+                    group.failed += value;
+                }
+            }
+            "sidecar_upstream_response_seconds_bucket" => {
+                let Some(le) = label(&labels, "le").and_then(|l| l.parse::<f64>().ok()) else {
+                    continue;
+                };
+                match group.buckets.iter_mut().find(|(l, _)| *l == le) {
+                    Some((_, n)) => *n += value,
+                    None => group.buckets.push((le, value)),
+                }
+            }
+            _ => {}
+        }
+    }
+    for g in [&mut sample.stable, &mut sample.canary] {
+        g.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+}
+
+/// The app's orders: `POST /api/orders` answers, and those that were 5xx.
+pub fn read_app(text: &str, sample: &mut PodSample) {
+    for (name, labels, value) in samples(text) {
+        if name != "http_requests_total"
+            || label(&labels, "method") != Some("POST")
+            || label(&labels, "route") != Some("/api/orders")
+        {
+            continue;
+        }
+        sample.orders += value;
+        if label(&labels, "status").is_some_and(|s| s.starts_with('5')) {
+            sample.orders_failed += value;
+        }
+    }
+}
+
+/// Whether every pod whose sidecar answered balances with `weight`, and how many do not.
+pub fn split_reached(samples: &HashMap<String, PodSample>, weight: u8) -> (bool, usize) {
+    let behind = samples
+        .values()
+        .filter(|s| s.percent.is_some_and(|p| p != weight))
+        .count();
+    (behind == 0, behind)
+}
+
+/// The stable spec kept in status, read back.
+pub fn stored_spec(status: &RolloutStatus) -> Option<MallDeploymentSpec> {
+    let mut de = serde_json::Deserializer::from_str(&status.stable_spec);
+    MallDeploymentSpec::deserialize(&mut de).ok()
+}
+
+/// What a pass decided, for the controller to apply.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub status: RolloutStatus,
+    /// Render the stable children from this mall instead of the spec's.
+    pub stable: Option<MallDeployment>,
+    /// The canary at this weight; `None`: no canary objects (deleted where they exist).
+    pub canary_weight: Option<u8>,
+    /// The weight written into the stable pods' sidecar config; 0 leaves `upstream.canary` out.
+    pub stable_weight: u8,
+    /// Events to publish: warning, reason, note.
+    pub events: Vec<(bool, &'static str, String)>,
+    /// `promote` or `abort` was acted on: remove the annotation.
+    pub clear_annotation: bool,
+    /// A release ended: `promoted`, `rolled_back` or `aborted`.
+    pub finished: Option<&'static str>,
+    /// Look again this soon.
+    pub requeue: Option<Duration>,
+}
+
+impl Plan {
+    fn new(status: RolloutStatus) -> Self {
+        Plan {
+            status,
+            stable: None,
+            canary_weight: None,
+            stable_weight: 0,
+            events: Vec::new(),
+            clear_annotation: false,
+            finished: None,
+            requeue: None,
+        }
+    }
+}
+
+/// What the controller knows of the live Deployments and the pods, for one pass.
+pub struct Live<'a> {
+    pub stable: Option<&'a Deployment>,
+    pub canary: Option<&'a Deployment>,
+}
+
+/// The annotation on each Deployment naming the revision it was rendered from.
+pub const REVISION: &str = "mall.example.com/revision";
+
+/// Whether `d` was rendered from `revision` and every pod it wants is updated and ready, with
+/// its ready and wanted pods (`want` when it does not exist yet).
+pub fn rolled_out(d: Option<&Deployment>, revision: &str, want: i32) -> (bool, i32, i32) {
+    let Some(d) = d else { return (false, 0, want) };
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(want);
+    let status = d.status.clone().unwrap_or_default();
+    let ready = status.ready_replicas.unwrap_or(0);
+    let ours = d
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REVISION))
+        .map(String::as_str)
+        == Some(revision);
+    let seen = d.metadata.generation.is_some() && d.metadata.generation == status.observed_generation;
+    let done = ours
+        && seen
+        && status.updated_replicas.unwrap_or(0) >= want
+        && ready >= want
+        && status.replicas.unwrap_or(0) <= want;
+    (done, ready, want)
+}
+
+/// One pass of the release state machine for `md` with `rollout`, at `now` (Unix seconds).
+/// `windows` keeps each mall's window baseline between passes.
+pub async fn step(
+    client: &kube::Client,
+    windows: &crate::context::RolloutWindows,
+    md: &MallDeployment,
+    rollout: &Rollout,
+    old: Option<&RolloutStatus>,
+    live: Live<'_>,
+    now: i64,
+) -> Plan {
+    let rev = revision(md);
+    let mut st = old.cloned().unwrap_or_default();
+    let key = format!("{}/{}", desired::namespace(md), desired::name(md));
+    let stored = stored_spec(&st);
+    let Some(stored) = stored.filter(|_| !st.stable_revision.is_empty()) else {
+        // The first look with spec.rollout: the pods run the spec as it is.
+        let status = RolloutStatus {
+            phase: phase::STABLE.into(),
+            stable_revision: rev.clone(),
+            stable_spec: serde_json::to_string(&md.spec).expect("json"),
+            message: format!("every pod runs revision {rev}"),
+            ..RolloutStatus::default()
+        };
+        return Plan::new(status);
+    };
+    let in_release = matches!(st.phase.as_str(), phase::PROGRESSING | phase::PAUSED | phase::PROMOTING)
+        && !st.canary_revision.is_empty();
+    if rev == st.stable_revision {
+        let mut plan = Plan::new(st.clone());
+        if in_release {
+            plan.events.push((
+                false,
+                "CanaryCancelled",
+                format!("the spec is back at the stable revision {rev}: the canary is removed"),
+            ));
+            plan.finished = Some("cancelled");
+        }
+        plan.status = RolloutStatus {
+            phase: phase::STABLE.into(),
+            stable_revision: rev.clone(),
+            // What leaves the pods alone stays current in the kept spec.
+            stable_spec: serde_json::to_string(&md.spec).expect("json"),
+            failed_revision: st.failed_revision.clone(),
+            message: match st.failed_revision.as_str() {
+                "" => format!("every pod runs revision {rev}"),
+                failed => format!("every pod runs revision {rev}; the last release, {failed}, was rolled back"),
+            },
+            ..RolloutStatus::default()
+        };
+        windows.lock().expect("windows lock").remove(&key);
+        return plan;
+    }
+    let stable_md = stable_mall(md, &stored, &st.stable_revision);
+    let mut manual_error = None;
+    let manual = manual(md).unwrap_or_else(|e| {
+        manual_error = Some(e);
+        Manual::None
+    });
+    if st.failed_revision == rev && !in_release {
+        let mut plan = Plan::new(st);
+        plan.status.phase = phase::ROLLED_BACK.into();
+        plan.stable = Some(stable_md);
+        return plan;
+    }
+    let mut events = Vec::new();
+    if !in_release || st.canary_revision != rev {
+        if in_release {
+            events.push((
+                false,
+                "CanaryReplaced",
+                format!(
+                    "the spec changed during the release of {}: revision {rev} starts over",
+                    st.canary_revision
+                ),
+            ));
+        }
+        let first = &rollout.steps[0];
+        st.canary_revision = rev.clone();
+        st.step = 1;
+        st.weight = first.weight;
+        st.canary_since_unix = now;
+        st.window_since_unix = 0;
+        st.phase = phase::PROGRESSING.into();
+        st.message = format!("revision {rev} starts as a canary at {} %", first.weight);
+        events.push((
+            false,
+            "CanaryStarted",
+            format!(
+                "revision {rev} starts as a canary at {} % of the requests; the stable pods run {}",
+                first.weight, st.stable_revision
+            ),
+        ));
+        windows.lock().expect("windows lock").remove(&key);
+    }
+    let mut plan = Plan::new(st.clone());
+    plan.events = events;
+    plan.requeue = Some(POLL);
+    plan.stable = Some(stable_md.clone());
+    plan.canary_weight = Some(st.weight);
+    plan.stable_weight = st.weight;
+
+    let rollback = |mut plan: Plan, st: &RolloutStatus, why: String, outcome: &'static str| {
+        let message = format!(
+            "revision {rev} rolled back at step {} ({} %): {why}; the stable pods run {}",
+            st.step, st.weight, st.stable_revision
+        );
+        plan.events.push((true, "RolledBack", message.clone()));
+        plan.status = RolloutStatus {
+            phase: phase::ROLLED_BACK.into(),
+            stable_revision: st.stable_revision.clone(),
+            stable_spec: st.stable_spec.clone(),
+            failed_revision: rev.clone(),
+            message,
+            ..RolloutStatus::default()
+        };
+        plan.canary_weight = None;
+        plan.stable_weight = 0;
+        plan.finished = Some(outcome);
+        plan.requeue = None;
+        windows.lock().expect("windows lock").remove(&key);
+        plan
+    };
+
+    if st.phase == phase::PROMOTING {
+        // The stable pods take the new revision; the canary serves until they have.
+        plan.stable = None;
+        plan.stable_weight = 0;
+        let (done, ready, want) = rolled_out(live.stable, &rev, md.spec.replicas);
+        if done {
+            let message = format!("revision {rev} promoted: every pod runs it");
+            plan.events.push((false, "Promoted", message.clone()));
+            plan.status = RolloutStatus {
+                phase: phase::STABLE.into(),
+                stable_revision: rev.clone(),
+                stable_spec: serde_json::to_string(&md.spec).expect("json"),
+                failed_revision: st.failed_revision.clone(),
+                message,
+                ..RolloutStatus::default()
+            };
+            plan.canary_weight = None;
+            plan.finished = Some("promoted");
+            plan.requeue = None;
+            windows.lock().expect("windows lock").remove(&key);
+        } else {
+            plan.status.message = format!("promoting revision {rev}: {ready} of {want} stable pods ready on it");
+        }
+        return plan;
+    }
+
+    match manual {
+        Manual::Abort => {
+            plan.clear_annotation = true;
+            return rollback(
+                plan,
+                &st,
+                format!("aborted by the annotation {ANNOTATION}=abort"),
+                "aborted",
+            );
+        }
+        Manual::Promote => {
+            plan.clear_annotation = true;
+            plan.status.phase = phase::PROMOTING.into();
+            plan.status.message = format!("promoting revision {rev} (annotation {ANNOTATION}=promote)");
+            plan.events
+                .push((false, "PromotedManually", plan.status.message.clone()));
+            plan.stable = None;
+            plan.stable_weight = 0;
+            return plan;
+        }
+        Manual::Pause => plan.status.phase = phase::PAUSED.into(),
+        Manual::None => plan.status.phase = phase::PROGRESSING.into(),
+    }
+    let paused = manual == Manual::Pause;
+    let note = manual_error.map(|e| format!(" ({e})")).unwrap_or_default();
+
+    // The canary's pods first: all of them ready, or rolled back once the timeout is up.
+    let stable_replicas = live
+        .stable
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .unwrap_or(md.spec.replicas);
+    let (ready, ready_count, want) = rolled_out(live.canary, &rev, canary_replicas(stable_replicas, st.weight));
+    if !ready {
+        let waited = now - st.canary_since_unix;
+        if waited >= i64::from(rollout.ready_timeout_seconds) {
+            return rollback(
+                plan,
+                &st,
+                format!(
+                    "{ready_count} of {want} canary pods ready {waited} s after they were asked for (readyTimeoutSeconds {})",
+                    rollout.ready_timeout_seconds
+                ),
+                "rolled_back",
+            );
+        }
+        plan.status.window_since_unix = 0;
+        plan.status.message = format!(
+            "step {} of {} ({} %): waiting for the canary pods, {ready_count} of {want} ready after {waited} of {} s{note}",
+            st.step,
+            rollout.steps.len(),
+            st.weight,
+            rollout.ready_timeout_seconds
+        );
+        return plan;
+    }
+    let Some(samples) = sample_pods(client, md).await else {
+        plan.status.message = format!(
+            "step {} ({} %): the mall's pods cannot be listed to read their metrics",
+            st.step, st.weight
+        );
+        return plan;
+    };
+    let (reached, behind) = split_reached(&samples, st.weight);
+    if !reached {
+        plan.status.window_since_unix = 0;
+        plan.status.message = format!(
+            "step {} ({} %): waiting for {behind} sidecars to balance with the step's weight{note}",
+            st.step, st.weight
+        );
+        return plan;
+    }
+    let tag = format!("{rev}/{}/{}", st.step, st.weight);
+    let base = {
+        let mut w = windows.lock().expect("windows lock");
+        match w.get(&key) {
+            Some((t, base)) if *t == tag && st.window_since_unix > 0 => Some(base.clone()),
+            _ => {
+                w.insert(key.clone(), (tag, samples.clone()));
+                None
+            }
+        }
+    };
+    let Some(base) = base else {
+        plan.status.window_since_unix = now;
+        plan.status.message = format!(
+            "step {} of {} ({} %): watching from now for {} s{note}",
+            st.step,
+            rollout.steps.len(),
+            st.weight,
+            rollout.steps[st.step as usize - 1].watch_seconds
+        );
+        return plan;
+    };
+    let measured = window(&samples, &base);
+    let verdict = judge(rollout, &measured);
+    let watched = now - st.window_since_unix;
+    let watch = i64::from(rollout.steps[st.step as usize - 1].watch_seconds);
+    match verdict {
+        Verdict::Fail(why) => rollback(plan, &st, why, "rolled_back"),
+        Verdict::Pass(m) if watched >= watch && !paused => {
+            let passed = format!("step {} ({} %) passed after {watched} s: {m}", st.step, st.weight);
+            if (st.step as usize) < rollout.steps.len() {
+                let next = &rollout.steps[st.step as usize];
+                plan.status.step = st.step + 1;
+                plan.status.weight = next.weight;
+                plan.status.window_since_unix = 0;
+                plan.status.message = format!("{passed}; now {} %", next.weight);
+                plan.canary_weight = Some(next.weight);
+                plan.stable_weight = next.weight;
+                plan.events
+                    .push((false, "CanaryStepPassed", plan.status.message.clone()));
+            } else {
+                plan.status.phase = phase::PROMOTING.into();
+                plan.status.message = format!("{passed}; promoting revision {rev} to every pod");
+                plan.events.push((false, "CanaryPassed", plan.status.message.clone()));
+                plan.stable = None;
+                plan.stable_weight = 0;
+            }
+            plan
+        }
+        Verdict::Pass(m) | Verdict::TooFew(m) => {
+            plan.status.message = format!(
+                "step {} of {} ({} %): {watched} of {watch} s watched{}; {m}{note}",
+                st.step,
+                rollout.steps.len(),
+                st.weight,
+                if paused { ", paused by the annotation" } else { "" }
+            );
+            plan
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(requests: f64, failed: f64, buckets: &[(f64, f64)]) -> Group {
+        Group {
+            requests,
+            failed,
+            buckets: buckets.to_vec(),
+            ..Group::default()
+        }
+    }
+
+    #[test]
+    fn p99_interpolates_within_its_bucket_as_histogram_quantile_does() {
+        let g = group(
+            100.0,
+            0.0,
+            &[(0.005, 50.0), (0.01, 98.0), (0.05, 100.0), (f64::INFINITY, 100.0)],
+        );
+        // rank 99: one of the two in (0.01, 0.05] -> 0.01 + 0.04 / 2.
+        assert!((g.p99_ms().unwrap() - 30.0).abs() < 1e-9);
+        assert_eq!(Group::default().p99_ms(), None);
+        let slow = group(10.0, 0.0, &[(0.05, 0.0), (f64::INFINITY, 10.0)]);
+        assert_eq!(slow.p99_ms(), Some(50.0));
+    }
+
+    #[test]
+    fn a_window_counts_per_pod_and_a_restarted_pod_from_zero() {
+        let pod = |requests: f64, failed: f64| PodSample {
+            percent: Some(10),
+            canary: group(requests, failed, &[(f64::INFINITY, requests)]),
+            ..PodSample::default()
+        };
+        let base = HashMap::from([("a".to_string(), pod(100.0, 1.0)), ("b".to_string(), pod(500.0, 0.0))]);
+        let now = HashMap::from([
+            ("a".to_string(), pod(160.0, 4.0)),
+            // b restarted: 20 since.
+            ("b".to_string(), pod(20.0, 0.0)),
+            ("c".to_string(), pod(5.0, 5.0)),
+        ]);
+        let w = window(&now, &base);
+        assert_eq!(w.canary.requests, 85.0);
+        assert_eq!(w.canary.failed, 8.0);
+        assert_eq!(w.canary.buckets, vec![(f64::INFINITY, 85.0)]);
+    }
+
+    fn rollout() -> Rollout {
+        serde_json::from_value(serde_json::json!({})).unwrap()
+    }
+
+    #[test]
+    fn the_judge_compares_the_canary_with_the_stable_pods() {
+        let r = rollout();
+        let fast = [(0.01, 990.0), (0.025, 1000.0), (f64::INFINITY, 1000.0)];
+        let stable = group(1000.0, 5.0, &fast);
+        let w = |canary: Group| Window {
+            stable: stable.clone(),
+            canary,
+        };
+        // 20 % failing against 0.5 %.
+        assert!(matches!(judge(&r, &w(group(100.0, 20.0, &fast))), Verdict::Fail(m) if m.contains("failed requests")));
+        // 1.2 % against 0.5 %: within 1 point.
+        assert!(matches!(judge(&r, &w(group(1000.0, 12.0, &fast))), Verdict::Pass(_)));
+        // 50 ms slower.
+        let slow = [(0.05, 0.0), (0.075, 1000.0), (f64::INFINITY, 1000.0)];
+        assert!(matches!(judge(&r, &w(group(1000.0, 0.0, &slow))), Verdict::Fail(m) if m.contains("p99")));
+        // Too few to say.
+        assert!(matches!(judge(&r, &w(group(10.0, 10.0, &fast))), Verdict::TooFew(_)));
+        // Orders failing.
+        let mut orders = group(1000.0, 0.0, &fast);
+        orders.orders = 100.0;
+        orders.orders_failed = 10.0;
+        assert!(matches!(judge(&r, &w(orders)), Verdict::Fail(m) if m.contains("failed orders")));
+    }
+
+    #[test]
+    fn metrics_text_is_read_per_group() {
+        let text = "# TYPE sidecar_canary_percent gauge\n\
+            sidecar_canary_percent 10\n\
+            sidecar_upstream_requests_total{group=\"canary\",status_class=\"2xx\"} 90\n\
+            sidecar_upstream_requests_total{group=\"canary\",status_class=\"5xx\"} 10\n\
+            sidecar_upstream_requests_total{group=\"stable\",status_class=\"2xx\"} 900\n\
+            sidecar_upstream_requests_total{group=\"stable\",status_class=\"error\"} 1\n\
+            sidecar_upstream_response_seconds_bucket{group=\"canary\",le=\"0.005\"} 50\n\
+            sidecar_upstream_response_seconds_bucket{group=\"canary\",le=\"+Inf\"} 100\n";
+        let mut s = PodSample::default();
+        read_sidecar(text, &mut s);
+        assert_eq!(s.percent, Some(10));
+        assert_eq!((s.canary.requests, s.canary.failed), (100.0, 10.0));
+        assert_eq!((s.stable.requests, s.stable.failed), (901.0, 1.0));
+        assert_eq!(s.canary.buckets, vec![(0.005, 50.0), (f64::INFINITY, 100.0)]);
+        let app = "http_requests_total{method=\"POST\",route=\"/api/orders\",status=\"201\"} 40\n\
+            http_requests_total{method=\"POST\",route=\"/api/orders\",status=\"500\"} 2\n\
+            http_requests_total{method=\"GET\",route=\"/api/products\",status=\"500\"} 7\n";
+        read_app(app, &mut s);
+        assert_eq!((s.orders, s.orders_failed), (42.0, 2.0));
+    }
+
+    #[test]
+    fn labels_with_escapes_parse() {
+        let (name, labels, value) = samples("m{a=\"x\\\"y\",b=\"z\"} 3").next().unwrap();
+        assert_eq!(name, "m");
+        assert_eq!(labels, vec![("a", "x\"y".to_string()), ("b", "z".to_string())]);
+        assert_eq!(value, 3.0);
+    }
+
+    #[test]
+    fn canary_replicas_round_up_and_keep_one() {
+        assert_eq!(canary_replicas(2, 10), 1);
+        assert_eq!(canary_replicas(2, 50), 1);
+        assert_eq!(canary_replicas(3, 50), 2);
+        assert_eq!(canary_replicas(10, 100), 10);
+    }
+}

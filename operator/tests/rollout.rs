@@ -1,0 +1,701 @@
+//! Canary releases (issue 36) through the controller, against the in-memory Kubernetes API
+//! (`kube-fake-client`): a change to the pods starts a canary instead of rolling every pod; the
+//! operator reads the pods' metrics over real HTTP and promotes, holds or rolls back.
+//!
+//! Stand-ins, and what they do not model: the in-memory API has no Deployment controller and no
+//! kubelet, so the test writes the Deployments' status and creates the pods (Running, on
+//! 127.0.0.1, each container port a real loopback listener) as those would; each pod's sidecar
+//! and app `/metrics` serve counters the test sets, in the format and names the real sidecar and
+//! app expose (`sidecar/src/metrics.rs`, `mall-app/src/metrics.rs`). That the real sidecar splits
+//! traffic by the weight the operator writes is tested with the real binaries in
+//! `tests/tests/canary.rs`.
+
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::Client;
+use kube_fake_client::ClientBuilder;
+use mall_operator::controller::{reconcile_once, Context};
+use mall_operator::crd::MallDeployment;
+use mall_sidecar_config::SidecarConfig;
+use serde_json::{json, Value};
+
+const NS: &str = "shop";
+
+/// A `/metrics` endpoint on a loopback port serving whatever the test last set.
+#[derive(Clone)]
+struct Board(Arc<Mutex<String>>);
+
+impl Board {
+    async fn serve() -> (Board, u16) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let board = Board(Arc::new(Mutex::new(String::new())));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let text = board.0.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let body = text.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                });
+            }
+        });
+        (board, port)
+    }
+
+    fn set(&self, text: String) {
+        *self.0.lock().unwrap() = text;
+    }
+}
+
+/// What one sidecar counted, per group: requests, failed (5xx), and how many answered within
+/// 10 ms, 25 ms, 50 ms, 75 ms and 100 ms.
+#[derive(Clone, Copy, Default)]
+struct Counted {
+    ok: u64,
+    failed: u64,
+    slow_ms: u64,
+}
+
+fn sidecar_text(percent: u8, stable: Counted, canary: Counted) -> String {
+    let mut t = format!("# TYPE sidecar_canary_percent gauge\nsidecar_canary_percent {percent}\n");
+    for (group, c) in [("stable", stable), ("canary", canary)] {
+        t += &format!(
+            "sidecar_upstream_requests_total{{group=\"{group}\",status_class=\"2xx\"}} {}\n\
+             sidecar_upstream_requests_total{{group=\"{group}\",status_class=\"5xx\"}} {}\n",
+            c.ok, c.failed
+        );
+        let total = c.ok + c.failed;
+        for le in [0.01, 0.025, 0.05, 0.075, 0.1] {
+            let within = if (c.slow_ms as f64) / 1000.0 <= le { total } else { 0 };
+            t += &format!("sidecar_upstream_response_seconds_bucket{{group=\"{group}\",le=\"{le}\"}} {within}\n");
+        }
+        t += &format!("sidecar_upstream_response_seconds_bucket{{group=\"{group}\",le=\"+Inf\"}} {total}\n");
+    }
+    t
+}
+
+fn app_text(orders: u64, failed: u64) -> String {
+    format!(
+        "http_requests_total{{method=\"POST\",route=\"/api/orders\",status=\"201\"}} {orders}\n\
+         http_requests_total{{method=\"POST\",route=\"/api/orders\",status=\"500\"}} {failed}\n"
+    )
+}
+
+/// A pod as the Deployment controller and kubelet would make it: Running on 127.0.0.1.
+struct FakePod {
+    sidecar: Board,
+    app: Board,
+}
+
+async fn pod(client: &Client, name: &str, canary: bool) -> FakePod {
+    let (sidecar, admin) = Board::serve().await;
+    let (app, app_port) = Board::serve().await;
+    sidecar.set(sidecar_text(0, Counted::default(), Counted::default()));
+    app.set(app_text(0, 0));
+    let mut labels = json!({ "app.kubernetes.io/name": "mall", "app.kubernetes.io/instance": "shop" });
+    if canary {
+        labels["mall.example.com/track"] = json!("canary");
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": NS, "uid": format!("uid-{name}"), "labels": labels },
+        "spec": { "containers": [
+            { "name": "app", "image": "mall-app", "ports": [{ "name": "app", "containerPort": app_port }] },
+            { "name": "sidecar", "image": "sidecar", "ports": [{ "name": "admin", "containerPort": admin }] }
+        ] },
+        "status": { "phase": "Running", "podIP": "127.0.0.1" }
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    FakePod { sidecar, app }
+}
+
+fn mall(rollout: Value) -> MallDeployment {
+    let mut md: MallDeployment = serde_json::from_value(json!({
+        "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
+        "metadata": { "name": "shop", "namespace": NS, "uid": "u-1" },
+        "spec": { "replicas": 2, "minReplicas": 2, "maxReplicas": 4,
+                  "app": { "image": "mall-app:1" },
+                  "database": { "primary": { "name": "db" } },
+                  "rollout": rollout }
+    }))
+    .unwrap();
+    md.metadata.generation = Some(1);
+    md
+}
+
+fn steps() -> Value {
+    json!({ "steps": [{ "weight": 20, "watchSeconds": 30 }, { "weight": 50, "watchSeconds": 30 }],
+            "thresholds": { "minRequests": 20 }, "readyTimeoutSeconds": 120 })
+}
+
+async fn setup(rollout: Value) -> (Client, Arc<Context>) {
+    let client = ClientBuilder::new()
+        .with_resource::<MallDeployment>()
+        .with_status_subresource::<MallDeployment>()
+        .with_status_subresource::<Deployment>()
+        .with_object(mall(rollout))
+        .build()
+        .await
+        .unwrap();
+    (client.clone(), Arc::new(Context::new(client)))
+}
+
+async fn get(client: &Client) -> MallDeployment {
+    Api::<MallDeployment>::namespaced(client.clone(), NS)
+        .get("shop")
+        .await
+        .unwrap()
+}
+
+async fn pass(client: &Client, ctx: &Context, now: i64) -> MallDeployment {
+    ctx.sync().await.unwrap();
+    // Boxed: a reconcile is a large future for a test thread's stack in a debug build.
+    Box::pin(reconcile_once(&get(client).await, ctx, now)).await.unwrap();
+    get(client).await
+}
+
+fn rollout_status(md: &MallDeployment) -> mall_operator::crd::RolloutStatus {
+    md.status.as_ref().unwrap().rollout.clone().expect("status.rollout")
+}
+
+fn condition(md: &MallDeployment, type_: &str) -> (String, String, String) {
+    let c = md
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition"));
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+async fn deployment(client: &Client, name: &str) -> Option<Deployment> {
+    Api::<Deployment>::namespaced(client.clone(), NS)
+        .get_opt(name)
+        .await
+        .unwrap()
+}
+
+fn image(d: &Deployment) -> String {
+    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        .image
+        .clone()
+        .unwrap()
+}
+
+fn config_hash(d: &Deployment) -> String {
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()["mall.example.com/config-hash"]
+        .clone()
+}
+
+async fn sidecar_config(client: &Client, name: &str) -> Option<SidecarConfig> {
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), NS)
+        .get_opt(name)
+        .await
+        .unwrap()?;
+    Some(SidecarConfig::from_toml(&cm.data.unwrap()["sidecar.toml"]).unwrap())
+}
+
+/// What the Deployment controller reports once every pod of the Deployment's template is ready.
+async fn rolled(client: &Client, name: &str) {
+    let api = Api::<Deployment>::namespaced(client.clone(), NS);
+    let d = api.get(name).await.unwrap();
+    let want = d.spec.as_ref().unwrap().replicas.unwrap_or(1);
+    let status = json!({ "status": { "replicas": want, "readyReplicas": want, "updatedReplicas": want,
+                                      "availableReplicas": want, "observedGeneration": d.metadata.generation } });
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+async fn set_image(client: &Client, image: &str) {
+    Api::<MallDeployment>::namespaced(client.clone(), NS)
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "app": { "image": image } } })),
+        )
+        .await
+        .unwrap();
+}
+
+async fn annotate(client: &Client, value: Option<&str>) {
+    Api::<MallDeployment>::namespaced(client.clone(), NS)
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": { "mall.example.com/rollout": value } } })),
+        )
+        .await
+        .unwrap();
+}
+
+async fn event_notes(client: &Client) -> Vec<(String, String)> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+/// The mall at rest on `mall-app:1`, two stable pods serving; a new image then starts a canary.
+struct Release {
+    client: Client,
+    ctx: Arc<Context>,
+    stable: Vec<FakePod>,
+    t0: i64,
+    stable_hash: String,
+}
+
+async fn started(rollout: Value) -> Release {
+    let (client, ctx) = setup(rollout).await;
+    let t0 = 1_800_000_000;
+    let md = pass(&client, &ctx, t0).await;
+    let r = rollout_status(&md);
+    assert_eq!(r.phase, "Stable");
+    rolled(&client, "shop").await;
+    let stable = vec![pod(&client, "shop-a", false).await, pod(&client, "shop-b", false).await];
+    let stable_hash = config_hash(&deployment(&client, "shop").await.unwrap());
+    set_image(&client, "mall-app:2").await;
+    let md = pass(&client, &ctx, t0 + 1).await;
+    let r = rollout_status(&md);
+    assert_eq!((r.phase.as_str(), r.step, r.weight), ("Progressing", 1, 20), "{r:?}");
+    Release {
+        client,
+        ctx,
+        stable,
+        t0,
+        stable_hash,
+    }
+}
+
+impl Release {
+    async fn pass(&self, at: i64) -> MallDeployment {
+        pass(&self.client, &self.ctx, self.t0 + at).await
+    }
+
+    /// Every sidecar balances at `percent`; the first stable pod's sidecar counted `stable` and
+    /// `canary` (the others nothing), so the sums over the pods are exactly these.
+    fn report(&self, canary_pod: &FakePod, percent: u8, stable: Counted, canary: Counted) {
+        self.stable[0].sidecar.set(sidecar_text(percent, stable, canary));
+        for p in self.stable[1..].iter().chain([canary_pod]) {
+            p.sidecar
+                .set(sidecar_text(percent, Counted::default(), Counted::default()));
+        }
+    }
+}
+
+/// A good change goes through every step and is promoted; the stable pods keep their template
+/// (and so their pods) until then, while the weight moves in their config alone.
+#[tokio::test]
+async fn a_good_change_is_promoted_step_by_step() {
+    let r = started(steps()).await;
+    let c = &r.client;
+    // The stable pods stay on the old image and config hash; their config gains the split.
+    let stable = deployment(c, "shop").await.unwrap();
+    assert_eq!(image(&stable), "mall-app:1");
+    assert_eq!(
+        config_hash(&stable),
+        r.stable_hash,
+        "moving the weight must roll no stable pod"
+    );
+    let split = sidecar_config(c, "shop-sidecar")
+        .await
+        .unwrap()
+        .upstream
+        .canary
+        .unwrap();
+    assert_eq!((split.percent, split.own_app_is_canary), (20, false));
+    assert_eq!(split.dns_name, "shop-can.shop.svc.cluster.local");
+    // The canary: its own Deployment (one pod for 20 % of two), config and headless Service.
+    let canary = deployment(c, "shop-canary").await.expect("the canary Deployment");
+    assert_eq!(image(&canary), "mall-app:2");
+    assert_eq!(canary.spec.as_ref().unwrap().replicas, Some(1));
+    let labels = canary.spec.as_ref().unwrap().selector.match_labels.clone().unwrap();
+    assert_eq!(labels["mall.example.com/track"], "canary");
+    let own = sidecar_config(c, "shop-canary-sidecar")
+        .await
+        .unwrap()
+        .upstream
+        .canary
+        .unwrap();
+    assert_eq!((own.percent, own.own_app_is_canary), (20, true));
+    let svc = Api::<Service>::namespaced(c.clone(), NS).get("shop-can").await.unwrap();
+    assert_eq!(svc.spec.unwrap().selector.unwrap()["mall.example.com/track"], "canary");
+    let md = get(c).await;
+    assert!(
+        condition(&md, "Rollout").2.contains("waiting for the canary pods"),
+        "{:?}",
+        condition(&md, "Rollout")
+    );
+
+    // The canary's pod becomes ready; the window waits for every sidecar to balance at 20 %.
+    rolled(c, "shop-canary").await;
+    let cp = pod(c, "shop-canary-x", true).await;
+    let md = r.pass(5).await;
+    assert!(
+        condition(&md, "Rollout").2.contains("waiting for 3 sidecars"),
+        "{:?}",
+        condition(&md, "Rollout")
+    );
+    r.report(
+        &cp,
+        20,
+        Counted {
+            ok: 100,
+            ..Default::default()
+        },
+        Counted::default(),
+    );
+    let md = r.pass(10).await;
+    assert_eq!(rollout_status(&md).window_since_unix, r.t0 + 10);
+    // 20 s in: healthy but not watched long enough.
+    r.report(
+        &cp,
+        20,
+        Counted {
+            ok: 500,
+            ..Default::default()
+        },
+        Counted {
+            ok: 100,
+            ..Default::default()
+        },
+    );
+    let md = r.pass(30).await;
+    assert_eq!(rollout_status(&md).step, 1);
+    assert!(
+        rollout_status(&md).message.contains("20 of 30 s watched"),
+        "{}",
+        rollout_status(&md).message
+    );
+    // 30 s in: step 1 passes, the weight moves to 50 % in both configs.
+    let md = r.pass(40).await;
+    let s = rollout_status(&md);
+    assert_eq!((s.step, s.weight), (2, 50), "{s:?}");
+    assert_eq!(
+        sidecar_config(c, "shop-sidecar")
+            .await
+            .unwrap()
+            .upstream
+            .canary
+            .unwrap()
+            .percent,
+        50
+    );
+    assert_eq!(config_hash(&deployment(c, "shop").await.unwrap()), r.stable_hash);
+    r.report(
+        &cp,
+        50,
+        Counted {
+            ok: 600,
+            ..Default::default()
+        },
+        Counted {
+            ok: 200,
+            ..Default::default()
+        },
+    );
+    r.pass(45).await;
+    r.report(
+        &cp,
+        50,
+        Counted {
+            ok: 900,
+            ..Default::default()
+        },
+        Counted {
+            ok: 500,
+            ..Default::default()
+        },
+    );
+    let md = r.pass(76).await;
+    let s = rollout_status(&md);
+    assert_eq!(s.phase, "Promoting", "{s:?}");
+    // Promoting: the stable Deployment takes the new template; the canary serves until it has.
+    let stable = deployment(c, "shop").await.unwrap();
+    assert_eq!(image(&stable), "mall-app:2");
+    assert!(sidecar_config(c, "shop-sidecar")
+        .await
+        .unwrap()
+        .upstream
+        .canary
+        .is_none());
+    assert!(deployment(c, "shop-canary").await.is_some());
+    let md = r.pass(77).await;
+    assert_eq!(
+        rollout_status(&md).phase,
+        "Promoting",
+        "not before the stable pods are rolled"
+    );
+    rolled(c, "shop").await;
+    let md = r.pass(90).await;
+    let s = rollout_status(&md);
+    assert_eq!((s.phase.as_str(), s.canary_revision.as_str()), ("Stable", ""), "{s:?}");
+    assert!(deployment(c, "shop-canary").await.is_none());
+    assert!(Api::<Service>::namespaced(c.clone(), NS)
+        .get_opt("shop-can")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(sidecar_config(c, "shop-canary-sidecar").await.is_none());
+    let reasons: Vec<String> = event_notes(c).await.into_iter().map(|(r, _)| r).collect();
+    for want in ["CanaryStarted", "CanaryStepPassed", "CanaryPassed", "Promoted"] {
+        assert!(reasons.iter().any(|r| r == want), "no {want} event in {reasons:?}");
+    }
+    let metrics = String::from_utf8(r.ctx.metrics.render()).unwrap();
+    assert!(
+        metrics.contains("mall_operator_rollouts_total{name=\"shop\",namespace=\"shop\",outcome=\"promoted\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// A canary whose app fails a fifth of its requests is rolled back within its first step, as
+/// soon as it has answered enough to judge; the same spec does not start it again.
+#[tokio::test]
+async fn a_canary_failing_requests_is_rolled_back_in_its_first_step() {
+    let r = started(steps()).await;
+    let c = &r.client;
+    rolled(c, "shop-canary").await;
+    let cp = pod(c, "shop-canary-x", true).await;
+    r.report(&cp, 20, Counted::default(), Counted::default());
+    r.pass(5).await;
+    r.report(
+        &cp,
+        20,
+        Counted {
+            ok: 400,
+            failed: 1,
+            ..Default::default()
+        },
+        Counted {
+            ok: 80,
+            failed: 20,
+            ..Default::default()
+        },
+    );
+    let md = r.pass(12).await;
+    let s = rollout_status(&md);
+    assert_eq!(s.phase, "RolledBack", "{s:?}");
+    assert!(
+        s.message
+            .contains("failed requests: canary 20.0 % of 100, stable 0.2 % of 401"),
+        "{}",
+        s.message
+    );
+    let (status, reason, message) = condition(&md, "Rollout");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "RolledBack"));
+    assert!(message.contains("rolled back at step 1 (20 %)"), "{message}");
+    assert!(deployment(c, "shop-canary").await.is_none());
+    assert!(sidecar_config(c, "shop-sidecar")
+        .await
+        .unwrap()
+        .upstream
+        .canary
+        .is_none());
+    assert_eq!(image(&deployment(c, "shop").await.unwrap()), "mall-app:1");
+    // The spec still says mall-app:2: no new canary, the stable pods stay.
+    let md = r.pass(30).await;
+    assert_eq!(rollout_status(&md).phase, "RolledBack");
+    assert!(deployment(c, "shop-canary").await.is_none());
+    assert!(event_notes(c)
+        .await
+        .iter()
+        .any(|(r, n)| r == "RolledBack" && n.contains("failed requests")));
+    // A fixed image starts a new release.
+    set_image(c, "mall-app:3").await;
+    let md = r.pass(40).await;
+    assert_eq!(rollout_status(&md).phase, "Progressing");
+    assert_eq!(image(&deployment(c, "shop-canary").await.unwrap()), "mall-app:3");
+}
+
+/// 50 ms more on every answer is over the default 25 ms allowance on p99.
+#[tokio::test]
+async fn a_slower_canary_is_rolled_back_on_latency() {
+    let r = started(steps()).await;
+    let c = &r.client;
+    rolled(c, "shop-canary").await;
+    let cp = pod(c, "shop-canary-x", true).await;
+    r.report(&cp, 20, Counted::default(), Counted::default());
+    r.pass(5).await;
+    r.report(
+        &cp,
+        20,
+        Counted {
+            ok: 400,
+            slow_ms: 10,
+            ..Default::default()
+        },
+        Counted {
+            ok: 100,
+            slow_ms: 60,
+            ..Default::default()
+        },
+    );
+    let md = r.pass(12).await;
+    let s = rollout_status(&md);
+    assert_eq!(s.phase, "RolledBack", "{s:?}");
+    assert!(s.message.contains("p99 response time"), "{}", s.message);
+}
+
+/// Orders are a small share of requests: failing them is judged on its own.
+#[tokio::test]
+async fn a_canary_failing_orders_is_rolled_back() {
+    let r = started(steps()).await;
+    let c = &r.client;
+    rolled(c, "shop-canary").await;
+    let cp = pod(c, "shop-canary-x", true).await;
+    r.report(&cp, 20, Counted::default(), Counted::default());
+    r.pass(5).await;
+    r.report(
+        &cp,
+        20,
+        Counted {
+            ok: 400,
+            ..Default::default()
+        },
+        Counted {
+            ok: 100,
+            ..Default::default()
+        },
+    );
+    for p in &r.stable {
+        p.app.set(app_text(50, 0));
+    }
+    cp.app.set(app_text(20, 5));
+    let md = r.pass(12).await;
+    let s = rollout_status(&md);
+    assert_eq!(s.phase, "RolledBack", "{s:?}");
+    assert!(
+        s.message.contains("failed orders: canary 20.0 % of 25"),
+        "{}",
+        s.message
+    );
+}
+
+/// A canary whose pods never become ready (a crash loop, a refused sidecar config) is rolled back
+/// once `readyTimeoutSeconds` is up; the stable pods were never touched.
+#[tokio::test]
+async fn a_canary_that_never_becomes_ready_is_rolled_back_after_the_timeout() {
+    let r = started(steps()).await;
+    let c = &r.client;
+    let md = r.pass(60).await;
+    assert_eq!(rollout_status(&md).phase, "Progressing");
+    assert!(
+        rollout_status(&md).message.contains("0 of 1 ready after 59 of 120 s"),
+        "{}",
+        rollout_status(&md).message
+    );
+    let md = r.pass(121).await;
+    let s = rollout_status(&md);
+    assert_eq!(s.phase, "RolledBack", "{s:?}");
+    assert!(
+        s.message.contains("0 of 1 canary pods ready 120 s after"),
+        "{}",
+        s.message
+    );
+    assert!(deployment(c, "shop-canary").await.is_none());
+    assert_eq!(config_hash(&deployment(c, "shop").await.unwrap()), r.stable_hash);
+}
+
+/// Scaling and sale windows leave the pod template alone: no release starts.
+#[tokio::test]
+async fn scaling_starts_no_release() {
+    let (client, ctx) = setup(steps()).await;
+    let t0 = 1_800_000_000;
+    pass(&client, &ctx, t0).await;
+    Api::<MallDeployment>::namespaced(client.clone(), NS)
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 3, "minReplicas": 3 } })),
+        )
+        .await
+        .unwrap();
+    let md = pass(&client, &ctx, t0 + 1).await;
+    assert_eq!(rollout_status(&md).phase, "Stable");
+    assert!(deployment(&client, "shop-canary").await.is_none());
+}
+
+/// The annotation: `pause` holds a step however long it is watched, `promote` ends the release
+/// at once, `abort` rolls it back; the operator removes `promote` and `abort` once done.
+#[tokio::test]
+async fn the_annotation_pauses_promotes_and_aborts() {
+    let r = started(steps()).await;
+    let c = &r.client;
+    rolled(c, "shop-canary").await;
+    let cp = pod(c, "shop-canary-x", true).await;
+    r.report(&cp, 20, Counted::default(), Counted::default());
+    r.pass(5).await;
+    annotate(c, Some("pause")).await;
+    r.report(
+        &cp,
+        20,
+        Counted {
+            ok: 400,
+            ..Default::default()
+        },
+        Counted {
+            ok: 100,
+            ..Default::default()
+        },
+    );
+    let md = r.pass(100).await;
+    let s = rollout_status(&md);
+    assert_eq!((s.phase.as_str(), s.step), ("Paused", 1), "{s:?}");
+    annotate(c, Some("promote")).await;
+    let md = r.pass(101).await;
+    assert_eq!(rollout_status(&md).phase, "Promoting");
+    assert!(!md
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key("mall.example.com/rollout"));
+    assert_eq!(image(&deployment(c, "shop").await.unwrap()), "mall-app:2");
+    rolled(c, "shop").await;
+    assert_eq!(rollout_status(&r.pass(102).await).phase, "Stable");
+
+    // The next change, aborted.
+    set_image(c, "mall-app:3").await;
+    assert_eq!(rollout_status(&r.pass(110).await).phase, "Progressing");
+    annotate(c, Some("abort")).await;
+    let md = r.pass(111).await;
+    let s = rollout_status(&md);
+    assert_eq!(s.phase, "RolledBack");
+    assert!(s.message.contains("aborted"), "{}", s.message);
+    assert!(!md
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .contains_key("mall.example.com/rollout"));
+    assert_eq!(image(&deployment(c, "shop").await.unwrap()), "mall-app:2");
+    let metrics = String::from_utf8(r.ctx.metrics.render()).unwrap();
+    assert!(metrics.contains("outcome=\"aborted\"} 1"), "{metrics}");
+}

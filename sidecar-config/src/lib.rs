@@ -157,12 +157,15 @@ pub struct Upstream {
 #[serde(deny_unknown_fields)]
 pub struct CanaryGroup {
     /// The canary instances' DNS name (their headless Service), on `upstream.dns`'s port and
-    /// refresh interval. Its answer is a subset of `upstream.dns`'s: the rest are stable.
+    /// refresh interval. What it answers is canary; every other instance `upstream.dns` finds is
+    /// stable. "No such name" (cluster DNS answers NXDOMAIN for a headless Service without
+    /// ready pods) is an empty canary group, not a discovery failure.
     pub dns_name: String,
     /// Share of the requests for the canary group, 0..=100.
     pub percent: u8,
     /// Whether this pod's own app (`upstream.local`) is a canary instance: true in the canary
-    /// pods. Decides its group before the first lookup answers and while DNS is down.
+    /// pods. It decides the own app's group whatever DNS answers (also before the first lookup
+    /// and while DNS is down).
     #[serde(default)]
     pub own_app_is_canary: bool,
 }

@@ -4,12 +4,17 @@
 //! made before the Service lists this pod, never leaves the sidecar without one. A failed or
 //! empty lookup keeps the peers found before, is tried again sooner, and is shown in `/ready` and
 //! `sidecar_upstream_discovery_failing`.
+//!
+//! With a canary release (`upstream.canary`) the canary's own name is looked up alongside, and
+//! its answer is the canary group. A name without addresses is normal there (no canary pod is
+//! ready yet: cluster DNS answers NXDOMAIN for a headless Service without ready endpoints) and
+//! empties the group; only a failed lookup (timeout, server failure) keeps the group found before.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mall_sidecar_config::DnsDiscovery;
+use mall_sidecar_config::{CanaryGroup, DnsDiscovery};
 
 use crate::metrics::Metrics;
 use crate::upstreams::Pool;
@@ -36,6 +41,18 @@ pub struct Status {
     pub failing_since: Option<Instant>,
     /// Instances in the last answer.
     pub found: usize,
+    /// The canary's name's lookups, with a canary configured.
+    pub canary: Option<CanaryStatus>,
+}
+
+/// What the canary's name found.
+#[derive(Debug, Clone, Default)]
+pub struct CanaryStatus {
+    pub name: String,
+    /// Instances in its last answer (0 while no canary pod is ready).
+    pub found: usize,
+    /// Why the last lookup failed (the group found before is kept meanwhile).
+    pub error: Option<String>,
 }
 
 impl Status {
@@ -61,23 +78,25 @@ impl Discovery {
         self.status.lock().clone()
     }
 
-    /// Looks `dns.name` up once and gives `pool` what it found; returns how long to wait before
-    /// the next lookup.
-    pub async fn refresh(&self, pool: &Pool, dns: &DnsDiscovery) -> Duration {
-        let lookup = tokio::net::lookup_host((dns.name.as_str(), dns.port));
-        let answer = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
-            Ok(Ok(addrs)) => {
-                let mut found: Vec<SocketAddr> = addrs.collect();
-                found.sort();
-                found.dedup();
-                if found.is_empty() {
-                    Err(("empty", "the name has no addresses".to_string()))
-                } else {
-                    Ok(found)
-                }
+    /// Looks `dns.name` up once (and `canary.dns_name` beside it) and gives `pool` what it
+    /// found; returns how long to wait before the next lookup.
+    pub async fn refresh(&self, pool: &Pool, dns: &DnsDiscovery, canary: Option<&CanaryGroup>) -> Duration {
+        let canary_lookup = async {
+            match canary {
+                Some(canary) => Some(lookup(&canary.dns_name, dns.port).await),
+                None => None,
             }
-            Ok(Err(e)) => Err(("error", e.to_string())),
-            Err(_) => Err(("timeout", format!("no answer within {} s", LOOKUP_TIMEOUT.as_secs()))),
+        };
+        let (answer, canary_answer) = tokio::join!(lookup(&dns.name, dns.port), canary_lookup);
+        match (canary, canary_answer) {
+            (Some(canary), Some(answer)) => self.canary_answered(pool, canary, answer),
+            _ => self.status.lock().canary = None,
+        }
+        let answer = match answer {
+            Lookup::Found(found) if found.is_empty() => Err(("empty", "the name has no addresses".to_string())),
+            Lookup::Found(found) => Ok(found),
+            Lookup::NotFound(error) => Err(("error", error)),
+            Lookup::Failed(result, error) => Err((result, error)),
         };
         let refresh = Duration::from_secs(dns.refresh_seconds);
         let mut status = self.status.lock();
@@ -117,6 +136,81 @@ impl Discovery {
             }
         }
     }
+
+    /// The canary's name answered `answer`: an answer, even an empty one, is the canary group; a
+    /// failure keeps the group found before. Not a discovery failure either way: the instances'
+    /// name says whether DNS works.
+    fn canary_answered(&self, pool: &Pool, canary: &CanaryGroup, answer: Lookup) {
+        let mut status = self.status.lock();
+        let previous = status.canary.take().filter(|c| c.name == canary.dns_name);
+        let found = match answer {
+            Lookup::Found(found) => found,
+            Lookup::NotFound(_) => Vec::new(),
+            Lookup::Failed(_, error) => {
+                // Said once per run of failures: the instances' name, looked up beside it, says
+                // whether DNS as a whole fails.
+                if previous.as_ref().is_none_or(|p| p.error.is_none()) {
+                    tracing::warn!(name = %canary.dns_name, error = %error, "canary DNS lookup failed; keeping the canary instances found before");
+                }
+                status.canary = Some(CanaryStatus {
+                    name: canary.dns_name.clone(),
+                    found: previous.map_or(0, |p| p.found),
+                    error: Some(error),
+                });
+                return;
+            }
+        };
+        status.canary = Some(CanaryStatus {
+            name: canary.dns_name.clone(),
+            found: found.len(),
+            error: None,
+        });
+        drop(status);
+        if pool.set_canary_peers(&found) {
+            tracing::info!(name = %canary.dns_name, instances = found.len(), "canary DNS answer changed");
+        }
+    }
+}
+
+/// What a lookup gave.
+enum Lookup {
+    /// Addresses (sorted, each once); none is possible but rare, as getaddrinfo calls that an error.
+    Found(Vec<SocketAddr>),
+    /// The name has no address: NXDOMAIN or NODATA, which cluster DNS answers for a headless
+    /// Service without a ready endpoint.
+    NotFound(String),
+    /// No answer: `error` (a server failure, unreachable) or `timeout`, and why.
+    Failed(&'static str, String),
+}
+
+/// `name` on `port`, through the system's resolver (as any other client in the pod), cut at
+/// [`LOOKUP_TIMEOUT`].
+async fn lookup(name: &str, port: u16) -> Lookup {
+    match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((name, port))).await {
+        Ok(Ok(addrs)) => {
+            let mut found: Vec<SocketAddr> = addrs.collect();
+            found.sort();
+            found.dedup();
+            Lookup::Found(found)
+        }
+        Ok(Err(e)) if says_no_such_name(&e) => Lookup::NotFound(e.to_string()),
+        Ok(Err(e)) => Lookup::Failed("error", e.to_string()),
+        Err(_) => Lookup::Failed("timeout", format!("no answer within {} s", LOOKUP_TIMEOUT.as_secs())),
+    }
+}
+
+/// Whether a failed lookup means the name has no address (getaddrinfo's `EAI_NONAME` or
+/// `EAI_NODATA`) rather than that the resolver could not tell (`EAI_AGAIN`, `EAI_FAIL`, ...).
+/// The standard library keeps only the resolver's message (`gai_strerror`), so that is compared,
+/// asked of the same C library.
+fn says_no_such_name(error: &std::io::Error) -> bool {
+    let message = error.to_string();
+    [libc::EAI_NONAME, libc::EAI_NODATA].into_iter().any(|code| {
+        // SAFETY: gai_strerror returns a pointer to a static NUL-terminated string.
+        let text = unsafe { std::ffi::CStr::from_ptr(libc::gai_strerror(code)) };
+        text.to_str()
+            .is_ok_and(|text| !text.is_empty() && message.ends_with(text))
+    })
 }
 
 /// The wait before the next lookup after `failures` failed ones in a row.
@@ -136,5 +230,62 @@ mod tests {
         assert_eq!(waits, [1, 2, 4, 5, 5, 5]);
         assert_eq!(retry_after(u32::MAX, refresh), refresh);
         assert_eq!(retry_after(1, Duration::from_millis(500)), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_name_without_addresses_is_told_from_a_resolver_that_cannot_answer() {
+        // As the standard library reports a failed getaddrinfo.
+        let failed = |code| {
+            // SAFETY: gai_strerror returns a pointer to a static NUL-terminated string.
+            let text = unsafe { std::ffi::CStr::from_ptr(libc::gai_strerror(code)) };
+            std::io::Error::other(format!(
+                "failed to lookup address information: {}",
+                text.to_string_lossy()
+            ))
+        };
+        assert!(says_no_such_name(&failed(libc::EAI_NONAME)));
+        assert!(says_no_such_name(&failed(libc::EAI_NODATA)));
+        assert!(!says_no_such_name(&failed(libc::EAI_AGAIN)));
+        assert!(!says_no_such_name(&failed(libc::EAI_FAIL)));
+        assert!(!says_no_such_name(&std::io::Error::from(std::io::ErrorKind::TimedOut)));
+    }
+
+    #[test]
+    fn the_canary_group_is_the_canary_names_answer_even_an_empty_one_and_kept_on_failure() {
+        let config = mall_sidecar_config::Upstream {
+            servers: Vec::new(),
+            dns: Some(DnsDiscovery {
+                name: "mall-app.invalid".into(),
+                port: 3000,
+                refresh_seconds: 5,
+            }),
+            canary: Some(CanaryGroup {
+                dns_name: "mall-app-canary.invalid".into(),
+                percent: 50,
+                own_app_is_canary: false,
+            }),
+            ..Default::default()
+        };
+        let canary = config.canary.clone().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let pool = Pool::new(&config, None, metrics.clone());
+        let discovery = Discovery::new(metrics.clone());
+        let (stable, canary_addr): (SocketAddr, SocketAddr) =
+            ("10.0.0.1:3000".parse().unwrap(), "10.0.0.9:3000".parse().unwrap());
+        pool.set_peers(&[stable, canary_addr]);
+        let in_canary = || pool.canary().unwrap().1.iter().map(|i| i.addr).collect::<Vec<_>>();
+
+        discovery.canary_answered(&pool, &canary, Lookup::Found(vec![canary_addr]));
+        assert_eq!(in_canary(), [canary_addr]);
+        discovery.canary_answered(&pool, &canary, Lookup::Failed("timeout", "no answer".into()));
+        assert_eq!(in_canary(), [canary_addr], "a failed lookup keeps the group");
+        let status = discovery.status().canary.unwrap();
+        assert_eq!((status.found, status.error.as_deref()), (1, Some("no answer")));
+        discovery.canary_answered(&pool, &canary, Lookup::NotFound("Name or service not known".into()));
+        assert!(in_canary().is_empty(), "no ready canary pod: an empty group");
+        assert_eq!(pool.instances().len(), 2, "its instance stays, as a stable one");
+        let status = discovery.status();
+        assert_eq!((status.canary.unwrap().found, status.failures), (0, 0));
+        assert_eq!(metrics.discovery_failing.get(), 0);
     }
 }

@@ -7,11 +7,24 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::upstreams::Group;
+
 pub struct Metrics {
     registry: Registry,
     /// Requests by route prefix (the matching cache or limit rule, else `other`), method and status.
     pub requests: IntCounterVec,
+    /// Response times by instance and its group (`stable`, `canary`; see `upstreams::Group`).
     pub upstream_latency: HistogramVec,
+    /// Attempts by the group of the instance (`stable`, `canary`) and the status class of its
+    /// answer (`2xx`..`5xx`; `error`: none). With `upstream_latency`, what a canary release is
+    /// judged by: the two groups compared over the same window.
+    pub upstream_requests: IntCounterVec,
+    /// Its series, looked up once: `[group][status class]`.
+    upstream_request_series: [[IntCounter; 5]; 2],
+    /// The canary's configured share of the calls (0 without a canary), and the instances in its
+    /// group: the operator reads the first to know a new split has reached the pod.
+    pub canary_percent: IntGauge,
+    pub canary_instances: IntGauge,
     /// `HIT`, `MISS`, `STALE`, `BYPASS` per response.
     pub cache_results: IntCounterVec,
     pub cache_purges: IntCounterVec,
@@ -63,6 +76,11 @@ pub struct Metrics {
 
 const CACHE_RESULTS: [&str; 5] = ["HIT", "MISS", "STALE", "BYPASS", "PURGE"];
 
+/// The `status_class` label of `upstream_requests_total`; `error` for an attempt the instance
+/// never answered (connect error, timeout, connection closed before a response header).
+const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "error"];
+const ERROR_CLASS: usize = 4;
+
 /// A route label's address, a method and a status: the key of a remembered series.
 type SeriesKey = (usize, http::Method, u16);
 
@@ -85,6 +103,14 @@ impl Metrics {
             &["result"],
         )
         .expect("metric");
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "upstream_requests_total",
+                "Attempts sent to app instances, by the group of the instance (stable, canary) and the status class of its answer (error: none)",
+            ),
+            &["group", "status_class"],
+        )
+        .expect("metric");
         let m = Metrics {
             requests: IntCounterVec::new(
                 Opts::new("http_requests_total", "Requests by route, method and status"),
@@ -99,7 +125,20 @@ impl Metrics {
                 .buckets(vec![
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ]),
-                &["upstream"],
+                &["upstream", "group"],
+            )
+            .expect("metric"),
+            upstream_request_series: Group::ALL
+                .map(|g| STATUS_CLASSES.map(|class| upstream_requests.with_label_values(&[g.as_str(), class]))),
+            upstream_requests,
+            canary_percent: IntGauge::new(
+                "canary_percent",
+                "The canary group's configured share of upstream calls in percent (0 without a canary)",
+            )
+            .expect("metric"),
+            canary_instances: IntGauge::new(
+                "canary_instances",
+                "Instances in the canary group (found by the canary's DNS name, or this pod's own app)",
             )
             .expect("metric"),
             cache_result_series: CACHE_RESULTS.map(|r| cache_results.with_label_values(&[r])),
@@ -249,7 +288,10 @@ impl Metrics {
             .expect("metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 30] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 33] = [
+            Box::new(m.upstream_requests.clone()),
+            Box::new(m.canary_percent.clone()),
+            Box::new(m.canary_instances.clone()),
             Box::new(m.waiting_room_tickets.clone()),
             Box::new(m.waiting_room_queue.clone()),
             Box::new(m.waiting_room_wait.clone()),
@@ -296,6 +338,22 @@ impl Metrics {
     pub fn cache_result(&self, result: &str) -> &IntCounter {
         let index = CACHE_RESULTS.iter().position(|r| *r == result).unwrap_or(3);
         &self.cache_result_series[index]
+    }
+
+    /// An instance of `group` answered an attempt with `status` (a final one, not 1xx).
+    pub fn upstream_answered(&self, group: Group, status: u16) {
+        let class = match status {
+            200..=299 => 0,
+            300..=399 => 1,
+            400..=499 => 2,
+            _ => 3,
+        };
+        self.upstream_request_series[group as usize][class].inc();
+    }
+
+    /// An instance of `group` gave an attempt no answer (connect error, timeout, closed).
+    pub fn upstream_failed(&self, group: Group) {
+        self.upstream_request_series[group as usize][ERROR_CLASS].inc();
     }
 
     /// The `http_requests_total` series of `route`, `method` and `status` (the status `0` when

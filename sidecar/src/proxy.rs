@@ -75,6 +75,8 @@ pub struct Ctx {
     lease: Option<Lease>,
     tried: Vec<SocketAddr>,
     upstream_sent: Option<Instant>,
+    /// The current attempt is counted in `upstream_requests_total` (answered, or failed).
+    attempt_counted: bool,
     request_body_bytes: u64,
     cache_result: &'static str,
     /// The cache key, computed once by the fresh-hit fast path and handed to pingora-cache.
@@ -313,6 +315,7 @@ impl ProxyHttp for MallProxy {
             limit: None,
             lease: None,
             tried: Vec::new(),
+            attempt_counted: false,
             upstream_sent: None,
             request_body_bytes: 0,
             cache_result: "BYPASS",
@@ -710,6 +713,7 @@ impl ProxyHttp for MallProxy {
         }
         ctx.tried.push(addr);
         ctx.lease = Some(lease);
+        ctx.attempt_counted = false;
         // The app in this pod is reached through its Unix socket when one is configured: no TCP
         // stack, no loopback handshake or ACKs (docs/sidecar.md, BENCHMARKS.md).
         let mut peer = match &ctx.live.local {
@@ -733,6 +737,8 @@ impl ProxyHttp for MallProxy {
     fn fail_to_connect(&self, session: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
         if let Some(lease) = &ctx.lease {
             self.shared.pool.report_connect_failure(lease.instance.addr);
+            self.shared.metrics.upstream_failed(lease.group);
+            ctx.attempt_counted = true;
         }
         // Nothing reached the app, so any method could be retried; we keep to replayable ones so
         // a half-open connection never duplicates an order.
@@ -752,6 +758,20 @@ impl ProxyHttp for MallProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // The instance gave this attempt no answer (a timeout, a connection closed before the
+        // response header): an error of its group. Not a pooled connection found closed: that
+        // is keep-alive churn (a replayable request is sent again), nothing about the instance.
+        let stale_pooled = client_reused
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            );
+        if e.esource() == &ErrorSource::Upstream && !stale_pooled && !ctx.attempt_counted {
+            if let Some(lease) = &ctx.lease {
+                self.shared.metrics.upstream_failed(lease.group);
+                ctx.attempt_counted = true;
+            }
+        }
         // The client went away: neither the instance's fault nor a reason to ask another one.
         if e.esource() == &ErrorSource::Downstream {
             e.set_retry(false);
@@ -928,11 +948,18 @@ impl ProxyHttp for MallProxy {
             };
             resp.insert_header(crate::cache::store::TAG_HEADER, tags)?;
         }
-        if let (Some(sent), Some(lease)) = (ctx.upstream_sent, &ctx.lease) {
-            lease
-                .instance
-                .latency(&self.shared.metrics.upstream_latency)
-                .observe(sent.elapsed().as_secs_f64());
+        // Once per attempt, at its final header (a 1xx comes before it).
+        if !resp.status.is_informational() && !ctx.attempt_counted {
+            if let Some(lease) = &ctx.lease {
+                if let Some(sent) = ctx.upstream_sent {
+                    lease
+                        .instance
+                        .latency(&self.shared.metrics.upstream_latency, lease.group)
+                        .observe(sent.elapsed().as_secs_f64());
+                }
+                self.shared.metrics.upstream_answered(lease.group, resp.status.as_u16());
+                ctx.attempt_counted = true;
+            }
         }
         let hop_by_hop = &HOP_BY_HOP[..HOP_BY_HOP_IN_RESPONSES];
         if holds_any(&resp.headers, hop_by_hop) {

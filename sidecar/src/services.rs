@@ -53,7 +53,8 @@ impl BackgroundService for Upstreams {
     }
 }
 
-/// DNS lookups of `upstream.dns.name`: every `refresh_seconds`, sooner after a failure.
+/// DNS lookups of `upstream.dns.name` (and `upstream.canary.dns_name`): every
+/// `refresh_seconds`, sooner after a failure, and at once after a reload that changes them.
 pub struct Discovery(pub Arc<Shared>);
 
 #[async_trait]
@@ -61,10 +62,15 @@ impl BackgroundService for Discovery {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let shared = &self.0;
         loop {
-            // Read each time: a reload may turn DNS on or off.
-            let dns = shared.live.load().config.upstream.dns.clone();
-            let wait = match &dns {
-                Some(dns) => shared.discovery.refresh(&shared.pool, dns).await,
+            // Read each time: a reload may turn DNS or the canary on or off.
+            let upstream = shared.live.load().config.upstream.clone();
+            let wait = match &upstream.dns {
+                Some(dns) => {
+                    shared
+                        .discovery
+                        .refresh(&shared.pool, dns, upstream.canary.as_ref())
+                        .await
+                }
                 None => {
                     shared.metrics.discovery_failing.set(0);
                     Duration::from_secs(1)
@@ -72,6 +78,7 @@ impl BackgroundService for Discovery {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = shared.rediscover.notified() => {}
                 _ = shutdown.changed() => return,
             }
         }
@@ -298,6 +305,27 @@ fn readiness(shared: &Shared) -> (bool, String) {
             let _ = writeln!(report, "discovery: no answer yet from {}", dns.name);
         } else {
             let _ = writeln!(report, "discovery: ok, {} instances at {}", status.found, dns.name);
+        }
+    }
+    if let Some((percent, canary)) = shared.pool.canary() {
+        let available = canary.iter().filter(|i| i.is_available()).count();
+        let _ = write!(
+            report,
+            "canary: {percent} % of calls, {available} of {} canary instances available",
+            canary.len()
+        );
+        match shared.discovery.status().canary {
+            Some(crate::discovery::CanaryStatus {
+                name,
+                error: Some(error),
+                ..
+            }) => {
+                let _ = writeln!(report, "; lookup of {name} failing: {error}");
+            }
+            Some(c) => {
+                let _ = writeln!(report, "; {} found at {}", c.found, c.name);
+            }
+            None => report.push('\n'),
         }
     }
     (ready, report)

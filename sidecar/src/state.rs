@@ -84,6 +84,8 @@ pub struct Shared {
     pub tracer: Option<mall_telemetry::Exporter>,
     /// The slowest sampled request of the last minute, for the dashboard's link to its trace.
     pub slowest_traced: crate::trace::SlowestTraced,
+    /// Wakes the DNS loop when a reload changes what it looks up (a canary added or renamed).
+    pub rediscover: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -120,6 +122,7 @@ impl Shared {
             write_seq: Default::default(),
             tracer,
             slowest_traced,
+            rediscover: tokio::sync::Notify::new(),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
         })
@@ -161,7 +164,17 @@ impl Shared {
         }
         self.pool
             .reconfigure(&config.upstream, config.upstream.own_app(pod_ip().as_deref()));
+        let names = |u: &mall_sidecar_config::Upstream| {
+            (
+                u.dns.as_ref().map(|d| (d.name.clone(), d.port)),
+                u.canary.as_ref().map(|c| c.dns_name.clone()),
+            )
+        };
+        let look_again = names(&config.upstream) != names(&old.upstream);
         self.live.store(Arc::new(Live::new(config, self.metrics.clone())));
+        if look_again {
+            self.rediscover.notify_one();
+        }
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())

@@ -75,7 +75,7 @@ def main():
             log(f"{path}: warming {name} for {args.warmup} s")
             wrk(base + url_path, header, args.warmup, args.connections)
         for rnd in range(1, args.rounds + 1):
-            shift = (rnd - 1) % len(here) if args.rotate else 0
+            shift = (rnd - 1) % len(here) if args.rotate and here else 0
             for name, base, pids in here[shift:] + here[:shift]:
                 for attempt in range(3):
                     log(f"{path} round {rnd}: {name}" + (f" (again: {attempt})" if attempt else ""))

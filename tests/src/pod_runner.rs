@@ -27,7 +27,8 @@
 //! backoff (a failed container is restarted at once), projected/secret volumes, DNS (pods reach
 //! each other by IP; the headless `<name>-app` Service the sidecar resolves is given as
 //! `/etc/hosts` entries), image pulls (images must be in the engine), ConfigMap updates after
-//! start, and the memory accounting of tmpfs.
+//! start (a test delivers one with [`Pod::update_config_map_file`]), and the memory accounting
+//! of tmpfs.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -108,6 +109,17 @@ impl Drop for Pod {
 }
 
 impl Pod {
+    /// A ConfigMap's new contents reach the pod as the kubelet's sync delivers them: the file in
+    /// the mounted volume `volume` is replaced (the programs read it again; the sidecar checks
+    /// every 2 s).
+    pub fn update_config_map_file(&self, volume: &str, key: &str, text: &str) -> Result<(), String> {
+        let path = self._volumes.path().join(volume).join(key);
+        if !path.exists() {
+            return Err(format!("{}: no file {key} in volume {volume}", self.name));
+        }
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
@@ -521,7 +533,15 @@ pub async fn start_pod(network: &Network, cluster: &Cluster, template: &Value, p
             a.push(expand(arg.as_str().unwrap_or_default(), &env));
         }
         let argv: Vec<&str> = a.iter().map(String::as_str).collect();
-        docker(&argv)?;
+        if let Err(e) = docker(&argv) {
+            // A container that cannot be created (an image the engine does not have: no registry
+            // answers here) leaves no part of the pod behind.
+            stop.store(true, Ordering::SeqCst);
+            for started in containers.iter().map(|c: &RunningContainer| c.id.as_str()).chain([id.as_str(), infra.as_str()]) {
+                let _ = docker(&["rm", "-f", started]);
+            }
+            return Err(format!("container {cname}: {e}"));
+        }
         // Probes.
         let container_ready = Arc::new(AtomicBool::new(c.get("readinessProbe").is_none()));
         readiness.push(container_ready.clone());
@@ -708,9 +728,17 @@ pub fn pod_template(rendered: &str) -> Value {
 
 /// Writes a hosts file where `name` resolves to each of `ips` (a headless Service's endpoints).
 pub fn write_hosts(path: &Path, name: &str, ips: &[String]) {
+    write_hosts_for(path, &[(name, ips)]);
+}
+
+/// Writes a hosts file with several headless Services, each name resolving to its `ips`. A name
+/// without addresses is absent, as cluster DNS answers NXDOMAIN for a Service without endpoints.
+pub fn write_hosts_for(path: &Path, services: &[(&str, &[String])]) {
     let mut text = String::from("127.0.0.1 localhost\n");
-    for ip in ips {
-        text.push_str(&format!("{ip} {name}\n"));
+    for (name, ips) in services {
+        for ip in ips.iter() {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
     }
     // Written in place: the containers bind-mount this inode (a rename would leave them the old
     // file), and readable by the containers' users.

@@ -552,6 +552,11 @@ impl World {
 /// A mall named `shop` with a PostgreSQL primary, alert-scaled, rate limits off, `extra` merged
 /// into its spec, as `operator render` prints it.
 fn render_shop(extra: Value) -> String {
+    mall_operator::render::render(&serde_yaml::to_string(&shop_mall(extra)).unwrap()).unwrap()
+}
+
+/// The MallDeployment `render_shop` renders.
+fn shop_mall(extra: Value) -> Value {
     let mut spec = serde_json::json!({
         "replicas": 2, "minReplicas": 2, "maxReplicas": 4,
         "autoscaling": { "mode": "alerts" },
@@ -560,11 +565,10 @@ fn render_shop(extra: Value) -> String {
         "auth": { "adminPassword": { "name": "mall-admin", "key": "password" } }
     });
     spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    let md = serde_json::json!({
+    serde_json::json!({
         "apiVersion": "mall.example.com/v1alpha1", "kind": "MallDeployment",
         "metadata": { "name": "shop", "namespace": "shop" }, "spec": spec
-    });
-    mall_operator::render::render(&serde_yaml::to_string(&md).unwrap()).unwrap()
+    })
 }
 
 /// The pod runner's liveness probe: a container whose liveness probe fails its threshold is
@@ -627,89 +631,8 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
         refresh(&pods);
     }
     let service = Service::start(endpoints.clone(), 8080).await;
-    let http = reqwest::Client::new();
-
-    // The admin (from the Secret) adds a product; buyers register.
-    let admin: Value = http
-        .post(service.url("/api/auth/login"))
-        .json(&serde_json::json!({"username": "admin", "password": ADMIN_PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let admin_token = admin["token"]
-        .as_str()
-        .expect("the admin from the Secret logs in")
-        .to_string();
-    let product: Value = http
-        .post(service.url("/api/products"))
-        .bearer_auth(&admin_token)
-        .json(&serde_json::json!({"name": "Rolling", "category": "books", "price": 100, "stock": 1_000_000}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let product_id = product["id"].as_i64().expect("product created");
-    let mut tokens = Vec::new();
-    for i in 0..8 {
-        let r: Value = http
-            .post(service.url("/api/auth/register"))
-            .json(&serde_json::json!({"username": format!("buyer{i}"), "password": "buyer-password"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        tokens.push(r["token"].as_str().unwrap().to_string());
-    }
-
-    // Load: each buyer orders with a fresh key, resending the same key after a transport error.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let statuses: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
-    let placed: Arc<Mutex<Vec<String>>> = Arc::default();
-    let mut clients = Vec::new();
-    for (b, token) in tokens.iter().enumerate() {
-        let (http, url, token) = (reqwest::Client::new(), service.url("/api/orders"), token.clone());
-        let (stop, statuses, placed) = (stop.clone(), statuses.clone(), placed.clone());
-        clients.push(tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let key = format!("b{b}-{n}");
-                n += 1;
-                loop {
-                    let sent = http
-                        .post(&url)
-                        .bearer_auth(&token)
-                        .header("idempotency-key", &key)
-                        .json(&serde_json::json!({"items": [{"product_id": product_id, "quantity": 1}]}))
-                        .timeout(Duration::from_secs(10))
-                        .send()
-                        .await;
-                    match sent {
-                        Ok(r) => {
-                            let code = r.status().as_u16();
-                            *statuses.lock().unwrap().entry(code).or_insert(0) += 1;
-                            if code == 201 || code == 200 {
-                                placed.lock().unwrap().push(key.clone());
-                            }
-                            if code == 409 {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
-                            }
-                            break;
-                        }
-                        // A connection the old pod closed: resend, same key.
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                }
-            }
-        }));
-    }
+    let shop = Shop::open(&service).await;
+    let load = OrderLoad::start(&service, &shop);
 
     // Two rolling replacements under that load.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -731,15 +654,522 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let statuses = statuses.lock().unwrap().clone();
-    let placed = placed.lock().unwrap().clone();
+    let (statuses, placed) = load.finish().await;
     for pod in &pods {
         pod.delete();
     }
+    let stored = orders_stored_once(&admin_url, &db, &shop, &statuses, &placed);
+    eprintln!("rolling replacement: {statuses:?}, {} orders stored once each", stored);
+    psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
+}
+
+/// A stand-in for the Deployment controller and the kubelet, for the objects the operator keeps
+/// in the in-memory API: each Deployment's pods run on the pod runner, replaced one at a time when
+/// the template changes (a new pod Ready first, then an old one gets SIGTERM); each ConfigMap's
+/// new contents reach the running pods' files (the sidecars reload them); the headless Services
+/// `shop-app` (every pod) and `shop-can` (the canary's) are the pods' hosts entries; the pods
+/// appear in the API (Running, their IPs and ports, the template's labels) for the operator to
+/// read their metrics; each Deployment's status says how many pods run, are updated and ready.
+///
+/// Not modelled: pods of one Deployment starting in parallel, restart backoff, an image that
+/// fails to pull being retried more often than every 10 s.
+struct Kubelet<'a> {
+    w: &'a World,
+    client: kube::Client,
+    /// Running pods by Deployment, each with the template it runs and the config it was given.
+    pods: BTreeMap<String, Vec<(Pod, Value, BTreeMap<String, String>)>>,
+    endpoints: pod_runner::Endpoints,
+    /// When a Deployment's pod last failed to start.
+    failed: BTreeMap<String, std::time::Instant>,
+    /// Why the last start failed, by Deployment.
+    pub start_errors: BTreeMap<String, String>,
+    serial: usize,
+}
+
+impl<'a> Kubelet<'a> {
+    fn new(w: &'a World, client: kube::Client) -> Self {
+        Kubelet {
+            w,
+            client,
+            pods: BTreeMap::new(),
+            endpoints: Arc::new(Mutex::new(Vec::new())),
+            failed: BTreeMap::new(),
+            start_errors: BTreeMap::new(),
+            serial: 0,
+        }
+    }
+
+    fn api<K>(&self) -> kube::Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        kube::Api::namespaced(self.client.clone(), "shop")
+    }
+
+    /// The ConfigMaps as the pod runner mounts them.
+    async fn cluster(&self) -> Cluster {
+        let mut cluster = Cluster {
+            secrets: self.w.cluster.secrets.clone(),
+            hosts_file: self.w.cluster.hosts_file.clone(),
+            ..Cluster::default()
+        };
+        for cm in self
+            .api::<k8s_openapi::api::core::v1::ConfigMap>()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+        {
+            cluster
+                .config_maps
+                .insert(cm.metadata.name.clone().unwrap(), cm.data.clone().unwrap_or_default());
+        }
+        cluster
+    }
+
+    /// The sidecar config a template mounts, from `cluster`.
+    fn config_of(cluster: &Cluster, template: &Value) -> BTreeMap<String, String> {
+        template["spec"]["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| {
+                let cm = v["configMap"]["name"].as_str()?;
+                let text = cluster.config_maps.get(cm)?.get("sidecar.toml")?;
+                Some((v["name"].as_str()?.to_string(), text.clone()))
+            })
+            .collect()
+    }
+
+    /// One pass: pods, files, hosts, endpoints, the API's pods and Deployments' status.
+    async fn sync(&mut self) {
+        let cluster = self.cluster().await;
+        let deployments = self
+            .api::<k8s_openapi::api::apps::v1::Deployment>()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items;
+        let names: Vec<String> = deployments.iter().map(|d| d.metadata.name.clone().unwrap()).collect();
+        // Deployments gone: their pods get SIGTERM.
+        let gone: Vec<String> = self.pods.keys().filter(|n| !names.contains(n)).cloned().collect();
+        for name in gone {
+            for (pod, _, _) in self.pods.remove(&name).unwrap() {
+                self.delete(pod).await;
+            }
+        }
+        for d in &deployments {
+            let name = d.metadata.name.clone().unwrap();
+            let spec = d.spec.clone().unwrap();
+            let template = serde_json::to_value(&spec.template).unwrap();
+            let want = spec.replicas.unwrap_or(1) as usize;
+            let running = self.pods.entry(name.clone()).or_default();
+            let old = running.iter().position(|(_, t, _)| *t != template);
+            let retry = self.failed.get(&name).is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+            if (old.is_some() || running.len() < want) && retry {
+                self.serial += 1;
+                let pod_name = format!("{name}-{}-{}", self.serial, std::process::id());
+                match pod_runner::start_pod(&self.w.network, &cluster, &template, &pod_name).await {
+                    Ok(pod) => {
+                        let config = Self::config_of(&cluster, &template);
+                        self.pods.get_mut(&name).unwrap().push((pod, template.clone(), config));
+                        self.publish().await;
+                        let (pod, _, _) = self.pods[&name].last().unwrap();
+                        match pod_runner::wait_ready(pod, Duration::from_secs(90)).await {
+                            // Then one old pod goes (maxUnavailable 0).
+                            Ok(_) => {
+                                if let Some(i) = old {
+                                    let (pod, _, _) = self.pods.get_mut(&name).unwrap().remove(i);
+                                    self.delete(pod).await;
+                                }
+                            }
+                            Err(e) => {
+                                self.start_errors.insert(name.clone(), e);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.failed.insert(name.clone(), std::time::Instant::now());
+                        self.start_errors.insert(name.clone(), e);
+                    }
+                }
+            } else if running.len() > want {
+                let (pod, _, _) = running.remove(0);
+                self.delete(pod).await;
+            }
+        }
+        // New ConfigMap contents reach the files of the pods that mount them.
+        for (pod, template, written) in self.pods.values_mut().flatten() {
+            for (volume, text) in Self::config_of(&cluster, template) {
+                if written.get(&volume) != Some(&text) {
+                    pod.update_config_map_file(&volume, "sidecar.toml", &text).unwrap();
+                    written.insert(volume, text);
+                }
+            }
+        }
+        self.publish().await;
+        // Each Deployment's status, as its controller reports it.
+        for d in &deployments {
+            let name = d.metadata.name.clone().unwrap();
+            let template = serde_json::to_value(&d.spec.as_ref().unwrap().template).unwrap();
+            let pods = &self.pods[&name];
+            let updated = pods.iter().filter(|(_, t, _)| *t == template).count();
+            let ready = pods.iter().filter(|(p, t, _)| *t == template && p.is_ready()).count();
+            let status = serde_json::json!({ "status": {
+                "replicas": pods.len(), "updatedReplicas": updated, "readyReplicas": ready,
+                "availableReplicas": ready, "observedGeneration": d.metadata.generation } });
+            self.api::<k8s_openapi::api::apps::v1::Deployment>()
+                .patch_status(&name, &Default::default(), &kube::api::Patch::Merge(&status))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// SIGTERM: the pod leaves the endpoints as its readiness fails, and drains.
+    async fn delete(&mut self, pod: Pod) {
+        let deleting = std::thread::spawn(move || pod.delete());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.publish().await;
+        while !deleting.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Hosts entries, the Service's endpoints and the API's pods, from the running pods.
+    async fn publish(&self) {
+        let all: Vec<&(Pod, Value, BTreeMap<String, String>)> = self.pods.values().flatten().collect();
+        let everyone: Vec<String> = all.iter().map(|(p, _, _)| p.ip.clone()).collect();
+        let canaries: Vec<String> = all
+            .iter()
+            .filter(|(_, t, _)| t["metadata"]["labels"]["mall.example.com/track"] == "canary")
+            .map(|(p, _, _)| p.ip.clone())
+            .collect();
+        pod_runner::write_hosts_for(
+            self.w.hosts.path(),
+            &[(self.w.app_host.as_str(), &everyone), ("shop-can.shop.svc.cluster.local", &canaries)],
+        );
+        *self.endpoints.lock().unwrap() = all.iter().map(|(p, _, _)| pod_runner::endpoint(p)).collect();
+        let api = self.api::<k8s_openapi::api::core::v1::Pod>();
+        let listed: Vec<String> = api
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        for (pod, template, _) in &all {
+            if listed.contains(&pod.name) {
+                continue;
+            }
+            let mut object = serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": pod.name, "namespace": "shop", "uid": format!("uid-{}", pod.name),
+                              "labels": template["metadata"]["labels"] },
+                "spec": template["spec"],
+                "status": { "phase": "Running", "podIP": pod.ip }
+            });
+            object["spec"]["volumes"] = Value::Null;
+            api.create(&Default::default(), &serde_json::from_value(object).unwrap())
+                .await
+                .unwrap();
+        }
+        for name in listed {
+            if !all.iter().any(|(p, _, _)| p.name == name) {
+                api.delete(&name, &Default::default()).await.unwrap();
+            }
+        }
+    }
+}
+
+/// i. Canary releases (issue 36) on the images as pods, under order load the whole time. The
+/// operator's own reconcile runs against the in-memory API (no API server runs here); the
+/// `Kubelet` above makes its Deployments, ConfigMaps and Services real on the pod runner; the
+/// judgement reads the real pods' sidecar and app metrics over the pod network.
+/// - A change whose app cannot start (an image the engine does not have, as a mistyped tag): the
+///   canary never becomes ready and is rolled back after `readyTimeoutSeconds`; no user request
+///   fails, and the stable pods are never touched.
+/// - A good change (a compression setting, so the pod template changes): the canary takes its
+///   share from every sidecar, passes each step and is promoted, the stable pods replaced one at a
+///   time; no request fails and every order is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_canary_releases_roll_back_a_canary_that_cannot_start_and_promote_a_good_one() {
+    if !images_ready() {
+        return;
+    }
+    let Some((admin_url, db)) = postgres_database("i").await else {
+        return;
+    };
+    let rollout = serde_json::json!({ "rollout": {
+        "steps": [{ "weight": 20, "watchSeconds": 10 }, { "weight": 50, "watchSeconds": 10 }],
+        "thresholds": { "minRequests": 20 }, "readyTimeoutSeconds": 40 } });
+    let w = world("i", &render_shop(rollout.clone()), &db).await;
+    let mut md: mall_operator::crd::MallDeployment = serde_json::from_value(shop_mall(rollout)).unwrap();
+    md.metadata.uid = Some("u-shop".into());
+    md.metadata.generation = Some(1);
+    let client = kube_fake_client::ClientBuilder::new()
+        .with_resource::<mall_operator::crd::MallDeployment>()
+        .with_status_subresource::<mall_operator::crd::MallDeployment>()
+        .with_status_subresource::<k8s_openapi::api::apps::v1::Deployment>()
+        .with_object(md)
+        .build()
+        .await
+        .unwrap();
+    let ctx = mall_operator::controller::Context::new(client.clone());
+    let mds = kube::Api::<mall_operator::crd::MallDeployment>::namespaced(client.clone(), "shop");
+    let reconcile = || async {
+        ctx.sync().await.unwrap();
+        let md = mds.get("shop").await.unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        Box::pin(mall_operator::controller::reconcile_once(&md, &ctx, now)).await.unwrap();
+        mds.get("shop").await.unwrap().status.unwrap().rollout.unwrap()
+    };
+    let mut kubelet = Kubelet::new(&w, client.clone());
+    assert_eq!(reconcile().await.phase, "Stable");
+    while kubelet.pods.get("shop").is_none_or(|p| p.len() < 2 || !p.iter().all(|(p, _, _)| p.is_ready())) {
+        kubelet.sync().await;
+    }
+    let service = Service::start(kubelet.endpoints.clone(), 8080).await;
+    let shop = Shop::open(&service).await;
+    let load = OrderLoad::start(&service, &shop);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let patch = |spec: Value| {
+        let mds = mds.clone();
+        async move {
+            mds.patch("shop", &Default::default(), &kube::api::Patch::Merge(serde_json::json!({ "spec": spec })))
+                .await
+                .unwrap();
+        }
+    };
+    let stable_pods: Vec<String> = kubelet.pods["shop"].iter().map(|(p, _, _)| p.name.clone()).collect();
+
+    // A canary that cannot start: rolled back once readyTimeoutSeconds is up.
+    patch(serde_json::json!({ "app": { "image": "ghcr.io/mall-operator/mall-app:no-such-tag" } })).await;
+    let started = std::time::Instant::now();
+    let outcome = loop {
+        let r = reconcile().await;
+        if r.phase != "Progressing" {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no decision after 2 minutes: {r:?}");
+        kubelet.sync().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    kubelet.sync().await;
+    let decided = started.elapsed();
+    assert_eq!(outcome.phase, "RolledBack", "{outcome:?}");
+    assert!(outcome.message.contains("canary pods ready"), "{}", outcome.message);
+    assert!(kubelet.start_errors.contains_key("shop-canary"), "the canary was never started?");
+    assert!(!kubelet.pods.contains_key("shop-canary"));
+    let now: Vec<String> = kubelet.pods["shop"].iter().map(|(p, _, _)| p.name.clone()).collect();
+    assert_eq!(now, stable_pods, "the stable pods were never touched");
+    let failed_then = load.failed();
+    eprintln!("canary that cannot start: rolled back after {decided:?}, {failed_then} failed requests: {}", outcome.message);
+    assert_eq!(failed_then, 0);
+
+    // A good change: every step passed, promoted, the stable pods replaced.
+    patch(serde_json::json!({ "app": { "image": format!("ghcr.io/mall-operator/mall-app:{TAG}") },
+                              "compression": { "minBytes": 2048 } }))
+    .await;
+    let started = std::time::Instant::now();
+    let mut steps = Vec::new();
+    let mut by_group = BTreeMap::new();
+    let outcome = loop {
+        let r = reconcile().await;
+        if r.phase == "Stable" || r.phase == "RolledBack" {
+            break r;
+        }
+        if steps.last() != Some(&(r.phase.clone(), r.step)) {
+            eprintln!("{:?} {}: {}", started.elapsed(), r.phase, r.message);
+            steps.push((r.phase.clone(), r.step));
+        }
+        if r.phase == "Promoting" && by_group.is_empty() {
+            // What reached the canary before promotion, as every sidecar counted it.
+            for (pod, _, _) in kubelet.pods.values().flatten() {
+                let text = reqwest::get(format!("http://{}:9901/metrics", pod.ip))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                for line in text.lines().filter(|l| l.starts_with("sidecar_upstream_requests_total{")) {
+                    let group = if line.contains("group=\"canary\"") { "canary" } else { "stable" };
+                    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+                    *by_group.entry(group).or_insert(0.0) += n;
+                }
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "no decision after 5 minutes: {r:?}");
+        kubelet.sync().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let decided = started.elapsed();
+    assert_eq!(outcome.phase, "Stable", "{outcome:?}");
+    assert!(steps.iter().any(|(p, s)| p == "Progressing" && *s == 2), "both steps watched: {steps:?}");
+    kubelet.sync().await;
+    assert!(!kubelet.pods.contains_key("shop-canary"), "the canary's pods are gone");
+    let (statuses, placed) = load.finish().await;
+    for (pod, _, _) in kubelet.pods.values().flatten() {
+        pod.delete();
+    }
+    let stored = orders_stored_once(&admin_url, &db, &shop, &statuses, &placed);
+    let canary = by_group.get("canary").copied().unwrap_or(0.0);
+    let total: f64 = by_group.values().sum();
+    assert!(canary > 0.0, "the canary served part of the calls: {by_group:?}");
+    eprintln!(
+        "good change: promoted after {decided:?}; answers {statuses:?}; {stored} orders stored once; \
+         calls to the apps before promotion: {canary} of {total} to the canary ({:.0} %)",
+        100.0 * canary / total.max(1.0)
+    );
+    psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
+}
+
+/// A product with a million units and eight buyers, set up through `service`.
+struct Shop {
+    product_id: i64,
+    tokens: Vec<String>,
+}
+
+impl Shop {
+    /// The admin (from the Secret) adds a product; buyers register.
+    async fn open(service: &Service) -> Shop {
+        let http = reqwest::Client::new();
+        let admin: Value = http
+            .post(service.url("/api/auth/login"))
+            .json(&serde_json::json!({"username": "admin", "password": ADMIN_PASSWORD}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let admin_token = admin["token"]
+            .as_str()
+            .expect("the admin from the Secret logs in")
+            .to_string();
+        let product: Value = http
+            .post(service.url("/api/products"))
+            .bearer_auth(&admin_token)
+            .json(&serde_json::json!({"name": "Rolling", "category": "books", "price": 100, "stock": 1_000_000}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let product_id = product["id"].as_i64().expect("product created");
+        let mut tokens = Vec::new();
+        for i in 0..8 {
+            let r: Value = http
+                .post(service.url("/api/auth/register"))
+                .json(&serde_json::json!({"username": format!("buyer{i}"), "password": "buyer-password"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            tokens.push(r["token"].as_str().unwrap().to_string());
+        }
+        Shop { product_id, tokens }
+    }
+}
+
+/// Orders under way: each buyer orders with a fresh key, resending the same key after a
+/// transport error (as a client should), and reads the product between orders.
+struct OrderLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    statuses: Arc<Mutex<BTreeMap<u16, u64>>>,
+    placed: Arc<Mutex<Vec<String>>>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl OrderLoad {
+    fn start(service: &Service, shop: &Shop) -> OrderLoad {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let statuses: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
+        let placed: Arc<Mutex<Vec<String>>> = Arc::default();
+        let mut clients = Vec::new();
+        let product_id = shop.product_id;
+        for (b, token) in shop.tokens.iter().enumerate() {
+            let (http, url, token) = (reqwest::Client::new(), service.url("/api/orders"), token.clone());
+            let read = service.url(&format!("/api/products/{product_id}"));
+            let (stop, statuses, placed) = (stop.clone(), statuses.clone(), placed.clone());
+            clients.push(tokio::spawn(async move {
+                let count = |code: u16| *statuses.lock().unwrap().entry(code).or_insert(0) += 1;
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("b{b}-{n}");
+                    n += 1;
+                    loop {
+                        let sent = http
+                            .post(&url)
+                            .bearer_auth(&token)
+                            .header("idempotency-key", &key)
+                            .json(&serde_json::json!({"items": [{"product_id": product_id, "quantity": 1}]}))
+                            .timeout(Duration::from_secs(10))
+                            .send()
+                            .await;
+                        match sent {
+                            Ok(r) => {
+                                let code = r.status().as_u16();
+                                count(code);
+                                if code == 201 || code == 200 {
+                                    placed.lock().unwrap().push(key.clone());
+                                }
+                                if code == 409 {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    continue;
+                                }
+                                break;
+                            }
+                            // A connection the old pod closed: resend, same key.
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                    if let Ok(r) = http.get(&read).timeout(Duration::from_secs(10)).send().await {
+                        count(r.status().as_u16());
+                    }
+                }
+            }));
+        }
+        OrderLoad {
+            stop,
+            statuses,
+            placed,
+            clients,
+        }
+    }
+
+    /// Failed answers so far (anything but 2xx, 409 and 429).
+    fn failed(&self) -> u64 {
+        self.statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, _)| !matches!(**c, 200..=299 | 409 | 429))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    async fn finish(self) -> (BTreeMap<u16, u64>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in self.clients {
+            c.await.unwrap();
+        }
+        let statuses = self.statuses.lock().unwrap().clone();
+        let placed = self.placed.lock().unwrap().clone();
+        (statuses, placed)
+    }
+}
+
+/// Every answer 2xx, 409 or 429; every order the clients were told of stored once, with its key,
+/// and its unit sold. Returns the orders stored.
+fn orders_stored_once(admin_url: &str, db: &str, shop: &Shop, statuses: &BTreeMap<u16, u64>, placed: &[String]) -> i64 {
     let bad: Vec<(&u16, &u64)> = statuses
         .iter()
         .filter(|(c, _)| !matches!(**c, 200..=299 | 409 | 429))
@@ -749,15 +1179,15 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
         "responses other than 2xx, 409, 429: {bad:?} (all: {statuses:?})"
     );
     assert!(placed.len() > 50, "the load placed {} orders", placed.len());
-    let stored: i64 = psql(&admin_url, &db, "SELECT count(*) FROM orders").parse().unwrap();
+    let stored: i64 = psql(admin_url, db, "SELECT count(*) FROM orders").parse().unwrap();
     let keys: i64 = psql(
-        &admin_url,
-        &db,
+        admin_url,
+        db,
         "SELECT count(DISTINCT (user_id, idem_key)) FROM idempotency_keys",
     )
     .parse()
     .unwrap();
-    let mut distinct = placed.clone();
+    let mut distinct = placed.to_vec();
     distinct.sort();
     distinct.dedup();
     assert_eq!(stored, keys, "an order without its key, or a key with two orders");
@@ -767,15 +1197,14 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
         "orders stored vs orders the clients were told of"
     );
     let sold: i64 = psql(
-        &admin_url,
-        &db,
-        &format!("SELECT 1000000 - stock FROM products WHERE id = {product_id}"),
+        admin_url,
+        db,
+        &format!("SELECT 1000000 - stock FROM products WHERE id = {}", shop.product_id),
     )
     .parse()
     .unwrap();
     assert_eq!(sold, stored, "units sold vs orders stored");
-    eprintln!("rolling replacement: {statuses:?}, {} orders stored once each", stored);
-    psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
+    stored
 }
 
 /// b. Two pods with PostgreSQL and Redis, shaped like examples/production.yaml: 100 ms after a

@@ -537,7 +537,11 @@ pub async fn start_pod(network: &Network, cluster: &Cluster, template: &Value, p
             // A container that cannot be created (an image the engine does not have: no registry
             // answers here) leaves no part of the pod behind.
             stop.store(true, Ordering::SeqCst);
-            for started in containers.iter().map(|c: &RunningContainer| c.id.as_str()).chain([id.as_str(), infra.as_str()]) {
+            for started in containers
+                .iter()
+                .map(|c: &RunningContainer| c.id.as_str())
+                .chain([id.as_str(), infra.as_str()])
+            {
                 let _ = docker(&["rm", "-f", started]);
             }
             return Err(format!("container {cname}: {e}"));

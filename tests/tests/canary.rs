@@ -164,7 +164,11 @@ impl Sidecar {
             .unwrap();
         let mut sample = mall_operator::rollout::PodSample::default();
         mall_operator::rollout::read_sidecar(&text, &mut sample);
-        assert_eq!(sample.percent, Some(20), "sidecar_canary_percent, read as the operator reads it");
+        assert_eq!(
+            sample.percent,
+            Some(20),
+            "sidecar_canary_percent, read as the operator reads it"
+        );
         sample
     }
 

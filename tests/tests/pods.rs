@@ -673,11 +673,15 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
 ///
 /// Not modelled: pods of one Deployment starting in parallel, restart backoff, an image that
 /// fails to pull being retried more often than every 10 s.
+/// A pod the stand-in runs: the pod, the template it runs, and the sidecar config files it was
+/// given (by volume).
+type RunPod = (Pod, Value, BTreeMap<String, String>);
+
 struct Kubelet<'a> {
     w: &'a World,
     client: kube::Client,
     /// Running pods by Deployment, each with the template it runs and the config it was given.
-    pods: BTreeMap<String, Vec<(Pod, Value, BTreeMap<String, String>)>>,
+    pods: BTreeMap<String, Vec<RunPod>>,
     endpoints: pod_runner::Endpoints,
     /// When a Deployment's pod last failed to start.
     failed: BTreeMap<String, std::time::Instant>,
@@ -701,7 +705,10 @@ impl<'a> Kubelet<'a> {
 
     fn api<K>(&self) -> kube::Api<K>
     where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
         K::DynamicType: Default,
     {
         kube::Api::namespaced(self.client.clone(), "shop")
@@ -766,7 +773,10 @@ impl<'a> Kubelet<'a> {
             let want = spec.replicas.unwrap_or(1) as usize;
             let running = self.pods.entry(name.clone()).or_default();
             let old = running.iter().position(|(_, t, _)| *t != template);
-            let retry = self.failed.get(&name).is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+            let retry = self
+                .failed
+                .get(&name)
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(10));
             if (old.is_some() || running.len() < want) && retry {
                 self.serial += 1;
                 let pod_name = format!("{name}-{}-{}", self.serial, std::process::id());
@@ -838,7 +848,7 @@ impl<'a> Kubelet<'a> {
 
     /// Hosts entries, the Service's endpoints and the API's pods, from the running pods.
     async fn publish(&self) {
-        let all: Vec<&(Pod, Value, BTreeMap<String, String>)> = self.pods.values().flatten().collect();
+        let all: Vec<&RunPod> = self.pods.values().flatten().collect();
         let everyone: Vec<String> = all.iter().map(|(p, _, _)| p.ip.clone()).collect();
         let canaries: Vec<String> = all
             .iter()
@@ -847,7 +857,10 @@ impl<'a> Kubelet<'a> {
             .collect();
         pod_runner::write_hosts_for(
             self.w.hosts.path(),
-            &[(self.w.app_host.as_str(), &everyone), ("shop-can.shop.svc.cluster.local", &canaries)],
+            &[
+                (self.w.app_host.as_str(), &everyone),
+                ("shop-can.shop.svc.cluster.local", &canaries),
+            ],
         );
         *self.endpoints.lock().unwrap() = all.iter().map(|(p, _, _)| pod_runner::endpoint(p)).collect();
         let api = self.api::<k8s_openapi::api::core::v1::Pod>();
@@ -925,12 +938,18 @@ async fn i_canary_releases_roll_back_a_canary_that_cannot_start_and_promote_a_go
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        Box::pin(mall_operator::controller::reconcile_once(&md, &ctx, now)).await.unwrap();
+        Box::pin(mall_operator::controller::reconcile_once(&md, &ctx, now))
+            .await
+            .unwrap();
         mds.get("shop").await.unwrap().status.unwrap().rollout.unwrap()
     };
     let mut kubelet = Kubelet::new(&w, client.clone());
     assert_eq!(reconcile().await.phase, "Stable");
-    while kubelet.pods.get("shop").is_none_or(|p| p.len() < 2 || !p.iter().all(|(p, _, _)| p.is_ready())) {
+    while kubelet
+        .pods
+        .get("shop")
+        .is_none_or(|p| p.len() < 2 || !p.iter().all(|(p, _, _)| p.is_ready()))
+    {
         kubelet.sync().await;
     }
     let service = Service::start(kubelet.endpoints.clone(), 8080).await;
@@ -940,9 +959,13 @@ async fn i_canary_releases_roll_back_a_canary_that_cannot_start_and_promote_a_go
     let patch = |spec: Value| {
         let mds = mds.clone();
         async move {
-            mds.patch("shop", &Default::default(), &kube::api::Patch::Merge(serde_json::json!({ "spec": spec })))
-                .await
-                .unwrap();
+            mds.patch(
+                "shop",
+                &Default::default(),
+                &kube::api::Patch::Merge(serde_json::json!({ "spec": spec })),
+            )
+            .await
+            .unwrap();
         }
     };
     let stable_pods: Vec<String> = kubelet.pods["shop"].iter().map(|(p, _, _)| p.name.clone()).collect();
@@ -955,7 +978,10 @@ async fn i_canary_releases_roll_back_a_canary_that_cannot_start_and_promote_a_go
         if r.phase != "Progressing" {
             break r;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "no decision after 2 minutes: {r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no decision after 2 minutes: {r:?}"
+        );
         kubelet.sync().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
@@ -963,17 +989,25 @@ async fn i_canary_releases_roll_back_a_canary_that_cannot_start_and_promote_a_go
     let decided = started.elapsed();
     assert_eq!(outcome.phase, "RolledBack", "{outcome:?}");
     assert!(outcome.message.contains("canary pods ready"), "{}", outcome.message);
-    assert!(kubelet.start_errors.contains_key("shop-canary"), "the canary was never started?");
+    assert!(
+        kubelet.start_errors.contains_key("shop-canary"),
+        "the canary was never started?"
+    );
     assert!(!kubelet.pods.contains_key("shop-canary"));
     let now: Vec<String> = kubelet.pods["shop"].iter().map(|(p, _, _)| p.name.clone()).collect();
     assert_eq!(now, stable_pods, "the stable pods were never touched");
     let failed_then = load.failed();
-    eprintln!("canary that cannot start: rolled back after {decided:?}, {failed_then} failed requests: {}", outcome.message);
+    eprintln!(
+        "canary that cannot start: rolled back after {decided:?}, {failed_then} failed requests: {}",
+        outcome.message
+    );
     assert_eq!(failed_then, 0);
 
     // A good change: every step passed, promoted, the stable pods replaced.
-    patch(serde_json::json!({ "app": { "image": format!("ghcr.io/mall-operator/mall-app:{TAG}") },
-                              "compression": { "minBytes": 2048 } }))
+    patch(
+        serde_json::json!({ "app": { "image": format!("ghcr.io/mall-operator/mall-app:{TAG}") },
+                              "compression": { "minBytes": 2048 } }),
+    )
     .await;
     let started = std::time::Instant::now();
     let mut steps = Vec::new();
@@ -996,20 +1030,33 @@ async fn i_canary_releases_roll_back_a_canary_that_cannot_start_and_promote_a_go
                     .text()
                     .await
                     .unwrap();
-                for line in text.lines().filter(|l| l.starts_with("sidecar_upstream_requests_total{")) {
-                    let group = if line.contains("group=\"canary\"") { "canary" } else { "stable" };
+                for line in text
+                    .lines()
+                    .filter(|l| l.starts_with("sidecar_upstream_requests_total{"))
+                {
+                    let group = if line.contains("group=\"canary\"") {
+                        "canary"
+                    } else {
+                        "stable"
+                    };
                     let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
                     *by_group.entry(group).or_insert(0.0) += n;
                 }
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "no decision after 5 minutes: {r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no decision after 5 minutes: {r:?}"
+        );
         kubelet.sync().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let decided = started.elapsed();
     assert_eq!(outcome.phase, "Stable", "{outcome:?}");
-    assert!(steps.iter().any(|(p, s)| p == "Progressing" && *s == 2), "both steps watched: {steps:?}");
+    assert!(
+        steps.iter().any(|(p, s)| p == "Progressing" && *s == 2),
+        "both steps watched: {steps:?}"
+    );
     kubelet.sync().await;
     assert!(!kubelet.pods.contains_key("shop-canary"), "the canary's pods are gone");
     let (statuses, placed) = load.finish().await;

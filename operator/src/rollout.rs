@@ -212,6 +212,9 @@ pub struct PodSample {
     pub canary_pod: bool,
     /// The weight its sidecar balances with (`sidecar_canary_percent`); `None` when unread.
     pub percent: Option<u8>,
+    /// Instances its sidecar has in the canary group (`sidecar_canary_instances`). Until its
+    /// lookup of the canary's name finds them, it counts their answers as stable.
+    pub canary_instances: u32,
     /// What its sidecar counted per group of the instance that answered.
     pub stable: Group,
     pub canary: Group,
@@ -514,6 +517,7 @@ pub fn read_sidecar(text: &str, sample: &mut PodSample) {
         };
         match name {
             "sidecar_canary_percent" => sample.percent = Some(value.clamp(0.0, 100.0) as u8),
+            "sidecar_canary_instances" => sample.canary_instances = value.max(0.0) as u32,
             "sidecar_upstream_requests_total" => {
                 group.requests += value;
                 if matches!(label(&labels, "status_class"), Some("5xx" | "error")) {
@@ -553,11 +557,13 @@ pub fn read_app(text: &str, sample: &mut PodSample) {
     }
 }
 
-/// Whether every pod whose sidecar answered balances with `weight`, and how many do not.
+/// Whether every pod whose sidecar answered balances with `weight` and has found the canary's
+/// instances, and how many have not. (A sidecar that has the weight but has not looked the
+/// canary's name up again would count the canary's answers as stable for up to a refresh.)
 pub fn split_reached(samples: &HashMap<String, PodSample>, weight: u8) -> (bool, usize) {
     let behind = samples
         .values()
-        .filter(|s| s.percent.is_some_and(|p| p != weight))
+        .filter(|s| s.percent.is_some_and(|p| p != weight || s.canary_instances == 0))
         .count();
     (behind == 0, behind)
 }
@@ -851,7 +857,7 @@ pub async fn step(
     if !reached {
         plan.status.window_since_unix = 0;
         plan.status.message = format!(
-            "step {} ({} %): waiting for {behind} sidecars to balance with the step's weight{note}",
+            "step {} ({} %): waiting for {behind} sidecars to balance with the step's weight and find the canary{note}",
             st.step, st.weight
         );
         return plan;
@@ -998,6 +1004,7 @@ mod tests {
     fn metrics_text_is_read_per_group() {
         let text = "# TYPE sidecar_canary_percent gauge\n\
             sidecar_canary_percent 10\n\
+            sidecar_canary_instances 2\n\
             sidecar_upstream_requests_total{group=\"canary\",status_class=\"2xx\"} 90\n\
             sidecar_upstream_requests_total{group=\"canary\",status_class=\"5xx\"} 10\n\
             sidecar_upstream_requests_total{group=\"stable\",status_class=\"2xx\"} 900\n\
@@ -1006,7 +1013,7 @@ mod tests {
             sidecar_upstream_response_seconds_bucket{group=\"canary\",le=\"+Inf\"} 100\n";
         let mut s = PodSample::default();
         read_sidecar(text, &mut s);
-        assert_eq!(s.percent, Some(10));
+        assert_eq!((s.percent, s.canary_instances), (Some(10), 2));
         assert_eq!((s.canary.requests, s.canary.failed), (100.0, 10.0));
         assert_eq!((s.stable.requests, s.stable.failed), (901.0, 1.0));
         assert_eq!(s.canary.buckets, vec![(0.005, 50.0), (f64::INFINITY, 100.0)]);
@@ -1023,6 +1030,36 @@ mod tests {
         assert_eq!(name, "m");
         assert_eq!(labels, vec![("a", "x\"y".to_string()), ("b", "z".to_string())]);
         assert_eq!(value, 3.0);
+    }
+
+    #[test]
+    fn the_split_has_reached_a_pod_once_it_balances_with_the_weight_and_found_the_canary() {
+        let pod = |percent: Option<u8>, canary_instances: u32| PodSample {
+            percent,
+            canary_instances,
+            ..PodSample::default()
+        };
+        let pods = |list: Vec<PodSample>| -> HashMap<String, PodSample> {
+            list.into_iter().enumerate().map(|(i, p)| (i.to_string(), p)).collect()
+        };
+        assert_eq!(
+            split_reached(&pods(vec![pod(Some(20), 1), pod(Some(20), 1)]), 20),
+            (true, 0)
+        );
+        assert_eq!(
+            split_reached(&pods(vec![pod(Some(20), 1), pod(Some(10), 1)]), 20),
+            (false, 1)
+        );
+        // The weight, but not yet the canary's instances.
+        assert_eq!(
+            split_reached(&pods(vec![pod(Some(20), 1), pod(Some(20), 0)]), 20),
+            (false, 1)
+        );
+        // A sidecar that could not be read does not hold the window.
+        assert_eq!(
+            split_reached(&pods(vec![pod(Some(20), 1), pod(None, 0)]), 20),
+            (true, 0)
+        );
     }
 
     #[test]

@@ -67,7 +67,10 @@ struct Counted {
 }
 
 fn sidecar_text(percent: u8, stable: Counted, canary: Counted) -> String {
-    let mut t = format!("# TYPE sidecar_canary_percent gauge\nsidecar_canary_percent {percent}\n");
+    let instances = u8::from(percent > 0);
+    let mut t = format!(
+        "# TYPE sidecar_canary_percent gauge\nsidecar_canary_percent {percent}\nsidecar_canary_instances {instances}\n"
+    );
     for (group, c) in [("stable", stable), ("canary", canary)] {
         t += &format!(
             "sidecar_upstream_requests_total{{group=\"{group}\",status_class=\"2xx\"}} {}\n\
@@ -365,15 +368,24 @@ async fn a_good_change_is_promoted_step_by_step() {
         "{:?}",
         condition(&md, "Rollout")
     );
-    r.report(
-        &cp,
-        20,
-        Counted {
-            ok: 100,
-            ..Default::default()
-        },
-        Counted::default(),
+    // One sidecar has the weight but has not found the canary yet: it would count the canary's
+    // answers as stable, so the window still waits.
+    let first = Counted {
+        ok: 100,
+        ..Default::default()
+    };
+    r.report(&cp, 20, first, Counted::default());
+    let unfound = sidecar_text(20, Counted::default(), Counted::default())
+        .replace("sidecar_canary_instances 1", "sidecar_canary_instances 0");
+    r.stable[1].sidecar.set(unfound);
+    let md = r.pass(7).await;
+    assert!(
+        condition(&md, "Rollout").2.contains("waiting for 1 sidecars"),
+        "{:?}",
+        condition(&md, "Rollout")
     );
+    assert_eq!(rollout_status(&md).window_since_unix, 0);
+    r.report(&cp, 20, first, Counted::default());
     let md = r.pass(10).await;
     assert_eq!(rollout_status(&md).window_since_unix, r.t0 + 10);
     // 20 s in: healthy but not watched long enough.

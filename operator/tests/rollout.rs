@@ -304,6 +304,17 @@ impl Release {
         pass(&self.client, &self.ctx, self.t0 + at).await
     }
 
+    /// The canary's pod ready and every sidecar at 20 %, found the canary, counted nothing: the
+    /// first step's window starts (5 s in).
+    async fn canary_watched(&self) -> FakePod {
+        rolled(&self.client, "shop-canary").await;
+        let cp = pod(&self.client, "shop-canary-x", true).await;
+        self.report(&cp, 20, Counted::default(), Counted::default());
+        let md = self.pass(5).await;
+        assert_eq!(rollout_status(&md).window_since_unix, self.t0 + 5);
+        cp
+    }
+
     /// Every sidecar balances at `percent`; the first stable pod's sidecar counted `stable` and
     /// `canary` (the others nothing), so the sums over the pods are exactly these.
     fn report(&self, canary_pod: &FakePod, percent: u8, stable: Counted, canary: Counted) {
@@ -495,10 +506,7 @@ async fn a_good_change_is_promoted_step_by_step() {
 async fn a_canary_failing_requests_is_rolled_back_in_its_first_step() {
     let r = started(steps()).await;
     let c = &r.client;
-    rolled(c, "shop-canary").await;
-    let cp = pod(c, "shop-canary-x", true).await;
-    r.report(&cp, 20, Counted::default(), Counted::default());
-    r.pass(5).await;
+    let cp = r.canary_watched().await;
     r.report(
         &cp,
         20,
@@ -552,11 +560,7 @@ async fn a_canary_failing_requests_is_rolled_back_in_its_first_step() {
 #[tokio::test]
 async fn a_slower_canary_is_rolled_back_on_latency() {
     let r = started(steps()).await;
-    let c = &r.client;
-    rolled(c, "shop-canary").await;
-    let cp = pod(c, "shop-canary-x", true).await;
-    r.report(&cp, 20, Counted::default(), Counted::default());
-    r.pass(5).await;
+    let cp = r.canary_watched().await;
     r.report(
         &cp,
         20,
@@ -581,11 +585,7 @@ async fn a_slower_canary_is_rolled_back_on_latency() {
 #[tokio::test]
 async fn a_canary_failing_orders_is_rolled_back() {
     let r = started(steps()).await;
-    let c = &r.client;
-    rolled(c, "shop-canary").await;
-    let cp = pod(c, "shop-canary-x", true).await;
-    r.report(&cp, 20, Counted::default(), Counted::default());
-    r.pass(5).await;
+    let cp = r.canary_watched().await;
     r.report(
         &cp,
         20,
@@ -662,10 +662,7 @@ async fn scaling_starts_no_release() {
 async fn the_annotation_pauses_promotes_and_aborts() {
     let r = started(steps()).await;
     let c = &r.client;
-    rolled(c, "shop-canary").await;
-    let cp = pod(c, "shop-canary-x", true).await;
-    r.report(&cp, 20, Counted::default(), Counted::default());
-    r.pass(5).await;
+    let cp = r.canary_watched().await;
     annotate(c, Some("pause")).await;
     r.report(
         &cp,

@@ -503,7 +503,8 @@ fn parse_labels(mut s: &str) -> Option<Vec<(&str, String)>> {
     Some(out)
 }
 
-fn label<'a>(labels: &'a [(&str, String)], key: &str) -> Option<&'a str> {
+/// The value of label `key`.
+pub fn label<'a>(labels: &'a [(&str, String)], key: &str) -> Option<&'a str> {
     labels.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str())
 }
 

@@ -165,28 +165,13 @@ fn content_length(head: &str) -> Option<usize> {
 /// Sums `metric`'s samples by the value of `label`, from the Prometheus text format.
 pub fn counter_by_label(text: &str, metric: &str, label: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(metric) else {
+    for (name, labels, value) in crate::rollout::samples(text) {
+        if name != metric {
             continue;
-        };
-        let Some(rest) = rest.strip_prefix('{') else {
-            continue;
-        };
-        let Some((labels, value)) = rest.split_once('}') else {
-            continue;
-        };
-        let Some(value) = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else {
-            continue;
-        };
-        let key = format!("{label}=\"");
-        let Some(at) = labels.find(&key) else {
-            continue;
-        };
-        let v = &labels[at + key.len()..];
-        let Some(end) = v.find('"') else {
-            continue;
-        };
-        *out.entry(v[..end].to_string()).or_default() += value.max(0.0) as u64;
+        }
+        if let Some(key) = crate::rollout::label(&labels, label) {
+            *out.entry(key.to_string()).or_default() += value.max(0.0) as u64;
+        }
     }
     out
 }

@@ -338,6 +338,7 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
             Box::pin(rollout::step(
                 client,
                 &ctx.rollout_windows,
+                ctx.prometheus.as_ref(),
                 md,
                 r,
                 old_status.rollout.as_ref(),

@@ -891,8 +891,12 @@ fn service_monitor(md: &MallDeployment) -> DynamicObject {
         ("app.kubernetes.io/instance".to_string(), name(md)),
     ]);
     // The Prometheus Operator labels series with the Service's name (`<name>-metrics`); the alert
-    // rules and the dashboard select `service="<name>"`, so say that instead.
-    let service_label = json!([{ "action": "replace", "targetLabel": "service", "replacement": name(md) }]);
+    // rules and the dashboard select `service="<name>"`, so say that instead. `track` marks a
+    // canary pod's series (its label `mall.example.com/track`), which a release's judgement reads.
+    let service_label = json!([
+        { "action": "replace", "targetLabel": "service", "replacement": name(md) },
+        { "action": "replace", "sourceLabels": ["__meta_kubernetes_pod_label_mall_example_com_track"], "targetLabel": "track" }
+    ]);
     o.data = json!({ "spec": {
         "selector": { "matchLabels": metrics_labels },
         "endpoints": [

@@ -52,7 +52,8 @@ struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "mall-system")]
     namespace: String,
     /// A Prometheus to ask whether it loaded each mall's alert rules and scrapes its pods
-    /// (`http://prometheus-operated.monitoring:9090`); reported in status.monitoring.
+    /// (`http://prometheus-operated.monitoring:9090`), reported in status.monitoring, and to
+    /// judge canary releases through (without one, they are judged from the pods' metrics).
     #[arg(long, env = "OPERATOR_PROMETHEUS_URL")]
     prometheus_url: Option<String>,
     /// Labels for every PrometheusRule and ServiceMonitor, `key=value,...` (what your

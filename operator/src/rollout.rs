@@ -15,10 +15,13 @@
 //!   (`sidecar_canary_percent`). The judgement uses what every sidecar counted per group in that
 //!   window (`sidecar_upstream_requests_total`, `sidecar_upstream_response_seconds`), and the
 //!   apps' failed orders by track: the same clients, the same time, two groups.
-//! - Counters are read directly from each pod's metrics port, as `room_counts.rs` reads them, and
-//!   kept per pod: a pod that restarts (its counters back at zero) or appears counts from zero.
-//!   The window's baseline lives in the operator's memory; an operator restart starts the step's
-//!   window again.
+//! - With a Prometheus (`--prometheus-url`), the split and the window's counts come from it:
+//!   `increase()` over the window of the series the mall's ServiceMonitor gives each pod, so an
+//!   operator restart keeps the step's window. Without one, or while it does not answer, they
+//!   are read directly from each pod's metrics port, as `room_counts.rs` reads them, and kept per
+//!   pod: a pod that restarts (its counters back at zero) or appears counts from zero. That
+//!   window's baseline lives in the operator's memory; an operator restart, or a fallback from
+//!   Prometheus, starts the step's window again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -35,6 +38,7 @@ use crate::desired::{self, Children};
 use crate::room_counts;
 use crate::sale::SalePlan;
 use crate::tuning;
+use crate::verify::PrometheusCheck;
 
 /// The annotation for manual control: `pause`, `promote` or `abort`.
 pub const ANNOTATION: &str = "mall.example.com/rollout";
@@ -420,20 +424,24 @@ pub fn judge(rollout: &Rollout, w: &Window) -> Verdict {
     ))
 }
 
-/// Reads every running pod of the mall: `None` when the pods cannot be listed.
-pub async fn sample_pods(client: &kube::Client, md: &MallDeployment) -> Option<HashMap<String, PodSample>> {
+/// The mall's pods (the stable and the canary ones): `None` when they cannot be listed.
+pub async fn list_pods(client: &kube::Client, md: &MallDeployment) -> Option<Vec<Pod>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &desired::namespace(md));
-    let list = match pods
+    match pods
         .list(&ListParams::default().labels(&desired::selector_string(md)))
         .await
     {
-        Ok(list) => list,
+        Ok(list) => Some(list.items),
         Err(e) => {
             tracing::warn!(name = %desired::name(md), error = %e, "cannot list the mall's pods to judge the canary");
-            return None;
+            None
         }
-    };
-    let reads = list.items.iter().filter_map(|pod| {
+    }
+}
+
+/// Reads every running pod's sidecar and app metrics, by pod.
+pub async fn sample_pods(pods: &[Pod]) -> HashMap<String, PodSample> {
+    let reads = pods.iter().filter_map(|pod| {
         let admin = room_counts::admin_address(pod)?;
         let app = room_counts::port_address(pod, "app");
         let key = pod.metadata.uid.clone().or_else(|| pod.metadata.name.clone())?;
@@ -463,7 +471,7 @@ pub async fn sample_pods(client: &kube::Client, md: &MallDeployment) -> Option<H
             (key, sample)
         })
     });
-    Some(futures_util::future::join_all(reads).await.into_iter().collect())
+    futures_util::future::join_all(reads).await.into_iter().collect()
 }
 
 /// One Prometheus text-format sample: name, labels, value.
@@ -512,31 +520,40 @@ pub fn label<'a>(labels: &'a [(&str, String)], key: &str) -> Option<&'a str> {
 pub fn read_sidecar(text: &str, sample: &mut PodSample) {
     sample.percent = Some(0);
     for (name, labels, value) in samples(text) {
-        let group = match label(&labels, "group") {
-            Some("canary") => &mut sample.canary,
-            _ => &mut sample.stable,
-        };
-        match name {
-            "sidecar_canary_percent" => sample.percent = Some(value.clamp(0.0, 100.0) as u8),
-            "sidecar_canary_instances" => sample.canary_instances = value.max(0.0) as u32,
-            "sidecar_upstream_requests_total" => {
-                group.requests += value;
-                if matches!(label(&labels, "status_class"), Some("5xx" | "error")) {
-                    group.failed += value;
-                }
-            }
-            "sidecar_upstream_response_seconds_bucket" => {
-                let Some(le) = label(&labels, "le").and_then(|l| l.parse::<f64>().ok()) else {
-                    continue;
-                };
-                match group.buckets.iter_mut().find(|(l, _)| *l == le) {
-                    Some((_, n)) => *n += value,
-                    None => group.buckets.push((le, value)),
-                }
-            }
-            _ => {}
-        }
+        count_sidecar(sample, name, &labels, value);
     }
+    sort_buckets(sample);
+}
+
+/// Adds one sample of the sidecar's metrics to `sample`.
+fn count_sidecar(sample: &mut PodSample, name: &str, labels: &[(&str, String)], value: f64) {
+    let group = match label(labels, "group") {
+        Some("canary") => &mut sample.canary,
+        _ => &mut sample.stable,
+    };
+    match name {
+        "sidecar_canary_percent" => sample.percent = Some(value.clamp(0.0, 100.0) as u8),
+        "sidecar_canary_instances" => sample.canary_instances = value.max(0.0) as u32,
+        "sidecar_upstream_requests_total" => {
+            group.requests += value;
+            if matches!(label(labels, "status_class"), Some("5xx" | "error")) {
+                group.failed += value;
+            }
+        }
+        "sidecar_upstream_response_seconds_bucket" => {
+            let Some(le) = label(labels, "le").and_then(|l| l.parse::<f64>().ok()) else {
+                return;
+            };
+            match group.buckets.iter_mut().find(|(l, _)| *l == le) {
+                Some((_, n)) => *n += value,
+                None => group.buckets.push((le, value)),
+            }
+        }
+        _ => {}
+    }
+}
+
+fn sort_buckets(sample: &mut PodSample) {
     for g in [&mut sample.stable, &mut sample.canary] {
         g.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
@@ -545,17 +562,105 @@ pub fn read_sidecar(text: &str, sample: &mut PodSample) {
 /// The app's orders: `POST /api/orders` answers, and those that were 5xx.
 pub fn read_app(text: &str, sample: &mut PodSample) {
     for (name, labels, value) in samples(text) {
-        if name != "http_requests_total"
-            || label(&labels, "method") != Some("POST")
-            || label(&labels, "route") != Some("/api/orders")
-        {
-            continue;
-        }
-        sample.orders += value;
-        if label(&labels, "status").is_some_and(|s| s.starts_with('5')) {
-            sample.orders_failed += value;
+        count_app(sample, name, &labels, value);
+    }
+}
+
+/// Adds one sample of the app's metrics to `sample`.
+fn count_app(sample: &mut PodSample, name: &str, labels: &[(&str, String)], value: f64) {
+    if name != "http_requests_total"
+        || label(labels, "method") != Some("POST")
+        || label(labels, "route") != Some("/api/orders")
+    {
+        return;
+    }
+    sample.orders += value;
+    if label(labels, "status").is_some_and(|s| s.starts_with('5')) {
+        sample.orders_failed += value;
+    }
+}
+
+/// What Prometheus holds of a step, for an operator given one (`--prometheus-url`): how many
+/// running pods' sidecars it has not yet seen at the weight with the canary found, and, once
+/// the window has started (`since` > 0), the window's counts. The series are those the mall's
+/// ServiceMonitor gives each pod (`namespace`, `service` = the mall, `pod`, and `track` from the
+/// pod's label); `increase()` over the window counts a pod that restarted or appeared as
+/// Prometheus does. What it holds is up to one scrape interval old.
+pub async fn read_prometheus(
+    prometheus: &PrometheusCheck,
+    md: &MallDeployment,
+    pods: &[Pod],
+    weight: u8,
+    since: i64,
+    now: i64,
+) -> Result<(usize, Option<Window>), String> {
+    let sel = format!(
+        "namespace=\"{}\",service=\"{}\"",
+        desired::namespace(md),
+        desired::name(md)
+    );
+    let mut per_pod: HashMap<String, PodSample> = HashMap::new();
+    for metric in ["sidecar_canary_percent", "sidecar_canary_instances"] {
+        for (labels, value) in prometheus.query(&format!("{metric}{{{sel}}}"), now).await? {
+            if let Some(pod) = labels.get("pod") {
+                let sample = per_pod.entry(pod.clone()).or_default();
+                count_sidecar(sample, metric, &pairs(&labels), value);
+            }
         }
     }
+    let behind = pods
+        .iter()
+        .filter(|p| room_counts::admin_address(p).is_some())
+        .filter(|p| {
+            let seen = p.metadata.name.as_ref().and_then(|n| per_pod.get(n));
+            !seen.is_some_and(|s| s.percent == Some(weight) && s.canary_instances > 0)
+        })
+        .count();
+    if since <= 0 || behind > 0 {
+        return Ok((behind, None));
+    }
+    let range = format!("[{}s]", (now - since).max(1));
+    let queries = [
+        (
+            "sidecar_upstream_requests_total",
+            format!("sum by (group, status_class) (increase(sidecar_upstream_requests_total{{{sel}}}{range}))"),
+        ),
+        (
+            "sidecar_upstream_response_seconds_bucket",
+            format!("sum by (group, le) (increase(sidecar_upstream_response_seconds_bucket{{{sel}}}{range}))"),
+        ),
+        (
+            "http_requests_total",
+            format!(
+                "sum by (track, method, route, status) \
+                 (increase(http_requests_total{{{sel},method=\"POST\",route=\"/api/orders\"}}{range}))"
+            ),
+        ),
+    ];
+    let (mut stable, mut canary) = (PodSample::default(), PodSample::default());
+    canary.canary_pod = true;
+    for (metric, promql) in queries {
+        for (labels, value) in prometheus.query(&promql, now).await? {
+            let labels = pairs(&labels);
+            if metric == "http_requests_total" {
+                let track = if label(&labels, "track") == Some("canary") {
+                    &mut canary
+                } else {
+                    &mut stable
+                };
+                count_app(track, metric, &labels, value);
+            } else {
+                count_sidecar(&mut stable, metric, &labels, value);
+            }
+        }
+    }
+    sort_buckets(&mut stable);
+    let now = HashMap::from([("stable".to_string(), stable), ("canary".to_string(), canary)]);
+    Ok((0, Some(window(&now, &HashMap::new()))))
+}
+
+fn pairs(labels: &BTreeMap<String, String>) -> Vec<(&str, String)> {
+    labels.iter().map(|(k, v)| (k.as_str(), v.clone())).collect()
 }
 
 /// Whether every pod whose sidecar answered balances with `weight` and has found the canary's
@@ -644,9 +749,11 @@ pub fn rolled_out(d: Option<&Deployment>, revision: &str, want: i32) -> (bool, i
 
 /// One pass of the release state machine for `md` with `rollout`, at `now` (Unix seconds).
 /// `windows` keeps each mall's window baseline between passes.
+#[allow(clippy::too_many_arguments)]
 pub async fn step(
     client: &kube::Client,
     windows: &crate::context::RolloutWindows,
+    prometheus: Option<&PrometheusCheck>,
     md: &MallDeployment,
     rollout: &Rollout,
     old: Option<&RolloutStatus>,
@@ -847,37 +954,63 @@ pub async fn step(
         );
         return plan;
     }
-    let Some(samples) = sample_pods(client, md).await else {
+    let Some(pods) = list_pods(client, md).await else {
         plan.status.message = format!(
             "step {} ({} %): the mall's pods cannot be listed to read their metrics",
             st.step, st.weight
         );
         return plan;
     };
-    let (reached, behind) = split_reached(&samples, st.weight);
-    if !reached {
+    // From Prometheus when the operator has one, from the pods themselves when it has none or
+    // it does not answer (a fallback restarts the step's window: the pods' counts need a
+    // baseline taken at its start).
+    let mut source = "the pods' metrics".to_string();
+    let from_prometheus = match prometheus {
+        Some(p) => match read_prometheus(p, md, &pods, st.weight, st.window_since_unix, now).await {
+            Ok(reading) => {
+                source = format!("Prometheus at {}", p.url());
+                Some(reading)
+            }
+            Err(e) => {
+                tracing::warn!(name = %desired::name(md), error = %e, "Prometheus cannot judge the canary; reading the pods");
+                source = format!("the pods' metrics, as Prometheus at {} did not answer ({e})", p.url());
+                None
+            }
+        },
+        None => None,
+    };
+    let (behind, measured) = match from_prometheus {
+        Some(reading) => reading,
+        None => {
+            let samples = sample_pods(&pods).await;
+            match split_reached(&samples, st.weight) {
+                (false, behind) => (behind, None),
+                (true, _) => {
+                    let tag = format!("{rev}/{}/{}", st.step, st.weight);
+                    let mut w = windows.lock().expect("windows lock");
+                    match w.get(&key) {
+                        Some((t, base)) if *t == tag && st.window_since_unix > 0 => (0, Some(window(&samples, base))),
+                        _ => {
+                            w.insert(key.clone(), (tag, samples));
+                            (0, None)
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if behind > 0 {
         plan.status.window_since_unix = 0;
         plan.status.message = format!(
-            "step {} ({} %): waiting for {behind} sidecars to balance with the step's weight and find the canary{note}",
+            "step {} ({} %): waiting for {behind} sidecars to balance with the step's weight and find the canary (read from {source}){note}",
             st.step, st.weight
         );
         return plan;
     }
-    let tag = format!("{rev}/{}/{}", st.step, st.weight);
-    let base = {
-        let mut w = windows.lock().expect("windows lock");
-        match w.get(&key) {
-            Some((t, base)) if *t == tag && st.window_since_unix > 0 => Some(base.clone()),
-            _ => {
-                w.insert(key.clone(), (tag, samples.clone()));
-                None
-            }
-        }
-    };
-    let Some(base) = base else {
+    let Some(measured) = measured else {
         plan.status.window_since_unix = now;
         plan.status.message = format!(
-            "step {} of {} ({} %): watching from now for {} s{note}",
+            "step {} of {} ({} %): watching from now for {} s (read from {source}){note}",
             st.step,
             rollout.steps.len(),
             st.weight,
@@ -885,14 +1018,16 @@ pub async fn step(
         );
         return plan;
     };
-    let measured = window(&samples, &base);
     let verdict = judge(rollout, &measured);
     let watched = now - st.window_since_unix;
     let watch = i64::from(rollout.steps[st.step as usize - 1].watch_seconds);
     match verdict {
-        Verdict::Fail(why) => rollback(plan, &st, why, "rolled_back"),
+        Verdict::Fail(why) => rollback(plan, &st, format!("{why} (read from {source})"), "rolled_back"),
         Verdict::Pass(m) if watched >= watch && !paused => {
-            let passed = format!("step {} ({} %) passed after {watched} s: {m}", st.step, st.weight);
+            let passed = format!(
+                "step {} ({} %) passed after {watched} s: {m} (read from {source})",
+                st.step, st.weight
+            );
             if (st.step as usize) < rollout.steps.len() {
                 let next = &rollout.steps[st.step as usize];
                 plan.status.step = st.step + 1;
@@ -914,7 +1049,7 @@ pub async fn step(
         }
         Verdict::Pass(m) | Verdict::TooFew(m) => {
             plan.status.message = format!(
-                "step {} of {} ({} %): {watched} of {watch} s watched{}; {m}{note}",
+                "step {} of {} ({} %): {watched} of {watch} s watched{}; {m} (read from {source}){note}",
                 st.step,
                 rollout.steps.len(),
                 st.weight,

@@ -6,7 +6,7 @@
 //!
 //! Answers are kept for a minute per mall, so reconciles do not hammer Prometheus.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,44 @@ impl PrometheusCheck {
         verdict
     }
 
+    /// The base URL, as configured.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// An instant query (`/api/v1/query`) evaluated at `time` (Unix seconds): each series of the
+    /// vector it answers, with its labels.
+    pub async fn query(&self, promql: &str, time: i64) -> Result<Vec<Series>, String> {
+        let data = self
+            .get(&format!(
+                "/api/v1/query?{}",
+                form_urlencoded(&[("query", promql), ("time", &time.to_string())])
+            ))
+            .await
+            .map_err(|e| format!("{promql}: {e}"))?;
+        if data["resultType"] != "vector" {
+            return Err(format!(
+                "{promql}: a {} where a vector was expected",
+                data["resultType"]
+            ));
+        }
+        Ok(data["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                let labels = r["metric"]
+                    .as_object()?
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect();
+                // The value is `[time, "text"]`; NaN (0 / 0) and infinities say nothing.
+                let value = r["value"][1].as_str()?.parse::<f64>().ok().filter(|v| v.is_finite())?;
+                Some((labels, value))
+            })
+            .collect())
+    }
+
     async fn get(&self, path: &str) -> Result<Value, String> {
         let url = format!("{}{path}", self.base);
         let body: Value = self
@@ -94,6 +132,32 @@ impl PrometheusCheck {
         let targets = self.get("/api/v1/targets?state=active").await?;
         Ok(judge(&rules, &targets, ns, name, alerts))
     }
+}
+
+/// One series of a query's answer: its labels and value.
+pub type Series = (BTreeMap<String, String>, f64);
+
+/// `application/x-www-form-urlencoded`, as a URL's query (the WHATWG URL standard's set).
+fn form_urlencoded(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        for (j, part) in [k, v].iter().enumerate() {
+            if j > 0 {
+                out.push('=');
+            }
+            for b in part.bytes() {
+                match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => out.push(b as char),
+                    b' ' => out.push('+'),
+                    _ => out.push_str(&format!("%{b:02X}")),
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Counts, in Prometheus' answers, the mall's loaded alert rules and its targets.
@@ -127,6 +191,14 @@ pub fn judge(rules: &Value, targets: &Value, ns: &str, name: &str, alerts: &[Str
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_query_is_form_encoded() {
+        assert_eq!(
+            form_urlencoded(&[("query", r#"sum by (le) (x{a="b"}[30s])"#), ("time", "17")]),
+            "query=sum+by+%28le%29+%28x%7Ba%3D%22b%22%7D%5B30s%5D%29&time=17"
+        );
+    }
 
     #[test]
     fn counts_the_malls_rules_and_targets_only() {

@@ -337,6 +337,16 @@ fn the_service_monitor_feeds_the_series_the_rules_select() {
             (relabel["targetLabel"].as_str(), relabel["replacement"].as_str()),
             (Some("service"), Some(name))
         );
+        // A canary pod's series carry `track="canary"` (Prometheus' name for the pod label
+        // `mall.example.com/track`), which a release's judgement through Prometheus reads.
+        let track = &endpoint["relabelings"][1];
+        assert_eq!(
+            (track["sourceLabels"][0].as_str(), track["targetLabel"].as_str()),
+            (
+                Some("__meta_kubernetes_pod_label_mall_example_com_track"),
+                Some("track")
+            )
+        );
         let port = endpoint["port"].as_str().unwrap();
         assert!(metrics["spec"]["ports"]
             .as_array()

@@ -19,6 +19,7 @@ use kube::Client;
 use kube_fake_client::ClientBuilder;
 use mall_operator::controller::{reconcile_once, Context};
 use mall_operator::crd::MallDeployment;
+use mall_operator::verify::PrometheusCheck;
 use mall_sidecar_config::SidecarConfig;
 use serde_json::{json, Value};
 
@@ -98,13 +99,34 @@ fn app_text(orders: u64, failed: u64) -> String {
 struct FakePod {
     sidecar: Board,
     app: Board,
+    /// Where its boards are served: what Prometheus scrapes.
+    targets: [u16; 2],
 }
 
 async fn pod(client: &Client, name: &str, canary: bool) -> FakePod {
+    pod_reached(client, name, canary, true).await
+}
+
+/// A pod whose metrics the operator can read (`direct`), or not: then its Pod names ports where
+/// nothing listens, and only a Prometheus given `targets` reads its boards (a network policy
+/// that admits Prometheus alone).
+async fn pod_reached(client: &Client, name: &str, canary: bool, direct: bool) -> FakePod {
     let (sidecar, admin) = Board::serve().await;
     let (app, app_port) = Board::serve().await;
     sidecar.set(sidecar_text(0, Counted::default(), Counted::default()));
     app.set(app_text(0, 0));
+    let closed = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (admin_seen, app_seen) = if direct {
+        (admin, app_port)
+    } else {
+        (closed(), closed())
+    };
     let mut labels = json!({ "app.kubernetes.io/name": "mall", "app.kubernetes.io/instance": "shop" });
     if canary {
         labels["mall.example.com/track"] = json!("canary");
@@ -113,8 +135,8 @@ async fn pod(client: &Client, name: &str, canary: bool) -> FakePod {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": { "name": name, "namespace": NS, "uid": format!("uid-{name}"), "labels": labels },
         "spec": { "containers": [
-            { "name": "app", "image": "mall-app", "ports": [{ "name": "app", "containerPort": app_port }] },
-            { "name": "sidecar", "image": "sidecar", "ports": [{ "name": "admin", "containerPort": admin }] }
+            { "name": "app", "image": "mall-app", "ports": [{ "name": "app", "containerPort": app_seen }] },
+            { "name": "sidecar", "image": "sidecar", "ports": [{ "name": "admin", "containerPort": admin_seen }] }
         ] },
         "status": { "phase": "Running", "podIP": "127.0.0.1" }
     }))
@@ -123,7 +145,11 @@ async fn pod(client: &Client, name: &str, canary: bool) -> FakePod {
         .create(&PostParams::default(), &pod)
         .await
         .unwrap();
-    FakePod { sidecar, app }
+    FakePod {
+        sidecar,
+        app,
+        targets: [admin, app_port],
+    }
 }
 
 fn mall(rollout: Value) -> MallDeployment {
@@ -146,6 +172,11 @@ fn steps() -> Value {
 }
 
 async fn setup(rollout: Value) -> (Client, Arc<Context>) {
+    setup_judged_by(rollout, None).await
+}
+
+/// With `prometheus`, the operator judges through the Prometheus at that URL.
+async fn setup_judged_by(rollout: Value, prometheus: Option<&str>) -> (Client, Arc<Context>) {
     let client = ClientBuilder::new()
         .with_resource::<MallDeployment>()
         .with_status_subresource::<MallDeployment>()
@@ -154,7 +185,11 @@ async fn setup(rollout: Value) -> (Client, Arc<Context>) {
         .build()
         .await
         .unwrap();
-    (client.clone(), Arc::new(Context::new(client)))
+    let mut ctx = Context::new(client.clone());
+    if let Some(url) = prometheus {
+        ctx = ctx.with_prometheus(PrometheusCheck::new(url).unwrap());
+    }
+    (client, Arc::new(ctx))
 }
 
 async fn get(client: &Client) -> MallDeployment {
@@ -172,7 +207,11 @@ async fn pass(client: &Client, ctx: &Context, now: i64) -> MallDeployment {
 }
 
 fn rollout_status(md: &MallDeployment) -> mall_operator::crd::RolloutStatus {
-    md.status.as_ref().unwrap().rollout.clone().expect("status.rollout")
+    let status = md.status.as_ref().unwrap();
+    status
+        .rollout
+        .clone()
+        .unwrap_or_else(|| panic!("no status.rollout in {status:?}"))
 }
 
 fn condition(md: &MallDeployment, type_: &str) -> (String, String, String) {
@@ -278,13 +317,20 @@ struct Release {
 }
 
 async fn started(rollout: Value) -> Release {
-    let (client, ctx) = setup(rollout).await;
-    let t0 = 1_800_000_000;
+    started_judged_by(rollout, None, 1_800_000_000, true).await
+}
+
+/// `started`, at `t0`, judged through `prometheus`, with pods the operator can read or not.
+async fn started_judged_by(rollout: Value, prometheus: Option<&str>, t0: i64, direct: bool) -> Release {
+    let (client, ctx) = setup_judged_by(rollout, prometheus).await;
     let md = pass(&client, &ctx, t0).await;
     let r = rollout_status(&md);
     assert_eq!(r.phase, "Stable");
     rolled(&client, "shop").await;
-    let stable = vec![pod(&client, "shop-a", false).await, pod(&client, "shop-b", false).await];
+    let stable = vec![
+        pod_reached(&client, "shop-a", false, direct).await,
+        pod_reached(&client, "shop-b", false, direct).await,
+    ];
     let stable_hash = config_hash(&deployment(&client, "shop").await.unwrap());
     set_image(&client, "mall-app:2").await;
     let md = pass(&client, &ctx, t0 + 1).await;
@@ -707,4 +753,251 @@ async fn the_annotation_pauses_promotes_and_aborts() {
     assert_eq!(image(&deployment(c, "shop").await.unwrap()), "mall-app:2");
     let metrics = String::from_utf8(r.ctx.metrics.render()).unwrap();
     assert!(metrics.contains("outcome=\"aborted\"} 1"), "{metrics}");
+}
+
+/// Whether `prometheus` runs here; under CI=true its absence fails the test.
+fn prometheus_installed() -> bool {
+    let found = std::process::Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("prometheus not found: apt-get install prometheus (scripts/test.sh does it)");
+        }
+        eprintln!("SKIPPED: prometheus not installed (apt-get install prometheus)");
+    }
+    found
+}
+
+/// A real Prometheus scraping every second the targets the test lists (file-based discovery, as
+/// the Prometheus Operator's ServiceMonitor lists a mall's pods), killed when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    targets: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    async fn start() -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let targets = dir.path().join("targets.json");
+        std::fs::write(&targets, "[]").unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: mall\n    file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 1s\n",
+                targets.display()
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus starts");
+        let url = format!("http://127.0.0.1:{port}");
+        let started = std::time::Instant::now();
+        while !reqwest::get(format!("{url}/-/ready"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "Prometheus not ready"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        Prometheus {
+            child,
+            url,
+            targets,
+            _dir: dir,
+        }
+    }
+
+    /// Scrapes these pods' boards with the labels the mall's ServiceMonitor gives their series.
+    fn scrape(&self, pods: &[(&str, &FakePod, bool)]) {
+        let list: Vec<Value> = pods
+            .iter()
+            .flat_map(|(name, p, canary)| {
+                p.targets.map(|port| {
+                    let mut labels = json!({ "namespace": NS, "service": "shop", "pod": name });
+                    if *canary {
+                        labels["track"] = json!("canary");
+                    }
+                    json!({ "targets": [format!("127.0.0.1:{port}")], "labels": labels })
+                })
+            })
+            .collect();
+        let next = self.targets.with_extension("next");
+        std::fs::write(&next, serde_json::to_string(&list).unwrap()).unwrap();
+        std::fs::rename(next, &self.targets).unwrap();
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// With a Prometheus, the judgement reads it, not the pods (here the operator cannot reach their
+/// metrics ports at all): a healthy first step passes on Prometheus' counts over the window, and
+/// a canary failing requests at the second step is rolled back on them. Real time, real
+/// Prometheus scraping each pod's counters every second.
+#[tokio::test]
+async fn with_a_prometheus_the_canary_is_judged_on_its_series() {
+    if !prometheus_installed() {
+        return;
+    }
+    let prometheus = Prometheus::start().await;
+    let rollout = json!({ "steps": [{ "weight": 20, "watchSeconds": 10 }, { "weight": 50, "watchSeconds": 60 }],
+                          "thresholds": { "minRequests": 20 }, "readyTimeoutSeconds": 120 });
+    let t0 = unix_now();
+    let r = started_judged_by(rollout, Some(&prometheus.url), t0, false).await;
+    let c = &r.client;
+    rolled(c, "shop-canary").await;
+    let cp = pod_reached(c, "shop-canary-x", true, false).await;
+    prometheus.scrape(&[
+        ("shop-a", &r.stable[0], false),
+        ("shop-b", &r.stable[1], false),
+        ("shop-canary-x", &cp, true),
+    ]);
+    // Traffic as the sidecars would count it, a little every quarter second: 80 stable and 20
+    // canary answers a second, the canary failing 40 % of them once `failing`.
+    let (mut stable, mut canary) = (Counted::default(), Counted::default());
+    let mut tick = |percent: u8, failing: bool| {
+        stable.ok += 20;
+        if failing {
+            canary.ok += 3;
+            canary.failed += 2;
+        } else {
+            canary.ok += 5;
+        }
+        r.report(&cp, percent, stable, canary);
+    };
+    let until = |what: &'static str| {
+        let started = std::time::Instant::now();
+        move |s: &mall_operator::crd::RolloutStatus| {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(40),
+                "{what}: not within 40 s: {s:?}"
+            );
+        }
+    };
+
+    // Step 1: the window waits until Prometheus has scraped every sidecar at 20 %.
+    let mut waited_for_prometheus = false;
+    let check = until("step 1's window starts");
+    let s = loop {
+        tick(20, false);
+        let s = rollout_status(&r.pass(unix_now() - t0).await);
+        waited_for_prometheus |= s.message.contains("waiting for") && s.message.contains("read from Prometheus at");
+        if s.window_since_unix > 0 {
+            break s;
+        }
+        check(&s);
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    assert!(s.message.contains("read from Prometheus at"), "{}", s.message);
+    assert!(
+        waited_for_prometheus,
+        "the window started before Prometheus saw the split?"
+    );
+    let check = until("step 1 passes");
+    let s = loop {
+        tick(20, false);
+        let s = rollout_status(&r.pass(unix_now() - t0).await);
+        if s.step == 2 {
+            break s;
+        }
+        assert_eq!(s.phase, "Progressing", "{s:?}");
+        check(&s);
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    eprintln!("{}", s.message);
+    assert!(
+        s.message.contains("step 1 (20 %) passed") && s.message.contains("read from Prometheus at"),
+        "{}",
+        s.message
+    );
+
+    // Step 2: the canary fails 40 % of its answers, the stable pods none: rolled back.
+    let check = until("step 2 rolls back");
+    let s = loop {
+        tick(50, true);
+        let s = rollout_status(&r.pass(unix_now() - t0).await);
+        if s.phase != "Progressing" {
+            break s;
+        }
+        check(&s);
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    eprintln!("{}", s.message);
+    assert_eq!(s.phase, "RolledBack", "{s:?}");
+    assert!(
+        s.message
+            .contains("rolled back at step 2 (50 %): failed requests: canary 4")
+            && s.message.contains("read from Prometheus at"),
+        "{}",
+        s.message
+    );
+    assert!(deployment(c, "shop-canary").await.is_none());
+}
+
+/// A Prometheus that does not answer leaves the judgement to the pods' own metrics, and the
+/// status says so.
+#[tokio::test]
+async fn a_prometheus_that_does_not_answer_leaves_the_judgement_to_the_pods() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{closed}");
+    let r = started_judged_by(steps(), Some(&url), 1_800_000_000, true).await;
+    let cp = r.canary_watched().await;
+    let md = get(&r.client).await;
+    assert!(
+        rollout_status(&md).message.contains(&format!(
+            "read from the pods' metrics, as Prometheus at {url} did not answer"
+        )),
+        "{}",
+        rollout_status(&md).message
+    );
+    r.report(
+        &cp,
+        20,
+        Counted {
+            ok: 400,
+            ..Default::default()
+        },
+        Counted {
+            ok: 80,
+            failed: 20,
+            ..Default::default()
+        },
+    );
+    let s = rollout_status(&r.pass(12).await);
+    assert_eq!(s.phase, "RolledBack", "{s:?}");
+    assert!(s.message.contains("failed requests: canary 20.0 %"), "{}", s.message);
 }

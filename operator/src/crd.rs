@@ -929,7 +929,9 @@ pub struct RolloutStatus {
     /// The canary's share of the requests now, in percent.
     #[serde(default)]
     pub weight: u8,
-    /// When the canary pods were first asked for (Unix seconds): the ready timeout runs from it.
+    /// Since when the canary pods have been waited for (Unix seconds; 0 while all are ready):
+    /// from the release's start, and again from the moment a ready canary lost a pod (an
+    /// eviction, a crash, its Deployment deleted). readyTimeoutSeconds runs from it.
     #[serde(default)]
     pub canary_since_unix: i64,
     /// When the current step's window started (Unix seconds; 0 until every pod balances with

@@ -932,13 +932,19 @@ pub async fn step(
         .unwrap_or(md.spec.replicas);
     let (ready, ready_count, want) = rolled_out(live.canary, &rev, canary_replicas(stable_replicas, st.weight));
     if !ready {
-        let waited = now - st.canary_since_unix;
+        // Waited for from the release's start, and again from the moment a ready canary lost a
+        // pod (an eviction, a crash, its Deployment deleted by hand, a step that needs one more):
+        // a node drain mid-release is not a bad change.
+        if st.canary_since_unix == 0 {
+            plan.status.canary_since_unix = now;
+        }
+        let waited = now - plan.status.canary_since_unix;
         if waited >= i64::from(rollout.ready_timeout_seconds) {
             return rollback(
                 plan,
                 &st,
                 format!(
-                    "{ready_count} of {want} canary pods ready {waited} s after they were asked for (readyTimeoutSeconds {})",
+                    "{ready_count} of {want} canary pods ready after {waited} s of waiting (readyTimeoutSeconds {})",
                     rollout.ready_timeout_seconds
                 ),
                 "rolled_back",
@@ -954,6 +960,7 @@ pub async fn step(
         );
         return plan;
     }
+    plan.status.canary_since_unix = 0;
     let Some(pods) = list_pods(client, md).await else {
         plan.status.message = format!(
             "step {} ({} %): the mall's pods cannot be listed to read their metrics",

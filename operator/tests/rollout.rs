@@ -675,7 +675,7 @@ async fn a_canary_that_never_becomes_ready_is_rolled_back_after_the_timeout() {
     let s = rollout_status(&md);
     assert_eq!(s.phase, "RolledBack", "{s:?}");
     assert!(
-        s.message.contains("0 of 1 canary pods ready 120 s after"),
+        s.message.contains("0 of 1 canary pods ready after 120 s of waiting"),
         "{}",
         s.message
     );
@@ -1000,4 +1000,44 @@ async fn a_prometheus_that_does_not_answer_leaves_the_judgement_to_the_pods() {
     let s = rollout_status(&r.pass(12).await);
     assert_eq!(s.phase, "RolledBack", "{s:?}");
     assert!(s.message.contains("failed requests: canary 20.0 %"), "{}", s.message);
+}
+
+/// A ready canary that loses its pod mid-release (an eviction, a crash, here its Deployment
+/// deleted by hand) is waited for again, `readyTimeoutSeconds` from that moment rather than from
+/// the release's start, and its window starts over once it is back; one that stays lost is
+/// rolled back when that time is up.
+#[tokio::test]
+async fn a_canary_that_loses_its_pod_is_waited_for_again_from_then() {
+    let r = started(steps()).await;
+    let c = &r.client;
+    let cp = r.canary_watched().await;
+    let canaries = Api::<Deployment>::namespaced(c.clone(), NS);
+    canaries.delete("shop-canary", &Default::default()).await.unwrap();
+    // 200 s into the release, past the 120 s of readyTimeoutSeconds since it started.
+    let md = r.pass(200).await;
+    let s = rollout_status(&md);
+    assert_eq!(s.phase, "Progressing", "{s:?}");
+    assert!(s.message.contains("waiting for the canary pods"), "{}", s.message);
+    assert_eq!((s.canary_since_unix, s.window_since_unix), (r.t0 + 200, 0));
+    assert!(
+        deployment(c, "shop-canary").await.is_some(),
+        "the operator puts it back"
+    );
+    // Back and ready: the step's window starts over.
+    rolled(c, "shop-canary").await;
+    r.report(&cp, 20, Counted::default(), Counted::default());
+    let s = rollout_status(&r.pass(210).await);
+    assert_eq!((s.canary_since_unix, s.window_since_unix), (0, r.t0 + 210), "{s:?}");
+    // Lost again, for good: rolled back 120 s later.
+    canaries.delete("shop-canary", &Default::default()).await.unwrap();
+    let s = rollout_status(&r.pass(300).await);
+    assert_eq!((s.phase.as_str(), s.canary_since_unix), ("Progressing", r.t0 + 300));
+    assert_eq!(rollout_status(&r.pass(419).await).phase, "Progressing");
+    let s = rollout_status(&r.pass(420).await);
+    assert_eq!(s.phase, "RolledBack", "{s:?}");
+    assert!(
+        s.message.contains("0 of 1 canary pods ready after 120 s of waiting"),
+        "{}",
+        s.message
+    );
 }

@@ -600,8 +600,12 @@ pub async fn read_prometheus(
         desired::name(md)
     );
     let mut per_pod: HashMap<String, PodSample> = HashMap::new();
-    for metric in ["sidecar_canary_percent", "sidecar_canary_instances"] {
-        for (labels, value) in prometheus.query(&format!("{metric}{{{sel}}}"), now).await? {
+    // Each pass's queries go together: a slow Prometheus costs one timeout, not one per query.
+    let split = ["sidecar_canary_percent", "sidecar_canary_instances"];
+    let promqls = split.map(|metric| format!("{metric}{{{sel}}}"));
+    let answers = futures_util::future::try_join_all(promqls.iter().map(|q| prometheus.query(q, now))).await?;
+    for (metric, answer) in split.into_iter().zip(answers) {
+        for (labels, value) in answer {
             if let Some(pod) = labels.get("pod") {
                 let sample = per_pod.entry(pod.clone()).or_default();
                 count_sidecar(sample, metric, &pairs(&labels), value);
@@ -639,8 +643,10 @@ pub async fn read_prometheus(
     ];
     let (mut stable, mut canary) = (PodSample::default(), PodSample::default());
     canary.canary_pod = true;
-    for (metric, promql) in queries {
-        for (labels, value) in prometheus.query(&promql, now).await? {
+    let answers =
+        futures_util::future::try_join_all(queries.iter().map(|(_, promql)| prometheus.query(promql, now))).await?;
+    for ((metric, _), answer) in queries.into_iter().zip(answers) {
+        for (labels, value) in answer {
             let labels = pairs(&labels);
             if metric == "http_requests_total" {
                 let track = if label(&labels, "track") == Some("canary") {

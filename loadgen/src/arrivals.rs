@@ -39,6 +39,9 @@ pub struct Arrivals {
     pub attackers: usize,
     pub attacker_requests: usize,
     pub anonymous: usize,
+    /// Run the attackers in the buyers' own runtime and connection pool, as this harness did
+    /// before 2026-12-06: for comparison only (their answers then delay the buyers' turns).
+    pub attackers_share_runtime: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -139,19 +142,37 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
             buy(&http, &url, &token, &key, product, &sold_out).await
         }));
     }
-    // The attackers: accounts after the buyers', from the sale's start.
+    // The attackers: accounts after the buyers', from the sale's start. They are other people's
+    // machines: their tasks run on a runtime (threads) and connection pool of their own, so
+    // their flood of answers does not queue inside the honest buyers' event loop, where it
+    // would delay each buyer's return at its turn (and its timestamps) as no real attacker
+    // can; they share the machine's cores with everything else as before.
+    let (attack_runtime, attack_http) = if a.attackers_share_runtime {
+        (AttackRuntime(None), http.clone())
+    } else {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("attackers")
+            .enable_all()
+            .build()?;
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        (AttackRuntime(Some(runtime)), client)
+    };
     let honest_done = Arc::new(AtomicBool::new(false));
     let mut attack = Vec::new();
     for j in 0..a.attackers {
         let token = scenario::login(&http, base, &format!("user{}", a.users.max(1) + 1 + j), &a.password).await?;
         let (http, url, run_id, sold_out) = (
-            http.clone(),
+            attack_http.clone(),
             format!("{}/api/orders", a.targets[j % a.targets.len()]),
             run_id.clone(),
             sold_out.clone(),
         );
         let requests = a.attacker_requests;
-        attack.push(tokio::spawn(async move {
+        attack.push(attack_runtime.spawn(async move {
             tokio::time::sleep_until(start.into()).await;
             let body = json!({ "items": [{ "product_id": product, "quantity": 1 }] });
             let results: Vec<(u16, Option<(String, String)>)> = futures_util::stream::iter(0..requests)
@@ -188,11 +209,11 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
     let mut lurkers = Vec::new();
     for j in 0..a.anonymous {
         let (http, url, honest_done) = (
-            http.clone(),
+            attack_http.clone(),
             format!("{}/api/orders", a.targets[j % a.targets.len()]),
             honest_done.clone(),
         );
-        lurkers.push(tokio::spawn(async move {
+        lurkers.push(attack_runtime.spawn(async move {
             tokio::time::sleep_until(start.into()).await;
             let body = json!({ "items": [{ "product_id": product, "quantity": 1 }] });
             let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
@@ -233,6 +254,7 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
             *anonymous_statuses.entry(status).or_default() += n;
         }
     }
+    drop(attack_runtime);
 
     let mut ledger = LedgerData {
         run_id,
@@ -309,6 +331,32 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         anonymous_statuses,
         ledger,
     })
+}
+
+/// The attackers' runtime (`None`: the buyers'), shut down without waiting when the sale ends,
+/// however it ends (a runtime dropped inside another's task would panic): its idle connections'
+/// tasks go with it.
+struct AttackRuntime(Option<tokio::runtime::Runtime>);
+
+impl AttackRuntime {
+    fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0 {
+            Some(runtime) => runtime.spawn(task),
+            None => tokio::spawn(task),
+        }
+    }
+}
+
+impl Drop for AttackRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 async fn buy(http: &reqwest::Client, url: &str, token: &str, key: &str, product: u64, sold_out: &AtomicBool) -> Buyer {

@@ -76,6 +76,10 @@ struct Cli {
     /// Flash sale: clients without credentials sending orders in a loop until the sale ends.
     #[arg(long, default_value_t = 0)]
     anonymous: usize,
+    /// Flash sale: run the attackers in the buyers' own runtime and connection pool, as this
+    /// harness did before 2026-12-06 (for comparison; their answers then delay the buyers').
+    #[arg(long)]
+    attackers_share_runtime: bool,
     /// Base URLs to spread the buyers over (one per pod's sidecar), comma-separated; default
     /// --target.
     #[arg(long, value_delimiter = ',')]
@@ -196,6 +200,7 @@ async fn arrivals(cli: &Cli, buyers: usize) -> anyhow::Result<bool> {
         attackers: cli.attackers,
         attacker_requests: cli.attacker_requests,
         anonymous: cli.anonymous,
+        attackers_share_runtime: cli.attackers_share_runtime,
     })
     .await?;
     let verdict = match (&db, &before) {

@@ -161,7 +161,8 @@ def waiting_room_section(md, lines):
         md.append("| front | rounds | orders | unfair: any / >10 ms / >100 ms | app requests per order | let-through p50 / p99 ms | longest wait ms | tickets | 429 answers | database check |")
         md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for front, label in (("room", "waiting room"), ("limit", "429 limit"),
-                             ("room-attacked", "waiting room, attacked")):
+                             ("room-attacked", "waiting room, attacked"),
+                             ("room-attacked-shared", "waiting room, attacked, attackers in the buyers' runtime")):
             rows = [l for l in full if l["front"] == front]
             if not rows:
                 continue

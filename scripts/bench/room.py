@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--attackers", type=int, default=20)
     ap.add_argument("--attacker-requests", type=int, default=500)
     ap.add_argument("--anonymous", type=int, default=200)
+    ap.add_argument("--shared-runtime-too", action="store_true",
+                    help="also run the attack with the attackers in the buyers' runtime (the old harness)")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
@@ -140,8 +142,12 @@ def main():
         # (accounts sending ticketless orders as fast as they can, clients without credentials).
         attack = ["--attackers", str(args.attackers), "--attacker-requests", str(args.attacker_requests),
                   "--anonymous", str(args.anonymous)]
+        # The attack once more as this harness ran it before 2026-12-06, the attackers' tasks in
+        # the buyers' own runtime (mall-load --attackers-share-runtime), for comparison.
         contenders = [("room", fronts["room"], []), ("limit", fronts["limit"], []),
                       ("room-attacked", fronts["room"], attack)]
+        if args.shared_runtime_too:
+            contenders.append(("room-attacked-shared", fronts["room"], attack + ["--attackers-share-runtime"]))
         for rnd in range(1, args.rounds + 1):
             for front, urls, extra in contenders:
                 # Each sale starts with an empty line: places held from the last one are gone.

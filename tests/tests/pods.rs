@@ -654,11 +654,12 @@ async fn c_pods_replaced_under_load_lose_no_request_and_store_every_order_once()
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let (statuses, placed) = load.finish().await;
+    let answers = load.finish().await;
     for pod in &pods {
         pod.delete();
     }
-    let stored = orders_stored_once(&admin_url, &db, &shop, &statuses, &placed);
+    let statuses = answers.all();
+    let stored = orders_stored_once(&admin_url, &db, &shop, &statuses, &answers.placed);
     eprintln!("rolling replacement: {statuses:?}, {} orders stored once each", stored);
     psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
 }
@@ -896,10 +897,177 @@ impl<'a> Kubelet<'a> {
     }
 }
 
-/// i. Canary releases (issue 36) on the images as pods, under order load the whole time. The
-/// operator's own reconcile runs against the in-memory API (no API server runs here); the
-/// `Kubelet` above makes its Deployments, ConfigMaps and Services real on the pod runner; the
-/// judgement reads the real pods' sidecar and app metrics over the pod network.
+/// A canary release of the mall `shop` on the images as pods: the operator's own reconcile
+/// against the in-memory API (no API server runs here), the `Kubelet` above making its
+/// Deployments, ConfigMaps and Services real on the pod runner, a Service in front of the pods.
+/// The judgement reads the real pods' sidecar and app metrics over the pod network.
+struct Release<'w> {
+    kubelet: Kubelet<'w>,
+    ctx: mall_operator::controller::Context,
+    mds: kube::Api<mall_operator::crd::MallDeployment>,
+    service: Service,
+}
+
+/// Whether the release has been decided (promoted, promoting or rolled back).
+fn is_decided(r: &mall_operator::crd::RolloutStatus) -> bool {
+    ["Stable", "RolledBack", "Promoting"].contains(&r.phase.as_str())
+}
+
+impl<'w> Release<'w> {
+    /// `w` (rendered with `shop_mall(rollout)`) under the operator; returns once both stable pods
+    /// are Ready behind the Service.
+    async fn start(w: &'w World, rollout: Value) -> Release<'w> {
+        let mut md: mall_operator::crd::MallDeployment = serde_json::from_value(shop_mall(rollout)).unwrap();
+        md.metadata.uid = Some("u-shop".into());
+        md.metadata.generation = Some(1);
+        let client = kube_fake_client::ClientBuilder::new()
+            .with_resource::<mall_operator::crd::MallDeployment>()
+            .with_status_subresource::<mall_operator::crd::MallDeployment>()
+            .with_status_subresource::<k8s_openapi::api::apps::v1::Deployment>()
+            .with_object(md)
+            .build()
+            .await
+            .unwrap();
+        let kubelet = Kubelet::new(w, client.clone());
+        let service = Service::start(kubelet.endpoints.clone(), 8080).await;
+        let mut release = Release {
+            kubelet,
+            ctx: mall_operator::controller::Context::new(client.clone()),
+            mds: kube::Api::namespaced(client, "shop"),
+            service,
+        };
+        assert_eq!(release.reconcile().await.phase, "Stable");
+        while release
+            .kubelet
+            .pods
+            .get("shop")
+            .is_none_or(|p| p.len() < 2 || !p.iter().all(|(p, _, _)| p.is_ready()))
+        {
+            release.kubelet.sync().await;
+        }
+        release
+    }
+
+    /// One pass of the operator's reconcile; the release's status after it.
+    async fn reconcile(&self) -> mall_operator::crd::RolloutStatus {
+        self.ctx.sync().await.unwrap();
+        let md = self.mds.get("shop").await.unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        Box::pin(mall_operator::controller::reconcile_once(&md, &self.ctx, now))
+            .await
+            .unwrap();
+        self.mds.get("shop").await.unwrap().status.unwrap().rollout.unwrap()
+    }
+
+    /// A change to the MallDeployment's spec, as `kubectl patch --type merge` makes it.
+    async fn patch(&self, spec: Value) {
+        self.mds
+            .patch(
+                "shop",
+                &Default::default(),
+                &kube::api::Patch::Merge(serde_json::json!({ "spec": spec })),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Reconciles and syncs the pods every second until the status is `done` (printing each
+    /// phase and step as it comes), failing after `limit`. Returns the status and the phases and
+    /// steps seen.
+    async fn until(
+        &mut self,
+        done: impl Fn(&mall_operator::crd::RolloutStatus) -> bool,
+        limit: Duration,
+    ) -> (mall_operator::crd::RolloutStatus, Vec<(String, u32)>) {
+        let started = std::time::Instant::now();
+        let mut steps: Vec<(String, u32)> = Vec::new();
+        loop {
+            let r = self.reconcile().await;
+            if steps.last() != Some(&(r.phase.clone(), r.step)) {
+                eprintln!("{:?} {}: {}", started.elapsed(), r.phase, r.message);
+                steps.push((r.phase.clone(), r.step));
+            }
+            if done(&r) {
+                return (r, steps);
+            }
+            assert!(started.elapsed() < limit, "no decision after {limit:?}: {r:?}");
+            self.kubelet.sync().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// The running pods of a Deployment.
+    fn pod_names(&self, deployment: &str) -> Vec<String> {
+        self.kubelet
+            .pods
+            .get(deployment)
+            .into_iter()
+            .flatten()
+            .map(|(p, _, _)| p.name.clone())
+            .collect()
+    }
+
+    /// Calls the running pods' sidecars have made to the apps, by group (`stable`, `canary`), as
+    /// each sidecar counts them (`sidecar_upstream_requests_total`), and how many of them were
+    /// answered 5xx or failed (`stable_failed`, `canary_failed`).
+    async fn upstream_calls(&self) -> BTreeMap<&'static str, f64> {
+        let mut by_group = BTreeMap::new();
+        for (pod, _, _) in self.kubelet.pods.values().flatten() {
+            let text = reqwest::get(format!("http://{}:9901/metrics", pod.ip))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            for line in text
+                .lines()
+                .filter(|l| l.starts_with("sidecar_upstream_requests_total{"))
+            {
+                let canary = line.contains("group=\"canary\"");
+                let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+                *by_group.entry(if canary { "canary" } else { "stable" }).or_insert(0.0) += n;
+                if line.contains("status_class=\"5xx\"") || line.contains("status_class=\"error\"") {
+                    let failed = if canary { "canary_failed" } else { "stable_failed" };
+                    *by_group.entry(failed).or_insert(0.0) += n;
+                }
+            }
+        }
+        by_group
+    }
+
+    /// Every pod gets SIGTERM.
+    fn stop(&self) {
+        for (pod, _, _) in self.kubelet.pods.values().flatten() {
+            pod.delete();
+        }
+    }
+}
+
+/// `after - before`, counter by counter.
+fn calls_since(
+    after: &BTreeMap<&'static str, f64>,
+    before: &BTreeMap<&'static str, f64>,
+) -> BTreeMap<&'static str, f64> {
+    after
+        .iter()
+        .map(|(k, n)| (*k, n - before.get(k).copied().unwrap_or(0.0)))
+        .collect()
+}
+
+/// The canary's share of `calls` in percent.
+fn canary_share(calls: &BTreeMap<&'static str, f64>) -> f64 {
+    let (canary, stable) = (
+        calls.get("canary").copied().unwrap_or(0.0),
+        calls.get("stable").copied().unwrap_or(0.0),
+    );
+    100.0 * canary / (canary + stable).max(1.0)
+}
+
+/// i. Canary releases (issue 36) on the images as pods, under order load the whole time, through
+/// `Release`:
 /// - A change whose app cannot start (an image the engine does not have, as a mistyped tag): the
 ///   canary never becomes ready and is rolled back after `readyTimeoutSeconds`; no user request
 ///   fails, and the stable pods are never touched.
@@ -918,84 +1086,32 @@ async fn i_canary_releases_roll_back_a_canary_that_cannot_start_and_promote_a_go
         "steps": [{ "weight": 20, "watchSeconds": 10 }, { "weight": 50, "watchSeconds": 10 }],
         "thresholds": { "minRequests": 20 }, "readyTimeoutSeconds": 40 } });
     let w = world("i", &render_shop(rollout.clone()), &db).await;
-    let mut md: mall_operator::crd::MallDeployment = serde_json::from_value(shop_mall(rollout)).unwrap();
-    md.metadata.uid = Some("u-shop".into());
-    md.metadata.generation = Some(1);
-    let client = kube_fake_client::ClientBuilder::new()
-        .with_resource::<mall_operator::crd::MallDeployment>()
-        .with_status_subresource::<mall_operator::crd::MallDeployment>()
-        .with_status_subresource::<k8s_openapi::api::apps::v1::Deployment>()
-        .with_object(md)
-        .build()
-        .await
-        .unwrap();
-    let ctx = mall_operator::controller::Context::new(client.clone());
-    let mds = kube::Api::<mall_operator::crd::MallDeployment>::namespaced(client.clone(), "shop");
-    let reconcile = || async {
-        ctx.sync().await.unwrap();
-        let md = mds.get("shop").await.unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        Box::pin(mall_operator::controller::reconcile_once(&md, &ctx, now))
-            .await
-            .unwrap();
-        mds.get("shop").await.unwrap().status.unwrap().rollout.unwrap()
-    };
-    let mut kubelet = Kubelet::new(&w, client.clone());
-    assert_eq!(reconcile().await.phase, "Stable");
-    while kubelet
-        .pods
-        .get("shop")
-        .is_none_or(|p| p.len() < 2 || !p.iter().all(|(p, _, _)| p.is_ready()))
-    {
-        kubelet.sync().await;
-    }
-    let service = Service::start(kubelet.endpoints.clone(), 8080).await;
-    let shop = Shop::open(&service).await;
-    let load = OrderLoad::start(&service, &shop);
+    let mut release = Release::start(&w, rollout).await;
+    let shop = Shop::open(&release.service).await;
+    let load = OrderLoad::start(&release.service, &shop);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let patch = |spec: Value| {
-        let mds = mds.clone();
-        async move {
-            mds.patch(
-                "shop",
-                &Default::default(),
-                &kube::api::Patch::Merge(serde_json::json!({ "spec": spec })),
-            )
-            .await
-            .unwrap();
-        }
-    };
-    let stable_pods: Vec<String> = kubelet.pods["shop"].iter().map(|(p, _, _)| p.name.clone()).collect();
+    let stable_pods = release.pod_names("shop");
 
     // A canary that cannot start: rolled back once readyTimeoutSeconds is up.
-    patch(serde_json::json!({ "app": { "image": "ghcr.io/mall-operator/mall-app:no-such-tag" } })).await;
+    release
+        .patch(serde_json::json!({ "app": { "image": "ghcr.io/mall-operator/mall-app:no-such-tag" } }))
+        .await;
     let started = std::time::Instant::now();
-    let outcome = loop {
-        let r = reconcile().await;
-        if r.phase != "Progressing" {
-            break r;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no decision after 2 minutes: {r:?}"
-        );
-        kubelet.sync().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    kubelet.sync().await;
+    let (outcome, _) = release.until(is_decided, Duration::from_secs(120)).await;
+    release.kubelet.sync().await;
     let decided = started.elapsed();
     assert_eq!(outcome.phase, "RolledBack", "{outcome:?}");
     assert!(outcome.message.contains("canary pods ready"), "{}", outcome.message);
     assert!(
-        kubelet.start_errors.contains_key("shop-canary"),
+        release.kubelet.start_errors.contains_key("shop-canary"),
         "the canary was never started?"
     );
-    assert!(!kubelet.pods.contains_key("shop-canary"));
-    let now: Vec<String> = kubelet.pods["shop"].iter().map(|(p, _, _)| p.name.clone()).collect();
-    assert_eq!(now, stable_pods, "the stable pods were never touched");
+    assert!(!release.kubelet.pods.contains_key("shop-canary"));
+    assert_eq!(
+        release.pod_names("shop"),
+        stable_pods,
+        "the stable pods were never touched"
+    );
     let failed_then = load.failed();
     eprintln!(
         "canary that cannot start: rolled back after {decided:?}, {failed_then} failed requests: {}",
@@ -1004,81 +1120,391 @@ async fn i_canary_releases_roll_back_a_canary_that_cannot_start_and_promote_a_go
     assert_eq!(failed_then, 0);
 
     // A good change: every step passed, promoted, the stable pods replaced.
-    patch(
-        serde_json::json!({ "app": { "image": format!("ghcr.io/mall-operator/mall-app:{TAG}") },
-                              "compression": { "minBytes": 2048 } }),
-    )
-    .await;
+    release
+        .patch(
+            serde_json::json!({ "app": { "image": format!("ghcr.io/mall-operator/mall-app:{TAG}") },
+                                  "compression": { "minBytes": 2048 } }),
+        )
+        .await;
     let started = std::time::Instant::now();
-    let mut steps = Vec::new();
-    let mut by_group = BTreeMap::new();
-    let outcome = loop {
-        let r = reconcile().await;
-        if r.phase == "Stable" || r.phase == "RolledBack" {
-            break r;
-        }
-        if steps.last() != Some(&(r.phase.clone(), r.step)) {
-            eprintln!("{:?} {}: {}", started.elapsed(), r.phase, r.message);
-            steps.push((r.phase.clone(), r.step));
-        }
-        if r.phase == "Promoting" && by_group.is_empty() {
-            // What reached the canary before promotion, as every sidecar counted it.
-            for (pod, _, _) in kubelet.pods.values().flatten() {
-                let text = reqwest::get(format!("http://{}:9901/metrics", pod.ip))
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
-                for line in text
-                    .lines()
-                    .filter(|l| l.starts_with("sidecar_upstream_requests_total{"))
-                {
-                    let group = if line.contains("group=\"canary\"") {
-                        "canary"
-                    } else {
-                        "stable"
-                    };
-                    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-                    *by_group.entry(group).or_insert(0.0) += n;
-                }
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no decision after 5 minutes: {r:?}"
-        );
-        kubelet.sync().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let (promoting, mut steps) = release.until(is_decided, Duration::from_secs(300)).await;
+    assert_eq!(promoting.phase, "Promoting", "{promoting:?}");
+    // What reached the canary before promotion, as every sidecar counted it.
+    let by_group = release.upstream_calls().await;
+    let (outcome, promoted) = release
+        .until(
+            |r| r.phase == "Stable" || r.phase == "RolledBack",
+            Duration::from_secs(300).saturating_sub(started.elapsed()),
+        )
+        .await;
+    steps.extend(promoted);
     let decided = started.elapsed();
     assert_eq!(outcome.phase, "Stable", "{outcome:?}");
     assert!(
         steps.iter().any(|(p, s)| p == "Progressing" && *s == 2),
         "both steps watched: {steps:?}"
     );
-    kubelet.sync().await;
-    assert!(!kubelet.pods.contains_key("shop-canary"), "the canary's pods are gone");
-    let (statuses, placed) = load.finish().await;
-    for (pod, _, _) in kubelet.pods.values().flatten() {
-        pod.delete();
-    }
-    let stored = orders_stored_once(&admin_url, &db, &shop, &statuses, &placed);
+    release.kubelet.sync().await;
+    assert!(
+        !release.kubelet.pods.contains_key("shop-canary"),
+        "the canary's pods are gone"
+    );
+    let answers = load.finish().await;
+    release.stop();
+    let stored = orders_stored_once(&admin_url, &db, &shop, &answers.all(), &answers.placed);
     let canary = by_group.get("canary").copied().unwrap_or(0.0);
-    let total: f64 = by_group.values().sum();
+    let total = canary + by_group.get("stable").copied().unwrap_or(0.0);
     assert!(canary > 0.0, "the canary served part of the calls: {by_group:?}");
     eprintln!(
-        "good change: promoted after {decided:?}; answers {statuses:?}; {stored} orders stored once; \
+        "good change: promoted after {decided:?}; answers {:?}; {stored} orders stored once; \
          calls to the apps before promotion: {canary} of {total} to the canary ({:.0} %)",
-        100.0 * canary / total.max(1.0)
+        answers.all(),
+        canary_share(&by_group)
     );
     psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
+}
+
+/// A bad version of the app image: `FROM` the tests' app image, its entrypoint the tests' own
+/// `faulty-app` (src/bin/faulty-app.rs), which runs the real app behind the fault `env` names
+/// (`FAULT_ERROR_PERCENT`, `FAULT_DELAY_MS`). Built by `docker build` from the binary cargo built;
+/// returns the image's name, tagged `<TAG>-<suffix>`.
+fn bad_app_image(suffix: &str, env: &[(&str, &str)]) -> String {
+    let image = format!("ghcr.io/mall-operator/mall-app:{TAG}-{suffix}");
+    let context = tempfile::tempdir().unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_faulty-app"), context.path().join("faulty-app")).unwrap();
+    let env: String = env.iter().map(|(k, v)| format!("ENV {k}={v}\n")).collect();
+    let dockerfile = format!(
+        "FROM ghcr.io/mall-operator/mall-app:{TAG}\n\
+         COPY faulty-app /usr/local/bin/faulty-app\n\
+         {env}\
+         ENTRYPOINT [\"/usr/local/bin/faulty-app\"]\n\
+         CMD [\"serve\"]\n"
+    );
+    std::fs::write(context.path().join("Dockerfile"), dockerfile).unwrap();
+    docker(&["build", "-q", "-t", &image, &context.path().display().to_string()]).unwrap();
+    image
+}
+
+/// A bad change's release, from the patch until its canary's pods are gone.
+struct Judged {
+    outcome: mall_operator::crd::RolloutStatus,
+    /// The phases and steps the release went through.
+    steps: Vec<(String, u32)>,
+    /// From the patch to the decision.
+    decided: Duration,
+    /// The calls the sidecars made to the apps from the patch to the decision (`upstream_calls`).
+    calls: BTreeMap<&'static str, f64>,
+    /// Those of them from the start of the step's watched window.
+    watched: BTreeMap<&'static str, f64>,
+    /// Users' product reads from the patch until the canary's pods were gone, and those failed.
+    reads: u64,
+    failed: u64,
+    /// Users' failed product reads from the patch to the decision (counted before `calls`).
+    failed_by_decision: u64,
+}
+
+impl Judged {
+    fn report(&self, change: &str) {
+        eprintln!(
+            "{change}: {} after {:?}: {}; users' product reads from the change until the canary was \
+             gone: {} failed of {}; calls to the apps in the watched window: {:?}, {:.1} % to the \
+             canary; from the change to the decision (the canary takes none until ready): {:?}, \
+             {:.1} % to the canary",
+            self.outcome.phase,
+            self.decided,
+            self.outcome.message,
+            self.failed,
+            self.reads,
+            self.watched,
+            canary_share(&self.watched),
+            self.calls,
+            canary_share(&self.calls)
+        );
+    }
+}
+
+impl Release<'_> {
+    /// Releases `spec` and waits for the decision and the canary's pods to go; `user_reads`
+    /// counts users' reads and failed reads so far.
+    async fn bad_change(&mut self, spec: Value, user_reads: impl Fn() -> (u64, u64)) -> Judged {
+        let calls_before = self.upstream_calls().await;
+        let reads_before = user_reads();
+        self.patch(spec).await;
+        let started = std::time::Instant::now();
+        let limit = Duration::from_secs(180);
+        let (_, mut steps) = self.until(|r| r.window_since_unix > 0 || is_decided(r), limit).await;
+        let window_start = self.upstream_calls().await;
+        let (outcome, judged) = self.until(is_decided, limit.saturating_sub(started.elapsed())).await;
+        steps.extend(judged);
+        let decided = started.elapsed();
+        let reads_at_decision = user_reads();
+        // Read while the canary still runs: its sidecar's counters go with it.
+        let at_decision = self.upstream_calls().await;
+        let (calls, watched) = (
+            calls_since(&at_decision, &calls_before),
+            calls_since(&at_decision, &window_start),
+        );
+        self.kubelet.sync().await;
+        assert!(
+            !self.kubelet.pods.contains_key("shop-canary"),
+            "the canary's pods are gone"
+        );
+        let reads_after = user_reads();
+        Judged {
+            outcome,
+            steps,
+            decided,
+            calls,
+            watched,
+            reads: reads_after.0 - reads_before.0,
+            failed: reads_after.1 - reads_before.1,
+            failed_by_decision: reads_at_decision.1 - reads_before.1,
+        }
+    }
+}
+
+/// j. Two bad changes under canary releases (issue 36), on the images as pods, with orders and
+/// shoppers' product reads going on the whole time. Each bad version is its own image
+/// (`bad_app_image`): the real app behind a fault, as a release that broke something would be.
+/// - Product reads answered 500 one time in five: rolled back on failed requests while still at
+///   its first step (20 %); the reads users saw fail are at most the canary's share of those
+///   that reached an app, 20 % of 20 %, and no more than the canary's 5xx answers.
+/// - Product reads 50 ms slower: rolled back on p99 response time.
+///
+/// Both: no order fails, every order is stored once, the stable pods are never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn j_canary_releases_roll_back_500s_on_reads_and_50ms_slower_reads() {
+    if !images_ready() {
+        return;
+    }
+    let Some((admin_url, db)) = postgres_database("j").await else {
+        return;
+    };
+    let errors_image = bad_app_image("errors20", &[("FAULT_ERROR_PERCENT", "20")]);
+    let slow_image = bad_app_image("slow50", &[("FAULT_DELAY_MS", "50")]);
+    let no_fault_image = bad_app_image("nofault", &[]);
+    // A failed-request share 5 points above the stable pods' (0 here) is an outage for one user in
+    // twenty; 40 ms on the p99 is what a shopper notices over a page's calls, and above what the
+    // proxy alone costs on a loaded 2-core machine (measured: +26 ms with a 25 ms threshold it
+    // was rolled back for); 100 calls (a second of the canary's share) keep one slow call from
+    // being the p99; a step watched 15 s sees several of the sidecars' 5 s cache lifetimes.
+    let rollout = serde_json::json!({ "rollout": {
+        "steps": [{ "weight": 20, "watchSeconds": 15 }, { "weight": 50, "watchSeconds": 15 }],
+        "thresholds": { "maxErrorRatioIncrease": 0.05, "maxP99IncreaseMs": 40, "minRequests": 100 },
+        "readyTimeoutSeconds": 60 } });
+    let w = world("j", &render_shop(rollout.clone()), &db).await;
+    let mut release = Release::start(&w, rollout).await;
+    let shop = Shop::open(&release.service).await;
+    let catalogue = Catalogue::stock(&release.service, &shop, 40).await;
+    let orders = OrderLoad::start(&release.service, &shop);
+    let reads = ReadLoad::start(&release.service, &catalogue, 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stable_pods = release.pod_names("shop");
+    // Product reads by users so far (the shoppers' and the buyers' between orders), and failed.
+    let seen = || {
+        let (a, b) = (answered(&orders.reads()), answered(&reads.answers()));
+        (a.0 + b.0, a.1 + b.1)
+    };
+
+    // 0. The proxy alone, without a fault: it passes the first step (then it is aborted), so the
+    // rollbacks below are the faults' doing.
+    release
+        .patch(serde_json::json!({ "app": { "image": no_fault_image } }))
+        .await;
+    let (control, _) = release
+        .until(|r| r.step >= 2 || is_decided(r), Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        control.phase, "Progressing",
+        "the proxy alone passes step 1: {control:?}"
+    );
+    let abort = serde_json::json!({ "metadata": { "annotations": { "mall.example.com/rollout": "abort" } } });
+    release
+        .mds
+        .patch("shop", &Default::default(), &kube::api::Patch::Merge(abort))
+        .await
+        .unwrap();
+    let (aborted, _) = release.until(is_decided, Duration::from_secs(60)).await;
+    assert_eq!(aborted.phase, "RolledBack", "{aborted:?}");
+    release.kubelet.sync().await;
+    assert_eq!(
+        release.pod_names("shop"),
+        stable_pods,
+        "the stable pods were never touched"
+    );
+
+    // 1. 500s on 20 % of product reads.
+    let errors = release
+        .bad_change(serde_json::json!({ "app": { "image": errors_image } }), seen)
+        .await;
+    errors.report("500s on 20 % of product reads");
+    let (outcome, calls) = (&errors.outcome, &errors.calls);
+    assert_eq!(outcome.phase, "RolledBack", "{outcome:?}");
+    assert!(
+        outcome.message.contains("at step 1 (20 %)") && outcome.message.contains("failed requests"),
+        "{}",
+        outcome.message
+    );
+    assert!(
+        errors.steps.iter().all(|(_, step)| *step <= 1),
+        "never at step 2: {:?}",
+        errors.steps
+    );
+    // Every sidecar's split is exact per 100 calls.
+    let share = canary_share(&errors.watched);
+    assert!((15.0..=25.0).contains(&share), "{share:.1} % to the canary at 20 %");
+    let failed_calls = ["canary_failed", "stable_failed"].map(|k| calls.get(k).copied().unwrap_or(0.0));
+    assert!(failed_calls[0] > 0.0, "the canary answered 500s: {calls:?}");
+    // A read a user saw fail is a failed call to an app (the sidecars serve a stale copy where
+    // they hold one, and revalidate in the background), and the canary's 500s are 20 % of its
+    // reads, which are 20 % of the sidecars' calls to the apps: 4 % of the reads that reached an
+    // app, at most 4 % of all. The slack: the sidecars' split and the fault's counter are exact
+    // per 100 calls, so each of the three sidecars may be one canary call ahead, and the fault
+    // one 500.
+    assert!(
+        errors.failed_by_decision as f64 <= failed_calls[0] + failed_calls[1],
+        "{} failed reads, {calls:?}",
+        errors.failed_by_decision
+    );
+    let (read, failed) = (errors.reads, errors.failed);
+    assert!(
+        failed as f64 <= 0.2 * 0.2 * read as f64 + 4.0,
+        "{failed} failed of {read} reads: more than the canary's 20 % of 20 %"
+    );
+    assert_eq!(
+        release.pod_names("shop"),
+        stable_pods,
+        "the stable pods were never touched"
+    );
+
+    // 2. 50 ms more on every product read.
+    let slow = release
+        .bad_change(serde_json::json!({ "app": { "image": slow_image } }), seen)
+        .await;
+    slow.report("50 ms more on every product read");
+    assert_eq!(slow.outcome.phase, "RolledBack", "{:?}", slow.outcome);
+    assert!(
+        slow.outcome.message.contains("p99 response time"),
+        "{}",
+        slow.outcome.message
+    );
+    assert_eq!(slow.failed, 0, "a slower read is not a failed one");
+    assert_eq!(
+        release.pod_names("shop"),
+        stable_pods,
+        "the stable pods were never touched"
+    );
+
+    let shoppers = reads.finish().await;
+    let answers = orders.finish().await;
+    release.stop();
+    let stored = orders_stored_once(&admin_url, &db, &shop, &answers.orders, &answers.placed);
+    eprintln!(
+        "orders {:?}, {stored} stored once each; product reads: shoppers {shoppers:?}, buyers {:?}",
+        answers.orders, answers.reads
+    );
+    psql(&admin_url, "test", &format!("DROP DATABASE IF EXISTS {db}"));
+}
+
+/// Answers counted (`0` for a transport error): how many, and how many failed (not 2xx).
+fn answered(statuses: &BTreeMap<u16, u64>) -> (u64, u64) {
+    let all = statuses.values().sum();
+    let failed = statuses
+        .iter()
+        .filter(|(c, _)| !(200..=299).contains(*c))
+        .map(|(_, n)| n)
+        .sum();
+    (all, failed)
+}
+
+/// The products shoppers browse: `n` more, in four categories, added by the admin.
+struct Catalogue {
+    products: Vec<i64>,
+    categories: Vec<&'static str>,
+}
+
+impl Catalogue {
+    async fn stock(service: &Service, shop: &Shop, n: usize) -> Catalogue {
+        let categories = vec!["books", "games", "garden", "kitchen"];
+        let mut products = vec![shop.product_id];
+        for i in 0..n {
+            let product = serde_json::json!({"name": format!("Item {i}"), "category": categories[i % 4],
+                                             "price": 100 + i, "stock": 1000});
+            products.push(add_product(service, &shop.admin_token, &product).await);
+        }
+        Catalogue { products, categories }
+    }
+}
+
+/// Shoppers browsing through the Service as a storefront's users do: without cookies or
+/// cache-busting, each in turn a product's page and a category's first list page. What reaches
+/// the apps is what the sidecars' caches do not answer: entries older than the app's
+/// `max-age=5`, the product every order changes and the list pages every order purges
+/// (`Surrogate-Key`), as in a shop taking orders.
+struct ReadLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    statuses: Arc<Mutex<BTreeMap<u16, u64>>>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ReadLoad {
+    fn start(service: &Service, catalogue: &Catalogue, shoppers: usize) -> ReadLoad {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let statuses: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
+        let mut clients = Vec::new();
+        for s in 0..shoppers {
+            let pages: Vec<String> = catalogue
+                .products
+                .iter()
+                .map(|id| service.url(&format!("/api/products/{id}")))
+                .collect();
+            let lists: Vec<String> = catalogue
+                .categories
+                .iter()
+                .map(|c| service.url(&format!("/api/products?category={c}&limit=20")))
+                .collect();
+            let (stop, statuses, http) = (stop.clone(), statuses.clone(), reqwest::Client::new());
+            clients.push(tokio::spawn(async move {
+                let mut n = s * 7;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for url in [&pages[n % pages.len()], &lists[n % lists.len()]] {
+                        let code = match http.get(url).timeout(Duration::from_secs(10)).send().await {
+                            Ok(r) => r.status().as_u16(),
+                            Err(_) => 0,
+                        };
+                        *statuses.lock().unwrap().entry(code).or_insert(0) += 1;
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }));
+        }
+        ReadLoad {
+            stop,
+            statuses,
+            clients,
+        }
+    }
+
+    /// The answers so far, by status (`0`: no answer).
+    fn answers(&self) -> BTreeMap<u16, u64> {
+        self.statuses.lock().unwrap().clone()
+    }
+
+    async fn finish(mut self) -> BTreeMap<u16, u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in std::mem::take(&mut self.clients) {
+            c.await.unwrap();
+        }
+        self.answers()
+    }
 }
 
 /// A product with a million units and eight buyers, set up through `service`.
 struct Shop {
     product_id: i64,
     tokens: Vec<String>,
+    admin_token: String,
 }
 
 impl Shop {
@@ -1098,17 +1524,8 @@ impl Shop {
             .as_str()
             .expect("the admin from the Secret logs in")
             .to_string();
-        let product: Value = http
-            .post(service.url("/api/products"))
-            .bearer_auth(&admin_token)
-            .json(&serde_json::json!({"name": "Rolling", "category": "books", "price": 100, "stock": 1_000_000}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let product_id = product["id"].as_i64().expect("product created");
+        let product = serde_json::json!({"name": "Rolling", "category": "books", "price": 100, "stock": 1_000_000});
+        let product_id = add_product(service, &admin_token, &product).await;
         let mut tokens = Vec::new();
         for i in 0..8 {
             let r: Value = http
@@ -1122,23 +1539,66 @@ impl Shop {
                 .unwrap();
             tokens.push(r["token"].as_str().unwrap().to_string());
         }
-        Shop { product_id, tokens }
+        Shop {
+            product_id,
+            tokens,
+            admin_token,
+        }
     }
+}
+
+/// The admin adds `product`; its id.
+async fn add_product(service: &Service, admin_token: &str, product: &Value) -> i64 {
+    let created: Value = reqwest::Client::new()
+        .post(service.url("/api/products"))
+        .bearer_auth(admin_token)
+        .json(product)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["id"].as_i64().expect("product created")
 }
 
 /// Orders under way: each buyer orders with a fresh key, resending the same key after a
 /// transport error (as a client should), and reads the product between orders.
 struct OrderLoad {
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The orders' answers.
     statuses: Arc<Mutex<BTreeMap<u16, u64>>>,
+    /// The reads' answers (`0`: none).
+    reads: Arc<Mutex<BTreeMap<u16, u64>>>,
     placed: Arc<Mutex<Vec<String>>>,
     clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What an `OrderLoad` was answered.
+struct Answers {
+    orders: BTreeMap<u16, u64>,
+    reads: BTreeMap<u16, u64>,
+    /// The keys of the orders placed.
+    placed: Vec<String>,
+}
+
+impl Answers {
+    /// The orders' and the reads' answers together; a read without an answer is left out (the
+    /// buyer reads again after the next order).
+    fn all(&self) -> BTreeMap<u16, u64> {
+        let mut all = self.orders.clone();
+        for (code, n) in self.reads.iter().filter(|(c, _)| **c != 0) {
+            *all.entry(*code).or_insert(0) += n;
+        }
+        all
+    }
 }
 
 impl OrderLoad {
     fn start(service: &Service, shop: &Shop) -> OrderLoad {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let statuses: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
+        let reads: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
         let placed: Arc<Mutex<Vec<String>>> = Arc::default();
         let mut clients = Vec::new();
         let product_id = shop.product_id;
@@ -1146,6 +1606,7 @@ impl OrderLoad {
             let (http, url, token) = (reqwest::Client::new(), service.url("/api/orders"), token.clone());
             let read = service.url(&format!("/api/products/{product_id}"));
             let (stop, statuses, placed) = (stop.clone(), statuses.clone(), placed.clone());
+            let reads = reads.clone();
             clients.push(tokio::spawn(async move {
                 let count = |code: u16| *statuses.lock().unwrap().entry(code).or_insert(0) += 1;
                 let mut n = 0;
@@ -1178,39 +1639,52 @@ impl OrderLoad {
                             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                         }
                     }
-                    if let Ok(r) = http.get(&read).timeout(Duration::from_secs(10)).send().await {
-                        count(r.status().as_u16());
-                    }
+                    let code = match http.get(&read).timeout(Duration::from_secs(10)).send().await {
+                        Ok(r) => r.status().as_u16(),
+                        Err(_) => 0,
+                    };
+                    *reads.lock().unwrap().entry(code).or_insert(0) += 1;
                 }
             }));
         }
         OrderLoad {
             stop,
             statuses,
+            reads,
             placed,
             clients,
         }
     }
 
-    /// Failed answers so far (anything but 2xx, 409 and 429).
+    fn answers(&self) -> Answers {
+        Answers {
+            orders: self.statuses.lock().unwrap().clone(),
+            reads: self.reads.lock().unwrap().clone(),
+            placed: self.placed.lock().unwrap().clone(),
+        }
+    }
+
+    /// The reads' answers so far (`0`: none).
+    fn reads(&self) -> BTreeMap<u16, u64> {
+        self.reads.lock().unwrap().clone()
+    }
+
+    /// Failed answers so far, orders and reads (anything but 2xx, 409 and 429).
     fn failed(&self) -> u64 {
-        self.statuses
-            .lock()
-            .unwrap()
+        self.answers()
+            .all()
             .iter()
             .filter(|(c, _)| !matches!(**c, 200..=299 | 409 | 429))
             .map(|(_, n)| n)
             .sum()
     }
 
-    async fn finish(self) -> (BTreeMap<u16, u64>, Vec<String>) {
+    async fn finish(mut self) -> Answers {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for c in self.clients {
+        for c in std::mem::take(&mut self.clients) {
             c.await.unwrap();
         }
-        let statuses = self.statuses.lock().unwrap().clone();
-        let placed = self.placed.lock().unwrap().clone();
-        (statuses, placed)
+        self.answers()
     }
 }
 

@@ -446,7 +446,9 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
                 .insert(rollout::REVISION.into(), p.status.canary_revision.clone());
             children.record(applier.apply(&stores.config_maps, &canary_config, &mut outcome).await);
             children.record(applier.apply(&stores.services, &canary_service, &mut outcome).await);
-            children.record(applier.apply(&stores.deployments, &canary, &mut outcome).await);
+            if p.canary_pods {
+                children.record(applier.apply(&stores.deployments, &canary, &mut outcome).await);
+            }
         }
         _ => {
             for removed in Box::pin(remove_canary(ctx, md, &ns, &mut outcome)).await {

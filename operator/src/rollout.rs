@@ -580,30 +580,32 @@ fn count_app(sample: &mut PodSample, name: &str, labels: &[(&str, String)], valu
     }
 }
 
-/// What Prometheus holds of a step, for an operator given one (`--prometheus-url`): how many
-/// running pods' sidecars it has not yet seen at the weight with the canary found, and, once
-/// the window has started (`since` > 0), the window's counts. The series are those the mall's
-/// ServiceMonitor gives each pod (`namespace`, `service` = the mall, `pod`, and `track` from the
-/// pod's label); `increase()` over the window counts a pod that restarted or appeared as
-/// Prometheus does. What it holds is up to one scrape interval old.
-pub async fn read_prometheus(
-    prometheus: &PrometheusCheck,
-    md: &MallDeployment,
-    pods: &[Pod],
-    weight: u8,
-    since: i64,
-    now: i64,
-) -> Result<(usize, Option<Window>), String> {
-    let sel = format!(
+/// The series the mall's ServiceMonitor gives each pod: `namespace`, `service` (the mall), `pod`,
+/// and `track` from the pod's label.
+fn prometheus_selector(md: &MallDeployment) -> String {
+    format!(
         "namespace=\"{}\",service=\"{}\"",
         desired::namespace(md),
         desired::name(md)
-    );
-    let mut per_pod: HashMap<String, PodSample> = HashMap::new();
+    )
+}
+
+/// Each running pod's split as Prometheus last scraped it (`sidecar_canary_percent`,
+/// `sidecar_canary_instances`), for an operator given one (`--prometheus-url`). A running pod it
+/// has no series of yet counts as one without the split (0 %). What it holds is up to one scrape
+/// interval old.
+pub async fn prometheus_split(
+    prometheus: &PrometheusCheck,
+    md: &MallDeployment,
+    pods: &[Pod],
+    now: i64,
+) -> Result<HashMap<String, PodSample>, String> {
+    let sel = prometheus_selector(md);
     // Each pass's queries go together: a slow Prometheus costs one timeout, not one per query.
     let split = ["sidecar_canary_percent", "sidecar_canary_instances"];
     let promqls = split.map(|metric| format!("{metric}{{{sel}}}"));
     let answers = futures_util::future::try_join_all(promqls.iter().map(|q| prometheus.query(q, now))).await?;
+    let mut per_pod: HashMap<String, PodSample> = HashMap::new();
     for (metric, answer) in split.into_iter().zip(answers) {
         for (labels, value) in answer {
             if let Some(pod) = labels.get("pod") {
@@ -612,17 +614,49 @@ pub async fn read_prometheus(
             }
         }
     }
-    let behind = pods
+    Ok(pods
         .iter()
         .filter(|p| room_counts::admin_address(p).is_some())
-        .filter(|p| {
-            let seen = p.metadata.name.as_ref().and_then(|n| per_pod.get(n));
-            !seen.is_some_and(|s| s.percent == Some(weight) && s.canary_instances > 0)
+        .filter_map(|p| p.metadata.name.clone())
+        .map(|name| {
+            let sample = per_pod.remove(&name).unwrap_or_default();
+            let percent = Some(sample.percent.unwrap_or(0));
+            (name, PodSample { percent, ..sample })
         })
-        .count();
-    if since <= 0 || behind > 0 {
-        return Ok((behind, None));
+        .collect())
+}
+
+/// Each running pod's split (and, read from the pods, their counts): from Prometheus when the
+/// operator has one and it answers, else from the pods' metrics ports; with where it came from,
+/// and whether that was Prometheus.
+async fn read_split(
+    prometheus: Option<&PrometheusCheck>,
+    md: &MallDeployment,
+    pods: &[Pod],
+    now: i64,
+) -> (HashMap<String, PodSample>, String, bool) {
+    let mut source = "the pods' metrics".to_string();
+    if let Some(p) = prometheus {
+        match prometheus_split(p, md, pods, now).await {
+            Ok(split) => return (split, format!("Prometheus at {}", p.url()), true),
+            Err(e) => {
+                tracing::warn!(name = %desired::name(md), error = %e, "Prometheus cannot judge the canary; reading the pods");
+                source = format!("the pods' metrics, as Prometheus at {} did not answer ({e})", p.url());
+            }
+        }
     }
+    (sample_pods(pods).await, source, false)
+}
+
+/// The window's counts from Prometheus: `increase()` from `since` to `now` (Unix seconds), so a
+/// pod that restarted or appeared counts as Prometheus counts it.
+pub async fn prometheus_window(
+    prometheus: &PrometheusCheck,
+    md: &MallDeployment,
+    since: i64,
+    now: i64,
+) -> Result<Window, String> {
+    let sel = prometheus_selector(md);
     let range = format!("[{}s]", (now - since).max(1));
     let queries = [
         (
@@ -641,10 +675,10 @@ pub async fn read_prometheus(
             ),
         ),
     ];
-    let (mut stable, mut canary) = (PodSample::default(), PodSample::default());
-    canary.canary_pod = true;
     let answers =
         futures_util::future::try_join_all(queries.iter().map(|(_, promql)| prometheus.query(promql, now))).await?;
+    let (mut stable, mut canary) = (PodSample::default(), PodSample::default());
+    canary.canary_pod = true;
     for ((metric, _), answer) in queries.into_iter().zip(answers) {
         for (labels, value) in answer {
             let labels = pairs(&labels);
@@ -662,7 +696,7 @@ pub async fn read_prometheus(
     }
     sort_buckets(&mut stable);
     let now = HashMap::from([("stable".to_string(), stable), ("canary".to_string(), canary)]);
-    Ok((0, Some(window(&now, &HashMap::new()))))
+    Ok(window(&now, &HashMap::new()))
 }
 
 fn pairs(labels: &BTreeMap<String, String>) -> Vec<(&str, String)> {
@@ -696,6 +730,8 @@ pub struct Plan {
     pub canary_weight: Option<u8>,
     /// The weight written into the stable pods' sidecar config; 0 leaves `upstream.canary` out.
     pub stable_weight: u8,
+    /// With a canary: whether its Deployment runs yet (not until every sidecar took the split).
+    pub canary_pods: bool,
     /// Events to publish: warning, reason, note.
     pub events: Vec<(bool, &'static str, String)>,
     /// `promote` or `abort` was acted on: remove the annotation.
@@ -713,6 +749,7 @@ impl Plan {
             stable: None,
             canary_weight: None,
             stable_weight: 0,
+            canary_pods: true,
             events: Vec::new(),
             clear_annotation: false,
             finished: None,
@@ -931,17 +968,68 @@ pub async fn step(
     let paused = manual == Manual::Pause;
     let note = manual_error.map(|e| format!(" ({e})")).unwrap_or_default();
 
-    // The canary's pods first: all of them ready, or rolled back once the timeout is up.
+    // Before its pods start, the split must have reached every sidecar's config: a canary pod
+    // is under the app's name as soon as it runs, and a sidecar still without `upstream.canary`
+    // would take it for one more stable instance and send it that share, unjudged (a ConfigMap
+    // reaches a pod's file a minute or more after it changed).
+    if live.canary.is_none() {
+        let since = match st.canary_since_unix {
+            0 => now,
+            t => t,
+        };
+        plan.status.canary_since_unix = since;
+        plan.canary_pods = false;
+        let Some(pods) = list_pods(client, md).await else {
+            plan.status.message = format!(
+                "step {} ({} %): the mall's pods cannot be listed to see whether their sidecars took the split",
+                st.step, st.weight
+            );
+            return plan;
+        };
+        let (split, source, _) = read_split(prometheus, md, &pods, now).await;
+        let behind = split
+            .values()
+            .filter(|s| s.percent.is_some_and(|p| p != st.weight))
+            .count();
+        if behind > 0 {
+            let waited = now - since;
+            if waited >= i64::from(rollout.ready_timeout_seconds) {
+                return rollback(
+                    plan,
+                    &st,
+                    format!(
+                        "{behind} sidecars did not take the split of {} % within readyTimeoutSeconds ({}), so the canary pods never started (read from {source})",
+                        st.weight, rollout.ready_timeout_seconds
+                    ),
+                    "rolled_back",
+                );
+            }
+            plan.status.window_since_unix = 0;
+            plan.status.message = format!(
+                "step {} of {} ({} %): waiting for {behind} sidecars to take the split before the canary pods start, {waited} of {} s (read from {source}){note}",
+                st.step,
+                rollout.steps.len(),
+                st.weight,
+                rollout.ready_timeout_seconds
+            );
+            return plan;
+        }
+        plan.canary_pods = true;
+        // The pods' readiness is waited for from their start.
+        plan.status.canary_since_unix = now;
+    }
+
+    // The canary's pods: all of them ready, or rolled back once the timeout is up.
     let stable_replicas = live
         .stable
         .and_then(|d| d.spec.as_ref()?.replicas)
         .unwrap_or(md.spec.replicas);
     let (ready, ready_count, want) = rolled_out(live.canary, &rev, canary_replicas(stable_replicas, st.weight));
     if !ready {
-        // Waited for from the release's start, and again from the moment a ready canary lost a
-        // pod (an eviction, a crash, its Deployment deleted by hand, a step that needs one more):
-        // a node drain mid-release is not a bad change.
-        if st.canary_since_unix == 0 {
+        // Waited for from the pods' start, and again from the moment a ready canary lost a pod
+        // (an eviction, a crash, its Deployment deleted by hand, a step that needs one more): a
+        // node drain mid-release is not a bad change.
+        if plan.status.canary_since_unix == 0 {
             plan.status.canary_since_unix = now;
         }
         let waited = now - plan.status.canary_since_unix;
@@ -974,44 +1062,8 @@ pub async fn step(
         );
         return plan;
     };
-    // From Prometheus when the operator has one, from the pods themselves when it has none or
-    // it does not answer (a fallback restarts the step's window: the pods' counts need a
-    // baseline taken at its start).
-    let mut source = "the pods' metrics".to_string();
-    let from_prometheus = match prometheus {
-        Some(p) => match read_prometheus(p, md, &pods, st.weight, st.window_since_unix, now).await {
-            Ok(reading) => {
-                source = format!("Prometheus at {}", p.url());
-                Some(reading)
-            }
-            Err(e) => {
-                tracing::warn!(name = %desired::name(md), error = %e, "Prometheus cannot judge the canary; reading the pods");
-                source = format!("the pods' metrics, as Prometheus at {} did not answer ({e})", p.url());
-                None
-            }
-        },
-        None => None,
-    };
-    let (behind, measured) = match from_prometheus {
-        Some(reading) => reading,
-        None => {
-            let samples = sample_pods(&pods).await;
-            match split_reached(&samples, st.weight) {
-                (false, behind) => (behind, None),
-                (true, _) => {
-                    let tag = format!("{rev}/{}/{}", st.step, st.weight);
-                    let mut w = windows.lock().expect("windows lock");
-                    match w.get(&key) {
-                        Some((t, base)) if *t == tag && st.window_since_unix > 0 => (0, Some(window(&samples, base))),
-                        _ => {
-                            w.insert(key.clone(), (tag, samples));
-                            (0, None)
-                        }
-                    }
-                }
-            }
-        }
-    };
+    let (split, source, from_prometheus) = read_split(prometheus, md, &pods, now).await;
+    let (_, behind) = split_reached(&split, st.weight);
     if behind > 0 {
         plan.status.window_since_unix = 0;
         plan.status.message = format!(
@@ -1020,6 +1072,36 @@ pub async fn step(
         );
         return plan;
     }
+    let measured = match (from_prometheus, prometheus) {
+        (true, Some(p)) if st.window_since_unix > 0 => {
+            match prometheus_window(p, md, st.window_since_unix, now).await {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    plan.status.message = format!(
+                        "step {} ({} %): Prometheus at {} did not answer ({e}); judged again on the next pass{note}",
+                        st.step,
+                        st.weight,
+                        p.url()
+                    );
+                    return plan;
+                }
+            }
+        }
+        (true, _) => None,
+        // Read from the pods: counted from the baseline taken when the window started (a
+        // fallback from Prometheus starts a new one).
+        (false, _) => {
+            let tag = format!("{rev}/{}/{}", st.step, st.weight);
+            let mut w = windows.lock().expect("windows lock");
+            match w.get(&key) {
+                Some((t, base)) if *t == tag && st.window_since_unix > 0 => Some(window(&split, base)),
+                _ => {
+                    w.insert(key.clone(), (tag, split));
+                    None
+                }
+            }
+        }
+    };
     let Some(measured) = measured else {
         plan.status.window_since_unix = now;
         plan.status.message = format!(

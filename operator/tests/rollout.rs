@@ -336,6 +336,25 @@ async fn started_judged_by(rollout: Value, prometheus: Option<&str>, t0: i64, di
     let md = pass(&client, &ctx, t0 + 1).await;
     let r = rollout_status(&md);
     assert_eq!((r.phase.as_str(), r.step, r.weight), ("Progressing", 1, 20), "{r:?}");
+    // No canary pod before every sidecar has taken the split: one that had not would count it
+    // as one more stable instance.
+    assert!(
+        r.message
+            .contains("waiting for 2 sidecars to take the split before the canary pods start"),
+        "{}",
+        r.message
+    );
+    assert!(deployment(&client, "shop-canary").await.is_none());
+    let split = sidecar_config(&client, "shop-sidecar").await.unwrap().upstream.canary;
+    assert_eq!(split.map(|c| c.percent), Some(20), "the split is written first");
+    if direct {
+        for p in &stable {
+            p.sidecar.set(sidecar_text(20, Counted::default(), Counted::default()));
+        }
+        let r = rollout_status(&pass(&client, &ctx, t0 + 2).await);
+        assert_eq!(r.canary_since_unix, t0 + 2, "{r:?}");
+        assert!(deployment(&client, "shop-canary").await.is_some());
+    }
     Release {
         client,
         ctx,
@@ -421,7 +440,7 @@ async fn a_good_change_is_promoted_step_by_step() {
     let cp = pod(c, "shop-canary-x", true).await;
     let md = r.pass(5).await;
     assert!(
-        condition(&md, "Rollout").2.contains("waiting for 3 sidecars"),
+        condition(&md, "Rollout").2.contains("waiting for 1 sidecars"),
         "{:?}",
         condition(&md, "Rollout")
     );
@@ -667,11 +686,12 @@ async fn a_canary_that_never_becomes_ready_is_rolled_back_after_the_timeout() {
     let md = r.pass(60).await;
     assert_eq!(rollout_status(&md).phase, "Progressing");
     assert!(
-        rollout_status(&md).message.contains("0 of 1 ready after 59 of 120 s"),
+        rollout_status(&md).message.contains("0 of 1 ready after 58 of 120 s"),
         "{}",
         rollout_status(&md).message
     );
-    let md = r.pass(121).await;
+    assert_eq!(rollout_status(&r.pass(121).await).phase, "Progressing");
+    let md = r.pass(122).await;
     let s = rollout_status(&md);
     assert_eq!(s.phase, "RolledBack", "{s:?}");
     assert!(
@@ -873,8 +893,34 @@ async fn with_a_prometheus_the_canary_is_judged_on_its_series() {
     let rollout = json!({ "steps": [{ "weight": 20, "watchSeconds": 10 }, { "weight": 50, "watchSeconds": 60 }],
                           "thresholds": { "minRequests": 20 }, "readyTimeoutSeconds": 120 });
     let t0 = unix_now();
+    let until = |what: &'static str| {
+        let started = std::time::Instant::now();
+        move |s: &mall_operator::crd::RolloutStatus| {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(40),
+                "{what}: not within 40 s: {s:?}"
+            );
+        }
+    };
     let r = started_judged_by(rollout, Some(&prometheus.url), t0, false).await;
     let c = &r.client;
+    prometheus.scrape(&[("shop-a", &r.stable[0], false), ("shop-b", &r.stable[1], false)]);
+    // The canary's pods start once Prometheus has seen both stable sidecars take the split.
+    let check = until("the canary pods start");
+    let mut held_for_prometheus = false;
+    while deployment(c, "shop-canary").await.is_none() {
+        for p in &r.stable {
+            p.sidecar.set(sidecar_text(20, Counted::default(), Counted::default()));
+        }
+        let s = rollout_status(&r.pass(unix_now() - t0).await);
+        held_for_prometheus |= s.message.contains("to take the split") && s.message.contains("read from Prometheus at");
+        check(&s);
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(
+        held_for_prometheus,
+        "the canary started before Prometheus saw the split?"
+    );
     rolled(c, "shop-canary").await;
     let cp = pod_reached(c, "shop-canary-x", true, false).await;
     prometheus.scrape(&[
@@ -894,15 +940,6 @@ async fn with_a_prometheus_the_canary_is_judged_on_its_series() {
             canary.ok += 5;
         }
         r.report(&cp, percent, stable, canary);
-    };
-    let until = |what: &'static str| {
-        let started = std::time::Instant::now();
-        move |s: &mall_operator::crd::RolloutStatus| {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(40),
-                "{what}: not within 40 s: {s:?}"
-            );
-        }
     };
 
     // Step 1: the window waits until Prometheus has scraped every sidecar at 20 %.
@@ -1040,4 +1077,46 @@ async fn a_canary_that_loses_its_pod_is_waited_for_again_from_then() {
         "{}",
         s.message
     );
+}
+
+/// A sidecar that never takes the split (its config file not updated, or not reloaded) holds the
+/// canary's pods back, since it would count them as stable instances; the release is rolled back
+/// once readyTimeoutSeconds is up, and no canary pod ever ran.
+#[tokio::test]
+async fn a_split_that_never_reaches_a_sidecar_starts_no_canary_pod_and_is_rolled_back() {
+    let (c, ctx) = setup(steps()).await;
+    let t0 = 1_800_000_000;
+    pass(&c, &ctx, t0).await;
+    rolled(&c, "shop").await;
+    let stable = [pod(&c, "shop-a", false).await, pod(&c, "shop-b", false).await];
+    set_image(&c, "mall-app:2").await;
+    pass(&c, &ctx, t0 + 1).await;
+    stable[0]
+        .sidecar
+        .set(sidecar_text(20, Counted::default(), Counted::default()));
+    let s = rollout_status(&pass(&c, &ctx, t0 + 60).await);
+    assert_eq!(s.phase, "Progressing");
+    assert!(
+        s.message
+            .contains("waiting for 1 sidecars to take the split before the canary pods start, 59 of 120 s"),
+        "{}",
+        s.message
+    );
+    assert!(deployment(&c, "shop-canary").await.is_none());
+    let s = rollout_status(&pass(&c, &ctx, t0 + 121).await);
+    assert_eq!(s.phase, "RolledBack", "{s:?}");
+    assert!(
+        s.message
+            .contains("1 sidecars did not take the split of 20 % within readyTimeoutSeconds (120)"),
+        "{}",
+        s.message
+    );
+    assert!(deployment(&c, "shop-canary").await.is_none());
+    assert!(sidecar_config(&c, "shop-canary-sidecar").await.is_none());
+    assert!(sidecar_config(&c, "shop-sidecar")
+        .await
+        .unwrap()
+        .upstream
+        .canary
+        .is_none());
 }

@@ -147,7 +147,7 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
     // their flood of answers does not queue inside the honest buyers' event loop, where it
     // would delay each buyer's return at its turn (and its timestamps) as no real attacker
     // can; they share the machine's cores with everything else as before.
-    let (attack_runtime, attack_http) = if a.attackers_share_runtime {
+    let (attack_runtime, attack_http) = if a.attackers_share_runtime || a.attackers + a.anonymous == 0 {
         (AttackRuntime(None), http.clone())
     } else {
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -362,7 +362,7 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         &ctx.monitoring_labels,
     );
     if let Some(p) = &plan {
-        if p.stable_weight > 0 {
+        if p.stable_weight > 0 || p.drain_canary {
             rollout::set_canary(&mut children.config_map, md, p.stable_weight, false);
         }
         let stable_revision = match &p.stable {

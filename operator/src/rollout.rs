@@ -439,6 +439,19 @@ pub async fn list_pods(client: &kube::Client, md: &MallDeployment) -> Option<Vec
     }
 }
 
+/// Whether any pod of a canary is left (terminating ones included), or the pods cannot be listed.
+async fn canary_pods_left(client: &kube::Client, md: &MallDeployment) -> bool {
+    list_pods(client, md).await.is_none_or(|pods| {
+        pods.iter().any(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(TRACK))
+                .is_some_and(|t| t == "canary")
+        })
+    })
+}
+
 /// Reads every running pod's sidecar and app metrics, by pod.
 pub async fn sample_pods(pods: &[Pod]) -> HashMap<String, PodSample> {
     let reads = pods.iter().filter_map(|pod| {
@@ -732,6 +745,8 @@ pub struct Plan {
     pub stable_weight: u8,
     /// With a canary: whether its Deployment runs yet (not until every sidecar took the split).
     pub canary_pods: bool,
+    /// A rolled back canary's pods may still run: the stable sidecars keep its group, at 0 %.
+    pub drain_canary: bool,
     /// Events to publish: warning, reason, note.
     pub events: Vec<(bool, &'static str, String)>,
     /// `promote` or `abort` was acted on: remove the annotation.
@@ -750,6 +765,7 @@ impl Plan {
             canary_weight: None,
             stable_weight: 0,
             canary_pods: true,
+            drain_canary: false,
             events: Vec::new(),
             clear_annotation: false,
             finished: None,
@@ -773,7 +789,6 @@ pub fn rolled_out(d: Option<&Deployment>, revision: &str, want: i32) -> (bool, i
     let Some(d) = d else { return (false, 0, want) };
     let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(want);
     let status = d.status.clone().unwrap_or_default();
-    let ready = status.ready_replicas.unwrap_or(0);
     let ours = d
         .metadata
         .annotations
@@ -782,10 +797,19 @@ pub fn rolled_out(d: Option<&Deployment>, revision: &str, want: i32) -> (bool, i
         .map(String::as_str)
         == Some(revision);
     let seen = d.metadata.generation.is_some() && d.metadata.generation == status.observed_generation;
+    // Ready pods of this template: until the Deployment controller has seen the template, none
+    // of its ready pods is known to run it.
+    let ready = match ours && seen {
+        true => status
+            .ready_replicas
+            .unwrap_or(0)
+            .min(status.updated_replicas.unwrap_or(0)),
+        false => 0,
+    };
     let done = ours
         && seen
-        && status.updated_replicas.unwrap_or(0) >= want
         && ready >= want
+        && status.updated_replicas.unwrap_or(0) >= want
         && status.replicas.unwrap_or(0) <= want;
     (done, ready, want)
 }
@@ -835,10 +859,17 @@ pub async fn step(
             stable_revision: rev.clone(),
             // What leaves the pods alone stays current in the kept spec.
             stable_spec: serde_json::to_string(&md.spec).expect("json"),
-            failed_revision: st.failed_revision.clone(),
+            // A release cancelled by reverting the spec is the last release, not a rolled back one.
+            failed_revision: if in_release {
+                String::new()
+            } else {
+                st.failed_revision.clone()
+            },
             message: match st.failed_revision.as_str() {
-                "" => format!("every pod runs revision {rev}"),
-                failed => format!("every pod runs revision {rev}; the last release, {failed}, was rolled back"),
+                failed if !failed.is_empty() && !in_release => {
+                    format!("every pod runs revision {rev}; the last release, {failed}, was rolled back")
+                }
+                _ => format!("every pod runs revision {rev}"),
             },
             ..RolloutStatus::default()
         };
@@ -855,6 +886,10 @@ pub async fn step(
         let mut plan = Plan::new(st);
         plan.status.phase = phase::ROLLED_BACK.into();
         plan.stable = Some(stable_md);
+        if canary_pods_left(client, md).await {
+            plan.drain_canary = true;
+            plan.requeue = Some(POLL);
+        }
         return plan;
     }
     let mut events = Vec::new();
@@ -910,8 +945,11 @@ pub async fn step(
         };
         plan.canary_weight = None;
         plan.stable_weight = 0;
+        // Its pods outlive the Deployment by their grace period: until they are gone the stable
+        // sidecars keep them in a canary group at 0 %, or they would take them for stable apps.
+        plan.drain_canary = live.canary.is_some();
         plan.finished = Some(outcome);
-        plan.requeue = None;
+        plan.requeue = plan.drain_canary.then_some(POLL);
         windows.lock().expect("windows lock").remove(&key);
         plan
     };
@@ -928,7 +966,8 @@ pub async fn step(
                 phase: phase::STABLE.into(),
                 stable_revision: rev.clone(),
                 stable_spec: serde_json::to_string(&md.spec).expect("json"),
-                failed_revision: st.failed_revision.clone(),
+                // History now: the spec has moved past it (reapplied later, it starts a release).
+                failed_revision: String::new(),
                 message,
                 ..RolloutStatus::default()
             };
@@ -1067,8 +1106,10 @@ pub async fn step(
     if behind > 0 {
         plan.status.window_since_unix = 0;
         plan.status.message = format!(
-            "step {} ({} %): waiting for {behind} sidecars to balance with the step's weight and find the canary (read from {source}){note}",
-            st.step, st.weight
+            "step {} of {} ({} %): waiting for {behind} sidecars to balance with the step's weight and find the canary (read from {source}){note}",
+            st.step,
+            rollout.steps.len(),
+            st.weight
         );
         return plan;
     }

@@ -599,17 +599,29 @@ async fn a_canary_failing_requests_is_rolled_back_in_its_first_step() {
     assert_eq!((status.as_str(), reason.as_str()), ("False", "RolledBack"));
     assert!(message.contains("rolled back at step 1 (20 %)"), "{message}");
     assert!(deployment(c, "shop-canary").await.is_none());
-    assert!(sidecar_config(c, "shop-sidecar")
-        .await
-        .unwrap()
-        .upstream
-        .canary
-        .is_none());
+    // The canary's pod outlives its Deployment for its grace period: the stable sidecars keep it
+    // in a canary group at 0 % meanwhile, so they never take it for a stable app.
+    let split = || async {
+        sidecar_config(c, "shop-sidecar")
+            .await
+            .unwrap()
+            .upstream
+            .canary
+            .map(|g| g.percent)
+    };
+    assert_eq!(split().await, Some(0));
     assert_eq!(image(&deployment(c, "shop").await.unwrap()), "mall-app:1");
     // The spec still says mall-app:2: no new canary, the stable pods stay.
     let md = r.pass(30).await;
     assert_eq!(rollout_status(&md).phase, "RolledBack");
     assert!(deployment(c, "shop-canary").await.is_none());
+    assert_eq!(split().await, Some(0), "the canary's pod is still there");
+    Api::<Pod>::namespaced(c.clone(), NS)
+        .delete("shop-canary-x", &Default::default())
+        .await
+        .unwrap();
+    r.pass(35).await;
+    assert_eq!(split().await, None, "the canary's pod is gone: so is its group");
     assert!(event_notes(c)
         .await
         .iter()
@@ -618,6 +630,8 @@ async fn a_canary_failing_requests_is_rolled_back_in_its_first_step() {
     set_image(c, "mall-app:3").await;
     let md = r.pass(40).await;
     assert_eq!(rollout_status(&md).phase, "Progressing");
+    r.report(&cp, 20, Counted::default(), Counted::default());
+    r.pass(41).await;
     assert_eq!(image(&deployment(c, "shop-canary").await.unwrap()), "mall-app:3");
 }
 
@@ -773,6 +787,16 @@ async fn the_annotation_pauses_promotes_and_aborts() {
     assert_eq!(image(&deployment(c, "shop").await.unwrap()), "mall-app:2");
     let metrics = String::from_utf8(r.ctx.metrics.render()).unwrap();
     assert!(metrics.contains("outcome=\"aborted\"} 1"), "{metrics}");
+
+    // A later change promoted: the aborted revision is history then, not "the last release".
+    set_image(c, "mall-app:4").await;
+    annotate(c, Some("promote")).await;
+    assert_eq!(rollout_status(&r.pass(120).await).phase, "Promoting");
+    rolled(c, "shop").await;
+    assert_eq!(rollout_status(&r.pass(125).await).phase, "Stable");
+    let s = rollout_status(&r.pass(130).await);
+    assert_eq!((s.phase.as_str(), s.failed_revision.as_str()), ("Stable", ""), "{s:?}");
+    assert!(!s.message.contains("rolled back"), "{}", s.message);
 }
 
 /// Whether `prometheus` runs here; under CI=true its absence fails the test.

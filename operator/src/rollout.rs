@@ -1007,6 +1007,8 @@ pub async fn step(
     let paused = manual == Manual::Pause;
     let note = manual_error.map(|e| format!(" ({e})")).unwrap_or_default();
 
+    // Where the release stands, at the head of every message of this pass.
+    let at = format!("step {} of {} ({} %)", st.step, rollout.steps.len(), st.weight);
     // Before its pods start, the split must have reached every sidecar's config: a canary pod
     // is under the app's name as soon as it runs, and a sidecar still without `upstream.canary`
     // would take it for one more stable instance and send it that share, unjudged (a ConfigMap
@@ -1019,10 +1021,8 @@ pub async fn step(
         plan.status.canary_since_unix = since;
         plan.canary_pods = false;
         let Some(pods) = list_pods(client, md).await else {
-            plan.status.message = format!(
-                "step {} ({} %): the mall's pods cannot be listed to see whether their sidecars took the split",
-                st.step, st.weight
-            );
+            plan.status.message =
+                format!("{at}: the mall's pods cannot be listed to see whether their sidecars took the split");
             return plan;
         };
         let (split, source, _) = read_split(prometheus, md, &pods, now).await;
@@ -1045,10 +1045,7 @@ pub async fn step(
             }
             plan.status.window_since_unix = 0;
             plan.status.message = format!(
-                "step {} of {} ({} %): waiting for {behind} sidecars to take the split before the canary pods start, {waited} of {} s (read from {source}){note}",
-                st.step,
-                rollout.steps.len(),
-                st.weight,
+                "{at}: waiting for {behind} sidecars to take the split before the canary pods start, {waited} of {} s (read from {source}){note}",
                 rollout.ready_timeout_seconds
             );
             return plan;
@@ -1085,20 +1082,14 @@ pub async fn step(
         }
         plan.status.window_since_unix = 0;
         plan.status.message = format!(
-            "step {} of {} ({} %): waiting for the canary pods, {ready_count} of {want} ready after {waited} of {} s{note}",
-            st.step,
-            rollout.steps.len(),
-            st.weight,
+            "{at}: waiting for the canary pods, {ready_count} of {want} ready after {waited} of {} s{note}",
             rollout.ready_timeout_seconds
         );
         return plan;
     }
     plan.status.canary_since_unix = 0;
     let Some(pods) = list_pods(client, md).await else {
-        plan.status.message = format!(
-            "step {} ({} %): the mall's pods cannot be listed to read their metrics",
-            st.step, st.weight
-        );
+        plan.status.message = format!("{at}: the mall's pods cannot be listed to read their metrics");
         return plan;
     };
     let (split, source, from_prometheus) = read_split(prometheus, md, &pods, now).await;
@@ -1106,10 +1097,7 @@ pub async fn step(
     if behind > 0 {
         plan.status.window_since_unix = 0;
         plan.status.message = format!(
-            "step {} of {} ({} %): waiting for {behind} sidecars to balance with the step's weight and find the canary (read from {source}){note}",
-            st.step,
-            rollout.steps.len(),
-            st.weight
+            "{at}: waiting for {behind} sidecars to balance with the step's weight and find the canary (read from {source}){note}"
         );
         return plan;
     }
@@ -1119,9 +1107,7 @@ pub async fn step(
                 Ok(w) => Some(w),
                 Err(e) => {
                     plan.status.message = format!(
-                        "step {} ({} %): Prometheus at {} did not answer ({e}); judged again on the next pass{note}",
-                        st.step,
-                        st.weight,
+                        "{at}: Prometheus at {} did not answer ({e}); judged again on the next pass{note}",
                         p.url()
                     );
                     return plan;
@@ -1146,10 +1132,7 @@ pub async fn step(
     let Some(measured) = measured else {
         plan.status.window_since_unix = now;
         plan.status.message = format!(
-            "step {} of {} ({} %): watching from now for {} s (read from {source}){note}",
-            st.step,
-            rollout.steps.len(),
-            st.weight,
+            "{at}: watching from now for {} s (read from {source}){note}",
             rollout.steps[st.step as usize - 1].watch_seconds
         );
         return plan;
@@ -1185,10 +1168,7 @@ pub async fn step(
         }
         Verdict::Pass(m) | Verdict::TooFew(m) => {
             plan.status.message = format!(
-                "step {} of {} ({} %): {watched} of {watch} s watched{}; {m} (read from {source}){note}",
-                st.step,
-                rollout.steps.len(),
-                st.weight,
+                "{at}: {watched} of {watch} s watched{}; {m} (read from {source}){note}",
                 if paused { ", paused by the annotation" } else { "" }
             );
             plan

@@ -352,6 +352,18 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
         ),
         None => None,
     };
+    // A finished release's canary pods outlive their Deployment by their grace period, under
+    // the app's name all along: until none is left, the stable sidecars keep them in a canary
+    // group at 0 % (found through the canary's Service, kept as long), or they would take them
+    // for stable apps. Only while that Service exists are the pods listed.
+    let mut plan = plan;
+    if let Some(p) = plan.as_mut().filter(|p| p.canary_weight.is_none()) {
+        let canary_service = Stores::get(&ctx.stores.services, &ns, &rollout::canary_service_name(md));
+        if canary_service.is_some() && rollout::canary_pods_left(client, md).await {
+            p.drain_canary = true;
+            p.requeue = Some(rollout::POLL);
+        }
+    }
     let stable_source = plan.as_ref().and_then(|p| p.stable.as_ref()).map(hold);
     let stable_tuning = stable_source.as_ref().map(|m| tuning::tune(&m.spec));
     let mut children = desired::children(
@@ -451,7 +463,8 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
             }
         }
         _ => {
-            for removed in Box::pin(remove_canary(ctx, md, &ns, &mut outcome)).await {
+            let keep_service = plan.as_ref().is_some_and(|p| p.drain_canary);
+            for removed in Box::pin(remove_canary(ctx, md, &ns, keep_service, &mut outcome)).await {
                 children.record(removed);
             }
         }
@@ -675,8 +688,15 @@ pub async fn reconcile_once(md: &MallDeployment, ctx: &Context, now: i64) -> Res
     Ok((Action::requeue(next.min(Duration::from_secs(300))), outcome))
 }
 
-/// Deletes the canary's Deployment, ConfigMap and headless Service where the caches hold them.
-async fn remove_canary(ctx: &Context, md: &MallDeployment, ns: &str, outcome: &mut Outcome) -> Vec<ChildResult> {
+/// Deletes the canary's Deployment, ConfigMap and headless Service where the caches hold them;
+/// the Service stays while `keep_service` (its pods are still terminating).
+async fn remove_canary(
+    ctx: &Context,
+    md: &MallDeployment,
+    ns: &str,
+    keep_service: bool,
+    outcome: &mut Outcome,
+) -> Vec<ChildResult> {
     let stores = &ctx.stores;
     let mut results = Vec::new();
     let dp = kube::api::DeleteParams::default();
@@ -697,7 +717,7 @@ async fn remove_canary(ctx: &Context, md: &MallDeployment, ns: &str, outcome: &m
         outcome.applied.push(format!("ConfigMap/{name} (deleted)"));
     }
     let name = rollout::canary_service_name(md);
-    if Stores::get(&stores.services, ns, &name).is_some() {
+    if !keep_service && Stores::get(&stores.services, ns, &name).is_some() {
         let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.client.clone(), ns);
         let deleted = api.delete(&name, &dp).await.map(|_| ());
         results.push(ChildResult::from_delete(&format!("Service/{name}"), deleted));

@@ -439,17 +439,20 @@ pub async fn list_pods(client: &kube::Client, md: &MallDeployment) -> Option<Vec
     }
 }
 
+/// Whether `pod` is a canary's.
+fn is_canary_pod(pod: &Pod) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(TRACK))
+        .is_some_and(|t| t == "canary")
+}
+
 /// Whether any pod of a canary is left (terminating ones included), or the pods cannot be listed.
-async fn canary_pods_left(client: &kube::Client, md: &MallDeployment) -> bool {
-    list_pods(client, md).await.is_none_or(|pods| {
-        pods.iter().any(|p| {
-            p.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(TRACK))
-                .is_some_and(|t| t == "canary")
-        })
-    })
+pub async fn canary_pods_left(client: &kube::Client, md: &MallDeployment) -> bool {
+    list_pods(client, md)
+        .await
+        .is_none_or(|pods| pods.iter().any(is_canary_pod))
 }
 
 /// Reads every running pod's sidecar and app metrics, by pod.
@@ -458,12 +461,7 @@ pub async fn sample_pods(pods: &[Pod]) -> HashMap<String, PodSample> {
         let admin = room_counts::admin_address(pod)?;
         let app = room_counts::port_address(pod, "app");
         let key = pod.metadata.uid.clone().or_else(|| pod.metadata.name.clone())?;
-        let canary_pod = pod
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(TRACK))
-            .is_some_and(|t| t == "canary");
+        let canary_pod = is_canary_pod(pod);
         Some(async move {
             let sidecar = room_counts::scrape(admin).await;
             let app = match app {
@@ -627,10 +625,19 @@ pub async fn prometheus_split(
             }
         }
     }
-    Ok(pods
+    let running: Vec<String> = pods
         .iter()
         .filter(|p| room_counts::admin_address(p).is_some())
         .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    if !running.is_empty() && !running.iter().any(|name| per_pod.contains_key(name)) {
+        // Not "every sidecar without the split": this Prometheus does not scrape the mall.
+        return Err(format!(
+            "it has no sidecar_canary_percent series of this mall's pods ({sel}): does it select the mall's ServiceMonitor?"
+        ));
+    }
+    Ok(running
+        .into_iter()
         .map(|name| {
             let sample = per_pod.remove(&name).unwrap_or_default();
             let percent = Some(sample.percent.unwrap_or(0));
@@ -745,7 +752,8 @@ pub struct Plan {
     pub stable_weight: u8,
     /// With a canary: whether its Deployment runs yet (not until every sidecar took the split).
     pub canary_pods: bool,
-    /// A rolled back canary's pods may still run: the stable sidecars keep its group, at 0 %.
+    /// A finished release's canary pods still run: the stable sidecars keep their group at 0 %
+    /// and the canary's Service stays (set by the controller, which sees the Service).
     pub drain_canary: bool,
     /// Events to publish: warning, reason, note.
     pub events: Vec<(bool, &'static str, String)>,
@@ -886,10 +894,6 @@ pub async fn step(
         let mut plan = Plan::new(st);
         plan.status.phase = phase::ROLLED_BACK.into();
         plan.stable = Some(stable_md);
-        if canary_pods_left(client, md).await {
-            plan.drain_canary = true;
-            plan.requeue = Some(POLL);
-        }
         return plan;
     }
     let mut events = Vec::new();
@@ -922,6 +926,15 @@ pub async fn step(
         ));
         windows.lock().expect("windows lock").remove(&key);
     }
+    // `spec.rollout` is no part of the revision: steps edited during a release apply to it. A
+    // step beyond the new list, or whose weight changed, is the list's nearest step, watched
+    // from the start.
+    let at_step = (st.step as usize).clamp(1, rollout.steps.len());
+    if at_step != st.step as usize || rollout.steps[at_step - 1].weight != st.weight {
+        st.step = at_step as u32;
+        st.weight = rollout.steps[at_step - 1].weight;
+        st.window_since_unix = 0;
+    }
     let mut plan = Plan::new(st.clone());
     plan.events = events;
     plan.requeue = Some(POLL);
@@ -945,11 +958,8 @@ pub async fn step(
         };
         plan.canary_weight = None;
         plan.stable_weight = 0;
-        // Its pods outlive the Deployment by their grace period: until they are gone the stable
-        // sidecars keep them in a canary group at 0 %, or they would take them for stable apps.
-        plan.drain_canary = live.canary.is_some();
         plan.finished = Some(outcome);
-        plan.requeue = plan.drain_canary.then_some(POLL);
+        plan.requeue = None;
         windows.lock().expect("windows lock").remove(&key);
         plan
     };
@@ -1026,10 +1036,8 @@ pub async fn step(
             return plan;
         };
         let (split, source, _) = read_split(prometheus, md, &pods, now).await;
-        let behind = split
-            .values()
-            .filter(|s| s.percent.is_some_and(|p| p != st.weight))
-            .count();
+        // A sidecar that could not be read is no evidence that it took the split.
+        let behind = split.values().filter(|s| s.percent != Some(st.weight)).count();
         if behind > 0 {
             let waited = now - since;
             if waited >= i64::from(rollout.ready_timeout_seconds) {
@@ -1050,9 +1058,9 @@ pub async fn step(
             );
             return plan;
         }
+        // readyTimeoutSeconds keeps running: it bounds the split's arrival and the pods' start
+        // together, so a Deployment that cannot be created is rolled back too.
         plan.canary_pods = true;
-        // The pods' readiness is waited for from their start.
-        plan.status.canary_since_unix = now;
     }
 
     // The canary's pods: all of them ready, or rolled back once the timeout is up.
@@ -1118,12 +1126,16 @@ pub async fn step(
         // Read from the pods: counted from the baseline taken when the window started (a
         // fallback from Prometheus starts a new one).
         (false, _) => {
-            let tag = format!("{rev}/{}/{}", st.step, st.weight);
+            // Tagged with the window's start, so a baseline from an earlier window of the same
+            // step (before a fallback to Prometheus and back) is never reused.
+            let tag = |since: i64| format!("{rev}/{}/{}/{since}", st.step, st.weight);
             let mut w = windows.lock().expect("windows lock");
             match w.get(&key) {
-                Some((t, base)) if *t == tag && st.window_since_unix > 0 => Some(window(&split, base)),
+                Some((t, base)) if st.window_since_unix > 0 && *t == tag(st.window_since_unix) => {
+                    Some(window(&split, base))
+                }
                 _ => {
-                    w.insert(key.clone(), (tag, split));
+                    w.insert(key.clone(), (tag(now), split));
                     None
                 }
             }

@@ -352,7 +352,7 @@ async fn started_judged_by(rollout: Value, prometheus: Option<&str>, t0: i64, di
             p.sidecar.set(sidecar_text(20, Counted::default(), Counted::default()));
         }
         let r = rollout_status(&pass(&client, &ctx, t0 + 2).await);
-        assert_eq!(r.canary_since_unix, t0 + 2, "{r:?}");
+        assert_eq!(r.canary_since_unix, t0 + 1, "{r:?}");
         assert!(deployment(&client, "shop-canary").await.is_some());
     }
     Release {
@@ -548,11 +548,15 @@ async fn a_good_change_is_promoted_step_by_step() {
     let s = rollout_status(&md);
     assert_eq!((s.phase.as_str(), s.canary_revision.as_str()), ("Stable", ""), "{s:?}");
     assert!(deployment(c, "shop-canary").await.is_none());
-    assert!(Api::<Service>::namespaced(c.clone(), NS)
-        .get_opt("shop-can")
+    // The canary's Service goes with its last pod.
+    let services = Api::<Service>::namespaced(c.clone(), NS);
+    assert!(services.get_opt("shop-can").await.unwrap().is_some());
+    Api::<Pod>::namespaced(c.clone(), NS)
+        .delete("shop-canary-x", &Default::default())
         .await
-        .unwrap()
-        .is_none());
+        .unwrap();
+    r.pass(95).await;
+    assert!(services.get_opt("shop-can").await.unwrap().is_none());
     assert!(sidecar_config(c, "shop-canary-sidecar").await.is_none());
     let reasons: Vec<String> = event_notes(c).await.into_iter().map(|(r, _)| r).collect();
     for want in ["CanaryStarted", "CanaryStepPassed", "CanaryPassed", "Promoted"] {
@@ -616,12 +620,16 @@ async fn a_canary_failing_requests_is_rolled_back_in_its_first_step() {
     assert_eq!(rollout_status(&md).phase, "RolledBack");
     assert!(deployment(c, "shop-canary").await.is_none());
     assert_eq!(split().await, Some(0), "the canary's pod is still there");
+    // Its Service stays with it: the 0 % group is found through it.
+    let services = Api::<Service>::namespaced(c.clone(), NS);
+    assert!(services.get_opt("shop-can").await.unwrap().is_some());
     Api::<Pod>::namespaced(c.clone(), NS)
         .delete("shop-canary-x", &Default::default())
         .await
         .unwrap();
     r.pass(35).await;
     assert_eq!(split().await, None, "the canary's pod is gone: so is its group");
+    assert!(services.get_opt("shop-can").await.unwrap().is_none());
     assert!(event_notes(c)
         .await
         .iter()
@@ -700,12 +708,11 @@ async fn a_canary_that_never_becomes_ready_is_rolled_back_after_the_timeout() {
     let md = r.pass(60).await;
     assert_eq!(rollout_status(&md).phase, "Progressing");
     assert!(
-        rollout_status(&md).message.contains("0 of 1 ready after 58 of 120 s"),
+        rollout_status(&md).message.contains("0 of 1 ready after 59 of 120 s"),
         "{}",
         rollout_status(&md).message
     );
-    assert_eq!(rollout_status(&r.pass(121).await).phase, "Progressing");
-    let md = r.pass(122).await;
+    let md = r.pass(121).await;
     let s = rollout_status(&md);
     assert_eq!(s.phase, "RolledBack", "{s:?}");
     assert!(
@@ -937,7 +944,9 @@ async fn with_a_prometheus_the_canary_is_judged_on_its_series() {
             p.sidecar.set(sidecar_text(20, Counted::default(), Counted::default()));
         }
         let s = rollout_status(&r.pass(unix_now() - t0).await);
-        held_for_prometheus |= s.message.contains("to take the split") && s.message.contains("read from Prometheus at");
+        // Held until Prometheus had scraped the split: the pods cannot be read, so only it can
+        // open the gate.
+        held_for_prometheus |= s.message.contains("to take the split");
         check(&s);
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
@@ -1143,4 +1152,52 @@ async fn a_split_that_never_reaches_a_sidecar_starts_no_canary_pod_and_is_rolled
         .upstream
         .canary
         .is_none());
+}
+
+/// A Prometheus that answers but does not scrape the mall (its ServiceMonitor not selected) is
+/// not taken for sidecars without the split: the judgement goes to the pods, and says why.
+#[tokio::test]
+async fn a_prometheus_without_the_malls_series_leaves_the_judgement_to_the_pods() {
+    if !prometheus_installed() {
+        return;
+    }
+    let prometheus = Prometheus::start().await;
+    // `started` has both stable sidecars take the split and sees the canary's pods start.
+    let r = started_judged_by(steps(), Some(&prometheus.url), 1_800_000_000, true).await;
+    r.canary_watched().await;
+    let s = rollout_status(&get(&r.client).await);
+    assert!(
+        s.message.contains("does it select the mall's ServiceMonitor?"),
+        "{}",
+        s.message
+    );
+}
+
+/// Steps edited during a release apply to it: a release at step 2 of a list cut to one step is
+/// at that step, with its weight, watched from the start (it stayed at step 2 of a one-step
+/// list, and indexed past it once judged).
+#[tokio::test]
+async fn steps_cut_during_a_release_move_it_to_the_nearest_step() {
+    let r = started(steps()).await;
+    let cp = r.canary_watched().await;
+    let ok = |n| Counted {
+        ok: n,
+        ..Default::default()
+    };
+    r.report(&cp, 20, ok(500), ok(100));
+    assert_eq!(rollout_status(&r.pass(40).await).step, 2);
+    Api::<MallDeployment>::namespaced(r.client.clone(), NS)
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "rollout": { "steps": [{ "weight": 30, "watchSeconds": 30 }] } } })),
+        )
+        .await
+        .unwrap();
+    let s = rollout_status(&r.pass(41).await);
+    assert_eq!(
+        (s.phase.as_str(), s.step, s.weight, s.window_since_unix),
+        ("Progressing", 1, 30, 0),
+        "{s:?}"
+    );
 }

@@ -1019,16 +1019,24 @@ impl<'w> Release<'w> {
 
     /// Calls the running pods' sidecars have made to the apps, by group (`stable`, `canary`), as
     /// each sidecar counts them (`sidecar_upstream_requests_total`), and how many of them were
-    /// answered 5xx or failed (`stable_failed`, `canary_failed`).
+    /// answered 5xx or failed (`stable_failed`, `canary_failed`). A pod on its way out (its
+    /// network gone before the stand-in kubelet forgets it) is skipped: its counts go with it.
     async fn upstream_calls(&self) -> BTreeMap<&'static str, f64> {
         let mut by_group = BTreeMap::new();
         for (pod, _, _) in self.kubelet.pods.values().flatten() {
-            let text = reqwest::get(format!("http://{}:9901/metrics", pod.ip))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let read = async {
+                reqwest::get(format!("http://{}:9901/metrics", pod.ip))
+                    .await?
+                    .text()
+                    .await
+            };
+            let text = match read.await {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("{}: metrics not read ({e}); left out", pod.name);
+                    continue;
+                }
+            };
             for line in text
                 .lines()
                 .filter(|l| l.starts_with("sidecar_upstream_requests_total{"))

@@ -236,8 +236,9 @@ pub struct Rollout {
     /// back.
     #[serde(default)]
     pub thresholds: RolloutThresholds,
-    /// A canary whose pods are not all ready this long after they were created (a crash loop, a
-    /// refused sidecar config, a failing readiness probe) is rolled back.
+    /// A canary whose pods are not all ready this long after the release started (a crash loop, a
+    /// refused sidecar config, a failing readiness probe), the split's arrival at every sidecar
+    /// included, or this long after a ready canary lost a pod, is rolled back.
     #[serde(default = "defaults::ready_timeout_seconds")]
     #[schemars(range(min = 10, max = 3600))]
     pub ready_timeout_seconds: u32,

@@ -780,7 +780,9 @@ impl<'a> Kubelet<'a> {
                 .is_none_or(|t| t.elapsed() > Duration::from_secs(10));
             if (old.is_some() || running.len() < want) && retry {
                 self.serial += 1;
-                let pod_name = format!("{name}-{}-{}", self.serial, std::process::id());
+                // Unique across the tests running at once in this process (i and j both run
+                // a `shop`): the pod runner first removes a container of the same name.
+                let pod_name = format!("{name}-{}-{}", self.serial, self.w.network.name);
                 match pod_runner::start_pod(&self.w.network, &cluster, &template, &pod_name).await {
                     Ok(pod) => {
                         let config = Self::config_of(&cluster, &template);

@@ -3,8 +3,9 @@
 //! `i % targets` (one URL per pod, so the sale spreads over pods without a balancer), and tries
 //! to buy one unit until let through, as a browser would:
 //!
-//! - 202 from a waiting room: waits the turn it names (`Waiting-Room-Wait-Ms`, else
-//!   `Retry-After`) and sends the order again with its ticket;
+//! - 202 from a waiting room: waits for the turn it names (`Waiting-Room-Turn-At-Ms` on this
+//!   machine's clock, else `Waiting-Room-Wait-Ms`, else `Retry-After`) and sends the order again
+//!   with its ticket;
 //! - 429: waits `Retry-After` (RFC 9110 10.2.3) and tries again;
 //! - anything else came from the app: the buyer was let through (201 bought, 409 sold out).
 //!
@@ -42,6 +43,9 @@ pub struct Arrivals {
     /// Run the attackers in the buyers' own runtime and connection pool, as this harness did
     /// before 2026-12-06: for comparison only (their answers then delay the buyers' turns).
     pub attackers_share_runtime: bool,
+    /// Buyers sleep `Waiting-Room-Wait-Ms` from the 202's arrival even where the ticket names
+    /// its turn as a time, as this harness did before 2026-12-06: for comparison only.
+    pub ignore_turn_at: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -137,9 +141,10 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         let token = tokens[i % tokens.len()].clone();
         let key = format!("lg-{run_id}-b{i}");
         let at = start + Duration::from_secs_f64(gap * i as f64);
+        let turn_at = !a.ignore_turn_at;
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
-            buy(&http, &url, &token, &key, product, &sold_out).await
+            buy(&http, &url, &token, &key, product, &sold_out, turn_at).await
         }));
     }
     // The attackers: accounts after the buyers', from the sale's start. They are other people's
@@ -359,7 +364,15 @@ impl Drop for AttackRuntime {
     }
 }
 
-async fn buy(http: &reqwest::Client, url: &str, token: &str, key: &str, product: u64, sold_out: &AtomicBool) -> Buyer {
+async fn buy(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    key: &str,
+    product: u64,
+    sold_out: &AtomicBool,
+    turn_at: bool,
+) -> Buyer {
     let mut b = Buyer {
         arrived: None,
         admitted: None,
@@ -408,8 +421,13 @@ async fn buy(http: &reqwest::Client, url: &str, token: &str, key: &str, product:
             202 => {
                 b.tickets += 1;
                 ticket = header("waiting-room-ticket");
-                let wait = header("waiting-room-wait-ms")
+                // The turn as a time (on a clock synced with the room's), so however long this
+                // answer took to arrive, the buyer is back at its turn; else the wait it names.
+                let wait = header("waiting-room-turn-at-ms")
+                    .filter(|_| turn_at)
                     .and_then(|v| v.parse::<u64>().ok())
+                    .map(|at| at.saturating_sub(unix_ms()))
+                    .or_else(|| header("waiting-room-wait-ms").and_then(|v| v.parse::<u64>().ok()))
                     .or(retry_after_ms)
                     .unwrap_or(1000);
                 b.waited = sent.duration_since(first) + Duration::from_millis(wait);
@@ -440,6 +458,12 @@ async fn buy(http: &reqwest::Client, url: &str, token: &str, key: &str, product:
         }
     }
     b
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn sleep_unless_sold_out(d: Duration, sold_out: &AtomicBool) {

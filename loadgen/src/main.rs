@@ -80,6 +80,11 @@ struct Cli {
     /// harness did before 2026-12-06 (for comparison; their answers then delay the buyers').
     #[arg(long)]
     attackers_share_runtime: bool,
+    /// Flash sale: buyers sleep `Waiting-Room-Wait-Ms` from the 202's arrival, not until the
+    /// turn the ticket names as a time (`Waiting-Room-Turn-At-Ms`), as this harness did before
+    /// 2026-12-06 (for comparison: a slow 202 then moves the buyer's return).
+    #[arg(long)]
+    ignore_turn_at: bool,
     /// Base URLs to spread the buyers over (one per pod's sidecar), comma-separated; default
     /// --target.
     #[arg(long, value_delimiter = ',')]
@@ -201,6 +206,7 @@ async fn arrivals(cli: &Cli, buyers: usize) -> anyhow::Result<bool> {
         attacker_requests: cli.attacker_requests,
         anonymous: cli.anonymous,
         attackers_share_runtime: cli.attackers_share_runtime,
+        ignore_turn_at: cli.ignore_turn_at,
     })
     .await?;
     let verdict = match (&db, &before) {

@@ -102,6 +102,9 @@ def main():
     ap.add_argument("--anonymous", type=int, default=200)
     ap.add_argument("--shared-runtime-too", action="store_true",
                     help="also run the attack with the attackers in the buyers' runtime (the old harness)")
+    ap.add_argument("--wait-ms-too", action="store_true",
+                    help="also run the attack with buyers sleeping the wait from the 202's arrival "
+                         "instead of returning at the turn the ticket names (mall-load --ignore-turn-at)")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
@@ -146,6 +149,10 @@ def main():
         # the buyers' own runtime (mall-load --attackers-share-runtime), for comparison.
         contenders = [("room", fronts["room"], []), ("limit", fronts["limit"], []),
                       ("room-attacked", fronts["room"], attack)]
+        # The attack once more with the buyers sleeping the wait from the 202's arrival, as
+        # before the ticket named its turn as a time (mall-load --ignore-turn-at).
+        if args.wait_ms_too:
+            contenders.append(("room-attacked-wait-ms", fronts["room"], attack + ["--ignore-turn-at"]))
         if args.shared_runtime_too:
             contenders.append(("room-attacked-shared", fronts["room"], attack + ["--attackers-share-runtime"]))
         for rnd in range(1, args.rounds + 1):

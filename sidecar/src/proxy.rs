@@ -523,6 +523,7 @@ impl ProxyHttp for MallProxy {
                         "ticket": t.token,
                         "position": t.position,
                         "wait_ms": t.wait_ms,
+                        "turn_at_ms": t.turn_at_ms,
                         "retry_after": retry_after,
                         "expires_at_ms": t.expires_ms,
                     })
@@ -533,6 +534,7 @@ impl ProxyHttp for MallProxy {
                         (crate::waiting_room::TICKET_HEADER, t.token.clone()),
                         ("waiting-room-position", t.position.to_string()),
                         ("waiting-room-wait-ms", t.wait_ms.to_string()),
+                        ("waiting-room-turn-at-ms", t.turn_at_ms.to_string()),
                         (
                             "set-cookie",
                             format!(

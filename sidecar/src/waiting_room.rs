@@ -73,6 +73,10 @@ pub struct Ticket {
     pub position: u64,
     /// Milliseconds until its turn (from now).
     pub wait_ms: u64,
+    /// The turn itself, `wait_ms` after the answer was made, in milliseconds since the Unix
+    /// epoch on the pod's clock: a client with a synced clock returns at it however long the
+    /// 202 took to reach it.
+    pub turn_at_ms: u64,
     pub expires_ms: u64,
 }
 
@@ -583,6 +587,7 @@ impl Room {
                     token,
                     position: ahead.ceil() as u64,
                     wait_ms,
+                    turn_at_ms: turn_ms,
                     expires_ms,
                 })
             }
@@ -863,6 +868,38 @@ mod tests {
             Admission::Wait(t) => t,
             other => panic!("expected a ticket, got {other:?}"),
         }
+    }
+
+    /// A ticket names its turn as a time as well as a wait: a client whose 202 was slow to
+    /// arrive returns at the turn, not the wait after the answer reached it, and is admitted then.
+    #[tokio::test]
+    async fn a_ticket_names_its_turn_as_a_time_and_a_buyer_back_at_it_is_admitted() {
+        let room = room(20.0, 1);
+        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        let before = now_ms() as u64;
+        let bob = ticket(room.admit(None, "bob", None).await);
+        let carol = ticket(room.admit(None, "carol", None).await);
+        let after = now_ms() as u64;
+        // The turn is the wait from when the answer was made, on the pod's wall clock.
+        assert!(
+            bob.turn_at_ms >= before + bob.wait_ms && bob.turn_at_ms <= after + bob.wait_ms,
+            "{bob:?} made between {before} and {after}"
+        );
+        // Later numbers have later turns, 1/rate apart.
+        let gap = carol.turn_at_ms as i64 - bob.turn_at_ms as i64;
+        assert!((40..=60).contains(&gap), "{bob:?} {carol:?}");
+        // Carol's answer took 40 ms to reach her: she sleeps to the time named, not 40 ms more.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let until = carol.turn_at_ms.saturating_sub(now_ms() as u64);
+        tokio::time::sleep(Duration::from_millis(until + 2)).await;
+        assert!(matches!(
+            room.admit(Some(&carol.token), "carol", None).await,
+            Admission::Admit { .. }
+        ));
+        // And asked again before the turn, the same place names the same time.
+        let dave = ticket(room.admit(None, "dave", None).await);
+        let again = ticket(room.admit(None, "dave", None).await);
+        assert!(again.turn_at_ms.abs_diff(dave.turn_at_ms) <= 2, "{dave:?} {again:?}");
     }
 
     #[tokio::test]

@@ -68,6 +68,13 @@ struct Sale {
     decisions: std::collections::BTreeMap<String, u64>,
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 async fn sale(front: Front) -> Option<Sale> {
     let url = fresh_database("MALL_TEST_POSTGRES_URL", "postgres://mall:mall@127.0.0.1:5432/test").await?;
     let redis_port = free_addr().port();
@@ -251,6 +258,7 @@ async fn sale(front: Front) -> Option<Sale> {
                 if let Some(t) = &ticket {
                     request = request.header("waiting-room-ticket", t);
                 }
+                let sent_at_ms = unix_ms();
                 let r = request.send().await.unwrap();
                 let status = r.status().as_u16();
                 let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -259,8 +267,16 @@ async fn sale(front: Front) -> Option<Sale> {
                         tickets += 1;
                         waiting_since.get_or_insert(sent);
                         ticket = header("waiting-room-ticket");
+                        // The turn as a time is the wait from the moment the answer was made
+                        // (same clock here): the buyer returns at it.
                         let wait: u64 = header("waiting-room-wait-ms").unwrap().parse().unwrap();
-                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        let turn_at: u64 = header("waiting-room-turn-at-ms").unwrap().parse().unwrap();
+                        let made_at = turn_at - wait;
+                        assert!(
+                            (sent_at_ms.saturating_sub(1)..=unix_ms() + 1).contains(&made_at),
+                            "turn at {turn_at} - wait {wait} outside the request's {sent_at_ms}..now"
+                        );
+                        tokio::time::sleep(Duration::from_millis(turn_at.saturating_sub(unix_ms()))).await;
                     }
                     429 => {
                         let wait: u64 = header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(1);

@@ -62,7 +62,8 @@ fn tool(name: &str, package: &str) -> bool {
     false
 }
 
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+/// Waits for `check`; on timeout, panics with what `explain` says (the state and the logs).
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F, explain: &dyn Fn() -> String)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -75,7 +76,14 @@ where
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    panic!("{what}: not within {limit:?}");
+    panic!("{what}: not within {limit:?}\n{}", explain());
+}
+
+/// The last `n` lines of a log file.
+fn tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -136,6 +144,7 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
     // Alertmanager: every alert to the webhook, quickly, repeated every 4 s while firing.
     let am_addr = free_addr();
     let am_config = dir.path().join("alertmanager.yml");
+    let am_log = dir.path().join("alertmanager.log");
     std::fs::write(
         &am_config,
         format!(
@@ -150,8 +159,9 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
             .arg(format!("--storage.path={}", dir.path().join("am").display()))
             .arg(format!("--web.listen-address={am_addr}"))
             .arg("--cluster.listen-address=")
+            .arg("--log.level=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&am_log).unwrap())
             .spawn()
             .expect("alertmanager runs"),
     );
@@ -208,14 +218,35 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
         })
     };
 
+    // What a timed-out wait shows: the webhook's answers, the last alert state read, and what
+    // Alertmanager did (its debug log names every notification and its outcome).
+    let last_state = std::sync::Mutex::new(String::from("(not read)"));
+    let explain = || {
+        let answers: Vec<String> = ["ok", "error", "unauthorized", "bad_request", "unknown_target"]
+            .iter()
+            .map(|r| format!("{r} {}", ctx.metrics.webhook.with_label_values(&[r]).get()))
+            .collect();
+        format!(
+            "webhook answers: {}\nlast status.alertScaling: {}\nAlertmanager's log (last 60 lines):\n{}",
+            answers.join(", "),
+            last_state.lock().unwrap(),
+            tail(&am_log, 60)
+        )
+    };
+
     // CriticalQPS fires (after its `for: 1m`), reaches the webhook, and the replicas double.
     let replicas = || async { mds.get(NAME).await.map(|m| m.spec.replicas).unwrap_or(0) };
     // The webhook writes spec.replicas, then the status that records why: two requests, so wait
     // for both (a read between them saw the new replicas and no last_scale yet).
-    wait_until("replicas doubled by CriticalQPS", Duration::from_secs(150), || async {
-        let md = mds.get(NAME).await.ok();
-        md.is_some_and(|m| m.spec.replicas == 2 && m.status.is_some_and(|s| s.last_scale.is_some()))
-    })
+    wait_until(
+        "replicas doubled by CriticalQPS",
+        Duration::from_secs(150),
+        || async {
+            let md = mds.get(NAME).await.ok();
+            md.is_some_and(|m| m.spec.replicas == 2 && m.status.is_some_and(|s| s.last_scale.is_some()))
+        },
+        &explain,
+    )
     .await;
     let status = mds.get(NAME).await.unwrap().status.unwrap();
     let event = status.last_scale.expect("the scale is recorded");
@@ -255,7 +286,12 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
     wait_until(
         "CriticalQPS resolved by the dead Prometheus",
         Duration::from_secs(60),
-        || async { reconcile().await.status.unwrap().alert_scaling.resolved_since.is_some() },
+        || async {
+            let state = reconcile().await.status.unwrap().alert_scaling;
+            *last_state.lock().unwrap() = format!("{state:?} at {}", autoscale::now());
+            state.resolved_since.is_some()
+        },
+        &explain,
     )
     .await;
     let held_from = Instant::now();
@@ -283,7 +319,12 @@ async fn critical_qps_doubles_replicas_once_and_they_come_back() {
     wait_until(
         "replicas back after the alert resolved",
         Duration::from_secs(150),
-        || async { reconcile().await.spec.replicas == 1 },
+        || async {
+            let md = reconcile().await;
+            *last_state.lock().unwrap() = format!("{:?} at {}", md.status.map(|s| s.alert_scaling), autoscale::now());
+            md.spec.replicas == 1
+        },
+        &explain,
     )
     .await;
     let event = mds.get(NAME).await.unwrap().status.unwrap().last_scale.unwrap();

@@ -180,7 +180,11 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         attack.push(attack_runtime.spawn(async move {
             tokio::time::sleep_until(start.into()).await;
             let body = json!({ "items": [{ "product_id": product, "quantity": 1 }] });
+            // No new request once the sale is sold out, but the ones in flight are answered and
+            // counted: one dropped after the app took its order would be an order missing from
+            // the ledger the database check compares with.
             let results: Vec<(u16, Option<(String, String)>)> = futures_util::stream::iter(0..requests)
+                .take_while(|_| std::future::ready(!sold_out.load(Ordering::Relaxed)))
                 .map(|k| {
                     let (http, url, token, body, key) = (&http, &url, &token, &body, format!("lg-{run_id}-a{j}-{k}"));
                     async move {
@@ -205,7 +209,6 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
                     }
                 })
                 .buffer_unordered(4)
-                .take_while(|_| std::future::ready(!sold_out.load(Ordering::Relaxed)))
                 .collect()
                 .await;
             results

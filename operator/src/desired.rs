@@ -222,6 +222,7 @@ pub fn sidecar_config(md: &MallDeployment, tuning: &Tuning, sale: &SalePlan) -> 
         c.waiting_room.readmit_after_seconds = room
             .readmit_after_seconds
             .map_or(c.waiting_room.readmit_after_seconds, u64::from);
+        c.waiting_room.refusal_delay_ms = room.refusal_delay_ms.map_or(c.waiting_room.refusal_delay_ms, u64::from);
         // Without Redis each pod admits its share; with as many pods as may run, the fleet
         // never admits more than the budget.
         c.waiting_room.replicas = s.max_replicas.max(1) as u32;

@@ -162,6 +162,7 @@ def waiting_room_section(md, lines):
         md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for front, label in (("room", "waiting room"), ("limit", "429 limit"),
                              ("room-attacked", "waiting room, attacked"),
+                             ("room-attacked-nohold", "waiting room, attacked, refusals answered at once"),
                              ("room-attacked-wait-ms", "waiting room, attacked, buyers sleeping the wait (no turn time)"),
                              ("room-attacked-shared", "waiting room, attacked, attackers in the buyers' runtime")):
             rows = [l for l in full if l["front"] == front]

@@ -22,7 +22,7 @@ from procstat import log
 SECRET = "bench-waiting-room-secret-of-32-bytes-at-least"
 
 
-def sidecar_toml(listen, admin, app_port, front, budget, burst, prefix):
+def sidecar_toml(listen, admin, app_port, front, budget, burst, prefix, refusal_delay_ms=1000):
     common = f"""
 [server]
 listen = "127.0.0.1:{listen}"
@@ -50,6 +50,7 @@ burst = {burst}
 secret = "{SECRET}"
 replicas = 2
 numbers_per_address_per_minute = 0  # every buyer of the benchmark is on loopback
+refusal_delay_ms = {refusal_delay_ms}
 
 [waiting_room.redis]
 url = "redis://127.0.0.1:6379"
@@ -128,12 +129,16 @@ def main():
             procs.append(p)
             wait_ready(port, p, logfile)
         fronts = {}
-        for front, base in (("room", 8501), ("limit", 8511)):
+        # The room as configured by default (refusals and repeats held 1 s), and the same room
+        # answering them at once (refusal_delay_ms = 0, as before 2026-12-06) beside it.
+        for front, base in (("room", 8501), ("limit", 8511), ("room-nohold", 8521)):
             urls = []
             for i, app_port in enumerate((3501, 3502)):
                 listen, admin = base + i, base + 1000 + i
                 conf = work / f"room-sidecar-{front}-{i}.toml"
-                conf.write_text(sidecar_toml(listen, admin, app_port, front, args.budget, args.burst, prefix))
+                kind = "room" if front.startswith("room") else front
+                conf.write_text(sidecar_toml(listen, admin, app_port, kind, args.budget, args.burst, prefix,
+                                             0 if front == "room-nohold" else 1000))
                 p = subprocess.Popen([str(bin_dir / "sidecar"), "-c", str(conf)],
                                      stdout=open(work / f"room-sidecar-{front}-{i}.log", "w"),
                                      stderr=subprocess.STDOUT)
@@ -151,6 +156,7 @@ def main():
                       ("room-attacked", fronts["room"], attack)]
         # The attack once more with the buyers sleeping the wait from the 202's arrival, as
         # before the ticket named its turn as a time (mall-load --ignore-turn-at).
+        contenders.append(("room-attacked-nohold", fronts["room-nohold"], attack))
         if args.wait_ms_too:
             contenders.append(("room-attacked-wait-ms", fronts["room"], attack + ["--ignore-turn-at"]))
         if args.shared_runtime_too:

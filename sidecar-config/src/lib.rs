@@ -582,6 +582,11 @@ pub struct WaitingRoom {
     /// A buyer let through gets no new place for this long (429 `already_admitted`): one
     /// order per buyer in a sale, however many requests it sends. 0: a new place at once.
     pub readmit_after_seconds: u64,
+    /// Answers that give a client nothing new (a refusal, or a ticketless repeat's own place
+    /// again) are held this long before they are sent: a bot that sends its next request when
+    /// the last is answered is slowed to one request per this per connection, at the cost of a
+    /// timer, while an honest buyer's first answer and its admission are never held. 0: at once.
+    pub refusal_delay_ms: u64,
     /// Shared admission through Redis; without it, or while Redis is down, each pod admits
     /// `admit_per_second / replicas` from a queue of its own.
     pub redis: Option<RoomRedis>,
@@ -603,6 +608,7 @@ impl Default for WaitingRoom {
             no_show_grace_ms: 2000,
             numbers_per_address_per_minute: 30,
             readmit_after_seconds: 60,
+            refusal_delay_ms: 1000,
             redis: None,
             replicas: 1,
         }
@@ -989,6 +995,12 @@ impl SidecarConfig {
                 return Err(ConfigError::invalid(
                     "waiting_room.no_show_grace_ms",
                     "must be 100..=600000: a buyer needs a moment to come back when its turn comes",
+                ));
+            }
+            if w.refusal_delay_ms > 10_000 {
+                return Err(ConfigError::invalid(
+                    "waiting_room.refusal_delay_ms",
+                    "must be 0..=10000: a held answer keeps its connection open",
                 ));
             }
             if http_token(&w.bind_header).is_none() {

@@ -510,7 +510,12 @@ impl ProxyHttp for MallProxy {
                 .filter_map(|v| v.to_str().ok().map(str::to_string));
             let ticket = crate::waiting_room::presented_ticket(header(crate::waiting_room::TICKET_HEADER), cookies);
             let binding = header(room.bind_header()).unwrap_or("").to_string();
-            match room.admit(ticket.as_deref(), &binding, ctx.client_ip).await {
+            let admission = room.admit(ticket.as_deref(), &binding, ctx.client_ip).await;
+            let hold = room.hold(&admission);
+            if !hold.is_zero() {
+                tokio::time::sleep(hold).await;
+            }
+            match admission {
                 Admission::Admit { .. } => {
                     room_admitted = true;
                     ctx.note_room("admitted");

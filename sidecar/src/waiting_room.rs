@@ -78,6 +78,8 @@ pub struct Ticket {
     /// 202 took to reach it.
     pub turn_at_ms: u64,
     pub expires_ms: u64,
+    /// A buyer asked again without its ticket and is given its own place back.
+    pub repeat: bool,
 }
 
 pub struct Room {
@@ -105,6 +107,11 @@ pub struct Room {
     local_places: moka::sync::Cache<String, Place>,
     /// How long an admitted buyer is given no new place (ms; 0: at once).
     readmit_ms: u64,
+    /// How long an answer that gives its client nothing new is held (see `Room::hold`).
+    refusal_delay: Duration,
+    /// One decision at a time per buyer on this pod: a buyer's concurrent requests are decided
+    /// one after the other, each seeing what the last one did to its place.
+    deciding: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
     shared_up: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -382,6 +389,11 @@ impl Room {
                     .build(),
             }),
             readmit_ms: config.readmit_after_seconds * 1000,
+            refusal_delay: Duration::from_millis(config.refusal_delay_ms),
+            deciding: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(Duration::from_secs(60))
+                .build(),
             local_places: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_live(places_live)
@@ -431,6 +443,17 @@ impl Room {
     /// Decides for a request to the room's route: `ticket` as presented, `binding` the value of
     /// the bind header (empty when absent), `client` the client's address (trusted-proxy rules
     /// applied).
+    /// How long to hold the answer to `admission` before sending it: answers that give the
+    /// client nothing new (a refusal, its own place again) wait `refusal_delay_ms`, so a client
+    /// that sends again as soon as it is answered (the usual bot) sends once per delay per
+    /// connection; a new buyer's ticket and every admission go at once.
+    pub fn hold(&self, admission: &Admission) -> Duration {
+        match admission {
+            Admission::Refuse { .. } | Admission::Wait(Ticket { repeat: true, .. }) => self.refusal_delay,
+            _ => Duration::ZERO,
+        }
+    }
+
     pub async fn admit(&self, ticket: Option<&str>, binding: &str, client: Option<std::net::IpAddr>) -> Admission {
         let now = now_ms();
         let Some(buyer) = self.buyer(binding, now) else {
@@ -449,6 +472,16 @@ impl Room {
             };
         };
         let bind = bind_tag(&buyer);
+        // One of this buyer's requests at a time (a bot sends several at once): otherwise one
+        // could be admitted from this pod's own line while Redis is slow and another, in flight
+        // to Redis at the same moment, come back "waiting" and erase that admission here, so the
+        // buyer's shared place admits it a second time later.
+        let decision = self
+            .deciding
+            .get_with_by_ref(&bind, || Arc::new(tokio::sync::Mutex::new(())));
+        let _one_at_a_time = decision.lock().await;
+        // The time of the decision, after any wait for the buyer's request before this one.
+        let now = now_ms();
         let presented = match ticket.map(|t| self.verify(t, &bind)) {
             None => None,
             Some(Ok(t)) => Some(t),
@@ -589,6 +622,7 @@ impl Room {
                     wait_ms,
                     turn_at_ms: turn_ms,
                     expires_ms,
+                    repeat: presented.is_none() && step.reused,
                 })
             }
         }
@@ -680,8 +714,7 @@ impl Room {
         self.metrics.waiting_room_shared.set(if up { 1.0 } else { 0.0 });
         let (outcome, n, horizon, _clock, issued_ms, reused, passed) = answer.ok()?.ok()?;
         if outcome == 0 {
-            // Remembered here too, so a repeat on this pod is not charged to its address.
-            self.local_places.insert(bind.to_string(), Place::Shared);
+            self.remember_shared(bind);
         }
         if outcome == 1 && self.readmit_ms > 0 {
             self.local_places.insert(bind.to_string(), Place::Admitted(now as u64));
@@ -694,6 +727,18 @@ impl Room {
             reused: reused == 1,
             passed,
         })
+    }
+
+    /// A buyer waiting on the fleet's line, remembered here too so a repeat on this pod is not
+    /// charged to its address; never over an admission this pod made (from its own line while
+    /// Redis was slow, which Redis does not know): that must keep refusing the buyer's repeats.
+    fn remember_shared(&self, bind: &str) {
+        self.local_places
+            .entry_by_ref(bind)
+            .and_compute_with(|place| match place.map(|e| e.into_value()) {
+                Some(Place::Admitted(_)) => moka::ops::compute::Op::Nop,
+                _ => moka::ops::compute::Op::Put(Place::Shared),
+            });
     }
 
     fn local_step(&self, n: Option<u64>, bind: &str, allow_new: bool, now: f64) -> Step {
@@ -868,6 +913,95 @@ mod tests {
             Admission::Wait(t) => t,
             other => panic!("expected a ticket, got {other:?}"),
         }
+    }
+
+    /// An admission this pod made from its own line (Redis slow) is not erased by an answer
+    /// from the fleet's line that arrives after it saying the buyer still waits there: its
+    /// repeats stay refused, so its place on the fleet's line cannot admit it a second time.
+    #[tokio::test]
+    async fn a_local_admission_outlives_a_late_answer_from_the_shared_line() {
+        let room = room(1.0, 5);
+        let bind = bind_tag("h:mallory");
+        // Admitted from this pod's line while a request of the same buyer was in flight to Redis,
+        // whose answer ("waiting", outcome 0) comes back afterwards.
+        room.local_places.insert(bind.clone(), Place::Admitted(now_ms() as u64));
+        room.remember_shared(&bind);
+        let again = room.admit(None, "mallory", None).await;
+        assert!(
+            matches!(
+                again,
+                Admission::Refuse {
+                    status: 429,
+                    code: "already_admitted",
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+        // A buyer who was not admitted here is remembered as waiting on the fleet's line.
+        let other = bind_tag("h:trudy");
+        room.remember_shared(&other);
+        assert_eq!(room.local_places.get(&other), Some(Place::Shared));
+    }
+
+    /// A buyer's concurrent requests are decided one after the other on a pod: with Redis not
+    /// answering (each shared step waits out `timeout_ms`), two requests of one buyer take two
+    /// timeouts, not one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_buyers_concurrent_requests_are_decided_one_at_a_time() {
+        // A Redis that accepts connections and never answers.
+        let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = WaitingRoom {
+            enabled: true,
+            admit_per_second: 10.0,
+            burst: 1,
+            secret: "a-secret-of-at-least-thirty-two-bytes!".into(),
+            redis: Some(mall_sidecar_config::RoomRedis {
+                url: format!("redis://{}", hole.local_addr().unwrap()),
+                key_prefix: "hole".into(),
+                timeout_ms: 300,
+            }),
+            ..WaitingRoom::default()
+        };
+        let room = Room::new(&config, Arc::new(Metrics::new())).unwrap();
+        let bind = bind_tag("h:mallory");
+        let now = now_ms() as u64;
+        let shared = room.sign(7, "g", now, now + 60_000, &bind);
+        let started = std::time::Instant::now();
+        let (a, b) = tokio::join!(
+            room.admit(Some(&shared), "mallory", None),
+            room.admit(Some(&shared), "mallory", None)
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(590),
+            "decided side by side in {took:?}: {a:?} {b:?}"
+        );
+    }
+
+    /// Only answers that give the client nothing new are held: refusals and a ticketless
+    /// repeat's own place; a new buyer's ticket, a ticket back before its turn and an
+    /// admission go at once.
+    #[tokio::test]
+    async fn answers_that_give_nothing_new_are_held() {
+        let room = room(1.0, 1);
+        let delay = Duration::from_millis(WaitingRoom::default().refusal_delay_ms);
+        assert!(!delay.is_zero());
+        let admitted = room.admit(None, "alice", None).await;
+        assert_eq!(room.hold(&admitted), Duration::ZERO, "{admitted:?}");
+        let first = ticket(room.admit(None, "bob", None).await);
+        assert!(!first.repeat);
+        let early = room.admit(Some(&first.token), "bob", None).await;
+        assert_eq!(room.hold(&early), Duration::ZERO, "{early:?}");
+        let again = room.admit(None, "bob", None).await;
+        assert!(matches!(&again, Admission::Wait(t) if t.repeat), "{again:?}");
+        assert_eq!(room.hold(&again), delay);
+        let anonymous = room.admit(None, "", None).await;
+        assert!(matches!(anonymous, Admission::Refuse { status: 401, .. }));
+        assert_eq!(room.hold(&anonymous), delay);
+        let forged = room.admit(Some("1.g.2.3.x.forged"), "bob", None).await;
+        assert!(matches!(forged, Admission::Refuse { status: 403, .. }));
+        assert_eq!(room.hold(&forged), delay);
     }
 
     /// A ticket names its turn as a time as well as a wait: a client whose 202 was slow to

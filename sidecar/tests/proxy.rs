@@ -392,6 +392,7 @@ async fn the_shared_waiting_room_gives_one_place_per_buyer_and_passes_no_shows_o
     let config = format!(
         "{}\n[rate_limit]\nenabled = false\n[waiting_room]\nenabled = true\nmethod = \"GET\"\npath = \"/who\"\n\
          admit_per_second = 1.0\nburst = 1\nno_show_grace_ms = 300\nnumbers_per_address_per_minute = 5\n\
+         refusal_delay_ms = 0\n\
          secret = \"a-secret-of-at-least-thirty-two-bytes!!\"\n[waiting_room.redis]\nurl = \"{redis}\"\n\
          key_prefix = \"{prefix}\"\ntimeout_ms = 500\n",
         upstream_section(&[stub.addr], "round_robin")
@@ -481,6 +482,61 @@ async fn the_shared_waiting_room_gives_one_place_per_buyer_and_passes_no_shows_o
         + b.metric("sidecar_waiting_room_tickets_total", "outcome=\"no_show\"")
             .await;
     assert!((1.0..=4.0).contains(&passed), "{passed} no-shows passed over");
+}
+
+/// Answers that give a client nothing new are held (`refusal_delay_ms`): a bot that sends again
+/// as soon as it is answered is slowed to one request per delay per connection. A new buyer's
+/// ticket and an admission go at once, and a held answer holds no other client up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_waiting_room_holds_answers_that_give_a_client_nothing_new() {
+    let stub = Stub::start("app", 0).await;
+    const DELAY: Duration = Duration::from_millis(1500);
+    let config = format!(
+        "{}\n[rate_limit]\nenabled = false\n[waiting_room]\nenabled = true\nmethod = \"GET\"\npath = \"/who\"\n\
+         admit_per_second = 1.0\nburst = 1\nnumbers_per_address_per_minute = 0\nrefusal_delay_ms = {}\n\
+         secret = \"a-secret-of-at-least-thirty-two-bytes!!\"\n",
+        upstream_section(&[stub.addr], "round_robin"),
+        DELAY.as_millis()
+    );
+    let sidecar = Sidecar::start(&config).await;
+    let http = client();
+    let ask = |who: Option<&str>| {
+        let mut r = http.get(sidecar.url("/who"));
+        if let Some(who) = who {
+            r = r.header("authorization", format!("Bearer {who}"));
+        }
+        async move {
+            let started = std::time::Instant::now();
+            let status = r.send().await.unwrap().status().as_u16();
+            (status, started.elapsed())
+        }
+    };
+    // Admitted (the burst) and a new buyer's ticket: at once.
+    let (status, took) = ask(Some("opener")).await;
+    assert_eq!(status, 200);
+    assert!(took < DELAY, "an admission was held {took:?}");
+    let (status, took) = ask(Some("greedy")).await;
+    assert_eq!(status, 202);
+    assert!(took < DELAY, "a new buyer's ticket was held {took:?}");
+    // Ten anonymous requests and ten ticketless repeats at once, while a new buyer arrives:
+    // each held answer waits the delay, side by side, and the newcomer is not held up by them.
+    let held: Vec<_> = (0..10)
+        .map(|_| ask(None))
+        .chain((0..10).map(|_| ask(Some("greedy"))))
+        .collect();
+    let started = std::time::Instant::now();
+    let held = tokio::spawn(futures_util::future::join_all(held));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, took) = ask(Some("newcomer")).await;
+    assert_eq!(status, 202);
+    assert!(took < DELAY, "a newcomer waited {took:?} behind held answers");
+    let held = held.await.unwrap();
+    let all = started.elapsed();
+    for (i, (status, took)) in held.iter().enumerate() {
+        assert_eq!(*status, if i < 10 { 401 } else { 202 }, "request {i}");
+        assert!(*took >= DELAY, "request {i} answered after {took:?}, not held");
+    }
+    assert!(all < DELAY * 2, "held answers were held one after another: {all:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

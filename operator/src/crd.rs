@@ -798,9 +798,10 @@ pub struct WaitingRoomSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 86400))]
     pub readmit_after_seconds: Option<u32>,
-    /// Refusals, and a repeat's own place again, are answered this many milliseconds late
-    /// (default 1000; 0: at once): a bot that sends again as soon as it is answered is slowed
-    /// to one request per delay per connection. New tickets and admissions are never held.
+    /// Refusals, and a repeat's own place again, are answered about this many milliseconds late
+    /// (default 1000; 0: at once; each from half to one and a half of it): a bot that sends
+    /// again as soon as it is answered is slowed to about one request per delay per
+    /// connection. New tickets and admissions are never held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 10000))]
     pub refusal_delay_ms: Option<u32>,

@@ -583,9 +583,11 @@ pub struct WaitingRoom {
     /// order per buyer in a sale, however many requests it sends. 0: a new place at once.
     pub readmit_after_seconds: u64,
     /// Answers that give a client nothing new (a refusal, or a ticketless repeat's own place
-    /// again) are held this long before they are sent: a bot that sends its next request when
-    /// the last is answered is slowed to one request per this per connection, at the cost of a
-    /// timer, while an honest buyer's first answer and its admission are never held. 0: at once.
+    /// again) are held about this long before they are sent (from half to one and a half of
+    /// it, so clients that start together do not come back together): a bot that sends its
+    /// next request when the last is answered is slowed to about one request per this per
+    /// connection, at the cost of a timer, while an honest buyer's first answer and its
+    /// admission are never held. 0: at once.
     pub refusal_delay_ms: u64,
     /// Shared admission through Redis; without it, or while Redis is down, each pod admits
     /// `admit_per_second / replicas` from a queue of its own.

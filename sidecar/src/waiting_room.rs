@@ -112,6 +112,8 @@ pub struct Room {
     /// One decision at a time per buyer on this pod: a buyer's concurrent requests are decided
     /// one after the other, each seeing what the last one did to its place.
     deciding: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Holds drawn so far, seeded from the clock: the source of each hold's spread.
+    holds: std::sync::atomic::AtomicU64,
     shared_up: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -390,6 +392,7 @@ impl Room {
             }),
             readmit_ms: config.readmit_after_seconds * 1000,
             refusal_delay: Duration::from_millis(config.refusal_delay_ms),
+            holds: std::sync::atomic::AtomicU64::new(now as u64),
             deciding: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_idle(Duration::from_secs(60))
@@ -447,9 +450,21 @@ impl Room {
     /// client nothing new (a refusal, its own place again) wait `refusal_delay_ms`, so a client
     /// that sends again as soon as it is answered (the usual bot) sends once per delay per
     /// connection; a new buyer's ticket and every admission go at once.
+    ///
+    /// Each hold is drawn from half to one and a half times the delay (the mean is the delay):
+    /// clients that start together, as a bot's connections do when a sale opens, would
+    /// otherwise come back together every delay, a wave of requests the honest buyers of that
+    /// moment queue behind.
     pub fn hold(&self, admission: &Admission) -> Duration {
         match admission {
-            Admission::Refuse { .. } | Admission::Wait(Ticket { repeat: true, .. }) => self.refusal_delay,
+            Admission::Refuse { .. } | Admission::Wait(Ticket { repeat: true, .. }) => {
+                let delay = self.refusal_delay.as_micros() as u64;
+                if delay == 0 {
+                    return Duration::ZERO;
+                }
+                let spread = splitmix64(self.holds.fetch_add(1, Ordering::Relaxed)) % (delay + 1);
+                Duration::from_micros(delay / 2 + spread)
+            }
             _ => Duration::ZERO,
         }
     }
@@ -861,6 +876,15 @@ struct Presented {
 }
 
 /// A short, non-reversible tag of the buyer's credentials.
+/// SplitMix64 (Steele, Lea and Flood, 2014): consecutive counters give well-spread values,
+/// enough for jitter (nothing here needs to be unpredictable).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 fn bind_tag(binding: &str) -> String {
     let digest = Sha256::digest(binding.as_bytes());
     URL_SAFE_NO_PAD.encode(&digest[..9])
@@ -995,13 +1019,27 @@ mod tests {
         assert_eq!(room.hold(&early), Duration::ZERO, "{early:?}");
         let again = room.admit(None, "bob", None).await;
         assert!(matches!(&again, Admission::Wait(t) if t.repeat), "{again:?}");
-        assert_eq!(room.hold(&again), delay);
         let anonymous = room.admit(None, "", None).await;
         assert!(matches!(anonymous, Admission::Refuse { status: 401, .. }));
-        assert_eq!(room.hold(&anonymous), delay);
         let forged = room.admit(Some("1.g.2.3.x.forged"), "bob", None).await;
         assert!(matches!(forged, Admission::Refuse { status: 403, .. }));
-        assert_eq!(room.hold(&forged), delay);
+        // Each hold is between half and one and a half delays, spread so that clients which
+        // start together do not come back together: over many, the mean is the delay.
+        let holds: Vec<Duration> = (0..3000)
+            .map(|i| room.hold([&again, &anonymous, &forged][i % 3]))
+            .collect();
+        assert!(
+            holds.iter().all(|h| *h >= delay / 2 && *h <= delay * 3 / 2),
+            "{holds:?}"
+        );
+        let mean = holds.iter().sum::<Duration>() / holds.len() as u32;
+        assert!(
+            mean > delay * 95 / 100 && mean < delay * 105 / 100,
+            "mean hold {mean:?}"
+        );
+        let tenths: std::collections::BTreeSet<u128> =
+            holds.iter().map(|h| h.as_millis() * 10 / delay.as_millis()).collect();
+        assert!(tenths.len() >= 10, "holds bunched in {tenths:?} tenths of the delay");
     }
 
     /// A ticket names its turn as a time as well as a wait: a client whose 202 was slow to

@@ -490,7 +490,7 @@ async fn the_shared_waiting_room_gives_one_place_per_buyer_and_passes_no_shows_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_waiting_room_holds_answers_that_give_a_client_nothing_new() {
     let stub = Stub::start("app", 0).await;
-    const DELAY: Duration = Duration::from_millis(1500);
+    const DELAY: Duration = Duration::from_millis(2000);
     let config = format!(
         "{}\n[rate_limit]\nenabled = false\n[waiting_room]\nenabled = true\nmethod = \"GET\"\npath = \"/who\"\n\
          admit_per_second = 1.0\nburst = 1\nnumbers_per_address_per_minute = 0\nrefusal_delay_ms = {}\n\
@@ -514,10 +514,10 @@ async fn the_waiting_room_holds_answers_that_give_a_client_nothing_new() {
     // Admitted (the burst) and a new buyer's ticket: at once.
     let (status, took) = ask(Some("opener")).await;
     assert_eq!(status, 200);
-    assert!(took < DELAY, "an admission was held {took:?}");
+    assert!(took < DELAY / 2, "an admission was held {took:?}");
     let (status, took) = ask(Some("greedy")).await;
     assert_eq!(status, 202);
-    assert!(took < DELAY, "a new buyer's ticket was held {took:?}");
+    assert!(took < DELAY / 2, "a new buyer's ticket was held {took:?}");
     // Ten anonymous requests and ten ticketless repeats at once, while a new buyer arrives:
     // each held answer waits the delay, side by side, and the newcomer is not held up by them.
     let held: Vec<_> = (0..10)
@@ -529,12 +529,12 @@ async fn the_waiting_room_holds_answers_that_give_a_client_nothing_new() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (status, took) = ask(Some("newcomer")).await;
     assert_eq!(status, 202);
-    assert!(took < DELAY, "a newcomer waited {took:?} behind held answers");
+    assert!(took < DELAY / 2, "a newcomer waited {took:?} behind held answers");
     let held = held.await.unwrap();
     let all = started.elapsed();
     for (i, (status, took)) in held.iter().enumerate() {
         assert_eq!(*status, if i < 10 { 401 } else { 202 }, "request {i}");
-        assert!(*took >= DELAY, "request {i} answered after {took:?}, not held");
+        assert!(*took >= DELAY / 2, "request {i} answered after {took:?}, not held");
     }
     assert!(all < DELAY * 2, "held answers were held one after another: {all:?}");
 }

@@ -570,7 +570,7 @@ pub struct WaitingRoom {
     /// The request header a ticket is bound to (whose value only its buyer sends). A buyer is
     /// the `sub` of an HS256 bearer token the room's `secret` verifies (the mall's tokens: one
     /// place per user, however often they log in), else the header's value. A request without
-    /// the header takes no number: it goes on to the app (which answers 401) under the rate limit.
+    /// the header takes no number: the room refuses it (401 with `authorization`, else 400).
     pub bind_header: String,
     /// How long after its turn a ticket's holder has to come back before the turn passes to the
     /// next buyer: numbers nobody uses do not consume the admission rate.

@@ -21,7 +21,11 @@
 //!   verifies (the mall's own tokens: logging in again is the same buyer), else the bound
 //!   header's value. A buyer who asks again without its ticket gets the place it holds, not a
 //!   new number, until that number is admitted or expires. A request without the bound header
-//!   takes no number at all: it goes on, under the rate limit, to the app (which answers 401).
+//!   takes no number at all: the room refuses it itself (401), and the app never sees it. A
+//!   buyer's requests are decided one at a time on a pod.
+//! - **Nothing new, not at once.** Refusals and a ticketless repeat's own place are held about
+//!   `refusal_delay_ms` (`Room::hold`), so a bot that sends again when answered is slowed to
+//!   about one request per delay per connection.
 //! - **No-shows cost nobody.** A number the front passed more than `no_show_grace_ms` ago that
 //!   was never admitted gives its turn to the next number: the front moves one further. Numbers
 //!   admitted at once are marked used like tickets, so only real no-shows are passed over.

@@ -1021,8 +1021,11 @@ impl<'w> Release<'w> {
 
     /// Calls the running pods' sidecars have made to the apps, by group (`stable`, `canary`), as
     /// each sidecar counts them (`sidecar_upstream_requests_total`), and how many of them were
-    /// answered 5xx or failed (`stable_failed`, `canary_failed`). A pod on its way out (its
-    /// network gone before the stand-in kubelet forgets it) is skipped: its counts go with it.
+    /// answered 5xx or failed (`stable_failed`, `canary_failed`). A pod whose metrics cannot be
+    /// read is left out, and says so on stderr: its counts are then missing from the totals. (It
+    /// was added for failures that turned out to be tests i and j removing each other's pods,
+    /// fixed since by naming pods after the test's network; no unreadable pod has been seen
+    /// after that fix.)
     async fn upstream_calls(&self) -> BTreeMap<&'static str, f64> {
         let mut by_group = BTreeMap::new();
         for (pod, _, _) in self.kubelet.pods.values().flatten() {

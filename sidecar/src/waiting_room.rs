@@ -632,7 +632,11 @@ impl Room {
                         step.issued_ms
                     }
                 };
-                let turn_ms = now as u64 + wait_ms;
+                // The turn counts from when the line answered, not from `now` (taken before the
+                // step): a request that queued on its way to Redis reached the line later than
+                // `now`, and a turn counted from `now` would send its buyer back too early, for a
+                // second 202 and a second trip whose delay lands after its turn.
+                let turn_ms = now_ms() as u64 + wait_ms;
                 let expires_ms = turn_ms + self.ttl_ms;
                 let token = self.sign(n, line, issued_ms, expires_ms, &bind);
                 Admission::Wait(Ticket {
@@ -1004,6 +1008,75 @@ mod tests {
         assert!(
             took >= Duration::from_millis(590),
             "decided side by side in {took:?}: {a:?} {b:?}"
+        );
+    }
+
+    /// The turn a ticket names counts from when the line answered: a buyer whose first request
+    /// was slow to reach Redis (queued behind others on the pod's connection) and who comes back
+    /// at the turn named is admitted, not told to wait again. Redis behind a proxy that delays
+    /// what the pod sends it while `delay_ms` is set.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_turn_counts_from_when_the_line_answered() {
+        let url = std::env::var("MALL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let target = url.trim_start_matches("redis://").trim_end_matches('/').to_string();
+        if tokio::net::TcpStream::connect(&target).await.is_err() {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("Redis is not reachable at {url}; run scripts/test.sh, which installs and starts it");
+            }
+            eprintln!("SKIPPED: Redis not reachable at {url} (scripts/test.sh starts it)");
+            return;
+        }
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let delay = delay_ms.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((client, _)) = proxy.accept().await {
+                let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                        let ms = delay.load(Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+            }
+        });
+        let config = WaitingRoom {
+            enabled: true,
+            admit_per_second: 5.0,
+            burst: 1,
+            secret: "a-secret-of-at-least-thirty-two-bytes!".into(),
+            refusal_delay_ms: 0,
+            redis: Some(mall_sidecar_config::RoomRedis {
+                url: format!("redis://{proxy_addr}"),
+                key_prefix: format!("turn-test-{}", rand_u32()),
+                timeout_ms: 2000,
+            }),
+            ..WaitingRoom::default()
+        };
+        let room = Room::new(&config, Arc::new(Metrics::new())).unwrap();
+        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        // Bob's first request reaches the line 120 ms after the pod decided to ask it.
+        delay_ms.store(120, Ordering::Relaxed);
+        let bob = ticket(room.admit(None, "bob", None).await);
+        delay_ms.store(0, Ordering::Relaxed);
+        let until = bob.turn_at_ms.saturating_sub(now_ms() as u64);
+        tokio::time::sleep(Duration::from_millis(until + 1)).await;
+        let back = room.admit(Some(&bob.token), "bob", None).await;
+        assert!(
+            matches!(back, Admission::Admit { .. }),
+            "back at the turn named: {back:?} ({bob:?})"
         );
     }
 

@@ -13,6 +13,8 @@
 //! ticketless orders, four at a time, as fast as they can, ignoring tickets and `Retry-After`;
 //! anonymous clients (`--anonymous K`) send orders without credentials in a loop until the
 //! honest buyers are done. Their answers and orders are reported beside the honest buyers'.
+//! With `--attackers-honest` the same accounts buy as browsers do instead, from the sale's
+//! start: the places the room owes them anyway, so the attack's own cost can be told apart.
 //!
 //! Once the product is sold out, buyers still waiting leave. Reported: fairness (the fraction of
 //! buyers let through while someone who arrived earlier was still waiting or never got in), the
@@ -46,6 +48,13 @@ pub struct Arrivals {
     /// Buyers sleep `Waiting-Room-Wait-Ms` from the 202's arrival even where the ticket names
     /// its turn as a time, as this harness did before 2026-12-06: for comparison only.
     pub ignore_turn_at: bool,
+    /// The attackers' accounts buy as honest buyers do instead (from the sale's start, one
+    /// request, back at the turn): what the room owes those accounts anyway (one place each),
+    /// the baseline against which the attack's own cost shows.
+    pub attackers_honest: bool,
+    /// Where to write every honest buyer's requests, one JSON line per buyer (`--trace-buyers`):
+    /// what the fairness figure is computed from, to find which buyers made it.
+    pub trace: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -91,6 +100,8 @@ pub struct SaleReport {
 }
 
 struct Buyer {
+    /// The target (pod) it sent to.
+    target: usize,
     arrived: Option<Instant>,
     /// When the let-through request was sent, how long it took, its status.
     admitted: Option<(Instant, Duration, u16)>,
@@ -99,6 +110,38 @@ struct Buyer {
     rate_limited: u64,
     waited: Duration,
     order: Option<String>,
+    /// Each request, for `--trace-buyers`.
+    requests: Vec<Sent>,
+}
+
+/// One request of a buyer, times in milliseconds from the sale's start.
+#[derive(Debug, serde::Serialize)]
+struct Sent {
+    at_ms: f64,
+    took_ms: f64,
+    status: u16,
+    /// From a 202: the position, the turn (from the sale's start, on this machine's clock) and
+    /// the line (`g`: the fleet's; else the pod's own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    turn_at_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<String>,
+}
+
+/// The sale's start on both clocks: the monotonic one buyers measure with, and the Unix time a
+/// ticket's turn is named in.
+#[derive(Clone, Copy)]
+struct Origin {
+    at: Instant,
+    unix_ms: f64,
+}
+
+impl Origin {
+    fn since(&self, t: Instant) -> f64 {
+        t.saturating_duration_since(self.at).as_secs_f64() * 1000.0
+    }
 }
 
 pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
@@ -130,8 +173,25 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis()
     );
+    // The attackers' accounts (after the buyers'), logged in before the sale opens as the
+    // buyers' are: a login is password hashing in the app, and logins during the sale took the
+    // cores the sale runs on (before 2026-12-06 these 20 ran one after another in its first
+    // half second, and the attackers started late).
+    let attacker_tokens: Vec<String> = futures_util::stream::iter(0..a.attackers)
+        .map(|j| {
+            let http = http.clone();
+            let (user, password) = (format!("user{}", a.users.max(1) + 1 + j), a.password.clone());
+            async move { scenario::login(&http, base, &user, &password).await }
+        })
+        .buffered(8)
+        .try_collect()
+        .await?;
     let sold_out = Arc::new(AtomicBool::new(false));
     let start = Instant::now() + Duration::from_millis(200);
+    let origin = Origin {
+        at: start,
+        unix_ms: unix_ms() as f64 + 200.0,
+    };
     let gap = a.over.as_secs_f64() / a.buyers as f64;
     let mut tasks = Vec::with_capacity(a.buyers);
     for i in 0..a.buyers {
@@ -142,9 +202,12 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         let key = format!("lg-{run_id}-b{i}");
         let at = start + Duration::from_secs_f64(gap * i as f64);
         let turn_at = !a.ignore_turn_at;
+        let targets = a.targets.len();
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
-            buy(&http, &url, &token, &key, product, &sold_out, turn_at).await
+            let mut b = buy(&http, &url, &token, &key, product, &sold_out, turn_at, origin).await;
+            b.target = i % targets;
+            b
         }));
     }
     // The attackers: accounts after the buyers', from the sale's start. They are other people's
@@ -168,8 +231,7 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
     };
     let honest_done = Arc::new(AtomicBool::new(false));
     let mut attack = Vec::new();
-    for j in 0..a.attackers {
-        let token = scenario::login(&http, base, &format!("user{}", a.users.max(1) + 1 + j), &a.password).await?;
+    for (j, token) in attacker_tokens.into_iter().enumerate() {
         let (http, url, run_id, sold_out) = (
             attack_http.clone(),
             format!("{}/api/orders", a.targets[j % a.targets.len()]),
@@ -177,6 +239,18 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
             sold_out.clone(),
         );
         let requests = a.attacker_requests;
+        if a.attackers_honest {
+            // The same accounts at the same moment, buying as a browser does: the baseline
+            // that tells the attack's own cost from the places its accounts are owed anyway.
+            attack.push(attack_runtime.spawn(async move {
+                tokio::time::sleep_until(start.into()).await;
+                let key = format!("lg-{run_id}-a{j}-0");
+                let b = buy(&http, &url, &token, &key, product, &sold_out, true, origin).await;
+                let status = b.admitted.map_or(0, |(_, _, s)| s);
+                vec![(status, b.order.map(|id| (key, id)))]
+            }));
+            continue;
+        }
         attack.push(attack_runtime.spawn(async move {
             tokio::time::sleep_until(start.into()).await;
             let body = json!({ "items": [{ "product_id": product, "quantity": 1 }] });
@@ -241,6 +315,9 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
     }
     let seconds = start.elapsed().as_secs_f64();
     honest_done.store(true, Ordering::Relaxed);
+    if let Some(path) = &a.trace {
+        write_trace(path, &buyers, origin)?;
+    }
     let mut attacker_statuses = std::collections::BTreeMap::<u16, u64>::new();
     let mut attacker_orders_max = 0;
     let mut attacker_orders = Vec::new();
@@ -375,8 +452,10 @@ async fn buy(
     product: u64,
     sold_out: &AtomicBool,
     turn_at: bool,
+    origin: Origin,
 ) -> Buyer {
     let mut b = Buyer {
+        target: 0,
         arrived: None,
         admitted: None,
         app_requests: 0,
@@ -384,6 +463,7 @@ async fn buy(
         rate_limited: 0,
         waited: Duration::ZERO,
         order: None,
+        requests: Vec::new(),
     };
     let mut ticket: Option<String> = None;
     let mut errors = 0;
@@ -420,6 +500,16 @@ async fn buy(
         let retry_after_ms = header("retry-after")
             .and_then(|v| v.parse::<u64>().ok())
             .map(|s| s * 1000);
+        b.requests.push(Sent {
+            at_ms: origin.since(sent),
+            took_ms: sent.elapsed().as_secs_f64() * 1000.0,
+            status,
+            position: header("waiting-room-position").and_then(|v| v.parse().ok()),
+            turn_at_ms: header("waiting-room-turn-at-ms")
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|at| at - origin.unix_ms),
+            line: header("waiting-room-ticket").and_then(|t| t.split('.').nth(1).map(str::to_string)),
+        });
         match status {
             202 => {
                 b.tickets += 1;
@@ -461,6 +551,27 @@ async fn buy(
         }
     }
     b
+}
+
+/// One JSON line per honest buyer: its number in the arrival order, the target it sent to, when
+/// it arrived and was let through (ms from the sale's start) and each of its requests.
+fn write_trace(path: &std::path::Path, buyers: &[Buyer], origin: Origin) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(path).map_err(|e| anyhow::anyhow!("--trace-buyers {}: {e}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for (i, b) in buyers.iter().enumerate() {
+        let line = json!({
+            "buyer": i,
+            "target": b.target,
+            "arrived_ms": b.arrived.map(|t| origin.since(t)),
+            "admitted_ms": b.admitted.map(|(t, _, _)| origin.since(t)),
+            "status": b.admitted.map(|(_, _, s)| s),
+            "requests": b.requests,
+        });
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn unix_ms() -> u64 {
@@ -558,6 +669,8 @@ mod tests {
             rate_limited: 0,
             waited: Duration::ZERO,
             order: None,
+            requests: Vec::new(),
+            target: 0,
         }
     }
 

@@ -85,6 +85,15 @@ struct Cli {
     /// 2026-12-06 (for comparison: a slow 202 then moves the buyer's return).
     #[arg(long)]
     ignore_turn_at: bool,
+    /// Flash sale: the --attackers accounts buy as honest buyers do (from the sale's start, one
+    /// request, back at the turn the ticket names): the baseline for the attack's own cost.
+    #[arg(long)]
+    attackers_honest: bool,
+    /// Flash sale: write each honest buyer's requests to this file, one JSON line per buyer
+    /// (arrival, let-through, and every answer's status, position, turn and line), to see which
+    /// buyers make the fairness figure.
+    #[arg(long)]
+    trace_buyers: Option<std::path::PathBuf>,
     /// Base URLs to spread the buyers over (one per pod's sidecar), comma-separated; default
     /// --target.
     #[arg(long, value_delimiter = ',')]
@@ -207,6 +216,8 @@ async fn arrivals(cli: &Cli, buyers: usize) -> anyhow::Result<bool> {
         anonymous: cli.anonymous,
         attackers_share_runtime: cli.attackers_share_runtime,
         ignore_turn_at: cli.ignore_turn_at,
+        attackers_honest: cli.attackers_honest,
+        trace: cli.trace_buyers.clone(),
     })
     .await?;
     let verdict = match (&db, &before) {

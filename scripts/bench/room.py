@@ -106,6 +106,14 @@ def main():
     ap.add_argument("--wait-ms-too", action="store_true",
                     help="also run the attack with buyers sleeping the wait from the 202's arrival "
                          "instead of returning at the turn the ticket names (mall-load --ignore-turn-at)")
+    ap.add_argument("--accounts-honest-too", action="store_true",
+                    help="also run the sale with the attackers' accounts buying as honest buyers do "
+                         "(mall-load --attackers-honest): the places they are owed anyway, the baseline "
+                         "for the attack's own cost")
+    ap.add_argument("--only", default="",
+                    help="comma-separated contenders to run (default: all of them)")
+    ap.add_argument("--trace", action="store_true",
+                    help="write each round's per-buyer trace beside its result (mall-load --trace-buyers)")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
@@ -159,8 +167,14 @@ def main():
         contenders.append(("room-attacked-nohold", fronts["room-nohold"], attack))
         if args.wait_ms_too:
             contenders.append(("room-attacked-wait-ms", fronts["room"], attack + ["--ignore-turn-at"]))
+        if args.accounts_honest_too:
+            contenders.append(("room-accounts", fronts["room"],
+                               ["--attackers", str(args.attackers), "--attackers-honest"]))
         if args.shared_runtime_too:
             contenders.append(("room-attacked-shared", fronts["room"], attack + ["--attackers-share-runtime"]))
+        if args.only:
+            wanted = args.only.split(",")
+            contenders = [c for c in contenders if c[0] in wanted]
         for rnd in range(1, args.rounds + 1):
             for front, urls, extra in contenders:
                 # Each sale starts with an empty line: places held from the last one are gone.
@@ -170,10 +184,11 @@ def main():
                     subprocess.run(["redis-cli", "del", *keys], check=True, stdout=subprocess.DEVNULL)
                 log(f"flash sale round {rnd}: {args.buyers} buyers over {args.arrival_seconds} s, {front}")
                 name = f"room-{front}-r{rnd}.json"
+                trace = ["--trace-buyers", str(out / f"trace-{front}-r{rnd}.jsonl")] if args.trace else []
                 run = subprocess.run(
                     [str(bin_dir / "mall-load"), "--scenario", "flash-sale", "--buyers", str(args.buyers),
                      "--arrival-seconds", str(args.arrival_seconds), "--flash-stock", str(args.stock),
-                     "--users", str(args.buyers), *extra,
+                     "--users", str(args.buyers), *extra, *trace,
                      "--targets", ",".join(urls), "--json", "--check-database", pg],
                     capture_output=True, text=True)
                 if run.returncode == 2 or not run.stdout.strip():

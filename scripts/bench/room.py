@@ -11,6 +11,7 @@ interleaved rounds (room, limit, room, limit, ...). Results go to results.jsonl 
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import time
@@ -114,6 +115,8 @@ def main():
                     help="comma-separated contenders to run (default: all of them)")
     ap.add_argument("--trace", action="store_true",
                     help="write each round's per-buyer trace beside its result (mall-load --trace-buyers)")
+    ap.add_argument("--no-priority", action="store_true",
+                    help="run mall-load at the servers' priority (as before 2026-12-07), not ahead of them")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
@@ -175,6 +178,13 @@ def main():
         if args.only:
             wanted = args.only.split(",")
             contenders = [c for c in contenders if c[0] in wanted]
+        # mall-load stands for 5,000 buyers' own machines (and the attackers'), whose clocks do
+        # not stall when the pods are busy; here it shares two cores with them, and a buyer's task
+        # woken late by the scheduler returns after its turn, which the fairness figure counts
+        # against the room (seen in --trace: buyers back 20-30 ms after the turn their 202 named,
+        # long after it arrived). So it runs ahead of the servers (nice -10) when it can, in
+        # every contender alike; --no-priority runs it as before 2026-12-07.
+        priority = [] if args.no_priority or os.geteuid() != 0 else ["nice", "-n", "-10"]
         for rnd in range(1, args.rounds + 1):
             for front, urls, extra in contenders:
                 # Each sale starts with an empty line: places held from the last one are gone.
@@ -186,7 +196,7 @@ def main():
                 name = f"room-{front}-r{rnd}.json"
                 trace = ["--trace-buyers", str(out / f"trace-{front}-r{rnd}.jsonl")] if args.trace else []
                 run = subprocess.run(
-                    [str(bin_dir / "mall-load"), "--scenario", "flash-sale", "--buyers", str(args.buyers),
+                    [*priority, str(bin_dir / "mall-load"), "--scenario", "flash-sale", "--buyers", str(args.buyers),
                      "--arrival-seconds", str(args.arrival_seconds), "--flash-stock", str(args.stock),
                      "--users", str(args.buyers), *extra, *trace,
                      "--targets", ",".join(urls), "--json", "--check-database", pg],

@@ -205,7 +205,19 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         let targets = a.targets.len();
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
-            let mut b = buy(&http, &url, &token, &key, product, &sold_out, turn_at, origin).await;
+            let mut b = buy(
+                &http,
+                &url,
+                &token,
+                &key,
+                &sold_out,
+                Sale {
+                    product,
+                    turn_at,
+                    origin,
+                },
+            )
+            .await;
             b.target = i % targets;
             b
         }));
@@ -245,7 +257,19 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
             attack.push(attack_runtime.spawn(async move {
                 tokio::time::sleep_until(start.into()).await;
                 let key = format!("lg-{run_id}-a{j}-0");
-                let b = buy(&http, &url, &token, &key, product, &sold_out, true, origin).await;
+                let b = buy(
+                    &http,
+                    &url,
+                    &token,
+                    &key,
+                    &sold_out,
+                    Sale {
+                        product,
+                        turn_at: true,
+                        origin,
+                    },
+                )
+                .await;
                 let status = b.admitted.map_or(0, |(_, _, s)| s);
                 vec![(status, b.order.map(|id| (key, id)))]
             }));
@@ -444,16 +468,21 @@ impl Drop for AttackRuntime {
     }
 }
 
-async fn buy(
-    http: &reqwest::Client,
-    url: &str,
-    token: &str,
-    key: &str,
+/// What every buyer of one sale shares: the product, whether to return at the turn named as a
+/// time (else sleep the wait), and the sale's start.
+#[derive(Clone, Copy)]
+struct Sale {
     product: u64,
-    sold_out: &AtomicBool,
     turn_at: bool,
     origin: Origin,
-) -> Buyer {
+}
+
+async fn buy(http: &reqwest::Client, url: &str, token: &str, key: &str, sold_out: &AtomicBool, sale: Sale) -> Buyer {
+    let Sale {
+        product,
+        turn_at,
+        origin,
+    } = sale;
     let mut b = Buyer {
         target: 0,
         arrived: None,

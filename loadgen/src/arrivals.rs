@@ -193,6 +193,11 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         unix_ms: unix_ms() as f64 + 200.0,
     };
     let gap = a.over.as_secs_f64() / a.buyers as f64;
+    let sale = Sale {
+        product,
+        turn_at: !a.ignore_turn_at,
+        origin,
+    };
     let mut tasks = Vec::with_capacity(a.buyers);
     for i in 0..a.buyers {
         let http = http.clone();
@@ -201,23 +206,10 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         let token = tokens[i % tokens.len()].clone();
         let key = format!("lg-{run_id}-b{i}");
         let at = start + Duration::from_secs_f64(gap * i as f64);
-        let turn_at = !a.ignore_turn_at;
         let targets = a.targets.len();
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(at.into()).await;
-            let mut b = buy(
-                &http,
-                &url,
-                &token,
-                &key,
-                &sold_out,
-                Sale {
-                    product,
-                    turn_at,
-                    origin,
-                },
-            )
-            .await;
+            let mut b = buy(&http, &url, &token, &key, &sold_out, sale).await;
             b.target = i % targets;
             b
         }));
@@ -257,19 +249,7 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
             attack.push(attack_runtime.spawn(async move {
                 tokio::time::sleep_until(start.into()).await;
                 let key = format!("lg-{run_id}-a{j}-0");
-                let b = buy(
-                    &http,
-                    &url,
-                    &token,
-                    &key,
-                    &sold_out,
-                    Sale {
-                        product,
-                        turn_at: true,
-                        origin,
-                    },
-                )
-                .await;
+                let b = buy(&http, &url, &token, &key, &sold_out, Sale { turn_at: true, ..sale }).await;
                 let status = b.admitted.map_or(0, |(_, _, s)| s);
                 vec![(status, b.order.map(|id| (key, id)))]
             }));

@@ -22,7 +22,9 @@
 //!   header's value. A buyer who asks again without its ticket gets the place it holds, not a
 //!   new number, until that number is admitted or expires. A request without the bound header
 //!   takes no number at all: the room refuses it itself (401), and the app never sees it. A
-//!   buyer's requests are decided one at a time on a pod.
+//!   buyer's requests are decided one at a time on a pod. A buyer a pod let through from its own
+//!   line (Redis not answering) is written to the fleet's line once Redis answers again, so a
+//!   ticket of that line does not let it through a second time on another pod.
 //! - **Nothing new, not at once.** Refusals and a ticketless repeat's own place are held about
 //!   `refusal_delay_ms` (`Room::hold`), so a bot that sends again when answered is slowed to
 //!   about one request per delay per connection.
@@ -119,6 +121,10 @@ pub struct Room {
     /// Holds drawn so far, seeded from the clock: the source of each hold's spread.
     holds: std::sync::atomic::AtomicU64,
     shared_up: AtomicBool,
+    /// Buyers this pod admitted from its own line while the fleet's did not answer, and when:
+    /// told to the fleet's line once it answers again, so that a ticket of that line cannot
+    /// admit them a second time on another pod.
+    unsynced: Arc<parking_lot::Mutex<Vec<(String, u64)>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -320,6 +326,13 @@ elseif n == 0 then
       redis.call('SET', place, n .. ':' .. issued_ms, 'PX', wait + tonumber(ARGV[6]))
     end
   end
+elseif tonumber(ARGV[10]) > 0 and redis.call('EXISTS', KEYS[1] .. ':used:' .. n) == 0
+    and string.sub(redis.call('GET', place) or '', 1, 2) == 'a:' then
+  -- Admitted already from a pod's own line while Redis did not answer (the pod told the line
+  -- since): this ticket must not admit the buyer a second time.
+  outcome = 5
+  issued_ms = string.sub(redis.call('GET', place), 3)
+  n = 0
 elseif n > issued then
   outcome = 3
 elseif n <= horizon then
@@ -421,6 +434,7 @@ impl Room {
             },
             bind_header: config.bind_header.to_ascii_lowercase(),
             shared_up: AtomicBool::new(redis.is_some()),
+            unsynced: Arc::new(parking_lot::Mutex::new(Vec::new())),
             redis,
             local: parking_lot::Mutex::new(Line::new(config.burst as f64, now)),
             local_name: format!("l{:08x}", rand_u32()),
@@ -736,6 +750,7 @@ impl Room {
         }
         self.metrics.waiting_room_shared.set(if up { 1.0 } else { 0.0 });
         let (outcome, n, horizon, _clock, issued_ms, reused, passed) = answer.ok()?.ok()?;
+        self.tell_line_of_local_admissions(shared, &conn);
         if outcome == 0 {
             self.remember_shared(bind);
         }
@@ -750,6 +765,41 @@ impl Room {
             reused: reused == 1,
             passed,
         })
+    }
+
+    /// Once the fleet's line answers again, the buyers this pod admitted from its own line in the
+    /// meantime are written to it as admitted (`a:<ms>`, for what is left of the readmit window),
+    /// in the background: a ticket of that line they still hold, shown on any pod, is then
+    /// refused (429 `already_admitted`) instead of admitting them a second time. Written back
+    /// for the next answer if Redis fails again first.
+    fn tell_line_of_local_admissions(&self, shared: &SharedLine, conn: &redis::aio::ConnectionManager) {
+        let admitted = std::mem::take(&mut *self.unsynced.lock());
+        if admitted.is_empty() {
+            return;
+        }
+        let now = now_ms() as u64;
+        let mut pipe = redis::pipe();
+        for (bind, at) in &admitted {
+            let left = (at + self.readmit_ms).saturating_sub(now);
+            if left > 0 {
+                pipe.cmd("SET")
+                    .arg(format!("{}:b:{bind}", shared.key))
+                    .arg(format!("a:{at}"))
+                    .arg("PX")
+                    .arg(left)
+                    .ignore();
+            }
+        }
+        let (mut conn, timeout, unsynced) = (conn.clone(), shared.timeout, self.unsynced.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await {
+                Ok(Ok(())) => tracing::info!(
+                    buyers = admitted.len(),
+                    "waiting room: told the fleet's line of the buyers this pod admitted from its own"
+                ),
+                _ => unsynced.lock().extend(admitted),
+            }
+        });
     }
 
     /// A buyer waiting on the fleet's line, remembered here too so a repeat on this pod is not
@@ -817,6 +867,9 @@ impl Room {
         };
         if outcome == 1 && self.readmit_ms > 0 {
             self.local_places.insert(bind.to_string(), Place::Admitted(now as u64));
+            if self.redis.is_some() {
+                self.unsynced.lock().push((bind.to_string(), now as u64));
+            }
         }
         Step {
             outcome,
@@ -1011,24 +1064,27 @@ mod tests {
         );
     }
 
-    /// The turn a ticket names counts from when the line answered: a buyer whose first request
-    /// was slow to reach Redis (queued behind others on the pod's connection) and who comes back
-    /// at the turn named is admitted, not told to wait again. Redis behind a proxy that delays
-    /// what the pod sends it while `delay_ms` is set.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_turn_counts_from_when_the_line_answered() {
+    /// The tests' Redis (`MALL_TEST_REDIS_URL`) as `host:port`: required under `CI=true`,
+    /// skipped loudly otherwise.
+    async fn test_redis() -> Option<String> {
         let url = std::env::var("MALL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let target = url.trim_start_matches("redis://").trim_end_matches('/').to_string();
-        if tokio::net::TcpStream::connect(&target).await.is_err() {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("Redis is not reachable at {url}; run scripts/test.sh, which installs and starts it");
-            }
-            eprintln!("SKIPPED: Redis not reachable at {url} (scripts/test.sh starts it)");
-            return;
+        if tokio::net::TcpStream::connect(&target).await.is_ok() {
+            return Some(target);
         }
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("Redis is not reachable at {url}; run scripts/test.sh, which installs and starts it");
+        }
+        eprintln!("SKIPPED: Redis not reachable at {url} (scripts/test.sh starts it)");
+        None
+    }
+
+    /// A TCP proxy to `target` that holds what a client sends for the milliseconds its handle
+    /// holds (0: passes at once): Redis as slow as a busy network makes it, commands in order.
+    async fn slow_proxy(target: String) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy_addr = proxy.local_addr().unwrap();
+        let addr = proxy.local_addr().unwrap();
         let delay = delay_ms.clone();
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1052,20 +1108,103 @@ mod tests {
                 });
             }
         });
+        (addr, delay_ms)
+    }
+
+    /// A pod's room on the line `prefix` of the Redis at `redis` (`host:port`).
+    fn shared_room(redis: &str, prefix: &str, admit_per_second: f64, timeout_ms: u64) -> Room {
         let config = WaitingRoom {
             enabled: true,
-            admit_per_second: 5.0,
+            admit_per_second,
             burst: 1,
             secret: "a-secret-of-at-least-thirty-two-bytes!".into(),
             refusal_delay_ms: 0,
+            replicas: 2,
             redis: Some(mall_sidecar_config::RoomRedis {
-                url: format!("redis://{proxy_addr}"),
-                key_prefix: format!("turn-test-{}", rand_u32()),
-                timeout_ms: 2000,
+                url: format!("redis://{redis}"),
+                key_prefix: prefix.into(),
+                timeout_ms,
             }),
             ..WaitingRoom::default()
         };
-        let room = Room::new(&config, Arc::new(Metrics::new())).unwrap();
+        Room::new(&config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    /// A buyer let through from one pod's own line while Redis did not answer that pod is not
+    /// let through a second time by the fleet's line on another pod, with the ticket of that
+    /// line it still holds: the first pod tells the line once Redis answers it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_buyer_let_through_by_a_pods_own_line_is_not_let_through_again_by_the_fleets() {
+        let Some(redis) = test_redis().await else { return };
+        let (slow, delay_ms) = slow_proxy(redis.clone()).await;
+        let prefix = format!("write-behind-{}", rand_u32());
+        let (x, y) = (
+            shared_room(&redis, &prefix, 1.0, 200),
+            shared_room(&slow.to_string(), &prefix, 1.0, 200),
+        );
+        assert!(matches!(x.admit(None, "alice", None).await, Admission::Admit { .. }));
+        let bob = ticket(x.admit(None, "bob", None).await);
+        assert!(bob.wait_ms > 600, "{bob:?}");
+        // Redis answers pod Y too late: bob's ticket of the fleet's line cannot be honoured
+        // there, and Y lets him through from its own line. (The request reaches Redis later and
+        // finds him still waiting.)
+        delay_ms.store(400, Ordering::Relaxed);
+        let on_y = y.admit(Some(&bob.token), "bob", None).await;
+        assert!(matches!(on_y, Admission::Admit { .. }), "{on_y:?}");
+        delay_ms.store(0, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        // Redis answers Y again (the first request after a timeout may still find the client
+        // reconnecting: then another buyer tries a little later).
+        let mut answered = false;
+        for i in 0..20 {
+            let other = y.admit(None, &format!("carol{i}"), None).await;
+            if matches!(&other, Admission::Wait(t) if t.token.split('.').nth(1) == Some("g")) {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(answered, "Redis never answered pod Y again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Bob's turn on the fleet's line: his ticket, shown on X, does not let him through again.
+        let until = bob.turn_at_ms.saturating_sub(now_ms() as u64);
+        tokio::time::sleep(Duration::from_millis(until + 5)).await;
+        let again = x.admit(Some(&bob.token), "bob", None).await;
+        assert!(
+            matches!(
+                again,
+                Admission::Refuse {
+                    status: 429,
+                    code: "already_admitted",
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+        // A buyer let through by the fleet's line as usual and showing the ticket again is still
+        // told it was used.
+        let dave = ticket(x.admit(None, "dave", None).await);
+        let until = dave.turn_at_ms.saturating_sub(now_ms() as u64);
+        tokio::time::sleep(Duration::from_millis(until + 5)).await;
+        assert!(matches!(
+            x.admit(Some(&dave.token), "dave", None).await,
+            Admission::Admit { .. }
+        ));
+        assert!(matches!(
+            x.admit(Some(&dave.token), "dave", None).await,
+            Admission::Refuse { status: 409, .. }
+        ));
+    }
+
+    /// The turn a ticket names counts from when the line answered: a buyer whose first request
+    /// was slow to reach Redis (queued behind others on the pod's connection) and who comes back
+    /// at the turn named is admitted, not told to wait again. Redis behind a proxy that delays
+    /// what the pod sends it while `delay_ms` is set.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_turn_counts_from_when_the_line_answered() {
+        let Some(redis) = test_redis().await else { return };
+        let (proxy_addr, delay_ms) = slow_proxy(redis).await;
+        let room = shared_room(&proxy_addr.to_string(), &format!("turn-test-{}", rand_u32()), 5.0, 2000);
         assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
         // Bob's first request reaches the line 120 ms after the pod decided to ask it.
         delay_ms.store(120, Ordering::Relaxed);

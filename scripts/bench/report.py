@@ -164,7 +164,8 @@ def waiting_room_section(md, lines):
                              ("room-attacked", "waiting room, attacked"),
                              ("room-attacked-nohold", "waiting room, attacked, refusals answered at once"),
                              ("room-attacked-wait-ms", "waiting room, attacked, buyers sleeping the wait (no turn time)"),
-                             ("room-attacked-shared", "waiting room, attacked, attackers in the buyers' runtime")):
+                             ("room-attacked-shared", "waiting room, attacked, attackers in the buyers' runtime"),
+                             ("room-accounts", "waiting room, the attackers' accounts buying honestly")):
             rows = [l for l in full if l["front"] == front]
             if not rows:
                 continue

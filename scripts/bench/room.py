@@ -180,6 +180,10 @@ def main():
             contenders.append(("room-attacked-shared", fronts["room"], attack + ["--attackers-share-runtime"]))
         if args.only:
             wanted = args.only.split(",")
+            unknown = set(wanted) - {c[0] for c in contenders}
+            if unknown:
+                raise SystemExit(f"--only: no contender {', '.join(sorted(unknown))} "
+                                 f"(have: {', '.join(c[0] for c in contenders)}; some need their --...-too flag)")
             contenders = [c for c in contenders if c[0] in wanted]
         # mall-load stands for 5,000 buyers' own machines (and the attackers'), whose clocks do
         # not stall when the pods are busy; here it shares two cores with them, and a buyer's task
@@ -188,7 +192,9 @@ def main():
         # long after it arrived). --priority runs it ahead of the servers (nice -10), in every
         # contender alike. Not the default: in the one run with it (2026-12-07) the sidecars'
         # own queueing grew instead and the unattacked room read 3-33 % unfair beyond 10 ms.
-        priority = ["nice", "-n", "-10"] if args.priority and os.geteuid() == 0 else []
+        if args.priority and os.geteuid() != 0:
+            raise SystemExit("--priority runs mall-load at nice -10, which needs root")
+        priority = ["nice", "-n", "-10"] if args.priority else []
         for rnd in range(1, args.rounds + 1):
             for front, urls, extra in contenders:
                 # Each sale starts with an empty line: places held from the last one are gone.

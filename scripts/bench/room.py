@@ -23,7 +23,7 @@ from procstat import log
 SECRET = "bench-waiting-room-secret-of-32-bytes-at-least"
 
 
-def sidecar_toml(listen, admin, app_port, front, budget, burst, prefix, refusal_delay_ms=1000):
+def sidecar_toml(listen, admin, app_port, front, budget, burst, prefix, refusal_delay_ms=1000, access_log=False):
     common = f"""
 [server]
 listen = "127.0.0.1:{listen}"
@@ -37,7 +37,7 @@ servers = [{{ address = "127.0.0.1:{app_port}" }}]
 enabled = false
 
 [access_log]
-enabled = false
+enabled = {"true" if access_log else "false"}
 """
     if front == "room":
         return common + f"""
@@ -119,6 +119,9 @@ def main():
                     help="run the sidecars at this nice value (negative: ahead of the apps and PostgreSQL)")
     ap.add_argument("--priority", action="store_true",
                     help="run mall-load ahead of the servers (nice -10; needs root)")
+    ap.add_argument("--access-log", action="store_true",
+                    help="sidecars write their access log (JSON lines, each request's time in the sidecar, "
+                         "duration_ms) to room-sidecar-<front>-<i>.log in --work: where a request's time went")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
@@ -152,7 +155,7 @@ def main():
                 conf = work / f"room-sidecar-{front}-{i}.toml"
                 kind = "room" if front.startswith("room") else front
                 conf.write_text(sidecar_toml(listen, admin, app_port, kind, args.budget, args.burst, prefix,
-                                             0 if front == "room-nohold" else 1000))
+                                             0 if front == "room-nohold" else 1000, args.access_log))
                 p = subprocess.Popen([*sidecar_priority, str(bin_dir / "sidecar"), "-c", str(conf)],
                                      stdout=open(work / f"room-sidecar-{front}-{i}.log", "w"),
                                      stderr=subprocess.STDOUT)
@@ -190,7 +193,7 @@ def main():
         # woken late by the scheduler returns after its turn, which the fairness figure counts
         # against the room (seen in --trace: buyers back 20-30 ms after the turn their 202 named,
         # long after it arrived). --priority runs it ahead of the servers (nice -10), in every
-        # contender alike. Not the default: in the one run with it (2026-12-07) the sidecars'
+        # contender alike. Not the default: in the one run with it (2026-12-06, run 6) the sidecars'
         # own queueing grew instead and the unattacked room read 3-33 % unfair beyond 10 ms.
         if args.priority and os.geteuid() != 0:
             raise SystemExit("--priority runs mall-load at nice -10, which needs root")

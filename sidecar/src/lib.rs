@@ -10,8 +10,11 @@ pub mod log_limit;
 pub mod metrics;
 pub mod negotiate;
 pub mod proxy;
+pub mod redis_breaker;
 pub mod services;
 pub mod state;
+#[cfg(test)]
+mod test_redis;
 pub mod trace;
 pub mod upstreams;
 pub mod waiting_room;

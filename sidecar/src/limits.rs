@@ -1,7 +1,8 @@
 //! Rate limits: GCRA (a token bucket that stores one timestamp per key) per client address or
 //! header, per route, with burst. Local by default; with Redis the same arithmetic runs in one Lua
 //! script so every pod shares the budget, and a Redis that is down or slow hands the decision back
-//! to the local limiter (counted in `sidecar_rate_limit_redis_fallbacks_total`).
+//! to the local limiter (counted in `sidecar_rate_limit_redis_fallbacks_total`), for a second
+//! after each failed call without asking it again (`redis_breaker`).
 //!
 //! pingora-limits offers sliding-window estimators, which cannot say exactly how long a client must
 //! wait; `Retry-After` and `RateLimit-Remaining` need the exact state GCRA keeps.
@@ -60,6 +61,8 @@ struct RedisLimiter {
     prefix: String,
     timeout: Duration,
     script: redis::Script,
+    /// After a call that failed, this pod's limits stay local for a while without asking.
+    breaker: crate::redis_breaker::Breaker,
 }
 
 /// GCRA with Redis's clock, so pods with skewed clocks agree. Returns
@@ -114,6 +117,7 @@ impl Limiter {
                     prefix: r.key_prefix.clone(),
                     timeout: Duration::from_millis(r.timeout_ms),
                     script: redis::Script::new(GCRA_LUA),
+                    breaker: crate::redis_breaker::Breaker::new(crate::redis_breaker::RETRY_AFTER),
                 }),
                 Err(e) => {
                     tracing::error!(error = %e, "rate_limit.redis unusable; limits stay local");
@@ -183,17 +187,26 @@ impl Limiter {
         })?;
         let limit_ns = rule.interval_ns * rule.config.burst as f64;
         let (allowed, retry_ns, fill_ns) = match &self.redis {
-            Some(redis) => match redis
+            Some(redis) if redis.breaker.should_ask() => match redis
                 .check(&rule.name, key, rule.interval_ns / 1e6, limit_ns / 1e6)
                 .await
             {
-                Ok((allowed, retry_ms, fill_ms)) => (allowed, retry_ms * 1e6, fill_ms * 1e6),
+                Ok((allowed, retry_ms, fill_ms)) => {
+                    redis.breaker.answered();
+                    (allowed, retry_ms * 1e6, fill_ms * 1e6)
+                }
                 Err(e) => {
+                    redis.breaker.failed();
                     self.metrics.rate_limit_redis_fallbacks.inc();
                     tracing::debug!(error = %e, "redis rate limit unavailable; deciding locally");
                     self.check_local(rule, key, limit_ns)
                 }
             },
+            // Redis failed a call a moment ago: local without waiting for it to fail again.
+            Some(_) => {
+                self.metrics.rate_limit_redis_fallbacks.inc();
+                self.check_local(rule, key, limit_ns)
+            }
             None => self.check_local(rule, key, limit_ns),
         };
         let remaining = ((limit_ns - fill_ns) / rule.interval_ns).floor().max(0.0) as u32;
@@ -300,6 +313,66 @@ mod tests {
         // Another key has its own bucket; paths without a rule are not limited.
         assert!(l.check("GET", "/api/products", "b").await.unwrap().allowed);
         assert!(l.check("GET", "/health", "a").await.is_none());
+    }
+
+    /// A Redis that stops answering in time costs one timeout, not one per request: after a
+    /// call fails, limits are decided locally at once (and counted as fallbacks) until the retry
+    /// time, then Redis is asked again. Before, every request waited `timeout_ms` first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_redis_fails_a_call_limits_are_local_at_once_until_it_answers_again() {
+        use crate::test_redis::{slow_proxy, test_redis};
+        let Some(redis) = test_redis().await else { return };
+        let (slow, delay_ms) = slow_proxy(redis).await;
+        let config = RateLimit {
+            rules: vec![LimitRule {
+                name: "api".into(),
+                path_prefix: "/api/".into(),
+                methods: vec![],
+                requests_per_second: 1000.0,
+                burst: 1000,
+            }],
+            redis: Some(mall_sidecar_config::RedisLimits {
+                url: format!("redis://{slow}"),
+                key_prefix: format!("breaker-test-{}", std::process::id()),
+                timeout_ms: 100,
+            }),
+            ..Default::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let l = Limiter::new(&config, metrics.clone());
+        assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
+        assert_eq!(metrics.rate_limit_redis_fallbacks.get(), 0);
+        delay_ms.store(1000, Ordering::Relaxed);
+        let started = Instant::now();
+        assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
+        assert!(
+            started.elapsed() >= Duration::from_millis(100),
+            "the first call waited for Redis"
+        );
+        let started = Instant::now();
+        for _ in 0..5 {
+            assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(80),
+            "five decisions took {took:?}: each waited for a Redis that had just failed"
+        );
+        assert_eq!(metrics.rate_limit_redis_fallbacks.get(), 6);
+        // Redis answers again: asked once the retry time has passed (a probe may still find the
+        // client reconnecting after the timeout; then the next one, a retry time later).
+        delay_ms.store(0, Ordering::Relaxed);
+        let mut asked = false;
+        for _ in 0..4 {
+            tokio::time::sleep(crate::redis_breaker::RETRY_AFTER + Duration::from_millis(100)).await;
+            let before = metrics.rate_limit_redis_fallbacks.get();
+            assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
+            if metrics.rate_limit_redis_fallbacks.get() == before {
+                asked = true;
+                break;
+            }
+        }
+        assert!(asked, "Redis was never asked again");
     }
 
     #[test]

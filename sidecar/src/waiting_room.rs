@@ -243,6 +243,8 @@ struct SharedLine {
     key: String,
     timeout: Duration,
     script: redis::Script,
+    /// After a call that failed, this pod keeps its own line for a while without asking.
+    breaker: crate::redis_breaker::Breaker,
 }
 
 /// The shared line, on Redis's clock. `ARGV`: rate per ms, burst, ticket number (0: none
@@ -385,6 +387,7 @@ impl Room {
                     key: format!("{}:{}:{}", r.key_prefix, config.method, config.path),
                     timeout: Duration::from_millis(r.timeout_ms),
                     script: redis::Script::new(LINE_LUA),
+                    breaker: crate::redis_breaker::Breaker::new(crate::redis_breaker::RETRY_AFTER),
                 }),
                 Err(e) => {
                     tracing::error!(error = %e, "waiting_room.redis unusable; each pod keeps its own line");
@@ -716,9 +719,13 @@ impl Room {
         Some(claims.get("sub")?.as_str()?.to_string())
     }
 
-    /// One step of the shared line; None when there is none or Redis does not answer.
+    /// One step of the shared line; None when there is none, when Redis does not answer, and
+    /// for a while after it did not (see [`crate::redis_breaker`]).
     async fn shared_step(&self, n: Option<u64>, bind: &str, allow_new: bool, now: f64) -> Option<Step> {
         let shared = self.redis.as_ref()?;
+        if !shared.breaker.should_ask() {
+            return None;
+        }
         let conn = shared.conn.get_or_init(|| {
             redis::aio::ConnectionManager::new_lazy_with_config(shared.client.clone(), shared.config.clone())
                 .map_err(|e| e.to_string())
@@ -741,6 +748,11 @@ impl Room {
         )
         .await;
         let up = matches!(answer, Ok(Ok(_)));
+        if up {
+            shared.breaker.answered();
+        } else {
+            shared.breaker.failed();
+        }
         if self.shared_up.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("waiting room: Redis is back; one line for the fleet again");
@@ -994,6 +1006,7 @@ pub fn presented_ticket(header: Option<&str>, cookies: impl Iterator<Item = Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_redis::{slow_proxy, test_redis};
 
     fn room(rate: f64, burst: u32) -> Room {
         let config = WaitingRoom {
@@ -1072,63 +1085,6 @@ mod tests {
         );
     }
 
-    /// The tests' Redis (`MALL_TEST_REDIS_URL`) as `host:port`: required under `CI=true`,
-    /// skipped loudly otherwise.
-    async fn test_redis() -> Option<String> {
-        let url = std::env::var("MALL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let target = url.trim_start_matches("redis://").trim_end_matches('/').to_string();
-        if tokio::net::TcpStream::connect(&target).await.is_ok() {
-            return Some(target);
-        }
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("Redis is not reachable at {url}; run scripts/test.sh, which installs and starts it");
-        }
-        eprintln!("SKIPPED: Redis not reachable at {url} (scripts/test.sh starts it)");
-        None
-    }
-
-    /// A TCP proxy to `target` that delays what a client sends by the milliseconds its handle
-    /// holds (0: passes at once): Redis as slow as a busy network makes it, commands in order.
-    async fn slow_proxy(target: String) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
-        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = proxy.local_addr().unwrap();
-        let delay = delay_ms.clone();
-        tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((client, _)) = proxy.accept().await {
-                let server = tokio::net::TcpStream::connect(&target).await.unwrap();
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                let delay = delay.clone();
-                // A delay line: each read is sent on at its own deadline, in order, so requests
-                // sent side by side arrive side by side, each late by the delay.
-                let (line, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    while let Ok(n @ 1..) = client_read.read(&mut buf).await {
-                        let at = tokio::time::Instant::now() + Duration::from_millis(delay.load(Ordering::Relaxed));
-                        if line.send((at, buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                });
-                tokio::spawn(async move {
-                    while let Some((at, bytes)) = due.recv().await {
-                        tokio::time::sleep_until(at).await;
-                        if server_write.write_all(&bytes).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                });
-            }
-        });
-        (addr, delay_ms)
-    }
-
     /// A pod's room on the line `prefix` of the Redis at `redis` (`host:port`).
     fn shared_room(redis: &str, prefix: &str, admit_per_second: f64, timeout_ms: u64) -> Room {
         let config = WaitingRoom {
@@ -1171,10 +1127,11 @@ mod tests {
         assert!(matches!(on_y, Admission::Admit { .. }), "{on_y:?}");
         delay_ms.store(0, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(450)).await;
-        // Redis answers Y again (the first request after a timeout may still find the client
-        // reconnecting: then another buyer tries a little later).
+        // Redis answers Y again: Y asks it once its retry time has passed (the first request
+        // after a timeout may still find the client reconnecting: then another buyer tries a
+        // little later).
         let mut answered = false;
-        for i in 0..20 {
+        for i in 0..30 {
             let other = y.admit(None, &format!("carol{i}"), None).await;
             if matches!(&other, Admission::Wait(t) if t.token.split('.').nth(1) == Some("g")) {
                 answered = true;
@@ -1225,6 +1182,55 @@ mod tests {
             matches!(back, Admission::Admit { .. }),
             "back at the turn named: {back:?} ({bob:?})"
         );
+    }
+
+    /// A Redis that stops answering in time costs a pod one timeout, not one per request: the
+    /// requests after it are decided on the pod's own line at once, and the pod is back on the
+    /// fleet's line within a second of Redis answering again (`redis_breaker`). Before, each of
+    /// them waited `timeout_ms` for a Redis that would not answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_redis_fails_a_call_the_pod_decides_at_once_until_it_answers_again() {
+        let Some(redis) = test_redis().await else { return };
+        let (slow, delay_ms) = slow_proxy(redis).await;
+        let room = shared_room(&slow.to_string(), &format!("breaker-{}", rand_u32()), 1.0, 200);
+        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        assert_eq!(room.metrics.waiting_room_shared.get(), 1.0);
+        delay_ms.store(1000, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        room.admit(None, "bob", None).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "bob's request waited for Redis"
+        );
+        assert_eq!(room.metrics.waiting_room_shared.get(), 0.0);
+        let started = std::time::Instant::now();
+        for i in 0..5 {
+            let carol = ticket(room.admit(None, &format!("carol{i}"), None).await);
+            assert_eq!(
+                carol.token.split('.').nth(1),
+                Some(room.local_name.as_str()),
+                "{carol:?}"
+            );
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(150),
+            "five decisions took {took:?}: each waited for a Redis that had just failed"
+        );
+        // Redis answers again: the pod asks it once the retry time has passed.
+        delay_ms.store(0, Ordering::Relaxed);
+        tokio::time::sleep(crate::redis_breaker::RETRY_AFTER).await;
+        let mut back = None;
+        for i in 0..20 {
+            let dave = ticket(room.admit(None, &format!("dave{i}"), None).await);
+            if dave.token.split('.').nth(1) == Some("g") {
+                back = Some(i);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(back.is_some(), "the pod never went back to the fleet's line");
+        assert_eq!(room.metrics.waiting_room_shared.get(), 1.0);
     }
 
     /// Only answers that give the client nothing new are held: refusals and a ticketless

@@ -315,11 +315,12 @@ mod tests {
         assert!(l.check("GET", "/health", "a").await.is_none());
     }
 
-    /// A Redis that stops answering in time costs one timeout, not one per request: after a
-    /// call fails, limits are decided locally at once (and counted as fallbacks) until the retry
-    /// time, then Redis is asked again. Before, every request waited `timeout_ms` first.
+    /// A Redis that stops answering in time costs `TRIP_AFTER` timeouts, not one per request:
+    /// after that many calls in a row failed, limits are decided locally at once (and counted as
+    /// fallbacks) until the retry time, then Redis is asked again. Before, every request waited
+    /// `timeout_ms` first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn after_redis_fails_a_call_limits_are_local_at_once_until_it_answers_again() {
+    async fn after_redis_fails_calls_in_a_row_limits_are_local_at_once_until_it_answers_again() {
         use crate::test_redis::{slow_proxy, test_redis};
         let Some(redis) = test_redis().await else { return };
         let (slow, delay_ms) = slow_proxy(redis).await;
@@ -344,7 +345,10 @@ mod tests {
         assert_eq!(metrics.rate_limit_redis_fallbacks.get(), 0);
         delay_ms.store(1000, Ordering::Relaxed);
         let started = Instant::now();
-        assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
+        for _ in 0..crate::redis_breaker::TRIP_AFTER {
+            assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
+        }
+        let trip = crate::redis_breaker::TRIP_AFTER as u64;
         assert!(
             started.elapsed() >= Duration::from_millis(100),
             "the first call waited for Redis"
@@ -358,7 +362,7 @@ mod tests {
             took < Duration::from_millis(80),
             "five decisions took {took:?}: each waited for a Redis that had just failed"
         );
-        assert_eq!(metrics.rate_limit_redis_fallbacks.get(), 6);
+        assert_eq!(metrics.rate_limit_redis_fallbacks.get(), trip + 5);
         // Redis answers again: asked once the retry time has passed (a probe may still find the
         // client reconnecting after the timeout; then the next one, a retry time later).
         delay_ms.store(0, Ordering::Relaxed);

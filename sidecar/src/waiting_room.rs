@@ -1184,12 +1184,13 @@ mod tests {
         );
     }
 
-    /// A Redis that stops answering in time costs a pod one timeout, not one per request: the
-    /// requests after it are decided on the pod's own line at once, and the pod is back on the
-    /// fleet's line within a second of Redis answering again (`redis_breaker`). Before, each of
-    /// them waited `timeout_ms` for a Redis that would not answer.
+    /// A Redis that stops answering in time costs a pod the calls in flight when it did, not a
+    /// timeout on every request: once `TRIP_AFTER` calls in a row failed, the requests after them
+    /// are decided on the pod's own line at once, and the pod is back on the fleet's line within
+    /// a second of Redis answering again (`redis_breaker`). Before, each of them waited
+    /// `timeout_ms` for a Redis that would not answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn after_redis_fails_a_call_the_pod_decides_at_once_until_it_answers_again() {
+    async fn after_redis_fails_calls_in_a_row_the_pod_decides_at_once_until_it_answers_again() {
         let Some(redis) = test_redis().await else { return };
         let (slow, delay_ms) = slow_proxy(redis).await;
         let room = shared_room(&slow.to_string(), &format!("breaker-{}", rand_u32()), 1.0, 200);
@@ -1197,10 +1198,14 @@ mod tests {
         assert_eq!(room.metrics.waiting_room_shared.get(), 1.0);
         delay_ms.store(1000, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        room.admit(None, "bob", None).await;
+        let in_flight = (0..crate::redis_breaker::TRIP_AFTER).map(|i| {
+            let room = &room;
+            async move { room.admit(None, &format!("bob{i}"), None).await }
+        });
+        futures_util::future::join_all(in_flight).await;
         assert!(
             started.elapsed() >= Duration::from_millis(200),
-            "bob's request waited for Redis"
+            "the calls in flight waited for Redis"
         );
         assert_eq!(room.metrics.waiting_room_shared.get(), 0.0);
         let started = std::time::Instant::now();

@@ -85,6 +85,9 @@ pub struct SaleReport {
     pub orders_per_second: f64,
     /// From the first arrival to the last buyer's answer.
     pub seconds: f64,
+    /// The sale's start on this machine's Unix clock (ms): what the trace's times count from,
+    /// to line them up with the sidecars' access logs and a packet capture.
+    pub sale_started_unix_ms: f64,
     pub attackers: usize,
     pub attacker_requests: u64,
     /// Orders the most successful attacker got (the room allows one place per account).
@@ -410,6 +413,7 @@ pub async fn run(a: Arrivals) -> anyhow::Result<SaleReport> {
         admitted_p99_ms: quantile(0.99),
         longest_wait_ms: buyers.iter().map(|b| b.waited.as_millis() as u64).max().unwrap_or(0),
         seconds,
+        sale_started_unix_ms: origin.unix_ms,
         attackers: a.attackers,
         attacker_requests: attacker_statuses.values().sum(),
         attacker_orders_max,

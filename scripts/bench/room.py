@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -122,6 +123,10 @@ def main():
     ap.add_argument("--access-log", action="store_true",
                     help="sidecars write their access log (JSON lines, each request's time in the sidecar, "
                          "duration_ms) to room-sidecar-<front>-<i>.log in --work: where a request's time went")
+    ap.add_argument("--capture", action="store_true",
+                    help="capture each sale's connections and requests to the fronts (tcpdump on lo: SYN and "
+                         "PSH packets, 300 bytes each) to capture-<front>-r<round>.pcap in --out, for "
+                         "room_opening.py; needs root and tcpdump")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
     args = ap.parse_args()
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
@@ -198,6 +203,8 @@ def main():
         if args.priority and os.geteuid() != 0:
             raise SystemExit("--priority runs mall-load at nice -10, which needs root")
         priority = ["nice", "-n", "-10"] if args.priority else []
+        if args.capture and (os.geteuid() != 0 or not shutil.which("tcpdump")):
+            raise SystemExit("--capture runs tcpdump on lo, which needs root and tcpdump (apt-get install tcpdump)")
         for rnd in range(1, args.rounds + 1):
             for front, urls, extra in contenders:
                 # Each sale starts with an empty line: places held from the last one are gone.
@@ -208,12 +215,25 @@ def main():
                 log(f"flash sale round {rnd}: {args.buyers} buyers over {args.arrival_seconds} s, {front}")
                 name = f"room-{front}-r{rnd}.json"
                 trace = ["--trace-buyers", str(out / f"trace-{front}-r{rnd}.jsonl")] if args.trace else []
+                capture = None
+                if args.capture:
+                    ports = [u.rsplit(":", 1)[1] for u in urls]
+                    capture = subprocess.Popen(
+                        ["tcpdump", "-i", "lo", "-nn", "-s", "300", "-B", "65536",
+                         "-w", str(out / f"capture-{front}-r{rnd}.pcap"),
+                         f"(tcp dst port {' or tcp dst port '.join(ports)}) and "
+                         "(tcp[tcpflags] & (tcp-syn|tcp-push) != 0)"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(1)
                 run = subprocess.run(
                     [*priority, str(bin_dir / "mall-load"), "--scenario", "flash-sale", "--buyers", str(args.buyers),
                      "--arrival-seconds", str(args.arrival_seconds), "--flash-stock", str(args.stock),
                      "--users", str(args.buyers), *extra, *trace,
                      "--targets", ",".join(urls), "--json", "--check-database", pg],
                     capture_output=True, text=True)
+                if capture:
+                    capture.terminate()
+                    capture.wait()
                 if run.returncode == 2 or not run.stdout.strip():
                     raise SystemExit(f"mall-load failed: {run.stderr}")
                 (out / name).write_text(run.stdout)

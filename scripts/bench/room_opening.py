@@ -16,6 +16,7 @@ admissions it could have made in that time are not made later (BENCHMARKS.md sec
 Usage: room_opening.py --report room-room-attacked-r1.json --trace trace-room-attacked-r1.jsonl
        --access-log WORK/room-sidecar-room-0.log WORK/room-sidecar-room-1.log
        [--capture capture-room-attacked-r1.pcap] [--ms 300] [--step 25]
+(traces, logs and captures may be gzipped; reading a capture needs tcpdump)
 """
 
 import argparse
@@ -47,7 +48,14 @@ def started(log, lo_ms, hi_ms):
 
 def on_wire(pcap, ports):
     """(Unix ms, port) of the captured packets that carry the start of an order request."""
-    text = subprocess.run(["tcpdump", "-r", pcap, "-nn", "-tt", "-A"], capture_output=True, text=True).stdout
+    if pcap.endswith(".gz"):
+        with gzip.open(pcap, "rb") as f:
+            raw = f.read()
+        text = subprocess.run(["tcpdump", "-r", "-", "-nn", "-tt", "-A"], input=raw, capture_output=True).stdout
+        text = text.decode("latin-1")
+    else:
+        text = subprocess.run(["tcpdump", "-r", pcap, "-nn", "-tt", "-A"], capture_output=True, text=True,
+                              errors="replace").stdout
     out, cur = [], None
     for line in text.splitlines():
         m = re.match(r"^(\d+\.\d+) IP [\d.]+\.\d+ > [\d.]+\.(\d+): Flags", line)

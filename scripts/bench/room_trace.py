@@ -10,7 +10,8 @@ than one reason):
 - extra round: it was told to wait again on return (3 or more requests);
 - never let through: the sale sold out before it returned.
 Then the first request's time from sending to the line's answer and from the answer back (the
-answer's moment is its turn less its position, at 1 ms per place: the benchmark's 1,000 a second).
+answer's moment is its turn less its position, at 1 ms per place: the benchmark's 1,000 a second),
+and how many buyers had been let through 100, 200, 300, 500 and 1,000 ms into the sale.
 
 Usage: room_trace.py TRACE.jsonl[.gz]...
 """
@@ -74,6 +75,12 @@ def main():
             back.append(first["at_ms"] + first["took_ms"] - answered)
         print("  first request, sent to answered ms: p50 %.1f p90 %.1f p99 %.1f; answered to received: "
               "p50 %.1f p90 %.1f p99 %.1f" % tuple(quantile(v, q) for v in (to_line, back) for q in (.5, .9, .99)))
+        # Admissions the line made early on: a stall at the opening shows as fewer buyers let
+        # through by each moment, and the deficit lasts (the line's front stops `burst` ahead of
+        # the last number while no request reaches it).
+        through = sorted(b["admitted_ms"] for b in buyers if b["admitted_ms"] is not None)
+        marks = (100, 200, 300, 500, 1000)
+        print("  let through by " + ", ".join(f"{m} ms: {sum(1 for t in through if t < m)}" for m in marks))
 
 
 if __name__ == "__main__":

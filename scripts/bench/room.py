@@ -24,12 +24,13 @@ from procstat import log
 SECRET = "bench-waiting-room-secret-of-32-bytes-at-least"
 
 
-def sidecar_toml(listen, admin, app_port, front, budget, burst, prefix, refusal_delay_ms=1000, access_log=False):
+def sidecar_toml(listen, admin, app_port, front, budget, burst, prefix, refusal_delay_ms=1000, access_log=False,
+                 threads=1):
     common = f"""
 [server]
 listen = "127.0.0.1:{listen}"
 admin_listen = "127.0.0.1:{admin}"
-threads = 1
+threads = {threads}
 
 [upstream]
 servers = [{{ address = "127.0.0.1:{app_port}" }}]
@@ -120,6 +121,9 @@ def main():
                     help="run the sidecars at this nice value (negative: ahead of the apps and PostgreSQL)")
     ap.add_argument("--priority", action="store_true",
                     help="run mall-load ahead of the servers (nice -10; needs root)")
+    ap.add_argument("--sidecar-threads", type=int, default=1,
+                    help="worker threads per sidecar (default 1: each pod's sidecar on one core's worth; "
+                         "the product's default is one per CPU of the cgroup)")
     ap.add_argument("--access-log", action="store_true",
                     help="sidecars write their access log (JSON lines, each request's time in the sidecar, "
                          "duration_ms) to room-sidecar-<front>-<i>.log in --work: where a request's time went")
@@ -160,7 +164,8 @@ def main():
                 conf = work / f"room-sidecar-{front}-{i}.toml"
                 kind = "room" if front.startswith("room") else front
                 conf.write_text(sidecar_toml(listen, admin, app_port, kind, args.budget, args.burst, prefix,
-                                             0 if front == "room-nohold" else 1000, args.access_log))
+                                             0 if front == "room-nohold" else 1000, args.access_log,
+                                             args.sidecar_threads))
                 p = subprocess.Popen([*sidecar_priority, str(bin_dir / "sidecar"), "-c", str(conf)],
                                      stdout=open(work / f"room-sidecar-{front}-{i}.log", "w"),
                                      stderr=subprocess.STDOUT)

@@ -133,6 +133,8 @@ def main():
                          "room_opening.py; needs root and tcpdump")
     ap.add_argument("--pg-admin", default="postgres://mall:mall@127.0.0.1:5432/test")
     args = ap.parse_args()
+    if args.capture and (os.geteuid() != 0 or not shutil.which("tcpdump")):
+        raise SystemExit("--capture runs tcpdump on lo, which needs root and tcpdump (apt-get install tcpdump)")
     bin_dir, work, out = pathlib.Path(args.bin), pathlib.Path(args.work), pathlib.Path(args.out)
     results = open(out / "results.jsonl", "a")
     pg = args.pg_admin.rsplit("/", 1)[0] + "/mall_room_bench"
@@ -208,8 +210,6 @@ def main():
         if args.priority and os.geteuid() != 0:
             raise SystemExit("--priority runs mall-load at nice -10, which needs root")
         priority = ["nice", "-n", "-10"] if args.priority else []
-        if args.capture and (os.geteuid() != 0 or not shutil.which("tcpdump")):
-            raise SystemExit("--capture runs tcpdump on lo, which needs root and tcpdump (apt-get install tcpdump)")
         for rnd in range(1, args.rounds + 1):
             for front, urls, extra in contenders:
                 # Each sale starts with an empty line: places held from the last one are gone.
@@ -223,13 +223,17 @@ def main():
                 capture = None
                 if args.capture:
                     ports = [u.rsplit(":", 1)[1] for u in urls]
+                    # tcpdump's own report (packets dropped by the kernel) goes beside the capture.
                     capture = subprocess.Popen(
                         ["tcpdump", "-i", "lo", "-nn", "-s", "300", "-B", "65536",
                          "-w", str(out / f"capture-{front}-r{rnd}.pcap"),
                          f"(tcp dst port {' or tcp dst port '.join(ports)}) and "
                          "(tcp[tcpflags] & (tcp-syn|tcp-push) != 0)"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        stdout=subprocess.DEVNULL, stderr=open(out / f"capture-{front}-r{rnd}.log", "w"))
+                    procs.append(capture)
                     time.sleep(1)
+                    if capture.poll() is not None:
+                        raise SystemExit(f"tcpdump exited at once: see capture-{front}-r{rnd}.log")
                 run = subprocess.run(
                     [*priority, str(bin_dir / "mall-load"), "--scenario", "flash-sale", "--buyers", str(args.buyers),
                      "--arrival-seconds", str(args.arrival_seconds), "--flash-stock", str(args.stock),

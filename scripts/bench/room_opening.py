@@ -39,6 +39,8 @@ def started(log, lo_ms, hi_ms):
             if '"target":"access"' not in line or "/api/orders" not in line:
                 continue
             e = json.loads(line)
+            if e.get("method") != "POST" or e.get("path") != "/api/orders":
+                continue
             end = datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp() * 1000
             begin = end - e["duration_ms"]
             if lo_ms <= begin < hi_ms:
@@ -73,7 +75,8 @@ def main():
     ap.add_argument("--trace", required=True)
     ap.add_argument("--access-log", nargs="+", required=True, help="the room's sidecar logs, pod 0 first")
     ap.add_argument("--capture")
-    ap.add_argument("--ports", default="8501,8502", help="the pods' ports, pod 0 first")
+    ap.add_argument("--ports", default="8501,8502",
+                    help="the pods' ports, pod 0 first (room.py: 8501,8502 for the room, 8521,8522 for room-nohold)")
     ap.add_argument("--ms", type=float, default=300)
     ap.add_argument("--step", type=float, default=25)
     args = ap.parse_args()
@@ -81,6 +84,8 @@ def main():
     with opener(args.trace) as f:
         buyers = [json.loads(line) for line in f]
     ports = args.ports.split(",")
+    if len(ports) != len(args.access_log):
+        raise SystemExit(f"--ports names {len(ports)} pods, --access-log {len(args.access_log)}")
     sent = [(r["at_ms"], b["target"]) for b in buyers for r in b["requests"]]
     let_through = sorted(b["admitted_ms"] for b in buyers if b["admitted_ms"] is not None)
     begun = [[t - origin for t in started(log, origin - 1000, origin + args.ms + 1000)] for log in args.access_log]

@@ -624,7 +624,9 @@ pub struct RoomRedis {
     pub url: String,
     #[serde(default = "default_room_prefix")]
     pub key_prefix: String,
-    /// A Redis slower than this counts as down for that request (the local queue decides).
+    /// A Redis slower than this counts as down for that request (the local queue decides);
+    /// after three such calls in a row over at least this long, for every request, a second at a
+    /// time (the sidecar's `redis_breaker`).
     #[serde(default = "default_room_timeout")]
     pub timeout_ms: u64,
 }
@@ -679,7 +681,9 @@ pub struct RedisLimits {
     pub url: String,
     #[serde(default = "default_redis_prefix")]
     pub key_prefix: String,
-    /// A Redis slower than this counts as down for that request (local limits decide).
+    /// A Redis slower than this counts as down for that request (local limits decide); after
+    /// three such calls in a row over at least this long, for every request, a second at a time
+    /// (the sidecar's `redis_breaker`).
     #[serde(default = "default_redis_timeout")]
     pub timeout_ms: u64,
 }

@@ -1,8 +1,8 @@
 //! Rate limits: GCRA (a token bucket that stores one timestamp per key) per client address or
 //! header, per route, with burst. Local by default; with Redis the same arithmetic runs in one Lua
 //! script so every pod shares the budget, and a Redis that is down or slow hands the decision back
-//! to the local limiter (counted in `sidecar_rate_limit_redis_fallbacks_total`), for a second
-//! after each failed call without asking it again (`redis_breaker`).
+//! to the local limiter (counted in `sidecar_rate_limit_redis_fallbacks_total`); after failed calls
+//! in a row, for a second at a time without asking it again (`redis_breaker`).
 //!
 //! pingora-limits offers sliding-window estimators, which cannot say exactly how long a client must
 //! wait; `Retry-After` and `RateLimit-Remaining` need the exact state GCRA keeps.
@@ -61,7 +61,7 @@ struct RedisLimiter {
     prefix: String,
     timeout: Duration,
     script: redis::Script,
-    /// After a call that failed, this pod's limits stay local for a while without asking.
+    /// After calls that failed in a row, this pod's limits stay local for a while without asking.
     breaker: crate::redis_breaker::Breaker,
 }
 
@@ -117,7 +117,7 @@ impl Limiter {
                     prefix: r.key_prefix.clone(),
                     timeout: Duration::from_millis(r.timeout_ms),
                     script: redis::Script::new(GCRA_LUA),
-                    breaker: crate::redis_breaker::Breaker::new(crate::redis_breaker::RETRY_AFTER),
+                    breaker: crate::redis_breaker::Breaker::new(Duration::from_millis(r.timeout_ms)),
                 }),
                 Err(e) => {
                     tracing::error!(error = %e, "rate_limit.redis unusable; limits stay local");
@@ -196,13 +196,18 @@ impl Limiter {
                     (allowed, retry_ms * 1e6, fill_ms * 1e6)
                 }
                 Err(e) => {
-                    redis.breaker.failed();
+                    if redis.breaker.failed() {
+                        tracing::warn!(
+                            "rate_limit.redis failed {} calls in a row; limits stay local, asking it again every second",
+                            crate::redis_breaker::TRIP_AFTER
+                        );
+                    }
                     self.metrics.rate_limit_redis_fallbacks.inc();
                     tracing::debug!(error = %e, "redis rate limit unavailable; deciding locally");
                     self.check_local(rule, key, limit_ns)
                 }
             },
-            // Redis failed a call a moment ago: local without waiting for it to fail again.
+            // Redis failed calls in a row a moment ago: local without waiting for it to fail again.
             Some(_) => {
                 self.metrics.rate_limit_redis_fallbacks.inc();
                 self.check_local(rule, key, limit_ns)
@@ -315,10 +320,10 @@ mod tests {
         assert!(l.check("GET", "/health", "a").await.is_none());
     }
 
-    /// A Redis that stops answering in time costs `TRIP_AFTER` timeouts, not one per request:
-    /// after that many calls in a row failed, limits are decided locally at once (and counted as
-    /// fallbacks) until the retry time, then Redis is asked again. Before, every request waited
-    /// `timeout_ms` first.
+    /// A Redis that stops answering costs the calls made until `TRIP_AFTER` have failed in a
+    /// row over a timeout, not a timeout on every request: after that, limits are decided locally
+    /// at once (and counted as fallbacks) until the retry time, then Redis is asked again.
+    /// Before, every request waited `timeout_ms` first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn after_redis_fails_calls_in_a_row_limits_are_local_at_once_until_it_answers_again() {
         use crate::test_redis::{slow_proxy, test_redis};
@@ -335,46 +340,60 @@ mod tests {
             redis: Some(mall_sidecar_config::RedisLimits {
                 url: format!("redis://{slow}"),
                 key_prefix: format!("breaker-test-{}", std::process::id()),
-                timeout_ms: 100,
+                timeout_ms: 300,
             }),
             ..Default::default()
         };
         let metrics = Arc::new(Metrics::new());
         let l = Limiter::new(&config, metrics.clone());
-        assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
-        assert_eq!(metrics.rate_limit_redis_fallbacks.get(), 0);
-        delay_ms.store(1000, Ordering::Relaxed);
-        let started = Instant::now();
-        for _ in 0..crate::redis_breaker::TRIP_AFTER {
+        let fallbacks = || metrics.rate_limit_redis_fallbacks.get();
+        // Redis answers (the first call also connects and loads the script).
+        let mut answered = false;
+        for _ in 0..5 {
+            let before = fallbacks();
+            assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
+            if fallbacks() == before {
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "Redis never answered");
+        delay_ms.store(3000, Ordering::Relaxed);
+        let breaker = &l.redis.as_ref().unwrap().breaker;
+        for _ in 0..10 {
+            if breaker.is_open() {
+                break;
+            }
             assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
         }
-        let trip = crate::redis_breaker::TRIP_AFTER as u64;
         assert!(
-            started.elapsed() >= Duration::from_millis(100),
-            "the first call waited for Redis"
+            breaker.is_open(),
+            "the limiter never stopped asking a Redis that does not answer"
         );
-        let started = Instant::now();
+        let (before, started) = (fallbacks(), Instant::now());
         for _ in 0..5 {
             assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
         }
         let took = started.elapsed();
         assert!(
-            took < Duration::from_millis(80),
-            "five decisions took {took:?}: each waited for a Redis that had just failed"
+            took < Duration::from_millis(750),
+            "five decisions took {took:?}: each waited for a Redis that had failed"
         );
-        assert_eq!(metrics.rate_limit_redis_fallbacks.get(), trip + 5);
-        // Redis answers again: asked once the retry time has passed (a probe may still find the
-        // client reconnecting after the timeout; then the next one, a retry time later).
+        assert_eq!(fallbacks(), before + 5, "each decided locally counts as a fallback");
+        // Redis answers again: asked once the retry time has passed (and the calls still in the
+        // delay line have gone through; a probe may still find the client reconnecting, then
+        // the next one a retry time later).
         delay_ms.store(0, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(3000)).await;
         let mut asked = false;
         for _ in 0..4 {
-            tokio::time::sleep(crate::redis_breaker::RETRY_AFTER + Duration::from_millis(100)).await;
-            let before = metrics.rate_limit_redis_fallbacks.get();
+            let before = fallbacks();
             assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
-            if metrics.rate_limit_redis_fallbacks.get() == before {
+            if fallbacks() == before {
                 asked = true;
                 break;
             }
+            tokio::time::sleep(crate::redis_breaker::RETRY_AFTER + Duration::from_millis(100)).await;
         }
         assert!(asked, "Redis was never asked again");
     }

@@ -347,17 +347,23 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let l = Limiter::new(&config, metrics.clone());
         let fallbacks = || metrics.rate_limit_redis_fallbacks.get();
-        // Redis answers (the first call also connects and loads the script).
-        let mut answered = false;
-        for _ in 0..5 {
-            let before = fallbacks();
-            assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
-            if fallbacks() == before {
-                answered = true;
-                break;
+        // Whether one of `tries` calls, `pause` apart, was decided by Redis (no fallback counted).
+        let answered_within = |tries: usize, pause: Duration| {
+            let (l, fallbacks) = (&l, &fallbacks);
+            async move {
+                for _ in 0..tries {
+                    let before = fallbacks();
+                    assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
+                    if fallbacks() == before {
+                        return true;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                false
             }
-        }
-        assert!(answered, "Redis never answered");
+        };
+        // Redis answers (the first call also connects and loads the script).
+        assert!(answered_within(5, Duration::ZERO).await, "Redis never answered");
         delay_ms.store(3000, Ordering::Relaxed);
         let breaker = &l.redis.as_ref().unwrap().breaker;
         for _ in 0..10 {
@@ -385,17 +391,8 @@ mod tests {
         // the next one a retry time later).
         delay_ms.store(0, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(3000)).await;
-        let mut asked = false;
-        for _ in 0..4 {
-            let before = fallbacks();
-            assert!(l.check("GET", "/api/products", "a").await.unwrap().allowed);
-            if fallbacks() == before {
-                asked = true;
-                break;
-            }
-            tokio::time::sleep(crate::redis_breaker::RETRY_AFTER + Duration::from_millis(100)).await;
-        }
-        assert!(asked, "Redis was never asked again");
+        let retry = crate::redis_breaker::RETRY_AFTER + Duration::from_millis(100);
+        assert!(answered_within(4, retry).await, "Redis was never asked again");
     }
 
     #[test]

@@ -1071,11 +1071,9 @@ mod tests {
     /// at once instead, and the test failed about one run in five.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_buyers_concurrent_requests_are_decided_one_at_a_time() {
-        let Some(redis) = test_redis().await else { return };
-        let (slow, delay_ms) = slow_proxy(redis).await;
-        let room = shared_room(&slow.to_string(), &format!("one-at-a-time-{}", rand_u32()), 10.0, 2000);
-        // The client connects and loads the script before the delay starts.
-        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        let Some((room, delay_ms)) = room_behind_a_delay_line("one-at-a-time", 10.0, 2000).await else {
+            return;
+        };
         delay_ms.store(250, Ordering::Relaxed);
         let bind = bind_tag("h:mallory");
         let now = now_ms() as u64;
@@ -1109,6 +1107,26 @@ mod tests {
             ..WaitingRoom::default()
         };
         Room::new(&config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    /// A pod's room on a line of its own (`name` and a random tail) of the test Redis behind a
+    /// delay line, with alice let through already, so the client has connected and loaded the
+    /// script before a test makes Redis slow; and the delay line's handle (ms).
+    async fn room_behind_a_delay_line(
+        name: &str,
+        admit_per_second: f64,
+        timeout_ms: u64,
+    ) -> Option<(Room, Arc<std::sync::atomic::AtomicU64>)> {
+        let redis = test_redis().await?;
+        let (slow, delay_ms) = slow_proxy(redis).await;
+        let room = shared_room(
+            &slow.to_string(),
+            &format!("{name}-{}", rand_u32()),
+            admit_per_second,
+            timeout_ms,
+        );
+        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        Some((room, delay_ms))
     }
 
     /// A buyer let through from one pod's own line while Redis did not answer that pod is not
@@ -1173,10 +1191,9 @@ mod tests {
     /// what the pod sends it while `delay_ms` is set.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_turn_counts_from_when_the_line_answered() {
-        let Some(redis) = test_redis().await else { return };
-        let (proxy_addr, delay_ms) = slow_proxy(redis).await;
-        let room = shared_room(&proxy_addr.to_string(), &format!("turn-test-{}", rand_u32()), 5.0, 2000);
-        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        let Some((room, delay_ms)) = room_behind_a_delay_line("turn-test", 5.0, 2000).await else {
+            return;
+        };
         // Bob's first request reaches the line 120 ms after the pod decided to ask it.
         delay_ms.store(120, Ordering::Relaxed);
         let bob = ticket(room.admit(None, "bob", None).await);
@@ -1197,10 +1214,9 @@ mod tests {
     /// `timeout_ms` for a Redis that would not answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn after_redis_fails_calls_in_a_row_the_pod_decides_at_once_until_it_answers_again() {
-        let Some(redis) = test_redis().await else { return };
-        let (slow, delay_ms) = slow_proxy(redis).await;
-        let room = shared_room(&slow.to_string(), &format!("breaker-{}", rand_u32()), 1.0, 200);
-        assert!(matches!(room.admit(None, "alice", None).await, Admission::Admit { .. }));
+        let Some((room, delay_ms)) = room_behind_a_delay_line("breaker", 1.0, 200).await else {
+            return;
+        };
         assert_eq!(room.metrics.waiting_room_shared.get(), 1.0);
         delay_ms.store(3000, Ordering::Relaxed);
         let breaker = &room.redis.as_ref().unwrap().breaker;

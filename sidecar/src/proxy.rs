@@ -510,7 +510,9 @@ impl ProxyHttp for MallProxy {
                 .filter_map(|v| v.to_str().ok().map(str::to_string));
             let ticket = crate::waiting_room::presented_ticket(header(crate::waiting_room::TICKET_HEADER), cookies);
             let binding = header(room.bind_header()).unwrap_or("").to_string();
-            let admission = room.admit(ticket.as_deref(), &binding, ctx.client_ip).await;
+            let admission = room
+                .admit_queued(ticket.as_deref(), &binding, ctx.client_ip, received_ago(session))
+                .await;
             let hold = room.hold(&admission);
             if !hold.is_zero() {
                 tokio::time::sleep(hold).await;
@@ -1176,6 +1178,24 @@ fn ack_now(fd: Option<std::os::unix::io::RawFd>) {
     }
 }
 
+/// How long ago the request's last bytes reached the pod: `TCP_INFO`'s `tcpi_last_data_recv`
+/// (Linux, in the kernel's clock ticks: 4 ms at `HZ=250`). A request read at once reads 0-4 ms;
+/// one that waited in the socket while the pod's one thread served others reads that wait, which
+/// the waiting room counts its place from. Zero where there is no TCP socket (a test's in-memory
+/// session, a Unix socket).
+fn received_ago(session: &Session) -> Duration {
+    session
+        .digest()
+        .and_then(|d| d.socket_digest.as_deref())
+        .map_or(Duration::ZERO, socket_received_ago)
+}
+
+fn socket_received_ago(socket: &pingora_core::protocols::SocketDigest) -> Duration {
+    socket.tcp_info().map_or(Duration::ZERO, |info| {
+        Duration::from_millis(info.tcpi_last_data_recv.into())
+    })
+}
+
 /// The `Cache-Status` field (RFC 9211) for this response: `hit` with the remaining freshness as
 /// `ttl` (negative when a stale copy is served), or `fwd=` with why the origin was asked. Only
 /// hits carry a number, so the other answers are constants (no allocation on the hot path).
@@ -1295,4 +1315,33 @@ fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The waiting room counts a request from `tcpi_last_data_recv`: the time since the socket's
+    /// last bytes arrived, read when the room decides; not since the connection opened, and not
+    /// since the pod read them.
+    #[test]
+    fn a_request_waiting_in_the_socket_reads_as_received_when_its_bytes_arrived() {
+        use std::io::{Read, Write};
+        use std::os::unix::io::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        client
+            .write_all(b"POST /api/orders HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(120));
+        let socket = pingora_core::protocols::SocketDigest::from_raw_fd(server.as_raw_fd());
+        let ago = socket_received_ago(&socket).as_millis();
+        assert!((110..500).contains(&ago), "{ago} ms");
+        let mut request = [0u8; 64];
+        assert!(server.read(&mut request).unwrap() > 0);
+        let read_then = socket_received_ago(&socket).as_millis();
+        assert!(read_then >= ago, "{read_then} ms after reading, {ago} before");
+    }
 }

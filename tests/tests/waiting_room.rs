@@ -583,3 +583,114 @@ async fn attackers_get_one_place_each_and_honest_buyers_keep_their_order() {
         room.decisions
     );
 }
+
+/// Sends `requests` (raw HTTP/1.1, one write) on `conn` and reads `answers` responses' heads;
+/// each is returned as (status, `waiting-room-turn-at-ms`). The responses read have no body
+/// or a `Content-Length` one.
+async fn exchange(conn: &mut tokio::net::TcpStream, requests: &str, answers: usize) -> Vec<(u16, Option<u64>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(requests.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = Vec::new();
+    while got.len() < answers {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(n > 0, "the sidecar closed the connection after {got:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let field = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            };
+            let length: usize = field("content-length:").map_or(0, |v| v.parse().unwrap());
+            if buf.len() < end + 4 + length {
+                break;
+            }
+            let status = head[9..12].parse().unwrap();
+            got.push((status, field("waiting-room-turn-at-ms:").map(|v| v.parse().unwrap())));
+            buf.drain(..end + 4 + length);
+        }
+    }
+    got
+}
+
+/// Through the real sidecar, a request its pod read late is placed in line by when it reached
+/// the pod (`TCP_INFO`'s `tcpi_last_data_recv`), not by when the pod got to it. Carol's order is
+/// pipelined behind an anonymous one on one connection, so it waits in the socket until the
+/// room's held 401 goes out (`refusal_delay_ms` 160: held 80 to 240 ms); bob sends his 30 ms
+/// after her on another connection and is numbered first. Carol's turn comes before bob's.
+/// Counted from when the sidecar got to her (before 2026-12-07), she was behind him.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_pod_read_late_is_placed_by_when_it_reached_the_pod() {
+    let redis_port = free_addr().port();
+    let Some(_redis) = redis(redis_port) else { return };
+    let app = RunningApp::start(&[]).await;
+    let listen = free_addr();
+    let mut config = SidecarConfig::default();
+    config.server.listen = listen;
+    config.server.admin_listen = free_addr();
+    config.server.threads = 1;
+    config.upstream.servers = vec![mall_sidecar_config::UpstreamServer {
+        address: app.addr.to_string(),
+        weight: 1,
+    }];
+    config.access_log.enabled = false;
+    config.cache.enabled = false;
+    config.rate_limit.enabled = false;
+    config.waiting_room = WaitingRoom {
+        enabled: true,
+        // A place every 500 ms: every turn below is well after the test's last request.
+        admit_per_second: 2.0,
+        burst: 1,
+        secret: "the-fleet-shares-this-secret-of-32-bytes".into(),
+        redis: Some(RoomRedis {
+            url: format!("redis://127.0.0.1:{redis_port}"),
+            key_prefix: "late".into(),
+            timeout_ms: 500,
+        }),
+        numbers_per_address_per_minute: 0,
+        refusal_delay_ms: 160,
+        ..WaitingRoom::default()
+    };
+    std::thread::spawn(move || mall_sidecar::run(config, None));
+    let http = reqwest::Client::new();
+    until_ok(
+        &http,
+        &format!("http://{listen}/api/products/1"),
+        Instant::now() + Duration::from_secs(20),
+        "the sidecar",
+    )
+    .await;
+    let order = |who: Option<&str>| {
+        let auth = who.map_or(String::new(), |w| format!("authorization: Bearer {w}\r\n"));
+        format!("POST /api/orders HTTP/1.1\r\nhost: mall\r\n{auth}content-length: 0\r\n\r\n")
+    };
+    let connect = || tokio::net::TcpStream::connect(listen);
+    let (mut first, mut second, mut third) = (
+        connect().await.unwrap(),
+        connect().await.unwrap(),
+        connect().await.unwrap(),
+    );
+    // Alice takes the burst; the line is busy from here on.
+    let alice = exchange(&mut first, &order(Some("alice")), 1).await;
+    assert_ne!(alice[0].0, 202, "alice is let through: {alice:?}");
+    let pipelined = format!("{}{}", order(None), order(Some("carol")));
+    let carol = tokio::spawn(async move { exchange(&mut second, &pipelined, 2).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let bob = exchange(&mut third, &order(Some("bob")), 1).await;
+    let carol = carol.await.unwrap();
+    assert_eq!(carol[0].0, 401, "the anonymous order: {carol:?}");
+    let (carol, bob) = (carol[1], bob[0]);
+    assert_eq!((carol.0, bob.0), (202, 202), "carol {carol:?}, bob {bob:?}");
+    // Bob again: carol's place is ahead of his, so his turn moved back a place.
+    let again = exchange(&mut third, &order(Some("bob")), 1).await[0];
+    let (carol_turn, bob_turn) = (carol.1.unwrap(), again.1.unwrap());
+    assert!(
+        carol_turn < bob_turn,
+        "carol's turn {carol_turn}, bob's {bob_turn} (first {bob:?})"
+    );
+}

@@ -256,8 +256,10 @@ struct SharedLine {
 /// The shared line, on Redis's clock. `ARGV`: rate per ms, burst, ticket number (0: none
 /// presented), how long a used mark lives (ms), the buyer's tag, how long a place outlives its
 /// wait (ms), the no-show grace (ms), the issue time of a new place (ms), whether this
-/// address may take a new number (1/0), how long an admitted buyer gets no new place (ms), how
-/// long ago the request's last bytes reached its pod (ms, at most `ARGV[12]`), how far back a
+/// address may take a new number (1/0), how long an admitted buyer gets no new place (ms), when
+/// the request's last bytes reached its pod (ms since the epoch, on the pod's clock: counted from
+/// there however long the call took to reach Redis, which on a busy pod's connection can be tens
+/// of ms; taken as no later than now and no earlier than `ARGV[12]` ago), how far back a
 /// request is placed by arrival ([`ARRIVAL_WINDOW_MS`]), how late it must be to be placed
 /// ([`LATE_MS`]), places per number ([`SCALE`]).
 ///
@@ -286,7 +288,7 @@ local S = tonumber(ARGV[14])
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local window = tonumber(ARGV[12])
-local arrived = now - tonumber(ARGV[11])
+local arrived = math.max(now - window, math.min(now, tonumber(ARGV[11])))
 local s = redis.call('HMGET', KEYS[1], 'issued', 'horizon', 'at', 'checked', 'snap', 'snap_at', 'ripe', 'credit',
   'clip_at')
 local issued = tonumber(s[1]) or 0
@@ -852,7 +854,7 @@ impl Room {
             .arg(now as u64)
             .arg(if allow_new { "1" } else { "0" })
             .arg(self.readmit_ms)
-            .arg((now - arrived).clamp(0.0, ARRIVAL_WINDOW_MS as f64) as u64)
+            .arg(arrived as u64)
             .arg(ARRIVAL_WINDOW_MS)
             .arg(LATE_MS)
             .arg(SCALE);
@@ -1384,6 +1386,31 @@ mod tests {
         );
         let dave = ticket(room.admit(None, "dave", None).await);
         assert!(dave.turn_at_ms >= bob.turn_at_ms + 190, "bob {bob:?}, dave {dave:?}");
+    }
+
+    /// A request counts from when it reached its pod, not from when the pod's call reached
+    /// Redis: carol's pod talks to Redis through a 150 ms delay (a congested connection), bob
+    /// asks on another pod 50 ms after her and is numbered first; carol is placed ahead of him.
+    /// (Counted from when the call reached Redis, as until the line took the arrival as a time,
+    /// she was behind him: the delay on a busy pod's connection was most of what was left of the
+    /// benchmark's out-of-order admissions, run 9 in BENCHMARKS.md section 5.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_slow_to_reach_redis_counts_from_when_the_request_reached_its_pod() {
+        let Some(redis) = test_redis().await else { return };
+        let (slow, delay_ms) = slow_proxy(redis.clone()).await;
+        let prefix = format!("transit-{}", rand_u32());
+        let near = shared_room(&redis, &prefix, 2.0, 2000);
+        let far = shared_room(&slow.to_string(), &prefix, 2.0, 2000);
+        assert!(matches!(near.admit(None, "alice", None).await, Admission::Admit { .. }));
+        // The far pod's client connects and loads the script before its calls are slowed.
+        ticket(far.admit(None, "zed", None).await);
+        delay_ms.store(150, Ordering::Relaxed);
+        let (carol, bob) = tokio::join!(far.admit(None, "carol", None), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            near.admit(None, "bob", None).await
+        });
+        let (carol, bob) = (ticket(carol), ticket(bob));
+        assert!(carol.turn_at_ms < bob.turn_at_ms, "carol {carol:?}, bob {bob:?}");
     }
 
     /// A late request costs later buyers no place when the front was clipped at `burst` after

@@ -15,9 +15,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ci, free_addr, until_ok};
+use common::{ci, free_addr, sidecar_in_front_of, until_ok};
 use mall_app::testing::RunningApp;
-use mall_sidecar_config::SidecarConfig;
 
 const TOKEN: &str = "profiles-test-token";
 const HOW_TO_GET_GO: &str = "scripts/test.sh installs it: `. scripts/lib/services.sh && ensure_go` \
@@ -41,19 +40,9 @@ async fn app_admin() -> SocketAddr {
 /// A sidecar in front of `app`; returns its public and admin addresses once it is ready.
 async fn sidecar(app: &RunningApp, profiling: bool) -> (SocketAddr, SocketAddr) {
     let (listen, admin) = (free_addr(), free_addr());
-    let mut config = SidecarConfig::default();
-    config.server.listen = listen;
-    config.server.admin_listen = admin;
-    config.server.threads = 1;
+    let mut config = sidecar_in_front_of(app.addr, listen, admin);
     config.server.admin_token = Some(TOKEN.into());
     config.server.profiling = profiling;
-    config.upstream.servers = vec![mall_sidecar_config::UpstreamServer {
-        address: app.addr.to_string(),
-        weight: 1,
-    }];
-    config.access_log.enabled = false;
-    config.cache.enabled = false;
-    config.rate_limit.enabled = false;
     std::thread::spawn(move || mall_sidecar::run(config, None));
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);

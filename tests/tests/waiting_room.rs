@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_addr, fresh_database, redis, until_ok};
+use common::{free_addr, fresh_database, redis, sidecar_in_front_of, until_ok};
 use futures_util::StreamExt;
 use mall_app::testing::{RunningApp, PASSWORD};
-use mall_sidecar_config::{LimitRule, RedisLimits, RoomRedis, SidecarConfig, WaitingRoom};
+use mall_sidecar_config::{LimitRule, RedisLimits, RoomRedis, WaitingRoom};
 use serde_json::{json, Value};
 use sqlx::Connection;
 
@@ -97,19 +97,9 @@ async fn sale(front: Front) -> Option<Sale> {
         let listen = free_addr();
         let admin_listen = free_addr();
         admins.push(admin_listen);
-        let mut config = SidecarConfig::default();
-        config.server.listen = listen;
-        config.server.admin_listen = admin_listen;
-        config.server.threads = 1;
-        config.upstream.servers = vec![mall_sidecar_config::UpstreamServer {
-            address: app.addr.to_string(),
-            weight: 1,
-        }];
-        config.access_log.enabled = false;
-        config.cache.enabled = false;
+        let mut config = sidecar_in_front_of(app.addr, listen, admin_listen);
         match front {
             Front::WaitingRoom | Front::WaitingRoomRedisDown | Front::WaitingRoomAttacked => {
-                config.rate_limit.enabled = false;
                 config.waiting_room = WaitingRoom {
                     enabled: true,
                     admit_per_second: ADMIT_PER_SECOND,
@@ -129,6 +119,7 @@ async fn sale(front: Front) -> Option<Sale> {
             Front::RateLimit => {
                 // Today's sale-window limit: the order path at the same budget, shared by both
                 // pods through Redis, every buyer behind one address (one key).
+                config.rate_limit.enabled = true;
                 config.rate_limit.rules = vec![LimitRule {
                     name: "orders".into(),
                     path_prefix: "/api/orders".into(),
@@ -630,17 +621,7 @@ async fn a_request_its_pod_read_late_is_placed_by_when_it_reached_the_pod() {
     let Some(_redis) = redis(redis_port) else { return };
     let app = RunningApp::start(&[]).await;
     let listen = free_addr();
-    let mut config = SidecarConfig::default();
-    config.server.listen = listen;
-    config.server.admin_listen = free_addr();
-    config.server.threads = 1;
-    config.upstream.servers = vec![mall_sidecar_config::UpstreamServer {
-        address: app.addr.to_string(),
-        weight: 1,
-    }];
-    config.access_log.enabled = false;
-    config.cache.enabled = false;
-    config.rate_limit.enabled = false;
+    let mut config = sidecar_in_front_of(app.addr, listen, free_addr());
     config.waiting_room = WaitingRoom {
         enabled: true,
         // A place every 500 ms: every turn below is well after the test's last request.

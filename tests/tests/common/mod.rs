@@ -31,6 +31,28 @@ impl Drop for Proc {
     }
 }
 
+/// A sidecar's configuration in front of one app at `app`: one thread, listening on `listen`
+/// and `admin`, with the cache, the access log and the rate limit off (a test turns on what it
+/// tests).
+pub fn sidecar_in_front_of(
+    app: SocketAddr,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> mall_sidecar_config::SidecarConfig {
+    let mut config = mall_sidecar_config::SidecarConfig::default();
+    config.server.listen = listen;
+    config.server.admin_listen = admin;
+    config.server.threads = 1;
+    config.upstream.servers = vec![mall_sidecar_config::UpstreamServer {
+        address: app.to_string(),
+        weight: 1,
+    }];
+    config.access_log.enabled = false;
+    config.cache.enabled = false;
+    config.rate_limit.enabled = false;
+    config
+}
+
 /// A private redis-server on `port` (no persistence: a restart starts empty, as a killed pod's).
 pub fn redis(port: u16) -> Option<Proc> {
     let child = Command::new("redis-server")

@@ -667,7 +667,7 @@ async fn a_request_its_pod_read_late_is_placed_by_when_it_reached_the_pod() {
     assert_eq!(carol[0].0, 401, "the anonymous order: {carol:?}");
     let (carol, bob) = (carol[1], bob[0]);
     assert_eq!((carol.0, bob.0), (202, 202), "carol {carol:?}, bob {bob:?}");
-    // Bob again: carol's place is ahead of his, so his turn moved back a place.
+    // Bob again, his own place: carol's is ahead of it.
     let again = exchange(&mut third, &order(Some("bob")), 1).await[0];
     let (carol_turn, bob_turn) = (carol.1.unwrap(), again.1.unwrap());
     assert!(

@@ -985,7 +985,7 @@ impl Room {
 
     /// One step of this pod's own line. Its front grows to `arrived` (the request's arrival),
     /// as the fleet's does; its numbers are given in the order the pod gets to its requests,
-    /// which on one pod is their arrival order.
+    /// close to their arrival order on one pod (not placed by arrival as the fleet's are).
     fn local_step(&self, n: Option<u64>, bind: &str, allow_new: bool, now: f64, arrived: f64) -> Step {
         let mut line = self.local.lock();
         let used = |m: u64| self.local_used.contains_key(&m);
